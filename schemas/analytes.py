@@ -1,0 +1,102 @@
+"""LOINC value sets and unit conversion to one canonical unit per analyte.
+
+The tables are data (``schemas/data/analytes.yaml``, with the LOINC licence notice).
+A unit that is not listed for an analyte is never guessed: ``convert`` raises
+``Rejected(UNIT_NOT_CONVERTIBLE)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import yaml
+
+from .errors import Reason, Rejected
+
+SIGNIFICANT_DIGITS = 10
+
+
+@dataclass(frozen=True)
+class UnitConversion:
+    factor: float
+    offset: float = 0.0
+
+    def apply(self, value: float) -> float:
+        return round_sig(value * self.factor + self.offset)
+
+
+@dataclass(frozen=True)
+class Analyte:
+    key: str
+    name: str
+    kind: str  # "lab" | "vital"
+    loinc: tuple[str, ...]
+    canonical_unit: str
+    units: dict[str, UnitConversion] = field(hash=False, compare=False)
+    monitored: bool = True
+    unconfirmed: bool = False
+
+
+def round_sig(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """Round to significant digits so conversions that are exact on paper compare equal."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
+
+
+class AnalyteCatalogue:
+    def __init__(self, data: dict) -> None:
+        self.aliases: dict[str, str] = dict(data.get("aliases") or {})
+        self.by_key: dict[str, Analyte] = {}
+        self.by_loinc: dict[str, Analyte] = {}
+        for key, spec in data["analytes"].items():
+            units = {
+                u: UnitConversion(float(c["factor"]), float(c.get("offset", 0.0)))
+                for u, c in spec["units"].items()
+            }
+            analyte = Analyte(
+                key=key,
+                name=spec["name"],
+                kind=spec["kind"],
+                loinc=tuple(spec["loinc"]),
+                canonical_unit=spec["canonical_unit"],
+                units=units,
+                monitored=spec.get("monitored", True),
+                unconfirmed=spec.get("unconfirmed", False),
+            )
+            if analyte.canonical_unit not in units:
+                raise ValueError(f"analyte {key}: canonical unit not among its units")
+            self.by_key[key] = analyte
+            for code in analyte.loinc:
+                if code in self.by_loinc:
+                    raise ValueError(f"LOINC {code} listed twice")
+                self.by_loinc[code] = analyte
+
+    def analyte_for_loinc(self, loinc: str) -> Analyte:
+        try:
+            return self.by_loinc[loinc]
+        except KeyError:
+            raise Rejected(Reason.UNKNOWN_LOINC, f"LOINC code {loinc!r} is not in any value set") from None
+
+    def canonical_unit_code(self, unit: str | None) -> str:
+        unit = (unit or "").strip()
+        return self.aliases.get(unit, unit)
+
+    def convert(self, analyte: Analyte, value: float, unit: str | None) -> float:
+        """Convert ``value`` in ``unit`` to the analyte's canonical unit, or reject."""
+        code = self.canonical_unit_code(unit)
+        conv = analyte.units.get(code)
+        if conv is None:
+            raise Rejected(
+                Reason.UNIT_NOT_CONVERTIBLE,
+                f"unit {unit!r} cannot be converted to {analyte.canonical_unit!r} for {analyte.key}",
+            )
+        return conv.apply(value)
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> AnalyteCatalogue:
+    text = resources.files("schemas").joinpath("data/analytes.yaml").read_text(encoding="utf-8")
+    return AnalyteCatalogue(yaml.safe_load(text))

@@ -1,0 +1,94 @@
+"""Findings: what the rule engine concludes about one patient and one rule.
+
+The evaluate stage emits findings keyed by patient on the ``findings`` topic; the alert
+lifecycle consumes them. A finding says whether the condition is ``present``,
+``cleared`` (evaluated again and no longer met) or ``retracted`` (the evidence that made
+it present was corrected away or entered in error).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.HIGH: 2, Severity.CRITICAL: 3}
+
+
+def effective_severity(severity: "Severity | str | None") -> Severity:
+    """A missing or unknown severity is treated as critical (fail safe)."""
+    if severity is None:
+        return Severity.CRITICAL
+    try:
+        return Severity(severity)
+    except ValueError:
+        return Severity.CRITICAL
+
+
+class ProtocolRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    version: str
+
+
+class Evidence(BaseModel):
+    """One observation (or computed value) that a finding rests on, with the limit it crossed."""
+
+    model_config = ConfigDict(frozen=True)
+    observation_id: str | None = None
+    analyte: str
+    value: float | None = None
+    unit: str | None = None
+    effective_at: AwareDatetime | None = None
+    limit: float | None = None
+    limit_unit: str | None = None
+    comparison: str | None = None  # e.g. ">", ">=", "<"
+    basis: str | None = None  # "absolute" | "uln" | "lln" | "baseline" | "score" | "schedule" ...
+    multiple: float | None = None  # value as a multiple of ULN / baseline where relevant
+    note: str | None = None
+
+
+class FindingText(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    what: str
+    why: str
+    action: str
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    finding_id: str
+    patient_id: str
+    rule_id: str
+    #: extra dedupe component, e.g. the analyte for a rule that covers several; "" if none
+    dedupe_key: str = ""
+    state: Literal["present", "cleared", "retracted"] = "present"
+    severity: Severity | None = None
+    grade: int | None = None
+    evidence: list[Evidence] = Field(default_factory=list)
+    protocol: ProtocolRef
+    #: event time of the newest observation the finding rests on (or the overdue deadline)
+    effective_at: AwareDatetime
+    #: wall-clock time the finding was produced
+    evaluated_at: AwareDatetime
+    route: str | None = None
+    text: FindingText | None = None
+    #: context for routing and display (ward, care team, product, days since dose)
+    ward: str | None = None
+    care_team: str | None = None
+    days_since_dose: float | None = None
+    received_at: datetime | None = None

@@ -1,0 +1,288 @@
+"""Pure ingest: raw bytes from an input topic -> canonical observations or a treatment event.
+
+No Kafka here. Every failure raises ``Rejected`` with a reason code; the stream edge
+(``monitor.agents.ingest``) turns that into a dead letter carrying the original bytes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Iterable, Union
+
+from pydantic import ValidationError
+
+from .analytes import catalogue
+from .errors import Reason, Rejected
+from .events import (
+    RETRACTING_STATUSES,
+    DoseEvent,
+    LabResult,
+    LiverFunctionPanel,
+    Observation,
+    ReferenceRange,
+    ResultStatus,
+    SteroidEvent,
+    TreatmentEnvelope,
+    VitalSign,
+)
+
+LAB_RESULTS = "lab-results"
+VITAL_SIGNS = "vital-signs"
+LIVER_FUNCTION = "liver-function"
+TREATMENTS = "treatments"
+INPUT_KINDS = (LAB_RESULTS, VITAL_SIGNS, LIVER_FUNCTION, TREATMENTS)
+
+Decoded = Union[list[Observation], DoseEvent, SteroidEvent]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 1_048_576
+    max_depth: int = 32
+    max_future: timedelta = timedelta(hours=24)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _reject_constant(name: str) -> float:
+    raise Rejected(Reason.NON_FINITE_VALUE, f"non-finite number {name} in JSON")
+
+
+def _depth(obj: object, limit: int, level: int = 1) -> None:
+    if level > limit:
+        raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limit} levels")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            if isinstance(v, (dict, list)):
+                _depth(v, limit, level + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                _depth(v, limit, level + 1)
+
+
+def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
+    """Parse JSON with size, depth and finiteness limits."""
+    try:
+        obj = json.loads(raw, parse_constant=_reject_constant)
+    except Rejected:
+        raise
+    except RecursionError:
+        raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limits.max_depth} levels") from None
+    except UnicodeDecodeError as exc:
+        raise Rejected(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason}") from None
+    except ValueError as exc:
+        raise Rejected(Reason.MALFORMED_JSON, f"malformed JSON: {exc}") from None
+    _depth(obj, limits.max_depth)
+    return obj
+
+
+def rejection_from_validation(exc: ValidationError) -> Rejected:
+    """Map the first pydantic error onto a reason code with a readable message."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0] if errors else {"type": "unknown", "loc": (), "msg": str(exc)}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    etype = first.get("type", "")
+    msg = f"{loc or 'payload'}: {first.get('msg', '')}"
+    if len(errors) > 1:
+        msg += f" (+{len(errors) - 1} more)"
+    if etype == "timezone_aware":
+        return Rejected(Reason.NAIVE_TIMESTAMP, msg + "; timestamps need an offset, e.g. +00:00")
+    if etype == "finite_number":
+        return Rejected(Reason.NON_FINITE_VALUE, msg)
+    last = str(first.get("loc", ("",))[-1]) if first.get("loc") else ""
+    if last.endswith("_id") and etype in ("string_too_short", "string_pattern_mismatch"):
+        return Rejected(Reason.EMPTY_ID, msg)
+    return Rejected(Reason.SCHEMA_INVALID, msg)
+
+
+def check_not_future(when: datetime, received_at: datetime, limits: Limits, field: str) -> None:
+    if when - received_at > limits.max_future:
+        raise Rejected(
+            Reason.FUTURE_TIMESTAMP,
+            f"{field} {when.isoformat()} is more than {limits.max_future} after receipt",
+        )
+
+
+def build_observation(
+    *,
+    observation_id: str,
+    event_id: str,
+    patient_id: str,
+    loinc: str,
+    value: float | None,
+    unit: str | None,
+    reference_range: ReferenceRange | None,
+    effective_at: datetime,
+    status: ResultStatus,
+    corrects: str | None,
+    source: str,
+    fmt: str,
+    received_at: datetime,
+    limits: Limits = DEFAULT_LIMITS,
+    abnormal_flag: str | None = None,
+    on_oxygen: bool | None = None,
+) -> Observation:
+    """Validate codes, units and times and convert to the canonical observation.
+
+    Shared by the JSON, FHIR and HL7 adapters so one lab value gives one observation
+    whichever way it arrived.
+    """
+    if not patient_id or not patient_id.strip():
+        raise Rejected(Reason.EMPTY_ID, "patient id is empty")
+    if not event_id or not event_id.strip():
+        raise Rejected(Reason.EMPTY_ID, "event id is empty")
+    if effective_at.tzinfo is None or effective_at.utcoffset() is None:
+        raise Rejected(Reason.NAIVE_TIMESTAMP, "effective time has no UTC offset")
+    check_not_future(effective_at, received_at, limits, "effective time")
+    cat = catalogue()
+    analyte = cat.analyte_for_loinc(loinc)
+    canonical_value = None
+    if value is None:
+        if status not in RETRACTING_STATUSES:
+            raise Rejected(Reason.MISSING_VALUE, f"result {loinc} has no value and status {status.value}")
+        # a withdrawal may omit the value; the unit still must make sense if given
+        if unit:
+            cat.convert(analyte, 0.0, unit)
+    else:
+        canonical_value = cat.convert(analyte, float(value), unit)
+    rr = None
+    if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
+        rr = ReferenceRange(
+            low=None if reference_range.low is None else cat.convert(analyte, reference_range.low, unit),
+            high=None if reference_range.high is None else cat.convert(analyte, reference_range.high, unit),
+        )
+        if rr.low is not None and rr.high is not None and rr.low > rr.high:
+            raise Rejected(Reason.SCHEMA_INVALID, f"reference range low {rr.low} > high {rr.high}")
+    return Observation(
+        observation_id=observation_id,
+        event_id=event_id,
+        patient_id=patient_id,
+        analyte=analyte.key,
+        loinc=loinc,
+        kind=analyte.kind,
+        value=canonical_value,
+        unit=analyte.canonical_unit,
+        reference_range=rr,
+        original_value=None if value is None else float(value),
+        original_unit=unit,
+        effective_at=effective_at,
+        status=status,
+        corrects=corrects,
+        source=source,
+        format=fmt,
+        abnormal_flag=abnormal_flag,
+        on_oxygen=on_oxygen,
+        received_at=received_at,
+    )
+
+
+def _validate(model, obj: object):
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise rejection_from_validation(exc) from None
+
+
+def _lab(obj: object, received_at: datetime, limits: Limits) -> list[Observation]:
+    e: LabResult = _validate(LabResult, obj)
+    return [
+        build_observation(
+            observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
+            value=e.value, unit=e.unit, reference_range=e.reference_range, effective_at=e.effective_at,
+            status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
+            limits=limits, abnormal_flag=e.abnormal_flag,
+        )
+    ]
+
+
+def _vital(obj: object, received_at: datetime, limits: Limits) -> list[Observation]:
+    e: VitalSign = _validate(VitalSign, obj)
+    return [
+        build_observation(
+            observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
+            value=e.value, unit=e.unit, reference_range=None, effective_at=e.effective_at,
+            status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
+            limits=limits, on_oxygen=e.on_oxygen,
+        )
+    ]
+
+
+def panel_observation_id(event_id: str, analyte: str) -> str:
+    return f"{event_id}:{analyte}"
+
+
+def _panel(obj: object, received_at: datetime, limits: Limits) -> list[Observation]:
+    e: LiverFunctionPanel = _validate(LiverFunctionPanel, obj)
+    out: list[Observation] = []
+    seen: set[str] = set()
+    cat = catalogue()
+    for r in e.results:
+        analyte = cat.analyte_for_loinc(r.loinc)
+        if analyte.key in seen:
+            raise Rejected(Reason.SCHEMA_INVALID, f"panel lists {analyte.key} twice")
+        seen.add(analyte.key)
+        out.append(
+            build_observation(
+                observation_id=panel_observation_id(e.event_id, analyte.key),
+                event_id=e.event_id, patient_id=e.patient_id, loinc=r.loinc, value=r.value, unit=r.unit,
+                reference_range=r.reference_range, effective_at=e.effective_at,
+                status=r.status or e.status,
+                corrects=panel_observation_id(e.corrects, analyte.key) if e.corrects else None,
+                source=e.source, fmt="json", received_at=received_at, limits=limits,
+            )
+        )
+    return out
+
+
+def _treatment(obj: object, received_at: datetime, limits: Limits) -> DoseEvent | SteroidEvent:
+    env: TreatmentEnvelope = _validate(TreatmentEnvelope, {"event": obj})
+    e = env.event
+    check_not_future(e.administered_at if isinstance(e, DoseEvent) else e.at, received_at, limits, "treatment time")
+    return e
+
+
+_CANONICAL = {LAB_RESULTS: _lab, VITAL_SIGNS: _vital, LIVER_FUNCTION: _panel, TREATMENTS: _treatment}
+
+
+def detect_format(raw: bytes) -> str:
+    head = raw.lstrip()[:8]
+    if head.startswith(b"\x0b") or head.startswith(b"MSH"):
+        return "hl7"
+    return "json"
+
+
+def decode(topic_kind: str, raw: bytes | None, *, received_at: datetime, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Decode one message from input topic ``topic_kind``. Raises ``Rejected``."""
+    if topic_kind not in _CANONICAL:
+        raise Rejected(Reason.UNKNOWN_FORMAT, f"unknown input topic kind {topic_kind!r}")
+    if not raw:
+        raise Rejected(Reason.EMPTY_PAYLOAD, "empty message")
+    if len(raw) > limits.max_bytes:
+        raise Rejected(Reason.PAYLOAD_TOO_LARGE, f"payload of {len(raw)} bytes exceeds {limits.max_bytes}")
+    if detect_format(raw) == "hl7":
+        if topic_kind == TREATMENTS:
+            raise Rejected(Reason.UNKNOWN_FORMAT, "HL7 v2 is not accepted on the treatments topic")
+        from .hl7v2 import observations_from_hl7
+
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        return observations_from_hl7(text, received_at=received_at, limits=limits)
+    obj = parse_json(raw, limits)
+    if isinstance(obj, dict) and "resourceType" in obj:
+        if topic_kind == TREATMENTS:
+            raise Rejected(Reason.UNKNOWN_FORMAT, "FHIR resources are not accepted on the treatments topic")
+        from .fhir import observations_from_fhir
+
+        return observations_from_fhir(obj, received_at=received_at, limits=limits)
+    if not isinstance(obj, dict):
+        raise Rejected(Reason.SCHEMA_INVALID, f"expected a JSON object, got {type(obj).__name__}")
+    return _CANONICAL[topic_kind](obj, received_at, limits)
+
+
+def iter_observations(decoded: Decoded) -> Iterable[Observation]:
+    return decoded if isinstance(decoded, list) else ()

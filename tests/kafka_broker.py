@@ -1,0 +1,385 @@
+"""A real Apache Kafka broker for the test suite (no pytest fixtures here).
+
+``ensure_broker()`` either reuses the cluster named by ``KAFKA_BOOTSTRAP_SERVERS``
+(nothing is started or stopped) or starts a dedicated single-node KRaft broker
+through ``deploy/local/kafka.sh`` on a free port pair (never 9092/9093, so it
+does not collide with a developer's ``make kafka`` broker), with its own
+temporary data dir and pid file. ``Broker.stop()`` stops it and removes the
+temporary dir.
+
+Safety nets so a test run leaves no broker behind: ``stop()`` is registered with
+``atexit``, and kafka.sh runs a watchdog (``KAFKA_OWNER_PID``) that stops the
+broker when this Python process dies, even by SIGKILL.
+
+``create_topics`` / ``delete_topics`` use kafka-python 3.x's ``KafkaAdminClient``
+and return only once the change is visible in metadata.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_SH = REPO_ROOT / "deploy" / "local" / "kafka.sh"
+LOOPBACK = "127.0.0.1"
+_RESERVED_PORTS = frozenset({9092, 9093})  # the dev broker's defaults
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The test broker could not be started or stopped."""
+
+
+def free_port(exclude: Iterable[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that is free right now (not 9092/9093, not in ``exclude``)."""
+    return free_ports(1, exclude=exclude)[0]
+
+
+def free_ports(count: int, exclude: Iterable[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports, never 9092/9093."""
+    avoid = set(_RESERVED_PORTS) | set(exclude)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            held.append(s)  # keep bound so the next pick cannot return it again
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+                avoid.add(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def _port_open(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Broker:
+    """One Kafka broker for tests.
+
+    ``Broker()`` describes a dedicated broker that ``start()`` launches (via
+    deploy/local/kafka.sh) on free ports with a temporary data dir;
+    ``Broker.external("host:port")`` wraps an existing cluster, for which
+    ``start()`` and ``stop()`` do nothing.
+
+    ``extra_properties`` (mapping or properties text) is appended to
+    server.properties (later keys win); ``extra_listeners`` (e.g.
+    ``"SSL://127.0.0.1:19094"``) is added to ``listeners`` and
+    ``advertised.listeners`` next to the PLAINTEXT one, which always stays (the
+    readiness check and the admin helpers use it). For TLS/SASL tests pick the
+    extra port with ``free_port()``.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        controller_port: int | None = None,
+        *,
+        extra_properties: Mapping[str, object] | str | None = None,
+        extra_listeners: str | Iterable[str] | None = None,
+        start_timeout: float = 60.0,
+        bootstrap: str | None = None,
+    ) -> None:
+        self.owned = bootstrap is None
+        self.port = port
+        self.controller_port = controller_port
+        self.extra_properties = extra_properties
+        if extra_listeners is not None and not isinstance(extra_listeners, str):
+            extra_listeners = ",".join(extra_listeners)
+        self.extra_listeners = extra_listeners or None
+        self.start_timeout = start_timeout
+        self.bootstrap: str = bootstrap or ""
+        self.tmp_dir: Path | None = None
+        self.pid: int | None = None
+        self._started = False
+
+    @classmethod
+    def external(cls, bootstrap: str) -> "Broker":
+        """An already running cluster; start()/stop() are no-ops."""
+        return cls(bootstrap=bootstrap)
+
+    # -- paths (dedicated broker only)
+    @property
+    def data_dir(self) -> Path | None:
+        return self.tmp_dir / "data" if self.tmp_dir else None
+
+    @property
+    def pid_file(self) -> Path | None:
+        return self.tmp_dir / "kafka.pid" if self.tmp_dir else None
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.tmp_dir / "broker.log" if self.tmp_dir else None
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and _pid_alive(self.pid)
+
+    # -- lifecycle
+    def _env(self) -> dict[str, str]:
+        assert self.tmp_dir is not None
+        env = dict(os.environ)
+        for key in ("KAFKA_EXTRA_PROPERTIES_FILE", "KAFKA_EXTRA_LISTENERS", "KAFKA_LOG_FILE"):
+            env.pop(key, None)
+        env.update(
+            KAFKA_PORT=str(self.port),
+            KAFKA_CONTROLLER_PORT=str(self.controller_port),
+            KAFKA_DATA_DIR=str(self.data_dir),
+            KAFKA_PID_FILE=str(self.pid_file),
+            KAFKA_START_TIMEOUT=str(int(self.start_timeout)),
+            KAFKA_OWNER_PID=str(os.getpid()),
+            PYTHON=sys.executable,
+        )
+        if self.extra_properties:
+            props = self.extra_properties
+            if not isinstance(props, str):
+                props = "\n".join(f"{k}={v}" for k, v in props.items())
+            path = self.tmp_dir / "extra.properties"
+            path.write_text(props + "\n")
+            env["KAFKA_EXTRA_PROPERTIES_FILE"] = str(path)
+        if self.extra_listeners:
+            env["KAFKA_EXTRA_LISTENERS"] = self.extra_listeners
+        return env
+
+    def _kafka_sh(self, command: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(KAFKA_SH), command],
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self) -> "Broker":
+        """Start the dedicated broker and return once it answers metadata."""
+        if not self.owned or self._started:
+            return self
+        choose_ports = self.port is None or self.controller_port is None
+        attempts = 3 if choose_ports else 1
+        atexit.register(self.stop)
+        last_error = ""
+        for _ in range(attempts):
+            if choose_ports:
+                self.port, self.controller_port = free_ports(2)
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix="sma-kafka-test-"))
+            try:
+                proc = self._kafka_sh("start", timeout=self.start_timeout + 60)
+            except subprocess.TimeoutExpired as exc:
+                proc = subprocess.CompletedProcess(exc.cmd, 124, "", f"kafka.sh start timed out: {exc}")
+            pid = self._read_pid()
+            if proc.returncode == 0 and pid is not None and _pid_alive(pid):
+                self.pid = pid
+                self.bootstrap = f"{LOOPBACK}:{self.port}"
+                self._started = True
+                ready = [line for line in proc.stderr.splitlines() if " ready on " in line]
+                log.info("%s", ready[-1] if ready else f"test broker ready on {self.bootstrap}")
+                return self
+            # Failed (often a port taken between picking and binding): clean up and retry.
+            last_error = (
+                f"kafka.sh start exited {proc.returncode} (pid file: {pid}):\n{proc.stderr}\n"
+                f"--- broker log tail ---\n{self.log_tail()}"
+            )
+            self._stop_and_clean()
+        raise BrokerError(f"could not start a test Kafka broker:\n{last_error}")
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip()) if self.pid_file else None
+        except (OSError, ValueError):
+            return None
+
+    def _stop_and_clean(self) -> None:
+        error = None
+        if self.tmp_dir is not None:
+            pid = self._read_pid() or self.pid
+            try:
+                proc = self._kafka_sh("stop", timeout=60)
+                if proc.returncode != 0:
+                    error = f"kafka.sh stop exited {proc.returncode}: {proc.stderr}"
+            except subprocess.TimeoutExpired as exc:
+                error = f"kafka.sh stop timed out: {exc}"
+            if pid is not None and _pid_alive(pid):  # last resort
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+        self.pid = None
+        self._started = False
+        if error:
+            raise BrokerError(error)
+
+    def stop(self) -> None:
+        """Stop the dedicated broker and delete its temporary dir (idempotent)."""
+        if not self.owned:
+            return
+        try:
+            atexit.unregister(self.stop)
+        except Exception:  # pragma: no cover - interpreter shutting down
+            pass
+        self._stop_and_clean()
+
+    def __enter__(self) -> "Broker":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        kind = "dedicated" if self.owned else "external"
+        return f"<Broker {kind} bootstrap={self.bootstrap or '-'} pid={self.pid}>"
+
+
+def ensure_broker(**kwargs: object) -> Broker:
+    """A broker for tests, started and ready.
+
+    With ``KAFKA_BOOTSTRAP_SERVERS`` set: that cluster, nothing started, and
+    ``stop()`` leaves it alone. Otherwise a dedicated broker (``Broker(**kwargs)``)
+    on free ports with a temporary data dir; the caller must ``stop()`` it.
+    """
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if bootstrap:
+        return Broker.external(bootstrap)
+    return Broker(**kwargs).start()  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- topic helpers
+
+def admin_client(bootstrap: str, **configs: object):
+    """A kafka-python ``KafkaAdminClient``; the caller closes it."""
+    from kafka import KafkaAdminClient
+
+    configs.setdefault("client_id", "sma-tests-admin")
+    configs.setdefault("request_timeout_ms", 15000)
+    return KafkaAdminClient(bootstrap_servers=bootstrap, **configs)
+
+
+def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int = 3,
+    *,
+    replication_factor: int = 1,
+    configs: Mapping[str, str] | None = None,
+    exist_ok: bool = False,
+    timeout: float = 30.0,
+) -> None:
+    """Create topics and wait until every partition has a leader in metadata.
+
+    ``configs`` are topic configs (e.g. ``{"cleanup.policy": "compact"}``).
+    With ``exist_ok`` an existing topic is accepted as is (its partition count
+    is not checked).
+    """
+    import kafka.errors as Errors
+
+    names = list(names)
+    if not names:
+        return
+    request = {
+        name: {
+            "num_partitions": partitions,
+            "replication_factor": replication_factor,
+            "configs": dict(configs or {}),
+        }
+        for name in names
+    }
+    admin = admin_client(bootstrap)
+    try:
+        result = admin.create_topics(request, timeout_ms=int(timeout * 1000), raise_errors=False)
+        failures = []
+        for topic in result.get("topics", []):
+            code = topic.get("error_code", 0)
+            if code == 0:
+                continue
+            error = Errors.for_code(code)
+            if exist_ok and error is Errors.TopicAlreadyExistsError:
+                continue
+            failures.append(f"{topic.get('name')}: {error.__name__} {topic.get('error_message') or ''}".strip())
+        if failures:
+            raise Errors.KafkaError("create_topics failed: " + "; ".join(failures))
+        admin.wait_for_topics(names, timeout_ms=int(timeout * 1000))
+        if not exist_ok:
+            described = {t["name"]: t for t in admin.describe_topics(names)}
+            wrong = {n: len(described[n]["partitions"]) for n in names
+                     if len(described[n]["partitions"]) != partitions}
+            if wrong:
+                raise Errors.KafkaError(f"unexpected partition counts: {wrong}")
+    finally:
+        admin.close()
+
+
+def delete_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    *,
+    missing_ok: bool = True,
+    timeout: float = 30.0,
+) -> None:
+    """Delete topics and wait until none of them is listed in metadata any more."""
+    import kafka.errors as Errors
+
+    names = list(names)
+    if not names:
+        return
+    admin = admin_client(bootstrap)
+    try:
+        result = admin.delete_topics(names, timeout_ms=int(timeout * 1000), raise_errors=False)
+        failures = []
+        for topic in result.get("topics", []):
+            code = topic.get("error_code", 0)
+            if code == 0:
+                continue
+            error = Errors.for_code(code)
+            if missing_ok and error is Errors.UnknownTopicOrPartitionError:
+                continue
+            failures.append(f"{topic.get('name')}: {error.__name__} {topic.get('error_message') or ''}".strip())
+        if failures:
+            raise Errors.KafkaError("delete_topics failed: " + "; ".join(failures))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = set(names) & set(admin.list_topics())
+            if not remaining:
+                return
+            if time.monotonic() >= deadline:
+                raise Errors.KafkaTimeoutError(f"topics still listed after {timeout}s: {sorted(remaining)}")
+            time.sleep(0.1)
+    finally:
+        admin.close()

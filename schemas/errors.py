@@ -31,6 +31,8 @@ class Reason(StrEnum):
     HL7_UNSUPPORTED_MESSAGE = "hl7_unsupported_message"
     HL7_NO_PATIENT = "hl7_no_patient"
     HL7_BAD_VALUE = "hl7_bad_value"
+    HL7_NOT_LOINC = "hl7_not_loinc"
+    CENSORED_VALUE = "censored_value"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -66,13 +66,15 @@ def _depth(obj: object, limit: int, level: int = 1) -> None:
 def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
     """Parse JSON with size, depth and finiteness limits."""
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+    except UnicodeDecodeError as exc:
+        raise Rejected(Reason.NOT_UTF8, f"payload is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
     except Rejected:
         raise
     except RecursionError:
         raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limits.max_depth} levels") from None
-    except UnicodeDecodeError as exc:
-        raise Rejected(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason}") from None
     except ValueError as exc:
         raise Rejected(Reason.MALFORMED_JSON, f"malformed JSON: {exc}") from None
     _depth(obj, limits.max_depth)

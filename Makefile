@@ -1,0 +1,56 @@
+# Post-gene-therapy safety monitor: developer entry points.
+#   make demo   set up, start a local Apache Kafka broker and a worker, run a sample cohort, print a summary
+#   make test   install what the tests need and run the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBS := prometheus prometheus-alertmanager
+
+.PHONY: setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+debs:
+	deploy/local/install-debs.sh $(DEBS)
+
+kafka-fetch:
+	deploy/local/kafka.sh fetch
+
+setup: deps kafka-fetch
+
+kafka: deps kafka-fetch
+	deploy/local/kafka.sh start
+
+kafka-stop:
+	deploy/local/kafka.sh stop
+
+kafka-reset:
+	deploy/local/kafka.sh reset
+
+worker: kafka
+	$(VENV)/bin/monitor worker
+
+schema: deps
+	$(VENV)/bin/monitor schema --out schemas/json
+
+demo: setup kafka
+	$(PY) -m monitor.demo
+
+test: setup debs
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+test-unit: deps
+	$(PY) -m pytest -q -m "not integration" tests/unit
+
+bench: setup kafka
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .kafka .pytest_cache *.egg-info

@@ -1,0 +1,619 @@
+"""The alert lifecycle: pure state machine, no I/O, the clock passed in as ``now``.
+
+One :class:`AlertBook` per patient holds that patient's alerts (open ones and recently
+closed ones) plus, per dedupe key, the episode counter and the event-time watermark. The
+book is a pydantic model: ``book.to_dict()`` / ``AlertBook.from_dict(d)`` round-trip it
+through a changelog-backed table.
+
+Entry points (each mutates the book and returns the alert versions to emit, one per
+changed alert, newest version, already copied):
+
+* :func:`apply_finding` - a finding from the rule engine (present / cleared / retracted)
+* :func:`apply_action`  - a person acting on an alert (raises :class:`ActionError`)
+* :func:`tick`          - timers: escalation and silence expiry (and pruning)
+* :func:`next_deadline` - when ``tick`` next has something to do
+
+Semantics
+---------
+* Dedupe key: patient + rule + ``dedupe_key``. A repeat ``present`` finding updates the open
+  alert (evidence, grade, text, event time). A replayed finding (same ``finding_id``) and a
+  finding older (by ``effective_at``) than what the key already reflects are ignored: an
+  older result never resolves, downgrades or reopens a newer alert.
+* Severity: missing -> critical. A rise re-notifies (``notify`` True); on an acknowledged
+  alert a rise returns it to ``firing`` (the acknowledgement covered a lesser problem) and
+  restarts the current tier's timer. A fall only updates (``notify`` False) and never
+  slows an escalation timer already running.
+* Info severity: the alert opens and is visible (inbox) but never pages and never escalates.
+* Acknowledged: escalation stops; the alert stays open until a ``cleared`` finding, which
+  resolves it. A ``present`` finding after resolution opens a new episode (new alert_id).
+* ``retracted`` finding (evidence corrected away / entered in error): the open alert is
+  retracted, whatever its state; the key's event-time watermark is reset.
+* Escalation: an unacknowledged, un-inhibited, un-silenced, non-info firing alert moves to
+  the next tier when the current tier's per-severity timeout passes, and after the last
+  tier to the route's mandatory failsafe (which does not escalate further). Missed
+  deadlines (worker down) are caught up in one tick, timed as if on schedule; one version
+  is emitted, history shows each step.
+* Route: copied onto the alert when it opens; a protocol change does not reroute it.
+* Inhibition: ``inhibitions`` maps an inhibiting rule to the rules it holds back on the
+  same patient. While an inhibitor alert is open (firing or acknowledged) the target alerts
+  stay visible (``firing``, ``inhibited_by`` set) but do not page or escalate. When the
+  inhibitor closes, a still-firing target is re-notified and its tier timer restarts.
+* Silence: ``silence`` action with a reason and an expiry in the future (at most
+  ``max_silence`` away). Critical alerts cannot be silenced; a silenced alert whose severity
+  rises to critical has its silence lifted. On expiry a still-firing alert is re-notified.
+* Every transition is appended to ``history`` with who (a person, or ``system``) and when.
+  ``version`` increments once per call that changes the alert; ``changes`` lists what
+  changed in that version, ``previous_status`` the status of the version before.
+
+Role rules (:func:`apply_action`)
+---------------------------------
+=============  =========================================================================
+acknowledge    nurse, physician, admin. Open alerts; repeat acknowledge is a no-op.
+note           nurse, physician, admin. Any alert, needs text (``reason``).
+escalate       nurse, physician, admin. Open alerts not yet at the failsafe; pages the next
+               level immediately (even if acknowledged, inhibited or silenced).
+resolve        needs a reason. info/warning: any role; high/critical: physician or admin.
+               Manual resolution closes the episode: if the condition is still present the
+               next finding opens a new episode (and pages).
+silence        admin only; not for critical alerts; needs ``until`` (future, within
+               ``max_silence``) and a reason.
+=============  =========================================================================
+
+Errors: unknown alert -> :class:`UnknownAlert`; role not allowed -> :class:`Forbidden`;
+bad request or wrong state -> :class:`InvalidAction`. All subclass :class:`ActionError`
+(with a ``code``), and none of them changes the book.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Mapping
+
+from pydantic import AwareDatetime, BaseModel, Field
+
+from alerts.routing import FALLBACK_ROUTE, RouteSpec, copy_route, route_from_alert
+from schemas.alert import (
+    ActionKind,
+    Alert,
+    AlertAction,
+    AlertStatus,
+    AlertText,
+    HistoryEntry,
+    OPEN_STATUSES,
+    Role,
+    make_alert_id,
+    make_pseudonym,
+)
+from schemas.findings import Finding, Severity, effective_severity
+
+__all__ = [
+    "DEFAULT_INHIBITIONS", "LifecycleConfig", "DEFAULT_CONFIG", "KeyState", "AlertBook",
+    "ActionError", "UnknownAlert", "Forbidden", "InvalidAction", "AlertEngine",
+    "apply_finding", "apply_action", "tick", "next_deadline", "SYSTEM",
+]
+
+SYSTEM = "system"
+
+#: inhibiting rule -> rules it holds back on the same patient
+DEFAULT_INHIBITIONS: Mapping[str, frozenset[str]] = {
+    "liver.hys_law": frozenset({"liver.alt_increased", "liver.ast_increased", "liver.bilirubin_increased"}),
+}
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    #: route id -> route (adapted from the protocol)
+    routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    #: used when a finding has no route or an unknown one; FALLBACK_ROUTE if None
+    default_route: RouteSpec | None = None
+    inhibitions: Mapping[str, frozenset[str] | set[str] | list[str]] = field(
+        default_factory=lambda: dict(DEFAULT_INHIBITIONS))
+    #: secret for alert pseudonyms; the worker must set a real one
+    pseudonym_secret: bytes | str = b"dev-only-pseudonym-secret"
+    #: closed alerts are dropped from the book this long after closing (episode counters stay)
+    retention: timedelta = timedelta(days=7)
+    max_silence: timedelta = timedelta(days=7)
+    #: finding / action ids remembered for replay dedupe
+    max_remembered_ids: int = 64
+
+    def route_for(self, route_id: str | None) -> tuple[RouteSpec, str | None]:
+        """(route, note) - note explains a fallback."""
+        if route_id and route_id in self.routes:
+            return self.routes[route_id], None
+        fallback = self.default_route or FALLBACK_ROUTE
+        why = f"route {route_id!r} unknown" if route_id else "finding names no route"
+        return fallback, f"{why}; used route {fallback.id!r}"
+
+    def inhibitors_of(self, rule_id: str) -> set[str]:
+        return {src for src, targets in self.inhibitions.items() if rule_id in targets}
+
+
+DEFAULT_CONFIG = LifecycleConfig()
+
+
+class KeyState(BaseModel):
+    rule_id: str
+    dedupe_key: str = ""
+    #: number of the latest episode (0: none yet)
+    episode: int = 0
+    open_alert_id: str | None = None
+    last_alert_id: str | None = None
+    #: newest effective_at applied for this key (reset by a retraction)
+    last_effective_at: AwareDatetime | None = None
+
+
+class AlertBook(BaseModel):
+    """One patient's alerts; serialisable for a changelog-backed table."""
+
+    patient_id: str
+    alerts: dict[str, Alert] = Field(default_factory=dict)
+    keys: dict[str, KeyState] = Field(default_factory=dict)
+    applied_actions: list[str] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AlertBook":
+        return cls.model_validate(data)
+
+    def get(self, alert_id: str) -> Alert | None:
+        return self.alerts.get(alert_id)
+
+    def open_alerts(self) -> list[Alert]:
+        return [a for a in self.alerts.values() if a.is_open]
+
+    def open_alert_for(self, rule_id: str, dedupe_key: str = "") -> Alert | None:
+        ks = self.keys.get(_key(rule_id, dedupe_key))
+        return self.alerts.get(ks.open_alert_id) if ks and ks.open_alert_id else None
+
+
+class ActionError(ValueError):
+    code = "invalid"
+
+    def __init__(self, message: str, *, alert_id: str | None = None):
+        super().__init__(message)
+        self.alert_id = alert_id
+
+
+class UnknownAlert(ActionError):
+    code = "unknown_alert"
+
+
+class Forbidden(ActionError):
+    code = "forbidden"
+
+
+class InvalidAction(ActionError):
+    code = "invalid"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _key(rule_id: str, dedupe_key: str) -> str:
+    return f"{rule_id}\x1f{dedupe_key or ''}"
+
+
+def _silenced(alert: Alert, now: datetime) -> bool:
+    return alert.silenced_until is not None and alert.silenced_until > now
+
+
+def _escalatable(alert: Alert, now: datetime) -> bool:
+    """Would page and escalate: firing, not inhibited, not silenced, not info."""
+    return (alert.status == AlertStatus.FIRING and alert.inhibited_by is None
+            and not _silenced(alert, now) and alert.severity != Severity.INFO)
+
+
+def _timeout(alert: Alert) -> timedelta | None:
+    minutes = route_from_alert(alert.route).timeout_minutes(alert.escalation_tier, alert.severity)
+    return None if minutes is None else timedelta(minutes=minutes)
+
+
+def _restart_timer(alert: Alert, now: datetime) -> None:
+    """(Re)enter the current level at ``now`` and schedule its timeout if escalatable."""
+    alert.tier_entered_at = now
+    t = _timeout(alert)
+    alert.next_escalation_at = now + t if (t is not None and _escalatable(alert, now)) else None
+
+
+def _remember(ids: list[str], new_id: str, limit: int) -> None:
+    ids.append(new_id)
+    if len(ids) > limit:
+        del ids[: len(ids) - limit]
+
+
+_UNSET: Any = object()
+
+
+class _Txn:
+    """Collects the changes of one call; ``finish`` bumps versions and returns copies."""
+
+    def __init__(self, book: AlertBook, now: datetime):
+        self.book = book
+        self.now = now
+        self._touched: dict[str, dict[str, Any]] = {}
+
+    def _slot(self, alert: Alert, new: bool = False, before: Any = _UNSET) -> dict[str, Any]:
+        if alert.alert_id not in self._touched:
+            self._touched[alert.alert_id] = {
+                "before": None if new else (alert.status if before is _UNSET else before),
+                "new": new, "changes": [],
+                "page": False, "force": False,
+            }
+        return self._touched[alert.alert_id]
+
+    def opened(self, alert: Alert) -> None:
+        self._slot(alert, new=True)
+
+    def record(self, alert: Alert, action: str, *, by: str = SYSTEM, from_status: Any = _UNSET,
+               at: datetime | None = None, note: str | None = None, role: str | None = None,
+               page: bool = False, force_page: bool = False) -> None:
+        slot = self._slot(alert, before=from_status)
+        slot["changes"].append(action)
+        slot["page"] = slot["page"] or page or force_page
+        slot["force"] = slot["force"] or force_page
+        alert.history.append(HistoryEntry(
+            at=at or self.now, by=by, action=action,
+            from_status=alert.status if from_status is _UNSET else from_status,
+            to_status=alert.status, severity=alert.severity, role=role,
+            tier=alert.escalation_tier, note=note,
+        ))
+
+    def finish(self) -> list[Alert]:
+        out: list[Alert] = []
+        for alert_id, slot in self._touched.items():
+            alert = self.book.alerts[alert_id]
+            if not slot["new"]:
+                alert.version += 1
+            alert.previous_status = slot["before"]
+            alert.changes = list(slot["changes"])
+            alert.notify = bool(slot["force"] or (slot["page"] and _escalatable(alert, self.now)))
+            alert.updated_at = self.now
+            out.append(alert.model_copy(deep=True))
+        return out
+
+
+def _reconcile_inhibition(book: AlertBook, txn: _Txn, config: LifecycleConfig, now: datetime) -> None:
+    open_by_rule: dict[str, list[Alert]] = {}
+    for a in book.alerts.values():
+        if a.is_open:
+            open_by_rule.setdefault(a.rule_id, []).append(a)
+    for alert in sorted(book.open_alerts(), key=lambda a: (a.opened_at, a.alert_id)):
+        candidates = [
+            src for rule in config.inhibitors_of(alert.rule_id) for src in open_by_rule.get(rule, [])
+            if src.alert_id != alert.alert_id
+        ]
+        inhibitor = min(candidates, key=lambda a: (a.opened_at, a.alert_id)) if candidates else None
+        new_ref = inhibitor.alert_id if inhibitor else None
+        if new_ref == alert.inhibited_by:
+            continue
+        was = alert.inhibited_by
+        alert.inhibited_by = new_ref
+        if new_ref is not None:
+            alert.next_escalation_at = None
+            if was is None:
+                txn.record(alert, "inhibited", note=f"held back by {inhibitor.rule_id} alert {new_ref}")
+            else:
+                txn.record(alert, "inhibited", note=f"now held back by {inhibitor.rule_id} alert {new_ref}")
+        else:
+            _restart_timer(alert, now)
+            txn.record(alert, "uninhibited", note=f"inhibiting alert {was} closed", page=True)
+
+
+# --------------------------------------------------------------------------- findings
+
+def apply_finding(book: AlertBook, finding: Finding, now: datetime,
+                  config: LifecycleConfig | None = None) -> list[Alert]:
+    """Apply one finding; return the changed alert versions to emit (possibly none)."""
+    config = config or DEFAULT_CONFIG
+    if finding.patient_id != book.patient_id:
+        raise ValueError("finding is for another patient than this book")
+    k = _key(finding.rule_id, finding.dedupe_key)
+    ks = book.keys.get(k)
+    if ks is None:
+        ks = book.keys[k] = KeyState(rule_id=finding.rule_id, dedupe_key=finding.dedupe_key)
+    open_alert = book.alerts.get(ks.open_alert_id) if ks.open_alert_id else None
+    last_alert = book.alerts.get(ks.last_alert_id) if ks.last_alert_id else None
+
+    # replayed finding: already applied
+    for a in (open_alert, last_alert):
+        if a is not None and finding.finding_id in a.finding_ids:
+            return []
+
+    txn = _Txn(book, now)
+    note = f"finding {finding.finding_id}"
+
+    if finding.state == "retracted":
+        if open_alert is None:
+            return []
+        before = open_alert.status
+        open_alert.status = AlertStatus.RETRACTED
+        open_alert.closed_at = now
+        open_alert.next_escalation_at = None
+        open_alert.silenced_until = None
+        _remember(open_alert.finding_ids, finding.finding_id, config.max_remembered_ids)
+        ks.open_alert_id = None
+        ks.last_effective_at = None
+        txn.record(open_alert, "retracted", from_status=before, note=f"{note}: evidence corrected or withdrawn")
+        _reconcile_inhibition(book, txn, config, now)
+        return txn.finish()
+
+    # event time: an older finding never overrides a newer one
+    if ks.last_effective_at is not None and finding.effective_at < ks.last_effective_at:
+        return []
+
+    if finding.state == "cleared":
+        ks.last_effective_at = finding.effective_at
+        if open_alert is None:
+            return []
+        before = open_alert.status
+        open_alert.status = AlertStatus.RESOLVED
+        open_alert.closed_at = now
+        open_alert.next_escalation_at = None
+        open_alert.silenced_until = None
+        open_alert.effective_at = finding.effective_at
+        if finding.evidence:
+            open_alert.evidence = list(finding.evidence)
+        _remember(open_alert.finding_ids, finding.finding_id, config.max_remembered_ids)
+        ks.open_alert_id = None
+        txn.record(open_alert, "resolved", from_status=before, note=f"{note}: condition cleared")
+        _reconcile_inhibition(book, txn, config, now)
+        return txn.finish()
+
+    # present
+    ks.last_effective_at = finding.effective_at
+    severity = effective_severity(finding.severity)
+    if open_alert is None:
+        _open(book, ks, finding, severity, now, txn, config)
+    else:
+        _update(open_alert, finding, severity, now, txn, config)
+    _reconcile_inhibition(book, txn, config, now)
+    return txn.finish()
+
+
+def _text_of(finding: Finding) -> AlertText:
+    if finding.text is not None:
+        return AlertText(what=finding.text.what, why=finding.text.why, action=finding.text.action)
+    label = finding.rule_id + (f" ({finding.dedupe_key})" if finding.dedupe_key else "")
+    return AlertText(what=f"{label} fired", why="A protocol rule fired; see the evidence.",
+                     action="Review the patient per the monitoring protocol.")
+
+
+def _open(book: AlertBook, ks: KeyState, finding: Finding, severity: Severity, now: datetime,
+          txn: _Txn, config: LifecycleConfig) -> Alert:
+    ks.episode += 1
+    alert_id = make_alert_id(book.patient_id, finding.rule_id, finding.dedupe_key, ks.episode)
+    route, route_note = config.route_for(finding.route)
+    alert = Alert(
+        alert_id=alert_id, patient_id=book.patient_id, rule_id=finding.rule_id,
+        dedupe_key=finding.dedupe_key, episode=ks.episode, severity=severity, grade=finding.grade,
+        status=AlertStatus.FIRING, protocol=finding.protocol, evidence=list(finding.evidence),
+        opened_at=now, updated_at=now, effective_at=finding.effective_at, route=copy_route(route),
+        escalation_tier=0, text=_text_of(finding), ward=finding.ward, care_team=finding.care_team,
+        pseudonym=make_pseudonym(alert_id, config.pseudonym_secret), finding_ids=[finding.finding_id],
+    )
+    book.alerts[alert_id] = alert
+    ks.open_alert_id = alert_id
+    ks.last_alert_id = alert_id
+    _restart_timer(alert, now)
+    txn.opened(alert)
+    notes = [f"finding {finding.finding_id}", f"episode {ks.episode}", f"route {route.id}"]
+    if finding.severity is None:
+        notes.append("severity missing: treated as critical")
+    if severity == Severity.INFO:
+        notes.append("info: visible, does not page")
+    if route_note:
+        notes.append(route_note)
+    txn.record(alert, "opened", from_status=None, note="; ".join(notes), page=True)
+    return alert
+
+
+def _update(alert: Alert, finding: Finding, severity: Severity, now: datetime, txn: _Txn,
+            config: LifecycleConfig) -> None:
+    note = f"finding {finding.finding_id}"
+    old = alert.severity
+    alert.evidence = list(finding.evidence) or alert.evidence
+    alert.grade = finding.grade if finding.grade is not None else alert.grade
+    alert.effective_at = max(alert.effective_at, finding.effective_at)
+    if finding.text is not None:
+        alert.text = _text_of(finding)
+    alert.ward = finding.ward or alert.ward
+    alert.care_team = finding.care_team or alert.care_team
+    _remember(alert.finding_ids, finding.finding_id, config.max_remembered_ids)
+
+    if severity.rank > old.rank:
+        alert.severity = severity
+        before = alert.status
+        if severity == Severity.CRITICAL and alert.silenced_until is not None:
+            alert.silenced_until = None
+            alert.silence_reason = None
+            txn.record(alert, "silence_lifted", note="critical alerts cannot be silenced")
+        if alert.status == AlertStatus.ACKNOWLEDGED:
+            alert.status = AlertStatus.FIRING
+            _restart_timer(alert, now)
+            txn.record(alert, "severity_raised", from_status=before,
+                       note=f"{note}: {old} -> {severity}; acknowledgement covered a lesser severity", page=True)
+        else:
+            t = _timeout(alert)
+            if t is not None and _escalatable(alert, now):
+                cand = now + t
+                alert.next_escalation_at = min(alert.next_escalation_at, cand) if alert.next_escalation_at else cand
+            txn.record(alert, "severity_raised", from_status=before, note=f"{note}: {old} -> {severity}", page=True)
+    elif severity.rank < old.rank:
+        alert.severity = severity
+        if severity == Severity.INFO:
+            alert.next_escalation_at = None
+        txn.record(alert, "severity_lowered", note=f"{note}: {old} -> {severity}")
+    else:
+        txn.record(alert, "updated", note=note)
+
+
+# --------------------------------------------------------------------------- actions
+
+_RESOLVE_NEEDS_PHYSICIAN = frozenset({Severity.HIGH, Severity.CRITICAL})
+
+
+def _who(action: AlertAction) -> str:
+    return action.by
+
+
+def apply_action(book: AlertBook, action: AlertAction, now: datetime,
+                 config: LifecycleConfig | None = None) -> list[Alert]:
+    """Apply a person's action; raises :class:`ActionError` (book unchanged) if refused.
+
+    A repeated action (same ``action_id``, or acknowledging an acknowledged alert,
+    resolving a resolved one) is a no-op returning ``[]``.
+    """
+    config = config or DEFAULT_CONFIG
+    alert = book.alerts.get(action.alert_id)
+    if alert is None:
+        raise UnknownAlert(f"no alert {action.alert_id} for this patient", alert_id=action.alert_id)
+    if action.patient_id is not None and action.patient_id != book.patient_id:
+        raise UnknownAlert(f"alert {action.alert_id} does not belong to the given patient",
+                           alert_id=action.alert_id)
+    if action.action_id and action.action_id in book.applied_actions:
+        return []
+    role, kind = action.role, action.action
+    txn = _Txn(book, now)
+    before = alert.status
+    common = dict(by=_who(action), role=role.value, at=action.at)
+
+    def need_open() -> None:
+        if not alert.is_open:
+            raise InvalidAction(f"alert is {alert.status}; cannot {kind}", alert_id=alert.alert_id)
+
+    if kind == ActionKind.ACKNOWLEDGE:
+        if alert.status == AlertStatus.ACKNOWLEDGED:
+            return []
+        need_open()
+        alert.status = AlertStatus.ACKNOWLEDGED
+        alert.next_escalation_at = None
+        txn.record(alert, "acknowledged", from_status=before, note=action.reason, **common)
+
+    elif kind == ActionKind.NOTE:
+        txn.record(alert, "note", note=action.reason, **common)
+
+    elif kind == ActionKind.ESCALATE:
+        need_open()
+        route = route_from_alert(alert.route)
+        if alert.escalation_tier >= route.last_index:
+            raise InvalidAction("alert is already at the failsafe", alert_id=alert.alert_id)
+        alert.escalation_tier += 1
+        _restart_timer(alert, now)
+        txn.record(alert, "escalated", note=f"manual escalation to {route.level_name(alert.escalation_tier)}"
+                   + (f": {action.reason}" if action.reason else ""), force_page=True, **common)
+
+    elif kind == ActionKind.RESOLVE:
+        if alert.status == AlertStatus.RESOLVED:
+            return []
+        need_open()
+        if alert.severity in _RESOLVE_NEEDS_PHYSICIAN and role not in (Role.PHYSICIAN, Role.ADMIN):
+            raise Forbidden(f"only a physician or admin may resolve a {alert.severity} alert",
+                            alert_id=alert.alert_id)
+        if not (action.reason and action.reason.strip()):
+            raise InvalidAction("a manual resolution needs a reason", alert_id=alert.alert_id)
+        alert.status = AlertStatus.RESOLVED
+        alert.closed_at = now
+        alert.next_escalation_at = None
+        alert.silenced_until = None
+        ks = book.keys.get(_key(alert.rule_id, alert.dedupe_key))
+        if ks is not None and ks.open_alert_id == alert.alert_id:
+            ks.open_alert_id = None
+        txn.record(alert, "resolved", from_status=before, note=f"manual: {action.reason}", **common)
+
+    elif kind == ActionKind.SILENCE:
+        if role != Role.ADMIN:
+            raise Forbidden("only an admin may silence an alert", alert_id=alert.alert_id)
+        need_open()
+        if alert.severity == Severity.CRITICAL:
+            raise InvalidAction("critical alerts cannot be silenced", alert_id=alert.alert_id)
+        assert action.until is not None  # model validation
+        if action.until <= now:
+            raise InvalidAction("silence expiry must be in the future", alert_id=alert.alert_id)
+        if action.until - now > config.max_silence:
+            raise InvalidAction(f"silence longer than {config.max_silence}", alert_id=alert.alert_id)
+        alert.silenced_until = action.until
+        alert.silence_reason = action.reason
+        alert.next_escalation_at = None
+        txn.record(alert, "silenced", note=f"until {action.until.isoformat()}: {action.reason}", **common)
+
+    else:  # pragma: no cover - enum exhaustive
+        raise InvalidAction(f"unknown action {kind}")
+
+    if action.action_id:
+        _remember(book.applied_actions, action.action_id, config.max_remembered_ids)
+    _reconcile_inhibition(book, txn, config, now)
+    return txn.finish()
+
+
+# --------------------------------------------------------------------------- timers
+
+def tick(book: AlertBook, now: datetime, config: LifecycleConfig | None = None) -> list[Alert]:
+    """Fire due timers: silence expiry, then escalation (catching up missed deadlines)."""
+    config = config or DEFAULT_CONFIG
+    txn = _Txn(book, now)
+    for alert in sorted(book.open_alerts(), key=lambda a: (a.opened_at, a.alert_id)):
+        if alert.silenced_until is not None and alert.silenced_until <= now:
+            until = alert.silenced_until
+            alert.silenced_until = None
+            alert.silence_reason = None
+            _restart_timer(alert, now)
+            txn.record(alert, "silence_expired", note=f"silence until {until.isoformat()} expired", page=True)
+        if alert.next_escalation_at is None or alert.next_escalation_at > now or not _escalatable(alert, now):
+            continue
+        route = route_from_alert(alert.route)
+        while (alert.next_escalation_at is not None and alert.next_escalation_at <= now
+               and alert.escalation_tier < route.last_index):
+            due = alert.next_escalation_at
+            alert.escalation_tier += 1
+            alert.tier_entered_at = due
+            t = _timeout(alert)
+            alert.next_escalation_at = due + t if t is not None else None
+            target = "failsafe " if alert.escalation_tier == route.last_index else ""
+            txn.record(alert, "escalated", page=True,
+                       note=f"unacknowledged; due {due.isoformat()}; to {target}{route.level_name(alert.escalation_tier)}")
+    _prune(book, now, config)
+    return txn.finish()
+
+
+def _prune(book: AlertBook, now: datetime, config: LifecycleConfig) -> None:
+    for alert_id in [a.alert_id for a in book.alerts.values()
+                     if not a.is_open and a.closed_at is not None and a.closed_at + config.retention < now]:
+        del book.alerts[alert_id]
+        for ks in book.keys.values():
+            if ks.last_alert_id == alert_id:
+                ks.last_alert_id = None
+
+
+def next_deadline(book: AlertBook) -> datetime | None:
+    """Earliest time ``tick`` has work: an escalation or a silence expiry (None: nothing)."""
+    times = []
+    for a in book.open_alerts():
+        if a.next_escalation_at is not None:
+            times.append(a.next_escalation_at)
+        if a.silenced_until is not None:
+            times.append(a.silenced_until)
+    return min(times) if times else None
+
+
+class AlertEngine:
+    """The lifecycle bound to one configuration (routes, inhibition map, secrets)."""
+
+    def __init__(self, config: LifecycleConfig | None = None):
+        self.config = config or DEFAULT_CONFIG
+
+    def new_book(self, patient_id: str) -> AlertBook:
+        return AlertBook(patient_id=patient_id)
+
+    def apply_finding(self, book: AlertBook, finding: Finding, now: datetime) -> list[Alert]:
+        return apply_finding(book, finding, now, self.config)
+
+    def apply_action(self, book: AlertBook, action: AlertAction, now: datetime) -> list[Alert]:
+        return apply_action(book, action, now, self.config)
+
+    def tick(self, book: AlertBook, now: datetime) -> list[Alert]:
+        return tick(book, now, self.config)
+
+    @staticmethod
+    def next_deadline(book: AlertBook) -> datetime | None:
+        return next_deadline(book)

@@ -1,0 +1,638 @@
+"""Rule kinds, compiled from a ``Protocol`` into plain Python for the hot path.
+
+No pydantic in the evaluation loop: ``compile_protocol`` turns the validated protocol
+into small slotted objects with operator functions and per-analyte rule lists.
+
+Every ``evaluate`` is a pure function of the patient state (history, baselines,
+treatment facts), never of arrival order: single-analyte rules look at the newest result
+(by effective time), composite rules at each analyte's newest result within the rule's
+window of the newest result of any of its analytes. So a late, older result never
+overrides newer evidence, and the same results in any order give the same outcome.
+
+An evaluation returns ``None`` (condition absent) or a ``Hit``:
+``(severity_rank, grade, evidence, t)`` where evidence is a list of ``Ev`` items and
+``t`` the event time of the newest evidence.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+from schemas.analytes import catalogue
+from schemas.findings import Severity
+
+from .protocol import (
+    GRADE_SEVERITY,
+    CompletionRule,
+    CompositeRule,
+    Condition,
+    DeltaRule,
+    GradedRule,
+    OverdueRule,
+    Protocol,
+    ScoreRule,
+)
+from .state import Entry, PatientState
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+}
+B_ABS, B_ULN, B_LLN, B_BASE, B_SCORE, B_SCHEDULE = "absolute", "uln", "lln", "baseline", "score", "schedule"
+SEV_BY_RANK = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL]
+DAY = 86400.0
+
+
+class Ev:
+    """One piece of evidence (turned into ``schemas.findings.Evidence`` only when emitted)."""
+
+    __slots__ = ("analyte", "entry", "limit", "op", "basis", "ref", "note")
+
+    def __init__(self, analyte, entry, limit=None, op=None, basis=None, ref=None, note=None):
+        self.analyte = analyte
+        self.entry = entry
+        self.limit = limit
+        self.op = op
+        self.basis = basis
+        self.ref = ref
+        self.note = note
+
+
+class Hit:
+    __slots__ = ("rank", "grade", "evidence", "t", "extra", "summary")
+
+    def __init__(self, rank: int, grade: int | None, evidence: list[Ev], t: float, extra: str = "", summary: str = ""):
+        self.rank = rank
+        self.grade = grade
+        self.evidence = evidence
+        self.t = t
+        self.extra = extra
+        self.summary = summary
+
+    def ids(self) -> str:
+        ids = [e.entry[2] for e in self.evidence if e.entry is not None]
+        if self.extra:
+            ids.append(self.extra)
+        return " ".join(sorted(set(ids)))
+
+
+# -- reference values ------------------------------------------------------------
+
+class Ranges:
+    """Age-banded default reference ranges: analyte -> [(min_months, max_months, low, high)]."""
+
+    __slots__ = ("by_analyte",)
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.by_analyte = {
+            a: [(b.min_months, b.max_months, b.low, b.high) for b in bands]
+            for a, bands in protocol.reference_ranges.items()
+        }
+
+    def get(self, analyte: str, st: PatientState, t: float, idx: int) -> float | None:
+        bands = self.by_analyte.get(analyte)
+        if not bands:
+            return None
+        if st.birth is None:
+            if len(bands) == 1:
+                return bands[0][idx]
+            return None
+        age = (t - st.birth) / 2629800.0
+        for lo_m, hi_m, low, high in bands:
+            if lo_m <= age < hi_m:
+                return low if idx == 2 else high
+        return None
+
+
+def uln(ranges: Ranges, st: PatientState, analyte: str, e: Entry) -> float | None:
+    return e[4] if e[4] is not None else ranges.get(analyte, st, e[0], 3)
+
+
+def lln(ranges: Ranges, st: PatientState, analyte: str, e: Entry) -> float | None:
+    return e[3] if e[3] is not None else ranges.get(analyte, st, e[0], 2)
+
+
+def reference(ranges: Ranges, st: PatientState, analyte: str, e: Entry, basis: str) -> float | None:
+    """The value a multiple is taken of (ULN, LLN, baseline), or 1 for absolute limits."""
+    if basis == B_ABS:
+        return 1.0
+    if basis == B_ULN:
+        return uln(ranges, st, analyte, e)
+    if basis == B_LLN:
+        return lln(ranges, st, analyte, e)
+    b = st.base.get(analyte)
+    return None if b is None else b[1]
+
+
+def baseline_abnormal(ranges: Ranges, st: PatientState, analyte: str) -> bool:
+    """CTCAE/admiral: baseline above its ULN (BNRIND high)."""
+    b = st.base.get(analyte)
+    if b is None:
+        return False
+    hi = uln(ranges, st, analyte, b)
+    return hi is not None and b[1] > hi
+
+
+# -- compiled rules --------------------------------------------------------------
+
+class CRule:
+    """Common compiled rule fields."""
+
+    __slots__ = ("id", "kind", "route", "severity", "text", "title", "analytes", "days", "phases", "key")
+
+    def __init__(self, r) -> None:
+        self.id = r.id
+        self.kind = r.kind
+        self.route = r.route
+        self.severity = r.severity
+        self.text = r.text
+        self.title = r.title
+        self.analytes: tuple[str, ...] = ()
+        self.days = tuple(r.active.days_since_dose) if r.active and r.active.days_since_dose else None
+        self.phases = frozenset(r.active.steroid_phases) if r.active and r.active.steroid_phases else None
+        self.key = r.id
+
+    def active_at(self, st: PatientState, t: float) -> bool:
+        if self.days is not None:
+            if st.dose_at is None:
+                return False
+            d = (t - st.dose_at) / DAY
+            if not (self.days[0] <= d < self.days[1]):
+                return False
+        if self.phases is not None:
+            if st.steroid_at(t)[0] not in self.phases:
+                return False
+        return True
+
+    def evaluate(self, st: PatientState, cp: "CompiledProtocol") -> Hit | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class CBand:
+    __slots__ = ("op", "ops", "value", "basis", "grade", "rank")
+
+    def __init__(self, b) -> None:
+        self.op = OPS[b.op]
+        self.ops = b.op
+        self.value = b.value
+        self.basis = b.basis
+        self.grade = b.grade
+        sev = b.severity if b.severity is not None else GRADE_SEVERITY[b.grade]
+        self.rank = Severity(sev).rank
+
+
+def _sorted_bands(bands) -> tuple[CBand, ...]:
+    cb = [CBand(b) for b in bands]
+    cb.sort(key=lambda b: (b.rank, b.grade or 0), reverse=True)
+    return tuple(cb)
+
+
+class GradedRuleC(CRule):
+    __slots__ = ("bands", "abn_bands")
+
+    def __init__(self, r: GradedRule) -> None:
+        super().__init__(r)
+        self.analytes = tuple(r.analytes)
+        self.bands = _sorted_bands(r.bands)
+        self.abn_bands = _sorted_bands(r.abnormal_baseline_bands) if r.abnormal_baseline_bands else None
+
+    def evaluate(self, st, cp):
+        hist = st.hist
+        ranges = cp.ranges
+        best_rank = -1
+        best_grade = None
+        evidence = None
+        t = None
+        for a in self.analytes:
+            h = hist.get(a)
+            if not h:
+                continue
+            e = h[-1]
+            if t is None or e[0] > t:
+                t = e[0]
+        if t is None or (self.days is not None or self.phases is not None) and not self.active_at(st, t):
+            return None
+        for a in self.analytes:
+            h = hist.get(a)
+            if not h:
+                continue
+            e = h[-1]
+            v = e[1]
+            bands = self.bands
+            if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
+                bands = self.abn_bands
+            for b in bands:
+                basis = b.basis
+                if basis == B_ABS:
+                    ref = 1.0
+                elif basis == B_ULN:
+                    ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
+                else:
+                    ref = reference(ranges, st, a, e, basis)
+                if ref is None:
+                    continue
+                lim = b.value * ref
+                if b.op(v, lim):
+                    if evidence is None:
+                        evidence = []
+                    evidence.append(Ev(a, e, lim, b.ops, basis, ref))
+                    if b.rank > best_rank or (b.rank == best_rank and (b.grade or 0) > (best_grade or 0)):
+                        best_rank, best_grade = b.rank, b.grade
+                    break
+        if evidence is None:
+            return None
+        return Hit(best_rank, best_grade, evidence, max(ev.entry[0] for ev in evidence))
+
+
+class CCond:
+    __slots__ = ("analyte", "op", "ops", "value", "basis")
+
+    def __init__(self, c: Condition) -> None:
+        self.analyte = c.analyte
+        self.op = OPS[c.op]
+        self.ops = c.op
+        self.value = c.value
+        self.basis = c.basis
+
+
+def _compile_expr(e):
+    if isinstance(e, Condition):
+        return CCond(e)
+    if e.all is not None:
+        return ("all", tuple(_compile_expr(x) for x in e.all))
+    return ("any", tuple(_compile_expr(x) for x in e.any))
+
+
+def _expr_analytes(e, out: set) -> set:
+    if isinstance(e, CCond):
+        out.add(e.analyte)
+    else:
+        for x in e[1]:
+            _expr_analytes(x, out)
+    return out
+
+
+def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | None, evidence: list | None):
+    """Three-valued: True, False or None (no result, no reference, outside the window)."""
+    if isinstance(expr, CCond):
+        h = st.hist.get(expr.analyte)
+        if not h:
+            return None
+        e = h[-1]
+        if since is not None and e[0] < since:
+            return None
+        ref = reference(cp.ranges, st, expr.analyte, e, expr.basis)
+        if ref is None:
+            return None
+        lim = expr.value * ref
+        ok = expr.op(e[1], lim)
+        if ok and evidence is not None:
+            evidence.append(Ev(expr.analyte, e, lim, expr.ops, expr.basis, ref))
+        return ok
+    kind, members = expr
+    if kind == "all":
+        res = True
+        for m in members:
+            r = eval_expr(m, st, cp, since, evidence)
+            if r is False:
+                return False
+            if r is None:
+                res = None
+        return res
+    res = False
+    for m in members:
+        r = eval_expr(m, st, cp, since, evidence)
+        if r is True:
+            res = True  # keep evaluating: every true member is evidence
+        elif r is None and res is False:
+            res = None
+    return res
+
+
+class CompositeRuleC(CRule):
+    __slots__ = ("when", "unless", "window", "rank")
+
+    def __init__(self, r: CompositeRule) -> None:
+        super().__init__(r)
+        self.when = _compile_expr(r.when)
+        self.unless = _compile_expr(r.unless) if r.unless is not None else None
+        an = _expr_analytes(self.when, set())
+        if self.unless is not None:
+            _expr_analytes(self.unless, an)
+        self.analytes = tuple(sorted(an))
+        self.window = r.window_days * DAY
+        self.rank = r.severity.rank
+
+    def evaluate(self, st, cp):
+        t = None
+        hist = st.hist
+        for a in self.analytes:
+            h = hist.get(a)
+            if h and (t is None or h[-1][0] > t):
+                t = h[-1][0]
+        if t is None or not self.active_at(st, t):
+            return None
+        since = t - self.window
+        evidence: list[Ev] = []
+        if eval_expr(self.when, st, cp, since, evidence) is not True:
+            return None
+        if self.unless is not None and eval_expr(self.unless, st, cp, since, None) is True:
+            return None
+        # one item per observation (an analyte may satisfy two members)
+        seen, uniq = set(), []
+        for ev in evidence:
+            k = (ev.entry[2], ev.limit)
+            if k not in seen:
+                seen.add(k)
+                uniq.append(ev)
+        return Hit(self.rank, None, uniq, max(ev.entry[0] for ev in uniq))
+
+
+class DeltaRuleC(CRule):
+    __slots__ = ("analyte", "lookback", "op", "ops", "ratio", "min_uln", "rank")
+
+    def __init__(self, r: DeltaRule) -> None:
+        super().__init__(r)
+        self.analyte = r.analyte
+        self.analytes = (r.analyte,)
+        self.lookback = r.lookback_days * DAY
+        self.op = OPS[r.op]
+        self.ops = r.op
+        self.ratio = r.ratio
+        self.min_uln = r.min_uln_multiple
+        self.rank = r.severity.rank
+
+    def evaluate(self, st, cp):
+        h = st.hist.get(self.analyte)
+        if not h or len(h) < 2:
+            return None
+        e, p = h[-1], h[-2]
+        if not self.active_at(st, e[0]):
+            return None
+        if e[0] - p[0] > self.lookback or p[1] <= 0:
+            return None
+        if not self.op(e[1] / p[1], self.ratio):
+            return None
+        if self.min_uln is not None:
+            hi = uln(cp.ranges, st, self.analyte, e)
+            if hi is None or e[1] < self.min_uln * hi:
+                return None
+        lim = self.ratio * p[1]
+        return Hit(self.rank, None, [Ev(self.analyte, p, note="previous result"),
+                                     Ev(self.analyte, e, lim, self.ops, "previous", p[1])], e[0])
+
+
+class ScoreSystemC:
+    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank")
+
+    def __init__(self, s) -> None:
+        self.name = s.name
+        # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score)]
+        self.items = [
+            (it.item, [(b.min_months, b.max_months, [(c.score, OPS[c.op], c.value) for c in b.cuts], b.on_oxygen_score)
+                       for b in it.bands])
+            for it in s.items
+        ]
+        self.sev_bands = sorted(((b.min_score, b.severity.rank) for b in s.severity_bands), reverse=True)
+        self.single_score = s.single_item_score
+        self.single_rank = s.single_item_severity.rank if s.single_item_severity else None
+
+
+def _cut_score(cuts, v: float) -> int:
+    best = 0
+    for score, op, value in cuts:
+        if score > best and op(v, value):
+            best = score
+    return best
+
+
+class ScoreRuleC(CRule):
+    __slots__ = ("window",)
+    VITALS = ("heart_rate", "respiratory_rate", "systolic_bp", "spo2", "temperature", "o2_flow")
+
+    def __init__(self, r: ScoreRule, protocol: Protocol) -> None:
+        super().__init__(r)
+        self.window = r.vitals_window_hours * 3600.0
+        an = set()
+        for sysm in (protocol.early_warning.pews, protocol.early_warning.news2):
+            for it in sysm.items:
+                an.add("o2_flow" if it.item == "oxygen" else it.item)
+        self.analytes = tuple(sorted(an))
+
+    def evaluate(self, st, cp):
+        hist = st.hist
+        t = None
+        for a in self.analytes:
+            h = hist.get(a)
+            if h and (t is None or h[-1][0] > t):
+                t = h[-1][0]
+        if t is None or st.birth is None or not self.active_at(st, t):
+            return None
+        age_m = (t - st.birth) / 2629800.0
+        sysm = cp.news2 if age_m >= cp.adult_age_months else cp.pews
+        since = t - self.window
+        total = 0
+        max_item = 0
+        evidence: list[Ev] = []
+        parts = []
+        for item, bands in sysm.items:
+            band = None
+            for b in bands:
+                if b[0] <= age_m < b[1]:
+                    band = b
+                    break
+            if band is None:
+                continue
+            score = 0
+            if item == "oxygen":
+                h = hist.get("o2_flow")
+                if h and h[-1][0] >= since:
+                    score = _cut_score(band[2], h[-1][1])
+                    if score:
+                        evidence.append(Ev("o2_flow", h[-1], basis=B_SCORE, note=f"{sysm.name} item score {score}"))
+                if band[3] and st.o2 is not None and st.o2[0] >= since and st.o2[1] and band[3] > score:
+                    score = band[3]
+                    evidence.append(Ev("oxygen", None, basis=B_SCORE, note=f"on oxygen: item score {score}"))
+            else:
+                h = hist.get(item)
+                if not h or h[-1][0] < since:
+                    continue
+                e = h[-1]
+                score = _cut_score(band[2], e[1])
+                evidence.append(Ev(item, e, basis=B_SCORE, note=f"item score {score}"))
+            if score:
+                parts.append(f"{item} {score}")
+            total += score
+            if score > max_item:
+                max_item = score
+        rank = -1
+        for min_score, r in sysm.sev_bands:
+            if total >= min_score:
+                rank = r
+                break
+        if sysm.single_score is not None and max_item >= sysm.single_score and sysm.single_rank > rank:
+            rank = sysm.single_rank
+        if rank < 0:
+            return None
+        ev_t = max((ev.entry[0] for ev in evidence if ev.entry is not None), default=t)
+        name = "NEWS2" if sysm is cp.news2 else "PEWS"
+        return Hit(rank, None, evidence, ev_t, extra=f"{name}={total}",
+                   summary=f"{name} {total} ({', '.join(parts) or 'no item scored'})")
+
+
+class OverdueRuleC(CRule):
+    __slots__ = ("rank",)
+
+    def __init__(self, r: OverdueRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+
+
+class CompletionRuleC(CRule):
+    __slots__ = ("min_days", "when", "rank")
+
+    def __init__(self, r: CompletionRule) -> None:
+        super().__init__(r)
+        self.min_days = r.min_days
+        self.when = _compile_expr(r.when)
+        self.analytes = tuple(sorted(_expr_analytes(self.when, set())))
+        self.rank = r.severity.rank
+
+    def evaluate_at(self, st: PatientState, cp: "CompiledProtocol", now: float) -> Hit | None:
+        if st.dose_at is None or (now - st.dose_at) / DAY < self.min_days:
+            return None
+        evidence: list[Ev] = []
+        # only results taken after dosing count towards "unremarkable"
+        if eval_expr(self.when, st, cp, float(st.dose_at), evidence) is not True:
+            return None
+        t = max((ev.entry[0] for ev in evidence), default=now)
+        return Hit(self.rank, None, evidence, t)
+
+
+@dataclass
+class CPeriod:
+    from_day: float
+    to_day: float
+    every: float
+    phases: frozenset | None
+    phase_days: tuple | None
+
+
+@dataclass
+class CSchedule:
+    group: str
+    analytes: tuple
+    any_of: bool
+    grace: float
+    periods: list
+
+    def period_at(self, st: PatientState, now: float) -> CPeriod | None:
+        d = (now - st.dose_at) / DAY
+        phase, since = st.steroid_at(now)
+        for p in self.periods:
+            if not (p.from_day <= d < p.to_day):
+                continue
+            if p.phases is not None and phase not in p.phases:
+                continue
+            if p.phase_days is not None:
+                if since is None:
+                    continue
+                pd = (now - since) / DAY
+                if not (p.phase_days[0] <= pd < p.phase_days[1]):
+                    continue
+            return p
+        return None
+
+    def overdue(self, st: PatientState, now: float) -> list[tuple[str, Entry | None, float]] | None:
+        """[(analyte, last entry, deadline)] overdue at ``now``; [] if on time; None if not scheduled now."""
+        p = self.period_at(st, now)
+        if p is None:
+            return None
+        every = p.every * DAY
+        if self.any_of:
+            last = None
+            for a in self.analytes:
+                e = st.latest(a)
+                if e is not None and (last is None or e[0] > last[0]):
+                    last = e
+            anchor = max(last[0], st.dose_at) if last is not None else st.dose_at
+            deadline = anchor + every + self.grace
+            return [("/".join(self.analytes), last, deadline)] if now > deadline else []
+        out = []
+        for a in self.analytes:
+            e = st.latest(a)
+            anchor = max(e[0], st.dose_at) if e is not None else st.dose_at
+            deadline = anchor + every + self.grace
+            if now > deadline:
+                out.append((a, e, deadline))
+        return out
+
+
+class CompiledProtocol:
+    """A protocol ready for evaluation: rule objects, per-analyte rule lists, ranges, scores."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        from schemas.findings import ProtocolRef
+
+        self.protocol = protocol
+        self.ref = ProtocolRef(id=protocol.id, version=protocol.version)
+        self.ranges = Ranges(protocol)
+        self.lab_limit = protocol.history.lab
+        self.vital_limit = protocol.history.vital
+        ew = protocol.early_warning
+        self.pews = ScoreSystemC(ew.pews)
+        self.news2 = ScoreSystemC(ew.news2)
+        self.adult_age_months = ew.adult_age_years * 12.0
+        self.rules: list[CRule] = []
+        self.overdue: OverdueRuleC | None = None
+        self.completion: CompletionRuleC | None = None
+        for r in protocol.rules:
+            if isinstance(r, GradedRule):
+                c = GradedRuleC(r)
+            elif isinstance(r, CompositeRule):
+                c = CompositeRuleC(r)
+            elif isinstance(r, DeltaRule):
+                c = DeltaRuleC(r)
+            elif isinstance(r, ScoreRule):
+                c = ScoreRuleC(r, protocol)
+            elif isinstance(r, OverdueRule):
+                c = self.overdue = OverdueRuleC(r)
+            elif isinstance(r, CompletionRule):
+                c = self.completion = CompletionRuleC(r)
+            else:  # pragma: no cover
+                raise TypeError(r)
+            self.rules.append(c)
+        self.by_id = {r.id: r for r in self.rules}
+        #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
+        self.by_analyte: dict[str, tuple[CRule, ...]] = {}
+        for c in self.rules:
+            if isinstance(c, (OverdueRuleC, CompletionRuleC)):
+                continue
+            for a in c.analytes:
+                self.by_analyte.setdefault(a, ())
+                self.by_analyte[a] = self.by_analyte[a] + (c,)
+        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, (OverdueRuleC, CompletionRuleC)))
+        self.schedules = [
+            CSchedule(
+                group=s.group, analytes=tuple(s.analytes), any_of=s.require == "any",
+                grace=s.grace_hours * 3600.0,
+                periods=[CPeriod(p.from_day, p.to_day, p.every_days,
+                                 frozenset(p.steroid_phases) if p.steroid_phases else None,
+                                 tuple(p.phase_days) if p.phase_days else None) for p in s.periods],
+            )
+            for s in protocol.schedules
+        ]
+        self.schedule_by_analyte: dict[str, list[CSchedule]] = {}
+        for s in self.schedules:
+            for a in s.analytes:
+                self.schedule_by_analyte.setdefault(a, []).append(s)
+        cat = catalogue().by_key
+        self.units = {k: a.canonical_unit for k, a in cat.items()}
+        self.kinds = {k: a.kind for k, a in cat.items()}
+
+    def history_limit(self, analyte: str) -> int:
+        return self.vital_limit if self.kinds.get(analyte) == "vital" else self.lab_limit
+
+
+def compile_protocol(protocol: Protocol) -> CompiledProtocol:
+    return CompiledProtocol(protocol)

@@ -1,0 +1,259 @@
+"""Compact per-patient state for the rule engine (pure data, JSON-able).
+
+One ``PatientState`` per patient, stored in a changelog-backed table by the Faust layer
+via ``to_dict()`` / ``from_dict()`` (a small dict of lists, ints, floats and strings).
+
+Contents
+- treatment facts: product, dose time, birth date (as UTC epoch of midnight), weight,
+  ward, care team, steroid phase changes ``[[t, phase], ...]`` (sorted, bounded);
+- ``hist``: per analyte the newest ``N`` results sorted by effective time, each an
+  entry ``(t, value, observation_id, ref_low, ref_high)`` (t = UTC epoch seconds,
+  rounded to the second; value and range in the analyte's canonical unit; the range is
+  the result's own, ``None`` when it carried none). The newest entry is the analyte's
+  last sample time;
+- ``base``: per analyte the baseline = the last result before dosing (an entry);
+- ``o2``: newest ``[t, on_oxygen]`` flag seen on a vital sign;
+- ``active``: rules currently present, ``key -> [severity_rank, grade, evidence ids]``
+  (key = rule id, or ``rule id|dedupe key``), so the engine can emit ``cleared`` and
+  ``retracted`` and stay silent when nothing changed.
+
+Event time: entries are placed by effective time, so a late or out-of-order result
+lands where it belongs; keeping the newest ``N`` by time is independent of arrival
+order. A result with an observation id already held replaces it (idempotent replay).
+"""
+from __future__ import annotations
+
+from bisect import insort
+from datetime import date, datetime, timezone
+from typing import Any
+
+Entry = tuple  # (t:int, value:float, observation_id:str, ref_low:float|None, ref_high:float|None)
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+MAX_STEROID_CHANGES = 8
+
+
+def epoch(dt: datetime) -> int:
+    """Aware datetime -> integer UTC epoch seconds (rounded)."""
+    return int(round(dt.timestamp()))
+
+
+def from_epoch(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+def date_epoch(d: date) -> int:
+    return (d.toordinal() - _EPOCH_ORDINAL) * 86400
+
+
+def _entry_key(e: Entry) -> tuple:
+    return (e[0], e[2])
+
+
+class PatientState:
+    """Mutable per-patient state. See the module docstring for the fields."""
+
+    __slots__ = (
+        "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
+        "steroid", "hist", "base", "o2", "active",
+    )
+
+    def __init__(self, patient_id: str) -> None:
+        self.patient_id = patient_id
+        self.product: str | None = None
+        self.dose_at: int | None = None
+        self.dose_id: str | None = None
+        self.birth: int | None = None
+        self.weight: float | None = None
+        self.ward: str | None = None
+        self.care_team: str | None = None
+        self.steroid: list[list] = []
+        self.hist: dict[str, list[Entry]] = {}
+        self.base: dict[str, Entry] = {}
+        self.o2: list | None = None
+        self.active: dict[str, list] = {}
+
+    # -- history -----------------------------------------------------------------
+    def insert(self, analyte: str, entry: Entry, limit: int) -> None:
+        """Insert by effective time, replacing an entry with the same observation id; keep the newest ``limit``."""
+        h = self.hist.get(analyte)
+        if h is None:
+            self.hist[analyte] = [entry]
+        else:
+            oid = entry[2]
+            for i, e in enumerate(h):
+                if e[2] == oid:
+                    del h[i]
+                    break
+            if not h or _entry_key(entry) >= _entry_key(h[-1]):
+                h.append(entry)
+            else:
+                insort(h, entry, key=_entry_key)
+            if len(h) > limit:
+                del h[: len(h) - limit]
+        self._offer_baseline(analyte, entry)
+
+    def _offer_baseline(self, analyte: str, entry: Entry) -> None:
+        if self.dose_at is not None and entry[0] >= self.dose_at:
+            return
+        b = self.base.get(analyte)
+        if b is None or _entry_key(entry) >= _entry_key(b) or b[2] == entry[2]:
+            self.base[analyte] = entry
+
+    def remove(self, observation_id: str, analyte: str | None = None) -> list[str]:
+        """Remove the result with this id (history and baseline); return the analytes it was found under."""
+        found: list[str] = []
+        keys = [analyte] if analyte is not None and analyte in self.hist else list(self.hist)
+        if analyte is not None and analyte not in self.hist:
+            keys = list(self.hist)
+        for a in keys:
+            h = self.hist[a]
+            for i, e in enumerate(h):
+                if e[2] == observation_id:
+                    del h[i]
+                    found.append(a)
+                    break
+            if not h:
+                del self.hist[a]
+        for a, b in list(self.base.items()):
+            if b[2] == observation_id:
+                del self.base[a]
+                if a not in found:
+                    found.append(a)
+                self._recompute_baseline(a)
+        return found
+
+    def _recompute_baseline(self, analyte: str) -> None:
+        if self.dose_at is None:
+            h = self.hist.get(analyte)
+            if h:
+                self.base[analyte] = h[-1]
+            return
+        best = None
+        for e in self.hist.get(analyte, ()):
+            if e[0] < self.dose_at:
+                best = e
+        if best is not None:
+            self.base[analyte] = best
+
+    def set_dose(self, dose_at: int) -> None:
+        """Fix the dose time and recompute every baseline as the last result before it."""
+        self.dose_at = dose_at
+        for a in set(self.hist) | set(self.base):
+            b = self.base.get(a)
+            best = b if b is not None and b[0] < dose_at else None
+            for e in self.hist.get(a, ()):
+                if e[0] < dose_at and (best is None or _entry_key(e) > _entry_key(best)):
+                    best = e
+            if best is None:
+                self.base.pop(a, None)
+            else:
+                self.base[a] = best
+
+    def latest(self, analyte: str) -> Entry | None:
+        h = self.hist.get(analyte)
+        return h[-1] if h else None
+
+    # -- steroid -----------------------------------------------------------------
+    def add_steroid(self, t: int, phase: str) -> None:
+        item = [t, phase]
+        if item in self.steroid:
+            return
+        self.steroid = [s for s in self.steroid if s[0] != t]
+        self.steroid.append(item)
+        self.steroid.sort(key=lambda s: s[0])
+        if len(self.steroid) > MAX_STEROID_CHANGES:
+            del self.steroid[: len(self.steroid) - MAX_STEROID_CHANGES]
+
+    def steroid_at(self, t: float) -> tuple[str, int | None]:
+        """(phase, start time) in force at event time ``t``; ``("none", None)`` before any."""
+        phase, since = "none", None
+        for st, ph in self.steroid:
+            if st <= t:
+                phase, since = ph, st
+            else:
+                break
+        return phase, since
+
+    def days_since_dose(self, t: float) -> float | None:
+        if self.dose_at is None:
+            return None
+        return (t - self.dose_at) / 86400.0
+
+    def age_months(self, t: float) -> float | None:
+        if self.birth is None:
+            return None
+        return (t - self.birth) / 2629800.0  # 30.4375 days
+
+    # -- serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"p": self.patient_id}
+        if self.product is not None:
+            d["pr"] = self.product
+        if self.dose_at is not None:
+            d["d"] = self.dose_at
+        if self.dose_id is not None:
+            d["di"] = self.dose_id
+        if self.birth is not None:
+            d["b"] = self.birth
+        if self.weight is not None:
+            d["w"] = self.weight
+        if self.ward is not None:
+            d["wd"] = self.ward
+        if self.care_team is not None:
+            d["ct"] = self.care_team
+        if self.steroid:
+            d["s"] = [list(s) for s in self.steroid]
+        if self.hist:
+            d["h"] = {a: [_pack(e) for e in h] for a, h in self.hist.items()}
+        if self.base:
+            d["bl"] = {a: _pack(e) for a, e in self.base.items()}
+        if self.o2 is not None:
+            d["o2"] = list(self.o2)
+        if self.active:
+            d["a"] = {k: list(v) for k, v in self.active.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PatientState":
+        s = cls(d["p"])
+        s.product = d.get("pr")
+        s.dose_at = d.get("d")
+        s.dose_id = d.get("di")
+        s.birth = d.get("b")
+        s.weight = d.get("w")
+        s.ward = d.get("wd")
+        s.care_team = d.get("ct")
+        s.steroid = [list(x) for x in d.get("s", ())]
+        s.hist = {a: [_unpack(e) for e in h] for a, h in d.get("h", {}).items()}
+        s.base = {a: _unpack(e) for a, e in d.get("bl", {}).items()}
+        o2 = d.get("o2")
+        s.o2 = list(o2) if o2 is not None else None
+        s.active = {k: list(v) for k, v in d.get("a", {}).items()}
+        return s
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatientState) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"PatientState({self.to_dict()!r})"
+
+
+def _num(v: float | None):
+    if v is None:
+        return None
+    return int(v) if float(v).is_integer() and abs(v) < 1e15 else v
+
+
+def _pack(e: Entry) -> list:
+    out = [e[0], _num(e[1]), e[2]]
+    if e[3] is not None or e[4] is not None:
+        out.append(_num(e[3]))
+        out.append(_num(e[4]))
+    return out
+
+
+def _unpack(x: list) -> Entry:
+    if len(x) >= 5:
+        return (x[0], x[1], x[2], x[3], x[4])
+    return (x[0], x[1], x[2], None, None)

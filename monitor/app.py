@@ -1,0 +1,71 @@
+"""The Faust application: settings, topics and tables. Agents live in ``monitor.agents``."""
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from .kafka_config import broker_url, faust_credentials
+from .settings import get_settings
+
+settings = get_settings()
+
+app = faust.App(
+    settings.app_id,
+    broker=broker_url(settings),
+    broker_credentials=faust_credentials(settings),
+    store=settings.table_store,
+    datadir=settings.data_dir,
+    topic_partitions=settings.topic_partitions,
+    topic_replication_factor=settings.topic_replication_factor,
+    topic_allow_declare=True,
+    topic_disable_leader=True,
+    web_enabled=True,
+    web_host=settings.web_host,
+    web_port=settings.web_port,
+    web_bind=settings.web_host,
+    web_tables_enabled=False,
+    web_in_thread=False,
+    consumer_auto_offset_reset="earliest",
+    producer_acks=-1,
+    processing_guarantee="at_least_once",
+    table_standby_replicas=0,
+    autodiscover=False,
+    # stop consumer-group churn from turning one slow batch into a rebalance storm
+    broker_max_poll_interval=300.0,
+    stream_wait_empty=False,
+    # oversized inputs must still reach the dead-letter topic with their original bytes
+    producer_max_request_size=settings.max_message_bytes,
+    consumer_max_fetch_size=settings.max_message_bytes,
+)
+
+
+def raw_topic(*names: str) -> faust.TopicT:
+    """A topic of raw bytes: decoding and validation happen in the agent, never before it."""
+    return app.topic(
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+        internal=False,
+    )
+
+
+input_topics = raw_topic(settings.topic_lab_results, settings.topic_vital_signs, settings.topic_liver_function)
+observations_topic = raw_topic(settings.topic_observations)
+dead_letter_topic = raw_topic(settings.topic_dead_letter)
+findings_topic = raw_topic(settings.topic_findings)
+alerts_topic = raw_topic(settings.topic_alerts)
+# the clinical agent reads observations, treatments, actions and clock ticks for its patients
+clinical_topics = raw_topic(
+    settings.topic_observations, settings.topic_treatments, settings.topic_alert_actions, settings.topic_ticks
+)
+ticks_topic = raw_topic(settings.topic_ticks)
+
+log = logging.getLogger("monitor")
+
+# register agents, timers and web views
+from . import agents  # noqa: E402,F401
+from . import web  # noqa: E402,F401

@@ -1,0 +1,87 @@
+"""The service's own Prometheus metrics (seconds and ``_total``).
+
+Labels are bounded enums only: topic, format, reason, analyte, rule id, severity,
+status, sink, outcome, source (a lab system's name). Never a patient id, MRN,
+encounter or free text.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+ACK_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+
+EVENTS_CONSUMED = Counter(
+    "monitor_events_consumed_total", "Input events consumed, by topic and wire format",
+    ["topic", "format"], registry=REGISTRY)
+DEAD_LETTERS = Counter(
+    "monitor_dead_letters_total", "Inputs sent to the dead-letter topic, by source topic and reason code",
+    ["topic", "reason"], registry=REGISTRY)
+OBSERVATIONS = Counter(
+    "monitor_observations_total", "Canonical observations produced, by analyte",
+    ["analyte", "monitored"], registry=REGISTRY)
+FINDINGS = Counter(
+    "monitor_findings_total", "Findings from the rule engine, by rule, severity and state",
+    ["rule_id", "severity", "state"], registry=REGISTRY)
+ALERTS_OPENED = Counter(
+    "monitor_alerts_opened_total", "Alerts opened (new episodes), by rule and severity",
+    ["rule_id", "severity"], registry=REGISTRY)
+ALERT_TRANSITIONS = Counter(
+    "monitor_alert_transitions_total", "Alert status transitions",
+    ["rule_id", "from_status", "to_status"], registry=REGISTRY)
+ALERT_ESCALATIONS = Counter(
+    "monitor_alert_escalations_total", "Escalations to the next tier (or the failsafe)",
+    ["rule_id", "severity"], registry=REGISTRY)
+TIME_TO_ACK = Histogram(
+    "monitor_time_to_acknowledge_seconds", "From alert opened to acknowledged",
+    ["severity"], buckets=ACK_BUCKETS, registry=REGISTRY)
+EFFECTIVE_TO_ALERT = Histogram(
+    "monitor_effective_to_alert_seconds", "From the observation's effective time to the alert",
+    ["severity"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+RECEIPT_TO_ALERT = Histogram(
+    "monitor_receipt_to_alert_seconds", "From receipt of the observation by the service to the alert",
+    ["severity"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+SINK_ATTEMPTS = Counter(
+    "monitor_sink_attempts_total", "Delivery attempts per sink and outcome",
+    ["sink", "outcome"], registry=REGISTRY)
+SINK_FAILURES = Counter(
+    "monitor_sink_failures_total", "Failed delivery attempts per sink",
+    ["sink"], registry=REGISTRY)
+SINK_PENDING = Gauge(
+    "monitor_sink_pending", "Alert versions waiting for delivery per sink",
+    ["sink"], registry=REGISTRY)
+PATIENTS_OVERDUE = Gauge(
+    "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
+    registry=REGISTRY)
+PATIENTS_MONITORED = Gauge(
+    "monitor_patients_monitored", "Patients with state on this worker",
+    registry=REGISTRY)
+CONSUMER_LAG = Gauge(
+    "monitor_consumer_lag_messages", "End offset minus committed offset per input partition",
+    ["topic", "partition"], registry=REGISTRY)
+SOURCE_LAST_EVENT = Gauge(
+    "monitor_source_last_event_timestamp_seconds", "Unix time of the last event received from a lab source",
+    ["source"], registry=REGISTRY)
+PROCESSING_SECONDS = Histogram(
+    "monitor_processing_seconds", "Time to process one event, by stage",
+    ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1),
+    registry=REGISTRY)
+READY = Gauge("monitor_ready", "1 when the worker has joined its group and recovered its tables", registry=REGISTRY)
+BUILD_INFO = Info("monitor_build", "Build version", registry=REGISTRY)
+PROTOCOL_INFO = Gauge(
+    "monitor_protocol_info", "Protocols loaded (value 1)", ["protocol_id", "version"], registry=REGISTRY)
+
+#: source label cardinality guard: lab source names beyond this many share "other"
+MAX_SOURCES = 200
+_sources: set[str] = set()
+
+
+def source_label(source: str) -> str:
+    if source in _sources:
+        return source
+    if len(_sources) < MAX_SOURCES:
+        _sources.add(source)
+        return source
+    return "other"

@@ -1,0 +1,191 @@
+"""Alerts (JSON on the ``alerts`` topic, keyed by patient) and the actions people take on them.
+
+One :class:`Alert` is one episode of one problem (patient + rule + dedupe key). Every change
+produces a new ``version``; sinks use ``alert_id:version`` as their idempotency key. The
+``notify`` flag says whether *this* version should page someone.
+
+``pseudonym`` is a short HMAC of the alert id under a configured secret: it lets a pager,
+Alertmanager or a chat message refer to the alert without revealing the patient.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from schemas.findings import Evidence, ProtocolRef, Severity
+
+__all__ = [
+    "AlertStatus", "OPEN_STATUSES", "CLOSED_STATUSES", "AlertText", "HistoryEntry", "Alert",
+    "ActionKind", "Role", "AlertAction", "make_alert_id", "make_pseudonym",
+]
+
+
+class AlertStatus(StrEnum):
+    FIRING = "firing"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    RETRACTED = "retracted"
+
+
+OPEN_STATUSES = frozenset({AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED})
+CLOSED_STATUSES = frozenset({AlertStatus.RESOLVED, AlertStatus.RETRACTED})
+
+
+def make_alert_id(patient_id: str, rule_id: str, dedupe_key: str, episode: int) -> str:
+    """Deterministic alert id: 32 hex chars of sha256(patient, rule, dedupe key, episode)."""
+    raw = "\x1f".join([patient_id, rule_id, dedupe_key or "", str(int(episode))])
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+
+
+def make_pseudonym(alert_id: str, secret: bytes | str, length: int = 12) -> str:
+    """Short pseudonymous reference: HMAC-SHA256(secret, alert_id), hex, ``length`` chars.
+
+    Without the secret it cannot be linked back to the alert id (and the alert id is itself
+    a hash, so neither reveals the patient id).
+    """
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return "a-" + hmac.new(key, alert_id.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+
+class AlertText(BaseModel):
+    """What the nurse reads: what happened, why it matters, what the protocol says to do."""
+
+    what: str
+    why: str
+    action: str
+
+
+class HistoryEntry(BaseModel):
+    at: AwareDatetime
+    #: a person ("nurse:jdoe"), or "system" for automatic transitions
+    by: str
+    #: opened, updated, severity_raised, severity_lowered, acknowledged, resolved, retracted,
+    #: escalated, silenced, silence_expired, silence_lifted, inhibited, uninhibited, note,
+    #: reopened, stale_ignored
+    action: str
+    from_status: AlertStatus | None = None
+    to_status: AlertStatus | None = None
+    severity: Severity | None = None
+    role: str | None = None
+    #: escalation level after this entry (index into route tiers; len(tiers) = failsafe)
+    tier: int | None = None
+    note: str | None = None
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    alert_id: str
+    patient_id: str
+    rule_id: str
+    dedupe_key: str = ""
+    episode: int = Field(ge=1)
+    #: effective severity: a finding without one is recorded as critical (fail safe)
+    severity: Severity
+    grade: int | None = None
+    status: AlertStatus = AlertStatus.FIRING
+    #: status of the previous version (None for the first version): lets sinks see transitions
+    previous_status: AlertStatus | None = None
+    protocol: ProtocolRef
+    evidence: list[Evidence] = Field(default_factory=list)
+    opened_at: AwareDatetime
+    updated_at: AwareDatetime
+    #: event time of the newest finding applied (an older finding never overrides a newer one)
+    effective_at: AwareDatetime
+    closed_at: AwareDatetime | None = None
+    #: the route (a RouteSpec dumped to a dict) copied when the alert opened
+    route: dict[str, Any]
+    #: escalation level: index into ``route["tiers"]``; ``len(tiers)`` means the failsafe
+    escalation_tier: int = 0
+    #: when the current level is entered: the base of its timeout
+    tier_entered_at: AwareDatetime | None = None
+    next_escalation_at: AwareDatetime | None = None
+    history: list[HistoryEntry] = Field(default_factory=list)
+    text: AlertText
+    version: int = Field(default=1, ge=1)
+    #: whether this version should page (a paging sink delivers ``notify`` versions and
+    #: status transitions)
+    notify: bool = False
+    #: the kinds of change that produced this version (history actions of this version)
+    changes: list[str] = Field(default_factory=list)
+    inhibited_by: str | None = None
+    silenced_until: AwareDatetime | None = None
+    silence_reason: str | None = None
+    ward: str | None = None
+    care_team: str | None = None
+    pseudonym: str
+    #: finding ids applied to this alert (dedupe of replayed findings), newest last, bounded
+    finding_ids: list[str] = Field(default_factory=list)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    @property
+    def status_changed(self) -> bool:
+        return self.previous_status is not None and self.previous_status != self.status
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.alert_id}:{self.version}"
+
+    def current_recipients(self) -> list[str]:
+        tiers = self.route.get("tiers", [])
+        if self.escalation_tier < len(tiers):
+            return list(tiers[self.escalation_tier].get("recipients", []))
+        return list(self.route.get("failsafe", {}).get("recipients", []))
+
+    def public_dict(self, include_patient_id: bool = False) -> dict[str, Any]:
+        """JSON-ready dict for external sinks; without ``patient_id`` unless asked."""
+        data = self.model_dump(mode="json")
+        if not include_patient_id:
+            data.pop("patient_id", None)
+        return data
+
+
+class ActionKind(StrEnum):
+    ACKNOWLEDGE = "acknowledge"
+    RESOLVE = "resolve"
+    SILENCE = "silence"
+    NOTE = "note"
+    ESCALATE = "escalate"
+
+
+class Role(StrEnum):
+    NURSE = "nurse"
+    PHYSICIAN = "physician"
+    ADMIN = "admin"
+
+
+class AlertAction(BaseModel):
+    """One action on one alert (topic ``alert-actions``, keyed by patient; and the HTTP API)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    action: ActionKind
+    alert_id: str = Field(min_length=1)
+    patient_id: str | None = None
+    by: str = Field(min_length=1)
+    role: Role
+    at: AwareDatetime
+    reason: str | None = None
+    #: required for ``silence``: when the silence expires
+    until: AwareDatetime | None = None
+    #: optional client-chosen id so a replayed action is applied once
+    action_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlertAction":
+        if self.action == ActionKind.SILENCE:
+            if self.until is None:
+                raise ValueError("a silence needs an expiry ('until')")
+            if not (self.reason and self.reason.strip()):
+                raise ValueError("a silence needs a reason")
+        if self.action == ActionKind.NOTE and not (self.reason and self.reason.strip()):
+            raise ValueError("a note needs text ('reason')")
+        return self
+

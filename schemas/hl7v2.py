@@ -1,0 +1,491 @@
+"""HL7 v2.x ORU^R01 -> canonical observations, and ACK building for the MLLP listener.
+
+Parsed with the ``hl7`` package after normalising the text: MLLP framing bytes are
+stripped and ``\\r\\n`` / ``\\n`` segment separators become ``\\r`` (``hl7`` silently
+reads a ``\\n``-separated message as ONE segment). Every observation is built with
+:func:`schemas.ingest.build_observation`.
+
+Decisions:
+
+* **Message**: MSH-9 must be ``ORU^R01`` (else ``hl7_unsupported_message``); one
+  message per call (a second MSH, or FHS/BHS batch envelopes: ``hl7_invalid``).
+  Several PID and OBR groups are fine: each OBX belongs to the PID and OBR above it.
+* **Patient**: PID-3, first repetition, component 1 (``hl7_no_patient`` if empty).
+* **Code**: OBX-3 with coding system ``LN`` in component 3, else the alternate code in
+  components 4-6. A numeric OBX (NM/SN) without any LN code is rejected
+  (``hl7_not_loinc``): it might be an analyte we monitor under a local code. A
+  *non-numeric* OBX (TX, FT, ST, CWE, CE...) without LN is skipped (comments,
+  morphology text). An LN code in no value set is skipped (an identified analyte
+  this service has no value set for, e.g. the erythrocyte count of a CBC) -- but a
+  message that yields no observation at all is rejected with the first skip reason
+  (``unknown_loinc`` / ``hl7_not_loinc``), as a single JSON result would be. A code in
+  the value sets sent with a value type other than NM/SN is ``hl7_bad_value``.
+* **Value**: NM -> the number; SN -> ``^182`` or ``=^182`` is 182. A comparator
+  (``<^5``, ``>^100``, ``<=``, ``>=``) or an NM value like ``<5`` is a detection-limit
+  bound, rejected with ``censored_value``: the canonical observation has no comparator
+  field and recording the bound as the value would misstate it. SN ranges/ratios
+  (``1^-^5``, ``1^:^128``) and non-numbers are ``hl7_bad_value``. An empty value is
+  allowed only for a withdrawal (X/D/W).
+* **Units**: OBX-6 component 1, converted through the analyte tables (aliases such as
+  ``mg/dl`` are listed there).
+* **Reference range** (OBX-7): ``10-40``, ``3.5 - 5.0``, ``4.3 to 6.2``, ``<5`` (high 5),
+  ``>10`` (low 10), also ``<=``/``>=`` and negative numbers. Anything else (free text
+  such as ``Recommended: <200; ...``) is dropped, not rejected: the range is context,
+  the protocol's thresholds drive the rules.
+* **Abnormal flag**: OBX-8, first repetition, kept as sent (H, L, HH, LL, N, A...).
+* **Status** (OBX-11): F->final, C->corrected, P->preliminary, R (entered, not
+  verified)->preliminary, S (partial)->preliminary, A (amended)->amended, U (status
+  changed to final without retransmission)->final, X (result cannot be
+  obtained)->cancelled, D (delete)->entered-in-error, W (wrong, e.g. wrong
+  patient)->entered-in-error. I (pending), N (not asked), O (order detail only) carry
+  no result: the OBX is skipped. Empty or anything else: ``hl7_bad_value``.
+* **Ids**: ``observation_id`` = ``event_id`` = ``<OBR-3 filler order number>:<LOINC>``
+  (else OBR-2 placer order number; else ``<MSH-10>:<OBX-1>``, which is NOT stable
+  across corrections). A C/D/W result for the same order and code therefore names the
+  same observation id as the original, which the canonical model treats as replaced
+  or withdrawn (``corrects`` stays ``None``). The same code twice in one order is
+  ``hl7_invalid``.
+* **Time**: OBX-14, else OBR-7. ``YYYYMMDDHH[MM[SS[.S...]]][+/-ZZZZ]``. Without an
+  offset the time is naive: ``naive_timestamp`` unless ``default_tz`` is given, in
+  which case the local time is read in that zone. A date without time of day is
+  ``naive_timestamp`` too. A malformed timestamp or no time at all is ``hl7_bad_value``.
+* **Source**: MSH-4 (sending facility) component 1, else MSH-3, else ``hl7``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone, tzinfo
+
+from .analytes import catalogue
+from .errors import Reason, Rejected
+from .events import Observation, ReferenceRange, ResultStatus
+
+log = logging.getLogger(__name__)
+
+START_BLOCK = "\x0b"
+END_BLOCK = "\x1c"
+
+#: OBX-11 -> canonical status; ``None`` = the OBX carries no result and is skipped.
+STATUS_MAP: dict[str, ResultStatus | None] = {
+    "F": ResultStatus.FINAL,
+    "C": ResultStatus.CORRECTED,
+    "P": ResultStatus.PRELIMINARY,
+    "R": ResultStatus.PRELIMINARY,
+    "S": ResultStatus.PRELIMINARY,
+    "A": ResultStatus.AMENDED,
+    "U": ResultStatus.FINAL,
+    "X": ResultStatus.CANCELLED,
+    "D": ResultStatus.ENTERED_IN_ERROR,
+    "W": ResultStatus.ENTERED_IN_ERROR,
+    "I": None,
+    "N": None,
+    "O": None,
+}
+
+NUMERIC_TYPES = frozenset({"NM", "SN"})
+
+_TS = re.compile(
+    r"^(?P<y>\d{4})(?P<mo>\d{2})(?P<d>\d{2})"
+    r"(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?"
+    r"(?P<tz>[+-]\d{4})?$"
+)
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMBER = re.compile(rf"^{_NUM}$")
+_RANGE = re.compile(rf"^\s*({_NUM})\s*(?:-|to|TO|\u2013)\s*({_NUM})\s*$")
+_BOUND = re.compile(rf"^\s*(<=|>=|<|>)\s*({_NUM})\s*$")
+_CENSORED = re.compile(rf"^\s*(<=|>=|<|>)\s*{_NUM}\s*$")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    ref: str
+    reason: Reason
+    message: str
+
+
+@dataclass
+class Hl7Result:
+    observations: list[Observation] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    control_id: str = ""
+
+
+# ---------------------------------------------------------------- text handling
+
+
+def normalise(text: str) -> str:
+    """Strip MLLP framing and make ``\\r`` the only segment separator."""
+    t = text
+    start = t.find(START_BLOCK)
+    if start != -1 and not t[:start].strip():
+        t = t[start + 1 :]
+    end = t.rfind(END_BLOCK)
+    if end != -1 and not t[end + 1 :].strip():
+        t = t[:end]
+    t = t.replace("\r\n", "\r").replace("\n", "\r")
+    segments = [s for s in t.split("\r") if s.strip()]
+    return "\r".join(segments) + "\r" if segments else ""
+
+
+def _part(seg, f: int, r: int = 1, c: int = 1, s: int = 1) -> str:
+    """Field ``f``, repetition ``r``, component ``c``, sub-component ``s`` as text ('' if absent)."""
+    try:
+        x = seg[f]
+    except IndexError:
+        return ""
+    for idx in (r, c, s):
+        if isinstance(x, str):
+            return x.strip() if idx == 1 else ""
+        try:
+            x = x[idx - 1]
+        except IndexError:
+            return ""
+    return (x if isinstance(x, str) else str(x)).strip()
+
+
+def _field(seg, f: int) -> str:
+    try:
+        return str(seg[f]).strip()
+    except IndexError:
+        return ""
+
+
+def _repetitions(seg, f: int) -> int:
+    try:
+        x = seg[f]
+    except IndexError:
+        return 0
+    if isinstance(x, str):
+        return 1 if x else 0
+    # hl7.Field holds repetitions
+    return len(x)
+
+
+def parse_message(text: str):
+    """Normalise and parse with the ``hl7`` package. Raises ``Rejected(HL7_INVALID)``."""
+    import hl7
+
+    t = normalise(text)
+    if not t.startswith("MSH"):
+        raise Rejected(Reason.HL7_INVALID, "message does not start with an MSH segment")
+    if len(t) < 8:
+        raise Rejected(Reason.HL7_INVALID, "MSH segment too short")
+    try:
+        return hl7.parse(t)
+    except Exception as exc:
+        raise Rejected(Reason.HL7_INVALID, f"unparseable HL7 v2 message ({type(exc).__name__})") from None
+
+
+def parse_ts(raw: str, default_tz: tzinfo | None, what: str) -> datetime:
+    m = _TS.match(raw.strip())
+    if not m:
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{what} {raw[:30]!r} is not an HL7 timestamp YYYYMMDDHHMM[SS][+/-ZZZZ]")
+    g = m.groupdict()
+    if g["h"] is None:
+        raise Rejected(Reason.NAIVE_TIMESTAMP, f"{what} {raw[:30]!r} is a date without time of day")
+    try:
+        frac = g["f"] or ""
+        dt = datetime(
+            int(g["y"]), int(g["mo"]), int(g["d"]), int(g["h"]), int(g["mi"] or 0), int(g["s"] or 0),
+            int((frac + "000000")[:6]) if frac else 0,
+        )
+        if g["tz"]:
+            sign = 1 if g["tz"][0] == "+" else -1
+            hh, mm = int(g["tz"][1:3]), int(g["tz"][3:5])
+            if hh > 23 or mm > 59:
+                raise ValueError("offset")
+            return dt.replace(tzinfo=timezone(sign * timedelta(hours=hh, minutes=mm)))
+    except ValueError:
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{what} {raw[:30]!r} is not a valid date/time") from None
+    if default_tz is None:
+        raise Rejected(
+            Reason.NAIVE_TIMESTAMP,
+            f"{what} {raw[:30]!r} has no UTC offset (send +/-ZZZZ or configure a default time zone)",
+        )
+    return dt.replace(tzinfo=default_tz)
+
+
+def _number(raw: str, where: str) -> float:
+    if not _NUMBER.match(raw.strip()):
+        if _CENSORED.match(raw):
+            raise Rejected(Reason.CENSORED_VALUE, f"{where}: value {raw[:20]!r} is a detection-limit bound, not a value")
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: value {raw[:20]!r} is not a number")
+    v = float(raw)
+    if not math.isfinite(v):
+        raise Rejected(Reason.NON_FINITE_VALUE, f"{where}: value is not finite")
+    return v
+
+
+def _value(obx, vtype: str, where: str) -> float | None:
+    if _repetitions(obx, 5) > 1:
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: OBX-5 repeats; one numeric value expected")
+    if vtype == "NM":
+        raw = _field(obx, 5)
+        return None if raw == "" else _number(raw, where)
+    # SN: <comparator>^<num1>^<separator/suffix>^<num2>
+    comparator = _part(obx, 5, 1, 1)
+    num1 = _part(obx, 5, 1, 2)
+    sep = _part(obx, 5, 1, 3)
+    num2 = _part(obx, 5, 1, 4)
+    if not (comparator or num1 or sep or num2):
+        return None
+    if sep or num2:
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN range or ratio is not a single value")
+    if comparator in ("<", ">", "<=", ">="):
+        raise Rejected(
+            Reason.CENSORED_VALUE, f"{where}: SN comparator {comparator!r} is a detection-limit bound, not a value"
+        )
+    if comparator not in ("", "="):
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN comparator {comparator[:4]!r} is not supported")
+    if num1 == "":
+        raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN without a number")
+    return _number(num1, where)
+
+
+def parse_range(raw: str) -> ReferenceRange | None:
+    """OBX-7 -> reference range; ``None`` when absent or not a plain range."""
+    raw = (raw or "").strip()
+    if not raw:
+        return None
+    m = _RANGE.match(raw)
+    if m:
+        low, high = float(m.group(1)), float(m.group(2))
+        if math.isfinite(low) and math.isfinite(high) and low <= high:
+            return ReferenceRange(low=low, high=high)
+        return None
+    m = _BOUND.match(raw)
+    if m:
+        v = float(m.group(2))
+        if not math.isfinite(v):
+            return None
+        return ReferenceRange(high=v) if m.group(1).startswith("<") else ReferenceRange(low=v)
+    return None
+
+
+def _loinc(obx) -> str | None:
+    if _part(obx, 3, 1, 3).upper() == "LN" and _part(obx, 3, 1, 1):
+        return _part(obx, 3, 1, 1)
+    if _part(obx, 3, 1, 6).upper() == "LN" and _part(obx, 3, 1, 4):
+        return _part(obx, 3, 1, 4)
+    return None
+
+
+# ---------------------------------------------------------------- ORU^R01
+
+
+def observations_from_hl7(
+    text: str,
+    *,
+    received_at: datetime,
+    limits=None,
+    default_tz: tzinfo | None = None,
+    source: str | None = None,
+) -> list[Observation]:
+    """An ORU^R01 message -> canonical observations. Raises ``Rejected``."""
+    return parse_oru(text, received_at=received_at, limits=limits, default_tz=default_tz, source=source).observations
+
+
+def parse_oru(
+    text: str,
+    *,
+    received_at: datetime,
+    limits=None,
+    default_tz: tzinfo | None = None,
+    source: str | None = None,
+) -> Hl7Result:
+    """Like :func:`observations_from_hl7` but also reports skipped OBX segments."""
+    from .ingest import DEFAULT_LIMITS
+
+    limits = limits or DEFAULT_LIMITS
+    try:
+        return _oru(text, received_at, limits, default_tz, source)
+    except Rejected:
+        raise
+    except Exception as exc:  # never let anything but Rejected escape
+        raise Rejected(Reason.HL7_INVALID, f"unexpected {type(exc).__name__} while reading HL7 v2") from None
+
+
+def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, source: str | None) -> Hl7Result:
+    from .ingest import build_observation
+
+    if not isinstance(text, str):
+        raise Rejected(Reason.HL7_INVALID, "HL7 v2 message must be text")
+    msg = parse_message(text)
+    msh = msg.segment("MSH")
+    mtype, trigger = _part(msh, 9, 1, 1).upper(), _part(msh, 9, 1, 2).upper()
+    if (mtype, trigger) != ("ORU", "R01"):
+        raise Rejected(
+            Reason.HL7_UNSUPPORTED_MESSAGE, f"message type {mtype[:8]}^{trigger[:8]} is not supported (ORU^R01 only)"
+        )
+    control_id = _part(msh, 10)
+    src = source or _part(msh, 4) or _part(msh, 3) or "hl7"
+    out = Hl7Result(control_id=control_id)
+    cat = catalogue()
+
+    patient_id: str | None = None
+    order_id: str | None = None
+    obr_time: str = ""
+    seen_pid = False
+    n_obx = 0
+    ids: set[str] = set()
+
+    for index, seg in enumerate(msg):
+        name = str(seg[0]).strip()
+        if name == "MSH" and index > 0:
+            raise Rejected(Reason.HL7_INVALID, "more than one MSH segment: send one message per frame")
+        if name in ("FHS", "BHS", "BTS", "FTS"):
+            raise Rejected(Reason.HL7_INVALID, f"{name}: batch envelopes are not supported")
+        if name == "PID":
+            seen_pid = True
+            patient_id = _part(seg, 3, 1, 1) or None
+            order_id, obr_time = None, ""
+            if patient_id is None:
+                raise Rejected(Reason.HL7_NO_PATIENT, "PID-3 (patient identifier list) is empty")
+        elif name == "OBR":
+            order_id = _part(seg, 3, 1, 1) or _part(seg, 2, 1, 1) or None
+            obr_time = _part(seg, 7, 1, 1)
+            if not order_id:
+                order_id = None
+            obr_set = _part(seg, 1) or str(index)
+            if order_id is None:
+                order_id = f"{control_id or 'msg'}:{obr_set}"
+                log.debug("hl7: OBR without filler/placer order number; ids fall back to MSH-10")
+        elif name == "OBX":
+            n_obx += 1
+            if not seen_pid or patient_id is None:
+                raise Rejected(Reason.HL7_NO_PATIENT, "OBX before any PID segment")
+            if order_id is None:
+                raise Rejected(Reason.HL7_INVALID, "OBX before any OBR segment")
+            set_id = _part(seg, 1) or str(n_obx)
+            where = f"OBX-{set_id}"
+            vtype = _part(seg, 2).upper()
+            loinc = _loinc(seg)
+            ref = f"{order_id}:{loinc or set_id}"
+
+            def skip(reason: Reason, message: str) -> None:
+                log.debug("hl7: skipped an OBX (%s)", reason.value)
+                out.skipped.append(Skipped(ref, reason, message))
+
+            status_code = _part(seg, 11).upper()
+            if status_code not in STATUS_MAP:
+                raise Rejected(
+                    Reason.HL7_BAD_VALUE, f"{where}: result status OBX-11 {status_code[:4]!r} is not supported"
+                )
+            status = STATUS_MAP[status_code]
+            if loinc is None:
+                if vtype in NUMERIC_TYPES:
+                    raise Rejected(
+                        Reason.HL7_NOT_LOINC,
+                        f"{where}: numeric result without a LOINC (LN) code in OBX-3 components 1-3 or 4-6",
+                    )
+                skip(Reason.HL7_NOT_LOINC, f"{where}: non-numeric result without a LOINC code")
+                continue
+            analyte = cat.by_loinc.get(loinc)
+            if analyte is None:
+                skip(Reason.UNKNOWN_LOINC, f"LOINC code {loinc!r} is not in any value set")
+                continue
+            if status is None:
+                skip(Reason.HL7_BAD_VALUE, f"{where}: status {status_code!r} carries no result")
+                continue
+            if vtype not in NUMERIC_TYPES:
+                raise Rejected(
+                    Reason.HL7_BAD_VALUE, f"{where}: value type {vtype[:4]!r} for {analyte.key}; NM or SN expected"
+                )
+            value = _value(seg, vtype, where)
+            unit = _part(seg, 6, 1, 1) or None
+            ts_raw = _part(seg, 14, 1, 1) or obr_time
+            if not ts_raw:
+                raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: no observation time in OBX-14 or OBR-7")
+            effective_at = parse_ts(ts_raw, default_tz, f"{where} time")
+            flag = _part(seg, 8, 1, 1) or None
+            if flag is not None and len(flag) > 8:
+                flag = None
+            oid = f"{order_id}:{loinc}"
+            if oid in ids:
+                raise Rejected(Reason.HL7_INVALID, f"{where}: LOINC {loinc} reported twice for the same order")
+            ids.add(oid)
+            out.observations.append(
+                build_observation(
+                    observation_id=oid, event_id=oid, patient_id=patient_id, loinc=loinc, value=value,
+                    unit=unit, reference_range=parse_range(_field(seg, 7)), effective_at=effective_at,
+                    status=status, corrects=None, source=src[:128], fmt="hl7", received_at=received_at,
+                    limits=limits, abnormal_flag=flag,
+                )
+            )
+    if not seen_pid:
+        raise Rejected(Reason.HL7_NO_PATIENT, "no PID segment")
+    if n_obx == 0:
+        raise Rejected(Reason.HL7_INVALID, "no OBX segment")
+    if not out.observations:
+        first = out.skipped[0]
+        more = f" (and {len(out.skipped) - 1} more skipped)" if len(out.skipped) > 1 else ""
+        raise Rejected(first.reason, first.message + more)
+    return out
+
+
+# ---------------------------------------------------------------- ACKs
+
+#: Rejection reason -> HL7 table 0357 message error condition code.
+_ERR_CODES = {
+    Reason.HL7_UNSUPPORTED_MESSAGE: ("200", "Unsupported message type"),
+    Reason.HL7_NO_PATIENT: ("101", "Required field missing"),
+    Reason.HL7_INVALID: ("100", "Segment sequence error"),
+}
+_DEFAULT_ERR = ("102", "Data type error")
+_INTERNAL_ERR = ("207", "Application internal error")
+
+
+def escape(text: str) -> str:
+    """Escape HL7 delimiters (default encoding characters) and flatten line breaks."""
+    out = (
+        text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+        .replace("&", "\\T\\").replace("~", "\\R\\")
+    )
+    return " ".join(out.split())
+
+
+def build_ack(
+    message_text: str | bytes,
+    code: str,
+    error_text: str = "",
+    *,
+    reason: Reason | None = None,
+) -> bytes:
+    """An ACK for ``message_text`` (``AA``/``AE``/``AR``), MLLP framing NOT included.
+
+    MSA-3 carries ``error_text`` (escaped, at most 80 characters as in v2.x); for AE/AR
+    an ERR segment carries the HL7 table 0357 code and the full text in ERR-8. When
+    the message cannot be parsed at all a minimal ACK with an empty MSA-2 is built.
+    """
+    if code not in ("AA", "AE", "AR"):
+        raise ValueError(f"ack code {code!r}")
+    if isinstance(message_text, bytes):
+        try:
+            message_text = message_text.decode("utf-8")
+        except UnicodeDecodeError:
+            message_text = message_text.decode("latin-1")
+    text = escape(error_text or "")
+    try:
+        msg = parse_message(message_text)
+        ack = msg.create_ack(code, message_id=uuid.uuid4().hex[:20])
+        ack_text = str(ack).rstrip("\r")
+        control_id = _part(msg.segment("MSH"), 10)
+    except Exception:
+        ts = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+        ack_text = f"MSH|^~\\&|||||{ts}||ACK|{uuid.uuid4().hex[:20]}|P|2.5\rMSA|{code}|"
+        control_id = ""
+    segments = ack_text.split("\r")
+    msa_index = next(i for i, s in enumerate(segments) if s.startswith("MSA"))
+    msa = f"MSA|{code}|{escape(control_id)}"
+    if text:
+        msa += f"|{text[:80]}"
+    segments[msa_index] = msa
+    if code != "AA":
+        err_code, err_name = _ERR_CODES.get(reason, _INTERNAL_ERR if reason is None else _DEFAULT_ERR)
+        severity = "E"
+        segments.append(f"ERR|||{err_code}^{err_name}^HL70357|{severity}||||{text[:250]}")
+    return ("\r".join(segments) + "\r").encode("utf-8")

@@ -1,0 +1,77 @@
+"""Shared fixtures: a real Apache Kafka broker for the session, per-test topics, workers."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    from kafka_broker import ensure_broker
+
+    broker = ensure_broker()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap):
+    """Create uniquely named topics; delete them (and any topic with the same prefix) after."""
+    from kafka_broker import create_topics, delete_topics
+
+    created: list[str] = []
+    prefixes: list[str] = []
+
+    def make(*names: str, partitions: int = 3, prefix: str | None = None) -> dict[str, str]:
+        prefix = prefix or f"t{uuid.uuid4().hex[:10]}"
+        prefixes.append(prefix)
+        full = {n: f"{prefix}.{n}" for n in names}
+        create_topics(kafka_bootstrap, list(full.values()), partitions=partitions)
+        created.extend(full.values())
+        return full
+
+    yield make
+    from kafka.admin import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            existing = admin.list_topics()
+        finally:
+            admin.close()
+        extra = [t for t in existing if any(t.startswith(p) for p in prefixes)]
+        delete_topics(kafka_bootstrap, sorted(set(created) | set(extra)))
+    except Exception as exc:  # cleanup must not mask the test result
+        print(f"topic cleanup failed: {exc}", file=sys.stderr)
+
+
+@pytest.fixture
+def worker_factory(kafka_bootstrap, tmp_path):
+    """Start ``monitor worker`` processes on isolated topics; kill them all after the test."""
+    from workers import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def make(env: dict[str, str], name: str = "w") -> WorkerProcess:
+        wp = WorkerProcess(kafka_bootstrap, env, tmp_path / name)
+        wp.start()
+        started.append(wp)
+        return wp
+
+    yield make
+    for wp in started:
+        wp.stop()

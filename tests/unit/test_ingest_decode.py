@@ -1,0 +1,100 @@
+"""Pure ingest: decoding, validation reasons, panel fan-out, corrections."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from schemas.errors import Reason, Rejected
+from schemas.events import DoseEvent, ResultStatus, SteroidEvent
+from schemas.ingest import decode
+
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+T = "2026-10-30T08:00:00+01:00"
+
+
+def lab(**kw):
+    base = {"event_id": "e1", "patient_id": "p1", "loinc": "1742-6", "value": 50, "unit": "U/L",
+            "reference_range": {"low": 0, "high": 40}, "effective_at": T, "status": "final", "source": "lab"}
+    base.update(kw)
+    return json.dumps(base).encode()
+
+
+def reason_of(kind, raw):
+    with pytest.raises(Rejected) as ei:
+        decode(kind, raw, received_at=NOW)
+    return ei.value.reason
+
+
+def test_lab_result_becomes_one_canonical_observation():
+    [obs] = decode("lab-results", lab(), received_at=NOW)
+    assert obs.analyte == "alt" and obs.value == 50 and obs.unit == "U/L"
+    assert obs.reference_range.high == 40
+    assert obs.effective_at.utcoffset().total_seconds() == 3600
+    assert obs.observation_id == "e1" and obs.replaces is None
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"", Reason.EMPTY_PAYLOAD),
+        (b"{not json", Reason.MALFORMED_JSON),
+        (b"\xc3\x28", Reason.NOT_UTF8),
+        (b"[]", Reason.SCHEMA_INVALID),
+        (lab(value="x"), Reason.SCHEMA_INVALID),
+        (lab(effective_at="2026-10-30T08:00:00"), Reason.NAIVE_TIMESTAMP),
+        (lab(effective_at="2030-01-01T00:00:00+00:00"), Reason.FUTURE_TIMESTAMP),
+        (lab(loinc="12345-6"), Reason.UNKNOWN_LOINC),
+        (lab(unit="mg/dL"), Reason.UNIT_NOT_CONVERTIBLE),
+        (lab(unit=None), Reason.UNIT_NOT_CONVERTIBLE),
+        (lab(patient_id=""), Reason.EMPTY_ID),
+        (lab(event_id="   "), Reason.EMPTY_ID),
+        (lab(value=None), Reason.MISSING_VALUE),
+        (b'{"value": Infinity}', Reason.NON_FINITE_VALUE),
+        (lab(value=1e999), Reason.NON_FINITE_VALUE),
+        (b"[" * 10000 + b"]" * 10000, Reason.TOO_DEEP),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, Reason.TOO_DEEP),
+        (b"{" + b" " * 2_000_000 + b"}", Reason.PAYLOAD_TOO_LARGE),
+        (lab(reference_range={"low": 50, "high": 10}), Reason.SCHEMA_INVALID),
+    ],
+)
+def test_bad_lab_results_are_rejected_with_reason(raw, reason):
+    assert reason_of("lab-results", raw) == reason
+
+
+def test_panel_fans_out_and_corrections_name_results():
+    panel = {"event_id": "lf9", "patient_id": "p1", "effective_at": T, "source": "lab", "status": "corrected",
+             "corrects": "lf8",
+             "results": [{"loinc": "1742-6", "value": 0.5, "unit": "ukat/L"},
+                         {"loinc": "14631-6", "value": 34.2, "unit": "umol/L", "reference_range": {"high": 20.52}}]}
+    obs = decode("liver-function", json.dumps(panel).encode(), received_at=NOW)
+    assert [o.analyte for o in obs] == ["alt", "bilirubin_total"]
+    assert obs[0].value == pytest.approx(30.0)
+    assert obs[1].value == pytest.approx(2.0) and obs[1].reference_range.high == pytest.approx(1.2)
+    assert [o.replaces for o in obs] == ["lf8:alt", "lf8:bilirubin_total"]
+    assert all(o.status == ResultStatus.CORRECTED for o in obs)
+
+
+def test_panel_with_a_duplicate_analyte_is_rejected():
+    panel = {"event_id": "lf9", "patient_id": "p1", "effective_at": T,
+             "results": [{"loinc": "1742-6", "value": 1, "unit": "U/L"}, {"loinc": "76625-3", "value": 2, "unit": "U/L"}]}
+    assert reason_of("liver-function", json.dumps(panel).encode()) == Reason.SCHEMA_INVALID
+
+
+def test_entered_in_error_withdraws_same_id_without_value():
+    [obs] = decode("lab-results", lab(status="entered-in-error", value=None), received_at=NOW)
+    assert obs.value is None and obs.replaces == "e1"
+
+
+def test_treatments_decode_to_dose_and_steroid_events():
+    dose = {"type": "dose", "event_id": "d1", "patient_id": "p1", "product": "onasemnogene-abeparvovec-it",
+            "administered_at": T, "birth_date": "2015-04-01", "weight_kg": 31.5, "ward": "neuro", "care_team": "sma-team"}
+    steroid = {"type": "steroid", "event_id": "s1", "patient_id": "p1", "drug": "prednisolone",
+               "dose_mg_per_kg_day": 1.0, "phase": "full", "at": T}
+    assert isinstance(decode("treatments", json.dumps(dose).encode(), received_at=NOW), DoseEvent)
+    assert isinstance(decode("treatments", json.dumps(steroid).encode(), received_at=NOW), SteroidEvent)
+    bad = dict(dose, weight_kg=-1)
+    assert reason_of("treatments", json.dumps(bad).encode()) == Reason.SCHEMA_INVALID
+    naive = dict(steroid, at="2026-10-30T08:00:00")
+    assert reason_of("treatments", json.dumps(naive).encode()) == Reason.NAIVE_TIMESTAMP

@@ -1,0 +1,106 @@
+"""Run the real ``monitor worker`` as a subprocess for integration tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_TOPICS = {
+    "TOPIC_LAB_RESULTS": "lab-results",
+    "TOPIC_VITAL_SIGNS": "vital-signs",
+    "TOPIC_LIVER_FUNCTION": "liver-function",
+    "TOPIC_TREATMENTS": "treatments",
+    "TOPIC_OBSERVATIONS": "observations",
+    "TOPIC_DEAD_LETTER": "dead-letter",
+    "TOPIC_FINDINGS": "findings",
+    "TOPIC_ALERTS": "alerts",
+    "TOPIC_ALERT_ACTIONS": "alert-actions",
+    "TOPIC_TICKS": "patient-ticks",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, str]:
+    """Environment naming the test's topics (``topics`` maps short name -> real name)."""
+    env = {var: topics[short] for var, short in SERVICE_TOPICS.items() if short in topics}
+    env["MONITOR_APP_ID"] = app_id
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, bootstrap: str, env: dict[str, str], workdir: Path) -> None:
+        self.bootstrap = bootstrap
+        self.workdir = workdir
+        self.port = int(env.get("WEB_PORT") or free_port())
+        self.env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "WEB_PORT": str(self.port),
+                    "WEB_HOST": "127.0.0.1", "DATA_DIR": str(workdir / "data"), **env}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "worker.log"
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "worker"], cwd=ROOT, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.wait_ready(timeout)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                status, _ = self.get("/readyz", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()

@@ -266,9 +266,10 @@ class MllpServer:
             if end != -1:
                 block = bytes(buf[:end])
                 del buf[: end + len(END_FRAME)]
-                if kept is None:
+                if kept is None and len(block) <= limit:
                     start = block.find(START_BLOCK)
                     return (block[start + 1 :] if start != -1 else block), None
+                kept = kept if kept is not None else bytearray()
                 total += len(block)
                 if len(kept) < limit:
                     kept += block[: limit - len(kept)]

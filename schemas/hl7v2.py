@@ -468,7 +468,7 @@ def build_ack(
             message_text = message_text.decode("utf-8")
         except UnicodeDecodeError:
             message_text = message_text.decode("latin-1")
-    text = escape(error_text or "")
+    plain = " ".join((error_text or "").split())
     try:
         msg = parse_message(message_text)
         ack = msg.create_ack(code, message_id=uuid.uuid4().hex[:20])
@@ -481,11 +481,11 @@ def build_ack(
     segments = ack_text.split("\r")
     msa_index = next(i for i, s in enumerate(segments) if s.startswith("MSA"))
     msa = f"MSA|{code}|{escape(control_id)}"
-    if text:
-        msa += f"|{text[:80]}"
+    if plain:
+        msa += f"|{escape(plain[:80])}"
     segments[msa_index] = msa
     if code != "AA":
         err_code, err_name = _ERR_CODES.get(reason, _INTERNAL_ERR if reason is None else _DEFAULT_ERR)
         severity = "E"
-        segments.append(f"ERR|||{err_code}^{err_name}^HL70357|{severity}||||{text[:250]}")
+        segments.append(f"ERR|||{err_code}^{err_name}^HL70357|{severity}||||{escape(plain[:250])}")
     return ("\r".join(segments) + "\r").encode("utf-8")

@@ -54,14 +54,13 @@ import logging
 import random
 import time
 from bisect import insort
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import aiohttp
 
-from schemas.alert import Alert, AlertStatus, CLOSED_STATUSES
+from schemas.alert import Alert, CLOSED_STATUSES
 
 __all__ = [
     "DeliveryError", "Sink", "AlertmanagerSink", "WebhookSink", "sign_body", "DeliveryKey",
@@ -167,7 +166,8 @@ class AlertmanagerSink(_HttpSink):
         if self.include_text:
             annotations.update(summary=alert.text.what, description=alert.text.why, action=alert.text.action)
         if alert.status in CLOSED_STATUSES:
-            ends = alert.closed_at or alert.updated_at
+            # never in the future (Alertmanager would keep it active until then)
+            ends = min(alert.closed_at or alert.updated_at, now)
         else:
             ends = now + self.active_ttl
         item: dict[str, Any] = {

@@ -499,10 +499,13 @@ def load_protocol(path: str | Path) -> Protocol:
     return load_protocol_text(text)
 
 
-@lru_cache(maxsize=8)
 def default_protocol(product: str | Product) -> Protocol:
-    """The shipped protocol for ``product`` (``onasemnogene-abeparvovec-iv`` or ``-it``)."""
-    name = Product(product).value
+    """The shipped protocol for ``product`` (``onasemnogene-abeparvovec-iv`` or ``-it``), cached."""
+    return _default_protocol(Product(product).value)
+
+
+@lru_cache(maxsize=8)
+def _default_protocol(name: str) -> Protocol:
     text = resources.files("alerts").joinpath(f"protocols/{name}.yaml").read_text(encoding="utf-8")
     return load_protocol_text(text)
 

@@ -43,19 +43,10 @@ SEV_BY_RANK = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL
 DAY = 86400.0
 
 
-class Ev:
-    """One piece of evidence (turned into ``schemas.findings.Evidence`` only when emitted)."""
-
-    __slots__ = ("analyte", "entry", "limit", "op", "basis", "ref", "note")
-
-    def __init__(self, analyte, entry, limit=None, op=None, basis=None, ref=None, note=None):
-        self.analyte = analyte
-        self.entry = entry
-        self.limit = limit
-        self.op = op
-        self.basis = basis
-        self.ref = ref
-        self.note = note
+def Ev(analyte, entry, limit=None, op=None, basis=None, ref=None, note=None) -> tuple:
+    """One piece of evidence, a plain tuple (analyte, entry, limit, op, basis, ref, note);
+    turned into ``schemas.findings.Evidence`` only when a finding is emitted."""
+    return (analyte, entry, limit, op, basis, ref, note)
 
 
 class Hit:
@@ -70,7 +61,7 @@ class Hit:
         self.summary = summary
 
     def ids(self) -> str:
-        ids = [e.entry[2] for e in self.evidence if e.entry is not None]
+        ids = [e[1][2] for e in self.evidence if e[1] is not None]
         if self.extra:
             ids.append(self.extra)
         return " ".join(sorted(set(ids)))
@@ -235,13 +226,13 @@ class GradedRuleC(CRule):
                 if b.op(v, lim):
                     if evidence is None:
                         evidence = []
-                    evidence.append(Ev(a, e, lim, b.ops, basis, ref))
+                    evidence.append((a, e, lim, b.ops, basis, ref, None))
                     if b.rank > best_rank or (b.rank == best_rank and (b.grade or 0) > (best_grade or 0)):
                         best_rank, best_grade = b.rank, b.grade
                     break
         if evidence is None:
             return None
-        return Hit(best_rank, best_grade, evidence, max(ev.entry[0] for ev in evidence))
+        return Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
 
 
 class CCond:
@@ -287,23 +278,30 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
         lim = expr.value * ref
         ok = expr.op(e[1], lim)
         if ok and evidence is not None:
-            evidence.append(Ev(expr.analyte, e, lim, expr.ops, expr.basis, ref))
+            evidence.append((expr.analyte, e, lim, expr.ops, expr.basis, ref, None))
         return ok
     kind, members = expr
+    # evidence only from members that hold, so it never depends on evaluation path
     if kind == "all":
         res = True
+        local: list | None = [] if evidence is not None else None
         for m in members:
-            r = eval_expr(m, st, cp, since, evidence)
+            r = eval_expr(m, st, cp, since, local)
             if r is False:
                 return False
             if r is None:
                 res = None
+        if res is True and local:
+            evidence.extend(local)
         return res
     res = False
     for m in members:
-        r = eval_expr(m, st, cp, since, evidence)
+        local = [] if evidence is not None else None
+        r = eval_expr(m, st, cp, since, local)
         if r is True:
             res = True  # keep evaluating: every true member is evidence
+            if local:
+                evidence.extend(local)
         elif r is None and res is False:
             res = None
     return res
@@ -338,14 +336,14 @@ class CompositeRuleC(CRule):
             return None
         if self.unless is not None and eval_expr(self.unless, st, cp, since, None) is True:
             return None
-        # one item per observation (an analyte may satisfy two members)
+        # one item per observation (an analyte may satisfy two members: keep the first)
         seen, uniq = set(), []
         for ev in evidence:
-            k = (ev.entry[2], ev.limit)
+            k = ev[1][2]
             if k not in seen:
                 seen.add(k)
                 uniq.append(ev)
-        return Hit(self.rank, None, uniq, max(ev.entry[0] for ev in uniq))
+        return Hit(self.rank, None, uniq, max(ev[1][0] for ev in uniq))
 
 
 class DeltaRuleC(CRule):
@@ -383,27 +381,44 @@ class DeltaRuleC(CRule):
 
 
 class ScoreSystemC:
-    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank")
+    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank", "_by_age")
+
+    def items_for_age(self, age_m: float) -> list:
+        """[(item, cuts, on_oxygen_score)] for this age (cached per whole month)."""
+        key = int(age_m) if age_m >= 0 else -1
+        got = self._by_age.get(key)
+        if got is None:
+            got = []
+            for item, bands in self.items:
+                for b in bands:
+                    if b[0] <= age_m < b[1]:
+                        got.append((item, b[2], b[3]))
+                        break
+            self._by_age[key] = got
+        return got
 
     def __init__(self, s) -> None:
         self.name = s.name
         # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score)]
         self.items = [
-            (it.item, [(b.min_months, b.max_months, [(c.score, OPS[c.op], c.value) for c in b.cuts], b.on_oxygen_score)
+            (it.item, [(b.min_months, b.max_months,
+                        sorted(((c.score, OPS[c.op], c.value) for c in b.cuts), key=lambda c: -c[0]),
+                        b.on_oxygen_score)
                        for b in it.bands])
             for it in s.items
         ]
+        self._by_age: dict[int, list] = {}
         self.sev_bands = sorted(((b.min_score, b.severity.rank) for b in s.severity_bands), reverse=True)
         self.single_score = s.single_item_score
         self.single_rank = s.single_item_severity.rank if s.single_item_severity else None
 
 
 def _cut_score(cuts, v: float) -> int:
-    best = 0
+    """Cuts are sorted by score, highest first: the first that matches is the item score."""
     for score, op, value in cuts:
-        if score > best and op(v, value):
-            best = score
-    return best
+        if op(v, value):
+            return score
+    return 0
 
 
 class ScoreRuleC(CRule):
@@ -435,36 +450,32 @@ class ScoreRuleC(CRule):
         max_item = 0
         evidence: list[Ev] = []
         parts = []
-        for item, bands in sysm.items:
-            band = None
-            for b in bands:
-                if b[0] <= age_m < b[1]:
-                    band = b
-                    break
-            if band is None:
-                continue
+        for item, cuts, o2score in sysm.items_for_age(age_m):
             score = 0
             if item == "oxygen":
                 h = hist.get("o2_flow")
                 if h and h[-1][0] >= since:
-                    score = _cut_score(band[2], h[-1][1])
+                    score = _cut_score(cuts, h[-1][1])
                     if score:
-                        evidence.append(Ev("o2_flow", h[-1], basis=B_SCORE, note=f"{sysm.name} item score {score}"))
-                if band[3] and st.o2 is not None and st.o2[0] >= since and st.o2[1] and band[3] > score:
-                    score = band[3]
-                    evidence.append(Ev("oxygen", None, basis=B_SCORE, note=f"on oxygen: item score {score}"))
+                        evidence.append(("o2_flow", h[-1], None, None, B_SCORE, None, f"item score {score}"))
+                o2 = st.o2
+                if o2score and o2 is not None and o2[1] and o2[0] >= since and o2score > score:
+                    score = o2score
+                    evidence.append(("oxygen", None, None, None, B_SCORE, None, f"on oxygen: item score {score}"))
             else:
                 h = hist.get(item)
-                if not h or h[-1][0] < since:
+                if not h:
                     continue
                 e = h[-1]
-                score = _cut_score(band[2], e[1])
-                evidence.append(Ev(item, e, basis=B_SCORE, note=f"item score {score}"))
+                if e[0] < since:
+                    continue
+                score = _cut_score(cuts, e[1])
+                evidence.append((item, e, None, None, B_SCORE, None, score))
             if score:
                 parts.append(f"{item} {score}")
-            total += score
-            if score > max_item:
-                max_item = score
+                total += score
+                if score > max_item:
+                    max_item = score
         rank = -1
         for min_score, r in sysm.sev_bands:
             if total >= min_score:
@@ -474,7 +485,7 @@ class ScoreRuleC(CRule):
             rank = sysm.single_rank
         if rank < 0:
             return None
-        ev_t = max((ev.entry[0] for ev in evidence if ev.entry is not None), default=t)
+        ev_t = max((ev[1][0] for ev in evidence if ev[1] is not None), default=t)
         name = "NEWS2" if sysm is cp.news2 else "PEWS"
         return Hit(rank, None, evidence, ev_t, extra=f"{name}={total}",
                    summary=f"{name} {total} ({', '.join(parts) or 'no item scored'})")
@@ -505,7 +516,7 @@ class CompletionRuleC(CRule):
         # only results taken after dosing count towards "unremarkable"
         if eval_expr(self.when, st, cp, float(st.dose_at), evidence) is not True:
             return None
-        t = max((ev.entry[0] for ev in evidence), default=now)
+        t = max((ev[1][0] for ev in evidence), default=now)
         return Hit(self.rank, None, evidence, t)
 
 
@@ -630,8 +641,10 @@ class CompiledProtocol:
         self.units = {k: a.canonical_unit for k, a in cat.items()}
         self.kinds = {k: a.kind for k, a in cat.items()}
 
+        self.limits = {k: (self.vital_limit if kind == "vital" else self.lab_limit) for k, kind in self.kinds.items()}
+
     def history_limit(self, analyte: str) -> int:
-        return self.vital_limit if self.kinds.get(analyte) == "vital" else self.lab_limit
+        return self.limits.get(analyte, self.lab_limit)
 
 
 def compile_protocol(protocol: Protocol) -> CompiledProtocol:

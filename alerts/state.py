@@ -187,29 +187,42 @@ class PatientState:
 
     # -- serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"p": self.patient_id}
+        """Compact JSON-able form. Times are seconds relative to ``t0`` (the dose time, or
+        the first result); a reference range shared by an analyte's results is stored
+        once in ``r`` and entries of 3 items use it (5 items: their own range)."""
+        t0 = self.dose_at
+        if t0 is None:
+            t0 = min((h[0][0] for h in self.hist.values() if h), default=0)
+        d: dict[str, Any] = {"p": self.patient_id, "t0": t0}
         if self.product is not None:
-            d["pr"] = self.product
+            d["pr"] = _PRODUCT_CODE.get(self.product, self.product)
         if self.dose_at is not None:
-            d["d"] = self.dose_at
+            d["d"] = 1  # the dose time is t0
         if self.dose_id is not None:
             d["di"] = self.dose_id
         if self.birth is not None:
             d["b"] = self.birth
         if self.weight is not None:
-            d["w"] = self.weight
+            d["w"] = _num(self.weight)
         if self.ward is not None:
             d["wd"] = self.ward
         if self.care_team is not None:
             d["ct"] = self.care_team
         if self.steroid:
-            d["s"] = [list(s) for s in self.steroid]
+            d["s"] = [[s[0] - t0, s[1]] for s in self.steroid]
+        ranges: dict[str, list] = {}
+        for a, h in self.hist.items():
+            e = h[-1]
+            if e[3] is not None or e[4] is not None:
+                ranges[a] = [_num(e[3]), _num(e[4])]
+        if ranges:
+            d["r"] = ranges
         if self.hist:
-            d["h"] = {a: [_pack(e) for e in h] for a, h in self.hist.items()}
+            d["h"] = {a: [_pack(e, t0, ranges.get(a)) for e in h] for a, h in self.hist.items()}
         if self.base:
-            d["bl"] = {a: _pack(e) for a, e in self.base.items()}
+            d["bl"] = {a: _pack(e, t0, ranges.get(a)) for a, e in self.base.items()}
         if self.o2 is not None:
-            d["o2"] = list(self.o2)
+            d["o2"] = [self.o2[0] - t0, 1 if self.o2[1] else 0]
         if self.active:
             d["a"] = {k: list(v) for k, v in self.active.items()}
         return d
@@ -217,18 +230,21 @@ class PatientState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PatientState":
         s = cls(d["p"])
-        s.product = d.get("pr")
-        s.dose_at = d.get("d")
+        t0 = d.get("t0", 0)
+        pr = d.get("pr")
+        s.product = _PRODUCT_NAME.get(pr, pr) if pr is not None else None
+        s.dose_at = t0 if "d" in d else None
         s.dose_id = d.get("di")
         s.birth = d.get("b")
         s.weight = d.get("w")
         s.ward = d.get("wd")
         s.care_team = d.get("ct")
-        s.steroid = [list(x) for x in d.get("s", ())]
-        s.hist = {a: [_unpack(e) for e in h] for a, h in d.get("h", {}).items()}
-        s.base = {a: _unpack(e) for a, e in d.get("bl", {}).items()}
+        s.steroid = [[x[0] + t0, x[1]] for x in d.get("s", ())]
+        ranges = d.get("r", {})
+        s.hist = {a: [_unpack(e, t0, ranges.get(a)) for e in h] for a, h in d.get("h", {}).items()}
+        s.base = {a: _unpack(e, t0, ranges.get(a)) for a, e in d.get("bl", {}).items()}
         o2 = d.get("o2")
-        s.o2 = list(o2) if o2 is not None else None
+        s.o2 = [o2[0] + t0, bool(o2[1])] if o2 is not None else None
         s.active = {k: list(v) for k, v in d.get("a", {}).items()}
         return s
 
@@ -245,15 +261,24 @@ def _num(v: float | None):
     return int(v) if float(v).is_integer() and abs(v) < 1e15 else v
 
 
-def _pack(e: Entry) -> list:
-    out = [e[0], _num(e[1]), e[2]]
-    if e[3] is not None or e[4] is not None:
-        out.append(_num(e[3]))
-        out.append(_num(e[4]))
+_PRODUCT_CODE = {"onasemnogene-abeparvovec-iv": "iv", "onasemnogene-abeparvovec-it": "it"}
+_PRODUCT_NAME = {v: k for k, v in _PRODUCT_CODE.items()}
+
+
+def _pack(e: Entry, t0: int, shared: list | None) -> list:
+    out = [e[0] - t0, _num(e[1]), e[2]]
+    lo, hi = _num(e[3]), _num(e[4])
+    if shared is None:
+        if lo is not None or hi is not None:
+            out += [lo, hi]
+    elif [lo, hi] != shared:
+        out += [lo, hi]
     return out
 
 
-def _unpack(x: list) -> Entry:
+def _unpack(x: list, t0: int, shared: list | None) -> Entry:
     if len(x) >= 5:
-        return (x[0], x[1], x[2], x[3], x[4])
-    return (x[0], x[1], x[2], None, None)
+        return (x[0] + t0, x[1], x[2], x[3], x[4])
+    if shared is not None:
+        return (x[0] + t0, x[1], x[2], shared[0], shared[1])
+    return (x[0] + t0, x[1], x[2], None, None)

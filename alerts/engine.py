@@ -1,0 +1,332 @@
+"""The evaluation engine: observations and treatment events in, findings out (pure).
+
+``Engine`` MUTATES the ``PatientState`` it is given, in place, and returns the findings
+that changed. Persist ``state.to_dict()`` after each call.
+
+Findings
+- ``present``: the rule's condition holds. Emitted when it first holds and whenever its
+  severity, grade or evidence (observation ids) change.
+- ``cleared``: the rule was present and a newer evaluation finds it absent.
+- ``retracted``: the rule was present, and it became absent because a result it rested
+  on was corrected or entered in error / cancelled.
+Nothing is emitted when a re-evaluation gives the same outcome, so a replay of the same
+input gives no new findings, and a fresh replay gives the same findings (ids included).
+
+``finding_id`` is a hash of patient, rule, dedupe key, state, severity, grade and the
+evidence ids: deterministic, so processing the same input twice gives the same ids.
+``evaluated_at`` is the ``now`` passed in (wall clock), the only non-deterministic field.
+
+Patients without a dose event: results are stored (they become baselines) but no rule
+is evaluated, because the product, protocol, dose day and age are unknown. The dose
+event evaluates everything held so far.
+"""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Iterable, Mapping
+
+from schemas.events import (
+    REPLACING_STATUSES,
+    RETRACTING_STATUSES,
+    DoseEvent,
+    Observation,
+    ResultStatus,
+    SteroidEvent,
+)
+from schemas.findings import Evidence, Finding, FindingText, Severity
+
+from .protocol import Protocol, default_protocols
+from .rules import (
+    SEV_BY_RANK,
+    CompiledProtocol,
+    CRule,
+    Ev,
+    Hit,
+    compile_protocol,
+)
+from .state import PatientState, date_epoch, epoch, from_epoch
+
+OVERDUE_RULE = "schedule.overdue"
+_EMPTY: frozenset = frozenset()
+
+
+def finding_id(patient_id: str, rule_id: str, dedupe_key: str, state: str, rank: int, grade, ids: str) -> str:
+    raw = f"{patient_id}\x1f{rule_id}\x1f{dedupe_key}\x1f{state}\x1f{rank}\x1f{grade}\x1f{ids}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+class Engine:
+    """Evaluate observations, treatment events and the clock against versioned protocols.
+
+    ``protocols``: a ``Protocol``, an iterable of them, a mapping product -> Protocol, or
+    ``None`` for the shipped defaults. The patient's product (from the dose event) picks
+    the protocol.
+    """
+
+    def __init__(self, protocols: Protocol | Iterable[Protocol] | Mapping[str, Protocol] | None = None) -> None:
+        if protocols is None:
+            plist = default_protocols()
+        elif isinstance(protocols, Protocol):
+            plist = [protocols]
+        elif isinstance(protocols, Mapping):
+            plist = list(protocols.values())
+        else:
+            plist = list(protocols)
+        self.compiled: dict[str, CompiledProtocol] = {}
+        for p in plist:
+            cp = compile_protocol(p)
+            for prod in p.products:
+                self.compiled.setdefault(prod.value, cp)
+
+    def protocol_for(self, state: PatientState) -> CompiledProtocol | None:
+        if state.product is None:
+            return None
+        return self.compiled.get(state.product)
+
+    # -- inputs ------------------------------------------------------------------
+    def evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
+        """Place ``obs`` in ``state`` (by effective time) and return the findings that changed."""
+        if obs.patient_id != state.patient_id:
+            raise ValueError("observation is for another patient")
+        product = state.product
+        cp = self.compiled.get(product) if product is not None else None
+        status = obs.status
+        retract_ids: frozenset = _EMPTY
+        analyte = obs.analyte
+        analytes = [analyte]
+        if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
+            replaced = None
+        else:
+            replaced = obs.replaces
+        if status in RETRACTING_STATUSES:
+            rid = replaced or obs.observation_id
+            found = state.remove(rid, analyte)
+            analytes = found or [analyte]
+            retract_ids = frozenset((rid,))
+        else:
+            if replaced is not None:
+                found = state.remove(replaced, analyte)
+                retract_ids = frozenset((replaced,))
+                for a in found:
+                    if a not in analytes:
+                        analytes.append(a)
+            value = obs.value
+            if value is None:
+                return []
+            rr = obs.reference_range
+            t = int(round(obs.effective_at.timestamp()))
+            if rr is None:
+                entry = (t, value, obs.observation_id, None, None)
+            else:
+                entry = (t, value, obs.observation_id, rr.low, rr.high)
+            limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
+            state.insert(analyte, entry, limit)
+            on_oxygen = obs.on_oxygen
+            if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
+                state.o2 = [t, bool(on_oxygen)]
+        if cp is None or state.dose_at is None:
+            return []
+        out: list[Finding] = []
+        if len(analytes) == 1:
+            rules = cp.by_analyte.get(analytes[0], ())
+        else:
+            seen: dict[str, CRule] = {}
+            for a in analytes:
+                for r in cp.by_analyte.get(a, ()):
+                    seen.setdefault(r.id, r)
+            rules = tuple(seen.values())
+        for rule in rules:
+            self._diff(state, cp, rule, rule.id, rule.evaluate(state, cp), now, retract_ids, out)
+        # a result that arrives can settle an overdue finding or unsettle completion
+        if state.active:
+            nowt = now.timestamp()
+            for a in analytes:
+                for sched in cp.schedule_by_analyte.get(a, ()):
+                    key = f"{OVERDUE_RULE}|{sched.group}"
+                    if key in state.active:
+                        self._overdue_one(state, cp, sched, nowt, now, out)
+            comp = cp.completion
+            if comp is not None and comp.id in state.active and any(a in comp.analytes for a in analytes):
+                self._diff(state, cp, comp, comp.id, comp.evaluate_at(state, cp, nowt), now, retract_ids, out)
+        return out
+
+    def apply_treatment(self, state: PatientState, event: DoseEvent | SteroidEvent,
+                        now: datetime | None = None) -> list[Finding]:
+        """Record a dose or steroid-phase change and re-evaluate every rule."""
+        if event.patient_id != state.patient_id:
+            raise ValueError("event is for another patient")
+        if isinstance(event, DoseEvent):
+            state.product = event.product.value
+            state.dose_id = event.event_id
+            state.birth = date_epoch(event.birth_date)
+            state.weight = event.weight_kg
+            state.ward = event.ward
+            state.care_team = event.care_team
+            state.set_dose(epoch(event.administered_at))
+            when = event.administered_at
+        else:
+            state.add_steroid(epoch(event.at), event.phase.value)
+            when = event.at
+        return self.reevaluate(state, now or when)
+
+    def reevaluate(self, state: PatientState, now: datetime) -> list[Finding]:
+        """Evaluate every observation-driven rule against the current state."""
+        cp = self.protocol_for(state)
+        if cp is None or state.dose_at is None:
+            return []
+        out: list[Finding] = []
+        for rule in cp.obs_rules:
+            self._diff(state, cp, rule, rule.id, rule.evaluate(state, cp), now, frozenset(), out)
+        return out
+
+    def check_schedule(self, state: PatientState, now: datetime) -> list[Finding]:
+        """Clock-driven: overdue samples (``schedule.overdue``, one per schedule group) and
+        ``monitoring.complete``. Call from a timer; ``now`` is the clock, not an event time."""
+        cp = self.protocol_for(state)
+        if cp is None or state.dose_at is None:
+            return []
+        nowt = now.timestamp()
+        out: list[Finding] = []
+        comp = cp.completion
+        if comp is not None:
+            self._diff(state, cp, comp, comp.id, comp.evaluate_at(state, cp, nowt), now, frozenset(), out)
+        for sched in cp.schedules:
+            self._overdue_one(state, cp, sched, nowt, now, out)
+        return out
+
+    # -- internals ---------------------------------------------------------------
+    def _overdue_one(self, state, cp, sched, nowt: float, now: datetime, out: list) -> None:
+        rule = cp.overdue
+        if rule is None:
+            return
+        key = f"{OVERDUE_RULE}|{sched.group}"
+        hit = None
+        complete = cp.completion is not None and cp.completion.id in state.active
+        if not complete:
+            items = sched.overdue(state, nowt)
+            if items:
+                evidence = []
+                for a, e, deadline in items:
+                    note = f"due by {from_epoch(deadline).isoformat()}"
+                    if e is None:
+                        note = "no result since dosing; " + note
+                    evidence.append(Ev(a, e, None, None, "schedule", None, note))
+                extra = ",".join(f"{a}@{int(d)}" for a, _, d in items)
+                first = min(d for _, _, d in items)
+                hit = Hit(rule.rank, None, evidence, first, extra=extra,
+                          summary=f"{sched.group}: " + ", ".join(a for a, _, _ in items) + " overdue")
+        self._diff(state, cp, rule, key, hit, now, frozenset(), out, dedupe=sched.group)
+
+    def _diff(self, state: PatientState, cp: CompiledProtocol, rule: CRule, key: str, hit: Hit | None,
+              now: datetime, retract_ids: frozenset, out: list, dedupe: str = "") -> None:
+        prev = state.active.get(key)
+        if hit is None:
+            if prev is None:
+                return
+            del state.active[key]
+            prev_ids = prev[2].split(" ") if prev[2] else []
+            st = "retracted" if retract_ids and any(i in retract_ids for i in prev_ids) else "cleared"
+            out.append(self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now))
+            return
+        ids = hit.ids()
+        grade = hit.grade or 0
+        if prev is not None and prev[0] == hit.rank and prev[1] == grade and prev[2] == ids:
+            # same outcome; but a corrected value under the same id is news for the evidence
+            if not retract_ids or not any(i in retract_ids for i in ids.split(" ")):
+                return
+        state.active[key] = [hit.rank, grade, ids]
+        out.append(self._finding(state, cp, rule, dedupe, "present", hit.rank, hit.grade, hit, ids, now))
+
+    def _finding(self, state: PatientState, cp: CompiledProtocol, rule: CRule, dedupe: str, st: str,
+                 rank: int, grade, hit: Hit | None, ids: str, now: datetime) -> Finding:
+        units = cp.units
+        evidence: list[Evidence] = []
+        if hit is not None:
+            t = hit.t
+            for analyte, e, limit, op, basis, ref, note in hit.evidence:
+                unit = units.get(analyte)
+                mult = None
+                if ref not in (None, 0) and e is not None and basis not in ("absolute", "schedule", "score"):
+                    mult = round(e[1] / ref, 3)
+                evidence.append(Evidence(
+                    observation_id=None if e is None else e[2], analyte=analyte,
+                    value=None if e is None else e[1], unit=unit,
+                    effective_at=None if e is None else from_epoch(e[0]),
+                    limit=limit, limit_unit=unit if limit is not None else None,
+                    comparison=op, basis=basis, multiple=mult,
+                    note=note if note is None or isinstance(note, str) else f"item score {note}",
+                ))
+        else:
+            # cleared / retracted: show the newest result of each analyte the rule reads
+            t = None
+            for a in rule.analytes:
+                e = state.latest(a)
+                if e is not None:
+                    t = e[0] if t is None or e[0] > t else t
+                    evidence.append(Evidence(observation_id=e[2], analyte=a, value=e[1], unit=units.get(a),
+                                             effective_at=from_epoch(e[0]), note="newest result"))
+            if t is None or st == "retracted" or rule.kind in ("overdue", "completion"):
+                t = now.timestamp()
+        sev = SEV_BY_RANK[rank]
+        text = None
+        if rule.text is not None:
+            what = rule.text.what
+            summary = _summary(rule, hit, grade, units) if hit is not None else None
+            if st == "cleared":
+                what = f"Cleared: {rule.title}."
+            elif st == "retracted":
+                what = f"Retracted: {rule.title} (the result it rested on was corrected or withdrawn)."
+            elif summary:
+                what = f"{what} {summary}"
+            text = FindingText(what=what, why=rule.text.why, action=rule.text.action)
+        if st == "present":
+            # ids plus values: a corrected value under the same observation id is a new finding
+            basis_ids = ids + "|" + " ".join(sorted(f"{x.observation_id}={x.value}" for x in evidence))
+        else:
+            basis_ids = ids + "|" + " ".join(sorted(x.observation_id or "" for x in evidence))
+        fid = finding_id(state.patient_id, rule.id, dedupe, st, rank, grade or 0, basis_ids)
+        return Finding(
+            finding_id=fid,
+            patient_id=state.patient_id,
+            rule_id=rule.id,
+            dedupe_key=dedupe,
+            state=st,
+            severity=sev,
+            grade=grade,
+            evidence=evidence,
+            protocol=cp.ref,
+            effective_at=from_epoch(t),
+            evaluated_at=now,
+            route=rule.route,
+            text=text,
+            ward=state.ward,
+            care_team=state.care_team,
+            days_since_dose=None if state.dose_at is None else round((t - state.dose_at) / 86400.0, 2),
+        )
+
+
+_LABEL = {"uln": "x ULN", "lln": "x LLN", "baseline": "x baseline", "previous": "x previous"}
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _summary(rule: CRule, hit: Hit, grade, units: dict) -> str:
+    if hit.summary:
+        return hit.summary + "."
+    parts = []
+    for analyte, e, limit, op, basis, ref, note in hit.evidence:
+        if e is None:
+            continue
+        s = f"{analyte} {_fmt(e[1])} {units.get(analyte, '')}".rstrip()
+        if basis in _LABEL and ref:
+            s += f" = {e[1] / ref:.2f}{_LABEL[basis]}"
+        elif note:
+            s += f" ({note})"
+        parts.append(s)
+    out = "; ".join(parts)
+    if grade:
+        out += f" (CTCAE grade {grade})"
+    return out + "."

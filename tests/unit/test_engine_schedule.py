@@ -1,0 +1,117 @@
+"""Clock-driven findings: overdue samples and end of monitoring, with a controllable clock."""
+from __future__ import annotations
+
+from alerts.testkit import Sim, dose, obs, steroid
+
+IT = "onasemnogene-abeparvovec-it"
+LIVER = ("alt", "ast", "bilirubin_total")
+
+
+def liver(day, **kw):
+    return [obs(a, v, day, high=h) for a, v, h in (("alt", 30, 40), ("ast", 40, 60), ("bilirubin_total", 0.4, 1.2))]
+
+
+def full_panel(day):
+    return liver(day) + [obs("pt", 12, day, high=13.5), obs("platelets", 300, day, low=150),
+                         obs("troponin_i", 10, day, high=40)]
+
+
+def overdue(sim, group):
+    return sim.present().get(f"schedule.overdue|{group}")
+
+
+def test_overdue_is_driven_by_the_clock():
+    sim = Sim()
+    sim.feed([dose()] + full_panel(6))
+    # weekly in month 1 + 24 h grace: due by day 6 + 7 + 1 = 14
+    assert sim.clock(13.9) == []
+    out = sim.clock(14.1)
+    groups = sorted(f.dedupe_key for f in out if f.state == "present")
+    assert groups == ["coagulation", "liver", "platelets", "troponin"]
+    f = overdue(sim, "liver")
+    assert f.severity.value == "warning" and f.route == "monitoring-coordinator"
+    assert {e.analyte for e in f.evidence} == set(LIVER) and all(e.basis == "schedule" for e in f.evidence)
+    # the same clock again: nothing new
+    assert sim.clock(14.2) == []
+
+
+def test_sample_arrival_clears_overdue_and_partial_panel_keeps_it():
+    sim = Sim()
+    sim.feed([dose()] + full_panel(6))
+    sim.clock(14.5)
+    out = sim.feed([obs("alt", 30, 14.4, high=40), obs("ast", 40, 14.4, high=60)], now=sim_now(14.5))
+    # bilirubin still missing: the liver finding updates (fewer analytes), it does not clear
+    assert [(f.state, [e.analyte for e in f.evidence]) for f in out if f.dedupe_key == "liver"][-1] == (
+        "present", ["bilirubin_total"])
+    out = sim.feed([obs("bilirubin_total", 0.4, 14.4, high=1.2)], now=sim_now(14.5))
+    assert [(f.dedupe_key, f.state) for f in out] == [("liver", "cleared")]
+
+
+def sim_now(day):
+    from alerts.testkit import at
+
+    return at(day)
+
+
+def test_no_result_since_dosing_is_overdue_after_first_interval():
+    sim = Sim()
+    sim.feed([dose()])
+    assert sim.clock(7.9) == []
+    assert overdue(sim, "liver") is None
+    sim.clock(8.1)
+    assert overdue(sim, "liver") is not None
+
+
+def test_interval_widens_after_month_one():
+    sim = Sim()
+    sim.feed([dose()] + full_panel(32))
+    sim.clock(40)  # every 14 days from day 30: due 32 + 14 + 1 = 47
+    assert overdue(sim, "liver") is None
+    sim.clock(47.5)
+    assert overdue(sim, "liver") is not None
+    assert overdue(sim, "troponin") is None  # monthly in months 2-3: due 32 + 30 + 1 = 63
+
+
+def test_it_schedule_follows_steroid_phase():
+    sim = Sim()
+    sim.feed([steroid("full", -1), dose(product=IT)] + liver(35))
+    # full dose after month 1: still weekly
+    sim.clock(43.5)
+    assert overdue(sim, "liver") is not None
+    sim.feed(liver(43.4), now=sim_now(43.5))
+    assert overdue(sim, "liver") is None
+    # stopped: every other week for a month
+    sim.feed([steroid("stopped", 44)])
+    sim.clock(51.5)
+    assert overdue(sim, "liver") is None
+    sim.clock(58.5)
+    assert overdue(sim, "liver") is not None
+
+
+def test_no_schedule_before_dose():
+    sim = Sim()
+    sim.feed(liver(-3))
+    assert sim.clock(30) == []
+
+
+def test_monitoring_complete_after_three_months_with_label_criteria():
+    sim = Sim()
+    sim.feed([obs("platelets", 300, -2, low=150), obs("troponin_i", 10, -2, high=40), dose()]
+             + full_panel(88))
+    assert [f for f in sim.clock(89) if f.rule_id == "monitoring.complete"] == []  # < 90 days
+    out = sim.clock(90.5)
+    (c,) = [f for f in out if f.rule_id == "monitoring.complete"]
+    assert c.state == "present" and c.severity.value == "info"
+    # once complete, overdue samples are not chased
+    sim.clock(120)
+    assert not any(k.startswith("schedule.overdue") for k in sim.present())
+    # a new abnormal result unsettles completion
+    out = sim.feed([obs("alt", 100, 121, high=40)], now=sim_now(121))
+    assert ("monitoring.complete", "cleared") in [(f.rule_id, f.state) for f in out]
+
+
+def test_monitoring_not_complete_when_alt_at_2x_uln():
+    sim = Sim()
+    sim.feed([dose()] + full_panel(88) + [obs("alt", 85, 89, high=40)])
+    sim.clock(95)
+    assert "monitoring.complete" not in sim.present()

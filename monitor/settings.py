@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     topic_alerts: str = "alerts"
     topic_alert_actions: str = "alert-actions"
     topic_ticks: str = "patient-ticks"
+    #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
+    topic_deliveries: str = "alert-deliveries"
     topic_partitions: int = 3
     topic_replication_factor: int = 1
 
@@ -55,6 +57,17 @@ class Settings(BaseSettings):
 
     # protocol files: empty means the shipped defaults
     protocol_files: str = ""
+
+    # alert delivery sinks (empty URL = sink off)
+    alertmanager_url: str = ""
+    webhook_url: str = ""
+    webhook_secret: str = Field(default="", repr=False)
+    #: secret for pseudonymous alert references in third-party notifications
+    pseudonym_secret: str = Field(default="change-me-pseudonym-secret", repr=False)
+    #: include the patient id in third-party notifications (off by default)
+    notify_include_patient_id: bool = False
+    #: users for the actions API and the inbox (YAML: username -> {password_hash, role})
+    inbox_users_file: str = ""
 
     # clocks
     tick_interval_seconds: float = 30.0

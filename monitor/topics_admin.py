@@ -16,7 +16,7 @@ def service_topics(s: Settings) -> list[str]:
     return [
         s.topic_lab_results, s.topic_vital_signs, s.topic_liver_function, s.topic_treatments,
         s.topic_observations, s.topic_dead_letter, s.topic_findings, s.topic_alerts,
-        s.topic_alert_actions, s.topic_ticks,
+        s.topic_alert_actions, s.topic_ticks, s.topic_deliveries,
     ]
 
 
@@ -29,9 +29,11 @@ def ensure_topics(s: Settings, names: list[str] | None = None) -> list[str]:
         missing = [n for n in names if n not in existing]
         if missing:
             try:
-                admin.create_topics(
-                    [NewTopic(n, s.topic_partitions, s.topic_replication_factor) for n in missing]
-                )
+                admin.create_topics([
+                    NewTopic(n, s.topic_partitions, s.topic_replication_factor,
+                             topic_configs=({"cleanup.policy": "compact"} if n == s.topic_deliveries else {}))
+                    for n in missing
+                ])
             except TopicAlreadyExistsError:
                 pass
             log.info("created %d topics", len(missing))

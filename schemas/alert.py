@@ -140,10 +140,21 @@ class Alert(BaseModel):
         return list(self.route.get("failsafe", {}).get("recipients", []))
 
     def public_dict(self, include_patient_id: bool = False) -> dict[str, Any]:
-        """JSON-ready dict for external sinks; without ``patient_id`` unless asked."""
+        """JSON-ready dict for third-party sinks.
+
+        Unless asked, it carries nothing that can identify the patient: no ``patient_id``,
+        no lab-assigned observation or finding ids (accession numbers often embed an MRN),
+        and no free-text notes from the history.
+        """
         data = self.model_dump(mode="json")
         if not include_patient_id:
             data.pop("patient_id", None)
+            data.pop("finding_ids", None)
+            for ev in data.get("evidence") or []:
+                ev.pop("observation_id", None)
+            for h in data.get("history") or []:
+                if h.get("note"):
+                    h["note"] = "[note withheld]"
         return data
 
 

@@ -33,6 +33,9 @@ class Reason(StrEnum):
     HL7_BAD_VALUE = "hl7_bad_value"
     HL7_NOT_LOINC = "hl7_not_loinc"
     CENSORED_VALUE = "censored_value"
+    ACTION_INVALID = "action_invalid"
+    ACTION_FORBIDDEN = "action_forbidden"
+    ACTION_UNKNOWN_ALERT = "action_unknown_alert"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -22,6 +22,7 @@ SERVICE_TOPICS = {
     "TOPIC_ALERTS": "alerts",
     "TOPIC_ALERT_ACTIONS": "alert-actions",
     "TOPIC_TICKS": "patient-ticks",
+    "TOPIC_DELIVERIES": "alert-deliveries",
 }
 
 

@@ -1,19 +1,53 @@
-"""The per-patient clinical agent: treatments -> patient state; observations -> findings.
+"""The per-patient clinical agent: evaluate (rule engine) and the alert lifecycle, in one step.
 
-Placeholder wiring for the foundation: treatments are validated here (dead-letter on
-failure) and kept in the changelog-backed ``patients`` table.
+One agent reads, for the patients of its partitions, the canonical ``observations``,
+the ``treatments`` (validated here; bad ones dead-lettered), ``alert-actions`` and
+``patient-ticks`` (the clock). Per-patient state (rule-engine state and the alert book)
+lives in one changelog-backed table, so evaluation and lifecycle change together and a
+restarted worker rebuilds both from Kafka. Findings go to ``findings``; every alert
+version goes to ``alerts`` and to the delivery sinks.
+
+Why one agent rather than evaluate -> findings topic -> lifecycle: both stages are keyed
+by patient, so one hop fewer halves the latency and the changelog traffic, and the
+findings topic is still written for audit and other consumers.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
+from pydantic import ValidationError
+
+from alerts.engine import Engine
+from alerts.lifecycle import ActionError, AlertBook, Forbidden, LifecycleConfig, UnknownAlert, apply_action, apply_finding, tick
+from alerts.protocol import default_protocols, load_protocol
+from alerts.routing import RouteSpec
+from alerts.state import PatientState
+from schemas.alert import Alert, AlertAction
 from schemas.errors import Reason, Rejected
+from schemas.events import Observation
+from schemas.findings import Finding
 from schemas.ingest import Limits, decode
 
-from ..app import app, clinical_topics, dead_letter_topic, settings
+from ..app import alerts_topic, app, clinical_topics, dead_letter_topic, findings_topic, settings, ticks_topic
+from ..delivery import DeliveryService
 from ..dlq import send_dead_letter
-from ..metrics import EVENTS_CONSUMED
+from ..metrics import (
+    ALERT_ESCALATIONS,
+    ALERT_TRANSITIONS,
+    ALERTS_OPENED,
+    EFFECTIVE_TO_ALERT,
+    EVENTS_CONSUMED,
+    FINDINGS,
+    PATIENTS_MONITORED,
+    PATIENTS_OVERDUE,
+    PROCESSING_SECONDS,
+    PROTOCOL_INFO,
+    RECEIPT_TO_ALERT,
+    TIME_TO_ACK,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,28 +57,197 @@ LIMITS = Limits(
     max_future=timedelta(seconds=settings.max_future_skew_seconds),
 )
 
+
+def _load_protocols():
+    if settings.protocol_files.strip():
+        return [load_protocol(p.strip()) for p in settings.protocol_files.split(",") if p.strip()]
+    return default_protocols()
+
+
+PROTOCOLS = _load_protocols()
+for _p in PROTOCOLS:
+    PROTOCOL_INFO.labels(protocol_id=_p.id, version=_p.version).set(1)
+ENGINE = Engine(PROTOCOLS)
+ROUTES = {}
+for _p in PROTOCOLS:
+    for _r in _p.routes:
+        ROUTES.setdefault(_r.id, RouteSpec.model_validate(_r.model_dump()))
+LIFECYCLE = LifecycleConfig(routes=ROUTES, pseudonym_secret=settings.pseudonym_secret)
+DELIVERY = DeliveryService(settings)
+
+#: patient_id -> {"state": dict, "alerts": dict}; changelog-backed
 patients = app.Table("patients", default=None, partitions=settings.topic_partitions)
+
+# decoded objects for patients this worker owns; the table stays the source of truth
+_cache: dict[str, tuple[PatientState, AlertBook]] = {}
+_overdue: set[str] = set()
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender, revoked, **kwargs) -> None:  # pragma: no cover - wiring
+    _cache.clear()
+    _overdue.clear()
+
+
+def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
+    hit = _cache.get(patient_id)
+    if hit is not None:
+        return hit
+    stored = patients.get(patient_id)
+    if stored:
+        pair = (PatientState.from_dict(stored["state"]), AlertBook.from_dict(stored["alerts"]))
+    else:
+        pair = (PatientState(patient_id), AlertBook(patient_id=patient_id))
+    _cache[patient_id] = pair
+    return pair
+
+
+def _save(patient_id: str, state: PatientState, book: AlertBook) -> None:
+    patients[patient_id] = {"state": state.to_dict(), "alerts": book.to_dict()}
+
+
+async def _emit_findings(findings: list[Finding], book: AlertBook, now: datetime, received_at: datetime | None) -> list[Alert]:
+    changed: list[Alert] = []
+    for f in findings:
+        FINDINGS.labels(rule_id=f.rule_id, severity=(f.severity.value if f.severity else "none"), state=f.state).inc()
+        await findings_topic.send(key=f.patient_id.encode(), value=f.model_dump_json().encode())
+        changed.extend(apply_finding(book, f, now, LIFECYCLE))
+    return changed
+
+
+async def _emit_alerts(alerts: list[Alert], now: datetime, received_at: datetime | None) -> None:
+    for a in alerts:
+        await alerts_topic.send(key=a.patient_id.encode(), value=a.model_dump_json().encode())
+        sev = a.severity.value if a.severity else "critical"
+        if a.version == 1:
+            ALERTS_OPENED.labels(rule_id=a.rule_id, severity=sev).inc()
+            if a.effective_at is not None:
+                EFFECTIVE_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - a.effective_at).total_seconds()))
+            if received_at is not None:
+                RECEIPT_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - received_at).total_seconds()))
+        if a.status_changed:
+            ALERT_TRANSITIONS.labels(rule_id=a.rule_id, from_status=a.previous_status.value, to_status=a.status.value).inc()
+            if a.status.value == "acknowledged":
+                TIME_TO_ACK.labels(severity=sev).observe(max(0.0, (now - a.opened_at).total_seconds()))
+        if "escalated" in (a.changes or []):
+            ALERT_ESCALATIONS.labels(rule_id=a.rule_id, severity=sev).inc()
+
+
+async def handle_observation(raw: bytes) -> None:
+    obs = Observation.model_validate_json(raw)
+    now = datetime.now(timezone.utc)
+    state, book = _load(obs.patient_id)
+    findings = ENGINE.evaluate_observation(state, obs, now)
+    alerts = await _emit_findings(findings, book, now, obs.received_at)
+    _save(obs.patient_id, state, book)
+    await _emit_alerts(alerts, now, obs.received_at)
+
+
+async def handle_treatment(msg, received_at: datetime) -> None:
+    event = decode("treatments", msg.value, received_at=received_at, limits=LIMITS)
+    EVENTS_CONSUMED.labels(topic="treatments", format="json").inc()
+    state, book = _load(event.patient_id)
+    findings = ENGINE.apply_treatment(state, event, received_at)
+    alerts = await _emit_findings(findings, book, received_at, received_at)
+    _save(event.patient_id, state, book)
+    await _emit_alerts(alerts, received_at, None)
+
+
+async def handle_action(raw: bytes, key: bytes | None) -> None:
+    action = AlertAction.model_validate_json(raw)
+    patient_id = action.patient_id or (key.decode() if key else None)
+    if not patient_id:
+        raise Rejected(Reason.ACTION_INVALID, "action names no patient (set patient_id or the message key)")
+    now = datetime.now(timezone.utc)
+    state, book = _load(patient_id)
+    try:
+        alerts = apply_action(book, action, now, LIFECYCLE)
+    except UnknownAlert as exc:
+        raise Rejected(Reason.ACTION_UNKNOWN_ALERT, str(exc)) from None
+    except Forbidden as exc:
+        raise Rejected(Reason.ACTION_FORBIDDEN, str(exc)) from None
+    except ActionError as exc:
+        raise Rejected(Reason.ACTION_INVALID, str(exc)) from None
+    _save(patient_id, state, book)
+    await _emit_alerts(alerts, now, None)
+
+
+async def handle_tick(key: bytes | None) -> None:
+    if not key:
+        return
+    patient_id = key.decode()
+    if patient_id not in _cache and patients.get(patient_id) is None:
+        return
+    now = datetime.now(timezone.utc)
+    state, book = _load(patient_id)
+    findings = ENGINE.check_schedule(state, now)
+    alerts = await _emit_findings(findings, book, now, None)
+    alerts.extend(tick(book, now, LIFECYCLE))
+    if findings or alerts:
+        _save(patient_id, state, book)
+    if any(a.rule_id == "schedule.overdue" and a.is_open for a in book.open_alerts()):
+        _overdue.add(patient_id)
+    else:
+        _overdue.discard(patient_id)
+    await _emit_alerts(alerts, now, None)
 
 
 @app.agent(clinical_topics)
 async def clinical(stream):
     async for event in stream.events():
         msg = event.message
-        if msg.topic != settings.topic_treatments:
-            continue
+        topic = msg.topic
         received_at = datetime.now(timezone.utc)
+        started = time.perf_counter()
         try:
-            treatment = decode("treatments", msg.value, received_at=received_at, limits=LIMITS)
+            if topic == settings.topic_observations:
+                await handle_observation(msg.value)
+                stage = "evaluate"
+            elif topic == settings.topic_treatments:
+                await handle_treatment(msg, received_at)
+                stage = "treatment"
+            elif topic == settings.topic_alert_actions:
+                await handle_action(msg.value, msg.key)
+                stage = "action"
+            else:
+                await handle_tick(msg.key)
+                stage = "tick"
+            PROCESSING_SECONDS.labels(stage=stage).observe(time.perf_counter() - started)
         except Rejected as rej:
-            EVENTS_CONSUMED.labels(topic="treatments", format="invalid").inc()
+            kind = "treatments" if topic == settings.topic_treatments else topic
+            EVENTS_CONSUMED.labels(topic=kind, format="invalid").inc()
+            log.info("dead-lettered %s[%s]@%s: %s", topic, msg.partition, msg.offset, rej.reason.value)
             await send_dead_letter(dead_letter_topic, msg.value, msg.key, rej.reason, rej.message,
-                                   msg.topic, msg.partition, msg.offset, received_at)
-            continue
-        except Exception as exc:
+                                   topic, msg.partition, msg.offset, received_at)
+        except ValidationError as exc:
+            await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.SCHEMA_INVALID,
+                                   str(exc.errors(include_url=False, include_input=False)[:1]),
+                                   topic, msg.partition, msg.offset, received_at)
+        except Exception as exc:  # the worker never crashes on input
+            log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, topic, msg.partition, msg.offset, exc_info=log.isEnabledFor(logging.DEBUG))
+            _cache.pop(msg.key.decode(errors="replace") if msg.key else "", None)
             await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.INTERNAL_ERROR,
-                                   type(exc).__name__, msg.topic, msg.partition, msg.offset, received_at)
-            continue
-        EVENTS_CONSUMED.labels(topic="treatments", format="json").inc()
-        state = dict(patients[treatment.patient_id] or {})
-        state.setdefault("treatments", []).append(treatment.model_dump(mode="json"))
-        patients[treatment.patient_id] = state
+                                   f"{type(exc).__name__} while processing", topic, msg.partition, msg.offset, received_at)
+
+
+@app.timer(interval=settings.tick_interval_seconds)
+async def clock_ticks() -> None:
+    """The clock: a tick per patient this worker holds drives overdue labs and escalation."""
+    keys = sorted(set(_cache) | set(patients.keys()))
+    PATIENTS_MONITORED.set(len(keys))
+    PATIENTS_OVERDUE.set(len(_overdue))
+    for patient_id in keys:
+        await ticks_topic.send(key=patient_id.encode(), value=b"tick")
+
+
+async def _run_delivery() -> None:
+    try:
+        await DELIVERY.start()
+    except Exception:
+        log.exception("alert delivery failed to start")
+
+
+@app.task
+async def start_delivery() -> None:
+    # not a faust-managed task: faust cancels those when it restarts its services
+    asyncio.ensure_future(_run_delivery())

@@ -1,0 +1,226 @@
+"""Alert delivery on the worker: the ``alerts`` topic is the outbox.
+
+Every alert version the clinical agent emits is on the ``alerts`` topic. A delivery
+consumer in its own consumer group (``<app id>-delivery``) reads that topic and offers
+every version to the sinks through the dispatcher (retries with backoff, never blocks the
+stream). Its committed offset only moves past a record once every sink has delivered
+(or by policy skipped) that version, so a crash or restart resumes with anything
+undelivered - a webhook that was down gets every version once it recovers.
+
+The ledger of delivered (sink, alert_id, version) lives on the compacted
+``alert-deliveries`` topic. Each worker loads it before delivering and keeps tailing
+it, so a version already delivered (by this worker before a crash, or by another worker
+before a rebalance) is never paged twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from alerts.sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
+from schemas.alert import Alert
+
+from .kafka_config import aiokafka_config
+from .metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class KafkaLedger:
+    """In-memory set of delivered keys, persisted to and rebuilt from a Kafka topic."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._producer: AIOKafkaProducer | None = None
+        self._topic: str | None = None
+
+    def seen(self, key: DeliveryKey) -> bool:
+        return key.as_str() in self._keys
+
+    def mark(self, key: DeliveryKey) -> None:
+        k = key.as_str()
+        self._keys.add(k)
+        if self._producer is not None and self._topic:
+            asyncio.ensure_future(self._producer.send(self._topic, key=k.encode(), value=b"1"))
+
+    def add_raw(self, key: bytes) -> None:
+        self._keys.add(key.decode())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class DeliveryService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ledger = KafkaLedger()
+        self.sinks = list(self._sinks(settings))
+        hooks = DeliveryHooks(
+            on_delivered=self._on_delivered,
+            on_failure=self._on_failure,
+            on_enqueued=lambda sink, alert: SINK_PENDING.labels(sink=sink).inc(),
+        )
+        self.dispatcher = Dispatcher(self.sinks, self.ledger, hooks=hooks)
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._ledger_consumer: AIOKafkaConsumer | None = None
+        self._outbox: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        #: per outbox partition: offsets read and the delivery keys each record waits for
+        self._pending: dict[TopicPartition, dict[int, list[DeliveryKey]]] = {}
+        self._next: dict[TopicPartition, int] = {}
+
+    @staticmethod
+    def _sinks(s: Settings) -> Iterable:
+        if s.alertmanager_url:
+            yield AlertmanagerSink(s.alertmanager_url, include_patient_id=s.notify_include_patient_id)
+        if s.webhook_url:
+            yield WebhookSink(s.webhook_url, s.webhook_secret or s.pseudonym_secret,
+                              include_patient_id=s.notify_include_patient_id)
+
+    def _on_delivered(self, sink: str, alert: Alert, attempts: int, latency: float) -> None:
+        SINK_ATTEMPTS.labels(sink=sink, outcome="delivered").inc()
+        SINK_PENDING.labels(sink=sink).dec()
+
+    def _on_failure(self, sink: str, alert: Alert, attempt: int, exc: BaseException, retry_in: float) -> None:
+        SINK_ATTEMPTS.labels(sink=sink, outcome="failed").inc()
+        SINK_FAILURES.labels(sink=sink).inc()
+        log.warning("delivery to %s failed (attempt %d, %s); retry in %.1fs", sink, attempt, type(exc).__name__, retry_in)
+
+    async def start(self) -> None:
+        if not self.sinks:
+            self.ready.set()
+            return
+        s = self.settings
+        cfg = aiokafka_config(s)
+        self._producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **cfg)
+        await self._producer.start()
+        self._ledger_consumer = AIOKafkaConsumer(s.topic_deliveries, enable_auto_commit=False,
+                                                 auto_offset_reset="earliest", group_id=None, **cfg)
+        await self._ledger_consumer.start()
+        await self._catch_up_ledger()
+        self.ledger._producer, self.ledger._topic = self._producer, s.topic_deliveries
+        log.info("delivery ledger loaded: %d delivered versions", len(self.ledger))
+        await self.dispatcher.start()
+        self._outbox = AIOKafkaConsumer(
+            s.topic_alerts, group_id=f"{s.app_id}-delivery", enable_auto_commit=False,
+            auto_offset_reset="earliest", **cfg)
+        await self._outbox.start()
+        self._tasks = [asyncio.create_task(self._tail_ledger()), asyncio.create_task(self._read_outbox()),
+                       asyncio.create_task(self._commit_loop())]
+        self.ready.set()
+
+    async def _catch_up_ledger(self) -> None:
+        c = self._ledger_consumer
+        assert c is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not c.assignment():
+            if loop.time() > deadline:
+                raise RuntimeError(f"ledger topic {self.settings.topic_deliveries} has no partitions")
+            await asyncio.sleep(0.05)
+        parts = sorted(c.assignment())
+        await c.seek_to_beginning(*parts)
+        ends = await c.end_offsets(parts)
+        while True:
+            positions = [await c.position(tp) for tp in parts]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, parts)):
+                return
+            batch = await c.getmany(timeout_ms=500, max_records=5000)
+            for records in batch.values():
+                for r in records:
+                    if r.key:
+                        self.ledger.add_raw(r.key)
+
+    async def _tail_ledger(self) -> None:
+        """Keep learning deliveries made by other workers (after a rebalance they may be ours)."""
+        c = self._ledger_consumer
+        assert c is not None
+        while True:
+            try:
+                batch = await c.getmany(timeout_ms=1000, max_records=5000)
+                for records in batch.values():
+                    for r in records:
+                        if r.key:
+                            self.ledger.add_raw(r.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("ledger tail error: %s", type(exc).__name__)
+                await asyncio.sleep(1)
+
+    async def _read_outbox(self) -> None:
+        c = self._outbox
+        assert c is not None
+        while True:
+            try:
+                batch = await c.getmany(timeout_ms=500, max_records=1000)
+                for tp, records in batch.items():
+                    pend = self._pending.setdefault(tp, {})
+                    for r in records:
+                        self._next[tp] = r.offset + 1
+                        try:
+                            alert = Alert.model_validate_json(r.value)
+                        except Exception:
+                            log.warning("unreadable record on the alerts topic at %s@%d", tp.partition, r.offset)
+                            continue
+                        keys = [DeliveryKey(sink.name, alert.alert_id, alert.version)
+                                for sink in self.sinks if should_deliver(sink, alert)]
+                        if keys:
+                            pend[r.offset] = keys
+                            self.dispatcher.enqueue(alert)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox read error: %s", type(exc).__name__)
+                await asyncio.sleep(1)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset below which every record has been delivered."""
+        out: dict[TopicPartition, int] = {}
+        for tp, pend in self._pending.items():
+            for off in sorted(pend):
+                if all(self.ledger.seen(k) for k in pend[off]):
+                    del pend[off]
+                else:
+                    break
+            out[tp] = min(pend) if pend else self._next.get(tp, 0)
+        return out
+
+    async def _commit_loop(self) -> None:
+        c = self._outbox
+        assert c is not None
+        committed: dict[TopicPartition, int] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                assigned = c.assignment()
+                for tp in list(self._pending):
+                    if tp not in assigned:  # revoked: the new owner resumes from the commit
+                        self._pending.pop(tp, None)
+                        self._next.pop(tp, None)
+                offsets = {tp: off for tp, off in self.committable().items()
+                           if tp in assigned and off > 0 and committed.get(tp) != off}
+                if offsets:
+                    await c.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+                    committed.update(offsets)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox commit error: %s", type(exc).__name__)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.dispatcher.stop(drain_timeout=2.0)
+        for c in (self._outbox, self._ledger_consumer, self._producer):
+            if c is not None:
+                try:
+                    await c.stop()
+                except Exception:
+                    pass

@@ -1,0 +1,168 @@
+"""Alert lifecycle through the real broker: acknowledgement stops escalation; a worker
+restart mid-stream pages nothing twice; a webhook that is down receives everything after."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from kafka import KafkaConsumer, KafkaProducer
+
+from receivers import WebhookReceiver
+from workers import service_env
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter",
+       "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
+
+
+def fast_protocol(tmp_path: Path) -> str:
+    """The shipped IV protocol with escalation timeouts of a few seconds (test clock)."""
+    doc = yaml.safe_load((ROOT / "alerts/protocols/onasemnogene-abeparvovec-iv.yaml").read_text())
+    for route in doc["routes"]:
+        for tier in route["tiers"]:
+            tier["escalate_after_minutes"] = {"info": None, "warning": 0.05, "high": 0.05, "critical": 0.05}
+    path = tmp_path / "fast-iv.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def dose(pid, at):
+    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
+            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
+            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
+
+
+def alt(pid, eid, value, at):
+    return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
+            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x"}
+
+
+class AlertReader:
+    def __init__(self, bootstrap, topic):
+        self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                               enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
+        self.versions: list[dict] = []
+
+    def poll(self):
+        for m in self.c:
+            self.versions.append(json.loads(m.value))
+        return self.versions
+
+    def wait_for(self, pred, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [a for a in self.poll() if pred(a)]
+            if found:
+                return found
+        raise AssertionError(f"no alert matched within {timeout}s; saw {[(a['rule_id'], a['status'], a['version']) for a in self.versions]}")
+
+    def close(self):
+        self.c.close()
+
+
+def send(bootstrap, records):
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for topic, key, value in records:
+        p.send(topic, key=key.encode(), value=json.dumps(value).encode())
+    p.flush()
+    p.close()
+
+
+def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker_factory, tmp_path):
+    prefix = f"ack{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    with WebhookReceiver(secret="s3cret") as hook:
+        worker_factory(service_env(topics, app_id=prefix, PROTOCOL_FILES=fast_protocol(tmp_path),
+                                   TICK_INTERVAL_SECONDS="1", WEBHOOK_URL=hook.url, WEBHOOK_SECRET="s3cret"))
+        now = datetime.now(timezone.utc)
+        d0 = now - timedelta(days=20)
+        recs = []
+        for pid in ("pat-acked", "pat-ignored"):
+            recs.append((topics["treatments"], pid, dose(pid, d0)))
+            recs.append((topics["lab-results"], pid, alt(pid, f"{pid}-alt1", 30, d0 - timedelta(days=1))))
+            recs.append((topics["lab-results"], pid, alt(pid, f"{pid}-alt2", 1000, now - timedelta(hours=1))))
+        send(kafka_bootstrap, recs)
+        reader = AlertReader(kafka_bootstrap, topics["alerts"])
+        try:
+            firing = {a["patient_id"]: a for a in reader.wait_for(
+                lambda a: a["rule_id"] == "liver.alt_increased" and a["severity"] == "critical" and a["status"] == "firing")}
+            assert set(firing) >= {"pat-acked", "pat-ignored"}
+            acked = firing["pat-acked"]
+            send(kafka_bootstrap, [(topics["alert-actions"], "pat-acked", {
+                "action": "acknowledge", "alert_id": acked["alert_id"], "patient_id": "pat-acked",
+                "by": "nurse.jones", "role": "nurse", "at": datetime.now(timezone.utc).isoformat()})])
+            ack = reader.wait_for(lambda a: a["alert_id"] == acked["alert_id"] and a["status"] == "acknowledged")[0]
+            assert any(h.get("by") == "nurse.jones" for h in ack["history"])
+            # the ignored alert climbs the route; the acknowledged one stays at its tier
+            reader.wait_for(lambda a: a["patient_id"] == "pat-ignored" and a.get("escalation_tier", 0) >= 1, timeout=45)
+            time.sleep(6)
+            reader.poll()
+            acked_versions = [a for a in reader.versions if a["alert_id"] == acked["alert_id"]]
+            after_ack = [a for a in acked_versions if a["version"] > ack["version"]]
+            assert all(a.get("escalation_tier", 0) == ack.get("escalation_tier", 0) for a in after_ack)
+            assert ack["status"] == "acknowledged"
+        finally:
+            reader.close()
+        # the webhook saw pages, each version once, signed, without the patient id
+        keys = hook.keys()
+        assert keys and len(keys) == len(set(keys))
+        assert all(r["signature_ok"] for r in hook.received)
+        assert not any(b"pat-acked" in r["raw"] or b"pat-ignored" in r["raw"] for r in hook.received)
+
+
+def test_restart_mid_stream_pages_nothing_twice_and_down_webhook_gets_everything(
+        kafka_bootstrap, topic_factory, worker_factory, tmp_path):
+    prefix = f"rst{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    now = datetime.now(timezone.utc)
+    d0 = now - timedelta(days=25)
+    patients = [f"pat-{i:02d}" for i in range(12)]
+
+    def batch(values):
+        recs = []
+        for i, pid in enumerate(patients):
+            for j, v in enumerate(values):
+                recs.append((topics["lab-results"], pid, alt(pid, f"{pid}-{v}-{j}", v + i, now - timedelta(hours=len(values) - j))))
+        return recs
+
+    with WebhookReceiver(secret="k", fail_first=8) as hook:
+        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET="k", TICK_INTERVAL_SECONDS="2")
+        w1 = worker_factory(env, name="w1")
+        send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
+             + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients])
+        send(kafka_bootstrap, batch([130, 250]))  # grade 2 then grade 3: pages
+        reader = AlertReader(kafka_bootstrap, topics["alerts"])
+        try:
+            reader.wait_for(lambda a: a["severity"] == "high", timeout=60)
+            w1.kill()  # crash mid-stream, with deliveries possibly in flight
+            send(kafka_bootstrap, batch([900, 70]))  # grade 4 then a fall: more versions while it is down
+            worker_factory(env, name="w2")
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                reader.poll()
+                latest = {}
+                for a in reader.versions:
+                    if a["version"] >= latest.get(a["alert_id"], {}).get("version", 0):
+                        latest[a["alert_id"]] = a
+                delivered = set(hook.keys())
+                # every version that pages must reach the webhook
+                must = {f"{a['alert_id']}:{a['version']}" for a in reader.versions
+                        if a.get("notify") or (a.get("previous_status") and a["previous_status"] != a["status"])}
+                if must and must <= delivered and len(latest) >= len(patients):
+                    break
+                time.sleep(1)
+            keys = hook.keys()
+            dupes = [k for k, n in Counter(keys).items() if n > 1]
+            assert not dupes, f"pages delivered twice: {dupes}"
+            assert must <= set(keys), f"missing deliveries: {sorted(must - set(keys))[:5]}"
+            assert hook.attempts > len(keys), "the webhook was down at first, so some attempts failed"
+        finally:
+            reader.close()

@@ -5,9 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := prometheus prometheus-alertmanager
+DEBS := prometheus prometheus-alertmanager chromium chromium-driver
 
-.PHONY: setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
+.PHONY: tools setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,10 @@ schema: deps
 demo: setup kafka
 	$(PY) -m monitor.demo
 
-test: setup debs
+tools:
+	deploy/local/install-tools.sh
+
+test: setup debs tools
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-unit: deps

@@ -69,3 +69,4 @@ log = logging.getLogger("monitor")
 # register agents, timers and web views
 from . import agents  # noqa: E402,F401
 from . import web  # noqa: E402,F401
+from . import ops  # noqa: E402,F401

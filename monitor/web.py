@@ -40,4 +40,5 @@ async def readyz(web, request):
 @app.page("/metrics")
 async def metrics(web, request):
     is_ready()
-    return web.bytes(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    # aiohttp refuses a charset inside content_type=; pass the header whole
+    return web.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

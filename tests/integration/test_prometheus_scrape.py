@@ -1,0 +1,225 @@
+"""A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker.
+
+The worker runs on isolated topics against the real broker. Prometheus loads the shipped
+``deploy/prometheus/rules.yml`` unchanged, scrapes ``/metrics`` every second, and the
+test forces the shipped ``MonitorDeadLetterRateHigh`` rule (more than 0.1 dead letters/s
+over 5 minutes, ``for: 1m``) by publishing a burst of malformed events, then waits for
+it to be ``firing`` in ``/api/v1/alerts``. ``MonitorWorkerDown`` is the control: it must
+stay inactive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from kafka import KafkaProducer
+
+from workers import free_port, service_env
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+T0 = "2026-10-01T08:00:00+00:00"
+FORCED_RULE = "MonitorDeadLetterRateHigh"
+BURST = 150
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, targets: list[str]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = workdir / "prometheus.yml"
+        self.log_path = workdir / "prometheus.log"
+        self.config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "sma-monitor", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": targets}]}],
+        }))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"prometheus not ready:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path):
+    if not os.access(PROMETHEUS, os.X_OK):
+        pytest.fail(f"{PROMETHEUS} missing: run `make debs` (Debian package prometheus)")
+    started: list[Prometheus] = []
+
+    def make(targets: list[str]) -> Prometheus:
+        p = Prometheus(tmp_path / f"prom{len(started)}", targets)
+        started.append(p)
+        p.start()
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def wait_for(fn, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
+
+
+def lab(pid: str, eid: str, value: float = 30.0) -> dict:
+    return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
+            "reference_range": {"low": 0, "high": 40}, "effective_at": T0, "status": "final", "source": "lab-prom"}
+
+
+def alerts_named(prom: Prometheus, name: str) -> list[dict]:
+    return [a for a in prom.api("alerts")["alerts"] if a["labels"].get("alertname") == name]
+
+
+def test_prometheus_scrapes_worker_and_shipped_rule_fires(kafka_bootstrap, topic_factory, worker_factory,
+                                                          prometheus_factory):
+    prefix = f"prom{uuid.uuid4().hex[:8]}"
+    topics = topic_factory("lab-results", "vital-signs", "liver-function", "treatments", "observations",
+                           "dead-letter", "findings", "alerts", "alert-actions", "patient-ticks", prefix=prefix)
+    worker = worker_factory(service_env(topics, app_id=prefix, MONITOR_LAG_INTERVAL_SECONDS="2"))
+    prom = prometheus_factory([f"127.0.0.1:{worker.port}"])
+
+    try:
+        wait_for(lambda: prom.query('up{job="sma-monitor"} == 1'), 30, "worker target up")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ntargets: {prom.api('targets')}\n{prom.tail()}") from None
+
+    patients = [f"PROMPAT-{uuid.uuid4().hex[:12]}" for _ in range(5)]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        # phase 1: valid events and one dead letter, so every series exists before the burst
+        for i, pid in enumerate(patients):
+            producer.send(topics["lab-results"], key=pid.encode(), value=json.dumps(lab(pid, f"ok-{i}")).encode())
+        producer.send(topics["lab-results"], key=patients[0].encode(), value=b'{"event_id": "bad-0", ')
+        producer.flush()
+        wait_for(lambda: prom.query('sum(monitor_dead_letters_total{job="sma-monitor"}) >= 1'), 60,
+                 "first dead letter scraped")
+        wait_for(lambda: prom.query('sum(monitor_events_consumed_total{format="json"}) >= 5'), 60,
+                 "valid events scraped")
+
+        # phase 2: force the dead-letter rate rule
+        for i in range(BURST):
+            pid = patients[i % len(patients)]
+            producer.send(topics["lab-results"], key=pid.encode(), value=f'{{"event_id": "bad-{i + 1}", "patient_id": "{pid}"'.encode())
+        producer.flush()
+    finally:
+        producer.close()
+
+    wait_for(lambda: prom.query(f'sum(monitor_dead_letters_total{{reason="malformed_json"}}) >= {BURST + 1}'), 90,
+             "burst of dead letters scraped")
+
+    # the service's own metrics, faust's sensor, lag, build info: all through the real scrape
+    consumed = prom.query("monitor_events_consumed_total")
+    assert {(r["metric"]["topic"], r["metric"]["format"]) for r in consumed} >= {("lab-results", "json"),
+                                                                                 ("lab-results", "invalid")}
+    dead = prom.query("monitor_dead_letters_total")
+    assert {r["metric"]["reason"] for r in dead} == {"malformed_json"}
+    assert {r["metric"]["topic"] for r in dead} == {topics["lab-results"]}
+    assert prom.query('monitor_observations_total{analyte="alt"}')
+    assert prom.query('monitor_build_info{version!=""}')
+    assert prom.query("monitor_ready == 1")
+    assert prom.query("monitor_faust_messages_received_total > 0"), "faust's sensor is not in the shared registry"
+    lag = wait_for(lambda: prom.query(f'monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}'), 30,
+                   "consumer lag series")
+    assert {r["metric"]["partition"] for r in lag} == {"0", "1", "2"}
+    wait_for(lambda: prom.query(f'sum(monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}) == 0'), 60,
+             "lag back to zero once the burst is processed")
+
+    # the shipped rule goes pending, then firing (for: 1m)
+    wait_for(lambda: alerts_named(prom, FORCED_RULE), 60, f"{FORCED_RULE} pending")
+    firing = wait_for(lambda: [a for a in alerts_named(prom, FORCED_RULE) if a["state"] == "firing"], 120,
+                      f"{FORCED_RULE} firing")
+    alert = firing[0]
+    assert alert["labels"]["topic"] == topics["lab-results"]
+    assert alert["labels"]["severity"] == "warning" and alert["labels"]["category"] == "ops"
+    assert float(alert["value"]) > 0.1
+
+    rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+    assert rules[FORCED_RULE]["state"] == "firing"
+    assert rules[FORCED_RULE]["health"] == "ok"
+    # control: every shipped rule evaluates without error, and the worker is not "down"
+    assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
+    assert rules["MonitorWorkerDown"]["state"] == "inactive"
+    assert set(rules) == {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+
+    # every dashboard query is valid PromQL against this server
+    dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "sma-monitor.json").read_text())
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$job", ".*").replace("$__rate_interval", "1m")
+            prom.query(expr)  # raises on a parse/evaluation error (HTTP 400)
+    assert prom.query('sum by (topic, format) (rate(monitor_events_consumed_total{job=~".*"}[1m]))')
+
+    # nothing Prometheus holds names a patient
+    series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})
+    text = json.dumps(series) + json.dumps(prom.api("alerts"))
+    for pid in patients:
+        assert pid not in text

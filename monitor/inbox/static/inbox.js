@@ -1,0 +1,182 @@
+/* Nurse inbox: live list (server-sent events), action forms. No framework, no external requests. */
+(function () {
+  "use strict";
+  var meta = document.querySelector('meta[name="csrf-token"]');
+  var CSRF = meta ? meta.getAttribute("content") : "";
+  var SEV_LABEL = { critical: "Critical", high: "High", warning: "Warning", info: "Info" };
+
+  function el(tag, attrs, children) {
+    var n = document.createElement(tag);
+    if (attrs) Object.keys(attrs).forEach(function (k) {
+      if (k === "class") n.className = attrs[k];
+      else if (k === "text") n.textContent = attrs[k];
+      else n.setAttribute(k, attrs[k]);
+    });
+    (children || []).forEach(function (c) { if (c) n.appendChild(typeof c === "string" ? document.createTextNode(c) : c); });
+    return n;
+  }
+
+  function age(iso) {
+    var s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+    if (s < 60) return Math.floor(s) + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+  }
+
+  function getJSON(url) {
+    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } }).then(function (r) {
+      if (r.status === 401) { window.location.assign("/login"); throw new Error("signed out"); }
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.json();
+    });
+  }
+  window.InboxUtil = { getJSON: getJSON, el: el, age: age };
+
+  function connectStream(onMessage, stateEl) {
+    if (!window.EventSource) return;
+    var es = new EventSource("/api/stream");
+    es.addEventListener("hello", function () {
+      if (stateEl) { stateEl.textContent = "Live"; stateEl.classList.add("on"); }
+      onMessage({ type: "resync" });
+    });
+    ["alert", "pending", "resync"].forEach(function (t) {
+      es.addEventListener(t, function (ev) { try { onMessage(JSON.parse(ev.data)); } catch (e) { /* ignore */ } });
+    });
+    es.addEventListener("logout", function () { es.close(); window.location.assign("/login"); });
+    es.onerror = function () {
+      if (stateEl) { stateEl.textContent = "Reconnecting..."; stateEl.classList.remove("on"); }
+    };
+    window.addEventListener("pagehide", function () { es.close(); });
+    return es;
+  }
+
+  /* ------------------------------------------------------------------ inbox list */
+  function initInbox() {
+    var rows = document.getElementById("alert-rows");
+    var count = document.getElementById("alert-count");
+    var empty = document.getElementById("no-alerts");
+    var fWard = document.getElementById("f-ward");
+    var fTeam = document.getElementById("f-team");
+    var live = document.getElementById("live-state");
+    var known = null, fresh = {}, last = null, timer = null;
+
+    function fillSelect(sel, values) {
+      var cur = sel.value;
+      while (sel.options.length > 1) sel.remove(1);
+      values.forEach(function (v) { sel.appendChild(el("option", { value: v, text: v })); });
+      if (cur && values.indexOf(cur) < 0) sel.appendChild(el("option", { value: cur, text: cur }));
+      sel.value = cur;
+    }
+
+    function render(data) {
+      last = data;
+      fillSelect(fWard, data.facets.wards);
+      fillSelect(fTeam, data.facets.teams);
+      var frag = document.createDocumentFragment();
+      data.alerts.forEach(function (a) {
+        var href = "/alerts/" + encodeURIComponent(a.alert_id);
+        var status = a.pending && a.pending.length ? a.status + " (" + a.pending[a.pending.length - 1].action + " sent)" : a.status;
+        var tr = el("tr", { "class": "sev-" + a.severity + (fresh[a.alert_id] ? " fresh" : ""), "data-alert-id": a.alert_id }, [
+          el("td", { "class": "sev" }, [el("span", { "class": "badge sev-" + a.severity, text: SEV_LABEL[a.severity] || a.severity })]),
+          el("td", { "class": "what-cell" }, [el("a", { "class": "what", href: href, text: a.what }),
+                                               el("span", { "class": "rule", text: a.rule_id + " \u00b7 " + a.pseudonym })]),
+          el("td", { text: (a.ward || "\u2013") + " / " + (a.care_team || "\u2013") }),
+          el("td", { "class": "age", "data-opened": a.opened_at, title: a.opened_at, text: age(a.opened_at) }),
+          el("td", {}, [el("span", { "class": "status status-" + a.status, text: status })])
+        ]);
+        tr.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") window.location.assign(href); });
+        frag.appendChild(tr);
+      });
+      rows.textContent = "";
+      rows.appendChild(frag);
+      empty.classList.toggle("hidden", data.alerts.length > 0);
+      count.textContent = data.count + (data.count === 1 ? " open alert" : " open alerts");
+      fresh = {};
+    }
+
+    function load() {
+      var q = [];
+      if (fWard.value) q.push("ward=" + encodeURIComponent(fWard.value));
+      if (fTeam.value) q.push("team=" + encodeURIComponent(fTeam.value));
+      return getJSON("/api/alerts" + (q.length ? "?" + q.join("&") : "")).then(function (data) {
+        if (known !== null) data.alerts.forEach(function (a) { if (!known[a.alert_id]) fresh[a.alert_id] = true; });
+        known = {};
+        data.alerts.forEach(function (a) { known[a.alert_id + ""] = a.version; });
+        render(data);
+      }).catch(function () { /* next event retries */ });
+    }
+    function soon() { if (timer) clearTimeout(timer); timer = setTimeout(load, 150); }
+
+    fWard.addEventListener("change", load);
+    fTeam.addEventListener("change", load);
+    document.getElementById("filters").addEventListener("submit", function (e) { e.preventDefault(); load(); });
+    load();
+    connectStream(function (msg) { if (msg.type === "alert" && msg.alert && known && !known[msg.alert.alert_id]) fresh[msg.alert.alert_id] = true; soon(); }, live);
+    setInterval(function () {
+      Array.prototype.forEach.call(document.querySelectorAll("td.age"), function (td) { td.textContent = age(td.getAttribute("data-opened")); });
+    }, 30000);
+  }
+
+  /* ------------------------------------------------------------------ alert detail */
+  function initAlert() {
+    var body = document.body;
+    var alertId = body.getAttribute("data-alert-id");
+    var version = parseInt(body.getAttribute("data-version"), 10);
+    var statusBox = document.getElementById("action-status");
+    var statusEl = document.getElementById("alert-status");
+
+    function say(text, bad) {
+      statusBox.textContent = "";
+      statusBox.appendChild(el("p", { "class": "notice" + (bad ? " bad" : ""), text: text }));
+    }
+
+    Array.prototype.forEach.call(document.querySelectorAll("form.action-form"), function (form) {
+      form.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var kind = form.getAttribute("data-action");
+        var payload = { action: kind };
+        var reason = form.querySelector('[name="reason"]');
+        var until = form.querySelector('[name="until"]');
+        if (reason && reason.value.trim()) payload.reason = reason.value.trim();
+        if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00Z" : until.value;
+        var btn = form.querySelector("button");
+        btn.disabled = true;
+        fetch(form.getAttribute("action"), {
+          method: "POST", credentials: "same-origin",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": CSRF, Accept: "application/json" },
+          body: JSON.stringify(payload)
+        }).then(function (r) {
+          return r.json().catch(function () { return {}; }).then(function (j) { return { r: r, j: j }; });
+        }).then(function (res) {
+          btn.disabled = false;
+          if (res.r.status === 401) { window.location.assign("/login"); return; }
+          if (!res.r.ok) { say((res.j && res.j.error) || ("Refused (HTTP " + res.r.status + ")"), true); return; }
+          say(btn.textContent + " sent. Waiting for the monitor to record it.");
+          if (reason) reason.value = "";
+          if (kind === "acknowledge") {
+            statusEl.textContent = statusEl.textContent + " (acknowledgement sent)";
+            statusEl.className = "status status-pending";
+            form.classList.add("hidden");
+          }
+        }).catch(function () { btn.disabled = false; say("Could not reach the server; try again.", true); });
+      });
+    });
+
+    connectStream(function (msg) {
+      if (msg.type === "alert" && msg.alert && msg.alert.alert_id === alertId && msg.alert.version > version) {
+        version = msg.alert.version;
+        statusEl.textContent = msg.alert.status;
+        statusEl.className = "status status-" + msg.alert.status;
+        var a = el("a", { href: window.location.pathname, text: "Reload to see the full history" });
+        statusBox.textContent = "";
+        statusBox.appendChild(el("p", { "class": "notice" }, ["Alert updated to version " + version + " (" + msg.alert.status + "). ", a]));
+      }
+    }, null);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    if (document.body.id === "page-inbox") initInbox();
+    if (document.body.id === "page-alert") initAlert();
+  });
+})();

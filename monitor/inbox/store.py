@@ -1,0 +1,330 @@
+"""In-memory views the inbox serves, built from the ``alerts``, ``observations`` and ``treatments`` topics.
+
+* alerts: the latest version per ``alert_id`` (a lower or equal version never replaces a newer one);
+* per patient: observations (bounded, newest kept; corrections and withdrawals applied),
+  the dose and the steroid events;
+* opaque patient references: ``HMAC(secret, patient_id)``; the raw patient id never leaves
+  the server in a URL or a JSON response;
+* subscribers (server-sent events) get a small message whenever an alert changes.
+
+Pure Python and asyncio queues; the Kafka consumer lives in ``app.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from schemas.alert import OPEN_STATUSES, Alert, AlertAction
+from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
+from schemas.findings import Severity
+
+log = logging.getLogger(__name__)
+
+#: analytes drawn on the timeline, by panel
+TIMELINE_PANELS: list[dict[str, Any]] = [
+    {"id": "liver", "title": "ALT and AST (multiples of ULN, log scale)", "analytes": ["alt", "ast"], "uln": True,
+     "log": True, "lines": [3, 5, 20]},
+    {"id": "bilirubin", "title": "Total bilirubin", "analytes": ["bilirubin_total", "bilirubin_direct"]},
+    {"id": "platelets", "title": "Platelets", "analytes": ["platelets"]},
+    {"id": "hemoglobin", "title": "Haemoglobin", "analytes": ["hemoglobin"]},
+    {"id": "creatinine", "title": "Creatinine", "analytes": ["creatinine"]},
+    {"id": "troponin", "title": "Troponin I", "analytes": ["troponin_i", "troponin_i_hs"]},
+    {"id": "vitals", "title": "Vital signs", "analytes": ["temperature", "heart_rate", "respiratory_rate", "spo2",
+                                                          "systolic_bp"]},
+]
+#: ULN used when an ALT/AST result carries no reference range (shown as "assumed" on the page)
+DEFAULT_ULN = {"alt": 40.0, "ast": 50.0}
+SEVERITY_RANK = {s.value: s.rank for s in Severity}
+
+
+def patient_ref(secret: bytes, patient_id: str) -> str:
+    return "p-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
+@dataclass
+class PatientView:
+    patient_id: str
+    ref: str
+    observations: dict[str, Observation] = field(default_factory=dict)
+    order: deque = field(default_factory=deque)
+    dose: DoseEvent | None = None
+    steroids: dict[str, SteroidEvent] = field(default_factory=dict)
+
+
+class InboxStore:
+    def __init__(self, secret: bytes, *, max_observations_per_patient: int = 20_000,
+                 max_patients: int = 100_000, protocols: list | None = None):
+        self.secret = secret
+        self.max_obs = max_observations_per_patient
+        self.max_patients = max_patients
+        self.alerts: dict[str, Alert] = {}
+        self.patients: dict[str, PatientView] = {}
+        self.by_ref: dict[str, str] = {}
+        #: actions sent from this inbox, shown as pending until a newer alert version arrives
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self._subscribers: set[asyncio.Queue] = set()
+        self.counts = {"alerts": 0, "observations": 0, "treatments": 0, "invalid": 0}
+        self._protocols = protocols
+
+    # ------------------------------------------------------------------ ingestion
+    def ref_of(self, patient_id: str) -> str:
+        return self.patient(patient_id).ref
+
+    def patient(self, patient_id: str) -> PatientView:
+        pv = self.patients.get(patient_id)
+        if pv is None:
+            pv = PatientView(patient_id, patient_ref(self.secret, patient_id))
+            self.patients[patient_id] = pv
+            self.by_ref[pv.ref] = patient_id
+        return pv
+
+    def apply_alert_bytes(self, raw: bytes | None) -> Alert | None:
+        try:
+            alert = Alert.model_validate_json(raw or b"")
+        except (ValidationError, ValueError):
+            self.counts["invalid"] += 1
+            return None
+        return self.apply_alert(alert)
+
+    def apply_alert(self, alert: Alert) -> Alert | None:
+        cur = self.alerts.get(alert.alert_id)
+        if cur is not None and cur.version >= alert.version:
+            return None
+        self.alerts[alert.alert_id] = alert
+        self.counts["alerts"] += 1
+        self.patient(alert.patient_id)
+        pend = self.pending.get(alert.alert_id)
+        if pend:
+            pend[:] = [p for p in pend if p["version"] >= alert.version]
+            if not pend:
+                del self.pending[alert.alert_id]
+        self.publish({"type": "alert", "alert": self.summary(alert)})
+        return alert
+
+    def apply_observation_bytes(self, raw: bytes | None) -> Observation | None:
+        try:
+            obs = Observation.model_validate_json(raw or b"")
+        except (ValidationError, ValueError):
+            self.counts["invalid"] += 1
+            return None
+        self.apply_observation(obs)
+        return obs
+
+    def apply_observation(self, obs: Observation) -> None:
+        pv = self.patient(obs.patient_id)
+        self.counts["observations"] += 1
+        replaced = obs.replaces
+        if replaced and replaced in pv.observations:
+            del pv.observations[replaced]
+        if obs.status in RETRACTING_STATUSES:
+            return
+        if obs.observation_id not in pv.observations:
+            pv.order.append(obs.observation_id)
+        pv.observations[obs.observation_id] = obs
+        while len(pv.observations) > self.max_obs and pv.order:
+            pv.observations.pop(pv.order.popleft(), None)
+        if len(pv.order) > 2 * self.max_obs:
+            pv.order = deque(k for k in pv.order if k in pv.observations)
+
+    def apply_treatment_bytes(self, raw: bytes | None) -> Any:
+        try:
+            obj = json.loads(raw or b"")
+            if isinstance(obj, dict) and "event" in obj and "type" not in obj:
+                obj = obj["event"]
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            ev = DoseEvent.model_validate(obj) if kind == "dose" else SteroidEvent.model_validate(obj)
+        except (ValidationError, ValueError, AttributeError):
+            self.counts["invalid"] += 1
+            return None
+        self.apply_treatment(ev)
+        return ev
+
+    def apply_treatment(self, ev: DoseEvent | SteroidEvent) -> None:
+        pv = self.patient(ev.patient_id)
+        self.counts["treatments"] += 1
+        if isinstance(ev, DoseEvent):
+            pv.dose = ev
+        else:
+            pv.steroids[ev.event_id] = ev
+
+    def note_pending(self, alert: Alert, action: AlertAction) -> None:
+        self.pending.setdefault(alert.alert_id, []).append(
+            {"action": action.action.value, "by": action.by, "at": action.at.isoformat(), "version": alert.version})
+        self.publish({"type": "pending", "alert_id": alert.alert_id})
+
+    # ------------------------------------------------------------------ SSE fan-out
+    def subscribe(self, maxsize: int = 256) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._subscribers.discard(q)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(message)
+            except asyncio.QueueFull:  # a slow client: tell it to reload the list
+                try:
+                    while True:
+                        q.get_nowait()
+                except asyncio.QueueEmpty:
+                    pass
+                q.put_nowait({"type": "resync"})
+
+    # ------------------------------------------------------------------ views
+    def ward_team(self, alert: Alert) -> tuple[str | None, str | None]:
+        pv = self.patients.get(alert.patient_id)
+        dose = pv.dose if pv else None
+        return (alert.ward or (dose.ward if dose else None), alert.care_team or (dose.care_team if dose else None))
+
+    def summary(self, alert: Alert) -> dict[str, Any]:
+        ward, team = self.ward_team(alert)
+        return {
+            "alert_id": alert.alert_id, "pseudonym": alert.pseudonym, "patient_ref": self.ref_of(alert.patient_id),
+            "rule_id": alert.rule_id, "severity": alert.severity.value, "grade": alert.grade,
+            "status": alert.status.value, "what": alert.text.what, "opened_at": alert.opened_at.isoformat(),
+            "updated_at": alert.updated_at.isoformat(), "version": alert.version, "ward": ward, "care_team": team,
+            "escalation_tier": alert.escalation_tier, "inhibited_by": alert.inhibited_by,
+            "silenced_until": alert.silenced_until.isoformat() if alert.silenced_until else None,
+            "open": alert.is_open, "pending": list(self.pending.get(alert.alert_id, [])),
+        }
+
+    def open_alerts(self, *, ward: str | None = None, team: str | None = None) -> list[Alert]:
+        out = []
+        for a in self.alerts.values():
+            if a.status not in OPEN_STATUSES:
+                continue
+            w, t = self.ward_team(a)
+            if ward and w != ward:
+                continue
+            if team and t != team:
+                continue
+            out.append(a)
+        # most severe first; within a severity, firing before acknowledged, then oldest first
+        out.sort(key=lambda a: (-a.severity.rank, a.status != "firing", a.opened_at))
+        return out
+
+    def facets(self) -> dict[str, list[str]]:
+        wards, teams = set(), set()
+        for a in self.alerts.values():
+            if a.is_open:
+                w, t = self.ward_team(a)
+                if w:
+                    wards.add(w)
+                if t:
+                    teams.add(t)
+        return {"wards": sorted(wards), "teams": sorted(teams)}
+
+    def detail(self, alert: Alert) -> dict[str, Any]:
+        d = self.summary(alert)
+        d.update({
+            "text": alert.text.model_dump(), "protocol": alert.protocol.model_dump(),
+            "evidence": [e.model_dump(mode="json") for e in alert.evidence],
+            "history": [h.model_dump(mode="json") for h in alert.history],
+            "closed_at": alert.closed_at.isoformat() if alert.closed_at else None,
+            "recipients": alert.current_recipients(),
+            "route_id": alert.route.get("id"),
+            "silence_reason": alert.silence_reason,
+        })
+        return d
+
+    def timeline(self, patient_id: str, now: datetime | None = None) -> dict[str, Any]:
+        """Series per analyte in days since dose; ALT/AST also as multiples of ULN; steroid phases;
+        alerts; overdue and upcoming samples."""
+        now = now or datetime.now(timezone.utc)
+        pv = self.patient(patient_id)
+        obs = sorted(pv.observations.values(), key=lambda o: o.effective_at)
+        if pv.dose is not None:
+            t0 = pv.dose.administered_at
+        elif obs:
+            t0 = obs[0].effective_at
+        else:
+            t0 = now
+
+        def day(t: datetime) -> float:
+            return round((t - t0).total_seconds() / 86400.0, 4)
+
+        series: dict[str, dict[str, Any]] = {}
+        for o in obs:
+            if o.value is None:
+                continue
+            s = series.setdefault(o.analyte, {"analyte": o.analyte, "unit": o.unit, "x": [], "y": [], "ids": []})
+            s["x"].append(day(o.effective_at))
+            s["y"].append(o.value)
+            if o.analyte in DEFAULT_ULN:
+                uln = o.reference_range.high if o.reference_range and o.reference_range.high else None
+                s.setdefault("uln", []).append(uln)
+        for a, s in series.items():
+            if a in DEFAULT_ULN:
+                known = [u for u in s["uln"] if u]
+                fallback = known[-1] if known else DEFAULT_ULN[a]
+                s["uln_assumed"] = not known
+                s["xuln"] = [round(y / (u or fallback), 3) for y, u in zip(s["y"], s["uln"])]
+            s.pop("ids", None)
+
+        steroids = sorted(pv.steroids.values(), key=lambda e: e.at)
+        phases = []
+        for i, ev in enumerate(steroids):
+            end = steroids[i + 1].at if i + 1 < len(steroids) else None
+            if ev.phase.value == "stopped":
+                continue
+            phases.append({"phase": ev.phase.value, "from": day(ev.at), "to": day(end) if end else None,
+                           "dose_mg_per_kg_day": ev.dose_mg_per_kg_day, "drug": ev.drug})
+
+        alerts = []
+        overdue = []
+        for a in sorted((a for a in self.alerts.values() if a.patient_id == patient_id), key=lambda a: a.opened_at):
+            # mark the alert where its evidence was taken (event time), not when it was processed
+            ev_times = [e.effective_at for e in a.evidence if e.effective_at is not None]
+            mark = min([a.opened_at, *ev_times])
+            alerts.append({"alert_id": a.alert_id, "day": day(mark), "opened_day": day(a.opened_at), "severity": a.severity.value,
+                           "status": a.status.value, "rule_id": a.rule_id, "what": a.text.what})
+            if a.rule_id == "schedule.overdue" and a.is_open:
+                for e in a.evidence:
+                    overdue.append({"analyte": e.analyte, "since_day": day(a.effective_at),
+                                    "last_day": day(e.effective_at) if e.effective_at else None,
+                                    "note": e.note, "alert_id": a.alert_id})
+        return {
+            "patient_ref": pv.ref, "dose_day0": t0.isoformat(), "has_dose": pv.dose is not None,
+            "product": pv.dose.product.value if pv.dose else None,
+            "ward": pv.dose.ward if pv.dose else None, "care_team": pv.dose.care_team if pv.dose else None,
+            "today": day(now), "series": series, "steroid_phases": phases, "alerts": alerts,
+            "overdue": overdue, "upcoming": self._upcoming(pv, series, now, day),
+            "panels": TIMELINE_PANELS,
+        }
+
+    def _upcoming(self, pv: PatientView, series: dict, now: datetime, day) -> list[dict[str, Any]]:
+        """Next due sample per schedule group from the protocol's schedule periods (simple: the
+        period containing today; anchor = latest sample of the group, or the dose)."""
+        if pv.dose is None:
+            return []
+        try:
+            from alerts.protocol import protocol_for_product
+
+            proto = protocol_for_product(pv.dose.product, self._protocols)
+        except Exception:  # pragma: no cover - protocol problems must not break the page
+            return []
+        today = day(now)
+        out = []
+        for sch in proto.schedules:
+            period = next((p for p in sch.periods if p.from_day <= today < p.to_day and not p.steroid_phases
+                           and p.phase_days is None), None)
+            if period is None:
+                continue
+            lasts = [series[a]["x"][-1] for a in sch.analytes if a in series and series[a]["x"]]
+            anchor = max(lasts) if lasts else 0.0
+            due = max(anchor, 0.0) + period.every_days
+            out.append({"group": sch.group, "analytes": sch.analytes, "due_day": round(due, 2),
+                        "overdue": today > due + sch.grace_hours / 24.0, "every_days": period.every_days})
+        return out

@@ -1,0 +1,510 @@
+"""Pages and JSON API of the nurse inbox (aiohttp handlers). Templates are plain Python strings,
+every interpolated value passes through :func:`html.escape`.
+
+Pages: ``/login``, ``/`` (inbox), ``/alerts/{alert_id}`` (detail), ``/patients/{ref}`` (timeline).
+API: ``/api/me``, ``/api/alerts``, ``/api/alerts/{alert_id}``, ``POST /api/alerts/{alert_id}/actions``,
+``/api/patients/{ref}/timeline``, ``/api/stream`` (server-sent events), ``/api/admin/status`` (admin).
+URLs carry only the alert id (a hash) and an opaque patient reference (HMAC of the patient id).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import uuid
+from datetime import datetime, timedelta, timezone
+from html import escape
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from schemas.alert import ActionKind, Alert, AlertAction, Role
+from schemas.findings import Severity
+
+from .auth import (
+    AUTH_KEY, CSRF_FIELD, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Session, allowed_actions, current_session, may,
+    require_role,
+)
+from .store import InboxStore
+
+STORE_KEY = web.AppKey("inbox_store", InboxStore)
+PUBLISH_KEY = web.AppKey("inbox_publish", object)  # async callable(AlertAction) -> None
+STATUS_KEY = web.AppKey("inbox_status", dict)
+
+MAX_SILENCE = timedelta(days=7)
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_REF_RE = re.compile(r"^p-[0-9a-f]{24}$")
+ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "Escalate", "resolve": "Resolve",
+                 "silence": "Silence"}
+
+
+def _e(v: Any) -> str:
+    return escape("" if v is None else str(v), quote=True)
+
+
+def _fmt_time(v: datetime | str | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v)
+    return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def page(title: str, body: str, *, sess: Session | None = None, scripts: tuple[str, ...] = (),
+         page_id: str = "", data: dict[str, str] | None = None) -> str:
+    user = ""
+    csrf_meta = ""
+    if sess is not None:
+        csrf_meta = f'<meta name="csrf-token" content="{_e(sess.csrf_token)}">'
+        user = (f'<div class="user"><span class="who">{_e(sess.display_name)} '
+                f'<span class="role role-{_e(sess.role.value)}">{_e(sess.role.value)}</span></span>'
+                f'<form method="post" action="/logout" class="inline">'
+                f'<input type="hidden" name="{CSRF_FIELD}" value="{_e(sess.csrf_token)}">'
+                f'<button type="submit" class="btn btn-quiet">Sign out</button></form></div>')
+    attrs = " ".join(f'data-{_e(k)}="{_e(v)}"' for k, v in (data or {}).items())
+    tags = "".join(f'<script src="/static/{_e(s)}" defer></script>' for s in scripts)
+    nav = ('<nav aria-label="Main"><a href="/" class="brand">SMA gene therapy monitor '
+           '<span class="sub">nurse inbox</span></a></nav>') if sess else '<span class="brand">SMA gene therapy monitor</span>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)} - SMA monitor</title>{csrf_meta}
+<link rel="stylesheet" href="/static/uPlot.min.css"><link rel="stylesheet" href="/static/inbox.css">{tags}
+</head><body id="{_e(page_id)}" {attrs}>
+<a class="skip" href="#main">Skip to content</a>
+<header class="top">{nav}{user}</header>
+<main id="main" tabindex="-1">{body}</main>
+</body></html>"""
+
+
+def html_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+
+
+# --------------------------------------------------------------------------- login / logout
+
+
+def _login_form(csrf: str, error: str = "", username: str = "") -> str:
+    err = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+    return f"""<section class="card login">
+<h1>Sign in</h1>{err}
+<form method="post" action="/login" id="login-form">
+<input type="hidden" name="{CSRF_FIELD}" value="{_e(csrf)}">
+<label for="username">User name</label>
+<input id="username" name="username" autocomplete="username" required autofocus value="{_e(username)}">
+<label for="password">Password</label>
+<input id="password" name="password" type="password" autocomplete="current-password" required>
+<button type="submit" class="btn btn-primary">Sign in</button>
+</form></section>"""
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    cfg = request.app[AUTH_KEY]
+    if cfg.sessions.get(request.cookies.get(SESSION_COOKIE), touch=False):
+        raise web.HTTPFound("/")
+    # reuse the pending token so two tabs (or a re-fetch of the page) keep working
+    existing = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    csrf = existing if re.fullmatch(r"[A-Za-z0-9_-]{32}", existing) else secrets.token_urlsafe(24)
+    resp = html_response(page("Sign in", _login_form(csrf), page_id="page-login"))
+    cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+    return resp
+
+
+def _client_address(request: web.Request) -> str:
+    cfg = request.app[AUTH_KEY]
+    if cfg.trust_proxy and request.headers.get("X-Forwarded-For"):
+        return request.headers["X-Forwarded-For"].split(",")[0].strip()
+    return request.remote or "?"
+
+
+async def login_submit(request: web.Request) -> web.StreamResponse:
+    cfg = request.app[AUTH_KEY]
+    form = await request.post()
+    username = str(form.get("username", ""))[:128].strip()
+    password = str(form.get("password", ""))[:1024]
+    sent = str(form.get(CSRF_FIELD, ""))
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not sent or not cookie or not secrets.compare_digest(sent, cookie):
+        return html_response(page("Sign in", "<p class='error' role='alert'>Your sign-in form expired. "
+                                  "<a href='/login'>Try again</a>.</p>", page_id="page-login"), status=403)
+    addr = _client_address(request)
+    wait = cfg.throttle.retry_after(username, addr)
+    if wait > 0:
+        csrf = secrets.token_urlsafe(24)
+        resp = html_response(page("Sign in", _login_form(csrf, f"Too many failed attempts. Try again in "
+                                                           f"{int(wait) + 1} seconds.", username),
+                                  page_id="page-login"), status=429)
+        resp.headers["Retry-After"] = str(int(wait) + 1)
+        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        return resp
+    user = await asyncio.get_running_loop().run_in_executor(None, cfg.users.authenticate, username, password)
+    if user is None:
+        cfg.throttle.failure(username, addr)
+        csrf = secrets.token_urlsafe(24)
+        resp = html_response(page("Sign in", _login_form(csrf, "User name or password is wrong.", username),
+                                  page_id="page-login"), status=401)
+        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        return resp
+    cfg.throttle.success(username, addr)
+    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))  # no session fixation
+    token, _ = cfg.sessions.create(user)
+    resp = web.Response(status=303, headers={"Location": "/"})
+    cfg.set_cookie(request, resp, SESSION_COOKIE, token)
+    resp.del_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return resp
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    cfg = request.app[AUTH_KEY]
+    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))
+    resp = web.Response(status=303, headers={"Location": "/login"})
+    resp.del_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+# --------------------------------------------------------------------------- pages
+
+
+async def inbox_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    body = """<h1>Open alerts</h1>
+<form class="filters" id="filters" role="search" aria-label="Filter alerts">
+<label for="f-ward">Ward</label><select id="f-ward" name="ward"><option value="">All wards</option></select>
+<label for="f-team">Care team</label><select id="f-team" name="team"><option value="">All teams</option></select>
+<span class="live" id="live-state" aria-live="polite">Connecting...</span>
+</form>
+<p class="count" id="alert-count" aria-live="polite"></p>
+<div class="table-wrap"><table class="alerts" id="alert-table">
+<caption class="sr-only">Open alerts, most severe first, then oldest first</caption>
+<thead><tr><th scope="col">Severity</th><th scope="col">Alert</th><th scope="col">Ward / team</th>
+<th scope="col">Age</th><th scope="col">Status</th></tr></thead>
+<tbody id="alert-rows"><tr><td colspan="5">Loading...</td></tr></tbody></table></div>
+<p class="empty hidden" id="no-alerts">No open alerts.</p>"""
+    return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox"))
+
+
+def _alert_or_404(request: web.Request) -> Alert:
+    alert_id = request.match_info["alert_id"]
+    if not _ID_RE.match(alert_id):
+        raise web.HTTPNotFound(text="no such alert")
+    alert = request.app[STORE_KEY].alerts.get(alert_id)
+    if alert is None:
+        raise web.HTTPNotFound(text="no such alert")
+    return alert
+
+
+def _evidence_rows(d: dict) -> str:
+    rows = []
+    for e in d["evidence"]:
+        limit = f"{e.get('comparison') or ''} {_num(e.get('limit'))} {e.get('limit_unit') or ''}".strip()
+        mult = f"{e['multiple']:.2f}x {'ULN' if e.get('basis') == 'uln' else e.get('basis') or ''}" \
+            if e.get("multiple") is not None else ""
+        rows.append(
+            f"<tr><th scope='row'>{_e(e['analyte'])}</th><td class='num'>{_e(_num(e.get('value')))}</td>"
+            f"<td>{_e(e.get('unit'))}</td><td>{_e(limit)}</td><td>{_e(mult)}</td><td>{_e(e.get('basis'))}</td>"
+            f"<td>{_e(_fmt_time(e.get('effective_at')))}</td><td>{_e(e.get('note'))}</td></tr>")
+    if not rows:
+        rows.append("<tr><td colspan='8'>No evidence recorded.</td></tr>")
+    return "".join(rows)
+
+
+def _history_rows(d: dict) -> str:
+    rows = []
+    for h in reversed(d["history"]):
+        change = ""
+        if h.get("from_status") or h.get("to_status"):
+            change = f"{h.get('from_status') or ''} &rarr; {_e(h.get('to_status') or '')}"
+        rows.append(f"<tr><td>{_e(_fmt_time(h['at']))}</td><td>{_e(h['action'])}</td><td>{_e(h['by'])}"
+                    f"{' (' + _e(h['role']) + ')' if h.get('role') else ''}</td><td>{change}</td>"
+                    f"<td>{_e(h.get('severity'))}</td><td>{_e(h.get('note'))}</td></tr>")
+    return "".join(rows) or "<tr><td colspan='6'>No history.</td></tr>"
+
+
+def _action_forms(d: dict, sess: Session) -> str:
+    allowed = allowed_actions(sess.role, d["severity"], d["open"])
+    tok = f'<input type="hidden" name="{CSRF_FIELD}" value="{_e(sess.csrf_token)}">'
+    url = f"/api/alerts/{_e(d['alert_id'])}/actions"
+    parts = []
+
+    def form(kind: str, inner: str, cls: str = "btn") -> str:
+        return (f'<form method="post" action="{url}" class="action-form" data-action="{kind}" id="form-{kind}">'
+                f'{tok}<input type="hidden" name="action" value="{kind}">{inner}'
+                f'<button type="submit" class="{cls}" id="btn-{kind}">{ACTION_LABELS[kind]}</button></form>')
+
+    if "acknowledge" in allowed and d["status"] == "firing":
+        parts.append(form("acknowledge", "", "btn btn-primary"))
+    if "escalate" in allowed:
+        parts.append(form("escalate", '<label for="escalate-reason">Reason (optional)</label>'
+                                      '<input id="escalate-reason" name="reason" maxlength="500">'))
+    if "note" in allowed:
+        parts.append(form("note", '<label for="note-text">Note</label>'
+                                  '<textarea id="note-text" name="reason" rows="2" required maxlength="2000"></textarea>'))
+    if "resolve" in allowed:
+        parts.append(form("resolve", '<label for="resolve-reason">Reason for resolving</label>'
+                                     '<textarea id="resolve-reason" name="reason" rows="2" required maxlength="2000">'
+                                     '</textarea>'))
+    elif d["open"]:
+        parts.append('<p class="hint">Resolving a high or critical alert needs a physician.</p>')
+    if "silence" in allowed:
+        parts.append(form("silence", '<label for="silence-until">Silence until (UTC)</label>'
+                                     '<input id="silence-until" name="until" type="datetime-local" required>'
+                                     '<label for="silence-reason">Reason</label>'
+                                     '<input id="silence-reason" name="reason" required maxlength="500">'))
+    return "".join(parts)
+
+
+async def alert_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    alert = _alert_or_404(request)
+    d = store.detail(alert)
+    pending = "".join(f"<li>{_e(p['action'])} sent by {_e(p['by'])} at {_e(_fmt_time(p['at']))}</li>"
+                      for p in d["pending"])
+    sent = request.query.get("sent")
+    notice = (f'<p class="notice" role="status">{_e(ACTION_LABELS.get(sent, sent))} sent.</p>'
+              if sent in ACTION_LABELS else "")
+    body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
+<article class="alert-detail sev-{_e(d['severity'])}" data-alert-id="{_e(d['alert_id'])}">
+<header class="alert-head">
+<span class="badge sev-{_e(d['severity'])}">{_e(d['severity'])}{' grade ' + _e(d['grade']) if d['grade'] else ''}</span>
+<span class="status status-{_e(d['status'])}" id="alert-status">{_e(d['status'])}</span>
+<h1 id="alert-title">{_e(d['text']['what'])}</h1>
+<p class="meta">Alert {_e(d['pseudonym'])} &middot; rule <code>{_e(d['rule_id'])}</code> &middot;
+opened {_e(_fmt_time(d['opened_at']))} &middot; updated {_e(_fmt_time(d['updated_at']))} &middot; version {_e(d['version'])}
+&middot; {_e(d['ward'] or 'no ward')} / {_e(d['care_team'] or 'no team')}</p>
+</header>
+<div id="action-status" role="status" aria-live="polite">{notice}</div>
+<ul class="pending" id="pending">{pending}</ul>
+<section class="nurse-text card" aria-labelledby="h-text"><h2 id="h-text" class="sr-only">For the nurse</h2>
+<dl><dt>What happened</dt><dd>{_e(d['text']['what'])}</dd>
+<dt>Why it matters</dt><dd>{_e(d['text']['why'])}</dd>
+<dt>What the protocol says to do</dt><dd class="todo">{_e(d['text']['action'])}</dd></dl></section>
+<section class="card actions" aria-labelledby="h-actions"><h2 id="h-actions">Actions</h2>{_action_forms(d, sess)}</section>
+<section class="card" aria-labelledby="h-ev"><h2 id="h-ev">Evidence</h2><div class="table-wrap"><table class="evidence">
+<thead><tr><th scope="col">Analyte</th><th scope="col">Value</th><th scope="col">Unit</th><th scope="col">Limit</th>
+<th scope="col">Multiple</th><th scope="col">Basis</th><th scope="col">Taken</th><th scope="col">Note</th></tr></thead>
+<tbody>{_evidence_rows(d)}</tbody></table></div></section>
+<section class="card" aria-labelledby="h-course"><h2 id="h-course">Course since dose</h2>
+<p><a href="/patients/{_e(d['patient_ref'])}" id="timeline-link">Full patient timeline</a></p>
+<div class="charts" id="charts" data-patient-ref="{_e(d['patient_ref'])}" data-panels="liver"></div></section>
+<section class="card" aria-labelledby="h-proto"><h2 id="h-proto">Protocol and routing</h2><dl class="inline-dl">
+<dt>Protocol</dt><dd id="protocol">{_e(d['protocol']['id'])} version {_e(d['protocol']['version'])}</dd>
+<dt>Route</dt><dd>{_e(d['route_id'])}, tier {_e(d['escalation_tier'])}</dd>
+<dt>Now with</dt><dd>{_e(', '.join(d['recipients']))}</dd>
+{'<dt>Held back by</dt><dd>' + _e(d['inhibited_by']) + '</dd>' if d['inhibited_by'] else ''}
+{'<dt>Silenced until</dt><dd>' + _e(_fmt_time(d['silenced_until'])) + ' - ' + _e(d['silence_reason']) + '</dd>' if d['silenced_until'] else ''}
+</dl></section>
+<section class="card" aria-labelledby="h-hist"><h2 id="h-hist">History</h2><div class="table-wrap"><table class="history">
+<thead><tr><th scope="col">When</th><th scope="col">What</th><th scope="col">By</th><th scope="col">Status</th>
+<th scope="col">Severity</th><th scope="col">Note</th></tr></thead><tbody>{_history_rows(d)}</tbody></table></div></section>
+</article>"""
+    return html_response(page(d["text"]["what"], body, sess=sess, scripts=("uPlot.iife.min.js", "inbox.js",
+                                                                            "timeline.js"),
+                              page_id="page-alert", data={"alert-id": d["alert_id"], "version": str(d["version"])}))
+
+
+def _patient_or_404(request: web.Request) -> str:
+    ref = request.match_info["ref"]
+    pid = request.app[STORE_KEY].by_ref.get(ref) if _REF_RE.match(ref) else None
+    if pid is None:
+        raise web.HTTPNotFound(text="no such patient")
+    return pid
+
+
+async def patient_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    pid = _patient_or_404(request)
+    pv = store.patient(pid)
+    dose = pv.dose
+    info = (f"{_e(dose.product.value)} dosed {_e(_fmt_time(dose.administered_at))} &middot; "
+            f"{_e(dose.ward or 'no ward')} / {_e(dose.care_team or 'no team')}") if dose else "No dose recorded."
+    body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
+<h1>Patient timeline</h1><p class="meta">{info}</p>
+<section class="card" aria-labelledby="h-sched"><h2 id="h-sched">Samples due</h2><div id="schedule">Loading...</div></section>
+<section class="card" aria-labelledby="h-alerts"><h2 id="h-alerts">Alerts</h2><ul id="patient-alerts" class="plain"></ul></section>
+<div class="charts" id="charts" data-patient-ref="{_e(pv.ref)}" data-panels="all"></div>"""
+    return html_response(page("Patient timeline", body, sess=sess,
+                              scripts=("uPlot.iife.min.js", "inbox.js", "timeline.js"), page_id="page-patient"))
+
+
+# --------------------------------------------------------------------------- API
+
+
+async def api_me(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    return web.json_response({"username": sess.username, "display_name": sess.display_name,
+                              "role": sess.role.value, "csrf_token": sess.csrf_token})
+
+
+async def api_alerts(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    ward = request.query.get("ward") or None
+    team = request.query.get("team") or None
+    alerts = [store.summary(a) for a in store.open_alerts(ward=ward, team=team)]
+    return web.json_response({"alerts": alerts, "facets": store.facets(), "count": len(alerts),
+                              "now": datetime.now(timezone.utc).isoformat()})
+
+
+async def api_alert(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    alert = _alert_or_404(request)
+    d = request.app[STORE_KEY].detail(alert)
+    d["allowed_actions"] = allowed_actions(sess.role, d["severity"], d["open"])
+    return web.json_response(d)
+
+
+async def api_timeline(request: web.Request) -> web.Response:
+    pid = _patient_or_404(request)
+    return web.json_response(request.app[STORE_KEY].timeline(pid))
+
+
+def _bad(request: web.Request, status: int, message: str, form: bool) -> web.StreamResponse:
+    if form:
+        return web.Response(status=status, text=message, content_type="text/plain")
+    return web.json_response({"error": message}, status=status)
+
+
+def _parse_until(raw: Any) -> datetime | None:
+    if raw in (None, ""):
+        return None
+    t = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+async def api_action(request: web.Request) -> web.StreamResponse:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    alert = _alert_or_404(request)
+    is_form = request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data")
+    try:
+        body: dict[str, Any] = dict(await request.post()) if is_form else await request.json()
+        if not isinstance(body, dict):
+            raise ValueError
+    except (ValueError, json.JSONDecodeError):
+        return _bad(request, 400, "expected a JSON object", is_form)
+    try:
+        kind = ActionKind(str(body.get("action", "")))
+    except ValueError:
+        return _bad(request, 400, "unknown action", is_form)
+    if not may(sess.role, kind, alert.severity):
+        return _bad(request, 403, f"a {sess.role.value} may not {kind.value} a {alert.severity.value} alert", is_form)
+    if kind == ActionKind.SILENCE and alert.severity == Severity.CRITICAL:
+        return _bad(request, 409, "critical alerts cannot be silenced", is_form)
+    if kind != ActionKind.NOTE and not alert.is_open:
+        return _bad(request, 409, f"alert is {alert.status.value}", is_form)
+    reason = body.get("reason")
+    reason = str(reason).strip()[:2000] if reason not in (None, "") else None
+    if kind in (ActionKind.RESOLVE, ActionKind.NOTE, ActionKind.SILENCE) and not reason:
+        return _bad(request, 400, f"{kind.value} needs a reason", is_form)
+    now = datetime.now(timezone.utc)
+    try:
+        until = _parse_until(body.get("until"))
+    except ValueError:
+        return _bad(request, 400, "invalid 'until'", is_form)
+    if kind == ActionKind.SILENCE:
+        if until is None or until <= now or until - now > MAX_SILENCE:
+            return _bad(request, 400, "a silence needs an expiry in the future, at most 7 days away", is_form)
+    try:
+        action = AlertAction(action=kind, alert_id=alert.alert_id, patient_id=alert.patient_id, by=sess.username,
+                             role=sess.role, at=now, reason=reason,
+                             until=until if kind == ActionKind.SILENCE else None, action_id=uuid.uuid4().hex)
+    except ValidationError as exc:
+        return _bad(request, 400, exc.errors()[0].get("msg", "invalid action"), is_form)
+    publish: Callable[[AlertAction], Awaitable[None]] = request.app[PUBLISH_KEY]  # type: ignore[assignment]
+    try:
+        await publish(action)
+    except Exception:
+        return _bad(request, 503, "the action could not be sent; try again", is_form)
+    store.note_pending(alert, action)
+    if is_form:
+        raise web.HTTPSeeOther(f"/alerts/{alert.alert_id}?sent={kind.value}")
+    out = action.model_dump(mode="json")
+    out.pop("patient_id", None)
+    return web.json_response({"status": "sent", "action": out}, status=202)
+
+
+async def api_admin_status(request: web.Request) -> web.Response:
+    require_role(request, Role.ADMIN)
+    cfg = request.app[AUTH_KEY]
+    store = request.app[STORE_KEY]
+    return web.json_response({"sessions": len(cfg.sessions), "counts": store.counts,
+                              "alerts": len(store.alerts), "patients": len(store.patients),
+                              **request.app[STATUS_KEY]})
+
+
+async def api_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``alert`` (a changed alert's summary), ``pending``, ``resync``."""
+    cfg = request.app[AUTH_KEY]
+    token = request.cookies.get(SESSION_COOKIE)
+    store = request.app[STORE_KEY]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                       "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
+    await resp.prepare(request)
+    q = store.subscribe()
+    try:
+        await resp.write(b"retry: 3000\nevent: hello\ndata: {}\n\n")
+        while True:
+            try:
+                msg = await asyncio.wait_for(q.get(), timeout=15.0)
+            except asyncio.TimeoutError:
+                if cfg.sessions.get(token, touch=False) is None:
+                    await resp.write(b"event: logout\ndata: {}\n\n")
+                    break
+                await resp.write(b": keepalive\n\n")
+                continue
+            if msg.get("type") == "shutdown":
+                break
+            if cfg.sessions.get(token, touch=False) is None:
+                await resp.write(b"event: logout\ndata: {}\n\n")
+                break
+            data = json.dumps(msg, separators=(",", ":"))
+            await resp.write(f"event: {msg.get('type', 'message')}\ndata: {data}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        store.unsubscribe(q)
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, **request.app[STATUS_KEY]})
+
+
+def add_routes(app: web.Application, static_dir: str) -> None:
+    r = app.router
+    r.add_get("/login", login_page)
+    r.add_post("/login", login_submit)
+    r.add_post("/logout", logout)
+    r.add_get("/healthz", healthz)
+    r.add_get("/", inbox_page)
+    r.add_get("/alerts/{alert_id}", alert_page)
+    r.add_get("/patients/{ref}", patient_page)
+    r.add_get("/api/me", api_me)
+    r.add_get("/api/alerts", api_alerts)
+    r.add_get("/api/alerts/{alert_id}", api_alert)
+    r.add_post("/api/alerts/{alert_id}/actions", api_action)
+    r.add_get("/api/patients/{ref}/timeline", api_timeline)
+    r.add_get("/api/stream", api_stream)
+    r.add_get("/api/admin/status", api_admin_status)
+    r.add_static("/static/", static_dir, show_index=False, append_version=False)
+
+
+#: every route that needs a session, for tests: (method, path)
+PROTECTED_ROUTES = [
+    ("GET", "/"), ("GET", "/alerts/{alert_id}"), ("GET", "/patients/{ref}"), ("POST", "/logout"),
+    ("GET", "/api/me"), ("GET", "/api/alerts"), ("GET", "/api/alerts/{alert_id}"),
+    ("POST", "/api/alerts/{alert_id}/actions"), ("GET", "/api/patients/{ref}/timeline"), ("GET", "/api/stream"),
+    ("GET", "/api/admin/status"),
+]

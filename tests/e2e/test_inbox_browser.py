@@ -1,0 +1,302 @@
+"""The nurse inbox end to end: real broker, the inbox as its own process, real headless Chromium.
+
+A nurse signs in, sees a new alert appear live (server-sent events, no reload), opens it, the
+chart is drawn, acknowledges it; the acknowledgement is then read from the ``alert-actions``
+topic through the real broker. Also: anonymous requests to every route get 401/redirect, a nurse
+is refused admin actions, a POST without the CSRF token is refused. Screenshots are saved to
+``artifacts/screenshots/``.
+
+Needs Debian ``chromium`` (``deploy/local/install-debs.sh chromium chromium-driver``) and the
+``playwright`` Python package (no ``playwright install``: the system Chromium is used).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PASSWORDS = {"nurse1": "nurse-pass-e2e", "admin1": "admin-pass-e2e"}
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _need_browser():
+    if not Path(CHROMIUM).exists():
+        subprocess.run([str(ROOT / "deploy/local/install-debs.sh"), "chromium", "chromium-driver"], check=False)
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed")
+    pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scenario(patient: str, days: int):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_inbox import scenario
+
+    return scenario(patient, datetime.now(timezone.utc) - timedelta(days=days), days, ward="picu",
+                    care_team="sma-gene-therapy", vitals_every_hours=12)
+
+
+class InboxProcess:
+    def __init__(self, bootstrap: str, topics: dict[str, str], tmp: Path):
+        from monitor.inbox.auth import hash_password
+
+        users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse",
+                  "password_hash": hash_password(PASSWORDS["nurse1"], n=2**12)},
+                 {"username": "admin1", "role": "admin", "password_hash": hash_password(PASSWORDS["admin1"], n=2**12)}]
+        users_file = tmp / "users.json"
+        users_file.write_text(json.dumps({"users": users}))
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, TOPIC_ALERTS=topics["alerts"],
+                   TOPIC_ALERT_ACTIONS=topics["alert-actions"], TOPIC_OBSERVATIONS=topics["observations"],
+                   TOPIC_TREATMENTS=topics["treatments"], INBOX_USERS_FILE=str(users_file),
+                   INBOX_SECRET=uuid.uuid4().hex, INBOX_PORT=str(self.port), INBOX_HOST="127.0.0.1",
+                   PYTHONPATH=str(ROOT))
+        self.log = open(tmp / "inbox.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "monitor.inbox.app", "serve"], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.tmp = tmp
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("inbox exited: " + (self.tmp / "inbox.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(self.base + "/healthz", timeout=2) as r:
+                    status = json.loads(r.read())
+                if status.get("caught_up"):
+                    return status
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("inbox not ready: " + (self.tmp / "inbox.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+
+
+def _producer(bootstrap: str):
+    from kafka import KafkaProducer
+
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+
+
+def _send(producer, topic: str, key: str, payload: str) -> None:
+    producer.send(topic, key=key.encode(), value=payload.encode()).get(timeout=30)
+
+
+def _actions(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                             enable_auto_commit=False, consumer_timeout_ms=int(timeout * 1000))
+    out = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not out:
+            for tp, msgs in consumer.poll(timeout_ms=1000).items():
+                out.extend(msgs)
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.fixture
+def inbox(kafka_bootstrap, topic_factory, tmp_path):
+    _need_browser()
+    topics = topic_factory("alerts", "alert-actions", "observations", "treatments", prefix=f"inbox{uuid.uuid4().hex[:8]}")
+    procs = []
+
+    def start() -> InboxProcess:
+        p = InboxProcess(kafka_bootstrap, topics, tmp_path)
+        procs.append(p)
+        p.wait_ready()
+        return p
+
+    yield topics, start
+    for p in procs:
+        p.stop()
+
+
+def _login(page, base: str, user: str) -> None:
+    page.goto(base + "/login")
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(PASSWORDS[user])
+    page.keyboard.press("Enter")  # keyboard only
+    page.wait_for_url(base + "/")
+
+
+def _canvas_ink(page, selector: str) -> int:
+    """Number of painted (non-transparent) pixels in the first canvas under ``selector``."""
+    return page.evaluate("""(sel) => {
+        const c = document.querySelector(sel + ' canvas');
+        if (!c || !c.width || !c.height) return 0;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return n; }""", selector)
+
+
+def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstrap):
+    from playwright.sync_api import sync_playwright
+
+    topics, start = inbox
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    patient = f"e2e-{uuid.uuid4().hex[:8]}"
+    treatments, observations, alerts = _scenario(patient, 30)
+    open_liver = [a for a in alerts if a.is_open and a.rule_id.startswith("liver.")]
+    assert open_liver, [a.rule_id for a in alerts]
+    alert = max(open_liver, key=lambda a: (a.severity.rank, a.version))
+    producer = _producer(kafka_bootstrap)
+    for ev in treatments:
+        _send(producer, topics["treatments"], patient, ev.model_dump_json())
+    for o in observations:
+        _send(producer, topics["observations"], patient, o.model_dump_json())
+    producer.flush()
+    proc = start()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1024, "height": 768})  # landscape tablet
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        _login(page, proc.base, "nurse1")
+        page.wait_for_selector("#live-state.on", timeout=15_000)  # SSE connected
+        page.wait_for_selector("#no-alerts:not(.hidden)")
+        page.screenshot(path=str(SHOTS / "01-inbox-empty.png"))
+        page.evaluate("window.__noReload = 'still-here'")
+
+        # the alert arrives on the alerts topic while the page is open
+        _send(producer, topics["alerts"], patient, alert.model_dump_json())
+        row = page.wait_for_selector(f'tr[data-alert-id="{alert.alert_id}"]', timeout=20_000)
+        assert page.evaluate("window.__noReload") == "still-here"  # live, no reload
+        assert alert.text.what.split(".")[0] in row.inner_text()
+        assert patient not in page.content()
+        page.screenshot(path=str(SHOTS / "02-inbox-live-alert.png"))
+
+        # open it (keyboard: focus the link, Enter)
+        page.focus(f'tr[data-alert-id="{alert.alert_id}"] a.what')
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"{proc.base}/alerts/{alert.alert_id}")
+        assert patient not in page.url
+        page.wait_for_selector("#charts[data-rendered]", timeout=15_000)
+        assert int(page.get_attribute("#charts", "data-rendered")) >= 1
+        assert _canvas_ink(page, '#charts [data-panel="liver"]') > 2000, "liver chart not drawn"
+        assert page.inner_text("#protocol") == f"{alert.protocol.id} version {alert.protocol.version}"
+        assert alert.text.action[:30] in page.inner_text(".nurse-text")
+        assert page.locator("table.evidence tbody tr").count() == len(alert.evidence)
+        assert page.locator('[data-action="silence"]').count() == 0  # nurse: no admin action
+        page.screenshot(path=str(SHOTS / "03-alert-detail.png"), full_page=True)
+
+        page.click("#btn-acknowledge")
+        page.wait_for_selector("#action-status .notice", timeout=15_000)
+        assert "Acknowledge sent" in page.inner_text("#action-status")
+        page.screenshot(path=str(SHOTS / "04-acknowledged.png"), full_page=True)
+
+        # the timeline page, portrait tablet
+        page.set_viewport_size({"width": 768, "height": 1024})
+        page.click("#timeline-link")
+        page.wait_for_selector("#charts[data-rendered]", timeout=15_000)
+        assert int(page.get_attribute("#charts", "data-rendered")) >= 7
+        assert _canvas_ink(page, '#charts [data-panel="liver"]') > 2000
+        assert patient not in page.url and patient not in page.content()
+        page.screenshot(path=str(SHOTS / "05-patient-timeline-portrait.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
+
+    # the acknowledgement, through the real broker
+    msgs = _actions(kafka_bootstrap, topics["alert-actions"])
+    assert len(msgs) == 1, msgs
+    m = msgs[0]
+    assert m.key == patient.encode()
+    action = json.loads(m.value)
+    assert action["action"] == "acknowledge"
+    assert action["alert_id"] == alert.alert_id
+    assert action["by"] == "nurse1" and action["role"] == "nurse"
+    assert action["patient_id"] == patient and action["action_id"]
+    producer.close()
+
+
+def test_routes_refuse_anonymous_nurse_refused_admin_and_forged_post(inbox, kafka_bootstrap):
+    from playwright.sync_api import sync_playwright
+
+    from monitor.inbox.views import PROTECTED_ROUTES
+
+    topics, start = inbox
+    patient = f"e2e-{uuid.uuid4().hex[:8]}"
+    treatments, observations, alerts = _scenario(patient, 21)
+    alert = [a for a in alerts if a.is_open][-1]
+    producer = _producer(kafka_bootstrap)
+    for ev in treatments:
+        _send(producer, topics["treatments"], patient, ev.model_dump_json())
+    _send(producer, topics["alerts"], patient, alert.model_dump_json())
+    producer.close()
+    proc = start()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ctx = browser.new_context()
+        page = ctx.new_page()
+        # anonymous: every page redirects to login, every API answers 401
+        for method, template in PROTECTED_ROUTES:
+            path = template.replace("{alert_id}", alert.alert_id).replace("{ref}", "p-" + "0" * 24)
+            r = ctx.request.fetch(proc.base + path, method=method, max_redirects=0)
+            if path.startswith("/api/") or method == "POST":
+                assert r.status == 401, (method, path, r.status)
+            else:
+                assert r.status == 302 and r.headers["location"] == "/login", (method, path, r.status)
+        page.goto(proc.base + f"/alerts/{alert.alert_id}")
+        assert page.url == proc.base + "/login"
+        page.screenshot(path=str(SHOTS / "00-login.png"))
+
+        _login(page, proc.base, "nurse1")
+        url = f"{proc.base}/api/alerts/{alert.alert_id}/actions"
+        csrf = page.get_attribute('meta[name="csrf-token"]', "content")
+        # forged: no token, wrong token, another origin
+        r = ctx.request.post(url, data=json.dumps({"action": "acknowledge"}),
+                             headers={"Content-Type": "application/json"})
+        assert r.status == 403
+        r = ctx.request.post(url, form={"action": "acknowledge", "csrf_token": "forged"})
+        assert r.status == 403
+        r = ctx.request.post(url, data=json.dumps({"action": "acknowledge"}),
+                             headers={"Content-Type": "application/json", "X-CSRF-Token": csrf,
+                                      "Origin": "https://evil.example"})
+        assert r.status == 403
+        # a nurse cannot reach admin actions, even with a valid token
+        until = (datetime.now(timezone.utc) + timedelta(hours=2)).isoformat()
+        r = ctx.request.post(url, data=json.dumps({"action": "silence", "until": until, "reason": "x"}),
+                             headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
+        assert r.status == 403
+        assert ctx.request.get(proc.base + "/api/admin/status").status == 403
+        page.goto(proc.base + f"/alerts/{alert.alert_id}")
+        assert page.locator('[data-action="silence"]').count() == 0
+        browser.close()
+    assert _actions(kafka_bootstrap, topics["alert-actions"], timeout=3) == []

@@ -1,0 +1,389 @@
+"""Nurse inbox: password hashing, sessions, CSRF, roles, throttling; every route refuses anonymous users."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from monitor.inbox.app import create_inbox_app, main as inbox_main
+from monitor.inbox.auth import (
+    LoginThrottle, SessionStore, User, UserDirectory, allowed_actions, hash_password, may, verify_password,
+)
+from monitor.inbox.store import InboxStore
+from monitor.inbox.views import PROTECTED_ROUTES
+from monitor.settings import Settings
+from schemas.alert import Alert, AlertAction, AlertText, Role
+from schemas.events import DoseEvent
+from schemas.findings import Evidence, ProtocolRef
+
+FAST = dict(n=2**10)  # cheap scrypt for tests (the default is 2**14)
+PW = {"nurse1": "nurse-pass-1", "doc1": "doctor-pass-1", "admin1": "admin-pass-1"}
+SECRET = b"test-secret"
+NOW = datetime.now(timezone.utc)
+
+
+def _alert(alert_id: str, patient: str, severity: str = "high", status: str = "firing", version: int = 1) -> Alert:
+    return Alert(
+        alert_id=alert_id, patient_id=patient, rule_id="liver.alt_increased", episode=1, severity=severity,
+        status=status, protocol=ProtocolRef(id="onasemnogene-abeparvovec-iv", version="1.0.0"),
+        evidence=[Evidence(observation_id="o1", analyte="alt", value=260, unit="U/L", limit=200, limit_unit="U/L",
+                           comparison=">", basis="uln", multiple=6.5, effective_at=NOW)],
+        opened_at=NOW - timedelta(hours=2), updated_at=NOW, effective_at=NOW, route={"id": "ward-nurse", "tiers": []},
+        text=AlertText(what="ALT is raised <b>6.5x</b>", why="liver injury", action="call the physician"),
+        version=version, pseudonym="a-123456789abc", ward="W1", care_team="T1",
+    )
+
+
+@pytest.fixture
+def store() -> InboxStore:
+    s = InboxStore(SECRET)
+    s.apply_treatment(DoseEvent(type="dose", event_id="d1", patient_id="MRN-0001", product="onasemnogene-abeparvovec-iv",
+                                administered_at=NOW - timedelta(days=20), birth_date="2024-09-01", weight_kg=7.5,
+                                ward="W1", care_team="T1"))
+    s.apply_alert(_alert("a" * 32, "MRN-0001", "high"))
+    s.apply_alert(_alert("b" * 32, "MRN-0001", "warning"))
+    s.apply_alert(_alert("c" * 32, "MRN-0002", "critical"))
+    return s
+
+
+@pytest.fixture
+async def ctx(store):
+    sent: list[AlertAction] = []
+
+    async def publish(action: AlertAction) -> None:
+        sent.append(action)
+
+    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(PW["nurse1"], **FAST)),
+                           User("doc1", Role.PHYSICIAN, hash_password(PW["doc1"], **FAST)),
+                           User("admin1", Role.ADMIN, hash_password(PW["admin1"], **FAST))])
+    app = await create_inbox_app(Settings(), users=users, store=store, publish=publish, secret=SECRET,
+                                 start_kafka=False, throttle=LoginThrottle(max_failures=3))
+    client = TestClient(TestServer(app), cookie_jar=aiohttp.CookieJar(unsafe=True))
+    await client.start_server()
+    try:
+        yield client, sent, store
+    finally:
+        await client.close()
+
+
+async def login(client: TestClient, username: str, password: str | None = None) -> str:
+    r = await client.get("/login")
+    assert r.status == 200
+    html = await r.text()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    r = await client.post("/login", data={"username": username, "password": password or PW[username],
+                                          "csrf_token": token}, allow_redirects=False)
+    assert r.status == 303, await r.text()
+    me = await (await client.get("/api/me")).json()
+    return me["csrf_token"]
+
+
+def _path(template: str, store: InboxStore) -> str:
+    return template.replace("{alert_id}", "a" * 32).replace("{ref}", store.ref_of("MRN-0001"))
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_password_hash_roundtrip_and_salt():
+    h1 = hash_password("correct horse", **FAST)
+    h2 = hash_password("correct horse", **FAST)
+    assert h1 != h2  # per-user random salt
+    assert h1.startswith("scrypt$1024$8$1$")
+    assert verify_password("correct horse", h1) and verify_password("correct horse", h2)
+    assert not verify_password("correct horse!", h1)
+    assert not verify_password("x", "not-a-hash") and not verify_password("x", "scrypt$1$2$3$$")
+    assert "correct horse" not in h1
+    with pytest.raises(ValueError):
+        hash_password("")
+
+
+def test_default_cost_and_hash_password_cli(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password\n"))
+    assert inbox_main(["hash-password", "--password-stdin"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("scrypt$16384$8$1$") and verify_password("a-long-password", out)
+
+
+def test_users_file_json_and_yaml(tmp_path):
+    h = hash_password("pw-123456", **FAST)
+    (tmp_path / "u.json").write_text(json.dumps({"users": [{"username": "n", "role": "nurse", "password_hash": h}]}))
+    (tmp_path / "u.yaml").write_text(f"users:\n  - username: a\n    role: admin\n    password_hash: '{h}'\n")
+    from monitor.inbox.auth import load_users
+
+    assert load_users(tmp_path / "u.json").authenticate("n", "pw-123456").role == Role.NURSE
+    assert load_users(tmp_path / "u.yaml").authenticate("a", "pw-123456").role == Role.ADMIN
+    assert load_users(tmp_path / "u.yaml").authenticate("a", "wrong") is None
+    (tmp_path / "bad.json").write_text(json.dumps([{"username": "x", "role": "king", "password_hash": h}]))
+    with pytest.raises(ValueError):
+        load_users(tmp_path / "bad.json")
+    (tmp_path / "plain.json").write_text(json.dumps([{"username": "x", "role": "nurse", "password_hash": "secret"}]))
+    with pytest.raises(ValueError):
+        load_users(tmp_path / "plain.json")
+
+
+def test_session_expiry_idle_and_absolute():
+    t = [1000.0]
+    s = SessionStore(idle_seconds=60, max_seconds=300, clock=lambda: t[0])
+    user = User("n", Role.NURSE, "x")
+    tok, sess = s.create(user)
+    assert s.get(tok) is sess and len(sess.csrf_token) >= 32
+    t[0] += 59
+    assert s.get(tok) is sess  # touched
+    t[0] += 61
+    assert s.get(tok) is None  # idle expiry
+    tok, _ = s.create(user)
+    for _ in range(7):
+        t[0] += 50
+        s.get(tok)
+    assert s.get(tok) is None  # absolute expiry despite activity
+    tok2, _ = s.create(user)
+    s.destroy(tok2)
+    assert s.get(tok2) is None and s.get("forged") is None and s.get(None) is None
+
+
+def test_throttle_locks_then_releases():
+    t = [0.0]
+    th = LoginThrottle(max_failures=3, window_seconds=60, lockout_seconds=120, clock=lambda: t[0])
+    for _ in range(3):
+        assert th.retry_after("n", "1.2.3.4") == 0
+        th.failure("n", "1.2.3.4")
+    assert th.retry_after("n", "1.2.3.4") > 0
+    assert th.retry_after("n", "5.6.7.8") == 0  # other address unaffected
+    t[0] += 121
+    assert th.retry_after("n", "1.2.3.4") == 0
+
+
+def test_role_rules_mirror_lifecycle():
+    assert may("nurse", "acknowledge", "critical") and may("nurse", "note", "high") and may("nurse", "escalate", "high")
+    assert may("nurse", "resolve", "warning") and not may("nurse", "resolve", "high")
+    assert not may("nurse", "resolve", "critical") and may("physician", "resolve", "critical")
+    assert not may("nurse", "silence", "info") and not may("physician", "silence", "info") and may("admin", "silence", "info")
+    assert not may("nurse", "resolve", None)  # missing severity = critical
+    assert "silence" not in allowed_actions("admin", "critical", True)
+    assert allowed_actions("nurse", "high", False) == ["note"]
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+async def test_every_protected_route_refuses_anonymous(ctx):
+    client, sent, store = ctx
+    for method, template in PROTECTED_ROUTES:
+        path = _path(template, store)
+        r = await client.request(method, path, allow_redirects=False)
+        if path.startswith("/api/") or method == "POST":
+            assert r.status == 401, (method, path, r.status)
+            assert (await r.json())["error"] == "authentication required"
+        else:
+            assert r.status == 302 and r.headers["Location"] == "/login", (method, path, r.status)
+    assert sent == []
+    # public: login page, health, static files
+    assert (await client.get("/login")).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/static/inbox.css")).status == 200
+
+
+async def test_forged_session_cookie_is_anonymous(ctx):
+    client, _, _ = ctx
+    client.session.cookie_jar.update_cookies({"inbox_session": "forged-token"})
+    r = await client.get("/api/alerts")
+    assert r.status == 401
+
+
+async def test_login_sets_secure_cookie_flags(ctx):
+    client, _, _ = ctx
+    r = await client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)
+    r = await client.post("/login", data={"username": "nurse1", "password": PW["nurse1"], "csrf_token": token},
+                          allow_redirects=False)
+    assert r.status == 303
+    cookie = [v for k, v in r.headers.items() if k == "Set-Cookie" and v.startswith("inbox_session=")][0]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # plain http in the test; https or INBOX_SECURE_COOKIES=true adds it
+
+
+async def test_secure_flag_when_configured(store):
+    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(PW["nurse1"], **FAST))])
+    app = await create_inbox_app(Settings(), users=users, store=store, publish=None, secret=SECRET,
+                                 start_kafka=False, secure_cookies=True)
+    client = TestClient(TestServer(app), cookie_jar=aiohttp.CookieJar(unsafe=True))
+    await client.start_server()
+    try:
+        r = await client.get("/login")
+        assert "Secure" in r.headers["Set-Cookie"]
+    finally:
+        await client.close()
+
+
+async def test_wrong_password_and_throttle(ctx):
+    client, _, _ = ctx
+    r = await client.get("/login")
+    tok = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)
+    for _ in range(3):
+        r = await client.post("/login", data={"username": "nurse1", "password": "nope", "csrf_token": tok},
+                              allow_redirects=False)
+        assert r.status == 401
+        tok = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)
+    # locked even with the right password now
+    r = await client.post("/login", data={"username": "nurse1", "password": PW["nurse1"], "csrf_token": tok},
+                          allow_redirects=False)
+    assert r.status == 429 and int(r.headers["Retry-After"]) > 0
+    assert (await client.get("/api/alerts")).status == 401
+
+
+async def test_login_form_needs_its_csrf_cookie(ctx):
+    client, _, _ = ctx
+    r = await client.post("/login", data={"username": "nurse1", "password": PW["nurse1"], "csrf_token": "guess"},
+                          allow_redirects=False)
+    assert r.status == 403
+    assert (await client.get("/api/alerts")).status == 401
+
+
+async def test_inbox_api_lists_without_patient_ids(ctx):
+    client, _, store = ctx
+    await login(client, "nurse1")
+    data = await (await client.get("/api/alerts")).json()
+    assert [a["severity"] for a in data["alerts"]] == ["critical", "high", "warning"]
+    raw = json.dumps(data)
+    assert "MRN-000" not in raw
+    assert data["alerts"][1]["patient_ref"] == store.ref_of("MRN-0001")
+    only = await (await client.get("/api/alerts", params={"ward": "W1", "team": "T1"})).json()
+    assert only["count"] == 3
+    none = await (await client.get("/api/alerts", params={"ward": "W9"})).json()
+    assert none["count"] == 0
+    page = await (await client.get(f"/alerts/{'a' * 32}")).text()
+    assert "MRN-000" not in page
+    assert "&lt;b&gt;6.5x&lt;/b&gt;" in page and "<b>6.5x" not in page  # escaped
+    assert "onasemnogene-abeparvovec-iv version 1.0.0" in page
+    tl = await (await client.get(f"/api/patients/{store.ref_of('MRN-0001')}/timeline")).json()
+    assert "MRN-000" not in json.dumps(tl) and tl["has_dose"]
+    assert (await client.get("/patients/MRN-0001")).status == 404  # raw ids do not resolve
+
+
+async def test_acknowledge_publishes_action(ctx):
+    client, sent, store = ctx
+    csrf = await login(client, "nurse1")
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202, await r.text()
+    body = await r.json()
+    assert "patient_id" not in body["action"]
+    assert len(sent) == 1
+    a = sent[0]
+    assert (a.action, a.alert_id, a.patient_id, a.by, a.role) == ("acknowledge", "a" * 32, "MRN-0001", "nurse1", Role.NURSE)
+    assert a.action_id
+    # shown as pending until a newer alert version arrives
+    listed = {x["alert_id"]: x for x in (await (await client.get("/api/alerts")).json())["alerts"]}
+    assert listed["a" * 32]["pending"][0]["action"] == "acknowledge"
+    store.apply_alert(_alert("a" * 32, "MRN-0001", "high", status="acknowledged", version=2))
+    listed = {x["alert_id"]: x for x in (await (await client.get("/api/alerts")).json())["alerts"]}
+    assert listed["a" * 32]["pending"] == [] and listed["a" * 32]["status"] == "acknowledged"
+
+
+async def test_form_post_with_csrf_field_redirects(ctx):
+    client, sent, _ = ctx
+    csrf = await login(client, "nurse1")
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions",
+                          data={"action": "note", "reason": "called the family", "csrf_token": csrf},
+                          allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].endswith("?sent=note")
+    assert sent[-1].reason == "called the family"
+
+
+async def test_post_without_or_with_wrong_csrf_is_refused(ctx):
+    client, sent, _ = ctx
+    await login(client, "nurse1")
+    url = f"/api/alerts/{'a' * 32}/actions"
+    assert (await client.post(url, json={"action": "acknowledge"})).status == 403
+    assert (await client.post(url, json={"action": "acknowledge"}, headers={"X-CSRF-Token": "forged"})).status == 403
+    r = await client.post(url, data={"action": "acknowledge", "csrf_token": "forged"})
+    assert r.status == 403
+    # logout is a POST too
+    assert (await client.post("/logout", allow_redirects=False)).status == 403
+    assert sent == []
+
+
+async def test_cross_origin_post_refused_even_with_token(ctx):
+    client, sent, _ = ctx
+    csrf = await login(client, "nurse1")
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf, "Origin": "https://evil.example"})
+    assert r.status == 403 and sent == []
+
+
+async def test_csrf_token_is_per_session(ctx, store):
+    client, sent, _ = ctx
+    csrf_nurse = await login(client, "nurse1")
+    other = TestClient(client.server, cookie_jar=aiohttp.CookieJar(unsafe=True))  # a second browser
+    try:
+        csrf_doc = await login(other, "doc1")
+        assert csrf_doc != csrf_nurse
+        r = await other.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                             headers={"X-CSRF-Token": csrf_nurse})
+        assert r.status == 403 and sent == []
+    finally:
+        await other.session.close()
+
+
+async def test_nurse_cannot_reach_admin_actions(ctx):
+    client, sent, _ = ctx
+    csrf = await login(client, "nurse1")
+    until = (datetime.now(timezone.utc) + timedelta(hours=4)).isoformat()
+    r = await client.post(f"/api/alerts/{'b' * 32}/actions", json={"action": "silence", "until": until, "reason": "x"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 403
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "resolve", "reason": "fine"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 403  # a high alert needs a physician
+    assert (await client.get("/api/admin/status")).status == 403
+    page = await (await client.get(f"/alerts/{'b' * 32}")).text()
+    assert 'data-action="silence"' not in page
+    assert sent == []
+
+
+async def test_physician_resolves_and_admin_silences(ctx):
+    client, sent, _ = ctx
+    csrf = await login(client, "doc1")
+    url = f"/api/alerts/{'a' * 32}/actions"
+    assert (await client.post(url, json={"action": "resolve"}, headers={"X-CSRF-Token": csrf})).status == 400
+    r = await client.post(url, json={"action": "resolve", "reason": "repeat ALT normal"}, headers={"X-CSRF-Token": csrf})
+    assert r.status == 202 and sent[-1].role == Role.PHYSICIAN
+    await client.post("/logout", headers={"X-CSRF-Token": csrf})
+    assert (await client.get("/api/alerts")).status == 401  # session destroyed
+    csrf = await login(client, "admin1")
+    until = (datetime.now(timezone.utc) + timedelta(hours=4)).isoformat()
+    r = await client.post(f"/api/alerts/{'b' * 32}/actions", json={"action": "silence", "until": until,
+                                                                    "reason": "known, being handled"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202 and sent[-1].until is not None
+    r = await client.post(f"/api/alerts/{'c' * 32}/actions", json={"action": "silence", "until": until, "reason": "x"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 409  # critical alerts cannot be silenced
+    assert (await client.get("/api/admin/status")).status == 200
+
+
+async def test_sse_stream_delivers_new_alert(ctx):
+    client, _, store = ctx
+    await login(client, "nurse1")
+    r = await client.get("/api/stream")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    first = await r.content.readuntil(b"\n\n")
+    assert b"event: hello" in first
+    store.apply_alert(_alert("d" * 32, "MRN-0003", "critical"))
+    msg = await r.content.readuntil(b"\n\n")
+    assert b"event: alert" in msg and b"d" * 32 in msg and b"MRN-0003" not in msg
+    r.close()
+
+
+async def test_security_headers(ctx):
+    client, _, _ = ctx
+    r = await client.get("/login")
+    assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"

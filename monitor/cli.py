@@ -66,6 +66,18 @@ def cmd_mllp(args: argparse.Namespace) -> int:
     return mllp_main(args.rest)
 
 
+def cmd_inbox(args: argparse.Namespace) -> int:
+    from .inbox import main as inbox_main
+
+    return inbox_main(args.rest)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import main as simulate_main
+
+    return simulate_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monitor", description="Post-gene-therapy safety monitoring service")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,10 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mllp", help="HL7 v2 MLLP listener publishing to Kafka")
     m.add_argument("rest", nargs=argparse.REMAINDER)
     m.set_defaults(func=cmd_mllp)
+    ib = sub.add_parser("inbox", help="the nurse web inbox (serve | hash-password)")
+    ib.add_argument("rest", nargs=argparse.REMAINDER)
+    ib.set_defaults(func=cmd_inbox)
+    si = sub.add_parser("simulate", help="generate (and publish) a synthetic post-dose cohort with ground truth")
+    si.add_argument("rest", nargs=argparse.REMAINDER)
+    si.set_defaults(func=cmd_simulate)
     return p
 
 
+#: sub-commands with their own argument parsers
+_DELEGATED = {"inbox": cmd_inbox, "simulate": cmd_simulate, "mllp": cmd_mllp}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        return int(_DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return int(args.func(args) or 0)

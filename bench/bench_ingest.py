@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--profile", default="", help="write py-spy collapsed stacks of the worker to this file")
     args = ap.parse_args()
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     topics = {short: f"{prefix}.{short}" for short in SERVICE_TOPICS.values()}
@@ -69,6 +70,11 @@ def main() -> int:
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=500)
     proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "worker", "--loglevel", "WARNING"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    spy = None
+    if args.profile:
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
+                                "--format", "raw", "-o", args.profile, "--rate", "200", "--duration", "40"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = 0
     first = last = None
     deadline = time.monotonic() + 900
@@ -82,6 +88,8 @@ def main() -> int:
                 if seen >= args.events:
                     break
     finally:
+        if spy is not None:
+            spy.wait(60)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         consumer.close()

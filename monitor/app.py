@@ -34,6 +34,9 @@ app = faust.App(
     # stop consumer-group churn from turning one slow batch into a rebalance storm
     broker_max_poll_interval=300.0,
     stream_wait_empty=False,
+    # batch produce requests: one request per message costs more than the processing
+    producer_linger=0.005,
+    producer_max_batch_size=512 * 1024,
     # oversized inputs must still reach the dead-letter topic with their original bytes
     producer_max_request_size=settings.max_message_bytes,
     consumer_max_fetch_size=settings.max_message_bytes,
@@ -53,7 +56,6 @@ def raw_topic(*names: str) -> faust.TopicT:
     )
 
 
-input_topics = raw_topic(settings.topic_lab_results, settings.topic_vital_signs, settings.topic_liver_function)
 observations_topic = raw_topic(settings.topic_observations)
 dead_letter_topic = raw_topic(settings.topic_dead_letter)
 findings_topic = raw_topic(settings.topic_findings)
@@ -65,6 +67,14 @@ clinical_topics = raw_topic(
 ticks_topic = raw_topic(settings.topic_ticks)
 
 log = logging.getLogger("monitor")
+
+
+@app.task
+async def _quiet_library_loggers() -> None:
+    """Client libraries log per message at DEBUG; never let that reach a production worker."""
+    level = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("aiokafka", "kafka", "faust.topics", "faust.transport", "mode"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 # register agents, timers and web views
 from . import agents  # noqa: E402,F401

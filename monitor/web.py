@@ -20,7 +20,10 @@ async def _on_rebalance_complete(sender, **kwargs) -> None:  # pragma: no cover 
 
 def is_ready() -> bool:
     recovery = app.tables.recovery
-    ready = bool(_state["assigned"]) and not app.rebalancing and recovery.completed.is_set() and not app.in_recovery
+    from .agents.ingest import INGEST
+
+    ready = (bool(_state["assigned"]) and not app.rebalancing and recovery.completed.is_set()
+             and not app.in_recovery and INGEST.ready.is_set())
     READY.set(1 if ready else 0)
     return ready
 

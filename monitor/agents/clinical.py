@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from datetime import datetime, timedelta, timezone
 
+from faust.streams import _current_event, current_event
 from pydantic import ValidationError
 
 from alerts.engine import Engine
@@ -102,8 +104,31 @@ def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
     return pair
 
 
+#: patients changed in the current batch -> the last event that touched them
+_dirty: dict[str, object] = {}
+
+
 def _save(patient_id: str, state: PatientState, book: AlertBook) -> None:
-    patients[patient_id] = {"state": state.to_dict(), "alerts": book.to_dict()}
+    """Mark the patient for writing at the end of the batch (once, however many events)."""
+    _dirty[patient_id] = current_event()
+
+
+def _flush_dirty() -> None:
+    """Write each changed patient once to the changelog-backed table.
+
+    The table picks the changelog partition from the current event; a batch holds events
+    of several partitions, so each write runs with the patient's own last event as the
+    current event (the same context faust's stream sets per event).
+    """
+    for patient_id, event in _dirty.items():
+        state, book = _cache[patient_id]
+        token = _current_event.set(weakref.ref(event)) if event is not None else None
+        try:
+            patients[patient_id] = {"state": state.to_dict(), "alerts": book.to_dict()}
+        finally:
+            if token is not None:
+                _current_event.reset(token)
+    _dirty.clear()
 
 
 async def _emit_findings(findings: list[Finding], book: AlertBook, now: datetime, received_at: datetime | None) -> list[Alert]:
@@ -192,42 +217,72 @@ async def handle_tick(key: bytes | None) -> None:
     await _emit_alerts(alerts, now, None)
 
 
+BATCH_MAX = 500
+BATCH_WITHIN = 0.01  # seconds
+
+
+async def handle_event(event) -> None:
+    """Process one event of a batch; bad input is dead-lettered, never raised."""
+    msg = event.message
+    topic = msg.topic
+    received_at = datetime.now(timezone.utc)
+    token = _current_event.set(weakref.ref(event))
+    started = time.perf_counter()
+    try:
+        if topic == settings.topic_observations:
+            await handle_observation(msg.value)
+            stage = "evaluate"
+        elif topic == settings.topic_treatments:
+            await handle_treatment(msg, received_at)
+            stage = "treatment"
+        elif topic == settings.topic_alert_actions:
+            await handle_action(msg.value, msg.key)
+            stage = "action"
+        else:
+            await handle_tick(msg.key)
+            stage = "tick"
+        _stage_timer(stage).observe(time.perf_counter() - started)
+    except Rejected as rej:
+        kind = "treatments" if topic == settings.topic_treatments else topic
+        EVENTS_CONSUMED.labels(topic=kind, format="invalid").inc()
+        log.info("dead-lettered %s[%s]@%s: %s", topic, msg.partition, msg.offset, rej.reason.value)
+        await send_dead_letter(dead_letter_topic, msg.value, msg.key, rej.reason, rej.message,
+                               topic, msg.partition, msg.offset, received_at)
+    except ValidationError as exc:
+        await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.SCHEMA_INVALID,
+                               str(exc.errors(include_url=False, include_input=False)[:1]),
+                               topic, msg.partition, msg.offset, received_at)
+    except Exception as exc:  # the worker never crashes on input
+        log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, topic, msg.partition, msg.offset,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        pid = msg.key.decode(errors="replace") if msg.key else ""
+        if pid not in _dirty:  # reload a possibly half-updated state from the table
+            _cache.pop(pid, None)
+        await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.INTERNAL_ERROR,
+                               f"{type(exc).__name__} while processing", topic, msg.partition, msg.offset, received_at)
+    finally:
+        _current_event.reset(token)
+
+
+_stage_timers: dict[str, object] = {}
+
+
+def _stage_timer(stage: str):
+    t = _stage_timers.get(stage)
+    if t is None:
+        t = _stage_timers[stage] = PROCESSING_SECONDS.labels(stage=stage)
+    return t
+
+
 @app.agent(clinical_topics)
 async def clinical(stream):
-    async for event in stream.events():
-        msg = event.message
-        topic = msg.topic
-        received_at = datetime.now(timezone.utc)
-        started = time.perf_counter()
-        try:
-            if topic == settings.topic_observations:
-                await handle_observation(msg.value)
-                stage = "evaluate"
-            elif topic == settings.topic_treatments:
-                await handle_treatment(msg, received_at)
-                stage = "treatment"
-            elif topic == settings.topic_alert_actions:
-                await handle_action(msg.value, msg.key)
-                stage = "action"
-            else:
-                await handle_tick(msg.key)
-                stage = "tick"
-            PROCESSING_SECONDS.labels(stage=stage).observe(time.perf_counter() - started)
-        except Rejected as rej:
-            kind = "treatments" if topic == settings.topic_treatments else topic
-            EVENTS_CONSUMED.labels(topic=kind, format="invalid").inc()
-            log.info("dead-lettered %s[%s]@%s: %s", topic, msg.partition, msg.offset, rej.reason.value)
-            await send_dead_letter(dead_letter_topic, msg.value, msg.key, rej.reason, rej.message,
-                                   topic, msg.partition, msg.offset, received_at)
-        except ValidationError as exc:
-            await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.SCHEMA_INVALID,
-                                   str(exc.errors(include_url=False, include_input=False)[:1]),
-                                   topic, msg.partition, msg.offset, received_at)
-        except Exception as exc:  # the worker never crashes on input
-            log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, topic, msg.partition, msg.offset, exc_info=log.isEnabledFor(logging.DEBUG))
-            _cache.pop(msg.key.decode(errors="replace") if msg.key else "", None)
-            await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.INTERNAL_ERROR,
-                                   f"{type(exc).__name__} while processing", topic, msg.partition, msg.offset, received_at)
+    # Batches: events are acknowledged only after the whole batch is processed and each
+    # changed patient was written once to the table (its changelog is produced before the
+    # offsets are committed), so a crash replays at most the unfinished batch.
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        for event in events:
+            await handle_event(event)
+        _flush_dirty()
 
 
 @app.timer(interval=settings.tick_interval_seconds)
@@ -251,3 +306,8 @@ async def _run_delivery() -> None:
 async def start_delivery() -> None:
     # not a faust-managed task: faust cancels those when it restarts its services
     asyncio.ensure_future(_run_delivery())
+
+
+@app.on_before_shutdown.connect
+async def _stop_delivery(sender, **kwargs) -> None:  # pragma: no cover - wiring
+    await DELIVERY.stop()

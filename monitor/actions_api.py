@@ -1,0 +1,375 @@
+"""Authenticated HTTP API for alert actions, on the worker's own web server.
+
+Routes (JSON in and out; every response ``Cache-Control: no-store``)::
+
+    POST /api/alerts/{alert_id}/actions   {action, patient_id?, reason?, until?, action_id?}  -> 202 {action_id}
+    GET  /api/alerts/{alert_id}           the alert, if this worker holds it                   -> 200 | 404
+
+* Authentication: HTTP Basic against the inbox's users file (``INBOX_USERS_FILE``, the same
+  scrypt hashes; loading and verification come from :mod:`monitor.inbox.auth`). The file is
+  re-read when it changes. Without a configured file the API answers 503 ("actions API
+  disabled: no users configured"). Failed logins are throttled per client address (and per
+  user name at that address) with :class:`monitor.inbox.auth.LoginThrottle`: 429 + Retry-After.
+* The role is the user's role from the users file and ``by`` is the user name; ``role``,
+  ``by`` or ``at`` fields in the body are ignored.
+* Role pre-checks mirror the lifecycle (nurse: acknowledge, note, escalate, resolve only
+  info/warning; physician/admin: resolve anything; admin: silence, never a critical alert).
+  When the alert is not held by this worker its severity is unknown and it is treated as
+  critical (as the lifecycle treats a missing severity). The authoritative check stays in the
+  lifecycle (:func:`alerts.lifecycle.apply_action`): a refused action is dead-lettered there.
+* The action is published to ``alert-actions`` keyed by patient id; the answer (202) means the
+  broker has it, not that the lifecycle applied it: watch the ``alerts`` topic (or GET the
+  alert) for the new version.
+* ``patient_id`` may be left out when this worker holds the alert (its ``patients`` table);
+  otherwise 400 asks for it.
+* Cross-site safety for a Basic-auth API: state changes need ``Content-Type: application/json``
+  (415 otherwise, so a plain HTML form cannot post here) and a request whose ``Origin`` names
+  another host is refused (403).
+* Nothing here logs credentials or patient ids at INFO or above.
+
+Status codes: 202 accepted, 400 invalid body, 401 unauthenticated (``WWW-Authenticate: Basic``),
+403 role or origin refused, 404 unknown alert (GET), 409 alert state forbids the action,
+413 body too large, 415 not JSON, 429 throttled, 503 disabled or the broker unreachable.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from faust.web import Request, Response, View
+from pydantic import ValidationError
+
+from schemas.alert import ActionKind, Alert, AlertAction
+from schemas.findings import Severity
+
+from .agents import clinical
+from .app import app, raw_topic, settings
+from .inbox.auth import LoginThrottle, User, UserDirectory, allowed_actions, load_users, may
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ActionsAPI", "API", "find_alert", "actions_topic"]
+
+REALM = 'Basic realm="sma-monitor actions", charset="UTF-8"'
+DISABLED = "actions API disabled: no users configured"
+MAX_BODY_BYTES = 16 * 1024
+MAX_REASON_CHARS = 2000
+PUBLISH_TIMEOUT_SECONDS = 15.0
+_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+#: where actions go: the same topic the clinical agent reads them from
+actions_topic = raw_topic(settings.topic_alert_actions)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+# --------------------------------------------------------------------------- local alert lookup
+
+
+def find_alert(alert_id: str) -> Alert | None:
+    """The alert, if this worker holds it: decoded books in the clinical agent's cache first,
+    then the ``patients`` table (raw dicts, decoded only on a hit). Read-only."""
+    for _state, book in list(clinical._cache.values()):
+        hit = book.alerts.get(alert_id)
+        if hit is not None:
+            return hit.model_copy(deep=True)
+    try:
+        stored_items = list(clinical.patients.items())
+    except Exception:  # table not ready (recovery, rebalance): nothing held
+        return None
+    for _pid, stored in stored_items:
+        if not stored:
+            continue
+        raw = ((stored.get("alerts") or {}).get("alerts") or {}).get(alert_id)
+        if raw is not None:
+            try:
+                return Alert.model_validate(raw)
+            except ValidationError:
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------- users and authentication
+
+
+class _Users:
+    """The users file, loaded lazily and re-read when its mtime or size changes."""
+
+    def __init__(self, path: str):
+        self.path = path.strip()
+        self._dir: UserDirectory | None = None
+        self._sig: tuple[float, int] | None = None
+        self.generation = 0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.path)
+
+    def directory(self) -> UserDirectory:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            if self._dir is not None:  # keep serving the last good file
+                return self._dir
+            log.warning("actions API: users file cannot be read")
+            raise ApiError(503, "actions API unavailable: users file cannot be read") from None
+        sig = (st.st_mtime, st.st_size)
+        if self._dir is None or sig != self._sig:
+            try:
+                self._dir = load_users(self.path)
+            except (OSError, ValueError) as exc:
+                if self._dir is not None:
+                    log.warning("actions API: users file invalid, keeping the previous one: %s", type(exc).__name__)
+                    self._sig = sig
+                    return self._dir
+                log.warning("actions API: users file invalid: %s", type(exc).__name__)
+                raise ApiError(503, "actions API unavailable: users file is invalid") from None
+            self._sig = sig
+            self.generation += 1
+        return self._dir
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    if not header:
+        return None
+    scheme, _, param = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not param.strip() or len(param) > 4096:
+        return None
+    try:
+        decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username or not password:
+        return None
+    return username, password
+
+
+class ActionsAPI:
+    """Authentication, validation and publishing; the faust views below are thin wrappers."""
+
+    def __init__(self, users_file: str, *, throttle: LoginThrottle | None = None,
+                 cache_seconds: float = 60.0, max_concurrent_verifications: int = 4):
+        self.users = _Users(users_file)
+        self.throttle = throttle or LoginThrottle()
+        self.cache_seconds = cache_seconds
+        self._cache_key = secrets.token_bytes(32)
+        #: hmac(user, password) -> (user, expires, users generation): spares scrypt on every call
+        self._verified: dict[bytes, tuple[User, float, int]] = {}
+        self._verify_slots = asyncio.Semaphore(max_concurrent_verifications)
+
+    # ---- authentication
+
+    async def authenticate(self, request: Request) -> User:
+        if not self.users.configured:
+            raise ApiError(503, DISABLED)
+        directory = self.users.directory()
+        creds = _basic_credentials(request.headers.get("Authorization"))
+        if creds is None:
+            raise ApiError(401, "authentication required", {"WWW-Authenticate": REALM})
+        username, password = creds
+        address = request.remote or "unknown"
+        wait = self.throttle.retry_after(username, address)
+        if wait > 0:
+            raise ApiError(429, "too many failed logins; try again later", {"Retry-After": str(int(wait) + 1)})
+        key = hmac.new(self._cache_key, f"{username}\x00{password}".encode("utf-8"), hashlib.sha256).digest()
+        now = time.monotonic()
+        hit = self._verified.get(key)
+        if hit is not None and hit[1] > now and hit[2] == self.users.generation:
+            user = directory.get(username)
+            if user is not None and user == hit[0]:
+                return user
+        async with self._verify_slots:  # scrypt is CPU-bound: off the event loop, bounded
+            user = await asyncio.get_running_loop().run_in_executor(None, directory.authenticate, username, password)
+        if user is None:
+            self.throttle.failure(username, address)
+            log.warning("actions API: failed login from %s", address)
+            raise ApiError(401, "invalid credentials", {"WWW-Authenticate": REALM})
+        self.throttle.success(username, address)
+        if len(self._verified) > 1024:
+            self._verified = {k: v for k, v in self._verified.items() if v[1] > now}
+            if len(self._verified) > 1024:
+                self._verified.clear()
+        self._verified[key] = (user, now + self.cache_seconds, self.users.generation)
+        return user
+
+    # ---- requests
+
+    @staticmethod
+    def _check_alert_id(alert_id: str) -> str:
+        if not isinstance(alert_id, str) or not _ID_RE.match(alert_id):
+            raise ApiError(400, "invalid alert id")
+        return alert_id
+
+    @staticmethod
+    def _check_origin(request: Request) -> None:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        if origin == "null" or urlsplit(origin).netloc.lower() != (request.host or "").lower():
+            raise ApiError(403, "cross-origin request refused")
+
+    @staticmethod
+    async def _json_body(request: Request) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            raise ApiError(415, "send the action as application/json")
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, "request body too large")
+        try:
+            raw = await request.read()  # bounded by the server's client_max_size as well
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, "request body too large") from None
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, "request body too large")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _opt_str(body: dict[str, Any], name: str, limit: int) -> str | None:
+        v = body.get(name)
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str):
+            raise ApiError(400, f"'{name}' must be a string")
+        v = v.strip()
+        if len(v) > limit:
+            raise ApiError(400, f"'{name}' is longer than {limit} characters")
+        return v or None
+
+    @staticmethod
+    def _until(body: dict[str, Any]) -> datetime | None:
+        raw = body.get("until")
+        if raw in (None, ""):
+            return None
+        if not isinstance(raw, str):
+            raise ApiError(400, "'until' must be an ISO 8601 date-time")
+        try:
+            t = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiError(400, "'until' must be an ISO 8601 date-time") from None
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+    async def post_action(self, request: Request, alert_id: str) -> tuple[int, dict[str, Any]]:
+        self._check_origin(request)
+        user = await self.authenticate(request)
+        alert_id = self._check_alert_id(alert_id)
+        body = await self._json_body(request)
+        try:
+            kind = ActionKind(str(body.get("action", "")))
+        except ValueError:
+            raise ApiError(400, f"'action' must be one of {', '.join(k.value for k in ActionKind)}") from None
+        # role, by and at are never taken from the request
+        patient_id = self._opt_str(body, "patient_id", 128)
+        reason = self._opt_str(body, "reason", MAX_REASON_CHARS)
+        action_id = self._opt_str(body, "action_id", 128)
+        if action_id is not None and not _ID_RE.match(action_id):
+            raise ApiError(400, "'action_id' may hold letters, digits and . _ : - (at most 128)")
+        until = self._until(body)
+
+        alert = find_alert(alert_id)
+        if alert is not None:
+            if patient_id is not None and patient_id != alert.patient_id:
+                raise ApiError(400, "patient_id does not match the alert")
+            patient_id = alert.patient_id
+        elif patient_id is None:
+            raise ApiError(400, "this worker does not hold the alert: give its patient_id in the body")
+        severity = alert.severity if alert is not None else None
+
+        # pre-checks mirroring the lifecycle; the lifecycle stays authoritative
+        if not may(user.role, kind, severity):
+            what = f"a {severity.value} alert" if severity is not None else "an alert whose severity is unknown here"
+            raise ApiError(403, f"a {user.role.value} may not {kind.value} {what}")
+        if kind == ActionKind.SILENCE and severity in (None, Severity.CRITICAL):
+            # a severity unknown here counts as critical, as in the lifecycle
+            raise ApiError(409 if severity is not None else 400,
+                           "critical alerts cannot be silenced" if severity is not None
+                           else "this worker does not hold the alert: cannot check it is not critical")
+        if alert is not None and kind != ActionKind.NOTE and not alert.is_open:
+            raise ApiError(409, f"alert is {alert.status.value}")
+        if kind in (ActionKind.RESOLVE, ActionKind.NOTE, ActionKind.SILENCE) and not reason:
+            raise ApiError(400, f"{kind.value} needs a reason")
+        now = datetime.now(timezone.utc)
+        if kind == ActionKind.SILENCE:
+            max_silence = clinical.LIFECYCLE.max_silence
+            if until is None or until <= now or until - now > max_silence:
+                raise ApiError(400, f"a silence needs 'until' in the future, at most {max_silence} away")
+        try:
+            action = AlertAction(action=kind, alert_id=alert_id, patient_id=patient_id, by=user.username,
+                                 role=user.role, at=now, reason=reason,
+                                 until=until if kind == ActionKind.SILENCE else None,
+                                 action_id=action_id or uuid.uuid4().hex)
+        except ValidationError as exc:
+            raise ApiError(400, str(exc.errors(include_url=False, include_input=False)[0].get("msg", "invalid action"))) from None
+        try:
+            fut = await actions_topic.send(key=patient_id.encode("utf-8"),
+                                           value=action.model_dump_json().encode("utf-8"), force=True)
+            await asyncio.wait_for(asyncio.ensure_future(fut), PUBLISH_TIMEOUT_SECONDS)
+        except Exception as exc:
+            log.warning("actions API: publishing failed: %s", type(exc).__name__)
+            raise ApiError(503, "the action could not be sent; try again") from None
+        log.info("actions API: %s on alert %s by a %s accepted", kind.value, alert_id, user.role.value)
+        return 202, {"status": "accepted", "action_id": action.action_id, "alert_id": alert_id,
+                     "action": kind.value, "by": user.username, "role": user.role.value,
+                     "at": now.isoformat()}
+
+    async def get_alert(self, request: Request, alert_id: str) -> tuple[int, dict[str, Any]]:
+        user = await self.authenticate(request)
+        alert_id = self._check_alert_id(alert_id)
+        alert = find_alert(alert_id)
+        if alert is None:
+            raise ApiError(404, "alert not held by this worker")
+        out = alert.model_dump(mode="json")
+        out["allowed_actions"] = allowed_actions(user.role, alert.severity, alert.is_open)
+        return 200, out
+
+
+API = ActionsAPI(settings.inbox_users_file)
+
+
+async def _respond(view: View, call) -> Response:
+    try:
+        status, payload = await call
+        return view.json(payload, status=status, headers=dict(_NO_STORE))
+    except ApiError as exc:
+        return view.json({"error": exc.message}, status=exc.status, headers={**_NO_STORE, **exc.headers})
+    except Exception as exc:  # never a stack trace (or a body) to the caller or the log at INFO+
+        log.warning("actions API: unexpected %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        return view.json({"error": "internal error"}, status=500, headers=dict(_NO_STORE))
+
+
+@app.page("/api/alerts/{alert_id}/actions", name="alert_actions")
+class AlertActionsView(View):
+    async def post(self, request: Request, alert_id: str) -> Response:
+        return await _respond(self, API.post_action(request, alert_id))
+
+
+@app.page("/api/alerts/{alert_id}", name="alert_detail")
+class AlertView(View):
+    async def get(self, request: Request, alert_id: str) -> Response:
+        return await _respond(self, API.get_alert(request, alert_id))

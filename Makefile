@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := prometheus prometheus-alertmanager chromium chromium-driver
 
-.PHONY: tools setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
+
+.PHONY: demo-stop tools setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ schema: deps
 
 demo: setup kafka
 	$(PY) -m monitor.demo
+
+demo-stop:
+	$(PY) -m monitor.demo stop
 
 tools:
 	deploy/local/install-tools.sh

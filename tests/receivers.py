@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -34,6 +35,7 @@ class WebhookReceiver:
                         got = (self.headers.get("X-Signature-SHA256") or "").removeprefix("sha256=")
                         sig_ok = hmac.compare_digest(want, got)
                     receiver.received.append({
+                        "at": time.time(),
                         "key": self.headers.get("Idempotency-Key"),
                         "body": json.loads(body or b"null"),
                         "signature_ok": sig_ok,

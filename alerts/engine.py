@@ -18,7 +18,19 @@ evidence ids: deterministic, so processing the same input twice gives the same i
 
 Patients without a dose event: results are stored (they become baselines) but no rule
 is evaluated, because the product, protocol, dose day and age are unknown. The dose
-event evaluates everything held so far.
+event evaluates everything held so far, but pre-dose results are baselines and never
+evidence, so the dose event raises nothing from them.
+
+Clock-driven findings (``check_schedule``, called from a timer):
+- ``schedule.overdue`` (one per schedule group) is raised at the first check after a
+  sample's deadline + grace and cleared when the sample arrives. The deadline runs from the
+  last sample, so a sample skipped mid-course and followed by a later one is not flagged
+  afterwards (the later sample satisfies the schedule).
+- ``monitoring.complete`` needs, for every required analyte, a result taken at or after
+  the end of the minimum period (dose + ``min_days``) meeting the label's criteria, and is
+  withheld while any sample is overdue. Completion never hides an overdue sample: it only
+  ends schedule periods marked ``ends_on_completion`` (the label's "continue until
+  unremarkable" after month 3).
 """
 from __future__ import annotations
 
@@ -104,6 +116,11 @@ class Engine:
             found = state.remove(rid, analyte)
             analytes = found or [analyte]
             retract_ids = frozenset((rid,))
+            if cp is not None:
+                for a in analytes:
+                    hot = cp.sustain.get(a)
+                    if hot is not None:
+                        state.rebuild_run(a, hot)
         else:
             if replaced is not None:
                 found = state.remove(replaced, analyte)
@@ -122,6 +139,13 @@ class Engine:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
             limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
             state.insert(analyte, entry, limit)
+            if cp is not None:
+                hot = cp.sustain.get(analyte)
+                if hot is not None:
+                    if replaced is not None:
+                        state.rebuild_run(analyte, hot)
+                    else:
+                        state.track_run(analyte, entry, hot)
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
@@ -138,17 +162,19 @@ class Engine:
             rules = tuple(seen.values())
         for rule in rules:
             self._diff(state, cp, rule, rule.id, rule.evaluate(state, cp), now, retract_ids, out)
-        # a result that arrives can settle an overdue finding or unsettle completion
+        # a result that arrives can settle an overdue finding or unsettle completion: re-run
+        # the clock check (the same outcome a timer tick at ``now`` would give)
         if state.active:
-            nowt = now.timestamp()
+            touched = False
             for a in analytes:
                 for sched in cp.schedule_by_analyte.get(a, ()):
-                    key = f"{OVERDUE_RULE}|{sched.group}"
-                    if key in state.active:
-                        self._overdue_one(state, cp, sched, nowt, now, out)
+                    if f"{OVERDUE_RULE}|{sched.group}" in state.active:
+                        touched = True
             comp = cp.completion
             if comp is not None and comp.id in state.active and any(a in comp.analytes for a in analytes):
-                self._diff(state, cp, comp, comp.id, comp.evaluate_at(state, cp, nowt), now, retract_ids, out)
+                touched = True
+            if touched:
+                self._clock(state, cp, now, out, retract_ids)
         return out
 
     def apply_treatment(self, state: PatientState, event: DoseEvent | SteroidEvent,
@@ -164,6 +190,11 @@ class Engine:
             state.ward = event.ward
             state.care_team = event.care_team
             state.set_dose(epoch(event.administered_at))
+            cp = self.protocol_for(state)
+            if cp is not None:
+                for a, hot in cp.sustain.items():
+                    if a in state.hist:
+                        state.rebuild_run(a, hot)
             when = event.administered_at
         else:
             state.add_steroid(epoch(event.at), event.phase.value)
@@ -186,37 +217,44 @@ class Engine:
         cp = self.protocol_for(state)
         if cp is None or state.dose_at is None:
             return []
-        nowt = now.timestamp()
         out: list[Finding] = []
-        comp = cp.completion
-        if comp is not None:
-            self._diff(state, cp, comp, comp.id, comp.evaluate_at(state, cp, nowt), now, frozenset(), out)
-        for sched in cp.schedules:
-            self._overdue_one(state, cp, sched, nowt, now, out)
+        self._clock(state, cp, now, out, _EMPTY)
         return out
 
     # -- internals ---------------------------------------------------------------
-    def _overdue_one(self, state, cp, sched, nowt: float, now: datetime, out: list) -> None:
+    def _clock(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list,
+               retract_ids: frozenset) -> None:
+        """Overdue per schedule group, then completion (withheld while anything is overdue)."""
+        nowt = now.timestamp()
+        comp = cp.completion
+        comp_hit = comp.evaluate_at(state, cp, nowt) if comp is not None else None
+        any_overdue = False
+        for sched in cp.schedules:
+            if self._overdue_one(state, cp, sched, nowt, now, out, comp_hit is not None):
+                any_overdue = True
+        if comp is not None:
+            self._diff(state, cp, comp, comp.id, None if any_overdue else comp_hit, now, retract_ids, out)
+
+    def _overdue_one(self, state, cp, sched, nowt: float, now: datetime, out: list, complete: bool) -> bool:
         rule = cp.overdue
         if rule is None:
-            return
+            return False
         key = f"{OVERDUE_RULE}|{sched.group}"
         hit = None
-        complete = cp.completion is not None and cp.completion.id in state.active
-        if not complete:
-            items = sched.overdue(state, nowt)
-            if items:
-                evidence = []
-                for a, e, deadline in items:
-                    note = f"due by {from_epoch(deadline).isoformat()}"
-                    if e is None:
-                        note = "no result since dosing; " + note
-                    evidence.append(Ev(a, e, None, None, "schedule", None, note))
-                extra = ",".join(f"{a}@{int(d)}" for a, _, d in items)
-                first = min(d for _, _, d in items)
-                hit = Hit(rule.rank, None, evidence, first, extra=extra,
+        items = sched.overdue(state, nowt, complete)
+        if items:
+            evidence = []
+            for a, e, deadline in items:
+                note = f"due by {from_epoch(deadline).isoformat()}"
+                if e is None:
+                    note = "no result since dosing; " + note
+                evidence.append(Ev(a, e, None, None, "schedule", None, note))
+            extra = ",".join(f"{a}@{int(d)}" for a, _, d in items)
+            first = min(d for _, _, d in items)
+            hit = Hit(rule.rank, None, evidence, first, extra=extra,
                           summary=f"{sched.group}: " + ", ".join(a for a, _, _ in items) + " overdue")
-        self._diff(state, cp, rule, key, hit, now, frozenset(), out, dedupe=sched.group)
+        self._diff(state, cp, rule, key, hit, now, _EMPTY, out, dedupe=sched.group)
+        return hit is not None
 
     def _diff(self, state: PatientState, cp: CompiledProtocol, rule: CRule, key: str, hit: Hit | None,
               now: datetime, retract_ids: frozenset, out: list, dedupe: str = "") -> None:

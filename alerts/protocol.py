@@ -97,11 +97,16 @@ class Band(Sourced):
     basis: Basis = "absolute"
     grade: int | None = Field(default=None, ge=1, le=5)
     severity: Severity | None = None
+    #: the limit must be exceeded by consecutive readings spanning MORE than this many hours
+    #: (e.g. CTCAE fever grade 4: > 40.0 C for > 24 h). Absolute limits only.
+    for_hours: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _grade_or_severity(self):
         if self.grade is None and self.severity is None:
             raise ValueError("a band needs a `grade` or a `severity`")
+        if self.for_hours is not None and self.basis != "absolute":
+            raise ValueError("`for_hours` needs an absolute limit (basis: absolute)")
         return self
 
 
@@ -215,6 +220,9 @@ class Period(Sourced):
     steroid_phases: list[PhaseName] | None = None
     #: days since the current steroid phase began, [from, to)
     phase_days: tuple[float, float] | None = None
+    #: the period only exists until the completion rule holds (the label's "continue until
+    #: unremarkable" after the minimum period). Other periods are never ended by completion.
+    ends_on_completion: bool = False
 
     @model_validator(mode="after")
     def _order(self):
@@ -371,6 +379,8 @@ class Protocol(_M):
                     check_analyte(a, p + ".analytes")
                 for j, b in enumerate(r.bands):
                     check_sourced(b, f"{p}.bands[{j}]")
+                    if b.for_hours is not None and len(r.analytes) != 1:
+                        errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
                     check_sourced(b, f"{p}.abnormal_baseline_bands[{j}]")
                     if b.basis != "baseline":

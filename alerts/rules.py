@@ -3,6 +3,9 @@
 No pydantic in the evaluation loop: ``compile_protocol`` turns the validated protocol
 into small slotted objects with operator functions and per-analyte rule lists.
 
+Pre-dose results are baselines, never evidence: every rule looks only at results taken at
+or after the dose time (so the dose event does not raise alerts from pre-dose results).
+
 Every ``evaluate`` is a pure function of the patient state (history, baselines,
 treatment facts), never of arrival order: single-analyte rules look at the newest result
 (by effective time), composite rules at each analyte's newest result within the rule's
@@ -160,7 +163,7 @@ class CRule:
 
 
 class CBand:
-    __slots__ = ("op", "ops", "value", "basis", "grade", "rank")
+    __slots__ = ("op", "ops", "value", "basis", "grade", "rank", "for_s")
 
     def __init__(self, b) -> None:
         self.op = OPS[b.op]
@@ -168,6 +171,7 @@ class CBand:
         self.value = b.value
         self.basis = b.basis
         self.grade = b.grade
+        self.for_s = None if b.for_hours is None else b.for_hours * 3600.0
         sev = b.severity if b.severity is not None else GRADE_SEVERITY[b.grade]
         self.rank = Severity(sev).rank
 
@@ -194,12 +198,13 @@ class GradedRuleC(CRule):
         best_grade = None
         evidence = None
         t = None
+        dose = st.dose_at if st.dose_at is not None else -1e18
         for a in self.analytes:
             h = hist.get(a)
             if not h:
                 continue
             e = h[-1]
-            if t is None or e[0] > t:
+            if e[0] >= dose and (t is None or e[0] > t):
                 t = e[0]
         if t is None or (self.days is not None or self.phases is not None) and not self.active_at(st, t):
             return None
@@ -208,6 +213,8 @@ class GradedRuleC(CRule):
             if not h:
                 continue
             e = h[-1]
+            if e[0] < dose:
+                continue  # a pre-dose result is a baseline, not evidence
             v = e[1]
             bands = self.bands
             if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
@@ -224,6 +231,14 @@ class GradedRuleC(CRule):
                     continue
                 lim = b.value * ref
                 if b.op(v, lim):
+                    if b.for_s is not None:
+                        run = st.runs.get(a)
+                        if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
+                            continue  # not sustained long enough: a lower band decides
+                        if evidence is None:
+                            evidence = []
+                        evidence.append((a, (run[0], run[1], run[2], None, None), lim, b.ops, basis, ref,
+                                         f"first reading of this episode; sustained > {b.for_s / 3600:g} h"))
                     if evidence is None:
                         evidence = []
                     evidence.append((a, e, lim, b.ops, basis, ref, None))
@@ -328,9 +343,12 @@ class CompositeRuleC(CRule):
             h = hist.get(a)
             if h and (t is None or h[-1][0] > t):
                 t = h[-1][0]
-        if t is None or not self.active_at(st, t):
+        dose = st.dose_at if st.dose_at is not None else -1e18
+        if t is None or t < dose or not self.active_at(st, t):
             return None
         since = t - self.window
+        if since < dose:
+            since = dose  # pre-dose results are baselines, not evidence
         evidence: list[Ev] = []
         if eval_expr(self.when, st, cp, since, evidence) is not True:
             return None
@@ -365,7 +383,7 @@ class DeltaRuleC(CRule):
         if not h or len(h) < 2:
             return None
         e, p = h[-1], h[-2]
-        if not self.active_at(st, e[0]):
+        if (st.dose_at is not None and e[0] < st.dose_at) or not self.active_at(st, e[0]):
             return None
         if e[0] - p[0] > self.lookback or p[1] <= 0:
             return None
@@ -441,11 +459,14 @@ class ScoreRuleC(CRule):
             h = hist.get(a)
             if h and (t is None or h[-1][0] > t):
                 t = h[-1][0]
-        if t is None or st.birth is None or not self.active_at(st, t):
+        dose = st.dose_at if st.dose_at is not None else -1e18
+        if t is None or t < dose or st.birth is None or not self.active_at(st, t):
             return None
         age_m = (t - st.birth) / 2629800.0
         sysm = cp.news2 if age_m >= cp.adult_age_months else cp.pews
         since = t - self.window
+        if since < dose:
+            since = dose
         total = 0
         max_item = 0
         evidence: list[Ev] = []
@@ -510,11 +531,16 @@ class CompletionRuleC(CRule):
         self.rank = r.severity.rank
 
     def evaluate_at(self, st: PatientState, cp: "CompiledProtocol", now: float) -> Hit | None:
+        """The label's end criteria on CURRENT evidence: every required analyte must have a
+        result taken at or after the end of the minimum period (dose + ``min_days``), and
+        those results must meet the criteria. Older results (e.g. a day-75 panel of a patient
+        seen on day 95) never complete monitoring. The engine also withholds completion
+        while any sample is overdue (``Engine.check_schedule``)."""
         if st.dose_at is None or (now - st.dose_at) / DAY < self.min_days:
             return None
         evidence: list[Ev] = []
-        # only results taken after dosing count towards "unremarkable"
-        if eval_expr(self.when, st, cp, float(st.dose_at), evidence) is not True:
+        since = st.dose_at + self.min_days * DAY
+        if eval_expr(self.when, st, cp, since, evidence) is not True:
             return None
         t = max((ev[1][0] for ev in evidence), default=now)
         return Hit(self.rank, None, evidence, t)
@@ -527,6 +553,7 @@ class CPeriod:
     every: float
     phases: frozenset | None
     phase_days: tuple | None
+    ends_on_completion: bool = False
 
 
 @dataclass
@@ -537,11 +564,13 @@ class CSchedule:
     grace: float
     periods: list
 
-    def period_at(self, st: PatientState, now: float) -> CPeriod | None:
+    def period_at(self, st: PatientState, now: float, complete: bool = False) -> CPeriod | None:
         d = (now - st.dose_at) / DAY
         phase, since = st.steroid_at(now)
         for p in self.periods:
             if not (p.from_day <= d < p.to_day):
+                continue
+            if complete and p.ends_on_completion:
                 continue
             if p.phases is not None and phase not in p.phases:
                 continue
@@ -554,9 +583,15 @@ class CSchedule:
             return p
         return None
 
-    def overdue(self, st: PatientState, now: float) -> list[tuple[str, Entry | None, float]] | None:
-        """[(analyte, last entry, deadline)] overdue at ``now``; [] if on time; None if not scheduled now."""
-        p = self.period_at(st, now)
+    def overdue(self, st: PatientState, now: float, complete: bool = False) -> list[tuple[str, Entry | None, float]] | None:
+        """[(analyte, last entry, deadline)] overdue at ``now``; [] if on time; None if not scheduled now.
+
+        The deadline runs from the LAST sample (or the dose): a sample skipped mid-course and
+        followed by a later one is not flagged afterwards, because the later sample satisfies
+        the schedule; a missing sample is flagged from the first clock check after its
+        deadline + grace. ``complete``: the completion criteria hold, which ends only the
+        periods marked ``ends_on_completion``."""
+        p = self.period_at(st, now, complete)
         if p is None:
             return None
         every = p.every * DAY
@@ -629,7 +664,8 @@ class CompiledProtocol:
                 grace=s.grace_hours * 3600.0,
                 periods=[CPeriod(p.from_day, p.to_day, p.every_days,
                                  frozenset(p.steroid_phases) if p.steroid_phases else None,
-                                 tuple(p.phase_days) if p.phase_days else None) for p in s.periods],
+                                 tuple(p.phase_days) if p.phase_days else None,
+                                 p.ends_on_completion) for p in s.periods],
             )
             for s in protocol.schedules
         ]
@@ -642,6 +678,18 @@ class CompiledProtocol:
         self.kinds = {k: a.kind for k, a in cat.items()}
 
         self.limits = {k: (self.vital_limit if kind == "vital" else self.lab_limit) for k, kind in self.kinds.items()}
+        #: analyte -> predicate "beyond the limit" for sustained bands (``for_hours``); the
+        #: engine keeps the run of such readings in ``PatientState.runs``
+        self.sustain: dict[str, Callable[[float], bool]] = {}
+        for c in self.rules:
+            if isinstance(c, GradedRuleC):
+                for b in c.bands + (c.abn_bands or ()):
+                    if b.for_s is not None:
+                        a = c.analytes[0]
+                        if a in self.sustain:
+                            raise ValueError(f"{c.id}: only one sustained limit per analyte ({a})")
+                        op, lim = b.op, b.value
+                        self.sustain[a] = (lambda v, op=op, lim=lim: op(v, lim))
 
     def history_limit(self, analyte: str) -> int:
         return self.limits.get(analyte, self.lab_limit)

@@ -13,6 +13,11 @@ Contents
   last sample time;
 - ``base``: per analyte the baseline = the last result before dosing (an entry);
 - ``o2``: newest ``[t, on_oxygen]`` flag seen on a vital sign;
+- ``runs``: per analyte with a sustained band (``for_hours``, e.g. fever > 40.0 C for
+  > 24 h) the current run of consecutive readings beyond the limit,
+  ``[start_t, start_value, start_id, last_t]`` (absent when no run is open). Kept
+  conservatively: a late reading can shorten a run but never lengthens it across readings
+  no longer held in ``hist``;
 - ``active``: rules currently present, ``key -> [severity_rank, grade, evidence ids]``
   (key = rule id, or ``rule id|dedupe key``), so the engine can emit ``cleared`` and
   ``retracted`` and stay silent when nothing changed.
@@ -55,7 +60,7 @@ class PatientState:
 
     __slots__ = (
         "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
-        "steroid", "hist", "base", "o2", "active",
+        "steroid", "hist", "base", "o2", "active", "runs",
     )
 
     def __init__(self, patient_id: str) -> None:
@@ -72,6 +77,7 @@ class PatientState:
         self.base: dict[str, Entry] = {}
         self.o2: list | None = None
         self.active: dict[str, list] = {}
+        self.runs: dict[str, list] = {}
 
     # -- history -----------------------------------------------------------------
     def insert(self, analyte: str, entry: Entry, limit: int) -> None:
@@ -154,6 +160,52 @@ class PatientState:
         h = self.hist.get(analyte)
         return h[-1] if h else None
 
+    # -- sustained runs (e.g. fever grade 4) ---------------------------------------
+    def track_run(self, analyte: str, e: Entry, hot) -> None:
+        """Update the run of consecutive readings with ``hot(value)`` true after ``e`` was
+        inserted into ``hist``. Conservative for late readings (see the module docstring)."""
+        h = self.hist.get(analyte) or []
+        t = e[0]
+        run = self.runs.get(analyte)
+        if hot(e[1]):
+            if not any(x[2] == e[2] for x in h):
+                return  # older than everything held: cannot place it, ignore (conservative)
+            if run is None or t > run[3]:
+                if run is not None and not any(run[3] < x[0] < t and not hot(x[1]) for x in h):
+                    run[3] = t
+                    return
+                if any(x[0] > t and not hot(x[1]) for x in h):
+                    return  # a newer normal reading closed this episode
+                start, last = e, t
+                for x in reversed(h):  # extend over held hot readings just before t
+                    if x[0] < t:
+                        if not hot(x[1]):
+                            break
+                        start = x
+                    elif x[0] > last:
+                        last = x[0]
+                self.runs[analyte] = [start[0], start[1], start[2], last]
+            elif t < run[0]:
+                # extend backwards only over an interval the history fully shows
+                if not any(t < x[0] < run[0] and not hot(x[1]) for x in h):
+                    run[0], run[1], run[2] = t, e[1], e[2]
+        elif run is not None:
+            if t > run[3]:
+                del self.runs[analyte]  # the episode is over
+            elif t > run[0]:
+                later = [x for x in h if x[0] > t and hot(x[1])]
+                if later:
+                    x = later[0]
+                    self.runs[analyte] = [x[0], x[1], x[2], run[3]]
+                else:
+                    del self.runs[analyte]
+
+    def rebuild_run(self, analyte: str, hot) -> None:
+        """After a removal: rebuild the run from the held history only (may shorten it)."""
+        self.runs.pop(analyte, None)
+        for x in list(self.hist.get(analyte, ())):
+            self.track_run(analyte, x, hot)
+
     # -- steroid -----------------------------------------------------------------
     def add_steroid(self, t: int, phase: str) -> None:
         item = [t, phase]
@@ -201,7 +253,7 @@ class PatientState:
         if self.dose_id is not None:
             d["di"] = self.dose_id
         if self.birth is not None:
-            d["b"] = self.birth
+            d["b"] = self.birth // 86400 if self.birth % 86400 == 0 else self.birth / 86400
         if self.weight is not None:
             d["w"] = _num(self.weight)
         if self.ward is not None:
@@ -216,15 +268,17 @@ class PatientState:
             if e[3] is not None or e[4] is not None:
                 ranges[a] = [_num(e[3]), _num(e[4])]
         if ranges:
-            d["r"] = ranges
+            d["r"] = {_code(a): r for a, r in ranges.items()}
         if self.hist:
-            d["h"] = {a: [_pack(e, t0, ranges.get(a)) for e in h] for a, h in self.hist.items()}
+            d["h"] = {_code(a): [_pack(e, t0, ranges.get(a)) for e in h] for a, h in self.hist.items()}
         if self.base:
-            d["bl"] = {a: _pack(e, t0, ranges.get(a)) for a, e in self.base.items()}
+            d["bl"] = {_code(a): _pack(e, t0, ranges.get(a)) for a, e in self.base.items()}
         if self.o2 is not None:
             d["o2"] = [self.o2[0] - t0, 1 if self.o2[1] else 0]
         if self.active:
             d["a"] = {k: list(v) for k, v in self.active.items()}
+        if self.runs:
+            d["ru"] = {_code(a): [r[0] - t0, _num(r[1]), r[2], r[3] - t0] for a, r in self.runs.items()}
         return d
 
     @classmethod
@@ -235,14 +289,18 @@ class PatientState:
         s.product = _PRODUCT_NAME.get(pr, pr) if pr is not None else None
         s.dose_at = t0 if "d" in d else None
         s.dose_id = d.get("di")
-        s.birth = d.get("b")
+        b = d.get("b")
+        if b is not None and abs(b) < 1e6:
+            b = int(round(b * 86400))  # days since the epoch (older states: seconds)
+        s.birth = b
         s.weight = d.get("w")
         s.ward = d.get("wd")
         s.care_team = d.get("ct")
         s.steroid = [[x[0] + t0, x[1]] for x in d.get("s", ())]
-        ranges = d.get("r", {})
-        s.hist = {a: [_unpack(e, t0, ranges.get(a)) for e in h] for a, h in d.get("h", {}).items()}
-        s.base = {a: _unpack(e, t0, ranges.get(a)) for a, e in d.get("bl", {}).items()}
+        ranges = {_name(a): r for a, r in d.get("r", {}).items()}
+        s.hist = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in h] for a, h in d.get("h", {}).items()}
+        s.base = {_name(a): _unpack(e, t0, ranges.get(_name(a))) for a, e in d.get("bl", {}).items()}
+        s.runs = {_name(a): [r[0] + t0, r[1], r[2], r[3] + t0] for a, r in d.get("ru", {}).items()}
         o2 = d.get("o2")
         s.o2 = [o2[0] + t0, bool(o2[1])] if o2 is not None else None
         s.active = {k: list(v) for k, v in d.get("a", {}).items()}
@@ -259,6 +317,28 @@ def _num(v: float | None):
     if v is None:
         return None
     return int(v) if float(v).is_integer() and abs(v) < 1e15 else v
+
+
+#: stable short keys for analytes in the serialised state (upper case: never an analyte key,
+#: which are lower case). NEVER renumber: stored changelogs depend on them. Unknown analytes
+#: are stored under their own name.
+_ANALYTE_CODE = {
+    "alt": "A", "ast": "B", "bilirubin_total": "C", "bilirubin_direct": "D", "alp": "E", "ggt": "F",
+    "ldh": "G", "platelets": "H", "hemoglobin": "I", "creatinine": "J", "troponin_i": "K",
+    "troponin_i_hs": "L", "inr": "M", "pt": "N", "aptt": "O", "albumin": "P", "crp": "Q",
+    "glucose": "R", "potassium": "S", "sodium": "T", "heart_rate": "U", "respiratory_rate": "V",
+    "systolic_bp": "W", "diastolic_bp": "X", "spo2": "Y", "temperature": "Z", "o2_flow": "O2",
+    "weight": "WT",
+}
+_ANALYTE_NAME = {v: k for k, v in _ANALYTE_CODE.items()}
+
+
+def _code(a: str) -> str:
+    return _ANALYTE_CODE.get(a, a)
+
+
+def _name(c: str) -> str:
+    return _ANALYTE_NAME.get(c, c)
 
 
 _PRODUCT_CODE = {"onasemnogene-abeparvovec-iv": "iv", "onasemnogene-abeparvovec-it": "it"}

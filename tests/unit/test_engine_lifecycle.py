@@ -142,3 +142,36 @@ def test_finding_context_and_route():
     assert hys.days_since_dose == 8.0
     tma = next(f for f in sim.findings if f.rule_id == "heme.tma_screen")
     assert {e.observation_id for e in tma.evidence} == {"plt7", "ldh7"}
+
+
+def test_state_uses_short_analyte_keys_and_reads_older_birth_in_seconds():
+    import json as _json
+
+    from alerts.state import PatientState
+
+    sim = _run(EVENTS)
+    d = sim.state.to_dict()
+    assert "alt" not in d["h"] and "A" in d["h"]  # short stable codes
+    assert isinstance(d["b"], int) and d["b"] < 100000  # birth in days since the epoch
+    back = PatientState.from_dict(_json.loads(_json.dumps(d)))
+    assert back == sim.state and back.birth == sim.state.birth and set(back.hist) == set(sim.state.hist)
+    # a state written before the change (birth in seconds, long analyte keys) still loads
+    old = dict(d, b=sim.state.birth, h={"alt": d["h"]["A"]})
+    old.pop("bl", None)
+    old.pop("r", None)
+    legacy = PatientState.from_dict(old)
+    assert legacy.birth == sim.state.birth and legacy.hist["alt"][-1][2] == sim.state.hist["alt"][-1][2]
+
+
+def test_sustained_fever_run_survives_a_changelog_round_trip():
+    import json as _json
+
+    from alerts.state import PatientState
+
+    sim = Sim()
+    sim.feed([dose(), obs("temperature", 40.3, 1, oid="t1"), obs("temperature", 40.5, 1.5, oid="t2")])
+    assert sim.state.runs["temperature"][2] == "t1"
+    restored = Sim()
+    restored.state = PatientState.from_dict(_json.loads(_json.dumps(sim.state.to_dict())))
+    restored.feed([obs("temperature", 40.2, 2.1, oid="t3")])
+    assert restored.present()["vitals.fever"].grade == 4

@@ -143,3 +143,33 @@ def test_check_protocol_file(tmp_path):
 def test_summary_lists_rules_and_schedules():
     s = summarise(default_protocol(IV))
     assert "liver.hys_law" in s and "schedules: 4" in s and "failsafe" in s
+
+
+def test_sustained_band_needs_an_absolute_limit_and_one_analyte(tmp_path):
+    d = _raw()
+    idx = next(i for i, r in enumerate(d["rules"]) if r["id"] == "vitals.fever")
+    band = next(j for j, b in enumerate(d["rules"][idx]["bands"]) if b.get("for_hours"))
+    assert d["rules"][idx]["bands"][band]["grade"] == 4 and d["rules"][idx]["bands"][band]["source"] == "ctcae-fever"
+    d["rules"][idx]["bands"][band]["basis"] = "uln"
+    msgs = _errors(tmp_path, d)
+    assert any(m.startswith(f"rules[{idx}].bands[{band}]") and "for_hours" in m for m in msgs), msgs
+    d = _raw()
+    alt = next(i for i, r in enumerate(d["rules"]) if r["id"] == "liver.taper_gate_breach")
+    d["rules"][alt]["bands"][0].update(for_hours=24, basis="absolute", value=80)
+    msgs = _errors(tmp_path, d)
+    assert any(m.startswith(f"rules[{alt}].bands[0].for_hours") for m in msgs), msgs
+
+
+@pytest.mark.parametrize("product", [IV, IT])
+def test_completion_analytes_are_scheduled_after_month_three_until_complete(product):
+    """Completion needs results from day 90 on, so every group it reads keeps a period after
+    day 90 that completion ends (``ends_on_completion``); no period before day 90 does."""
+    p = default_protocol(product)
+    comp = p.rule("monitoring.complete")
+    assert comp.min_days == 90
+    for s in p.schedules:
+        for per in s.periods:
+            if per.ends_on_completion:
+                assert per.from_day >= comp.min_days
+    groups = {s.group for s in p.schedules if any(per.ends_on_completion for per in s.periods)}
+    assert "liver" in groups and "platelets" in groups

@@ -14,10 +14,10 @@ from schemas.ingest import decode
 
 START = datetime(2025, 1, 6, tzinfo=timezone.utc)
 
-#: ground truth vs engine disagreements that are understood (see the module report):
-#: the engine's monitoring.complete accepts a pre-day-90 liver panel of a patient whose
-#: samples are overdue, and completion then suppresses schedule.overdue.
-KNOWN = {("schedule.overdue", "missed"), ("monitoring.complete", "extra")}
+#: ground truth vs engine disagreements that are understood: the simulator's ground truth
+#: still uses the old completion rule (pre-day-90 results, no IV troponin after day 84), so
+#: the engine misses its "complete" and raises troponin/"until complete" overdue samples.
+KNOWN = {("monitoring.complete", "missed"), ("schedule.overdue", "extra")}
 
 
 @pytest.fixture(scope="module")

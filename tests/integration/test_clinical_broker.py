@@ -1,0 +1,260 @@
+"""Clinical scenarios through the real broker and a real worker (issue 3, "for a subset").
+
+(a) Hy's law, TMA screen, platelets grade 3 and fever: dose + results published on the
+    raw topics -> findings on ``findings`` and alerts on ``alerts`` with the right rule
+    ids, severities, grades and evidence; a normal post-dose trajectory raises nothing above
+    info.
+(b) Overdue driven by the clock: a patient whose weekly liver tests stop; the liver
+    deadline + grace passes a few seconds after the last publish, and ``schedule.overdue``
+    appears with no further event (ticks every second). The missing sample resolves it.
+(c) Replay: a second worker with a NEW app id (fresh state, fresh output topics) over the
+    same input topics produces the same findings.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from workers import service_env
+
+pytestmark = pytest.mark.integration
+
+INPUTS = ("lab-results", "vital-signs", "liver-function", "treatments")
+OUTPUTS = ("observations", "dead-letter", "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
+CLOCK_RULES = {"schedule.overdue", "monitoring.complete"}
+SEV = {"info": 0, "warning": 1, "high": 2, "critical": 3}
+
+LOINC = {  # analyte: (LOINC, unit)
+    "alt": ("1742-6", "U/L"), "ast": ("1920-8", "U/L"), "bilirubin_total": ("1975-2", "mg/dL"),
+    "alp": ("6768-6", "U/L"), "platelets": ("777-3", "10*3/uL"), "ldh": ("2532-0", "U/L"),
+    "hemoglobin": ("718-7", "g/dL"), "creatinine": ("2160-0", "mg/dL"), "troponin_i": ("10839-9", "ng/mL"),
+    "temperature": ("8310-5", "Cel"), "heart_rate": ("8867-4", "/min"),
+}
+
+
+class Reader:
+    """Every JSON record of one topic, from the beginning."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                               enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
+        self.items: list[dict] = []
+
+    def poll(self) -> list[dict]:
+        for m in self.c:
+            self.items.append(json.loads(m.value))
+        return self.items
+
+    def wait_for(self, pred, timeout: float = 90.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [x for x in self.poll() if pred(x)]
+            if found:
+                return found
+        raise AssertionError(f"nothing matched within {timeout}s; saw "
+                             f"{[(x.get('patient_id'), x.get('rule_id'), x.get('state') or x.get('status')) for x in self.items]}")
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def send(bootstrap: str, records) -> None:
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for topic, key, value in records:
+        p.send(topic, key=key.encode(), value=json.dumps(value).encode())
+    p.flush()
+    p.close()
+
+
+def dose(pid: str, at: datetime) -> dict:
+    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
+            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
+            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
+
+
+def result(pid: str, eid: str, analyte: str, value: float, at: datetime, low=None, high=None) -> dict:
+    loinc, unit = LOINC[analyte]
+    d = {"event_id": eid, "patient_id": pid, "loinc": loinc, "value": value, "unit": unit,
+         "effective_at": at.isoformat(), "source": "lab-x"}
+    if low is not None or high is not None:
+        d["reference_range"] = {"low": low, "high": high}
+    return d
+
+
+def scenario_records(topics: dict[str, str], now: datetime) -> tuple[list, dict]:
+    """(records, expected) where expected maps patient -> (rule, severity, grade, evidence event ids)."""
+    lab, vit, trt = topics["lab-results"], topics["vital-signs"], topics["treatments"]
+    recs: list = []
+
+    def R(pid, eid, analyte, value, at, low=None, high=None, topic=None):
+        recs.append((topic or lab, pid, result(pid, eid, analyte, value, at, low, high)))
+
+    # Hy's law: ALT >= 3x ULN and bilirubin > 2x ULN within 14 days, ALP < 2x ULN
+    d = now - timedelta(days=6)
+    recs.append((trt, "cb-hys", dose("cb-hys", d)))
+    R("cb-hys", "hys-alt0", "alt", 30, d - timedelta(days=1), 0, 40)
+    R("cb-hys", "hys-alt", "alt", 200, now - timedelta(days=3), 0, 40)
+    R("cb-hys", "hys-bil", "bilirubin_total", 3.0, now - timedelta(days=2), 0, 1.2)
+    R("cb-hys", "hys-alp", "alp", 300, now - timedelta(days=2), 0, 500)
+    # TMA screen: platelets < 150 with LDH above ULN within 14 days
+    d = now - timedelta(days=6)
+    recs.append((trt, "cb-tma", dose("cb-tma", d)))
+    R("cb-tma", "tma-plt0", "platelets", 320, d - timedelta(days=1), 150, 450)
+    R("cb-tma", "tma-plt", "platelets", 120, now - timedelta(days=1), 150, 450)
+    R("cb-tma", "tma-ldh", "ldh", 900, now - timedelta(days=1), 0, 600)
+    # platelets CTCAE grade 3 (< 50 x10^9/L)
+    d = now - timedelta(days=5)
+    recs.append((trt, "cb-plt", dose("cb-plt", d)))
+    R("cb-plt", "plt-3", "platelets", 40, now - timedelta(days=1), 150, 450)
+    # fever grade 2 (> 39.0 C), a vital sign
+    d = now - timedelta(days=2)
+    recs.append((trt, "cb-fev", dose("cb-fev", d)))
+    R("cb-fev", "fev-1", "temperature", 39.5, now - timedelta(days=1), topic=vit)
+    # a normal post-dose trajectory (dosed 3 days ago: nothing is due yet)
+    d = now - timedelta(days=3)
+    recs.append((trt, "cb-norm", dose("cb-norm", d)))
+    for i, (a, v, lo, hi) in enumerate([("alt", 30, 0, 40), ("ast", 40, 0, 60), ("platelets", 300, 150, 450),
+                                        ("troponin_i", 0.01, 0, 0.04), ("creatinine", 0.25, 0.1, 0.4)]):
+        R("cb-norm", f"norm-b{i}", a, v, d - timedelta(days=1), lo, hi)
+        R("cb-norm", f"norm-p{i}", a, v * 1.1, now - timedelta(days=1), lo, hi)
+    R("cb-norm", "norm-t", "temperature", 37.6, now - timedelta(days=2), topic=vit)
+    R("cb-norm", "norm-hr", "heart_rate", 130, now - timedelta(days=2), topic=vit)
+    expected = {
+        "cb-hys": ("liver.hys_law", "critical", None, {"hys-alt", "hys-bil"}),
+        "cb-tma": ("heme.tma_screen", "critical", None, {"tma-plt", "tma-ldh"}),
+        "cb-plt": ("heme.platelets_decreased", "high", 3, {"plt-3"}),
+        "cb-fev": ("vitals.fever", "warning", 2, {"fev-1"}),
+    }
+    return recs, expected
+
+
+def _final(findings: list[dict], patients) -> dict:
+    """(patient, rule, dedupe) -> the last finding, for observation-driven rules."""
+    out = {}
+    for f in findings:
+        if f["patient_id"] in patients and f["rule_id"] not in CLOCK_RULES:
+            out[(f["patient_id"], f["rule_id"], f.get("dedupe_key", ""))] = f
+    return out
+
+
+def test_clinical_scenarios_and_replay_through_the_broker(kafka_bootstrap, topic_factory, worker_factory):
+    prefix = f"cln{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    worker_factory(service_env(topics, app_id=prefix), name="w1")
+    now = datetime.now(timezone.utc)
+    recs, expected = scenario_records(topics, now)
+    patients = set(expected) | {"cb-norm"}
+    send(kafka_bootstrap, recs)
+    findings = Reader(kafka_bootstrap, topics["findings"])
+    alerts = Reader(kafka_bootstrap, topics["alerts"])
+    try:
+        # (a) the expected finding and alert, per scenario
+        for pid, (rule, sev, grade, ids) in expected.items():
+            (f,) = findings.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == rule
+                                     and x["state"] == "present" and x["severity"] == sev)[:1]
+            assert f["grade"] == grade
+            got_ids = {e["observation_id"] for e in f["evidence"]}
+            assert ids <= got_ids, (pid, got_ids)
+            assert all(e["value"] is not None and e["unit"] for e in f["evidence"])
+            assert f["protocol"]["id"] == "onasemnogene-abeparvovec-iv" and f["days_since_dose"] is not None
+            assert f["text"]["action"]
+            (a,) = alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == rule
+                                   and x["status"] == "firing" and x["severity"] == sev)[:1]
+            assert a["grade"] == grade and ids <= {e["observation_id"] for e in a["evidence"]}
+        # the normal trajectory: every observation was evaluated, nothing above info
+        time.sleep(3)
+        findings.poll()
+        alerts.poll()
+        norm = [x for x in findings.items if x["patient_id"] == "cb-norm"]
+        assert all(SEV[x["severity"]] == 0 for x in norm if x["state"] == "present"), norm
+        assert not [x for x in alerts.items if x["patient_id"] == "cb-norm" and SEV[x["severity"]] > 0]
+        # every pre-dose (baseline) result stayed silent: no evidence older than the dose
+        for x in findings.items:
+            if x["patient_id"] in patients and x["state"] == "present":
+                assert x["days_since_dose"] >= 0
+        first = _final(findings.items, patients)
+        assert {(p, r) for p, (r, *_) in expected.items()} <= {(k[0], k[1]) for k in first}
+        first_ids = {f["finding_id"] for f in findings.items
+                     if f["patient_id"] in patients and f["rule_id"] not in CLOCK_RULES}
+    finally:
+        findings.close()
+        alerts.close()
+
+    # (c) replay: a second worker, NEW app id (fresh tables), same input topics, its own outputs
+    prefix2 = f"rpl{uuid.uuid4().hex[:8]}"
+    topics2 = {**topic_factory(*OUTPUTS, prefix=prefix2), **{k: topics[k] for k in INPUTS}}
+    worker_factory(service_env(topics2, app_id=prefix2), name="w2")
+    findings2 = Reader(kafka_bootstrap, topics2["findings"])
+    try:
+        deadline = time.monotonic() + 90
+        second: dict = {}
+        while time.monotonic() < deadline:
+            second = _final(findings2.poll(), patients)
+            if {k: v["finding_id"] for k, v in second.items()} == {k: v["finding_id"] for k, v in first.items()}:
+                break
+            time.sleep(0.5)
+        time.sleep(2)  # nothing more arrives afterwards
+        second = _final(findings2.poll(), patients)
+        # the final outcome per patient and rule is identical, ids included
+        assert {k: v["finding_id"] for k, v in second.items()} == {k: v["finding_id"] for k, v in first.items()}
+        assert {k: (v["state"], v["severity"], v["grade"]) for k, v in second.items()} == {
+            k: (v["state"], v["severity"], v["grade"]) for k, v in first.items()}
+        # and every finding id it produced was produced by the first worker. (Intermediate
+        # findings can only differ when treatments and observations interleave differently
+        # across the two topics; the final ones never do: arrival-order invariance.)
+        second_ids = {f["finding_id"] for f in findings2.items
+                      if f["patient_id"] in patients and f["rule_id"] not in CLOCK_RULES}
+        assert second_ids <= first_ids | {v["finding_id"] for v in second.values()}
+    finally:
+        findings2.close()
+
+
+def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstrap, topic_factory, worker_factory):
+    prefix = f"ovd{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    worker_factory(service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="1"))
+    now = datetime.now(timezone.utc)
+    pid = "cb-overdue"
+    d0 = now - timedelta(days=20)
+    # weekly liver tests on days 0.5, 6 and ~12, then nothing: the next is due 7 days + 24 h
+    # grace after the last one. The last is placed so that deadline = publish time + 25 s.
+    lag = 25
+    last = now - timedelta(days=8) + timedelta(seconds=lag)
+    recs = [(topics["treatments"], pid, dose(pid, d0))]
+    for i, at in enumerate([d0 - timedelta(days=1), d0 + timedelta(days=0.5), d0 + timedelta(days=6), last]):
+        for a, v, hi in (("alt", 30, 40), ("ast", 40, 60), ("bilirubin_total", 0.4, 1.2)):
+            recs.append((topics["lab-results"], pid,
+                         result(pid, f"lft{i}-{a}", a, v, at, 0, hi)))
+    send(kafka_bootstrap, recs)
+    published = time.monotonic()
+    deadline_wall = now + timedelta(seconds=lag)
+    alerts = Reader(kafka_bootstrap, topics["alerts"])
+    findings = Reader(kafka_bootstrap, topics["findings"])
+    try:
+        # the worker has seen the results well before the deadline: no liver overdue yet
+        findings.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "schedule.overdue", timeout=60)
+        assert not [x for x in findings.poll() if x["patient_id"] == pid and x.get("dedupe_key") == "liver"
+                    and datetime.fromisoformat(x["evaluated_at"]) < deadline_wall]
+        # ... then the clock alone raises it, with no further event published
+        (a,) = alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "schedule.overdue"
+                               and x["dedupe_key"] == "liver" and x["status"] == "firing", timeout=lag + 60)[:1]
+        assert time.monotonic() - published >= lag - 5
+        assert a["severity"] == "warning"
+        assert {e["analyte"] for e in a["evidence"]} == {"alt", "ast", "bilirubin_total"}
+        (f,) = [x for x in findings.wait_for(lambda x: x["patient_id"] == pid and x.get("dedupe_key") == "liver"
+                                             and x["state"] == "present")][:1]
+        assert datetime.fromisoformat(f["evaluated_at"]) > deadline_wall  # driven by the clock
+        # the missing sample arrives: the overdue liver alert resolves
+        at = datetime.now(timezone.utc) - timedelta(minutes=5)
+        send(kafka_bootstrap, [(topics["lab-results"], pid, result(pid, f"lft-late-{a_}", a_, v, at, 0, hi))
+                               for a_, v, hi in (("alt", 30, 40), ("ast", 40, 60), ("bilirubin_total", 0.4, 1.2))])
+        alerts.wait_for(lambda x: x["alert_id"] == a["alert_id"] and x["status"] == "resolved", timeout=60)
+        findings.wait_for(lambda x: x["patient_id"] == pid and x.get("dedupe_key") == "liver" and x["state"] == "cleared")
+    finally:
+        alerts.close()
+        findings.close()

@@ -19,7 +19,8 @@ Routes (JSON in and out; every response ``Cache-Control: no-store``)::
   lifecycle (:func:`alerts.lifecycle.apply_action`): a refused action is dead-lettered there.
 * The action is published to ``alert-actions`` keyed by patient id; the answer (202) means the
   broker has it, not that the lifecycle applied it: watch the ``alerts`` topic (or GET the
-  alert) for the new version.
+  alert) for the new version. A client that retries after a 503 or a lost answer should send
+  its own ``action_id``: the lifecycle applies an action id once.
 * ``patient_id`` may be left out when this worker holds the alert (its ``patients`` table);
   otherwise 400 asks for it.
 * Cross-site safety for a Basic-auth API: state changes need ``Content-Type: application/json``
@@ -329,7 +330,8 @@ class ActionsAPI:
         try:
             fut = await actions_topic.send(key=patient_id.encode("utf-8"),
                                            value=action.model_dump_json().encode("utf-8"), force=True)
-            await asyncio.wait_for(asyncio.ensure_future(fut), PUBLISH_TIMEOUT_SECONDS)
+            # shield: on a timeout the send is not cancelled (it may still land; action_id dedupes a retry)
+            await asyncio.wait_for(asyncio.shield(fut), PUBLISH_TIMEOUT_SECONDS)
         except Exception as exc:
             log.warning("actions API: publishing failed: %s", type(exc).__name__)
             raise ApiError(503, "the action could not be sent; try again") from None

@@ -33,6 +33,9 @@ app = faust.App(
     autodiscover=False,
     # stop consumer-group churn from turning one slow batch into a rebalance storm
     broker_max_poll_interval=300.0,
+    # a crashed worker's partitions move to the survivors within seconds, not a minute
+    broker_session_timeout=settings.kafka_session_timeout_seconds,
+    broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_seconds / 3),
     stream_wait_empty=False,
     # batch produce requests: one request per message costs more than the processing
     producer_linger=0.005,
@@ -80,3 +83,4 @@ async def _quiet_library_loggers() -> None:
 from . import agents  # noqa: E402,F401
 from . import web  # noqa: E402,F401
 from . import ops  # noqa: E402,F401
+from . import actions_api  # noqa: E402,F401

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: str | None = Field(default=None, repr=False)
 
+    #: consumer-group session timeout: how soon a crashed worker's partitions move
+    kafka_session_timeout_seconds: float = 10.0
+
     # table store: memory:// keeps state in RAM, rebuilt from the changelog on start
     table_store: str = "memory://"
     data_dir: str = ".monitor-data"

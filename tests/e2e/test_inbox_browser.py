@@ -1,10 +1,15 @@
-"""The nurse inbox end to end: real broker, the inbox as its own process, real headless Chromium.
+"""The nurse inbox end to end: real broker, a real worker, the inbox as its own process, real
+headless Chromium.
 
-A nurse signs in, sees a new alert appear live (server-sent events, no reload), opens it, the
-chart is drawn, acknowledges it; the acknowledgement is then read from the ``alert-actions``
-topic through the real broker. Also: anonymous requests to every route get 401/redirect, a nurse
-is refused admin actions, a POST without the CSRF token is refused. Screenshots are saved to
-``artifacts/screenshots/``.
+Main flow: a worker (``monitor worker``) and the inbox run over the same topics. A nurse signs in;
+a dose and then lab results and vitals are published as raw inputs (``treatments``,
+``lab-results``, ``vital-signs``); the worker ingests them and opens the alert, which appears in the
+open page live (server-sent events, no reload). The nurse opens it, the chart is drawn, she
+acknowledges it; the inbox publishes the action on ``alert-actions``, the worker applies it, and the
+test sees status ``acknowledged`` with the nurse in the history on the ``alerts`` topic through the
+real broker, while the alert page and the inbox list (another tab) update live to acknowledged.
+Also: anonymous requests to every route get 401/redirect, a nurse is refused admin actions, a POST
+without the CSRF token is refused. Screenshots are saved to ``artifacts/screenshots/``.
 
 Needs Debian ``chromium`` (``deploy/local/install-debs.sh chromium chromium-driver``) and the
 ``playwright`` Python package (no ``playwright install``: the system Chromium is used).
@@ -34,6 +39,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 PASSWORDS = {"nurse1": "nurse-pass-e2e", "admin1": "admin-pass-e2e"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+#: every service topic: the main flow runs a real worker over them
+ALL_TOPICS = ("lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter",
+              "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
 
 
 def _need_browser():
@@ -130,10 +139,68 @@ def _actions(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
     return out
 
 
+def _processed(worker, stage: str) -> int:
+    """How many events the worker's clinical agent has processed in ``stage`` (from /metrics)."""
+    status, body = worker.get("/metrics")
+    if status != 200:
+        return 0
+    prefix = f'monitor_processing_seconds_count{{stage="{stage}"}} '
+    for line in body.decode().splitlines():
+        if line.startswith(prefix):
+            return int(float(line[len(prefix):]))
+    return 0
+
+
+def _wait_processed(worker, stage: str, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _processed(worker, stage) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker processed {_processed(worker, stage)}/{count} {stage} events:\n{worker.tail()}")
+
+
+def _raw_input(o) -> tuple[str, dict]:
+    """The raw input (topic short name, JSON) a lab system or monitor would send for an observation."""
+    rec = {"event_id": o.event_id, "patient_id": o.patient_id, "loinc": o.loinc, "value": o.value, "unit": o.unit,
+           "effective_at": o.effective_at.isoformat(), "status": "final", "source": "e2e-lab"}
+    if o.kind == "lab":
+        if o.reference_range is not None:
+            rec["reference_range"] = o.reference_range.model_dump()
+        return "lab-results", rec
+    return "vital-signs", rec
+
+
+def _send_all(producer, records) -> None:
+    for topic, key, payload in records:
+        producer.send(topic, key=key.encode(), value=payload.encode())
+    producer.flush(timeout=60)
+
+
+def _alert_versions(bootstrap: str, topic: str, pred, timeout: float = 30.0) -> list[dict]:
+    """Alert versions on ``topic`` (from the beginning, no group) once one matches ``pred``."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                             enable_auto_commit=False)
+    seen: list[dict] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _tp, msgs in consumer.poll(timeout_ms=500).items():
+                seen.extend(json.loads(m.value) for m in msgs)
+            if any(pred(a) for a in seen):
+                return seen
+    finally:
+        consumer.close()
+    raise AssertionError(f"no matching alert on {topic} within {timeout}s; saw "
+                         f"{[(a['rule_id'], a['status'], a['version']) for a in seen]}")
+
+
 @pytest.fixture
 def inbox(kafka_bootstrap, topic_factory, tmp_path):
     _need_browser()
-    topics = topic_factory("alerts", "alert-actions", "observations", "treatments", prefix=f"inbox{uuid.uuid4().hex[:8]}")
+    topics = topic_factory(*ALL_TOPICS, prefix=f"inbox{uuid.uuid4().hex[:8]}")
     procs = []
 
     def start() -> InboxProcess:
@@ -165,27 +232,26 @@ def _canvas_ink(page, selector: str) -> int:
         return n; }""", selector)
 
 
-def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstrap):
+def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstrap, worker_factory):
     from playwright.sync_api import sync_playwright
+
+    from workers import service_env
 
     topics, start = inbox
     SHOTS.mkdir(parents=True, exist_ok=True)
+    # the worker: a long clock tick keeps escalation and schedule versions out of this flow
+    worker = worker_factory(service_env(topics, app_id=topics["alerts"].split(".")[0],
+                                        TICK_INTERVAL_SECONDS="600"))
     patient = f"e2e-{uuid.uuid4().hex[:8]}"
-    treatments, observations, alerts = _scenario(patient, 30)
-    open_liver = [a for a in alerts if a.is_open and a.rule_id.startswith("liver.")]
-    assert open_liver, [a.rule_id for a in alerts]
-    alert = max(open_liver, key=lambda a: (a.severity.rank, a.version))
-    producer = _producer(kafka_bootstrap)
-    for ev in treatments:
-        _send(producer, topics["treatments"], patient, ev.model_dump_json())
-    for o in observations:
-        _send(producer, topics["observations"], patient, o.model_dump_json())
-    producer.flush()
+    treatments, observations, expected = _scenario(patient, 30)
+    assert any(a.is_open and a.rule_id.startswith("liver.") for a in expected), [a.rule_id for a in expected]
     proc = start()
+    producer = _producer(kafka_bootstrap)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1024, "height": 768})  # landscape tablet
+        ctx = browser.new_context(viewport={"width": 1024, "height": 768})  # landscape tablet
+        page = ctx.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         _login(page, proc.base, "nurse1")
@@ -194,34 +260,80 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         page.screenshot(path=str(SHOTS / "01-inbox-empty.png"))
         page.evaluate("window.__noReload = 'still-here'")
 
-        # the alert arrives on the alerts topic while the page is open
-        _send(producer, topics["alerts"], patient, alert.model_dump_json())
-        row = page.wait_for_selector(f'tr[data-alert-id="{alert.alert_id}"]', timeout=20_000)
+        # raw inputs while the page is open: the dose first (the worker must know it before the
+        # labs are judged against days since dose), then lab results and vitals
+        _send_all(producer, [(topics["treatments"], patient, ev.model_dump_json()) for ev in treatments])
+        _wait_processed(worker, "treatment", len(treatments))
+        raw = [_raw_input(o) for o in observations]
+        _send_all(producer, [(topics[t], patient, json.dumps(rec)) for t, rec in raw])
+        _wait_processed(worker, "evaluate", len(observations), timeout=90)
+
+        # the alert the worker made: its newest open liver alert of the highest severity
+        versions = _alert_versions(kafka_bootstrap, topics["alerts"],
+                                   lambda a: a["patient_id"] == patient and a["rule_id"].startswith("liver."))
+        latest: dict[str, dict] = {}
+        for a in versions:
+            if a["version"] >= latest.get(a["alert_id"], {}).get("version", 0):
+                latest[a["alert_id"]] = a
+        rank = {"info": 0, "warning": 1, "high": 2, "critical": 3}
+        open_liver = [a for a in latest.values()
+                      if a["rule_id"].startswith("liver.") and a["status"] == "firing"]
+        assert open_liver, [(a["rule_id"], a["status"]) for a in latest.values()]
+        alert = max(open_liver, key=lambda a: (rank[a["severity"]], a["version"]))
+        alert_id = alert["alert_id"]
+
+        row = page.wait_for_selector(f'tr[data-alert-id="{alert_id}"]', timeout=20_000)
         assert page.evaluate("window.__noReload") == "still-here"  # live, no reload
-        assert alert.text.what.split(".")[0] in row.inner_text()
+        assert alert["text"]["what"].split(".")[0] in row.inner_text()
         assert patient not in page.content()
         page.screenshot(path=str(SHOTS / "02-inbox-live-alert.png"))
 
+        # a second tab keeps the inbox list open, to see the acknowledgement arrive live
+        inbox_tab = ctx.new_page()
+        inbox_tab.on("pageerror", lambda e: errors.append(str(e)))
+        inbox_tab.goto(proc.base + "/")
+        inbox_tab.wait_for_selector("#live-state.on", timeout=15_000)
+        inbox_tab.wait_for_selector(f'tr[data-alert-id="{alert_id}"] .status-firing', timeout=15_000)
+        inbox_tab.evaluate("window.__noReload = 'list-here'")
+
         # open it (keyboard: focus the link, Enter)
-        page.focus(f'tr[data-alert-id="{alert.alert_id}"] a.what')
+        page.bring_to_front()
+        page.focus(f'tr[data-alert-id="{alert_id}"] a.what')
         page.keyboard.press("Enter")
-        page.wait_for_url(f"{proc.base}/alerts/{alert.alert_id}")
+        page.wait_for_url(f"{proc.base}/alerts/{alert_id}")
         assert patient not in page.url
         page.wait_for_selector("#charts[data-rendered]", timeout=15_000)
         assert int(page.get_attribute("#charts", "data-rendered")) >= 1
         assert _canvas_ink(page, '#charts [data-panel="liver"]') > 2000, "liver chart not drawn"
-        assert page.inner_text("#protocol") == f"{alert.protocol.id} version {alert.protocol.version}"
-        assert alert.text.action[:30] in page.inner_text(".nurse-text")
-        assert page.locator("table.evidence tbody tr").count() == len(alert.evidence)
+        assert page.inner_text("#protocol") == f"{alert['protocol']['id']} version {alert['protocol']['version']}"
+        assert alert["text"]["action"][:30] in page.inner_text(".nurse-text")
+        assert page.locator("table.evidence tbody tr").count() == len(alert["evidence"])
         assert page.locator('[data-action="silence"]').count() == 0  # nurse: no admin action
+        assert page.inner_text("#alert-status") == "firing"
         page.screenshot(path=str(SHOTS / "03-alert-detail.png"), full_page=True)
 
         page.click("#btn-acknowledge")
         page.wait_for_selector("#action-status .notice", timeout=15_000)
-        assert "Acknowledge sent" in page.inner_text("#action-status")
+        # the worker applies it and emits the acknowledged version; the page updates live. The
+        # worker is fast: the new version can reach the page (SSE) before or after the answer to
+        # the POST, so the notice shows either message and the status either order of updates.
+        page.wait_for_function(
+            "() => document.querySelector('#alert-status').textContent.trim().startsWith('acknowledged')",
+            timeout=30_000)
+        notice = page.inner_text("#action-status")
+        assert "Acknowledge sent" in notice or "(acknowledged)" in notice, notice
         page.screenshot(path=str(SHOTS / "04-acknowledged.png"), full_page=True)
 
+        # the inbox list in the other tab shows it acknowledged, without a reload
+        inbox_tab.bring_to_front()
+        inbox_tab.wait_for_selector(f'tr[data-alert-id="{alert_id}"] .status-acknowledged', timeout=30_000)
+        assert inbox_tab.evaluate("window.__noReload") == "list-here"
+        assert inbox_tab.inner_text(f'tr[data-alert-id="{alert_id}"] .status') == "acknowledged"
+        inbox_tab.screenshot(path=str(SHOTS / "04b-inbox-acknowledged-live.png"))
+        inbox_tab.close()
+
         # the timeline page, portrait tablet
+        page.bring_to_front()
         page.set_viewport_size({"width": 768, "height": 1024})
         page.click("#timeline-link")
         page.wait_for_selector("#charts[data-rendered]", timeout=15_000)
@@ -231,18 +343,29 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         page.screenshot(path=str(SHOTS / "05-patient-timeline-portrait.png"), full_page=True)
         assert not errors, errors
         browser.close()
+    producer.close()
 
-    # the acknowledgement, through the real broker
+    # the action the inbox published, through the real broker
     msgs = _actions(kafka_bootstrap, topics["alert-actions"])
     assert len(msgs) == 1, msgs
     m = msgs[0]
     assert m.key == patient.encode()
     action = json.loads(m.value)
     assert action["action"] == "acknowledge"
-    assert action["alert_id"] == alert.alert_id
+    assert action["alert_id"] == alert_id
     assert action["by"] == "nurse1" and action["role"] == "nurse"
     assert action["patient_id"] == patient and action["action_id"]
-    producer.close()
+
+    # the acknowledgement the worker applied, on the alerts topic through the real broker
+    versions = _alert_versions(kafka_bootstrap, topics["alerts"],
+                               lambda a: a["alert_id"] == alert_id and a["status"] == "acknowledged")
+    acked = [a for a in versions if a["alert_id"] == alert_id and a["status"] == "acknowledged"][0]
+    assert acked["previous_status"] == "firing" and acked["version"] > alert["version"]
+    entry = [h for h in acked["history"] if h["action"] == "acknowledged"]
+    assert len(entry) == 1, acked["history"]
+    assert entry[0]["by"] == "nurse1" and entry[0]["role"] == "nurse"
+    assert entry[0]["from_status"] == "firing" and entry[0]["to_status"] == "acknowledged"
+    assert acked["next_escalation_at"] is None  # acknowledged: escalation stopped
 
 
 def test_routes_refuse_anonymous_nurse_refused_admin_and_forged_post(inbox, kafka_bootstrap):

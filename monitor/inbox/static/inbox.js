@@ -123,6 +123,7 @@
     var body = document.body;
     var alertId = body.getAttribute("data-alert-id");
     var version = parseInt(body.getAttribute("data-version"), 10);
+    var shownAtSubmit = version;
     var statusBox = document.getElementById("action-status");
     var statusEl = document.getElementById("alert-status");
 
@@ -142,6 +143,7 @@
         if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00Z" : until.value;
         var btn = form.querySelector("button");
         btn.disabled = true;
+        shownAtSubmit = version;
         fetch(form.getAttribute("action"), {
           method: "POST", credentials: "same-origin",
           headers: { "Content-Type": "application/json", "X-CSRF-Token": CSRF, Accept: "application/json" },
@@ -154,7 +156,9 @@
           if (!res.r.ok) { say((res.j && res.j.error) || ("Refused (HTTP " + res.r.status + ")"), true); return; }
           say(btn.textContent + " sent. Waiting for the monitor to record it.");
           if (reason) reason.value = "";
-          if (kind === "acknowledge") {
+          // the worker can answer before this POST does: if a newer version is already
+          // shown, it is the truth and must not be marked pending again
+          if (kind === "acknowledge" && version === shownAtSubmit) {
             statusEl.textContent = statusEl.textContent + " (acknowledgement sent)";
             statusEl.className = "status status-pending";
             form.classList.add("hidden");

@@ -146,6 +146,10 @@ async def update_consumer_lag(faust_app: Any = app) -> bool:
         if faust_app.rebalancing:
             return False
         lag = await compute_lag(faust_app.consumer, changelog_topics(faust_app))
+        # the input topics are read by the batched ingest consumer, not by faust
+        from .agents.ingest import INGEST
+
+        lag.update(INGEST.lag())
         publish_lag(lag)
         return True
     except asyncio.CancelledError:

@@ -116,6 +116,8 @@ class IngestService:
         self.producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()
         self.processed = 0
+        #: next offset to read per partition, as last committed by this worker
+        self.committed: dict = {}
 
     async def start(self) -> None:
         cfg = aiokafka_config(settings)
@@ -150,7 +152,9 @@ class IngestService:
                         futures.append(await producer.send(out_topic, value=value, key=key, headers=headers))
             try:
                 await asyncio.gather(*futures)
-                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+                offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+                await consumer.commit(offsets)
+                self.committed.update(offsets)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -161,6 +165,23 @@ class IngestService:
                 continue
             self.processed += n
             PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Log end offset (from the last fetch) minus committed offset per assigned input partition."""
+        if self.consumer is None:
+            return {}
+        out = {}
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            done = self.committed.get(tp)
+            if end is not None and done is not None:
+                out[(tp.topic, tp.partition)] = max(0, end - done)
+            elif end is not None and end == 0:
+                out[(tp.topic, tp.partition)] = 0
+        for tp in list(self.committed):
+            if tp not in self.consumer.assignment():
+                del self.committed[tp]
+        return out
 
     async def _rewind(self, batch) -> None:
         assert self.consumer is not None

@@ -47,6 +47,7 @@ Dispatcher guarantees
 from __future__ import annotations
 
 import asyncio
+import inspect
 import hashlib
 import hmac
 import json
@@ -369,6 +370,22 @@ class Dispatcher:
             self._idle.clear()
         return queued
 
+    def forget(self, alert_ids: Iterable[str]) -> int:
+        """Drop queued (not in-flight) versions of these alerts, e.g. when another worker
+        took over their partition and will deliver them from its own commit point."""
+        ids = set(alert_ids)
+        dropped = 0
+        for st in self._states.values():
+            for alert_id in ids & set(st.lanes):
+                if alert_id in st.busy:
+                    continue
+                for item in st.lanes.pop(alert_id):
+                    st.pending_keys.discard(item.key)
+                    dropped += 1
+        if not self.pending_count():
+            self._idle.set()
+        return dropped
+
     def pending(self) -> list[tuple[str, Alert]]:
         """Everything not yet delivered, as (sink name, alert version)."""
         return [(st.sink.name, it.alert) for st in self._states.values()
@@ -480,7 +497,16 @@ class Dispatcher:
                             name, item.attempts, delay, exc)
                 self.hooks.call("on_failure", name, item.alert, item.attempts, exc, delay)
                 return
-            self.ledger.mark(item.key)
+            marked = self.ledger.mark(item.key)
+            if inspect.isawaitable(marked):
+                # a persistent ledger: wait until the record is durable, so a crash right
+                # after a delivery leaves as small a window for a repeat as possible
+                try:
+                    await marked
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # delivered anyway; the in-memory mark stands
+                    log.warning("delivery ledger write for %s failed: %s", name, type(exc).__name__)
             self._done(st, alert_id, item)
             self.hooks.call("on_delivered", name, item.alert, item.attempts, self._clock() - item.enqueued_at)
         finally:

@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(_DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return int(args.func(args) or 0)
+    from .topics_admin import KafkaUnreachable
+
+    try:
+        return int(args.func(args) or 0)
+    except KafkaUnreachable as exc:
+        print(f"monitor: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,11 +42,13 @@ class KafkaLedger:
     def seen(self, key: DeliveryKey) -> bool:
         return key.as_str() in self._keys
 
-    def mark(self, key: DeliveryKey) -> None:
+    def mark(self, key: DeliveryKey):
+        """Record a delivery; returns an awaitable that completes when the record is durable."""
         k = key.as_str()
         self._keys.add(k)
         if self._producer is not None and self._topic:
-            asyncio.ensure_future(self._producer.send(self._topic, key=k.encode(), value=b"1"))
+            return self._producer.send_and_wait(self._topic, key=k.encode(), value=b"1")
+        return None
 
     def add_raw(self, key: bytes) -> None:
         self._keys.add(key.decode())
@@ -202,8 +204,9 @@ class DeliveryService:
                 assigned = c.assignment()
                 for tp in list(self._pending):
                     if tp not in assigned:  # revoked: the new owner resumes from the commit
-                        self._pending.pop(tp, None)
+                        revoked = self._pending.pop(tp, None) or {}
                         self._next.pop(tp, None)
+                        self.dispatcher.forget({k.alert_id for keys in revoked.values() for k in keys})
                 offsets = {tp: off for tp, off in self.committable().items()
                            if tp in assigned and off > 0 and committed.get(tp) != off}
                 if offsets:

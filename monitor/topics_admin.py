@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -20,10 +22,62 @@ def service_topics(s: Settings) -> list[str]:
     ]
 
 
-def ensure_topics(s: Settings, names: list[str] | None = None) -> list[str]:
+class KafkaUnreachable(RuntimeError):
+    """The brokers could not be reached or refused our credentials within the deadline."""
+
+
+def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
+    """A connected admin client, or ``KafkaUnreachable`` after ``timeout`` seconds.
+
+    kafka-python retries the bootstrap for ever, also after an authentication failure
+    (a wrong SASL password): bound it, so a misconfigured worker fails with a clear
+    message instead of hanging.
+    """
+    result: dict = {}
+
+    def connect() -> None:
+        try:
+            result["admin"] = KafkaAdminClient(client_id=f"{s.app_id}-admin", **kafka_python_config(s))
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    class _AuthWatch(logging.Handler):
+        """kafka-python logs, then retries, an authentication failure: notice it."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if "SaslAuthenticationFailed" in text or "Authentication failed" in text or "AuthenticationFailed" in text:
+                result.setdefault("auth_failed", True)
+
+    watch = _AuthWatch(level=logging.WARNING)
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(watch)
+    t = threading.Thread(target=connect, name="kafka-admin-connect", daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while t.is_alive() and time.monotonic() < deadline and "auth_failed" not in result:
+            t.join(0.1)
+    finally:
+        kafka_log.removeHandler(watch)
+    if "admin" in result:
+        return result["admin"]
+    if "auth_failed" in result:
+        why = "authentication failed (wrong SASL user name, password or mechanism?)"
+    elif "error" in result:
+        why = type(result["error"]).__name__
+    else:
+        why = f"no connection within {timeout:.0f}s"
+    raise KafkaUnreachable(
+        f"cannot use Kafka at {s.kafka_bootstrap_servers} ({s.kafka_security_protocol}"
+        f"{', SASL ' + (s.kafka_sasl_mechanism or 'PLAIN') if s.kafka_security_protocol.startswith('SASL') else ''}): "
+        f"{why}; check the bootstrap servers, TLS files and SASL credentials")
+
+
+def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
     """Create missing topics; returns the names created."""
     names = names or service_topics(s)
-    admin = KafkaAdminClient(client_id=f"{s.app_id}-admin", **kafka_python_config(s))
+    admin = admin_client(s, timeout)
     try:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]

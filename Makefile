@@ -53,6 +53,10 @@ tools:
 test: setup debs tools
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
+# the long reliability mode: 20 SIGKILLs, broker restarts, 1,000,000 fuzzed inputs (about 1.5 h)
+test-long: setup debs
+	$(PY) tests/reliability/run_long.py --kills 20 --broker-restarts 3 --fuzz 1000000
+
 test-unit: deps
 	$(PY) -m pytest -q -m "not integration" tests/unit
 

@@ -83,12 +83,17 @@ def main() -> int:
                 time.sleep(0.02)
             p.close()
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(hook.received) < len(pids):
+            def alt_pages() -> int:
+                with hook.lock:
+                    return sum(1 for r in hook.received if r["body"].get("rule_id") == "liver.alt_increased")
+
+            while time.monotonic() < deadline and alt_pages() < len(pids):
                 time.sleep(0.2)
             t_hook = time.time()
             with hook.lock:
                 for r in hook.received:
-                    receipts.setdefault(r["body"]["alert_id"], r.get("at", t_hook))
+                    if r["body"].get("rule_id") == "liver.alt_increased":
+                        receipts.setdefault(r["body"]["alert_id"], r.get("at", t_hook))
             findings = {}
             c = KafkaConsumer(topics["findings"], topics["alerts"], bootstrap_servers=args.bootstrap,
                               auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=2000)

@@ -1,0 +1,643 @@
+"""The benchmark: the full service side by side with the bare stack, through the real broker.
+
+One command (``make bench`` after ``make kafka``):
+
+    python bench/run_all.py [--bootstrap 127.0.0.1:9092] [--events 100000] [--rate 2000] [--quick]
+
+On the SAME pre-published input events (a realistic post-dose cohort from
+``monitor.simulate``: ~1000 patients, treatments first, then lab results, liver panels and
+vital signs in effective-time order) it measures
+
+  (a) a raw aiokafka consume -> json decode -> produce -> commit loop (bench/raw_aiokafka.py),
+  (b) a bare faust passthrough with the service's faust settings (bench/bare_faust.py),
+  (c) the full service (``python -m monitor.cli worker``) with one and with two workers:
+      observations/s on ``observations`` until all are produced, and the time until the
+      clinical stage has consumed them all (its consumer group's lag on ``observations`` = 0),
+
+then the publish -> alert latency of the service at a fixed offered rate (--rate) with
+events that each raise or change an alert. It prints one markdown table and the machine.
+Every topic and consumer group it creates carries one run prefix and is deleted at the end,
+also on failure or Ctrl-C; every process it starts is stopped. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    INPUT_SHORT,
+    ROOT,
+    SERVICE_TOPICS,
+    TREAT_SHORT,
+    Child,
+    Kafka,
+    build_events,
+    cpu_seconds,
+    free_port,
+    http_ok,
+    machine,
+    percentile,
+    proc_tree,
+    publish,
+)
+
+PY = sys.executable
+POLL = 0.1
+#: faust's default broker_commit_interval: the clinical stage's lag reaches 0 at most this late
+FAUST_COMMIT_INTERVAL = 2.8
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Run:
+    """Everything one benchmark run creates, so that ``cleanup`` can remove it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.prefix = f"bench-{stamp}-{uuid.uuid4().hex[:4]}"
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.kafka: Kafka | None = None
+        self.children: list[Child] = []
+        self.results: dict = {"stages": {}, "errors": {}}
+
+    def topic(self, *parts: str) -> str:
+        return ".".join((self.prefix,) + parts)
+
+    def app_id(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        child = Child(name, argv, env, self.tmp / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def stop(self, *children: Child) -> None:
+        for c in children:
+            c.stop()
+
+    def cleanup(self) -> None:
+        for c in self.children:
+            try:
+                c.stop()
+            except Exception as exc:
+                log(f"stopping {c.name}: {exc}")
+        if self.kafka is not None:
+            try:
+                deleted = self.kafka.delete_prefix(self.prefix)
+                groups = [g for g in self.kafka.list_groups() if g.startswith(self.prefix)]
+                self.kafka.delete_groups(groups)
+                left = self.kafka.list_prefix(self.prefix)
+                log(f"cleanup: deleted {len(deleted)} topics and {len(groups)} consumer groups with prefix {self.prefix}"
+                    + (f"; STILL PRESENT: {left}" if left else ""))
+            except Exception as exc:
+                log(f"cleanup failed: {type(exc).__name__}: {exc} -- delete topics '{self.prefix}*' by hand")
+            self.kafka.close()
+        if self.args.keep_logs:
+            log(f"logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ measuring helpers
+class Progress:
+    """Polls a topic's end offsets until ``expected`` records: first/last visible times."""
+
+    def __init__(self, kafka: Kafka, topic: str, expected: int) -> None:
+        self.kafka, self.topic, self.expected = kafka, topic, expected
+        self.t_first = self.n_first = None
+        self.t_done = None
+        self.t_last = self.n_last = None
+
+    def poll(self) -> int:
+        n = self.kafka.end_total(self.topic)
+        now = time.monotonic()
+        if n > 0 and self.t_first is None:
+            self.t_first, self.n_first = now, n
+        if n != self.n_last:
+            self.t_last, self.n_last = now, n
+        if n >= self.expected and self.t_done is None:
+            self.t_done = now
+        return n
+
+    @property
+    def done(self) -> bool:
+        return self.t_done is not None
+
+    def rate(self) -> float | None:
+        """records/s between the first poll that saw output and the poll that saw the last of it."""
+        if self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
+            return None
+        return (self.n_last - self.n_first) / (self.t_last - self.t_first)
+
+
+def check_alive(children: list[Child]) -> None:
+    for c in children:
+        if not c.alive():
+            raise RuntimeError(f"{c.name} exited with {c.proc.returncode}:\n{c.tail()}")
+
+
+def measure_output(run: Run, children: list[Child], topic: str, expected: int, cap: float) -> dict:
+    """Wait until ``topic`` holds ``expected`` records or ``cap`` seconds after start."""
+    prog = Progress(run.kafka, topic, expected)
+    t0 = time.monotonic()
+    deadline = t0 + cap
+    cpu0 = {c.pid: 0.0 for c in children}
+    while time.monotonic() < deadline:
+        check_alive(children)
+        prog.poll()
+        if prog.done:
+            break
+        time.sleep(POLL)
+    return {
+        "expected": expected, "produced": prog.n_last or 0, "complete": prog.done, "rate": prog.rate(),
+        "startup_s": (prog.t_first - t0) if prog.t_first else None,
+        "elapsed_s": (prog.t_last - prog.t_first) if prog.t_first and prog.t_last else None,
+        "peak_rss_mb": [round(c.peak_rss_mb(), 1) for c in children],
+        "cpu_s": [round(sum(cpu_seconds(p) for p in proc_tree(c.pid)) - cpu0[c.pid], 2) for c in children],
+    }
+
+
+def wait_ready(children: list[Child], urls: list[str], timeout: float) -> float:
+    t0 = time.monotonic()
+    pending = list(zip(children, urls))
+    while pending and time.monotonic() - t0 < timeout:
+        check_alive(children)
+        pending = [(c, u) for c, u in pending if not http_ok(u)]
+        if pending:
+            time.sleep(0.3)
+    if pending:
+        raise TimeoutError(f"not ready after {timeout:.0f}s: {[c.name for c, _ in pending]}\n{pending[0][0].tail()}")
+    return time.monotonic() - t0
+
+
+def service_env(run: Run, app_id: str, topics: dict[str, str], workdir: Path) -> dict[str, str]:
+    env = {var: topics[short] for var, short in SERVICE_TOPICS.items()}
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": run.args.bootstrap, "MONITOR_APP_ID": app_id,
+        "TOPIC_PARTITIONS": str(run.args.partitions), "WEB_HOST": "127.0.0.1", "WEB_PORT": str(free_port()),
+        "DATA_DIR": str(workdir), "LOG_LEVEL": "WARNING",
+        # no delivery sinks: alerts end on the alerts topic
+        "ALERTMANAGER_URL": "", "WEBHOOK_URL": "",
+    })
+    return env
+
+
+# ------------------------------------------------------------------ stages
+def stage_raw(run: Run, inputs: list[str], n: int, cap: float) -> dict:
+    out = run.topic("raw", "out")
+    run.kafka.create_topics([out], run.args.partitions)
+    child = run.start("raw-aiokafka", [PY, str(ROOT / "bench" / "raw_aiokafka.py"), "--bootstrap", run.args.bootstrap,
+                                       "--group", run.app_id("raw"), "--out", out, *inputs], {})
+    try:
+        res = measure_output(run, [child], out, n, cap)
+    finally:
+        run.stop(child)
+    return res
+
+
+def stage_bare_faust(run: Run, inputs: list[str], n: int, cap: float) -> dict:
+    out = run.topic("faust", "out")
+    run.kafka.create_topics([out], run.args.partitions)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": run.args.bootstrap, "MONITOR_APP_ID": run.app_id("faust"),
+           "TOPIC_PARTITIONS": str(run.args.partitions), "WEB_HOST": "127.0.0.1", "WEB_PORT": str(free_port()),
+           "DATA_DIR": str(run.tmp / "faust-data"), "BENCH_IN_TOPICS": ",".join(inputs), "BENCH_OUT_TOPIC": out}
+    child = run.start("bare-faust", [PY, str(ROOT / "bench" / "bare_faust.py"), "worker", "-l", "warn"], env)
+    try:
+        res = measure_output(run, [child], out, n, cap)
+    finally:
+        run.stop(child)
+    return res
+
+
+def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, workers: int, cap: float) -> dict:
+    name = f"svc{workers}"
+    app_id = run.app_id(name)
+    topics = {short: run.topic(name, short) for short in SERVICE_TOPICS.values()}
+    topics.update(shared)  # the same pre-published input topics as (a) and (b)
+    own = [t for s, t in topics.items() if s not in shared]
+    run.kafka.create_topics(own, run.args.partitions, compacted=[topics["alert-deliveries"]])
+    children, urls = [], []
+    for i in range(workers):
+        env = service_env(run, app_id, topics, run.tmp / f"{name}-w{i}")
+        children.append(run.start(f"{name}-worker{i}", [PY, "-m", "monitor.cli", "worker"], env))
+        urls.append(f"http://127.0.0.1:{env['WEB_PORT']}/readyz")
+    obs_topic = topics["observations"]
+    t0 = time.monotonic()
+    deadline = t0 + cap
+    prog = Progress(run.kafka, obs_topic, expected_obs)
+    ready_at = None
+    t_clin = None
+    lag = None
+    committed_first = None  # (t, committed) when observations first appeared
+    last_commit = (None, 0)
+    try:
+        while time.monotonic() < deadline:
+            check_alive(children)
+            prog.poll()
+            if ready_at is None and all(http_ok(u, 0.5) for u in urls):
+                ready_at = time.monotonic() - t0
+            if prog.t_first is not None:
+                lag, committed = run.kafka.group_lag(app_id, obs_topic)
+                now = time.monotonic()
+                if committed_first is None:
+                    committed_first = (now, committed)
+                if committed != last_commit[1]:
+                    last_commit = (now, committed)
+                if prog.done and lag == 0:
+                    t_clin = now
+                    break
+            time.sleep(POLL)
+        dead = run.kafka.end_total(topics["dead-letter"])
+        alerts = run.kafka.end_total(topics["alerts"])
+        findings = run.kafka.end_total(topics["findings"])
+        rss = [round(c.peak_rss_mb(), 1) for c in children]
+        cpu = [round(sum(cpu_seconds(p) for p in proc_tree(c.pid)), 2) for c in children]
+    finally:
+        run.stop(*children)
+    obs_rate = prog.rate()
+    per_obs = n / expected_obs if expected_obs else 1.0
+    clin_rate = None
+    clin_note = ""
+    if t_clin is not None and prog.t_first is not None:
+        clin_rate = expected_obs / (t_clin - prog.t_first)
+    elif committed_first and last_commit[0] and last_commit[0] > committed_first[0]:
+        clin_rate = (last_commit[1] - committed_first[1]) / (last_commit[0] - committed_first[0])
+        clin_note = f"partial: lag {lag} at the cap"
+    return {
+        "workers": workers, "expected_observations": expected_obs, "observations": prog.n_last or 0,
+        "complete": prog.done, "clinical_complete": t_clin is not None, "clinical_note": clin_note,
+        "obs_rate": obs_rate, "event_rate": obs_rate * per_obs if obs_rate else None,
+        "clinical_obs_rate": clin_rate, "clinical_event_rate": clin_rate * per_obs if clin_rate else None,
+        "startup_s": (prog.t_first - t0) if prog.t_first else None, "ready_s": ready_at,
+        "obs_elapsed_s": (prog.t_last - prog.t_first) if prog.t_first and prog.t_last else None,
+        "clinical_elapsed_s": (t_clin - prog.t_first) if t_clin and prog.t_first else None,
+        "dead_letters": dead, "findings": findings, "alerts": alerts,
+        "peak_rss_mb": rss, "cpu_s": cpu,
+    }
+
+
+# ------------------------------------------------------------------ latency
+LAT_ID = re.compile(rb'"observation_id":"(lat-(\d+)-(\d+))"')
+ULN = 40.0
+
+
+def _lat_event(i: int, pid: str, value: float, pub_ns: int) -> bytes:
+    return json.dumps({
+        "event_id": f"lat-{i}-{pub_ns}", "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
+        "reference_range": {"low": 0, "high": ULN}, "status": "final", "source": "bench",
+        "effective_at": datetime.fromtimestamp(pub_ns / 1e9, timezone.utc).isoformat(),
+    }, separators=(",", ":")).encode()
+
+
+class AlertReader(threading.Thread):
+    """Reads the alerts topic; per latency event id, the first alert whose evidence names it."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                      fetch_max_wait_ms=5, fetch_min_bytes=1, client_id="bench-alerts")
+        parts = self.consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        self.seen: dict[int, tuple[float, float]] = {}  # seq -> (receive latency s, record-timestamp latency s)
+        self.alerts = 0
+        self.last_new = time.monotonic()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            batch = self.consumer.poll(timeout_ms=50)
+            now = time.time()
+            for recs in batch.values():
+                for r in recs:
+                    self.alerts += 1
+                    for m in LAT_ID.finditer(r.value or b""):
+                        seq = int(m.group(2))
+                        if seq not in self.seen:
+                            pub = int(m.group(3)) / 1e9
+                            self.seen[seq] = (now - pub, r.timestamp / 1000.0 - pub)
+                            self.last_new = time.monotonic()
+        self.consumer.close()
+
+    def count(self, lo: int, hi: int) -> int:
+        return sum(1 for s in list(self.seen) if lo <= s < hi)
+
+
+def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, warmup: float, drain: float) -> dict:
+    """One worker; doses, a warm-up ALT per patient, then per (rate, seconds) phase: ALT events at
+    that rate, each of which changes the patient's ALT alert; then wait for their alerts."""
+    from kafka import KafkaProducer
+
+    name = "lat"
+    app_id = run.app_id(name)
+    topics = {short: run.topic(name, short) for short in SERVICE_TOPICS.values()}
+    run.kafka.create_topics(list(topics.values()), run.args.partitions, compacted=[topics["alert-deliveries"]])
+    env = service_env(run, app_id, topics, run.tmp / "lat-w0")
+    child = run.start("latency-worker", [PY, "-m", "monitor.cli", "worker"], env)
+    reader = None
+    producer = KafkaProducer(bootstrap_servers=run.args.bootstrap, acks="all", linger_ms=1, client_id="bench-lat")
+    out: dict = {"patients": patients, "phases": []}
+    try:
+        out["ready_s"] = wait_ready([child], [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"], 120)
+        reader = AlertReader(run.args.bootstrap, topics["alerts"])
+        reader.start()
+        now = datetime.now(timezone.utc)
+        pids = [f"LAT-{i:04d}" for i in range(patients)]
+        for pid in pids:  # the dose first: IV product, ~10 months old, dosed 10 days ago
+            producer.send(topics[TREAT_SHORT], key=pid.encode(), value=json.dumps({
+                "type": "dose", "event_id": f"{pid}-dose", "patient_id": pid,
+                "product": "onasemnogene-abeparvovec-iv", "administered_at": (now - timedelta(days=10)).isoformat(),
+                "birth_date": (now - timedelta(days=300)).date().isoformat(), "weight_kg": 8.2,
+                "ward": "paediatric-neurology", "care_team": "sma-gene-therapy", "source": "bench"}).encode())
+        producer.flush()
+        time.sleep(0.5)
+        # ALT per patient alternates grade 2 (4x ULN) and grade 3 (8x ULN): every event changes the
+        # patient's ALT alert (new evidence; severity raised or lowered) -> one alert version per event
+        grade3 = dict.fromkeys(pids, False)
+
+        def send(seq: int, pid: str) -> None:
+            grade3[pid] = not grade3[pid]
+            value = (8 if grade3[pid] else 4) * ULN
+            producer.send(topics["lab-results"], key=pid.encode(), value=_lat_event(seq, pid, value, time.time_ns()))
+
+        seq = 10_000_000  # warm-up ids: not counted
+        for i, pid in enumerate(pids):
+            send(seq + i, pid)
+        producer.flush()
+        t_w = time.monotonic()
+        while reader.count(seq, seq + patients) < patients * 0.95 and time.monotonic() - t_w < warmup:
+            check_alive([child])
+            time.sleep(0.2)
+        out["warmup_alerts"] = f"{reader.count(seq, seq + patients)}/{patients}"
+        base = 0
+        for rate, seconds in phases:
+            total = int(rate * seconds)
+            t0 = time.monotonic()
+            for i in range(total):
+                delay = t0 + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                send(base + i, pids[i % patients])
+            producer.flush()
+            pub_s = time.monotonic() - t0
+            t_d = time.monotonic()
+            while reader.count(base, base + total) < total and time.monotonic() - t_d < drain:
+                check_alive([child])
+                if time.monotonic() - reader.last_new > 8 and time.monotonic() - t_d > 8:
+                    break
+                time.sleep(0.1)
+            waited = time.monotonic() - t0
+            seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
+            # an event whose alert was not seen by the end counts as slower than every seen one (censored)
+            lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
+            lat_ts = sorted(v[1] for v in seen) + [float("inf")] * (total - len(seen))
+            seen_sorted = sorted(v[0] for v in seen)
+            pct = lambda xs, q: round(percentile(xs, q) * 1000, 1) if xs else None  # noqa: E731
+            out["phases"].append({
+                "offered_rate": rate, "seconds": seconds, "published": total, "publish_s": round(pub_s, 2),
+                "achieved_rate": total / pub_s, "matched": len(seen), "waited_s": round(waited, 1),
+                "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "max_ms": pct(lat, 100),
+                "ts_p50_ms": pct(lat_ts, 50), "ts_p99_ms": pct(lat_ts, 99),
+                "seen_p50_ms": pct(seen_sorted, 50), "seen_p99_ms": pct(seen_sorted, 99),
+                "alert_rate": len(seen) / waited if waited else None,
+            })
+            base += total
+        out["peak_rss_mb"] = [round(child.peak_rss_mb(), 1)]
+        out["dead_letters"] = run.kafka.end_total(topics["dead-letter"])
+        out["alerts_read"] = reader.alerts
+    finally:
+        if reader is not None:
+            reader.stopping.set()
+            reader.join(5)
+        producer.close(timeout=5)
+        run.stop(child)
+    return out
+
+
+# ------------------------------------------------------------------ report
+def fmt(x, nd=0, unit=""):
+    if x is None:
+        return "—"
+    if x == float("inf"):
+        return "not seen"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}{unit}"
+    return f"{x:,}{unit}"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "—"
+
+
+def report(run: Run, meta: dict) -> str:
+    st = run.results["stages"]
+    errs = run.results["errors"]
+    a = (st.get("a") or {}).get("rate")
+    b = (st.get("b") or {}).get("rate")
+    lines = []
+    lines.append(f"## Benchmark {meta['started']} ({meta['command']})")
+    lines.append("")
+    lines.append(f"Input ({meta['generator']}): {meta['events']:,} events ({meta['by_topic']}) for {meta['patients']} patients, "
+                 f"preceded by {meta['treatments']:,} treatment events; the service's decoder makes "
+                 f"{meta['expected_obs']:,} observations of them. {run.args.partitions} partitions per topic, "
+                 f"broker {run.args.bootstrap}.")
+    lines.append("")
+    lines.append("| what | events/s | observations/s | c/a | c/b | time (s) | peak RSS (MiB) | CPU (s) | notes |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+
+    def row(label, r, key_ev, key_obs, el, rss, cpu, note, cmp=True):
+        ev = r.get(key_ev) if r else None
+        ob = r.get(key_obs) if (r and key_obs) else None
+        lines.append(f"| {label} | {fmt(ev)} | {fmt(ob)} | {ratio(ev, a) if cmp else ''} | {ratio(ev, b) if cmp else ''} "
+                     f"| {fmt(el, 1)} | {' + '.join(fmt(x, 0) for x in rss) if rss else '—'} "
+                     f"| {' + '.join(fmt(x, 1) for x in cpu) if cpu else '—'} | {note} |")
+
+    for key, label in (("a", "(a) raw aiokafka loop"), ("b", "(b) bare faust passthrough")):
+        r = st.get(key)
+        if r:
+            note = "" if r["complete"] else f"partial: {r['produced']:,}/{r['expected']:,} at the cap"
+            row(label, r, "rate", None, r["elapsed_s"], r["peak_rss_mb"], r["cpu_s"], note, cmp=False)
+        else:
+            lines.append(f"| {label} | failed | | | | | | | {errs.get(key, '')[:80]} |")
+    for key, w in (("c1", 1), ("c2", 2)):
+        r = st.get(key)
+        label = f"(c) service, {w} worker{'s' if w > 1 else ''}"
+        if not r:
+            lines.append(f"| {label} | failed | | | | | | | {errs.get(key, '')[:80]} |")
+            continue
+        note = "ingest: until all observations are on `observations`"
+        if not r["complete"]:
+            note = f"partial: {r['observations']:,}/{r['expected_observations']:,} observations at the cap"
+        extra = r["observations"] - r["expected_observations"]
+        if extra > 0:
+            note += (f"; {extra:,} observations more than expected (inputs processed again after a rebalance: "
+                     "at-least-once), counted in the rate")
+        if w > 1 and r.get("event_rate"):
+            note += f"; {r['event_rate'] / w:,.0f} events/s per worker"
+        row(f"{label}: ingest", r, "event_rate", "obs_rate", r["obs_elapsed_s"], r["peak_rss_mb"], r["cpu_s"], note)
+        cnote = ("pipeline: until the clinical stage's group lag on `observations` is 0 "
+                 f"(+≤{FAUST_COMMIT_INTERVAL} s commit interval); {r['findings']:,} findings, {r['alerts']:,} alert versions"
+                 + (f", {r['dead_letters']:,} dead letters" if r["dead_letters"] else ""))
+        if r["clinical_note"]:
+            cnote = r["clinical_note"] + "; " + cnote
+        row(f"{label}: ingest → evaluate → lifecycle", r, "clinical_event_rate", "clinical_obs_rate",
+            r["clinical_elapsed_s"], None, None, cnote)
+    lat = st.get("lat")
+    lines.append("")
+    main_phase = None
+    if lat and lat["phases"]:
+        lines.append(f"Latency, publish → alert on `alerts` (service, 1 worker): lab results whose ALT alternates "
+                     f"CTCAE grade 2 / 3 for {lat['patients']} dosed patients, so that every event changes an alert "
+                     f"(warm-up alerts {lat['warmup_alerts']}):")
+        lines.append("")
+        lines.append("| offered rate | achieved | events | alerts seen | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) "
+                     "| p50 / p99 by alert record time (ms) | p50 / p99 of alerts seen (ms) | peak RSS (MiB) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for ph in lat["phases"]:
+            if ph["offered_rate"] == run.args.rate:
+                main_phase = ph
+            lines.append(
+                f"| {fmt(ph['offered_rate'])}/s for {ph['seconds']:g} s | {fmt(ph['achieved_rate'])}/s "
+                f"| {ph['published']:,} | {ph['matched']:,} | {fmt(ph['p50_ms'], 1)} | {fmt(ph['p95_ms'], 1)} "
+                f"| {fmt(ph['p99_ms'], 1)} | {fmt(ph['max_ms'], 1)} | {fmt(ph['ts_p50_ms'], 1)} / {fmt(ph['ts_p99_ms'], 1)} "
+                f"| {fmt(ph['seen_p50_ms'], 1)} / {fmt(ph['seen_p99_ms'], 1)} | {fmt(lat['peak_rss_mb'][0], 0)} |")
+        for ph in lat["phases"]:
+            if ph["matched"] < ph["published"]:
+                lines.append("")
+                lines.append(f"At {fmt(ph['offered_rate'])}/s, {ph['published'] - ph['matched']:,} events had no alert on "
+                             f"`alerts` {ph['waited_s']:.0f} s after their phase began (the service turned "
+                             f"{fmt(ph['alert_rate'])} events/s into alerts); they count as slower than every alert "
+                             "seen (\"not seen\"), so the percentiles over all events can be \"not seen\".")
+    else:
+        lines.append(f"Latency: failed: {errs.get('lat', '')[:200]}")
+    lines.append("")
+    c1 = st.get("c1") or {}
+    lines.append("Targets (issue 8), service with 1 worker: "
+                 f">= 20,000 observations/s per worker: {fmt(c1.get('obs_rate'))} ingest, "
+                 f"{fmt(c1.get('clinical_obs_rate'))} through evaluate + lifecycle; "
+                 f">= 0.5x of (a): {ratio(c1.get('event_rate'), a)} ingest, "
+                 f"{ratio(c1.get('clinical_event_rate'), a)} through evaluate + lifecycle; "
+                 f"p99 <= 100 ms at 2,000 events/s: {fmt(main_phase.get('p99_ms'), 1) if main_phase else '—'} ms")
+    lines.append("")
+    m = meta["machine"]
+    lines.append(f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, Linux {m['kernel']}; Python {m['python']}, "
+                 f"faust-streaming {m['faust-streaming']}, aiokafka {m['aiokafka']}, kafka-python {m['kafka-python']}, "
+                 f"Apache Kafka {m['kafka broker']} (single local broker). Total run time {meta['total_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark the service against a raw aiokafka loop and bare faust.")
+    ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    ap.add_argument("--events", type=int, default=None, help="input events (default 100,000; --quick 20,000)")
+    ap.add_argument("--rate", type=float, default=2000.0, help="offered rate of the latency test, events/s")
+    ap.add_argument("--quick", action="store_true", help="smaller run, under ~2 minutes")
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--latency-seconds", type=float, default=None, help="default 20 (--quick 8)")
+    ap.add_argument("--latency-patients", type=int, default=1000)
+    ap.add_argument("--low-rate", type=float, default=None,
+                    help="an unloaded latency point measured before --rate (default 200 events/s for 10 s; "
+                         "--quick: none; 0 = none)")
+    ap.add_argument("--json", default="", help="also write the results as JSON to this file")
+    ap.add_argument("--keep-logs", action="store_true", help="keep worker logs (printed path)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    args.events = args.events or (20_000 if quick else 100_000)
+    args.latency_seconds = args.latency_seconds or (8.0 if quick else 20.0)
+    # per-stage caps (seconds from process start): the run stays within ~2 / ~8 minutes
+    caps = ({"a": 20, "b": 25, "c1": 30, "c2": 30, "warmup": 20, "drain": 10} if quick
+            else {"a": 60, "b": 80, "c1": 150, "c2": 120, "warmup": 60, "drain": 30})
+
+    if args.low_rate is None:
+        args.low_rate = 0.0 if quick else 200.0
+    phases = ([(args.low_rate, 10.0)] if args.low_rate else []) + [(args.rate, args.latency_seconds)]
+    run = Run(args)
+
+    def _term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGHUP, _term)
+    t_start = time.monotonic()
+    started = datetime.now().astimezone()
+    meta = {"started": started.strftime("%Y-%m-%d %H:%M %Z"),
+            "command": "python bench/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine()}
+    log(f"run prefix {run.prefix}; broker {args.bootstrap}")
+    rc = 0
+    try:
+        run.kafka = Kafka(args.bootstrap)
+        t = time.monotonic()
+        ev = build_events(args.events)
+        meta.update(events=len(ev.inputs), patients=ev.patients, treatments=len(ev.treatments), generator=ev.generator,
+                    expected_obs=ev.expected_observations,
+                    by_topic=", ".join(f"{k} {v:,}" for k, v in ev.by_topic.items() if k != TREAT_SHORT))
+        log(f"generated {len(ev.inputs):,} input events + {len(ev.treatments):,} treatments for {ev.patients} "
+            f"patients ({ev.expected_observations:,} observations, {ev.rejected} rejected) in {time.monotonic() - t:.1f}s")
+        shared = {s: run.topic("in", s) for s in (*INPUT_SHORT, TREAT_SHORT)}
+        run.kafka.create_topics(shared.values(), args.partitions)
+        t = time.monotonic()
+        publish(args.bootstrap, ((shared[s], k, v) for s, k, v in ev.treatments))
+        publish(args.bootstrap, ((shared[s], k, v) for s, k, v in ev.inputs))
+        log(f"published in {time.monotonic() - t:.1f}s")
+        inputs = [shared[s] for s in INPUT_SHORT]
+        n = len(ev.inputs)
+        expected_obs = ev.expected_observations
+        ev = None  # free the events before the workers run
+        stages = [
+            ("a", "(a) raw aiokafka loop", lambda: stage_raw(run, inputs, n, caps["a"])),
+            ("b", "(b) bare faust passthrough", lambda: stage_bare_faust(run, inputs, n, caps["b"])),
+            ("c1", "(c) service, 1 worker", lambda: stage_service(run, shared, n, expected_obs, 1, caps["c1"])),
+            ("c2", "(c) service, 2 workers", lambda: stage_service(run, shared, n, expected_obs, 2, caps["c2"])),
+            ("lat", "latency", lambda: stage_latency(run, phases, args.latency_patients, caps["warmup"], caps["drain"])),
+        ]
+        for key, label, fn in stages:
+            t = time.monotonic()
+            log(f"{label} ...")
+            try:
+                run.results["stages"][key] = res = fn()
+                short = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
+                log(f"{label}: {short} ({time.monotonic() - t:.0f}s)")
+            except Exception as exc:
+                rc = 1
+                run.results["errors"][key] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+                log(f"{label} FAILED: {type(exc).__name__}: {exc}")
+                traceback.print_exc(file=sys.stderr)
+    except BaseException as exc:
+        rc = 1 if not isinstance(exc, SystemExit) else (exc.code or 1)
+        log(f"aborted: {type(exc).__name__}: {exc}")
+        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            traceback.print_exc(file=sys.stderr)
+    finally:
+        run.cleanup()
+    meta["total_s"] = time.monotonic() - t_start
+    meta.setdefault("events", 0)
+    if "expected_obs" in meta:
+        print(report(run, meta), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, **run.results}, indent=1, default=str))
+    return int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Crash test (promises 1, 2, 4) and PHI hygiene (promise 6) on the same run.
+
+A simulated cohort (40 patients, JSON/FHIR/HL7 mixed, plus deliberately invalid inputs)
+is published in chunks; a worker is SIGKILLed (whole process group) at seeded random
+points ``RELIABILITY_KILLS`` times (3 in CI), each time a chunk is published while it is
+down and a new worker is started. Then, against ground truth: every valid record's
+observations are on ``observations``; every invalid one is dead-lettered with the reason
+the pure decoder gives and nothing else is; every expected (patient, rule) is on
+``alerts`` at its severity (the critical ones included); every paging version reached the
+webhook and none twice (Idempotency-Key). The same run's log, /metrics and third-party
+payloads (webhook and Alertmanager) are scanned for patient ids and secrets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import uuid
+
+import pytest
+
+from receivers import WebhookReceiver
+from reliability.conftest import drop_topics, make_topics
+from reliability.harness import (TopicReader, build_scenario, find_identifiers, info_lines, kills_default, publish,
+                                 record_figure, start_worker, stop_all, wait_converged, worker_logs)
+from workers import service_env
+
+pytestmark = pytest.mark.integration
+
+WEBHOOK_SECRET = "whsec-Zq8v-reliability-7f3a"
+PSEUDONYM_SECRET = "pseudo-Kx2-reliability-91c"
+
+
+@pytest.fixture(scope="module")
+def crash_run(kafka_bootstrap, tmp_path_factory):
+    kills = kills_default(3)
+    seed = int(os.environ.get("RELIABILITY_SEED", "20240917"))
+    n = int(os.environ.get("RELIABILITY_PATIENTS", "40"))
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("crash")
+    prefix = f"crash{uuid.uuid4().hex[:8]}"
+    topics = make_topics(kafka_bootstrap, prefix)
+    sc = build_scenario(n, seed, id_prefix=f"PX{seed % 1000:03d}")
+    # contiguous chunks keep per-patient order: chunk boundaries are seeded random cut points
+    cuts = sorted(rng.sample(range(1, len(sc.records)), kills)) if kills else []
+    bounds = [0, *cuts, len(sc.records)]
+    chunks = [sc.records[a:b] for a, b in zip(bounds, bounds[1:])]
+    workers: list = []
+    metrics_text: list[str] = []
+    marks: list[int] = []  # deliveries received when each SIGKILL was sent
+    t0 = time.monotonic()
+    with WebhookReceiver(secret=WEBHOOK_SECRET) as hook, WebhookReceiver() as am:
+        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
+                          WEBHOOK_SECRET=WEBHOOK_SECRET, ALERTMANAGER_URL=am.url.removesuffix("/hook"),
+                          PSEUDONYM_SECRET=PSEUDONYM_SECRET, LOG_LEVEL="INFO")
+        reader = TopicReader(kafka_bootstrap, topics)
+        survived = 0
+        try:
+            publish(kafka_bootstrap, topics, chunks[0])
+            w = start_worker(kafka_bootstrap, env, tmp / "w0", workers)
+            for i in range(kills):
+                time.sleep(rng.uniform(0.5, 8.0))
+                try:
+                    status, body = w.get("/metrics")
+                    if status == 200:
+                        metrics_text.append(body.decode(errors="replace"))
+                except OSError:
+                    pass
+                marks.append(len(hook.received))
+                w.kill()
+                publish(kafka_bootstrap, topics, chunks[i + 1])
+                t_r = time.monotonic()
+                w = start_worker(kafka_bootstrap, env, tmp / f"w{i + 1}", workers)
+                print(f"restart {i + 1}: ready after {time.monotonic() - t_r:.1f}s")
+                survived += 1
+            v = wait_converged(sc, reader, hook, topics, timeout=240 + 10 * kills)
+            status, body = w.get("/metrics")
+            metrics_text.append(body.decode(errors="replace"))
+            hook_raw = [r["raw"] for r in hook.received]
+            hook_keys = hook.keys()
+            am_raw = [r["raw"] for r in am.received]
+        finally:
+            reader.close()
+            stop_all(workers)
+            logs = worker_logs(workers)
+            drop_topics(kafka_bootstrap, topics)
+    elapsed = time.monotonic() - t0
+    # where was each duplicated version first delivered, relative to the SIGKILLs?
+    dup_window = []
+    for k in v.duplicate_deliveries:
+        first = hook_keys.index(k)
+        before = [m for m in marks if m >= first]
+        dup_window.append(min(before) - first if before else None)
+    record_figure("crash", {"kills_survived": survived, "lost": v.lost, "duplicated": v.duplicated,
+                            "duplicates_first_delivered_n_before_a_kill": dup_window,
+                            "seconds": round(elapsed, 1), **v.summary()})
+    print(f"crash run: {survived} kills survived in {elapsed:.0f}s; {v.summary()}")
+    return {"verdict": v, "scenario": sc, "logs": logs, "metrics": metrics_text, "hook_raw": hook_raw,
+            "am_raw": am_raw, "survived": survived, "kills": kills, "dup_window": dup_window}
+
+
+def test_every_observation_present(crash_run):
+    v = crash_run["verdict"]
+    assert crash_run["survived"] == crash_run["kills"]
+    assert not v.missing_observations, v.explain()
+
+
+def test_every_dead_letter_accounted_for(crash_run):
+    v = crash_run["verdict"]
+    assert not v.missing_dead_letters, v.explain()
+    assert not v.unaccounted_dead_letters, v.explain()
+    assert not v.wrong_reason, v.explain()
+
+
+def test_every_expected_alert_present(crash_run):
+    v = crash_run["verdict"]
+    assert not v.missing_critical, v.explain()
+    assert not v.missing_alerts, v.explain()
+    assert crash_run["scenario"].cohort.critical_expected, "the cohort should hold critical cases"
+
+
+def test_no_version_paged_twice_and_none_missing(crash_run):
+    v = crash_run["verdict"]
+    assert v.deliveries > 0
+    assert not v.missing_deliveries, v.explain()
+    assert not v.duplicate_deliveries, (
+        f"{v.explain()}\nfirst copies delivered this many deliveries before a SIGKILL: {crash_run['dup_window']}")
+
+
+# ---- PHI hygiene on the same run -----------------------------------------------------
+
+def test_no_patient_id_in_info_logs(crash_run):
+    text = info_lines(crash_run["logs"])
+    assert len(text) > 1000, "the worker log should not be empty"
+    hits = find_identifiers(text, crash_run["scenario"].patient_ids)
+    assert not hits, hits[:5]
+
+
+def test_no_patient_id_in_metric_labels(crash_run):
+    assert crash_run["metrics"]
+    for text in crash_run["metrics"]:
+        assert "monitor_" in text
+        hits = find_identifiers(text, crash_run["scenario"].patient_ids)
+        assert not hits, hits[:5]
+
+
+def test_no_patient_id_in_third_party_payloads(crash_run):
+    assert crash_run["hook_raw"] and crash_run["am_raw"]
+    ids = crash_run["scenario"].patient_ids
+    for raw in crash_run["hook_raw"] + crash_run["am_raw"]:
+        hits = find_identifiers(raw.decode(), ids)
+        assert not hits, hits[:3]
+    # the Alertmanager payload carries a pseudonymous reference, not the id
+    am = json.loads(crash_run["am_raw"][0])
+    assert am[0]["labels"]["alert_ref"] and "patient_id" not in am[0]["labels"]
+
+
+def test_secrets_never_logged(crash_run):
+    logs = crash_run["logs"]
+    for secret in (WEBHOOK_SECRET, PSEUDONYM_SECRET):
+        assert secret not in logs

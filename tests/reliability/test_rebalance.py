@@ -1,0 +1,53 @@
+"""Rebalance: two workers on the same app id share the partitions; one is SIGKILLed
+mid-stream; the other takes its partitions (after the group's session timeout) and the
+crash-test checks hold, including no version paged twice across the two workers."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+
+from receivers import WebhookReceiver
+from reliability.conftest import drop_topics, make_topics
+from reliability.harness import TopicReader, build_scenario, publish, record_figure, start_worker, stop_all, wait_converged
+from workers import service_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
+    bs = kafka_bootstrap
+    prefix = f"reb{uuid.uuid4().hex[:8]}"
+    topics = make_topics(bs, prefix, partitions=4)
+    sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), 777, id_prefix="RB")
+    half = len(sc.records) // 2
+    workers: list = []
+    t0 = time.monotonic()
+    try:
+        with WebhookReceiver(secret="k") as hook:
+            env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
+                              WEBHOOK_SECRET="k", TOPIC_PARTITIONS="4")
+            w1 = start_worker(bs, env, tmp_path / "w1", workers)
+            w2 = start_worker(bs, env, tmp_path / "w2", workers)
+            publish(bs, topics, sc.records[:half])
+            reader = TopicReader(bs, topics)
+            try:
+                deadline = time.monotonic() + 90
+                while reader.poll().counts["observations"] < 300 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                w1.kill()
+                t_kill = time.monotonic()
+                publish(bs, topics, sc.records[half:])
+                v = wait_converged(sc, reader, hook, topics, timeout=240)
+                print(f"rebalance: converged {time.monotonic() - t_kill:.0f}s after the kill; {v.summary()}")
+            finally:
+                reader.close()
+            assert w2.proc.poll() is None
+            record_figure("rebalance", {"lost": v.lost, "duplicated": v.duplicated,
+                                        "seconds": round(time.monotonic() - t0, 1), **v.summary()})
+            assert v.ok, v.explain() + "\n" + w2.tail(30)
+    finally:
+        stop_all(workers)
+        drop_topics(bs, topics)

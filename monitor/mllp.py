@@ -39,6 +39,10 @@ from schemas.errors import Reason, Rejected
 from schemas.hl7v2 import build_ack
 from schemas.ingest import DEFAULT_LIMITS, LAB_RESULTS, Limits, decode, detect_format
 
+from .dlq import dead_letter_headers
+from .kafka_config import aiokafka_config
+from .settings import get_settings
+
 log = logging.getLogger("monitor.mllp")
 
 START_BLOCK = b"\x0b"
@@ -65,15 +69,19 @@ class KafkaSink:
         producer_factory: Callable[[], Any] | None = None,
         send_timeout: float = 10.0,
         client_id: str = "monitor-mllp",
+        client_config: dict[str, Any] | None = None,
     ) -> None:
         if producer_factory is None:
             if not bootstrap:
                 raise ValueError("bootstrap servers or a producer_factory are required")
+            # TLS / SASL options from the service settings (monitor.kafka_config)
+            extra = {k: v for k, v in (client_config or {}).items() if k != "bootstrap_servers"}
 
             def producer_factory() -> Any:
                 from aiokafka import AIOKafkaProducer
 
                 return AIOKafkaProducer(
+                    **extra,
                     bootstrap_servers=bootstrap,
                     client_id=client_id,
                     acks="all",
@@ -351,12 +359,8 @@ class MllpServer:
         return decoded
 
     async def _dead_letter(self, raw: bytes, rej: Rejected, received_at: datetime) -> bytes:
-        headers = [
-            ("dlq.reason", rej.reason.value.encode()),
-            ("dlq.message", rej.message[:1000].encode("utf-8", "replace")),
-            ("dlq.source.topic", SOURCE_TOPIC.encode()),
-            ("dlq.received_at", received_at.isoformat().encode()),
-        ]
+        # no source partition/offset: the bytes came over TCP, not from a topic
+        headers = dead_letter_headers(rej.reason, rej.message, SOURCE_TOPIC, None, None, received_at)
         try:
             await self.sink.send_all([(self.dead_letter_topic, None, raw, headers)])
         except BrokerUnavailable as exc:
@@ -382,13 +386,15 @@ async def serve_mllp(
     limits: Limits = DEFAULT_LIMITS,
     default_tz: tzinfo | None = None,
     idle_timeout: float | None = 600.0,
+    client_config: dict[str, Any] | None = None,
 ) -> MllpServer:
     """Start the listener (port 0 picks a free port: see ``server.port``).
 
     Give ``bootstrap`` (an aiokafka producer with acks='all' is made) or a
     ``producer_factory`` returning an object with aiokafka's ``start``/``send``/``stop``.
     """
-    sink = KafkaSink(bootstrap, producer_factory=producer_factory, send_timeout=send_timeout)
+    sink = KafkaSink(bootstrap, producer_factory=producer_factory, send_timeout=send_timeout,
+                     client_config=client_config)
     server = MllpServer(
         sink,
         observations_topic=observations_topic,
@@ -408,9 +414,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monitor mllp", description="HL7 v2 ORU^R01 MLLP listener -> Kafka")
     p.add_argument("--host", default=os.environ.get("MLLP_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("MLLP_PORT", DEFAULT_PORT)))
-    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
-    p.add_argument("--observations-topic", default="observations")
-    p.add_argument("--dead-letter-topic", default="dead-letter")
+    settings = get_settings()
+    p.add_argument("--bootstrap", default=settings.kafka_bootstrap_servers)
+    p.add_argument("--observations-topic", default=settings.topic_observations)
+    p.add_argument("--dead-letter-topic", default=settings.topic_dead_letter)
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_bytes)
     p.add_argument("--send-timeout", type=float, default=10.0, help="seconds to wait for the broker's ack")
     p.add_argument(
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         server = await serve_mllp(
             args.host, args.port, bootstrap=args.bootstrap, observations_topic=args.observations_topic,
             dead_letter_topic=args.dead_letter_topic, max_message_bytes=args.max_message_bytes,
-            send_timeout=args.send_timeout, default_tz=tz,
+            send_timeout=args.send_timeout, default_tz=tz, client_config=aiokafka_config(get_settings()),
         )
         log.info("mllp: listening on %s:%d", args.host, server.port)
         stop = asyncio.Event()

@@ -324,17 +324,7 @@ def create_topics(
     admin = admin_client(bootstrap)
     try:
         result = admin.create_topics(request, timeout_ms=int(timeout * 1000), raise_errors=False)
-        failures = []
-        for topic in result.get("topics", []):
-            code = topic.get("error_code", 0)
-            if code == 0:
-                continue
-            error = Errors.for_code(code)
-            if exist_ok and error is Errors.TopicAlreadyExistsError:
-                continue
-            failures.append(f"{topic.get('name')}: {error.__name__} {topic.get('error_message') or ''}".strip())
-        if failures:
-            raise Errors.KafkaError("create_topics failed: " + "; ".join(failures))
+        _raise_topic_errors("create_topics", result, Errors.TopicAlreadyExistsError if exist_ok else None)
         admin.wait_for_topics(names, timeout_ms=int(timeout * 1000))
         if not exist_ok:
             described = {t["name"]: t for t in admin.describe_topics(names)}
@@ -344,6 +334,23 @@ def create_topics(
                 raise Errors.KafkaError(f"unexpected partition counts: {wrong}")
     finally:
         admin.close()
+
+
+def _raise_topic_errors(what: str, result: dict, tolerated: type | None) -> None:
+    """Raise one KafkaError naming every topic whose per-topic error code is not tolerated."""
+    import kafka.errors as Errors
+
+    failures = []
+    for topic in result.get("topics", []):
+        code = topic.get("error_code", 0)
+        if code == 0:
+            continue
+        error = Errors.for_code(code)
+        if tolerated is not None and error is tolerated:
+            continue
+        failures.append(f"{topic.get('name')}: {error.__name__} {topic.get('error_message') or ''}".strip())
+    if failures:
+        raise Errors.KafkaError(f"{what} failed: " + "; ".join(failures))
 
 
 def delete_topics(
@@ -362,17 +369,7 @@ def delete_topics(
     admin = admin_client(bootstrap)
     try:
         result = admin.delete_topics(names, timeout_ms=int(timeout * 1000), raise_errors=False)
-        failures = []
-        for topic in result.get("topics", []):
-            code = topic.get("error_code", 0)
-            if code == 0:
-                continue
-            error = Errors.for_code(code)
-            if missing_ok and error is Errors.UnknownTopicOrPartitionError:
-                continue
-            failures.append(f"{topic.get('name')}: {error.__name__} {topic.get('error_message') or ''}".strip())
-        if failures:
-            raise Errors.KafkaError("delete_topics failed: " + "; ".join(failures))
+        _raise_topic_errors("delete_topics", result, Errors.UnknownTopicOrPartitionError if missing_ok else None)
         deadline = time.monotonic() + timeout
         while True:
             remaining = set(names) & set(admin.list_topics())

@@ -4,7 +4,16 @@
 each with pre-dose baselines, the dose, the prednisolone course (full 1 mg/kg/day from day -1,
 taper over 28 days once the transaminases are unremarkable, re-escalated if they rise during
 the taper, then stopped), a lab schedule that follows the label, vitals, and one archetype
-per clinical feature:
+per clinical feature.
+
+Draws (``SCHEDULES`` is the unit's reading of the label): IV liver panel (with PT/INR) and
+CBC on days 7, 14, 21, 28, then every 14 days; troponin I weekly in month 1, on days 56 and
+84, with the first visit after month 3 (day 98) and every 28 days after. IT liver panel and CBC
+weekly while on steroids, then every 14 days; troponin weekly in month 1. From day 90 the
+"until complete" sampling stops once a draw's results meet the end-of-monitoring criteria
+(``_criteria_met``); only the IT steroid-driven liver sampling (on steroids and 30 days after)
+goes on past that.
+
 
 =================  ==========================================================================
 liver (IV / IT)    none 15/40 %, CTCAE grade 1 48/45 %, grade 2 25/12 %, grade 3 7/2 %,
@@ -16,6 +25,7 @@ TMA                0.6 % (platelets < 50, Hgb -20 %, LDH 2-4x ULN, creatinine x2
 troponin           normal 65 %, transient rise above ULN 30 %, above 176 ng/L 5 %
 fever (days 0-2)   IV: grade 1 35 %, grade 2 8 %; IT: grade 1 42 %, grade 2 10 %
 missed labs        6 %: every visit of the last 20 days skipped -> overdue at ``cohort.now``
+                   (unless nothing was due then, e.g. monitoring had already completed)
 corrections        3 %: a platelet count mistyped then corrected; 3 %: a temperature
                    entered in error (each later withdrawn, so no alert should rest on it)
 =================  ==========================================================================
@@ -27,7 +37,12 @@ Ground truth (``Cohort.expected``) is derived from the design, not from the engi
 generated sample carries the CTCAE grade it was drawn for (values are drawn inside that
 grade's band, with margins), and a rule is expected at the highest severity among the
 samples actually emitted (visits after ``now`` or skipped by a missed-lab patient do not
-count). See ``_truth`` for the mapping.
+count). The clock-driven rules are judged at ``now`` on the samples emitted:
+``schedule.overdue`` when a ``SCHEDULES`` group is overdue (``_overdue_groups``: the interval
+in force plus 1 day of grace since the newest sample, or the dose); ``monitoring.complete``
+when, at least 90 days after the dose, the newest result of every required analyte was taken
+on or after day 90 and meets the criteria, and no group is overdue (completion ends the
+"until complete" periods, so a patient who completed is not overdue for them).
 
 Time: the cohort covers ``[start, start + days]``; ``start`` defaults to today 00:00 UTC minus
 ``days``, so every effective time is in the past. Doses are spread over the first 60 % of the
@@ -81,6 +96,39 @@ TYPO_RATE = 0.03
 EIE_RATE = 0.03
 ABNORMAL_ALT_BASELINE = {IV: 0.62, IT: 0.30}
 CRITICAL_KINDS = ("tma", "hys", "g4")
+
+#: The label's sampling schedule as the simulated unit reads it (the same clinical content as
+#: the protocols' ``schedules``, written out here so the ground truth does not depend on the
+#: engine or its protocol loader): product -> group -> (analytes, any one of them suffices,
+#: periods). A period is (from_day, to_day, every_days, steroid phases or None,
+#: (from, to) days since the phase began or None, ends when monitoring is complete); at a
+#: given time the FIRST period that applies is in force. A sample is overdue when more than
+#: ``every_days`` + ``SCHEDULE_GRACE_DAYS`` have passed since the last one (or the dose).
+_IV_BIWEEKLY = [(0, 30, 7, None, None, False), (30, 90, 14, None, None, False),
+                (90, 365, 14, None, None, True)]
+SCHEDULES = {
+    IV: {
+        "liver": (("alt", "ast", "bilirubin_total"), False, _IV_BIWEEKLY),
+        "coagulation": (("pt", "inr"), True, _IV_BIWEEKLY),
+        "platelets": (("platelets",), False, _IV_BIWEEKLY),
+        "troponin": (("troponin_i",), True, [(0, 30, 7, None, None, False), (30, 90, 30, None, None, False),
+                                             (90, 365, 30, None, None, True)]),
+    },
+    IT: {
+        "liver": (("alt", "ast", "bilirubin_total"), False, [
+            (0, 30, 7, None, None, False),
+            (30, 365, 7, ("full", "taper"), None, False),
+            (30, 365, 14, ("stopped",), (0, 30), False),
+            (30, 90, 14, ("none",), None, False),
+            (90, 365, 14, None, None, True)]),
+        "platelets": (("platelets",), False, [(0, 30, 7, None, None, False), (90, 365, 14, None, None, True)]),
+        "troponin": (("troponin_i",), True, [(0, 30, 7, None, None, False)]),
+    },
+}
+SCHEDULE_GRACE_DAYS = 1.0
+#: end of monitoring: no earlier than this many days after the dose, and every criterion must
+#: rest on a result taken on or after that day
+COMPLETION_MIN_DAYS = 90.0
 
 
 # ------------------------------------------------------------------ data model
@@ -533,7 +581,9 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
 
     # ---------------- troponin
     ta = A["troponin"]
-    tni_days = [7, 14, 21, 28] + ([56, 84] if prod == IV else [])
+    # IV: weekly in month 1, monthly to month 3 (days 56, 84), then with the first visit after
+    # month 3 (day 98, the end-of-monitoring panel) and every 28 days until complete
+    tni_days = [7, 14, 21, 28] + ([56, 84] + list(range(98, 400, 28)) if prod == IV else [])
     tni_rise = {rng.choice([7, 14, 21, 28])} if ta != "none" else set()
     if ta == "t1" and rng.random() < 0.4:
         tni_rise.add(rng.choice([7, 14, 21, 28]))
@@ -542,21 +592,37 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
     lab_days = sorted(set([3] + visits + ([tma_day, tma_day + 2] if tma_day else [])))
     plt_series = [(pre, plt_b)]
     hgb_series = [(pre, hgb_b)]
-    lfts = []  # (day, alt grade, ast grade, tb grade, inr grade)
-    last_tni = (pre, tni_b)
+    # the values as emitted (rounded), per analyte: baselines and the post-dose series, which
+    # the end-of-monitoring criteria and the schedule are judged on
+    baseline = {"platelets": _r(plt_b, 0), "troponin_i": _r(tni_b, 3)}
+    last: dict[str, tuple[float, float]] = {}  # analyte -> (day, value) of the newest post-dose result
+    complete_day = None  # day of the draw whose results met the end-of-monitoring criteria
+    not_drawn = set()  # visits after completion that the unit no longer draws
     for d in lab_days:
         day = d + h_off.get(d, rng.uniform(0.0, 0.15))
         if d in skipped or not emitted(day):
             continue
-        plt, hgb, cr, ldh = plt_at(d)
-        cbc(day, plt, hgb, cr, ldh)
-        plt_series.append((day, _r(plt, 0)))
-        hgb_series.append((day, _r(hgb, 1)))
-        if tma_day is not None and tma_day <= d < tma_day + 7:
-            want("heme.tma_screen", "critical")
-            want("heme.platelets_decreased", "high")
-            want("renal.creatinine_increased", "warning")
-        if d in visits:
+        draw_cbc = draw_panel = True
+        if complete_day is not None:
+            # monitoring is complete: the "until complete" sampling stops. Only a schedule
+            # that does not end on completion (IT: liver tests while on steroids and for 30 days
+            # after stopping them) still asks for a liver panel.
+            draw_cbc = False
+            draw_panel = prod == IT and d in visits and _steroid_liver_due(steroid, day)
+            if not draw_panel:
+                not_drawn.add(d)
+                continue
+        if draw_cbc:
+            plt, hgb, cr, ldh = plt_at(d)
+            cbc(day, plt, hgb, cr, ldh)
+            plt_series.append((day, _r(plt, 0)))
+            hgb_series.append((day, _r(hgb, 1)))
+            last["platelets"] = (day, _r(plt, 0))
+            if tma_day is not None and tma_day <= d < tma_day + 7:
+                want("heme.tma_screen", "critical")
+                want("heme.platelets_decreased", "high")
+                want("renal.creatinine_increased", "warning")
+        if d in visits and draw_panel:
             g, ga = grades.get(d, 0), ast_grades.get(d, 0)
             alt = alt_ref * _liver_multiple(rng, g, alt_ref / ALT_ULN) if g else alt_b * rng.uniform(0.85, 1.15)
             ast = ast_ref * _liver_multiple(rng, ga, ast_ref / AST_ULN) if ga else ast_b * rng.uniform(0.85, 1.15)
@@ -572,7 +638,9 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
                 tb, tbg = TB_ULN * rng.uniform(3.5, 6.0), 3
                 inr, inrg = (rng.uniform(1.6, 2.2), 2) if d == pk else (rng.uniform(1.3, 1.45), 1)
             panel(day, alt, ast, tb, inr)
-            lfts.append((day, g, ga, tbg, inrg, alt * 1 >= 2 * ALT_ULN or ast >= 2 * AST_ULN))
+            for k, v in (("alt", _r(alt, 0)), ("ast", _r(ast, 0)), ("bilirubin_total", _r(tb, 2)),
+                         ("inr", _r(inr, 2)), ("pt", _r(12.0 * inr, 1))):
+                last[k] = (day, v)
             if g:
                 want("liver.alt_increased", GRADE_SEV[g])
             if ga:
@@ -587,7 +655,7 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
                 want("liver.acute_liver_failure_signature", "critical")
             if phase_at(day) == "taper" and max(g, ga) >= 2:
                 want("liver.taper_gate_breach", "warning")  # grade >= 2 means >= 3.4x the reference >= 2x ULN
-        if d in tni_days and d in visits:
+        if d in tni_days and d in visits and draw_cbc:
             if ta == "t2" and d in tni_rise:
                 v = rng.uniform(0.20, 0.35)
                 want("cardiac.troponin_i_increased", "high")
@@ -597,12 +665,21 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
             else:
                 v = rng.uniform(0.004, 0.03)
             lab(L_TNI, _r(v, 3), "ng/mL", day, 0, 0.04)
-            last_tni = (day, v)
+            last["troponin_i"] = (day, _r(v, 3))
+        if complete_day is None and _criteria_met(prod, last, baseline, day, ALT_ULN, AST_ULN, TB_ULN):
+            complete_day = day  # the unit closes the "until complete" sampling on these results
+    A["monitoring_complete_day"] = None if complete_day is None else _r(complete_day, 2)
 
-    # platelets: CTCAE grade of the nadir (design) and the rapid-fall rule (from the emitted series)
+    # platelets: CTCAE grade of the nadir (design), of every other emitted count (a count on
+    # the way down to a grade-2 nadir can itself be below the LLN, and is the lowest one seen
+    # when the nadir visit is missed), and the rapid-fall rule (from the emitted series)
     plt_grade = {"none": 0, "tma": 0, "p1": 1, "p2": 2, "p3": 3}[pa]
     if plt_grade and any(abs(dd - nadir_day) < 1 for dd, _ in plt_series[1:]):
         want("heme.platelets_decreased", GRADE_SEV[plt_grade])
+    for dd, v in plt_series[1:]:  # CTCAE v5: G1 < LLN (150), G2 < 75, G3 < 50, G4 < 25 (10^3/uL)
+        g = 4 if v < 25 else 3 if v < 50 else 2 if v < 75 else 1 if v < 150 else 0
+        if g:
+            want("heme.platelets_decreased", GRADE_SEV[g])
     for (d0, v0), (d1, v1) in zip(plt_series, plt_series[1:]):
         if 0 <= d1 < 21 and d1 - d0 <= 7 and v1 <= 0.75 * v0:
             want("heme.platelets_falling", "warning")
@@ -619,7 +696,7 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
     fa = A["fever"]
     fever_at = rng.choice(inpatient[1:]) if fa != "none" else None
     adult = p.age_months >= 16 * 12
-    for d in inpatient + [x + h_off.get(x, 0.1) for x in lab_days if x not in skipped]:
+    for d in inpatient + [x + h_off.get(x, 0.1) for x in lab_days if x not in skipped and x not in not_drawn]:
         if not emitted(d):
             continue
         temp = None
@@ -658,31 +735,88 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
             withdrawn.add((wrong.event_id, 40.6))
             withdrawn.add((f"{wrong.event_id}:{L_TEMP}", 40.6))
 
-    # ---------------- schedule and completion at `now`
+    # ---------------- schedule and completion at `now`, from the samples actually emitted
+    # End of monitoring (label): >= 3 months since dosing, and for every required analyte the
+    # newest result was taken on or after day 90 and meets the criteria. Any sample overdue at
+    # `now` (a missed-lab patient, or anyone whose schedule the emitted samples do not keep)
+    # withholds completion; completion itself ends the "until complete" periods (day 90 on),
+    # not the steroid-driven IT liver sampling.
     nd = p.now_day
-    ph_now = phase_at(nd)
-    if prod == IV:
-        liver_sched = nd < 365
-    else:
-        liver_sched = nd < 30 or ph_now in ("full", "taper") or (
-            ph_now == "stopped" and stopped_at is not None and nd - stopped_at < 30)
-    # end of monitoring (label): >= 3 months since dosing and unremarkable latest results.
-    # A patient whose samples are overdue and whose last liver panel predates day 90 has NOT
-    # completed 3 months of monitoring (the engine disagrees: see the report).
-    complete = False
-    if nd >= 90 and lfts:
-        lday, g, ga, tbg, inrg, ge2 = lfts[-1]
-        plt_ok = plt_series[-1][1] >= 150
-        tni_ok = prod == IT or (last_tni[0] > 0 and last_tni[1] <= 0.04)
-        unremarkable = not ge2 and tbg == 0 and inrg == 0 and plt_ok and tni_ok and lday > 0
-        complete = unremarkable and (not (missed and liver_sched) or lday >= 90)
-    if complete:
-        want("monitoring.complete", "info")  # completion closes the schedule: no overdue
-    elif missed and liver_sched:
+    steroid_now = [(d0, ph) for d0, ph in steroid if emitted(d0)]
+    complete = _criteria_met(prod, last, baseline, nd, ALT_ULN, AST_ULN, TB_ULN)
+    overdue = _overdue_groups(prod, last, steroid_now, nd, complete)
+    A["overdue_groups"] = overdue
+    if complete and not overdue:
+        want("monitoring.complete", "info")
+    if overdue:
         want("schedule.overdue", "warning")
     elif missed:
-        A["missed_labs_unscheduled"] = True
+        A["missed_labs_unscheduled"] = True  # nothing was due in the skipped weeks, or monitoring had ended
     return ev, {(r, SEVERITIES[s]) for r, s in truth.items()}
+
+
+def _steroid_liver_due(steroid: list, day: float) -> bool:
+    """IT: is the steroid-driven liver sampling (weekly on steroids, every other week for 30
+    days after stopping them) in force on ``day``? It does not end with completion."""
+    ph, since = "none", None
+    for d0, x in steroid:
+        if d0 <= day:
+            ph, since = x, d0
+    return ph in ("full", "taper") or (ph == "stopped" and since is not None and day - since < 30)
+
+
+def _criteria_met(prod: str, last: dict, base: dict, day: float, alt_uln: float, ast_uln: float,
+                  tb_uln: float) -> bool:
+    """The label's end-of-monitoring criteria on the newest emitted values as of ``day``: at
+    least ``COMPLETION_MIN_DAYS`` after the dose, every required analyte measured on or after
+    that day, ALT and AST < 2x ULN and bilirubin <= ULN; IV also PT <= ULN (13.5 s) or INR <= 1.2
+    and troponin I back to baseline or <= ULN (0.04 ng/mL); platelets back to baseline or >= LLN
+    (150). ``last``: analyte -> (day, value) of the newest post-dose result emitted so far."""
+    if day < COMPLETION_MIN_DAYS:
+        return False
+    need = ["alt", "ast", "bilirubin_total", "platelets"]
+    if prod == IV:
+        need += ["pt", "inr", "troponin_i"]
+    for a in need:
+        if a not in last or last[a][0] < COMPLETION_MIN_DAYS:
+            return False
+    v = {a: last[a][1] for a in need}
+    ok = v["alt"] < 2 * alt_uln and v["ast"] < 2 * ast_uln and v["bilirubin_total"] <= tb_uln
+    ok = ok and (v["platelets"] >= base["platelets"] or v["platelets"] >= 150)
+    if prod == IV:
+        ok = ok and (v["pt"] <= 13.5 or v["inr"] <= 1.2)
+        ok = ok and (v["troponin_i"] <= base["troponin_i"] or v["troponin_i"] <= 0.04)
+    return ok
+
+
+def _overdue_groups(prod: str, last: dict, steroid: list, day: float, complete: bool) -> list[str]:
+    """Schedule groups (``SCHEDULES``) with a sample overdue on ``day``, from the newest emitted
+    post-dose sample of each analyte (``last``) and the steroid events emitted (``steroid``)."""
+    ph, since = "none", None
+    for d0, x in steroid:
+        if d0 <= day:
+            ph, since = x, d0
+    out = []
+    for group, (analytes, any_of, periods) in SCHEDULES[prod].items():
+        every = None
+        for lo, hi, ev_days, phases, phase_days, ends in periods:
+            if not (lo <= day < hi) or (complete and ends):
+                continue
+            if phases is not None and ph not in phases:
+                continue
+            if phase_days is not None and (since is None or not (phase_days[0] <= day - since < phase_days[1])):
+                continue
+            every = ev_days
+            break
+        if every is None:
+            continue
+        anchors = [max(last[a][0], 0.0) if a in last else 0.0 for a in analytes]
+        due = [anc + every + SCHEDULE_GRACE_DAYS for anc in anchors]
+        # any one analyte suffices: overdue only when every one is late; else: when any is
+        late = [day > d for d in due]
+        if all(late) if any_of else any(late):
+            out.append(group)
+    return out
 
 
 def _next(visits: list, d: int):

@@ -14,10 +14,9 @@ from schemas.ingest import decode
 
 START = datetime(2025, 1, 6, tzinfo=timezone.utc)
 
-#: ground truth vs engine disagreements that are understood: the simulator's ground truth
-#: still uses the old completion rule (pre-day-90 results, no IV troponin after day 84), so
-#: the engine misses its "complete" and raises troponin/"until complete" overdue samples.
-KNOWN = {("monitoring.complete", "missed"), ("schedule.overdue", "extra")}
+#: ground truth vs engine disagreements that are understood (none: the simulator draws after
+#: day 90 until complete and derives completion/overdue from the samples it emitted)
+KNOWN: set = set()
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +156,46 @@ def test_engine_vs_truth_other_windows(seed, days, fmt):
     assert not r["missed_critical"]
     bad = [x for k in ("missed", "under", "over", "extra") for x in r[k] if (x[1], k) not in KNOWN]
     assert not bad, _report(r)
+    exp = Counter(rule for t in c.expected.values() for rule, _ in t)
+    if days >= 120:  # the clock-driven rules are exercised, not vacuously agreed on
+        assert exp["monitoring.complete"] > 0.1 * len(c.patients) and exp["schedule.overdue"] > 0
+
+
+def test_draws_after_day_90_follow_the_schedule_until_complete():
+    c = sim.generate_cohort(150, 2, start=START, days=150, formats=("json",))
+    by_pid: dict = {}
+    for e in c.events:
+        by_pid.setdefault(e.patient_id, []).append(e)
+    seen = Counter()
+    for p in c.patients:
+        a = p.archetypes
+        exp = {rule for rule, _ in c.expected[p.patient_id]}
+        if not a["missed_labs"]:
+            assert not a["overdue_groups"], (p.patient_id, a["overdue_groups"])  # the unit keeps the schedule
+        assert ("schedule.overdue" in exp) == bool(a["overdue_groups"])
+        if p.product != sim.IV or p.now_day < 100:
+            continue
+
+        def days(topic, loinc=None):
+            return sorted((e.at - p.dose_at).total_seconds() / 86400 for e in by_pid[p.patient_id]
+                          if e.topic == topic and e.at > p.dose_at
+                          and (loinc is None or e.payload.get("loinc") == loinc))
+
+        panels, tni = days(sim.PANEL), days(sim.LAB, sim.L_TNI)
+        # troponin after month 3: with the first visit after day 90 (98), then every 28 days
+        assert {round(d) for d in tni if d >= 90} <= set(range(98, 400, 28))
+        done = a["monitoring_complete_day"]
+        if done is not None:
+            # the IV unit stops the "until complete" draws once a draw meets the criteria
+            assert done >= 90 and max(panels + tni) == pytest.approx(done, abs=0.01)
+            assert "monitoring.complete" in exp
+            seen["complete"] += 1
+        elif not a["missed_labs"]:
+            # still followed: liver/coagulation/platelets every 14 days, troponin every 28
+            assert p.now_day - panels[-1] <= 15 and p.now_day - tni[-1] <= 31
+            assert "monitoring.complete" not in exp
+            seen["ongoing"] += 1
+    assert seen["complete"] > 20, seen
 
 
 def test_withdrawn_results_are_retracted_by_the_engine():

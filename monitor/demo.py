@@ -181,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                 latest[a["alert_id"]]["peak_severity"] = peak
     consumer.close()
     admin.close()
-    summarise(cohort, latest, dead)
+    missed_critical = summarise(cohort, latest, dead)
     print(f"\nnurse inbox: http://{s.web_host}:{inbox_port}/  (demo users: "
           + ", ".join(f"{u} / {p}" for u, p in creds.items()) + ")")
     print(f"worker: http://{s.web_host}:{s.web_port}/metrics   logs: {STATE}/   stop: make demo-stop")
-    return 0
+    return 1 if missed_critical else 0
 
 
 def summarise(cohort, latest: dict[str, dict], dead: list) -> int:

@@ -106,6 +106,32 @@ def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
 
 #: patients changed in the current batch -> the last event that touched them
 _dirty: dict[str, object] = {}
+#: findings and alerts produced in the current batch, until the broker acknowledged them:
+#: (topic, key, value, future)
+_inflight: list = []
+
+
+async def _produce(topic, key: bytes, value: bytes) -> None:
+    """Produce now (not at the next commit) and remember it until the broker acknowledged it."""
+    _inflight.append((topic, key, value, await topic.send(key=key, value=value, force=True)))
+
+
+async def _await_outputs() -> None:
+    """Wait until the broker holds every output of the batch; resend what failed, with
+    backoff, for as long as it takes (the batch is not acknowledged meanwhile)."""
+    delay = 0.5
+    while _inflight:
+        pending = list(_inflight)
+        _inflight.clear()
+        results = await asyncio.gather(*(fut for *_, fut in pending), return_exceptions=True)
+        failed = [(t, k, v) for (t, k, v, _), r in zip(pending, results) if isinstance(r, BaseException)]
+        if not failed:
+            return
+        log.warning("%d outputs not acknowledged by the broker; resending in %.1fs", len(failed), delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+        for t, k, v in failed:
+            await _produce(t, k, v)
 
 
 def _save(patient_id: str, state: PatientState, book: AlertBook) -> None:
@@ -135,14 +161,14 @@ async def _emit_findings(findings: list[Finding], book: AlertBook, now: datetime
     changed: list[Alert] = []
     for f in findings:
         FINDINGS.labels(rule_id=f.rule_id, severity=(f.severity.value if f.severity else "none"), state=f.state).inc()
-        await findings_topic.send(key=f.patient_id.encode(), value=f.model_dump_json().encode(), force=True)
+        await _produce(findings_topic, f.patient_id.encode(), f.model_dump_json().encode())
         changed.extend(apply_finding(book, f, now, LIFECYCLE))
     return changed
 
 
 async def _emit_alerts(alerts: list[Alert], now: datetime, received_at: datetime | None) -> None:
     for a in alerts:
-        await alerts_topic.send(key=a.patient_id.encode(), value=a.model_dump_json().encode(), force=True)
+        await _produce(alerts_topic, a.patient_id.encode(), a.model_dump_json().encode())
         sev = a.severity.value if a.severity else "critical"
         if a.version == 1:
             ALERTS_OPENED.labels(rule_id=a.rule_id, severity=sev).inc()
@@ -285,6 +311,11 @@ async def clinical(stream):
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
         for event in events:
             await handle_event(event)
+        # Outputs first, state second: the table must never record an alert as sent that
+        # the broker does not hold, or a replay after a crash would find nothing new to
+        # emit and the alert would be lost. (A crash between the two replays the batch
+        # and re-emits the same alert versions; sinks drop them by their ledger.)
+        await _await_outputs()
         _flush_dirty()
 
 

@@ -87,8 +87,22 @@ _overdue: set[str] = set()
 
 @app.on_partitions_revoked.connect
 async def _on_revoked(sender, revoked, **kwargs) -> None:  # pragma: no cover - wiring
-    _cache.clear()
-    _overdue.clear()
+    # A partition may come back with state another worker wrote meanwhile: drop the
+    # decoded copies, but only between batches - a batch in progress still writes what it
+    # changed (its events are replayed by the new owner if their offsets are not committed).
+    _state_flags["stale"] = True
+
+
+_state_flags = {"stale": False}
+
+
+def _drop_stale_cache() -> None:
+    if _state_flags["stale"]:
+        _state_flags["stale"] = False
+        keep = {pid: _cache[pid] for pid in _dirty if pid in _cache}
+        _cache.clear()
+        _cache.update(keep)
+        _overdue.clear()
 
 
 def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
@@ -134,7 +148,7 @@ async def _await_outputs() -> None:
             await _produce(t, k, v)
 
 
-def _save(patient_id: str, state: PatientState, book: AlertBook) -> None:
+def _mark_changed(patient_id: str) -> None:
     """Mark the patient for writing at the end of the batch (once, however many events)."""
     _dirty[patient_id] = current_event()
 
@@ -190,7 +204,7 @@ async def handle_observation(raw: bytes) -> None:
     state, book = _load(obs.patient_id)
     findings = ENGINE.evaluate_observation(state, obs, now)
     alerts = await _emit_findings(findings, book, now, obs.received_at)
-    _save(obs.patient_id, state, book)
+    _mark_changed(obs.patient_id)
     await _emit_alerts(alerts, now, obs.received_at)
 
 
@@ -200,7 +214,7 @@ async def handle_treatment(msg, received_at: datetime) -> None:
     state, book = _load(event.patient_id)
     findings = ENGINE.apply_treatment(state, event, received_at)
     alerts = await _emit_findings(findings, book, received_at, received_at)
-    _save(event.patient_id, state, book)
+    _mark_changed(event.patient_id)
     await _emit_alerts(alerts, received_at, None)
 
 
@@ -219,7 +233,7 @@ async def handle_action(raw: bytes, key: bytes | None) -> None:
         raise Rejected(Reason.ACTION_FORBIDDEN, str(exc)) from None
     except ActionError as exc:
         raise Rejected(Reason.ACTION_INVALID, str(exc)) from None
-    _save(patient_id, state, book)
+    _mark_changed(patient_id)
     await _emit_alerts(alerts, now, None)
 
 
@@ -235,7 +249,7 @@ async def handle_tick(key: bytes | None) -> None:
     alerts = await _emit_findings(findings, book, now, None)
     alerts.extend(tick(book, now, LIFECYCLE))
     if findings or alerts:
-        _save(patient_id, state, book)
+        _mark_changed(patient_id)
     if any(a.rule_id == "schedule.overdue" and a.is_open for a in book.open_alerts()):
         _overdue.add(patient_id)
     else:
@@ -309,6 +323,7 @@ async def clinical(stream):
     # changed patient was written once to the table (its changelog is produced before the
     # offsets are committed), so a crash replays at most the unfinished batch.
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        _drop_stale_cache()
         for event in events:
             await handle_event(event)
         # Outputs first, state second: the table must never record an alert as sent that

@@ -302,6 +302,16 @@ def _reconcile_inhibition(book: AlertBook, txn: _Txn, config: LifecycleConfig, n
 
 # --------------------------------------------------------------------------- findings
 
+def _close(alert: Alert, status: AlertStatus, now: datetime) -> AlertStatus:
+    """Close ``alert`` with ``status`` (no more escalation or silence); returns the old status."""
+    before = alert.status
+    alert.status = status
+    alert.closed_at = now
+    alert.next_escalation_at = None
+    alert.silenced_until = None
+    return before
+
+
 def apply_finding(book: AlertBook, finding: Finding, now: datetime,
                   config: LifecycleConfig | None = None) -> list[Alert]:
     """Apply one finding; return the changed alert versions to emit (possibly none)."""
@@ -326,11 +336,7 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
     if finding.state == "retracted":
         if open_alert is None:
             return []
-        before = open_alert.status
-        open_alert.status = AlertStatus.RETRACTED
-        open_alert.closed_at = now
-        open_alert.next_escalation_at = None
-        open_alert.silenced_until = None
+        before = _close(open_alert, AlertStatus.RETRACTED, now)
         _remember(open_alert.finding_ids, finding.finding_id, config.max_remembered_ids)
         ks.open_alert_id = None
         ks.last_effective_at = None
@@ -346,11 +352,7 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
         ks.last_effective_at = finding.effective_at
         if open_alert is None:
             return []
-        before = open_alert.status
-        open_alert.status = AlertStatus.RESOLVED
-        open_alert.closed_at = now
-        open_alert.next_escalation_at = None
-        open_alert.silenced_until = None
+        before = _close(open_alert, AlertStatus.RESOLVED, now)
         open_alert.effective_at = finding.effective_at
         if finding.evidence:
             open_alert.evidence = list(finding.evidence)
@@ -512,10 +514,7 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
                             alert_id=alert.alert_id)
         if not (action.reason and action.reason.strip()):
             raise InvalidAction("a manual resolution needs a reason", alert_id=alert.alert_id)
-        alert.status = AlertStatus.RESOLVED
-        alert.closed_at = now
-        alert.next_escalation_at = None
-        alert.silenced_until = None
+        _close(alert, AlertStatus.RESOLVED, now)
         ks = book.keys.get(_key(alert.rule_id, alert.dedupe_key))
         if ks is not None and ks.open_alert_id == alert.alert_id:
             ks.open_alert_id = None

@@ -39,14 +39,13 @@ from datetime import datetime
 from typing import Iterable, Mapping
 
 from schemas.events import (
-    REPLACING_STATUSES,
     RETRACTING_STATUSES,
     DoseEvent,
     Observation,
     ResultStatus,
     SteroidEvent,
 )
-from schemas.findings import Evidence, Finding, FindingText, Severity
+from schemas.findings import Evidence, Finding, FindingText
 
 from .protocol import Protocol, default_protocols
 from .rules import (

@@ -79,7 +79,6 @@ from schemas.alert import (
     AlertStatus,
     AlertText,
     HistoryEntry,
-    OPEN_STATUSES,
     Role,
     make_alert_id,
     make_pseudonym,

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.analytes import catalogue
-from schemas.events import Product, SteroidPhase
+from schemas.events import Product
 from schemas.findings import Severity
 
 Op = Literal[">", ">=", "<", "<="]
@@ -560,7 +560,7 @@ def summarise(p: Protocol) -> str:
         f"protocol {p.id} version {p.version}: {p.title}",
         f"products: {', '.join(x.value for x in p.products)}",
         f"sources: {len(p.sources)}",
-        f"routes: " + ", ".join(f"{r.id} ({len(r.tiers)} tiers, failsafe {r.failsafe.name})" for r in p.routes),
+        "routes: " + ", ".join(f"{r.id} ({len(r.tiers)} tiers, failsafe {r.failsafe.name})" for r in p.routes),
         f"rules: {len(p.rules)}",
     ]
     for r in p.rules:

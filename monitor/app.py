@@ -59,7 +59,6 @@ def raw_topic(*names: str) -> faust.TopicT:
     )
 
 
-observations_topic = raw_topic(settings.topic_observations)
 dead_letter_topic = raw_topic(settings.topic_dead_letter)
 findings_topic = raw_topic(settings.topic_findings)
 alerts_topic = raw_topic(settings.topic_alerts)

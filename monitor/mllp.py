@@ -30,7 +30,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable

@@ -18,8 +18,8 @@ import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from datetime import datetime, timezone
+from typing import Any
 
 from pydantic import ValidationError
 

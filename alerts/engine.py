@@ -89,6 +89,12 @@ class Engine:
             cp = compile_protocol(p)
             for prod in p.products:
                 self.compiled.setdefault(prod.value, cp)
+        #: analyte -> how far back readings of a sustained band are held (twice the
+        #: longest duration any protocol asks for: the run's first reading stays known)
+        self.sustain_windows: dict[str, float] = {}
+        for cp in self.compiled.values():
+            for a, for_s in cp.sustain_for_s.items():
+                self.sustain_windows[a] = max(self.sustain_windows.get(a, 0.0), 2.0 * for_s)
 
     def protocol_for(self, state: PatientState) -> CompiledProtocol | None:
         if state.product is None:
@@ -138,13 +144,9 @@ class Engine:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
             limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
             state.insert(analyte, entry, limit)
-            if cp is not None:
-                hot = cp.sustain.get(analyte)
-                if hot is not None:
-                    if replaced is not None:
-                        state.rebuild_run(analyte, hot)
-                    else:
-                        state.track_run(analyte, entry, hot)
+            window = self.sustain_windows.get(analyte)
+            if window is not None:  # held even before the dose tells which protocol applies
+                state.record_sustained(analyte, entry, window, cp.sustain.get(analyte) if cp is not None else None)
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]

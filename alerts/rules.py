@@ -681,6 +681,8 @@ class CompiledProtocol:
         #: analyte -> predicate "beyond the limit" for sustained bands (``for_hours``); the
         #: engine keeps the run of such readings in ``PatientState.runs``
         self.sustain: dict[str, Callable[[float], bool]] = {}
+        #: analyte -> the band's duration in seconds (``for_hours``)
+        self.sustain_for_s: dict[str, float] = {}
         for c in self.rules:
             if isinstance(c, GradedRuleC):
                 for b in c.bands + (c.abn_bands or ()):
@@ -690,6 +692,7 @@ class CompiledProtocol:
                             raise ValueError(f"{c.id}: only one sustained limit per analyte ({a})")
                         op, lim = b.op, b.value
                         self.sustain[a] = (lambda v, op=op, lim=lim: op(v, lim))
+                        self.sustain_for_s[a] = b.for_s
 
     def history_limit(self, analyte: str) -> int:
         return self.limits.get(analyte, self.lab_limit)

@@ -13,11 +13,12 @@ Contents
   last sample time;
 - ``base``: per analyte the baseline = the last result before dosing (an entry);
 - ``o2``: newest ``[t, on_oxygen]`` flag seen on a vital sign;
-- ``runs``: per analyte with a sustained band (``for_hours``, e.g. fever > 40.0 C for
-  > 24 h) the current run of consecutive readings beyond the limit,
-  ``[start_t, start_value, start_id, last_t]`` (absent when no run is open). Kept
-  conservatively: a late reading can shorten a run but never lengthens it across readings
-  no longer held in ``hist``;
+- ``sus``: per analyte with a sustained band (``for_hours``, e.g. fever > 40.0 C for
+  > 24 h) its readings ``(t, value, observation_id)`` within a window of the newest one,
+  plus the newest reading before it (bounded): a set that does not depend on arrival order;
+- ``runs``: derived from ``sus``, the current run of consecutive readings beyond the
+  limit ending at the newest reading, ``[start_t, start_value, start_id, last_t]``
+  (absent when the newest reading is not beyond the limit);
 - ``active``: rules currently present, ``key -> [severity_rank, grade, evidence ids]``
   (key = rule id, or ``rule id|dedupe key``), so the engine can emit ``cleared`` and
   ``retracted`` and stay silent when nothing changed.
@@ -36,6 +37,7 @@ Entry = tuple  # (t:int, value:float, observation_id:str, ref_low:float|None, re
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 MAX_STEROID_CHANGES = 8
+MAX_SUSTAINED = 64
 
 
 def epoch(dt: datetime) -> int:
@@ -60,7 +62,7 @@ class PatientState:
 
     __slots__ = (
         "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
-        "steroid", "hist", "base", "o2", "active", "runs",
+        "steroid", "hist", "base", "o2", "active", "runs", "sus",
     )
 
     def __init__(self, patient_id: str) -> None:
@@ -78,6 +80,7 @@ class PatientState:
         self.o2: list | None = None
         self.active: dict[str, list] = {}
         self.runs: dict[str, list] = {}
+        self.sus: dict[str, list[tuple]] = {}
 
     # -- history -----------------------------------------------------------------
     def insert(self, analyte: str, entry: Entry, limit: int) -> None:
@@ -121,6 +124,12 @@ class PatientState:
                     break
             if not h:
                 del self.hist[a]
+        for a, s in list(self.sus.items()):
+            kept = [x for x in s if x[2] != observation_id]
+            if len(kept) != len(s):
+                self.sus[a] = kept
+                if a not in found:
+                    found.append(a)
         for a, b in list(self.base.items()):
             if b[2] == observation_id:
                 del self.base[a]
@@ -161,50 +170,38 @@ class PatientState:
         return h[-1] if h else None
 
     # -- sustained runs (e.g. fever grade 4) ---------------------------------------
-    def track_run(self, analyte: str, e: Entry, hot) -> None:
-        """Update the run of consecutive readings with ``hot(value)`` true after ``e`` was
-        inserted into ``hist``. Conservative for late readings (see the module docstring)."""
-        h = self.hist.get(analyte) or []
-        t = e[0]
-        run = self.runs.get(analyte)
-        if hot(e[1]):
-            if not any(x[2] == e[2] for x in h):
-                return  # older than everything held: cannot place it, ignore (conservative)
-            if run is None or t > run[3]:
-                if run is not None and not any(run[3] < x[0] < t and not hot(x[1]) for x in h):
-                    run[3] = t
-                    return
-                if any(x[0] > t and not hot(x[1]) for x in h):
-                    return  # a newer normal reading closed this episode
-                start, last = e, t
-                for x in reversed(h):  # extend over held hot readings just before t
-                    if x[0] < t:
-                        if not hot(x[1]):
-                            break
-                        start = x
-                    elif x[0] > last:
-                        last = x[0]
-                self.runs[analyte] = [start[0], start[1], start[2], last]
-            elif t < run[0]:
-                # extend backwards only over an interval the history fully shows
-                if not any(t < x[0] < run[0] and not hot(x[1]) for x in h):
-                    run[0], run[1], run[2] = t, e[1], e[2]
-        elif run is not None:
-            if t > run[3]:
-                del self.runs[analyte]  # the episode is over
-            elif t > run[0]:
-                later = [x for x in h if x[0] > t and hot(x[1])]
-                if later:
-                    x = later[0]
-                    self.runs[analyte] = [x[0], x[1], x[2], run[3]]
-                else:
-                    del self.runs[analyte]
+    def record_sustained(self, analyte: str, e: Entry, window_s: float, hot=None) -> None:
+        """Hold ``e`` among the readings of a sustained analyte and, when ``hot`` is given,
+        derive the run again.
+
+        ``sus[analyte]`` keeps, by (time, id), every reading within ``window_s`` of the
+        newest one plus the newest reading before that window, at most ``MAX_SUSTAINED``.
+        That set depends only on which readings arrived, never on their order, so the
+        run derived from it does not either (a late reading lands where it belongs)."""
+        item = (e[0], e[1], e[2])
+        s = [x for x in self.sus.get(analyte, ()) if x[2] != item[2]]
+        insort(s, item, key=_entry_key)
+        cutoff = s[-1][0] - window_s
+        first_in = 0
+        while first_in < len(s) and s[first_in][0] < cutoff:
+            first_in += 1
+        keep_from = max(0, first_in - 1, len(s) - MAX_SUSTAINED)
+        self.sus[analyte] = s[keep_from:]
+        if hot is not None:
+            self.rebuild_run(analyte, hot)
 
     def rebuild_run(self, analyte: str, hot) -> None:
-        """After a removal: rebuild the run from the held history only (may shorten it)."""
-        self.runs.pop(analyte, None)
-        for x in list(self.hist.get(analyte, ())):
-            self.track_run(analyte, x, hot)
+        """Derive the current run from the held readings: the trailing readings, newest
+        first, that are all beyond the limit (no run when the newest one is not)."""
+        s = self.sus.get(analyte)
+        if not s or not hot(s[-1][1]):
+            self.runs.pop(analyte, None)
+            return
+        i = len(s) - 1
+        while i > 0 and hot(s[i - 1][1]):
+            i -= 1
+        start = s[i]
+        self.runs[analyte] = [start[0], start[1], start[2], s[-1][0]]
 
     # -- steroid -----------------------------------------------------------------
     def add_steroid(self, t: int, phase: str) -> None:
@@ -277,6 +274,8 @@ class PatientState:
             d["o2"] = [self.o2[0] - t0, 1 if self.o2[1] else 0]
         if self.active:
             d["a"] = {k: list(v) for k, v in self.active.items()}
+        if self.sus:
+            d["su"] = {_code(a): [[x[0] - t0, _num(x[1]), x[2]] for x in s] for a, s in self.sus.items() if s}
         if self.runs:
             d["ru"] = {_code(a): [r[0] - t0, _num(r[1]), r[2], r[3] - t0] for a, r in self.runs.items()}
         return d
@@ -301,6 +300,7 @@ class PatientState:
         s.hist = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in h] for a, h in d.get("h", {}).items()}
         s.base = {_name(a): _unpack(e, t0, ranges.get(_name(a))) for a, e in d.get("bl", {}).items()}
         s.runs = {_name(a): [r[0] + t0, r[1], r[2], r[3] + t0] for a, r in d.get("ru", {}).items()}
+        s.sus = {_name(a): [(x[0] + t0, x[1], x[2]) for x in v] for a, v in d.get("su", {}).items()}
         o2 = d.get("o2")
         s.o2 = [o2[0] + t0, bool(o2[1])] if o2 is not None else None
         s.active = {k: list(v) for k, v in d.get("a", {}).items()}

@@ -123,3 +123,35 @@ def test_order_invariance_catches_a_real_difference():
     x = _final([obs("alt", 250, 7, high=40, oid="x")])
     y = _final([obs("alt", 30, 7, high=40, oid="x")])
     assert x.present() != y.present()
+
+
+def _fever(events):
+    sim = Sim(ENGINE)
+    sim.feed(events, now=T0)
+    f = sim.present().get("vitals.fever")
+    return None if f is None else (f.severity, f.grade, tuple(sorted(e.observation_id for e in f.evidence)))
+
+
+def test_sustained_fever_does_not_depend_on_arrival_order():
+    # > 40 C sustained > 24 h is grade 4 (CTCAE v5) whichever order the readings (and the
+    # dose) arrive in; the vital-sign history holds only the newest two readings, so the
+    # run must come from the readings of the sustained window, not from that history
+    from itertools import permutations
+    readings = [obs("temperature", 37.0, -1.0, oid="t0"), obs("temperature", 41.0, 0.0, oid="t1"),
+                obs("temperature", 40.6, 0.5, oid="t2"), obs("temperature", 41.2, 1.25, oid="t3"),
+                obs("temperature", 40.8, 1.5, oid="t4")]
+    expected = _fever([dose()] + readings)
+    assert expected is not None and expected[1] == 4, expected
+    assert "t1" in expected[2], "the run's first reading is the evidence of when it began"
+    for perm in permutations([dose()] + readings):
+        assert _fever(list(perm)) == expected, [getattr(e, "observation_id", "dose") for e in perm]
+
+
+def test_a_normal_reading_ends_the_sustained_run_in_any_order():
+    from itertools import permutations
+    readings = [obs("temperature", 41.0, 0.0, oid="u1"), obs("temperature", 37.0, 0.75, oid="u2"),
+                obs("temperature", 41.0, 1.25, oid="u3"), obs("temperature", 41.1, 1.5, oid="u4")]
+    results = {_fever([dose()] + list(perm)) for perm in permutations(readings)}
+    assert len(results) == 1
+    (only,) = results
+    assert only is not None and only[1] != 4  # 0.25 day of fever after the normal reading

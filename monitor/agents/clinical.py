@@ -34,6 +34,8 @@ from schemas.findings import Finding
 from schemas.ingest import Limits, decode
 
 from ..app import alerts_topic, app, clinical_topics, dead_letter_topic, findings_topic, settings, ticks_topic
+from ..confirmed_table import confirmed_table
+from ..ownership import stale_partitions
 from ..delivery import DeliveryService
 from ..dlq import send_dead_letter
 from ..metrics import (
@@ -77,32 +79,42 @@ for _p in PROTOCOLS:
 LIFECYCLE = LifecycleConfig(routes=ROUTES, pseudonym_secret=settings.pseudonym_secret)
 DELIVERY = DeliveryService(settings)
 
-#: patient_id -> {"state": dict, "alerts": dict}; changelog-backed
-patients = app.Table("patients", default=None, partitions=settings.topic_partitions)
+#: patient_id -> {"state": dict, "alerts": dict}; changelog-backed, and every batch waits
+#: for its changelog writes before its events are acknowledged (see ConfirmedTable)
+patients = confirmed_table(app, "patients", default=None, partitions=settings.topic_partitions)
 
-# decoded objects for patients this worker owns; the table stays the source of truth
+# decoded objects for patients this worker owns; the table stays the source of truth for
+# whoever owns a partition next. Each entry remembers its partition, so a rebalance drops
+# only the patients of partitions that another worker may have written meanwhile.
 _cache: dict[str, tuple[PatientState, AlertBook]] = {}
+_cache_partition: dict[str, int] = {}
 _overdue: set[str] = set()
+_ownership: dict = {"generation": None, "partitions": frozenset()}
+#: partitions whose decoded patients must be reloaded from the table at the next batch
+_stale_partitions: set[int] = set()
+_CLINICAL_TOPIC_NAMES = frozenset(clinical_topics.topics)
 
 
-@app.on_partitions_revoked.connect
-async def _on_revoked(sender, revoked, **kwargs) -> None:  # pragma: no cover - wiring
-    # A partition may come back with state another worker wrote meanwhile: drop the
-    # decoded copies, but only between batches - a batch in progress still writes what it
-    # changed (its events are replayed by the new owner if their offsets are not committed).
-    _state_flags["stale"] = True
-
-
-_state_flags = {"stale": False}
+@app.on_partitions_assigned.connect
+async def _on_assigned(sender, assigned, **kwargs) -> None:  # pragma: no cover - wiring
+    generation = app.consumer_generation_id
+    now_held = frozenset(tp.partition for tp in assigned if tp.topic in _CLINICAL_TOPIC_NAMES)
+    _stale_partitions.update(stale_partitions(_ownership["generation"], _ownership["partitions"],
+                                              generation, now_held, set(_cache_partition.values())))
+    _ownership.update(generation=generation, partitions=now_held)
 
 
 def _drop_stale_cache() -> None:
-    if _state_flags["stale"]:
-        _state_flags["stale"] = False
-        keep = {pid: _cache[pid] for pid in _dirty if pid in _cache}
-        _cache.clear()
-        _cache.update(keep)
-        _overdue.clear()
+    """Between batches only: a batch in progress still writes what it changed (its events
+    are replayed by the new owner if their offsets are not committed)."""
+    if not _stale_partitions:
+        return
+    stale = set(_stale_partitions)
+    _stale_partitions.clear()
+    for pid in [p for p, part in _cache_partition.items() if part in stale and p not in _dirty]:
+        _cache.pop(pid, None)
+        _cache_partition.pop(pid, None)
+        _overdue.discard(pid)
 
 
 def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
@@ -115,6 +127,9 @@ def _load(patient_id: str) -> tuple[PatientState, AlertBook]:
     else:
         pair = (PatientState(patient_id), AlertBook(patient_id=patient_id))
     _cache[patient_id] = pair
+    event = current_event()
+    if event is not None:
+        _cache_partition[patient_id] = event.message.partition
     return pair
 
 
@@ -298,6 +313,7 @@ async def handle_event(event) -> None:
         pid = msg.key.decode(errors="replace") if msg.key else ""
         if pid not in _dirty:  # reload a possibly half-updated state from the table
             _cache.pop(pid, None)
+            _cache_partition.pop(pid, None)
         await send_dead_letter(dead_letter_topic, msg.value, msg.key, Reason.INTERNAL_ERROR,
                                f"{type(exc).__name__} while processing", topic, msg.partition, msg.offset, received_at)
     finally:
@@ -332,6 +348,9 @@ async def clinical(stream):
         # and re-emits the same alert versions; sinks drop them by their ledger.)
         await _await_outputs()
         _flush_dirty()
+        # faust's own flush before a commit may leave changelog writes buffered; the
+        # batch's events are acknowledged (and later committed) only after this returns
+        await patients.confirm_changelog()
 
 
 @app.timer(interval=settings.tick_interval_seconds)

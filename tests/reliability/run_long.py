@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     fuzz = json.loads(fuzz_stats.read_text()) if fuzz_stats.exists() else {}
     lost = sum(int(v.get("lost", 0)) for v in figs.values() if isinstance(v, dict))
     dup = sum(int(v.get("duplicated", 0)) for v in figs.values() if isinstance(v, dict))
+    in_flight = sum(int(v.get("in_flight_repeats", 0)) for v in figs.values() if isinstance(v, dict))
     report = {
         "kills_survived": figs.get("crash", {}).get("kills_survived"),
         "broker_restarts": figs.get("broker_restart", {}).get("broker_restarts"),
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
         "fuzz_seconds": durations.get("fuzz"),
         "lost": lost,
         "duplicated": dup,
+        "in_flight_repeats_after_sigkill": in_flight,
         "durations_s": durations,
         "details": figs,
         "fuzz_by_target": fuzz.get("inputs"),

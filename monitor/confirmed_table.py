@@ -49,7 +49,8 @@ class ConfirmedTable(faust.Table):
         while self._unconfirmed:
             pending = list(self._unconfirmed)
             self._unconfirmed.clear()
-            results = await asyncio.gather(*(fut for *_, fut in pending), return_exceptions=True)
+            results = await gather_watched(
+                [fut for *_, fut in pending], "changelog writes not yet acknowledged by the broker")
             failed = [(p, k, v) for (p, k, v, _), r in zip(pending, results) if isinstance(r, BaseException)]
             confirmed += len(pending) - len(failed)
             if not failed:
@@ -61,6 +62,20 @@ class ConfirmedTable(faust.Table):
             for p, k, v in failed:
                 self.send_changelog(p, k, v)
         return confirmed
+
+
+async def gather_watched(futures: list, what: str, warn_every: float = 30.0) -> list:
+    """``asyncio.gather(..., return_exceptions=True)`` that logs a warning every
+    ``warn_every`` seconds while some are still pending (a stalled batch must be visible)."""
+    gathered = asyncio.gather(*futures, return_exceptions=True)
+    waited = 0.0
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(gathered), warn_every)
+        except asyncio.TimeoutError:
+            waited += warn_every
+            left = sum(1 for f in futures if not f.done())
+            log.warning("%d %s after %.0fs; the batch waits", left, what, waited)
 
 
 def confirmed_table(app: faust.App, name: str, **kwargs: Any) -> ConfirmedTable:

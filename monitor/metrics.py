@@ -61,6 +61,10 @@ PATIENTS_MONITORED = Gauge(
 CONSUMER_LAG = Gauge(
     "monitor_consumer_lag_messages", "End offset minus committed offset per input partition",
     ["topic", "partition"], registry=REGISTRY)
+STREAM_OFFSET_GAPS = Counter(
+    "monitor_stream_offset_gaps_total",
+    "Messages the stream framework skipped (an offset jump on a topic without compaction); each is re-read",
+    ["topic"], registry=REGISTRY)
 SOURCE_LAST_EVENT = Gauge(
     "monitor_source_last_event_timestamp_seconds", "Unix time of the last event received from a lab source",
     ["source"], registry=REGISTRY)

@@ -12,3 +12,29 @@ def stale_partitions(prev_generation: int | None, prev_held: frozenset, generati
     worker (it was expelled and rejoined), any partition may have moved and come back."""
     kept = prev_held & now_held if prev_generation is not None and generation == prev_generation + 1 else frozenset()
     return set(cached) - set(kept)
+
+
+class OffsetContinuity:
+    """Per topic-partition, the offsets a stream delivered, to catch a message the
+    framework never delivered (input topics here have no compaction or transactions, so
+    consecutive records have consecutive offsets). Reset it when partitions are assigned:
+    the consumer then seeks to the committed offsets."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, int], int] = {}
+
+    def reset(self) -> None:
+        self.last.clear()
+
+    def observe(self, topic: str, partition: int, offset: int) -> tuple[str, range | None]:
+        """``("next", None)``, ``("repeat", None)`` for a redelivery, or ``("gap", missing)``."""
+        key = (topic, partition)
+        last = self.last.get(key)
+        if last is not None and offset <= last:
+            return "repeat", None
+        self.last[key] = offset
+        if last is None or offset == last + 1:
+            return "next", None
+        return "gap", range(last + 1, offset)

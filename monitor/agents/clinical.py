@@ -20,6 +20,7 @@ import weakref
 from datetime import datetime, timedelta, timezone
 
 from faust.streams import _current_event, current_event
+from faust.types import TP
 from pydantic import ValidationError
 
 from alerts.engine import Engine
@@ -34,8 +35,10 @@ from schemas.findings import Finding
 from schemas.ingest import Limits, decode
 
 from ..app import alerts_topic, app, clinical_topics, dead_letter_topic, findings_topic, settings, ticks_topic
-from ..confirmed_table import confirmed_table
-from ..ownership import stale_partitions
+from ..confirmed_table import confirmed_table, gather_watched
+from ..kafka_config import aiokafka_config
+from ..ownership import OffsetContinuity, stale_partitions
+from ..skipped_records import SkippedRecordReader
 from ..delivery import DeliveryService
 from ..dlq import send_dead_letter
 from ..metrics import (
@@ -49,6 +52,7 @@ from ..metrics import (
     PATIENTS_OVERDUE,
     PROCESSING_SECONDS,
     PROTOCOL_INFO,
+    STREAM_OFFSET_GAPS,
     RECEIPT_TO_ALERT,
     TIME_TO_ACK,
 )
@@ -93,6 +97,7 @@ _ownership: dict = {"generation": None, "partitions": frozenset()}
 #: partitions whose decoded patients must be reloaded from the table at the next batch
 _stale_partitions: set[int] = set()
 _CLINICAL_TOPIC_NAMES = frozenset(clinical_topics.topics)
+_continuity = OffsetContinuity()
 
 
 @app.on_partitions_assigned.connect
@@ -102,6 +107,7 @@ async def _on_assigned(sender, assigned, **kwargs) -> None:  # pragma: no cover 
     _stale_partitions.update(stale_partitions(_ownership["generation"], _ownership["partitions"],
                                               generation, now_held, set(_cache_partition.values())))
     _ownership.update(generation=generation, partitions=now_held)
+    _continuity.reset()  # the consumer seeks to the committed offsets
 
 
 def _drop_stale_cache() -> None:
@@ -152,7 +158,7 @@ async def _await_outputs() -> None:
     while _inflight:
         pending = list(_inflight)
         _inflight.clear()
-        results = await asyncio.gather(*(fut for *_, fut in pending), return_exceptions=True)
+        results = await gather_watched([fut for *_, fut in pending], "outputs not yet acknowledged by the broker")
         failed = [(t, k, v) for (t, k, v, _), r in zip(pending, results) if isinstance(r, BaseException)]
         if not failed:
             return
@@ -339,18 +345,130 @@ async def clinical(stream):
     # changed patient was written once to the table (its changelog is produced before the
     # offsets are committed), so a crash replays at most the unfinished batch.
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-        _drop_stale_cache()
-        for event in events:
-            await handle_event(event)
-        # Outputs first, state second: the table must never record an alert as sent that
-        # the broker does not hold, or a replay after a crash would find nothing new to
-        # emit and the alert would be lost. (A crash between the two replays the batch
-        # and re-emits the same alert versions; sinks drop them by their ledger.)
-        await _await_outputs()
-        _flush_dirty()
-        # faust's own flush before a commit may leave changelog writes buffered; the
-        # batch's events are acknowledged (and later committed) only after this returns
-        await patients.confirm_changelog()
+        async with _batch_lock:
+            _drop_stale_cache()
+            for event in events:
+                msg = event.message
+                seen, missing = _continuity.observe(msg.topic, msg.partition, msg.offset)
+                if seen == "repeat":
+                    continue  # delivered again in this process: its effects are in the state
+                if seen == "gap":
+                    await _process_skipped(msg.topic, msg.partition, missing)
+                await handle_event(event)
+            await _finish_batch()
+
+
+async def _finish_batch() -> None:
+    # Outputs first, state second: the table must never record an alert as sent that
+    # the broker does not hold, or a replay after a crash would find nothing new to
+    # emit and the alert would be lost. (A crash between the two replays the batch
+    # and re-emits the same alert versions; sinks drop them by their ledger.)
+    await _await_outputs()
+    _flush_dirty()
+    # faust's own flush before a commit may leave changelog writes buffered; the
+    # batch's events are acknowledged (and later committed) only after this returns
+    await patients.confirm_changelog()
+    # records read past the stream count as acknowledged only now
+    for (topic, partition), offsets in _refetched_unacked.items():
+        _mark_acknowledged(topic, partition, offsets)
+    _refetched_unacked.clear()
+
+
+class _RefetchedEvent:
+    """A record read by ``SkippedRecordReader``, shaped like the faust event handle_event
+    expects (``.message`` with topic, partition, offset, key, value)."""
+
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, record) -> None:
+        self.message = record
+
+
+#: serialises the agent's batches and the skipped-record check (one writer of the state)
+_batch_lock = asyncio.Lock()
+SKIPPED = SkippedRecordReader(aiokafka_config(settings), settings.app_id, settings.max_message_bytes)
+#: (topic, partition) -> offsets processed from SKIPPED, to acknowledge when the batch ends
+_refetched_unacked: dict[tuple[str, int], list[int]] = {}
+
+
+async def _process_skipped(topic: str, partition: int, missing: range) -> None:
+    """Process records the stream never delivered, read straight from the broker."""
+    STREAM_OFFSET_GAPS.labels(topic=topic).inc(len(missing))
+    log.warning("stream did not deliver %s[%s] offsets %d..%d; reading them from the broker",
+                topic, partition, missing.start, missing.stop - 1)
+    records = await SKIPPED.read(topic, partition, missing)
+    for rec in records:
+        _continuity.observe(topic, partition, rec.offset)
+        await handle_event(_RefetchedEvent(rec))
+        _refetched_unacked.setdefault((topic, partition), []).append(rec.offset)
+    if len(records) < len(missing):
+        log.warning("%d of offsets %d..%d on %s[%s] are no longer in the log", len(missing) - len(records),
+                    missing.start, missing.stop - 1, topic, partition)
+
+
+def _mark_acknowledged(topic: str, partition: int, offsets: list[int]) -> None:
+    """Tell faust's consumer these offsets are done, so its commits can pass them."""
+    consumer = app.consumer
+    tp = TP(topic, partition)
+    index, acked = consumer._acked_index[tp], consumer._acked[tp]
+    committed = consumer._committed_offset[tp]
+    for o in offsets:
+        if (committed is None or o >= committed) and o not in index:
+            index.add(o)
+            acked.append(o)
+
+
+#: (topic, partition) -> (consecutive checks that found it behind the log without
+#: progress, the last processed offset then)
+_behind: dict[tuple[str, int], tuple[int, int]] = {}
+STALL_CHECKS = 3
+
+
+def _last_processed(key: tuple[str, int], committed: int | None, start: int) -> int:
+    last = _continuity.last.get(key)
+    if last is None:  # nothing processed since the assignment: the stream starts at the commit
+        last = (committed if committed is not None else start) - 1
+    return last
+
+
+@app.timer(interval=5.0)
+async def check_nothing_skipped() -> None:
+    """Compare, for every partition this worker holds, what the agent processed with the
+    log end. A partition that stays behind without progress for three checks (15 s) holds
+    records the stream will not deliver: read and process them here."""
+    recovered = app.tables.recovery.completed.is_set() and not app.in_recovery
+    if app.rebalancing or not recovered or not _ownership["partitions"]:
+        _behind.clear()
+        return
+    if _batch_lock.locked():
+        return  # busy: look again at the next check
+    tps = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
+    try:
+        positions = await SKIPPED.positions(tps, {k for k in tps if k not in _continuity.last})
+    except Exception as exc:  # the broker may be away; the next check tries again
+        log.info("skipped-record check failed: %s", type(exc).__name__)
+        return
+    stalled = []
+    for key, (end, committed, start) in positions.items():
+        last = _last_processed(key, committed, start)
+        if end - 1 <= last:
+            _behind.pop(key, None)
+            continue
+        n, seen_last = _behind.get(key, (0, last))
+        n = n + 1 if seen_last == last else 1
+        _behind[key] = (n, last)
+        if n >= STALL_CHECKS:
+            stalled.append(key)
+    if not stalled:
+        return
+    async with _batch_lock:
+        for key in stalled:
+            end, committed, start = positions[key]
+            last = _last_processed(key, committed, start)
+            if end - 1 > last:
+                await _process_skipped(key[0], key[1], range(last + 1, end))
+            _behind.pop(key, None)
+        await _finish_batch()
 
 
 @app.timer(interval=settings.tick_interval_seconds)
@@ -379,3 +497,4 @@ async def start_delivery() -> None:
 @app.on_before_shutdown.connect
 async def _stop_delivery(sender, **kwargs) -> None:  # pragma: no cover - wiring
     await DELIVERY.stop()
+    await SKIPPED.stop()

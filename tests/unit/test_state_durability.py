@@ -71,3 +71,15 @@ def test_confirm_waits_for_writes_and_resends_refused_ones(table, monkeypatch):
         assert table.unconfirmed == 0
 
     asyncio.run(scenario())
+
+
+def test_offset_continuity_reports_the_missing_offsets():
+    from monitor.ownership import OffsetContinuity
+    c = OffsetContinuity()
+    assert c.observe("t", 0, 40) == ("next", None)   # the first after a seek
+    assert c.observe("t", 0, 41) == ("next", None)
+    assert c.observe("t", 1, 7) == ("next", None)     # partitions are independent
+    assert c.observe("t", 0, 44) == ("gap", range(42, 44))
+    assert c.observe("t", 0, 43) == ("repeat", None)
+    c.reset()
+    assert c.observe("t", 0, 10) == ("next", None)

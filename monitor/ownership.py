@@ -25,8 +25,11 @@ class OffsetContinuity:
     def __init__(self) -> None:
         self.last: dict[tuple[str, int], int] = {}
 
-    def reset(self) -> None:
-        self.last.clear()
+    def reset(self, keep_partitions=frozenset()) -> None:
+        """Forget the partitions not in ``keep_partitions`` (their records will be read
+        again from the committed offsets and are not redeliveries for this process)."""
+        for key in [k for k in self.last if k[1] not in keep_partitions]:
+            del self.last[key]
 
     def observe(self, topic: str, partition: int, offset: int) -> tuple[str, range | None]:
         """``("next", None)``, ``("repeat", None)`` for a redelivery, or ``("gap", missing)``."""

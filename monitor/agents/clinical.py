@@ -14,6 +14,7 @@ findings topic is still written for audit and other consumers.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 import weakref
@@ -104,10 +105,15 @@ _continuity = OffsetContinuity()
 async def _on_assigned(sender, assigned, **kwargs) -> None:  # pragma: no cover - wiring
     generation = app.consumer_generation_id
     now_held = frozenset(tp.partition for tp in assigned if tp.topic in _CLINICAL_TOPIC_NAMES)
-    _stale_partitions.update(stale_partitions(_ownership["generation"], _ownership["partitions"],
-                                              generation, now_held, set(_cache_partition.values())))
+    stale = stale_partitions(_ownership["generation"], _ownership["partitions"], generation, now_held,
+                             set(_cache_partition.values()) | set(now_held) | set(_ownership["partitions"]))
+    _stale_partitions.update(stale & set(_cache_partition.values()))
     _ownership.update(generation=generation, partitions=now_held)
-    _continuity.reset()  # the consumer seeks to the committed offsets
+    # the consumer seeks to the committed offsets: for a partition kept from the previous
+    # generation what this process already did is known (redeliveries are skipped); the
+    # others start afresh at their committed offset
+    _continuity.reset(keep_partitions=now_held - stale)
+    _reconcile["pending"] = True
 
 
 def _drop_stale_cache() -> None:
@@ -347,6 +353,8 @@ async def clinical(stream):
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
         async with _batch_lock:
             _drop_stale_cache()
+            if _reconcile["pending"]:
+                await _reconcile_backlog()
             for event in events:
                 msg = event.message
                 seen, missing = _continuity.observe(msg.topic, msg.partition, msg.offset)
@@ -418,6 +426,50 @@ def _mark_acknowledged(topic: str, partition: int, offsets: list[int]) -> None:
             acked.append(o)
 
 
+_reconcile = {"pending": False}
+#: above this many records the backlog after an assignment is left to the stream (and the
+#: checks below), rather than read into memory at once
+RECONCILE_MAX_RECORDS = 20_000
+
+
+async def _reconcile_backlog() -> None:
+    """After an assignment, before anything else: read the backlog of every partition
+    this worker now holds (committed offset -> log end) straight from the broker, merged
+    across topics in the order the records were written, and process it.
+
+    Why: after a restart faust 0.15.3 was seen to skip ranges of records and to deliver
+    nothing at all from some partitions; the checks below would find them, but only after
+    the records of other topics (a patient's labs before its dose) were processed. The
+    stream's later deliveries of these offsets are redeliveries and are skipped."""
+    _reconcile["pending"] = False
+    keys = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
+    if not keys:
+        return
+    positions = await SKIPPED.positions(keys, {k for k in keys if k not in _continuity.last})
+    ranges = {}
+    for key, (end, committed, start) in positions.items():
+        first = _last_processed(key, committed, start) + 1
+        _continuity.last.setdefault(key, first - 1)
+        if end > first:
+            ranges[key] = range(first, end)
+    backlog = sum(len(r) for r in ranges.values())
+    if not backlog:
+        return
+    if backlog > RECONCILE_MAX_RECORDS:
+        log.info("backlog of %d records after the assignment is left to the stream", backlog)
+        return
+    lists = [await SKIPPED.read(t, p, r) for (t, p), r in ranges.items()]
+    n = 0
+    for rec in heapq.merge(*lists, key=lambda r: r.timestamp):
+        seen, _ = _continuity.observe(rec.topic, rec.partition, rec.offset)
+        if seen == "repeat":
+            continue
+        await handle_event(_RefetchedEvent(rec))
+        _refetched_unacked.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+        n += 1
+    log.info("read the backlog after the assignment from the broker: %d records", n)
+
+
 #: (topic, partition) -> (consecutive checks that found it behind the log without
 #: progress, the last processed offset then)
 _behind: dict[tuple[str, int], tuple[int, int]] = {}
@@ -442,6 +494,11 @@ async def check_nothing_skipped() -> None:
         return
     if _batch_lock.locked():
         return  # busy: look again at the next check
+    if _reconcile["pending"]:  # the stream delivered nothing since the assignment
+        async with _batch_lock:
+            await _reconcile_backlog()
+            await _finish_batch()
+        return
     tps = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
     try:
         positions = await SKIPPED.positions(tps, {k for k in tps if k not in _continuity.last})

@@ -83,3 +83,13 @@ def test_offset_continuity_reports_the_missing_offsets():
     assert c.observe("t", 0, 43) == ("repeat", None)
     c.reset()
     assert c.observe("t", 0, 10) == ("next", None)
+
+
+def test_offset_continuity_keeps_partitions_held_across_a_rebalance():
+    from monitor.ownership import OffsetContinuity
+    c = OffsetContinuity()
+    c.observe("t", 0, 5)
+    c.observe("t", 1, 9)
+    c.reset(keep_partitions={1})
+    assert c.observe("t", 1, 9) == ("repeat", None)  # faust re-delivers from the commit
+    assert c.observe("t", 0, 3) == ("next", None)    # partition 0 starts afresh

@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(SUITES), help="comma-separated: " + ",".join(SUITES))
     args = ap.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     tmp = Path(tempfile.mkdtemp(prefix="reliability-long-"))
     figures, fuzz_stats = tmp / "figures.jsonl", tmp / "fuzz.json"
     env = {**os.environ, "RELIABILITY_KILLS": str(args.kills), "RELIABILITY_BROKER_RESTARTS": str(args.broker_restarts),

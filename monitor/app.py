@@ -36,6 +36,9 @@ app = faust.App(
     # a crashed worker's partitions move to the survivors within seconds, not a minute
     broker_session_timeout=settings.kafka_session_timeout_seconds,
     broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_seconds / 3),
+    # a rebalance does not wait for the batch in flight (faust's wait_empty is reported to
+    # hang rebalances: robinhood/faust#402, faust-streaming/faust#133); the clinical agent
+    # re-reads its backlog after every assignment and keeps only safe cached state instead
     stream_wait_empty=False,
     # batch produce requests: one request per message costs more than the processing
     producer_linger=0.005,

@@ -415,7 +415,10 @@ async def _process_skipped(topic: str, partition: int, missing: range) -> None:
 
 
 def _mark_acknowledged(topic: str, partition: int, offsets: list[int]) -> None:
-    """Tell faust's consumer these offsets are done, so its commits can pass them."""
+    """Tell faust's consumer these offsets are done, so its commits can pass them.
+
+    Writes the consumer's bookkeeping as ``Consumer.ack`` does (private fields of the
+    pinned faust-streaming 0.15.3): the records were never faust messages to ack."""
     consumer = app.consumer
     tp = TP(topic, partition)
     index, acked = consumer._acked_index[tp], consumer._acked[tp]

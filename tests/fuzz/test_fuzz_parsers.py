@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from schemas.errors import Reason, Rejected
 from schemas.events import DoseEvent, Observation, SteroidEvent
@@ -38,7 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGETS = 8
 TOTAL = int(os.environ.get("FUZZ_EXAMPLES", str(300 * TARGETS)))
 PER_TARGET = max(10, TOTAL // TARGETS)
-FUZZ = settings(max_examples=PER_TARGET, deadline=None, database=None, derandomize=False,
+# FUZZ_DATABASE (set by run_long.py): a directory where hypothesis keeps every failing
+# example, so a failure deep in a long run can be replayed by running the test again
+_DB = os.environ.get("FUZZ_DATABASE")
+FUZZ = settings(max_examples=PER_TARGET, deadline=None, derandomize=False,
+                database=DirectoryBasedExampleDatabase(_DB) if _DB else None,
                 suppress_health_check=list(HealthCheck))
 RECEIVED = datetime.now(timezone.utc)
 # small limits so the fuzzer reaches them; the defaults are checked separately below

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     figures, fuzz_stats = tmp / "figures.jsonl", tmp / "fuzz.json"
     env = {**os.environ, "RELIABILITY_KILLS": str(args.kills), "RELIABILITY_BROKER_RESTARTS": str(args.broker_restarts),
            "FUZZ_EXAMPLES": str(args.fuzz), "RELIABILITY_PATIENTS": str(args.patients),
-           "RELIABILITY_FIGURES": str(figures), "FUZZ_STATS": str(fuzz_stats)}
+           "RELIABILITY_FIGURES": str(figures), "FUZZ_STATS": str(fuzz_stats),
+           "FUZZ_DATABASE": os.environ.get("FUZZ_DATABASE", str(ROOT / ".hypothesis" / "fuzz-long"))}
     if args.seed is not None:
         env["RELIABILITY_SEED"] = str(args.seed)
     rc = 0

@@ -44,24 +44,33 @@ class ConfirmedTable(faust.Table):
         """Wait until the broker acknowledged every changelog write made so far; resend the
         failed ones with exponential backoff, for as long as it takes. Returns how many
         writes were confirmed."""
-        confirmed = 0
-        delay = 0.5
-        while self._unconfirmed:
-            pending = list(self._unconfirmed)
-            self._unconfirmed.clear()
-            results = await gather_watched(
-                [fut for *_, fut in pending], "changelog writes not yet acknowledged by the broker")
-            failed = [(p, k, v) for (p, k, v, _), r in zip(pending, results) if isinstance(r, BaseException)]
-            confirmed += len(pending) - len(failed)
-            if not failed:
-                break
-            log.warning("%d changelog writes not acknowledged by the broker; resending in %.1fs",
-                        len(failed), delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-            for p, k, v in failed:
-                self.send_changelog(p, k, v)
-        return confirmed
+        async def resend(p, k, v) -> None:
+            self.send_changelog(p, k, v)
+
+        return await until_acknowledged(self._unconfirmed, resend, "changelog writes", max_delay)
+
+
+async def until_acknowledged(pending: list, resend, what: str, max_delay: float = 10.0) -> int:
+    """Drain ``pending`` (entries ``(*args, future)``) until the broker acknowledged every
+    one: wait for the futures, then ``await resend(*args)`` each failed entry (which must
+    append a new entry to ``pending``) after an exponential backoff, for as long as it
+    takes. Returns how many were acknowledged."""
+    acknowledged = 0
+    delay = 0.5
+    while pending:
+        batch = list(pending)
+        pending.clear()
+        results = await gather_watched([e[-1] for e in batch], f"{what} not yet acknowledged by the broker")
+        failed = [e[:-1] for e, r in zip(batch, results) if isinstance(r, BaseException)]
+        acknowledged += len(batch) - len(failed)
+        if not failed:
+            break
+        log.warning("%d %s not acknowledged by the broker; resending in %.1fs", len(failed), what, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
+        for args in failed:
+            await resend(*args)
+    return acknowledged
 
 
 async def gather_watched(futures: list, what: str, warn_every: float = 30.0) -> list:

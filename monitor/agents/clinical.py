@@ -36,7 +36,7 @@ from schemas.findings import Finding
 from schemas.ingest import Limits, decode
 
 from ..app import alerts_topic, app, clinical_topics, dead_letter_topic, findings_topic, settings, ticks_topic
-from ..confirmed_table import confirmed_table, gather_watched
+from ..confirmed_table import confirmed_table, until_acknowledged
 from ..kafka_config import aiokafka_config
 from ..ownership import OffsetContinuity, stale_partitions
 from ..skipped_records import SkippedRecordReader
@@ -160,19 +160,7 @@ async def _produce(topic, key: bytes, value: bytes) -> None:
 async def _await_outputs() -> None:
     """Wait until the broker holds every output of the batch; resend what failed, with
     backoff, for as long as it takes (the batch is not acknowledged meanwhile)."""
-    delay = 0.5
-    while _inflight:
-        pending = list(_inflight)
-        _inflight.clear()
-        results = await gather_watched([fut for *_, fut in pending], "outputs not yet acknowledged by the broker")
-        failed = [(t, k, v) for (t, k, v, _), r in zip(pending, results) if isinstance(r, BaseException)]
-        if not failed:
-            return
-        log.warning("%d outputs not acknowledged by the broker; resending in %.1fs", len(failed), delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
-        for t, k, v in failed:
-            await _produce(t, k, v)
+    await until_acknowledged(_inflight, _produce, "outputs")
 
 
 def _mark_changed(patient_id: str) -> None:

@@ -38,7 +38,7 @@ from schemas.ingest import Limits, decode
 from ..app import alerts_topic, app, clinical_topics, dead_letter_topic, findings_topic, settings, ticks_topic
 from ..confirmed_table import confirmed_table, until_acknowledged
 from ..kafka_config import aiokafka_config
-from ..ownership import OffsetContinuity, stale_partitions
+from ..ownership import OffsetContinuity, kept_partitions
 from ..skipped_records import SkippedRecordReader
 from ..delivery import DeliveryService
 from ..dlq import send_dead_letter
@@ -105,14 +105,12 @@ _continuity = OffsetContinuity()
 async def _on_assigned(sender, assigned, **kwargs) -> None:  # pragma: no cover - wiring
     generation = app.consumer_generation_id
     now_held = frozenset(tp.partition for tp in assigned if tp.topic in _CLINICAL_TOPIC_NAMES)
-    stale = stale_partitions(_ownership["generation"], _ownership["partitions"], generation, now_held,
-                             set(_cache_partition.values()) | set(now_held) | set(_ownership["partitions"]))
-    _stale_partitions.update(stale & set(_cache_partition.values()))
+    kept = kept_partitions(_ownership["generation"], _ownership["partitions"], generation, now_held)
+    _stale_partitions.update(set(_cache_partition.values()) - kept)
     _ownership.update(generation=generation, partitions=now_held)
-    # the consumer seeks to the committed offsets: for a partition kept from the previous
-    # generation what this process already did is known (redeliveries are skipped); the
-    # others start afresh at their committed offset
-    _continuity.reset(keep_partitions=now_held - stale)
+    # the consumer seeks to the committed offsets: for a kept partition what this process
+    # already did is known (redeliveries are skipped); the others start afresh there
+    _continuity.reset(keep_partitions=kept)
     _reconcile["pending"] = True
 
 

@@ -385,6 +385,12 @@ SKIPPED = SkippedRecordReader(aiokafka_config(settings), settings.app_id, settin
 _refetched_unacked: dict[tuple[str, int], list[int]] = {}
 
 
+async def _handle_read_record(rec) -> None:
+    """Process a record read by SKIPPED; it is acknowledged when the batch ends."""
+    await handle_event(_RefetchedEvent(rec))
+    _refetched_unacked.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+
+
 async def _process_skipped(topic: str, partition: int, missing: range) -> None:
     """Process records the stream never delivered, read straight from the broker."""
     STREAM_OFFSET_GAPS.labels(topic=topic).inc(len(missing))
@@ -393,8 +399,7 @@ async def _process_skipped(topic: str, partition: int, missing: range) -> None:
     records = await SKIPPED.read(topic, partition, missing)
     for rec in records:
         _continuity.observe(topic, partition, rec.offset)
-        await handle_event(_RefetchedEvent(rec))
-        _refetched_unacked.setdefault((topic, partition), []).append(rec.offset)
+        await _handle_read_record(rec)
     if len(records) < len(missing):
         log.warning("%d of offsets %d..%d on %s[%s] are no longer in the log", len(missing) - len(records),
                     missing.start, missing.stop - 1, topic, partition)
@@ -431,10 +436,7 @@ async def _reconcile_backlog() -> None:
     the records of other topics (a patient's labs before its dose) were processed. The
     stream's later deliveries of these offsets are redeliveries and are skipped."""
     _reconcile["pending"] = False
-    keys = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
-    if not keys:
-        return
-    positions = await SKIPPED.positions(keys, {k for k in keys if k not in _continuity.last})
+    positions = await _held_positions()
     ranges = {}
     for key, (end, committed, start) in positions.items():
         first = _last_processed(key, committed, start) + 1
@@ -453,8 +455,7 @@ async def _reconcile_backlog() -> None:
         seen, _ = _continuity.observe(rec.topic, rec.partition, rec.offset)
         if seen == "repeat":
             continue
-        await handle_event(_RefetchedEvent(rec))
-        _refetched_unacked.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+        await _handle_read_record(rec)
         n += 1
     log.info("read the backlog after the assignment from the broker: %d records", n)
 
@@ -463,6 +464,15 @@ async def _reconcile_backlog() -> None:
 #: progress, the last processed offset then)
 _behind: dict[tuple[str, int], tuple[int, int]] = {}
 STALL_CHECKS = 3
+
+
+async def _held_positions() -> dict[tuple[str, int], tuple[int, int | None, int]]:
+    """Log end, committed offset (only where nothing was processed since the assignment)
+    and log start of every clinical partition this worker holds."""
+    keys = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
+    if not keys:
+        return {}
+    return await SKIPPED.positions(keys, {k for k in keys if k not in _continuity.last})
 
 
 def _last_processed(key: tuple[str, int], committed: int | None, start: int) -> int:
@@ -488,9 +498,8 @@ async def check_nothing_skipped() -> None:
             await _reconcile_backlog()
             await _finish_batch()
         return
-    tps = [(t, p) for t in sorted(_CLINICAL_TOPIC_NAMES) for p in sorted(_ownership["partitions"])]
     try:
-        positions = await SKIPPED.positions(tps, {k for k in tps if k not in _continuity.last})
+        positions = await _held_positions()
     except Exception as exc:  # the broker may be away; the next check tries again
         log.info("skipped-record check failed: %s", type(exc).__name__)
         return

@@ -31,7 +31,7 @@ def kafka_bootstrap(kafka_broker) -> str:
 @pytest.fixture
 def topic_factory(kafka_bootstrap):
     """Create uniquely named topics; delete them (and any topic with the same prefix) after."""
-    from kafka_broker import create_topics, delete_topics
+    from kafka_broker import create_topics, drop_test_topics
 
     created: list[str] = []
     prefixes: list[str] = []
@@ -45,18 +45,7 @@ def topic_factory(kafka_bootstrap):
         return full
 
     yield make
-    from kafka.admin import KafkaAdminClient
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        try:
-            existing = admin.list_topics()
-        finally:
-            admin.close()
-        extra = [t for t in existing if any(t.startswith(p) for p in prefixes)]
-        delete_topics(kafka_bootstrap, sorted(set(created) | set(extra)))
-    except Exception as exc:  # cleanup must not mask the test result
-        print(f"topic cleanup failed: {exc}", file=sys.stderr)
+    drop_test_topics(kafka_bootstrap, created, prefixes)
 
 
 @pytest.fixture

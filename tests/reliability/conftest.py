@@ -30,16 +30,6 @@ def make_topics(bootstrap: str, prefix: str | None = None, partitions: int = 3) 
 
 
 def drop_topics(bootstrap: str, topics: dict[str, str]) -> None:
-    from kafka.admin import KafkaAdminClient
-    from kafka_broker import delete_topics
+    from kafka_broker import drop_test_topics
 
-    prefix = next(iter(topics.values())).split(".")[0]
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-        try:
-            existing = admin.list_topics()
-        finally:
-            admin.close()
-        delete_topics(bootstrap, sorted(set(topics.values()) | {t for t in existing if t.startswith(prefix)}))
-    except Exception as exc:  # cleanup must not mask the result
-        print(f"topic cleanup failed: {exc}", file=sys.stderr)
+    drop_test_topics(bootstrap, topics.values(), [next(iter(topics.values())).split(".")[0]])

@@ -16,7 +16,10 @@ def _settings():
 
 def cmd_worker(args: argparse.Namespace) -> int:
     s = _settings()
+    from .settings import require_secrets
     from .topics_admin import ensure_topics
+
+    require_secrets("worker", s)
 
     ensure_topics(s)
     import faust

@@ -612,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         from zoneinfo import ZoneInfo
 
         tz = ZoneInfo(args.default_tz)
+    from .settings import secret_problems
+
+    for problem in secret_problems("mllp", get_settings()):
+        print(f"monitor mllp: refusing to start: {problem}", file=sys.stderr)
+        return 2
     allowed = parse_networks(args.allowed_peers)
     problem = check_exposure(args.host, bool(args.tls_cert), allowed)
     if problem:

@@ -207,6 +207,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
     s = get_settings()
+    from ..settings import require_secrets
+
+    require_secrets("inbox", s)
     if args.users_file:
         os.environ["INBOX_USERS_FILE"] = args.users_file
     try:

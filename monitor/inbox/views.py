@@ -24,7 +24,7 @@ from schemas.alert import ActionKind, Alert, AlertAction, Role
 from schemas.findings import Severity
 
 from .auth import (
-    AUTH_KEY, CSRF_FIELD, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Session, allowed_actions, current_session, may,
+    AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
     require_role,
 )
 from .store import InboxStore
@@ -111,21 +111,33 @@ def _login_form(csrf: str, error: str = "", username: str = "") -> str:
 
 async def login_page(request: web.Request) -> web.StreamResponse:
     cfg = request.app[AUTH_KEY]
-    if cfg.sessions.get(request.cookies.get(SESSION_COOKIE), touch=False):
+    if cfg.sessions.get(request.cookies.get(cfg.session_cookie), touch=False):
         raise web.HTTPFound("/")
     # reuse the pending token so two tabs (or a re-fetch of the page) keep working
-    existing = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    existing = request.cookies.get(cfg.login_csrf_cookie, "")
     csrf = existing if re.fullmatch(r"[A-Za-z0-9_-]{32}", existing) else secrets.token_urlsafe(24)
     resp = html_response(page("Sign in", _login_form(csrf), page_id="page-login"))
-    cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+    cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
     return resp
 
 
 def _client_address(request: web.Request) -> str:
-    cfg = request.app[AUTH_KEY]
-    if cfg.trust_proxy and request.headers.get("X-Forwarded-For"):
-        return request.headers["X-Forwarded-For"].split(",")[0].strip()
-    return request.remote or "?"
+    return request.app[AUTH_KEY].client_address(request)
+
+
+#: password verifications running at once (scrypt at N=2^17 is ~128 MiB and a few hundred ms
+#: each) and waiting; beyond that a sign-in is answered 503 (review M1: bounded pre-auth work)
+MAX_VERIFYING, MAX_WAITING = 2, 16
+VERIFY_KEY = _VERIFY_KEY = web.AppKey("inbox_verify_slots", dict)
+
+
+def _verify_slots(app: web.Application) -> dict:
+    return app[_VERIFY_KEY]
+
+
+def verify_slots() -> dict:
+    """A fresh slot record for :func:`create_inbox_app` (``app[_VERIFY_KEY]``)."""
+    return {"sem": asyncio.Semaphore(MAX_VERIFYING), "waiting": 0}
 
 
 async def login_submit(request: web.Request) -> web.StreamResponse:
@@ -134,42 +146,50 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     username = str(form.get("username", ""))[:128].strip()
     password = str(form.get("password", ""))[:1024]
     sent = str(form.get(CSRF_FIELD, ""))
-    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not sent or not cookie or not secrets.compare_digest(sent, cookie):
+    cookie = request.cookies.get(cfg.login_csrf_cookie, "")
+    if not sent or not cookie or not secrets.compare_digest(sent.encode("utf-8"), cookie.encode("utf-8")):
         return html_response(page("Sign in", "<p class='error' role='alert'>Your sign-in form expired. "
                                   "<a href='/login'>Try again</a>.</p>", page_id="page-login"), status=403)
     addr = _client_address(request)
-    wait = cfg.throttle.retry_after(username, addr)
+    slots = _verify_slots(request.app)
+    if slots["waiting"] >= MAX_WAITING:
+        return web.Response(status=503, text="Too many sign-ins at once; try again in a moment.",
+                            headers={"Retry-After": "2"})
+    wait = cfg.throttle.begin(username, addr)  # counted now, before the (slow) verification
     if wait > 0:
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, f"Too many failed attempts. Try again in "
                                                            f"{int(wait) + 1} seconds.", username),
                                   page_id="page-login"), status=429)
         resp.headers["Retry-After"] = str(int(wait) + 1)
-        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
-    user = await asyncio.get_running_loop().run_in_executor(None, cfg.users.authenticate, username, password)
-    if user is None:
-        cfg.throttle.failure(username, addr)
+    slots["waiting"] += 1
+    try:
+        async with slots["sem"]:
+            user = await asyncio.get_running_loop().run_in_executor(None, cfg.users.authenticate, username, password)
+    finally:
+        slots["waiting"] -= 1
+    if user is None:  # the failure was counted by begin()
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, "User name or password is wrong.", username),
                                   page_id="page-login"), status=401)
-        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
     cfg.throttle.success(username, addr)
-    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))  # no session fixation
+    cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))  # no session fixation
     token, _ = cfg.sessions.create(user)
     resp = web.Response(status=303, headers={"Location": "/"})
-    cfg.set_cookie(request, resp, SESSION_COOKIE, token)
-    resp.del_cookie(LOGIN_CSRF_COOKIE, path="/")
+    cfg.set_cookie(request, resp, cfg.session_cookie, token)
+    resp.del_cookie(cfg.login_csrf_cookie, path="/")
     return resp
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     cfg = request.app[AUTH_KEY]
-    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))
+    cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))
     resp = web.Response(status=303, headers={"Location": "/login"})
-    resp.del_cookie(SESSION_COOKIE, path="/")
+    resp.del_cookie(cfg.session_cookie, path="/")
     return resp
 
 
@@ -447,7 +467,7 @@ async def api_admin_status(request: web.Request) -> web.Response:
 async def api_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``alert`` (a changed alert's summary), ``pending``, ``resync``."""
     cfg = request.app[AUTH_KEY]
-    token = request.cookies.get(SESSION_COOKIE)
+    token = request.cookies.get(cfg.session_cookie)
     store = request.app[STORE_KEY]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     notify_include_patient_id: bool = False
     #: users for the actions API and the inbox (YAML: username -> {password_hash, role})
     inbox_users_file: str = ""
+    #: serve the worker's actions API (HTTP Basic) on a non-loopback WEB_HOST: only behind TLS
+    #: (review M7); by default it answers 503 there and people act through the inbox
+    actions_api_allow_exposed: bool = False
 
     # clocks
     tick_interval_seconds: float = 30.0

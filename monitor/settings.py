@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: str | None = None
     kafka_sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = Field(default=None, repr=False)
+    kafka_sasl_password: str | None = Field(default=None, repr=False, exclude=True)
 
     #: consumer-group session timeout: how soon a crashed worker's partitions move
     kafka_session_timeout_seconds: float = 10.0
@@ -64,10 +64,10 @@ class Settings(BaseSettings):
     # alert delivery sinks (empty URL = sink off)
     alertmanager_url: str = ""
     webhook_url: str = ""
-    webhook_secret: str = Field(default="", repr=False)
+    webhook_secret: str = Field(default="", repr=False, exclude=True)
     #: key of the alert ids and pseudonymous alert references (HMAC); required, >= 32 characters,
     #: no default (``require_secrets`` refuses to start without it)
-    pseudonym_secret: str = Field(default="", repr=False)
+    pseudonym_secret: str = Field(default="", repr=False, exclude=True)
     #: include the patient id in third-party notifications (off by default)
     notify_include_patient_id: bool = False
     #: users for the actions API and the inbox (YAML: username -> {password_hash, role})

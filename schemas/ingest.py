@@ -145,6 +145,13 @@ def build_observation(
         raise Rejected(Reason.EMPTY_ID, "patient id is empty")
     if not event_id or not event_id.strip():
         raise Rejected(Reason.EMPTY_ID, "event id is empty")
+    # bounded, printable identifiers whatever the wire format (review L5: an HL7 PID-3 of
+    # 100 KB with NUL and unit separators used to be accepted)
+    for what, ident, cap in (("patient id", patient_id, 128), ("event id", event_id, 256),
+                             ("observation id", observation_id, 256)):
+        if len(ident) > cap or not ident.isprintable():
+            raise Rejected(Reason.SCHEMA_INVALID,
+                           f"{what} is longer than {cap} characters or holds control characters")
     if effective_at.tzinfo is None or effective_at.utcoffset() is None:
         raise Rejected(Reason.NAIVE_TIMESTAMP, "effective time has no UTC offset")
     check_not_future(effective_at, received_at, limits, "effective time")

@@ -269,7 +269,8 @@ class SessionStore:
     """Server-side sessions keyed by sha256(cookie token); idle and absolute expiry."""
 
     def __init__(self, *, idle_seconds: float = 30 * 60, max_seconds: float = 12 * 3600,
-                 clock: Callable[[], float] = time.time, max_sessions: int = 10_000):
+                 clock: Callable[[], float] = time.time, max_sessions: int = 10_000, max_per_user: int = 20):
+        self.max_per_user = max_per_user
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.clock = clock
@@ -282,6 +283,10 @@ class SessionStore:
 
     def create(self, user: User) -> tuple[str, Session]:
         self.purge()
+        mine = [k for k, v in self._sessions.items() if v.username == user.username]
+        if len(mine) >= self.max_per_user:  # review L7: one account cannot evict everyone else
+            oldest = min(mine, key=lambda k: self._sessions[k].last_seen)
+            del self._sessions[oldest]
         if len(self._sessions) >= self.max_sessions:  # drop the oldest
             oldest = min(self._sessions, key=lambda k: self._sessions[k].last_seen)
             del self._sessions[oldest]

@@ -60,3 +60,15 @@ def test_inbox_without_inbox_secret_exits_naming_it(tmp_path):
 def test_mllp_with_sasl_and_no_password_exits_naming_it():
     proc = run(["mllp", "--port", "0"], KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="mllp")
     assert proc.returncode != 0 and "KAFKA_SASL_PASSWORD" in proc.stderr
+
+
+def test_settings_dump_carries_no_secret():
+    """Review L9: ``Settings.model_dump()`` used to include the secrets."""
+    from monitor.settings import Settings
+
+    s = Settings(pseudonym_secret=TEST_PSEUDONYM_SECRET, webhook_secret=TEST_WEBHOOK_SECRET,
+                 kafka_sasl_password="sasl-pw-123")
+    dumped = str(s.model_dump()) + repr(s)
+    for secret in (TEST_PSEUDONYM_SECRET, TEST_WEBHOOK_SECRET, "sasl-pw-123"):
+        assert secret not in dumped
+    assert s.pseudonym_secret == TEST_PSEUDONYM_SECRET

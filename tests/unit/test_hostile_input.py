@@ -136,3 +136,17 @@ def test_json_value_budget_and_bundle_entry_cap():
     with pytest.raises(Rejected) as ei:
         decode("lab-results", bundle.encode(), received_at=NOW)
     assert ei.value.reason is Reason.TOO_COMPLEX and "300 entries" in ei.value.message
+
+
+def test_hl7_patient_id_is_bounded_and_printable():
+    """Review L5: a 100 KB PID-3 with NUL and unit separators was accepted."""
+    from schemas.hl7v2 import observations_from_hl7
+
+    good = ("MSH|^~\\&|LAB|H|MON|H|20240502080000+0200||ORU^R01|C1|P|2.5\rPID|1||{pid}\r"
+            "OBR|1|P1|F1|24325-3^Hepatic^LN|||20240502080000+0200\r"
+            "OBX|1|NM|1742-6^ALT^LN||55|U/L|10-40|H|||F|||20240502080000+0200\r")
+    assert observations_from_hl7(good.format(pid="MRN-1"), received_at=NOW)[0].patient_id == "MRN-1"
+    for pid in ("M" * 129, "MRN\x00-1", "MRN\x1f1"):
+        with pytest.raises(Rejected) as ei:
+            observations_from_hl7(good.format(pid=pid), received_at=NOW)
+        assert ei.value.reason is Reason.SCHEMA_INVALID

@@ -175,3 +175,13 @@ async def test_non_ascii_login_csrf_is_403_not_500(store, value):  # noqa: F811 
         assert r.status == 403
     finally:
         await client.close()
+
+
+def test_one_account_cannot_evict_everyone_elses_sessions():
+    """Review L7: 10,000 logins of one user used to push every other session out."""
+    s = SessionStore(max_sessions=100, max_per_user=3)
+    nurse, doc = User("nurse1", Role.NURSE, "x"), User("doc1", Role.PHYSICIAN, "y")
+    tok, _ = s.create(doc)
+    for _ in range(200):
+        s.create(nurse)
+    assert s.get(tok) is not None and len(s) == 4

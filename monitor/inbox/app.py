@@ -171,9 +171,10 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
                      trusted_proxies=proxies)
     app = web.Application(middlewares=[security_headers_middleware, auth_middleware], client_max_size=64 * 1024)
     app[AUTH_KEY] = cfg
-    from .views import VERIFY_KEY, verify_slots
+    from .views import STREAMS_KEY, VERIFY_KEY, verify_slots
 
     app[VERIFY_KEY] = verify_slots()
+    app[STREAMS_KEY] = {}
     app[STORE_KEY] = store
     status: dict = {"caught_up": not start_kafka}
     app[STATUS_KEY] = status

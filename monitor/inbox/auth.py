@@ -475,6 +475,17 @@ class AuthConfig:
     def is_public(self, path: str) -> bool:
         return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.public)
 
+    def valid_session(self, token: str | None, *, touch: bool = True) -> Session | None:
+        """The session, if it exists, has not expired, and its user still exists with the
+        same role and password (else it is destroyed)."""
+        sess = self.sessions.get(token, touch=touch)
+        if sess is not None:
+            user = self.users.get(sess.username)
+            if user is None or user_fingerprint(user) != sess.fingerprint:  # removed, new role or password
+                self.sessions.destroy(token)
+                return None
+        return sess
+
     def _is_proxy(self, host: str | None) -> bool:
         try:
             ip = ipaddress.ip_address((host or "").strip().split("%", 1)[0])
@@ -561,12 +572,7 @@ async def auth_middleware(request: web.Request, handler):
     token = request.cookies.get(cfg.session_cookie)
     # background traffic (the event stream, refreshes it triggers) does not extend the idle timeout
     background = request.path == "/api/stream" or request.headers.get("X-Inbox-Background") == "1"
-    sess = cfg.sessions.get(token, touch=not background)
-    if sess is not None:
-        user = cfg.users.get(sess.username)
-        if user is None or user_fingerprint(user) != sess.fingerprint:  # removed, new role or password
-            cfg.sessions.destroy(token)
-            sess = None
+    sess = cfg.valid_session(token, touch=not background)
     if sess is None:
         if _is_api(request) or unsafe:
             return web.json_response({"error": "authentication required"}, status=401,

@@ -9,6 +9,7 @@ URLs carry only the alert id (a hash) and an opaque patient reference (HMAC of t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import secrets
@@ -34,7 +35,7 @@ PUBLISH_KEY = web.AppKey("inbox_publish", object)  # async callable(AlertAction)
 STATUS_KEY = web.AppKey("inbox_status", dict)
 
 MAX_SILENCE = timedelta(days=7)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would accept a trailing newline (review I1)
 _REF_RE = re.compile(r"^p-[0-9a-f]{24}$")
 ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "Escalate", "resolve": "Resolve",
                  "silence": "Silence"}
@@ -244,7 +245,7 @@ def _history_rows(d: dict) -> str:
     for h in reversed(d["history"]):
         change = ""
         if h.get("from_status") or h.get("to_status"):
-            change = f"{h.get('from_status') or ''} &rarr; {_e(h.get('to_status') or '')}"
+            change = f"{_e(h.get('from_status') or '')} &rarr; {_e(h.get('to_status') or '')}"
         rows.append(f"<tr><td>{_e(_fmt_time(h['at']))}</td><td>{_e(h['action'])}</td><td>{_e(h['by'])}"
                     f"{' (' + _e(h['role']) + ')' if h.get('role') else ''}</td><td>{change}</td>"
                     f"<td>{_e(h.get('severity'))}</td><td>{_e(h.get('note'))}</td></tr>")
@@ -412,7 +413,7 @@ async def api_action(request: web.Request) -> web.StreamResponse:
         body: dict[str, Any] = dict(await request.post()) if is_form else await request.json()
         if not isinstance(body, dict):
             raise ValueError
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, json.JSONDecodeError, RecursionError):  # RecursionError: deeply nested JSON (L5)
         return _bad(request, 400, "expected a JSON object", is_form)
     try:
         kind = ActionKind(str(body.get("action", "")))
@@ -467,8 +468,30 @@ async def api_admin_status(request: web.Request) -> web.Response:
 async def api_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``alert`` (a changed alert's summary), ``pending``, ``resync``."""
     cfg = request.app[AUTH_KEY]
-    token = request.cookies.get(cfg.session_cookie)
+    token = request.cookies.get(cfg.session_cookie) or ""
     store = request.app[STORE_KEY]
+    streams = request.app[STREAMS_KEY]
+    key = hashlib.sha256(token.encode()).hexdigest()
+    if streams.get(key, 0) >= MAX_STREAMS_PER_SESSION:  # review L5: bounded subscriptions per session
+        return web.json_response({"error": "too many live streams for this session"}, status=429,
+                                 headers={"Retry-After": "5"})
+    streams[key] = streams.get(key, 0) + 1
+    try:
+        return await _stream(request, cfg, token, store)
+    finally:
+        left = streams.get(key, 1) - 1
+        if left > 0:
+            streams[key] = left
+        else:
+            streams.pop(key, None)
+
+
+#: live event streams one session may hold at once (a few tabs)
+MAX_STREAMS_PER_SESSION = 4
+STREAMS_KEY = web.AppKey("inbox_streams", dict)
+
+
+async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
     await resp.prepare(request)
@@ -479,14 +502,14 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
             try:
                 msg = await asyncio.wait_for(q.get(), timeout=15.0)
             except asyncio.TimeoutError:
-                if cfg.sessions.get(token, touch=False) is None:
+                if cfg.valid_session(token, touch=False) is None:
                     await resp.write(b"event: logout\ndata: {}\n\n")
                     break
                 await resp.write(b": keepalive\n\n")
                 continue
             if msg.get("type") == "shutdown":
                 break
-            if cfg.sessions.get(token, touch=False) is None:
+            if cfg.valid_session(token, touch=False) is None:
                 await resp.write(b"event: logout\ndata: {}\n\n")
                 break
             data = json.dumps(msg, separators=(",", ":"))

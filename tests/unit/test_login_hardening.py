@@ -185,3 +185,28 @@ def test_one_account_cannot_evict_everyone_elses_sessions():
     for _ in range(200):
         s.create(nurse)
     assert s.get(tok) is not None and len(s) == 4
+
+
+async def test_live_streams_per_session_are_bounded(store):  # noqa: F811  (review L5)
+    from monitor.inbox.views import MAX_STREAMS_PER_SESSION
+
+    client = await make_client(store, users=directory())
+    streams = []
+    try:
+        assert await attempt(client, "nurse1", PW["nurse1"]) == 303
+        for _ in range(MAX_STREAMS_PER_SESSION):
+            r = await client.get("/api/stream")
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")
+            streams.append(r)
+        assert (await client.get("/api/stream")).status == 429
+        streams.pop().close()
+        await asyncio.sleep(0.2)
+        r = await client.get("/api/stream")
+        assert r.status == 200
+        streams.append(r)
+    finally:
+        for r in streams:
+            r.close()
+        await client.close()
+

@@ -35,7 +35,7 @@ kafka-stop:
 kafka-reset:
 	deploy/local/kafka.sh reset
 
-worker: kafka
+worker: kafka  # needs PSEUDONYM_SECRET (32+ random characters; README "Security")
 	$(VENV)/bin/monitor worker
 
 schema: deps

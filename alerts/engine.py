@@ -35,6 +35,7 @@ Clock-driven findings (``check_schedule``, called from a timer):
 from __future__ import annotations
 
 import hashlib
+import hmac
 from datetime import datetime
 from typing import Iterable, Mapping
 
@@ -62,9 +63,12 @@ OVERDUE_RULE = "schedule.overdue"
 _EMPTY: frozenset = frozenset()
 
 
-def finding_id(patient_id: str, rule_id: str, dedupe_key: str, state: str, rank: int, grade, ids: str) -> str:
+def finding_id(patient_id: str, rule_id: str, dedupe_key: str, state: str, rank: int, grade, ids: str,
+               key: bytes = b"") -> str:
+    """Keyed (HMAC-SHA256 under ``key``, the deployment's pseudonym secret) so the id
+    is no plain hash of the patient id (review H2); ``Engine.id_key`` is set by the wiring."""
     raw = f"{patient_id}\x1f{rule_id}\x1f{dedupe_key}\x1f{state}\x1f{rank}\x1f{grade}\x1f{ids}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return hmac.new(key, raw.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class Engine:
@@ -74,6 +78,9 @@ class Engine:
     ``None`` for the shipped defaults. The patient's product (from the dose event) picks
     the protocol.
     """
+
+    #: HMAC key of finding ids (the worker sets it from PSEUDONYM_SECRET; see finding_id)
+    id_key: bytes = b""
 
     def __init__(self, protocols: Protocol | Iterable[Protocol] | Mapping[str, Protocol] | None = None) -> None:
         if protocols is None:
@@ -324,7 +331,7 @@ class Engine:
             basis_ids = ids + "|" + " ".join(sorted(f"{x.observation_id}={x.value}" for x in evidence))
         else:
             basis_ids = ids + "|" + " ".join(sorted(x.observation_id or "" for x in evidence))
-        fid = finding_id(state.patient_id, rule.id, dedupe, st, rank, grade or 0, basis_ids)
+        fid = finding_id(state.patient_id, rule.id, dedupe, st, rank, grade or 0, basis_ids, self.id_key)
         return Finding(
             finding_id=fid,
             patient_id=state.patient_id,

@@ -383,7 +383,8 @@ def _text_of(finding: Finding) -> AlertText:
 def _open(book: AlertBook, ks: KeyState, finding: Finding, severity: Severity, now: datetime,
           txn: _Txn, config: LifecycleConfig) -> Alert:
     ks.episode += 1
-    alert_id = make_alert_id(book.patient_id, finding.rule_id, finding.dedupe_key, ks.episode)
+    alert_id = make_alert_id(book.patient_id, finding.rule_id, finding.dedupe_key, ks.episode,
+                             key=config.pseudonym_secret)
     route, route_note = config.route_for(finding.route)
     alert = Alert(
         alert_id=alert_id, patient_id=book.patient_id, rule_id=finding.rule_id,

@@ -36,6 +36,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+BENCH_WEBHOOK_SECRET = "bench-webhook-" + "fedcba9876543210" * 2
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
@@ -46,9 +49,10 @@ def main() -> int:
     admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
     admin.create_topics([NewTopic(t, 3, 1) for t in topics.values()])
     receipts: dict[str, float] = {}
-    with WebhookReceiver(secret="bench") as hook:
+    with WebhookReceiver(secret=BENCH_WEBHOOK_SECRET) as hook:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": args.bootstrap, "MONITOR_APP_ID": prefix,
-               "WEB_PORT": str(free_port()), "WEBHOOK_URL": hook.url, "WEBHOOK_SECRET": "bench", "LOG_LEVEL": "WARNING"}
+               "WEB_PORT": str(free_port()), "WEBHOOK_URL": hook.url, "WEBHOOK_SECRET": BENCH_WEBHOOK_SECRET, "LOG_LEVEL": "WARNING",
+               "PSEUDONYM_SECRET": "bench-pseudonym-" + "0123456789abcdef" * 2}
         env.update({var: topics[short] for var, short in SERVICE_TOPICS.items()})
         proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "worker", "--loglevel", "WARNING"], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -64,7 +64,8 @@ def main() -> int:
     print(f"published {args.events} events in {time.perf_counter() - t0:.1f}s")
 
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": args.bootstrap, "MONITOR_APP_ID": prefix,
-           "WEB_PORT": str(free_port()), "TOPIC_PARTITIONS": str(args.partitions), "LOG_LEVEL": "WARNING"}
+           "WEB_PORT": str(free_port()), "TOPIC_PARTITIONS": str(args.partitions), "LOG_LEVEL": "WARNING",
+           "PSEUDONYM_SECRET": "bench-pseudonym-" + "0123456789abcdef" * 2}
     env.update({var: topics[short] for var, short in SERVICE_TOPICS.items()})
     consumer = KafkaConsumer(topics["observations"], bootstrap_servers=args.bootstrap, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=500)

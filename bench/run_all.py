@@ -186,6 +186,9 @@ def wait_ready(children: list[Child], urls: list[str], timeout: float) -> float:
     return time.monotonic() - t0
 
 
+BENCH_PSEUDONYM_SECRET = "bench-pseudonym-" + "0123456789abcdef" * 2
+
+
 def service_env(run: Run, app_id: str, topics: dict[str, str], workdir: Path) -> dict[str, str]:
     env = {var: topics[short] for var, short in SERVICE_TOPICS.items()}
     env.update({
@@ -194,6 +197,8 @@ def service_env(run: Run, app_id: str, topics: dict[str, str], workdir: Path) ->
         "DATA_DIR": str(workdir), "LOG_LEVEL": "WARNING",
         # no delivery sinks: alerts end on the alerts topic
         "ALERTMANAGER_URL": "", "WEBHOOK_URL": "",
+        # the worker refuses to start without its secret (README "Security")
+        "PSEUDONYM_SECRET": BENCH_PSEUDONYM_SECRET,
     })
     return env
 

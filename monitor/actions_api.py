@@ -67,6 +67,19 @@ __all__ = ["ActionsAPI", "API", "find_alert", "actions_topic"]
 
 REALM = 'Basic realm="sma-monitor actions", charset="UTF-8"'
 DISABLED = "actions API disabled: no users configured"
+EXPOSED = ("actions API disabled: the worker's port is not bound to loopback and Basic auth must not cross "
+           "the network in cleartext; act through the inbox (or set ACTIONS_API_ALLOW_EXPOSED=true behind TLS)")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 MAX_BODY_BYTES = 16 * 1024
 MAX_REASON_CHARS = 2000
 PUBLISH_TIMEOUT_SECONDS = 15.0
@@ -185,13 +198,15 @@ class ActionsAPI:
     async def authenticate(self, request: Request) -> User:
         if not self.users.configured:
             raise ApiError(503, DISABLED)
+        if not (_loopback(settings.web_host) or settings.actions_api_allow_exposed):
+            raise ApiError(503, EXPOSED)
         directory = self.users.directory()
         creds = _basic_credentials(request.headers.get("Authorization"))
         if creds is None:
             raise ApiError(401, "authentication required", {"WWW-Authenticate": REALM})
         username, password = creds
         address = request.remote or "unknown"
-        wait = self.throttle.retry_after(username, address)
+        wait = self.throttle.begin(username, address)  # counted before verification (review M1)
         if wait > 0:
             raise ApiError(429, "too many failed logins; try again later", {"Retry-After": str(int(wait) + 1)})
         key = hmac.new(self._cache_key, f"{username}\x00{password}".encode("utf-8"), hashlib.sha256).digest()
@@ -200,11 +215,11 @@ class ActionsAPI:
         if hit is not None and hit[1] > now and hit[2] == self.users.generation:
             user = directory.get(username)
             if user is not None and user == hit[0]:
+                self.throttle.success(username, address)  # take back the attempt begin() counted
                 return user
         async with self._verify_slots:  # scrypt is CPU-bound: off the event loop, bounded
             user = await asyncio.get_running_loop().run_in_executor(None, directory.authenticate, username, password)
-        if user is None:
-            self.throttle.failure(username, address)
+        if user is None:  # the failure was counted by begin()
             log.warning("actions API: failed login from %s", address)
             raise ApiError(401, "invalid credentials", {"WWW-Authenticate": REALM})
         self.throttle.success(username, address)

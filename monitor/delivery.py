@@ -82,7 +82,7 @@ class DeliveryService:
         if s.alertmanager_url:
             yield AlertmanagerSink(s.alertmanager_url, include_patient_id=s.notify_include_patient_id)
         if s.webhook_url:
-            yield WebhookSink(s.webhook_url, s.webhook_secret or s.pseudonym_secret,
+            yield WebhookSink(s.webhook_url, s.webhook_secret,
                               include_patient_id=s.notify_include_patient_id)
 
     def _on_delivered(self, sink: str, alert: Alert, attempts: int, latency: float) -> None:

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     inbox_port = int(os.environ.get("INBOX_PORT", "6067"))
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers, "TICK_INTERVAL_SECONDS": "5",
            "INBOX_USERS_FILE": str(STATE / "users.json"), "INBOX_PORT": str(inbox_port),
-           "INBOX_SECRET": secrets.token_hex(16)}
+           # the demo generates its own secrets (the services refuse to start without them)
+           "INBOX_SECRET": secrets.token_hex(32), "PSEUDONYM_SECRET": secrets.token_hex(32)}
+    if env.get("WEBHOOK_URL") and not env.get("WEBHOOK_SECRET"):
+        env["WEBHOOK_SECRET"] = secrets.token_hex(32)
     worker = _spawn("worker", [sys.executable, "-m", "monitor.cli", "worker"], env)
     inbox = _spawn("inbox", [sys.executable, "-m", "monitor.cli", "inbox", "serve"], env)
     t0 = time.monotonic()

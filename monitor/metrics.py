@@ -52,6 +52,20 @@ SINK_FAILURES = Counter(
 SINK_PENDING = Gauge(
     "monitor_sink_pending", "Alert versions waiting for delivery per sink",
     ["sink"], registry=REGISTRY)
+MLLP_CONNECTIONS = Gauge(
+    "monitor_mllp_connections", "Open MLLP connections (this listener)",
+    registry=REGISTRY)
+MLLP_REFUSED = Counter(
+    "monitor_mllp_connections_refused_total",
+    "MLLP connections closed at accept: over the connection cap, over the per-peer cap, or not on the allow-list",
+    ["reason"], registry=REGISTRY)
+MLLP_CLOSED = Counter(
+    "monitor_mllp_connections_closed_total",
+    "MLLP connections closed by the listener or the peer, by why (eof, idle_timeout, frame_timeout, error)",
+    ["reason"], registry=REGISTRY)
+MLLP_MESSAGES = Counter(
+    "monitor_mllp_messages_total", "MLLP frames answered, by acknowledgement code (AA, AE, AR)",
+    ["ack"], registry=REGISTRY)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)

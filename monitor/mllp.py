@@ -21,15 +21,34 @@ Frames larger than ``max_message_bytes`` are drained, their first
 ``max_message_bytes`` bytes go to dead-letter (``payload_too_large``) and the answer
 is AE. A connection that closes mid-frame gets no answer (the sender retries).
 No patient identifier is logged at INFO or above.
+
+Hardening (security review M3; figures in ``bench/bench_hostile_hl7.py``):
+
+* at most ``max_connections`` open connections and ``max_connections_per_peer`` per
+  peer address; more are closed at accept (``monitor_mllp_connections_refused_total``);
+* an optional allow-list of peer networks (``MLLP_ALLOWED_PEERS``, CIDRs);
+* optional TLS (``MLLP_TLS_CERT``/``MLLP_TLS_KEY``) and mutual TLS
+  (``MLLP_TLS_CLIENT_CA``: a client certificate signed by that CA is required);
+* a whole-frame deadline (``frame_timeout``, from the first byte of a frame to its end
+  block, so trickling one byte at a time does not keep a frame open) and an idle
+  timeout between frames;
+* linear framing: the end block is searched for only in bytes not scanned before;
+* HL7 parsing is bounded (``schemas.hl7v2.Hl7Limits``) and the ACK reads the MSH
+  segment only, so one hostile frame costs well under a millisecond of the loop.
+
+The CLI refuses to listen on a non-loopback address without TLS or an allow-list.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable
@@ -38,6 +57,7 @@ from schemas.errors import Reason, Rejected
 from schemas.hl7v2 import build_ack
 from schemas.ingest import DEFAULT_LIMITS, LAB_RESULTS, Limits, decode, detect_format
 
+from . import metrics as m
 from .dlq import dead_letter_headers
 from .kafka_config import aiokafka_config
 from .settings import get_settings
@@ -52,6 +72,42 @@ SOURCE_TOPIC = "mllp"
 
 class BrokerUnavailable(Exception):
     """The write was not acknowledged by the broker."""
+
+
+class FrameTimeout(Exception):
+    """A frame was not complete within ``frame_timeout`` of its first byte."""
+
+
+def parse_networks(spec: str | list[str] | None) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
+    """``"10.1.0.0/16, 127.0.0.1"`` -> networks; empty -> ``None`` (no allow-list)."""
+    if not spec:
+        return None
+    items = spec.split(",") if isinstance(spec, str) else spec
+    nets = [ipaddress.ip_network(x.strip(), strict=False) for x in items if x.strip()]
+    return nets or None
+
+
+def peer_allowed(host: str | None, networks) -> bool:
+    if networks is None:
+        return True
+    try:
+        ip = ipaddress.ip_address((host or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def server_ssl_context(cert: str, key: str | None = None, client_ca: str | None = None) -> ssl.SSLContext:
+    """TLS for the listener; with ``client_ca`` the peer must present a certificate it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 # ---------------------------------------------------------------- Kafka sink
@@ -177,7 +233,12 @@ class MllpServer:
         limits: Limits = DEFAULT_LIMITS,
         default_tz: tzinfo | None = None,
         owns_sink: bool = True,
-        idle_timeout: float | None = 600.0,
+        idle_timeout: float | None = 300.0,
+        frame_timeout: float | None = 30.0,
+        max_connections: int = 64,
+        max_connections_per_peer: int = 16,
+        allowed_peers=None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.sink = sink
         self.observations_topic = observations_topic
@@ -187,13 +248,22 @@ class MllpServer:
         self.default_tz = default_tz
         self.owns_sink = owns_sink
         self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.allowed_peers = parse_networks(allowed_peers) if isinstance(allowed_peers, (str, list)) else allowed_peers
+        self.ssl_context = ssl_context
         self.stats = Stats()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        self._per_peer: dict[str, int] = {}
 
     # -- lifecycle
     async def start(self, host: str, port: int) -> "MllpServer":
-        self._server = await asyncio.start_server(self._on_connection, host, port)
+        kw: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            kw = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.frame_timeout or 30.0}
+        self._server = await asyncio.start_server(self._on_connection, host, port, **kw)
         return self
 
     @property
@@ -225,11 +295,34 @@ class MllpServer:
         await self._server.serve_forever()
 
     # -- connections
+    def _refuse(self, peer: str) -> str | None:
+        if not peer_allowed(peer, self.allowed_peers):
+            return "not_allowed"
+        if len(self._connections) >= self.max_connections:
+            return "connection_cap"
+        if self._per_peer.get(peer, 0) >= self.max_connections_per_peer:
+            return "peer_cap"
+        return None
+
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
+        refused = self._refuse(peer)
+        if refused is not None:
+            m.MLLP_REFUSED.labels(reason=refused).inc()
+            log.warning("mllp: connection refused (%s)", refused)
+            try:
+                writer.close()
+            except Exception:
+                pass
+            return
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        m.MLLP_CONNECTIONS.set(len(self._connections))
         buf = bytearray()
+        why = "eof"
         try:
             while True:
                 frame = await self._read_frame(reader, buf)
@@ -239,25 +332,47 @@ class MllpServer:
                 ack = await self.handle(raw, oversized_len=oversized_len)
                 writer.write(START_BLOCK + ack + END_FRAME)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            why = "error"
+        except FrameTimeout:
+            why = "frame_timeout"
+            log.info("mllp: closing a connection whose frame took longer than %ss", self.frame_timeout)
         except asyncio.TimeoutError:
+            why = "idle_timeout"
             log.info("mllp: closing idle connection")
         except asyncio.CancelledError:
-            pass
+            why = "shutdown"
         except Exception:
+            why = "error"
             log.exception("mllp: connection handler failed")
         finally:
+            m.MLLP_CLOSED.labels(reason=why).inc()
             if task is not None:
                 self._connections.discard(task)
+            left = self._per_peer.get(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
+            m.MLLP_CONNECTIONS.set(len(self._connections))
             try:
                 writer.close()
             except Exception:
                 pass
 
-    async def _chunk(self, reader: asyncio.StreamReader) -> bytes:
+    async def _chunk(self, reader: asyncio.StreamReader, frame_deadline: float | None = None) -> bytes:
+        timeout = self.idle_timeout
+        if frame_deadline is not None:
+            left = frame_deadline - time.monotonic()
+            if left <= 0:
+                raise FrameTimeout()
+            if timeout is None or left < timeout:
+                try:
+                    return await asyncio.wait_for(reader.read(65536), left)
+                except asyncio.TimeoutError:
+                    raise FrameTimeout() from None
         read = reader.read(65536)
-        return await (asyncio.wait_for(read, self.idle_timeout) if self.idle_timeout else read)
+        return await (asyncio.wait_for(read, timeout) if timeout else read)
 
     async def _read_frame(self, reader: asyncio.StreamReader, buf: bytearray) -> tuple[bytes, int | None] | None:
         """Next frame's payload (framing removed), or None at EOF.
@@ -268,8 +383,17 @@ class MllpServer:
         limit = self.max_message_bytes + 1  # payload plus the start block
         kept: bytearray | None = None
         total = 0
+        scan = 0  # bytes before this offset hold no END_FRAME: never rescanned (linear)
+        deadline: float | None = None
         while True:
-            end = buf.find(END_FRAME)
+            if deadline is None:
+                # whitespace between frames does not start a frame (or its deadline)
+                if buf[:1].isspace():
+                    stripped = buf.lstrip()
+                    buf[:] = stripped
+                if buf and self.frame_timeout is not None:
+                    deadline = time.monotonic() + self.frame_timeout
+            end = buf.find(END_FRAME, scan)
             if end != -1:
                 block = bytes(buf[:end])
                 del buf[: end + len(END_FRAME)]
@@ -293,7 +417,8 @@ class MllpServer:
                 if len(kept) < limit:
                     kept += buf[: min(cut, limit - len(kept))]
                 del buf[:cut]
-            chunk = await self._chunk(reader)
+            scan = max(0, len(buf) - len(END_FRAME) + 1)
+            chunk = await self._chunk(reader, deadline)
             if not chunk:
                 if buf.strip() or kept:
                     log.warning("mllp: connection closed inside a frame; not acknowledged")
@@ -303,6 +428,12 @@ class MllpServer:
     # -- one message
     async def handle(self, raw: bytes, *, oversized_len: int | None = None) -> bytes:
         """Process one message payload and return the ACK bytes (unframed)."""
+        ack = await self._handle(raw, oversized_len=oversized_len)
+        code = ack[ack.find(b"MSA|") + 4 : ack.find(b"MSA|") + 6].decode("ascii", "replace")
+        m.MLLP_MESSAGES.labels(ack=code if code in ("AA", "AE", "AR") else "other").inc()
+        return ack
+
+    async def _handle(self, raw: bytes, *, oversized_len: int | None = None) -> bytes:
         self.stats.messages += 1
         received_at = datetime.now(timezone.utc)
         try:
@@ -384,8 +515,13 @@ async def serve_mllp(
     send_timeout: float = 10.0,
     limits: Limits = DEFAULT_LIMITS,
     default_tz: tzinfo | None = None,
-    idle_timeout: float | None = 600.0,
+    idle_timeout: float | None = 300.0,
     client_config: dict[str, Any] | None = None,
+    frame_timeout: float | None = 30.0,
+    max_connections: int = 64,
+    max_connections_per_peer: int = 16,
+    allowed_peers=None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> MllpServer:
     """Start the listener (port 0 picks a free port: see ``server.port``).
 
@@ -402,6 +538,11 @@ async def serve_mllp(
         limits=limits,
         default_tz=default_tz,
         idle_timeout=idle_timeout,
+        frame_timeout=frame_timeout,
+        max_connections=max_connections,
+        max_connections_per_peer=max_connections_per_peer,
+        allowed_peers=allowed_peers,
+        ssl_context=ssl_context,
     )
     return await server.start(host, port)
 
@@ -424,8 +565,43 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="IANA zone applied to HL7 timestamps without offset (default: reject them)",
     )
+    env = os.environ.get
+    p.add_argument("--max-connections", type=int, default=int(env("MLLP_MAX_CONNECTIONS", 64)))
+    p.add_argument("--max-connections-per-peer", type=int, default=int(env("MLLP_MAX_CONNECTIONS_PER_PEER", 16)))
+    p.add_argument("--frame-timeout", type=float, default=float(env("MLLP_FRAME_TIMEOUT_SECONDS", 30)),
+                   help="seconds from a frame's first byte to its end block")
+    p.add_argument("--idle-timeout", type=float, default=float(env("MLLP_IDLE_TIMEOUT_SECONDS", 300)),
+                   help="seconds without a byte between frames before the connection is closed")
+    p.add_argument("--allowed-peers", default=env("MLLP_ALLOWED_PEERS", ""),
+                   help="comma-separated networks (CIDR) allowed to connect; empty = any")
+    p.add_argument("--tls-cert", default=env("MLLP_TLS_CERT", ""), help="PEM certificate (chain): serve MLLP over TLS")
+    p.add_argument("--tls-key", default=env("MLLP_TLS_KEY", ""), help="PEM private key (if not in --tls-cert)")
+    p.add_argument("--tls-client-ca", default=env("MLLP_TLS_CLIENT_CA", ""),
+                   help="PEM CA bundle: require a client certificate it signed (mutual TLS)")
+    p.add_argument("--metrics-port", type=int, default=int(env("MLLP_METRICS_PORT", 0)),
+                   help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--metrics-host", default=env("MLLP_METRICS_HOST", "127.0.0.1"))
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, tls: bool, allowed_peers) -> str | None:
+    """Why the listener must not start (None = fine): a non-loopback bind accepts
+    results for any patient from anything that reaches the port, so it needs TLS
+    (``MLLP_TLS_CERT``) or an allow-list (``MLLP_ALLOWED_PEERS``)."""
+    if _is_loopback(host) or tls or allowed_peers:
+        return None
+    return (f"refusing to listen on {host}: set MLLP_TLS_CERT (with MLLP_TLS_CLIENT_CA for mutual TLS) "
+            "or MLLP_ALLOWED_PEERS, or bind to 127.0.0.1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,12 +612,30 @@ def main(argv: list[str] | None = None) -> int:
         from zoneinfo import ZoneInfo
 
         tz = ZoneInfo(args.default_tz)
+    from .settings import secret_problems
+
+    for problem in secret_problems("mllp", get_settings()):
+        print(f"monitor mllp: refusing to start: {problem}", file=sys.stderr)
+        return 2
+    allowed = parse_networks(args.allowed_peers)
+    problem = check_exposure(args.host, bool(args.tls_cert), allowed)
+    if problem:
+        print(f"monitor mllp: {problem}", file=sys.stderr)
+        return 2
+    ctx = server_ssl_context(args.tls_cert, args.tls_key or None, args.tls_client_ca or None) if args.tls_cert else None
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=m.REGISTRY)
 
     async def run() -> None:
         server = await serve_mllp(
             args.host, args.port, bootstrap=args.bootstrap, observations_topic=args.observations_topic,
             dead_letter_topic=args.dead_letter_topic, max_message_bytes=args.max_message_bytes,
             send_timeout=args.send_timeout, default_tz=tz, client_config=aiokafka_config(get_settings()),
+            frame_timeout=args.frame_timeout or None, idle_timeout=args.idle_timeout or None,
+            max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
+            allowed_peers=allowed, ssl_context=ctx,
         )
         log.info("mllp: listening on %s:%d", args.host, server.port)
         stop = asyncio.Event()

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: str | None = None
     kafka_sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = Field(default=None, repr=False)
+    kafka_sasl_password: str | None = Field(default=None, repr=False, exclude=True)
 
     #: consumer-group session timeout: how soon a crashed worker's partitions move
     kafka_session_timeout_seconds: float = 10.0
@@ -64,13 +64,17 @@ class Settings(BaseSettings):
     # alert delivery sinks (empty URL = sink off)
     alertmanager_url: str = ""
     webhook_url: str = ""
-    webhook_secret: str = Field(default="", repr=False)
-    #: secret for pseudonymous alert references in third-party notifications
-    pseudonym_secret: str = Field(default="change-me-pseudonym-secret", repr=False)
+    webhook_secret: str = Field(default="", repr=False, exclude=True)
+    #: key of the alert ids and pseudonymous alert references (HMAC); required, >= 32 characters,
+    #: no default (``require_secrets`` refuses to start without it)
+    pseudonym_secret: str = Field(default="", repr=False, exclude=True)
     #: include the patient id in third-party notifications (off by default)
     notify_include_patient_id: bool = False
     #: users for the actions API and the inbox (YAML: username -> {password_hash, role})
     inbox_users_file: str = ""
+    #: serve the worker's actions API (HTTP Basic) on a non-loopback WEB_HOST: only behind TLS
+    #: (review M7); by default it answers 503 there and people act through the inbox
+    actions_api_allow_exposed: bool = False
 
     # clocks
     tick_interval_seconds: float = 30.0
@@ -81,3 +85,64 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# --------------------------------------------------------------------------- secrets
+#
+# No silent secrets (security review H2/H3): a component refuses to start, naming the
+# variable, when a secret it needs is missing, shorter than MIN_SECRET_CHARS, or a
+# value printed in this repository (previous defaults, documentation placeholders).
+
+MIN_SECRET_CHARS = 32
+KNOWN_DEFAULTS = frozenset({
+    "change-me-pseudonym-secret", "dev-only-pseudonym-secret", "change-me", "changeme", "admin", "secret",
+    "password", "pseudo-secret", "test-secret", "webhook-secret",
+})
+
+
+def secret_problem(name: str, value: str | None) -> str | None:
+    """Why ``value`` is not acceptable as the secret ``name`` (None = fine)."""
+    v = (value or "").strip()
+    if not v:
+        return f"{name} is not set (generate one: python -c 'import secrets; print(secrets.token_hex(32))')"
+    if v.lower() in KNOWN_DEFAULTS or v.lower().startswith("change-me"):
+        return f"{name} is a known default value; set a random secret"
+    if len(v) < MIN_SECRET_CHARS:
+        return f"{name} is shorter than {MIN_SECRET_CHARS} characters"
+    return None
+
+
+def secret_problems(component: str, s: Settings, env: dict[str, str] | None = None) -> list[str]:
+    """Every missing or default secret ``component`` (worker, inbox, mllp) needs."""
+    import os
+
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def check(name: str, value: str | None) -> None:
+        p = secret_problem(name, value)
+        if p:
+            problems.append(p)
+
+    if component == "worker":
+        check("PSEUDONYM_SECRET", s.pseudonym_secret)
+        if s.webhook_url.strip():
+            check("WEBHOOK_SECRET", s.webhook_secret)
+            if s.webhook_secret and s.webhook_secret == s.pseudonym_secret:
+                problems.append("WEBHOOK_SECRET must differ from PSEUDONYM_SECRET (the receiver holds it)")
+    if component == "inbox":
+        check("INBOX_SECRET", env.get("INBOX_SECRET"))
+    if (s.kafka_sasl_mechanism or "").strip() and not (s.kafka_sasl_password or "").strip():
+        problems.append("KAFKA_SASL_PASSWORD is not set while KAFKA_SASL_MECHANISM is")
+    return problems
+
+
+def require_secrets(component: str, s: Settings | None = None) -> None:
+    """Exit with status 2, naming each variable, when a needed secret is missing or a default."""
+    import sys
+
+    problems = secret_problems(component, s or get_settings())
+    if problems:
+        for p in problems:
+            print(f"monitor {component}: refusing to start: {p}", file=sys.stderr)
+        raise SystemExit(2)

@@ -35,17 +35,28 @@ OPEN_STATUSES = frozenset({AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED})
 CLOSED_STATUSES = frozenset({AlertStatus.RESOLVED, AlertStatus.RETRACTED})
 
 
-def make_alert_id(patient_id: str, rule_id: str, dedupe_key: str, episode: int) -> str:
-    """Deterministic alert id: 32 hex chars of sha256(patient, rule, dedupe key, episode)."""
-    raw = "\x1f".join([patient_id, rule_id, dedupe_key or "", str(int(episode))])
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+def make_alert_id(patient_id: str, rule_id: str, dedupe_key: str, episode: int, *, key: bytes | str) -> str:
+    """Deterministic, KEYED alert id: 32 hex chars of HMAC-SHA256(key, patient, rule, dedupe key, episode).
+
+    The id leaves the service (webhook body, ``Idempotency-Key``, inbox URLs, logs), so it
+    must not be a plain hash of the patient id: an MRN space is small enough to brute-force
+    (security review H2). Keyed with the deployment's pseudonym secret, it reveals nothing
+    without that secret. The caller passes the key in; nothing here reads the environment.
+    Same key, same inputs, same id: replays stay idempotent.
+
+    Ids of alerts opened before keying (plain sha256) are kept as stored: they are never
+    recomputed, so existing alerts keep working; new episodes get keyed ids.
+    """
+    k = key.encode("utf-8") if isinstance(key, str) else key
+    raw = "\x1f".join(["alert-id", patient_id, rule_id, dedupe_key or "", str(int(episode))])
+    return hmac.new(k, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 def make_pseudonym(alert_id: str, secret: bytes | str, length: int = 12) -> str:
     """Short pseudonymous reference: HMAC-SHA256(secret, alert_id), hex, ``length`` chars.
 
-    Without the secret it cannot be linked back to the alert id (and the alert id is itself
-    a hash, so neither reveals the patient id).
+    Without the secret it cannot be linked back to the alert id, and the alert id is
+    itself keyed (:func:`make_alert_id`), so neither reveals the patient id.
     """
     key = secret.encode("utf-8") if isinstance(secret, str) else secret
     return "a-" + hmac.new(key, alert_id.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
@@ -155,6 +166,9 @@ class Alert(BaseModel):
             for h in data.get("history") or []:
                 if h.get("note"):
                     h["note"] = "[note withheld]"
+            # free text typed by a person (review M4): may name the patient
+            if data.get("silence_reason"):
+                data["silence_reason"] = "[reason withheld]"
         return data
 
 

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     HL7_NO_PATIENT = "hl7_no_patient"
     HL7_BAD_VALUE = "hl7_bad_value"
     HL7_NOT_LOINC = "hl7_not_loinc"
+    TOO_COMPLEX = "too_complex"
     CENSORED_VALUE = "censored_value"
     ACTION_INVALID = "action_invalid"
     ACTION_FORBIDDEN = "action_forbidden"

@@ -168,6 +168,8 @@ def _bundle(obj: dict, received_at: datetime, limits, source: str | None) -> Fhi
     if btype not in BUNDLE_TYPES:
         raise Rejected(Reason.FHIR_INVALID, f"unsupported Bundle type {str(btype)[:40]!r}")
     entries = obj.get("entry") or []
+    if isinstance(entries, list) and len(entries) > limits.max_bundle_entries:  # bounded work (review H1)
+        raise Rejected(Reason.TOO_COMPLEX, f"Bundle has {len(entries)} entries, more than {limits.max_bundle_entries}")
     if isinstance(entries, list):
         for i, e in enumerate(entries):
             if isinstance(e, dict) and isinstance(e.get("resource"), dict):

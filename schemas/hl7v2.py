@@ -131,53 +131,145 @@ def normalise(text: str) -> str:
     return "\r".join(segments) + "\r" if segments else ""
 
 
-def _part(seg, f: int, r: int = 1, c: int = 1, s: int = 1) -> str:
-    """Field ``f``, repetition ``r``, component ``c``, sub-component ``s`` as text ('' if absent)."""
-    try:
-        x = seg[f]
-    except IndexError:
-        return ""
-    for idx in (r, c, s):
-        if isinstance(x, str):
-            return x.strip() if idx == 1 else ""
-        try:
-            x = x[idx - 1]
-        except IndexError:
-            return ""
-    return (x if isinstance(x, str) else str(x)).strip()
+# ---------------------------------------------------------------- bounded structural parsing
+#
+# A hostile message must cost little (security review H1: the ``hl7`` package splits
+# every field into repetitions, components and sub-components up front; a 1 MiB
+# ``NTE|1|^&~^&~...`` took ~5 s and ~450 MiB). Here the structure is checked with
+# ``str.count`` (C speed, no allocation) BEFORE anything is split: the character cap,
+# the number of segments, and per segment the number of fields, repetitions,
+# components and sub-components (``Hl7Limits``). A message over any of them is
+# rejected with ``payload_too_large`` or ``too_complex`` and a reason naming the
+# limit. Segments are then split into fields only; a field is split into its
+# repetitions / components / sub-components only when it is read (``_part``), with a
+# bounded ``maxsplit``. Unread segments (NTE, Z-segments...) are never split.
 
 
-def _field(seg, f: int) -> str:
-    try:
-        return str(seg[f]).strip()
-    except IndexError:
-        return ""
+@dataclass(frozen=True)
+class Hl7Limits:
+    """Structural bounds for one HL7 v2 message (generous for a real ORU^R01)."""
+
+    max_chars: int = 262_144          # 256 KiB: a large ORU is a few KiB; embedded PDFs are not read here
+    max_segments: int = 2_000
+    max_fields: int = 256             # per segment
+    max_repetitions: int = 64         # per segment (all its fields together)
+    max_components: int = 512         # per segment
+    max_subcomponents: int = 256      # per segment
 
 
-def _repetitions(seg, f: int) -> int:
-    try:
-        x = seg[f]
-    except IndexError:
-        return 0
-    if isinstance(x, str):
-        return 1 if x else 0
-    # hl7.Field holds repetitions
-    return len(x)
+DEFAULT_HL7_LIMITS = Hl7Limits()
+_DEFAULT_SEPS = ("|", "^", "~", "&")
 
 
-def parse_message(text: str):
-    """Normalise and parse with the ``hl7`` package. Raises ``Rejected(HL7_INVALID)``."""
-    import hl7
+class Segment:
+    """One segment split into fields; ``fields[0]`` is the segment name.
 
+    For MSH, ``fields[1]`` is the field separator and ``fields[2]`` the encoding
+    characters, so ``fields[n]`` is MSH-n as in the standard (and the ``hl7`` package).
+    """
+
+    __slots__ = ("fields", "seps")
+
+    def __init__(self, fields: list[str], seps: tuple[str, str, str, str]) -> None:
+        self.fields = fields
+        self.seps = seps  # field, component, repetition, sub-component
+
+    @property
+    def name(self) -> str:
+        return self.fields[0].strip()
+
+
+def _separators(t: str) -> tuple[str, str, str, str]:
+    fs = t[3]
+    enc = t[4:].split(fs, 1)[0]
+    comp = enc[0] if len(enc) > 0 else "^"
+    rep = enc[1] if len(enc) > 1 else "~"
+    sub = enc[3] if len(enc) > 3 else "&"
+    seps = (fs, comp, rep, sub)
+    if len(set(seps)) != 4 or any(c in "\r\n" or c.isalnum() or c.isspace() for c in seps):
+        raise Rejected(Reason.HL7_INVALID, "MSH-1/MSH-2 do not define four distinct delimiter characters")
+    return seps
+
+
+def split_message(text: str, limits: Hl7Limits = DEFAULT_HL7_LIMITS) -> list[Segment]:
+    """Normalise, check the structural limits, and split into segments and fields.
+
+    Raises ``Rejected`` (``payload_too_large`` / ``too_complex`` / ``hl7_invalid``)
+    before splitting anything when a limit is exceeded.
+    """
+    if len(text) > limits.max_chars:
+        raise Rejected(
+            Reason.PAYLOAD_TOO_LARGE,
+            f"HL7 v2 message of {len(text)} characters exceeds the HL7 cap of {limits.max_chars}",
+        )
     t = normalise(text)
     if not t.startswith("MSH"):
         raise Rejected(Reason.HL7_INVALID, "message does not start with an MSH segment")
     if len(t) < 8:
         raise Rejected(Reason.HL7_INVALID, "MSH segment too short")
+    n_segments = t.count("\r")
+    if n_segments > limits.max_segments:
+        raise Rejected(Reason.TOO_COMPLEX, f"{n_segments} segments exceed the limit of {limits.max_segments}")
+    seps = _separators(t)
+    fs, comp, rep, sub = seps
+    raw_segments = t.split("\r")[:-1]
+    for i, raw in enumerate(raw_segments, 1):
+        for sep, cap, what in (
+            (fs, limits.max_fields, "fields"),
+            (rep, limits.max_repetitions, "repetitions"),
+            (comp, limits.max_components, "components"),
+            (sub, limits.max_subcomponents, "sub-components"),
+        ):
+            n = raw.count(sep)
+            if n > cap:
+                name = raw[:3].encode("ascii", "replace").decode()
+                raise Rejected(
+                    Reason.TOO_COMPLEX, f"segment {i} ({name}) has {n} {what}, more than the limit of {cap}"
+                )
+    out: list[Segment] = []
+    for i, raw in enumerate(raw_segments):
+        fields = raw.split(fs)
+        if i == 0:  # MSH: MSH-1 is the field separator itself
+            fields = [fields[0], fs] + fields[1:]
+        out.append(Segment(fields, seps))
+    return out
+
+
+def _part(seg: Segment, f: int, r: int = 1, c: int = 1, s: int = 1) -> str:
+    """Field ``f``, repetition ``r``, component ``c``, sub-component ``s`` as text ('' if absent)."""
     try:
-        return hl7.parse(t)
-    except Exception as exc:
-        raise Rejected(Reason.HL7_INVALID, f"unparseable HL7 v2 message ({type(exc).__name__})") from None
+        x = seg.fields[f]
+    except IndexError:
+        return ""
+    _, comp, rep, sub = seg.seps
+    if f == 2 and seg.name == "MSH":  # the encoding characters are not split
+        return x.strip() if (r, c, s) == (1, 1, 1) else ""
+    for idx, sep in ((r, rep), (c, comp), (s, sub)):
+        parts = x.split(sep, idx)  # bounded: never more than idx + 1 pieces
+        if len(parts) < idx:
+            return ""
+        x = parts[idx - 1]
+    return x.strip()
+
+
+def _field(seg: Segment, f: int) -> str:
+    try:
+        return seg.fields[f].strip()
+    except IndexError:
+        return ""
+
+
+def _repetitions(seg: Segment, f: int) -> int:
+    try:
+        x = seg.fields[f]
+    except IndexError:
+        return 0
+    return x.count(seg.seps[2]) + 1 if x else 0
+
+
+def parse_message(text: str, limits: Hl7Limits = DEFAULT_HL7_LIMITS) -> list[Segment]:
+    """Normalise and split within ``limits``. Raises ``Rejected``."""
+    return split_message(text, limits)
 
 
 def parse_ts(raw: str, default_tz: tzinfo | None, what: str) -> datetime:
@@ -314,8 +406,8 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
 
     if not isinstance(text, str):
         raise Rejected(Reason.HL7_INVALID, "HL7 v2 message must be text")
-    msg = parse_message(text)
-    msh = msg.segment("MSH")
+    msg = parse_message(text, getattr(limits, "hl7", DEFAULT_HL7_LIMITS))
+    msh = msg[0]
     mtype, trigger = _part(msh, 9, 1, 1).upper(), _part(msh, 9, 1, 2).upper()
     if (mtype, trigger) != ("ORU", "R01"):
         raise Rejected(
@@ -334,7 +426,7 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
     ids: set[str] = set()
 
     for index, seg in enumerate(msg):
-        name = str(seg[0]).strip()
+        name = seg.name
         if name == "MSH" and index > 0:
             raise Rejected(Reason.HL7_INVALID, "more than one MSH segment: send one message per frame")
         if name in ("FHS", "BHS", "BTS", "FTS"):
@@ -448,6 +540,44 @@ def escape(text: str) -> str:
     return " ".join(out.split())
 
 
+#: longest text copied from the sender's MSH into the ACK's MSH (HD is 227 in v2.5)
+_ACK_COPY_MAX = 227
+#: the ACK reads the MSH from at most this many leading characters of the message
+_ACK_HEAD = 65_536
+
+
+def _ack_msh(message_text: str, ts: str) -> tuple[str | None, str]:
+    """The ACK's MSH (with a ``{ts}`` placeholder) and the control id, read from the
+    first segment ONLY: the rest of the message, however large or hostile, is never
+    looked at (security review H1)."""
+    t = message_text[:_ACK_HEAD].lstrip()
+    if t.startswith(START_BLOCK):
+        t = t[1:].lstrip()
+    end = len(t)
+    for term in ("\r", "\n", END_BLOCK):
+        i = t.find(term, 0, end)
+        if i != -1:
+            end = i
+    first = t[:end]
+    if not first.startswith("MSH") or len(first) < 8:
+        return None, ""
+    (msh,) = split_message(first + "\r", Hl7Limits(max_chars=len(first) + 1, max_segments=1))
+    fs, comp, _, _ = msh.seps
+
+    def copy(n: int) -> str:
+        raw = _field(msh, n)
+        if msh.seps != _DEFAULT_SEPS:  # other delimiters: keep the first component, escaped
+            raw = escape(_part(msh, n))
+        return raw[:_ACK_COPY_MAX].replace("\r", " ")
+
+    trigger = escape(_part(msh, 9, 1, 2))[:8]
+    header = "|".join([
+        "MSH", "^~\\&", copy(5), copy(6), copy(3), copy(4), ts, "",
+        f"ACK^{trigger}^ACK", uuid.uuid4().hex[:20], copy(11), copy(12),
+    ])
+    return header, _part(msh, 10)[:_ACK_COPY_MAX]
+
+
 def build_ack(
     message_text: str | bytes,
     code: str,
@@ -463,21 +593,26 @@ def build_ack(
     """
     if code not in ("AA", "AE", "AR"):
         raise ValueError(f"ack code {code!r}")
-    if isinstance(message_text, bytes):
+    if isinstance(message_text, (bytes, bytearray)):
+        head = bytes(message_text[:_ACK_HEAD])
+        for term in (b"\r", b"\n"):  # the first segment only (never split a character)
+            i = head.find(term, 1)
+            if i != -1:
+                head = head[:i]
         try:
-            message_text = message_text.decode("utf-8")
+            message_text = head.decode("utf-8")
         except UnicodeDecodeError:
-            message_text = message_text.decode("latin-1")
+            message_text = head.decode("latin-1")
     plain = " ".join((error_text or "").split())
+    ts = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
     try:
-        msg = parse_message(message_text)
-        ack = msg.create_ack(code, message_id=uuid.uuid4().hex[:20])
-        ack_text = str(ack).rstrip("\r")
-        control_id = _part(msg.segment("MSH"), 10)
+        msh, control_id = _ack_msh(message_text, ts)
     except Exception:
-        ts = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+        msh, control_id = None, ""
+    if msh is None:
         ack_text = f"MSH|^~\\&|||||{ts}||ACK|{uuid.uuid4().hex[:20]}|P|2.5\rMSA|{code}|"
-        control_id = ""
+    else:
+        ack_text = msh + f"\rMSA|{code}|"
     segments = ack_text.split("\r")
     msa_index = next(i for i, s in enumerate(segments) if s.startswith("MSA"))
     msa = f"MSA|{code}|{escape(control_id)}"

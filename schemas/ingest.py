@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from .analytes import catalogue
 from .errors import Reason, Rejected
+from .hl7v2 import DEFAULT_HL7_LIMITS, Hl7Limits
 from .events import (
     RETRACTING_STATUSES,
     DoseEvent,
@@ -41,6 +42,13 @@ class Limits:
     max_bytes: int = 1_048_576
     max_depth: int = 32
     max_future: timedelta = timedelta(hours=24)
+    #: JSON values (objects, arrays and scalars) in one payload: bounds the Python work
+    #: done on a parsed document (security review H1: parsing stays cheap on the loop)
+    max_json_values: int = 100_000
+    #: entries in one FHIR Bundle (each is validated by fhir.resources, ~0.1 ms apiece)
+    max_bundle_entries: int = 250
+    #: structural bounds for HL7 v2 (byte cap, segments, fields, repetitions...)
+    hl7: Hl7Limits = DEFAULT_HL7_LIMITS
 
 
 DEFAULT_LIMITS = Limits()
@@ -50,17 +58,18 @@ def _reject_constant(name: str) -> float:
     raise Rejected(Reason.NON_FINITE_VALUE, f"non-finite number {name} in JSON")
 
 
-def _depth(obj: object, limit: int, level: int = 1) -> None:
+def _depth(obj: object, limit: int, level: int = 1, budget: list[int] | None = None) -> None:
+    """Check nesting depth and, when ``budget`` is given, the number of JSON values."""
     if level > limit:
         raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limit} levels")
-    if isinstance(obj, dict):
-        for v in obj.values():
-            if isinstance(v, (dict, list)):
-                _depth(v, limit, level + 1)
-    elif isinstance(obj, list):
-        for v in obj:
-            if isinstance(v, (dict, list)):
-                _depth(v, limit, level + 1)
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    if budget is not None:
+        budget[0] -= len(values)
+        if budget[0] < 0:
+            raise Rejected(Reason.TOO_COMPLEX, f"JSON holds more than {budget[1]} values")
+    for v in values:
+        if isinstance(v, (dict, list)):
+            _depth(v, limit, level + 1, budget)
 
 
 def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
@@ -77,7 +86,7 @@ def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
         raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limits.max_depth} levels") from None
     except ValueError as exc:
         raise Rejected(Reason.MALFORMED_JSON, f"malformed JSON: {exc}") from None
-    _depth(obj, limits.max_depth)
+    _depth(obj, limits.max_depth, budget=[limits.max_json_values, limits.max_json_values])
     return obj
 
 
@@ -136,6 +145,13 @@ def build_observation(
         raise Rejected(Reason.EMPTY_ID, "patient id is empty")
     if not event_id or not event_id.strip():
         raise Rejected(Reason.EMPTY_ID, "event id is empty")
+    # bounded, printable identifiers whatever the wire format (review L5: an HL7 PID-3 of
+    # 100 KB with NUL and unit separators used to be accepted)
+    for what, ident, cap in (("patient id", patient_id, 128), ("event id", event_id, 256),
+                             ("observation id", observation_id, 256)):
+        if len(ident) > cap or not ident.isprintable():
+            raise Rejected(Reason.SCHEMA_INVALID,
+                           f"{what} is longer than {cap} characters or holds control characters")
     if effective_at.tzinfo is None or effective_at.utcoffset() is None:
         raise Rejected(Reason.NAIVE_TIMESTAMP, "effective time has no UTC offset")
     check_not_future(effective_at, received_at, limits, "effective time")

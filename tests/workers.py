@@ -32,10 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: secrets the tests pass explicitly (the service has no defaults: it refuses to start without them)
+TEST_PSEUDONYM_SECRET = "test-pseudonym-5b0c1e2f9a7d4c3b8e6f1a2d3c4b5a69"
+TEST_WEBHOOK_SECRET = "test-webhook-8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a"
+TEST_INBOX_SECRET = "test-inbox-1f2e3d4c5b6a79880a1b2c3d4e5f6a7b8c"
+
+
 def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, str]:
-    """Environment naming the test's topics (``topics`` maps short name -> real name)."""
+    """Environment naming the test's topics (``topics`` maps short name -> real name) and
+    the secrets the worker needs (``PSEUDONYM_SECRET``; override through ``extra``)."""
     env = {var: topics[short] for var, short in SERVICE_TOPICS.items() if short in topics}
     env["MONITOR_APP_ID"] = app_id
+    env["PSEUDONYM_SECRET"] = TEST_PSEUDONYM_SECRET
     env.update(extra)
     return env
 

@@ -31,7 +31,8 @@ from schemas.alert import AlertAction
 
 from ..settings import Settings
 from .auth import (
-    AUTH_KEY, AuthConfig, LoginThrottle, SessionStore, UserDirectory, auth_middleware, hash_password, load_users,
+    AUTH_KEY, AuthConfig, LoginThrottle, ReloadingUserDirectory, SessionStore, UserDirectory, auth_middleware,
+    hash_password, load_users,
     security_headers_middleware,
 )
 from .store import InboxStore
@@ -120,6 +121,17 @@ class KafkaBridge:
                     pass
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _env_bool(name: str, default: bool | None) -> bool | None:
     v = os.environ.get(name, "").strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -141,7 +153,8 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
     Without ``publish`` the app publishes through its own aiokafka producer.
     """
     if users is None:
-        users = load_users()
+        path = os.environ.get("INBOX_USERS_FILE")
+        users = ReloadingUserDirectory(path) if path else load_users()
     if secret is None:
         secret = os.environ.get("INBOX_SECRET") or secrets.token_bytes(32)
     secret_b = secret.encode("utf-8") if isinstance(secret, str) else secret
@@ -149,12 +162,19 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
     if sessions is None:
         sessions = SessionStore(idle_seconds=float(os.environ.get("INBOX_SESSION_IDLE_MINUTES", "30")) * 60,
                                 max_seconds=float(os.environ.get("INBOX_SESSION_MAX_HOURS", "12")) * 3600)
+    proxies = tuple(x for x in os.environ.get("INBOX_TRUSTED_PROXIES", "").split(",") if x.strip())
     cfg = AuthConfig(users=users, sessions=sessions, throttle=throttle or LoginThrottle(),
                      secure_cookies=secure_cookies if secure_cookies is not None
                      else _env_bool("INBOX_SECURE_COOKIES", None),
-                     trust_proxy=trust_proxy if trust_proxy is not None else bool(_env_bool("INBOX_TRUST_PROXY", False)))
+                     trust_proxy=trust_proxy if trust_proxy is not None
+                     else bool(_env_bool("INBOX_TRUST_PROXY", False)) or bool(proxies),
+                     trusted_proxies=proxies)
     app = web.Application(middlewares=[security_headers_middleware, auth_middleware], client_max_size=64 * 1024)
     app[AUTH_KEY] = cfg
+    from .views import STREAMS_KEY, VERIFY_KEY, verify_slots
+
+    app[VERIFY_KEY] = verify_slots()
+    app[STREAMS_KEY] = {}
     app[STORE_KEY] = store
     status: dict = {"caught_up": not start_kafka}
     app[STATUS_KEY] = status
@@ -207,10 +227,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
     s = get_settings()
+    from ..settings import require_secrets
+
+    require_secrets("inbox", s)
     if args.users_file:
         os.environ["INBOX_USERS_FILE"] = args.users_file
     try:
-        users = load_users()
+        path = os.environ.get("INBOX_USERS_FILE", "")
+        if not path:
+            raise ValueError("no users file: set INBOX_USERS_FILE")
+        users = ReloadingUserDirectory(path)  # re-read on change: removed users lose their sessions
     except (OSError, ValueError) as exc:
         print(f"inbox: cannot load users: {exc}", file=sys.stderr)
         return 2
@@ -223,7 +249,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cert, key)
-    web.run_app(create_inbox_app(s, users=users), host=host, port=port, ssl_context=ssl_ctx,
+    secure = _env_bool("INBOX_SECURE_COOKIES", None)
+    if not _loopback(host):
+        # exposed: TLS here, or a TLS-terminating proxy (then cookies are Secure/__Host- and HSTS is sent)
+        if not cert and secure is not True:
+            print(f"inbox: refusing to listen on {host} without TLS: set INBOX_TLS_CERT/INBOX_TLS_KEY, or "
+                  "INBOX_SECURE_COOKIES=true (and INBOX_TRUSTED_PROXIES) behind a TLS proxy", file=sys.stderr)
+            return 2
+        secure = True if secure is None else secure
+    if cert and secure is None:
+        secure = True
+    web.run_app(create_inbox_app(s, users=users, secure_cookies=secure), host=host, port=port, ssl_context=ssl_ctx,
                 print=lambda m: log.info("%s", m), access_log=None)
     return 0
 

@@ -9,6 +9,7 @@ URLs carry only the alert id (a hash) and an opaque patient reference (HMAC of t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import secrets
@@ -24,7 +25,7 @@ from schemas.alert import ActionKind, Alert, AlertAction, Role
 from schemas.findings import Severity
 
 from .auth import (
-    AUTH_KEY, CSRF_FIELD, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Session, allowed_actions, current_session, may,
+    AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
     require_role,
 )
 from .store import InboxStore
@@ -34,7 +35,7 @@ PUBLISH_KEY = web.AppKey("inbox_publish", object)  # async callable(AlertAction)
 STATUS_KEY = web.AppKey("inbox_status", dict)
 
 MAX_SILENCE = timedelta(days=7)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would accept a trailing newline (review I1)
 _REF_RE = re.compile(r"^p-[0-9a-f]{24}$")
 ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "Escalate", "resolve": "Resolve",
                  "silence": "Silence"}
@@ -111,21 +112,33 @@ def _login_form(csrf: str, error: str = "", username: str = "") -> str:
 
 async def login_page(request: web.Request) -> web.StreamResponse:
     cfg = request.app[AUTH_KEY]
-    if cfg.sessions.get(request.cookies.get(SESSION_COOKIE), touch=False):
+    if cfg.sessions.get(request.cookies.get(cfg.session_cookie), touch=False):
         raise web.HTTPFound("/")
     # reuse the pending token so two tabs (or a re-fetch of the page) keep working
-    existing = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    existing = request.cookies.get(cfg.login_csrf_cookie, "")
     csrf = existing if re.fullmatch(r"[A-Za-z0-9_-]{32}", existing) else secrets.token_urlsafe(24)
     resp = html_response(page("Sign in", _login_form(csrf), page_id="page-login"))
-    cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+    cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
     return resp
 
 
 def _client_address(request: web.Request) -> str:
-    cfg = request.app[AUTH_KEY]
-    if cfg.trust_proxy and request.headers.get("X-Forwarded-For"):
-        return request.headers["X-Forwarded-For"].split(",")[0].strip()
-    return request.remote or "?"
+    return request.app[AUTH_KEY].client_address(request)
+
+
+#: password verifications running at once (scrypt at N=2^17 is ~128 MiB and a few hundred ms
+#: each) and waiting; beyond that a sign-in is answered 503 (review M1: bounded pre-auth work)
+MAX_VERIFYING, MAX_WAITING = 2, 16
+VERIFY_KEY = _VERIFY_KEY = web.AppKey("inbox_verify_slots", dict)
+
+
+def _verify_slots(app: web.Application) -> dict:
+    return app[_VERIFY_KEY]
+
+
+def verify_slots() -> dict:
+    """A fresh slot record for :func:`create_inbox_app` (``app[_VERIFY_KEY]``)."""
+    return {"sem": asyncio.Semaphore(MAX_VERIFYING), "waiting": 0}
 
 
 async def login_submit(request: web.Request) -> web.StreamResponse:
@@ -134,42 +147,50 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     username = str(form.get("username", ""))[:128].strip()
     password = str(form.get("password", ""))[:1024]
     sent = str(form.get(CSRF_FIELD, ""))
-    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not sent or not cookie or not secrets.compare_digest(sent, cookie):
+    cookie = request.cookies.get(cfg.login_csrf_cookie, "")
+    if not sent or not cookie or not secrets.compare_digest(sent.encode("utf-8"), cookie.encode("utf-8")):
         return html_response(page("Sign in", "<p class='error' role='alert'>Your sign-in form expired. "
                                   "<a href='/login'>Try again</a>.</p>", page_id="page-login"), status=403)
     addr = _client_address(request)
-    wait = cfg.throttle.retry_after(username, addr)
+    slots = _verify_slots(request.app)
+    if slots["waiting"] >= MAX_WAITING:
+        return web.Response(status=503, text="Too many sign-ins at once; try again in a moment.",
+                            headers={"Retry-After": "2"})
+    wait = cfg.throttle.begin(username, addr)  # counted now, before the (slow) verification
     if wait > 0:
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, f"Too many failed attempts. Try again in "
                                                            f"{int(wait) + 1} seconds.", username),
                                   page_id="page-login"), status=429)
         resp.headers["Retry-After"] = str(int(wait) + 1)
-        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
-    user = await asyncio.get_running_loop().run_in_executor(None, cfg.users.authenticate, username, password)
-    if user is None:
-        cfg.throttle.failure(username, addr)
+    slots["waiting"] += 1
+    try:
+        async with slots["sem"]:
+            user = await asyncio.get_running_loop().run_in_executor(None, cfg.users.authenticate, username, password)
+    finally:
+        slots["waiting"] -= 1
+    if user is None:  # the failure was counted by begin()
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, "User name or password is wrong.", username),
                                   page_id="page-login"), status=401)
-        cfg.set_cookie(request, resp, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+        cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
     cfg.throttle.success(username, addr)
-    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))  # no session fixation
+    cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))  # no session fixation
     token, _ = cfg.sessions.create(user)
     resp = web.Response(status=303, headers={"Location": "/"})
-    cfg.set_cookie(request, resp, SESSION_COOKIE, token)
-    resp.del_cookie(LOGIN_CSRF_COOKIE, path="/")
+    cfg.set_cookie(request, resp, cfg.session_cookie, token)
+    resp.del_cookie(cfg.login_csrf_cookie, path="/")
     return resp
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     cfg = request.app[AUTH_KEY]
-    cfg.sessions.destroy(request.cookies.get(SESSION_COOKIE))
+    cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))
     resp = web.Response(status=303, headers={"Location": "/login"})
-    resp.del_cookie(SESSION_COOKIE, path="/")
+    resp.del_cookie(cfg.session_cookie, path="/")
     return resp
 
 
@@ -224,7 +245,7 @@ def _history_rows(d: dict) -> str:
     for h in reversed(d["history"]):
         change = ""
         if h.get("from_status") or h.get("to_status"):
-            change = f"{h.get('from_status') or ''} &rarr; {_e(h.get('to_status') or '')}"
+            change = f"{_e(h.get('from_status') or '')} &rarr; {_e(h.get('to_status') or '')}"
         rows.append(f"<tr><td>{_e(_fmt_time(h['at']))}</td><td>{_e(h['action'])}</td><td>{_e(h['by'])}"
                     f"{' (' + _e(h['role']) + ')' if h.get('role') else ''}</td><td>{change}</td>"
                     f"<td>{_e(h.get('severity'))}</td><td>{_e(h.get('note'))}</td></tr>")
@@ -392,7 +413,7 @@ async def api_action(request: web.Request) -> web.StreamResponse:
         body: dict[str, Any] = dict(await request.post()) if is_form else await request.json()
         if not isinstance(body, dict):
             raise ValueError
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, json.JSONDecodeError, RecursionError):  # RecursionError: deeply nested JSON (L5)
         return _bad(request, 400, "expected a JSON object", is_form)
     try:
         kind = ActionKind(str(body.get("action", "")))
@@ -447,8 +468,30 @@ async def api_admin_status(request: web.Request) -> web.Response:
 async def api_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``alert`` (a changed alert's summary), ``pending``, ``resync``."""
     cfg = request.app[AUTH_KEY]
-    token = request.cookies.get(SESSION_COOKIE)
+    token = request.cookies.get(cfg.session_cookie) or ""
     store = request.app[STORE_KEY]
+    streams = request.app[STREAMS_KEY]
+    key = hashlib.sha256(token.encode()).hexdigest()
+    if streams.get(key, 0) >= MAX_STREAMS_PER_SESSION:  # review L5: bounded subscriptions per session
+        return web.json_response({"error": "too many live streams for this session"}, status=429,
+                                 headers={"Retry-After": "5"})
+    streams[key] = streams.get(key, 0) + 1
+    try:
+        return await _stream(request, cfg, token, store)
+    finally:
+        left = streams.get(key, 1) - 1
+        if left > 0:
+            streams[key] = left
+        else:
+            streams.pop(key, None)
+
+
+#: live event streams one session may hold at once (a few tabs)
+MAX_STREAMS_PER_SESSION = 4
+STREAMS_KEY = web.AppKey("inbox_streams", dict)
+
+
+async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
     await resp.prepare(request)
@@ -459,14 +502,14 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
             try:
                 msg = await asyncio.wait_for(q.get(), timeout=15.0)
             except asyncio.TimeoutError:
-                if cfg.sessions.get(token, touch=False) is None:
+                if cfg.valid_session(token, touch=False) is None:
                     await resp.write(b"event: logout\ndata: {}\n\n")
                     break
                 await resp.write(b": keepalive\n\n")
                 continue
             if msg.get("type") == "shutdown":
                 break
-            if cfg.sessions.get(token, touch=False) is None:
+            if cfg.valid_session(token, touch=False) is None:
                 await resp.write(b"event: logout\ndata: {}\n\n")
                 break
             data = json.dumps(msg, separators=(",", ":"))

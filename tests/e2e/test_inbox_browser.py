@@ -72,7 +72,7 @@ class InboxProcess:
         from monitor.inbox.auth import hash_password
 
         users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse",
-                  "password_hash": hash_password(PASSWORDS["nurse1"], n=2**12)},
+                  "password_hash": hash_password(PASSWORDS["nurse1"], n=2**14)},
                  {"username": "admin1", "role": "admin", "password_hash": hash_password(PASSWORDS["admin1"], n=2**12)}]
         users_file = tmp / "users.json"
         users_file.write_text(json.dumps({"users": users}))

@@ -81,7 +81,7 @@ class AlertReader:
 
 
 def users_file(tmp_path: Path) -> Path:
-    users = [{"username": u, "role": ROLES[u], "password_hash": hash_password(pw, n=2**12)} for u, pw in PW.items()]
+    users = [{"username": u, "role": ROLES[u], "password_hash": hash_password(pw, n=2**14)} for u, pw in PW.items()]
     path = tmp_path / "users.json"
     path.write_text(json.dumps({"users": users}))
     return path

@@ -14,7 +14,7 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
 from receivers import WebhookReceiver
-from workers import service_env
+from workers import TEST_WEBHOOK_SECRET, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +79,9 @@ def send(bootstrap, records):
 def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker_factory, tmp_path):
     prefix = f"ack{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*ALL, prefix=prefix)
-    with WebhookReceiver(secret="s3cret") as hook:
+    with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
         worker_factory(service_env(topics, app_id=prefix, PROTOCOL_FILES=fast_protocol(tmp_path),
-                                   TICK_INTERVAL_SECONDS="1", WEBHOOK_URL=hook.url, WEBHOOK_SECRET="s3cret"))
+                                   TICK_INTERVAL_SECONDS="1", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET))
         now = datetime.now(timezone.utc)
         d0 = now - timedelta(days=20)
         recs = []
@@ -133,8 +133,8 @@ def test_restart_mid_stream_pages_nothing_twice_and_down_webhook_gets_everything
                 recs.append((topics["lab-results"], pid, alt(pid, f"{pid}-{v}-{j}", v + i, now - timedelta(hours=len(values) - j))))
         return recs
 
-    with WebhookReceiver(secret="k", fail_first=8) as hook:
-        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET="k", TICK_INTERVAL_SECONDS="2")
+    with WebhookReceiver(secret=TEST_WEBHOOK_SECRET, fail_first=8) as hook:
+        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TICK_INTERVAL_SECONDS="2")
         w1 = worker_factory(env, name="w1")
         send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
              + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients])
@@ -185,8 +185,8 @@ def test_graceful_restart_mid_stream_pages_nothing_twice(kafka_bootstrap, topic_
     now = datetime.now(timezone.utc)
     d0 = now - timedelta(days=25)
     patients = [f"gp-{i:02d}" for i in range(12)]
-    with WebhookReceiver(secret="k") as hook:
-        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET="k", TICK_INTERVAL_SECONDS="2")
+    with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
+        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TICK_INTERVAL_SECONDS="2")
         w1 = worker_factory(env, name="w1")
         send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
              + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients]

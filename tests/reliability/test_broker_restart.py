@@ -15,7 +15,7 @@ from receivers import WebhookReceiver
 from reliability.conftest import make_topics
 from reliability.harness import (RestartableBroker, TopicReader, build_scenario, publish, record_figure, start_worker,
                                  stop_all, wait_converged)
-from workers import service_env
+from workers import TEST_WEBHOOK_SECRET, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +35,9 @@ def test_worker_recovers_from_broker_restart(tmp_path):
         n = len(sc.records)
         bounds = [round(i * n / (restarts + 1)) for i in range(restarts + 2)]
         chunks = [sc.records[a:b] for a, b in zip(bounds, bounds[1:])]
-        with WebhookReceiver(secret="k") as hook:
+        with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
             env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                              WEBHOOK_SECRET="k")
+                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
             publish(bs, topics, chunks[0])
             w = start_worker(bs, env, tmp_path / "w", workers)
             reader = TopicReader(bs, topics)

@@ -29,8 +29,8 @@ from workers import service_env
 
 pytestmark = pytest.mark.integration
 
-WEBHOOK_SECRET = "whsec-Zq8v-reliability-7f3a"
-PSEUDONYM_SECRET = "pseudo-Kx2-reliability-91c"
+WEBHOOK_SECRET = "whsec-Zq8v-reliability-7f3a-4c1d9e8b7a6f5e4d"
+PSEUDONYM_SECRET = "pseudo-Kx2-reliability-91c-0a9b8c7d6e5f4a3b"
 
 
 @pytest.fixture(scope="module")

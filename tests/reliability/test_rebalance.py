@@ -13,7 +13,7 @@ from receivers import WebhookReceiver
 from reliability.conftest import drop_topics, make_topics
 from reliability.harness import (TopicReader, build_scenario, first_delivery_times, publish, record_figure,
                                  split_repeats, start_worker, stop_all, wait_converged)
-from workers import service_env
+from workers import TEST_WEBHOOK_SECRET, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,9 @@ def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
     workers: list = []
     t0 = time.monotonic()
     try:
-        with WebhookReceiver(secret="k") as hook:
+        with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
             env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                              WEBHOOK_SECRET="k", TOPIC_PARTITIONS="4")
+                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4")
             w1 = start_worker(bs, env, tmp_path / "w1", workers)
             w2 = start_worker(bs, env, tmp_path / "w2", workers)
             publish(bs, topics, sc.records[:half])

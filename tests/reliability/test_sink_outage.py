@@ -17,7 +17,7 @@ import pytest
 from reliability.conftest import drop_topics, make_topics
 from reliability.harness import (TopicReader, build_scenario, paging_keys, publish, record_figure, start_worker,
                                  stop_all, verdict)
-from workers import free_port, service_env
+from workers import TEST_WEBHOOK_SECRET, free_port, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,7 @@ def test_webhook_outage_does_not_stall_processing_and_loses_nothing(kafka_bootst
     workers: list = []
     hook = FlakyWebhook(free_port())
     try:
-        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url, WEBHOOK_SECRET="k")
+        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
         w = start_worker(bs, env, tmp_path / "w", workers)
         reader = TopicReader(bs, topics)
         try:

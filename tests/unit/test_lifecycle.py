@@ -96,7 +96,7 @@ def test_open_creates_firing_alert_with_route_copy_and_deadline():
     a = open_alert(b)
     assert a.status == AlertStatus.FIRING and a.previous_status is None
     assert a.version == 1 and a.notify is True and a.changes == ["opened"]
-    assert a.episode == 1 and a.alert_id == make_alert_id(PID, "liver.alt_increased", "", 1)
+    assert a.episode == 1 and a.alert_id == make_alert_id(PID, "liver.alt_increased", "", 1, key=b"test-secret")
     assert a.severity == Severity.HIGH and a.grade == 3
     assert a.route == copy_route(ROUTE) and a.escalation_tier == 0
     assert a.next_escalation_at == T0 + timedelta(minutes=10)
@@ -113,9 +113,9 @@ def test_alert_id_is_deterministic_and_distinct_per_key_and_episode():
     a1 = open_alert(book())
     a2 = open_alert(book())
     assert a1.alert_id == a2.alert_id and a1.pseudonym == a2.pseudonym
-    assert make_alert_id(PID, "r", "ALT", 1) != make_alert_id(PID, "r", "AST", 1)
-    assert make_alert_id(PID, "r", "", 1) != make_alert_id(PID, "r", "", 2)
-    assert make_alert_id(PID, "r", "", 1) != make_alert_id("other", "r", "", 1)
+    assert make_alert_id(PID, "r", "ALT", 1, key=b"k") != make_alert_id(PID, "r", "AST", 1, key=b"k")
+    assert make_alert_id(PID, "r", "", 1, key=b"k") != make_alert_id(PID, "r", "", 2, key=b"k")
+    assert make_alert_id(PID, "r", "", 1, key=b"k") != make_alert_id("other", "r", "", 1, key=b"k")
 
 
 def test_dedupe_key_separates_alerts_of_one_rule():
@@ -238,7 +238,7 @@ def test_recurrence_after_resolution_is_a_new_episode():
     apply_finding(b, finding(state="cleared", at=clock.advance(hours=1)), clock.now, CONFIG)
     a2 = only(apply_finding(b, finding(at=clock.advance(hours=1)), clock.now, CONFIG))
     assert a2.alert_id != a1.alert_id and a2.episode == 2 and a2.version == 1 and a2.notify
-    assert a2.alert_id == make_alert_id(PID, "liver.alt_increased", "", 2)
+    assert a2.alert_id == make_alert_id(PID, "liver.alt_increased", "", 2, key=b"test-secret")
     assert b.get(a1.alert_id).status == AlertStatus.RESOLVED
 
 

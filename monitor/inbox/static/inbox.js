@@ -24,8 +24,12 @@
     return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
   }
 
-  function getJSON(url) {
-    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } }).then(function (r) {
+  // background: a refresh the page makes by itself (after a live event); the server does not
+  // count it as user activity, so an unattended screen still reaches the idle timeout
+  function getJSON(url, background) {
+    var headers = { Accept: "application/json" };
+    if (background) headers["X-Inbox-Background"] = "1";
+    return fetch(url, { credentials: "same-origin", headers: headers }).then(function (r) {
       if (r.status === 401) { window.location.assign("/login"); throw new Error("signed out"); }
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
@@ -95,18 +99,18 @@
       fresh = {};
     }
 
-    function load() {
+    function load(background) {
       var q = [];
       if (fWard.value) q.push("ward=" + encodeURIComponent(fWard.value));
       if (fTeam.value) q.push("team=" + encodeURIComponent(fTeam.value));
-      return getJSON("/api/alerts" + (q.length ? "?" + q.join("&") : "")).then(function (data) {
+      return getJSON("/api/alerts" + (q.length ? "?" + q.join("&") : ""), background === true).then(function (data) {
         if (known !== null) data.alerts.forEach(function (a) { if (!known[a.alert_id]) fresh[a.alert_id] = true; });
         known = {};
         data.alerts.forEach(function (a) { known[a.alert_id + ""] = a.version; });
         render(data);
       }).catch(function () { /* next event retries */ });
     }
-    function soon() { if (timer) clearTimeout(timer); timer = setTimeout(load, 150); }
+    function soon() { if (timer) clearTimeout(timer); timer = setTimeout(function () { load(true); }, 150); }
 
     fWard.addEventListener("change", load);
     fTeam.addEventListener("change", load);

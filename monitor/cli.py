@@ -226,11 +226,9 @@ def _user_error(exc: BaseException) -> str | None:
         return f"invalid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
     if isinstance(exc, UnicodeDecodeError):
         return f"the file is not UTF-8 text: {exc.reason}"
-    try:
-        from kafka.errors import KafkaConnectionError, NoBrokersAvailable
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(exc, (NoBrokersAvailable, KafkaConnectionError)):
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError)):
         from .settings import get_settings
 
         return (f"cannot reach Kafka at {get_settings().kafka_bootstrap_servers} ({type(exc).__name__}); "

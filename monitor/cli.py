@@ -45,8 +45,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import write_schemas
 
-    for path in write_schemas(Path(args.out)):
+    from .asyncapi import render
+
+    out = Path(args.out)
+    for path in write_schemas(out):
         print(path)
+    asyncapi = out.parent / "asyncapi.yaml"
+    asyncapi.write_text(render(version=_version(), schema_dir=f"./{out.name}"), encoding="utf-8")
+    print(asyncapi)
     return 0
 
 
@@ -98,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("file", help="JSON-lines file: one event per line, or {\"topic\", \"value\"[, \"key\"]} "
                                    "(topics from the TOPIC_* variables; broker KAFKA_BOOTSTRAP_SERVERS)")
     pub.set_defaults(func=cmd_publish)
-    sc = sub.add_parser("schema", help="write the JSON Schemas of the input events")
+    sc = sub.add_parser("schema", help="write the JSON Schemas of every topic payload and the AsyncAPI document")
     sc.add_argument("--out", default="schemas/json", metavar="DIR",
-                    help="directory to write the *.json schema files to (no env; default schemas/json)")
+                    help="directory for the *.json schema files; asyncapi.yaml goes to its parent "
+                         "(no env; default schemas/json)")
     sc.set_defaults(func=cmd_schema)
     t = sub.add_parser("topics", help="create the service's topics (idempotent)")
     t.set_defaults(func=cmd_topics)

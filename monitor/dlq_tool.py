@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Iterator
 
+from schemas.replay import ReplayLedgerEntry
+
 from .settings import Settings
 from .topics_admin import KafkaUnreachable
 
@@ -366,9 +368,9 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
             at = (now or datetime.now(timezone.utc)).isoformat()
             headers = [(H_REPLAY_OF, d.coordinates.encode()), (H_REPLAY_AT, at.encode())]
             meta = producer.send(target, key=d.key, value=d.value, headers=headers).get(timeout=max(timeout, 30))
-            entry = {"dead_letter": d.coordinates, "reason": d.reason, "replayed_to": target,
-                     "partition": meta.partition, "offset": meta.offset, "replayed_at": at}
-            producer.send(ledger, key=d.coordinates.encode(), value=json.dumps(entry).encode()).get(
+            entry = ReplayLedgerEntry(dead_letter=d.coordinates, reason=d.reason, replayed_to=target,
+                                      partition=meta.partition, offset=meta.offset, replayed_at=at)
+            producer.send(ledger, key=d.coordinates.encode(), value=entry.model_dump_json().encode()).get(
                 timeout=max(timeout, 30))
             counts["replayed"] += 1
             counts["to"][target] = counts["to"].get(target, 0) + 1

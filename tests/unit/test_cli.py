@@ -212,3 +212,27 @@ def test_clean_copy_builds_a_wheel_with_declared_build_requirements(tmp_path):
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "schemas/json/alert.json" in names and "schemas/asyncapi.yaml" in names
     assert "monitor/dlq_tool.py" in names and "alerts/protocols/onasemnogene-abeparvovec-iv.yaml" in names
+
+
+def test_delegated_log_level_is_honoured(monkeypatch):
+    """`monitor mllp --log-level WARNING` used to leave the root logger at INFO (configured before delegating)."""
+    import monitor.mllp
+    from monitor.cli import main
+
+    seen = {}
+
+    def fake_main(argv):
+        logging.basicConfig(level=logging.DEBUG)  # what the listener does: a no-op once handlers exist
+        seen["level"] = logging.getLogger().level
+        seen["argv"] = argv
+        return 0
+
+    monkeypatch.setattr(monitor.mllp, "main", fake_main)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        assert main(["mllp", "--log-level", "WARNING", "--port", "0"]) == 0
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert seen == {"level": logging.WARNING, "argv": ["--log-level", "WARNING", "--port", "0"]}

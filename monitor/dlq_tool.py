@@ -222,9 +222,17 @@ def _unreachable(s: Settings, exc: BaseException) -> KafkaUnreachable:
                             f"{type(exc).__name__}; check KAFKA_BOOTSTRAP_SERVERS and the TLS/SASL settings")
 
 
-def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist: bool = True) -> Iterator:
-    """Every record of ``topic`` from ``since`` (or the start) up to the end offsets seen at the start."""
+def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist: bool = True,
+                stall_timeout: float = 30.0) -> Iterator:
+    """Every record of ``topic`` from ``since`` (or the start) up to the end offsets seen at the start.
+
+    Raises ``KafkaTimeoutError`` when no partition advances for ``stall_timeout`` seconds
+    (the broker went away mid-read), rather than waiting for ever.
+    """
+    import time
+
     from kafka import TopicPartition
+    from kafka.errors import KafkaTimeoutError
 
     parts = consumer.partitions_for_topic(topic)
     if not parts:
@@ -243,8 +251,13 @@ def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist:
     todo = {tp for tp in tps if start[tp] < end[tp]}
     for tp in tps:
         consumer.seek(tp, start[tp])
+    last_progress = time.monotonic()
     while todo:
         batch = consumer.poll(timeout_ms=1000, max_records=2000)
+        if batch:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall_timeout:
+            raise KafkaTimeoutError(f"no progress reading {topic} for {stall_timeout:.0f}s")
         for tp, records in batch.items():
             for r in records:
                 if r.offset < end[tp]:
@@ -283,11 +296,11 @@ def read_dead_letters(s: Settings, flt: Filter | None = None, *, timeout: float 
     try:
         ledger = read_ledger(consumer, replay_ledger_topic(s)) if with_ledger else {}
         out = []
-        for r in _read_topic(consumer, s.topic_dead_letter, since=flt.since):
+        for r in _read_topic(consumer, s.topic_dead_letter, since=flt.since, stall_timeout=max(timeout, 30.0)):
             d = DeadLetter(s.topic_dead_letter, r.partition, r.offset, r.timestamp, r.key, r.value or b"",
                            [(k, v) for k, v in (r.headers or [])])
             if flt.matches(d):
-                d.replayed = ledger.get(d.coordinates)
+                d.replayed = ledger_entry_for(d, ledger)
                 out.append(d)
         out.sort(key=lambda d: (d.timestamp_ms, d.partition, d.offset))
         return out
@@ -295,6 +308,25 @@ def read_dead_letters(s: Settings, flt: Filter | None = None, *, timeout: float 
         raise _unreachable(s, exc) from None
     finally:
         consumer.close()
+
+
+def ledger_entry_for(d: DeadLetter, ledger: dict[str, dict]) -> dict | None:
+    """The ledger entry of this very dead letter: same coordinates *and* the same dead-letter time.
+
+    The time check keeps a re-created dead-letter topic (offsets start again at 0) from
+    matching entries written for the records of the topic's previous life.
+    """
+    entry = ledger.get(d.coordinates)
+    if entry is None:
+        return None
+    at = entry.get("dead_lettered_at")
+    if at is not None:
+        try:
+            if datetime.fromisoformat(at) != d.dead_lettered_at:
+                return None
+        except (TypeError, ValueError):
+            return None
+    return entry
 
 
 def ensure_ledger_topic(s: Settings, timeout: float = 15.0) -> None:
@@ -368,8 +400,9 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
             at = (now or datetime.now(timezone.utc)).isoformat()
             headers = [(H_REPLAY_OF, d.coordinates.encode()), (H_REPLAY_AT, at.encode())]
             meta = producer.send(target, key=d.key, value=d.value, headers=headers).get(timeout=max(timeout, 30))
-            entry = ReplayLedgerEntry(dead_letter=d.coordinates, reason=d.reason, replayed_to=target,
-                                      partition=meta.partition, offset=meta.offset, replayed_at=at)
+            entry = ReplayLedgerEntry(dead_letter=d.coordinates, dead_lettered_at=d.dead_lettered_at, reason=d.reason,
+                                      replayed_to=target, partition=meta.partition, offset=meta.offset,
+                                      replayed_at=at)
             producer.send(ledger, key=d.coordinates.encode(), value=entry.model_dump_json().encode()).get(
                 timeout=max(timeout, 30))
             counts["replayed"] += 1

@@ -14,6 +14,8 @@ class ReplayLedgerEntry(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     dead_letter: str
+    #: the dead letter's own record time: tells it apart from a record at the same offset of a re-created topic
+    dead_lettered_at: AwareDatetime
     reason: str
     replayed_to: str
     partition: int

@@ -198,7 +198,7 @@ def payloads() -> dict[str, bytes]:
         "observation": Observation(observation_id="o1", event_id="e1", patient_id="MRN-0001", analyte="alt",
                                    loinc="1742-6", kind="lab", value=55, unit="U/L", effective_at=NOW,
                                    source="lab-a").model_dump_json().encode(),
-        "dlq-replay": ReplayLedgerEntry(dead_letter="dead-letter/0/5", reason="unknown_loinc",
+        "dlq-replay": ReplayLedgerEntry(dead_letter="dead-letter/0/5", dead_lettered_at=NOW, reason="unknown_loinc",
                                         replayed_to="lab-results", partition=1, offset=9,
                                         replayed_at=NOW).model_dump_json().encode(),
     }

@@ -1,6 +1,7 @@
 """Pure parts of ``monitor dlq``: time and id parsing, filters, formatting, replay targets."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -84,3 +85,18 @@ def test_replay_targets_and_ledger_name():
     assert replay_target(dl(source=""), s) is None
     assert replay_ledger_topic(s) == "dead-letter-replays"
     assert replay_ledger_topic(Settings.model_construct(topic_dead_letter_replays="x")) == "x"
+
+
+def test_ledger_entry_must_match_coordinates_and_time():
+    from monitor.dlq_tool import ledger_entry_for
+    from schemas.replay import ReplayLedgerEntry
+
+    d = dl()
+    entry = json.loads(ReplayLedgerEntry(dead_letter=d.coordinates, dead_lettered_at=d.dead_lettered_at,
+                                         reason=d.reason, replayed_to="lab-results", partition=0, offset=3,
+                                         replayed_at=NOW).model_dump_json())
+    assert ledger_entry_for(d, {d.coordinates: entry}) == entry
+    assert ledger_entry_for(dl(offset=8), {d.coordinates: entry}) is None
+    # the same coordinates in a re-created dead-letter topic: a different record, not replayed yet
+    recreated = dl(at=NOW + timedelta(days=3))
+    assert ledger_entry_for(recreated, {d.coordinates: entry}) is None

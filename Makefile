@@ -48,6 +48,7 @@ demo-stop:
 	$(PY) -m monitor.demo stop
 
 tools:
+	scripts/install-node-tools.sh
 	deploy/local/install-tools.sh
 
 test: setup debs tools

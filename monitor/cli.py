@@ -29,7 +29,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from .app import app
 
-    worker = faust.Worker(app, loglevel=args.loglevel or s.log_level, quiet=True, redirect_stdouts=False)
+    from .logs import faust_logging_config
+
+    level = args.loglevel or s.log_level
+    worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False,
+                          logging_config=faust_logging_config(level))
     worker.execute_from_commandline()
     return 0
 
@@ -37,6 +41,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import publish_file
 
+    if not Path(args.file).is_file():
+        raise FileNotFoundError(2, "no such file" if not Path(args.file).exists() else "not a file", args.file)
     counts = publish_file(args.file, _settings())
     print(json.dumps({"published": counts, "total": sum(counts.values())}))
     return 0
@@ -45,8 +51,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import write_schemas
 
-    for path in write_schemas(Path(args.out)):
+    from .asyncapi import render
+
+    out = Path(args.out)
+    for path in write_schemas(out):
         print(path)
+    asyncapi = out.parent / "asyncapi.yaml"
+    asyncapi.write_text(render(version=_version(), schema_dir=f"./{out.name}"), encoding="utf-8")
+    print(asyncapi)
     return 0
 
 
@@ -85,54 +97,163 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="monitor", description="Post-gene-therapy safety monitoring service")
+    p = argparse.ArgumentParser(prog="monitor", description="Post-gene-therapy safety monitoring service",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run a stream-processing worker")
-    w.add_argument("--loglevel", default=None)
+    w.add_argument("--loglevel", "--log-level", default=None, metavar="LEVEL",
+                   help="log level: DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL; default INFO)")
     w.set_defaults(func=cmd_worker)
     pub = sub.add_parser("publish", help="publish a JSON-lines file of events to their topics")
-    pub.add_argument("file")
+    pub.add_argument("file", help="JSON-lines file: one event per line, or {\"topic\", \"value\"[, \"key\"]} "
+                                   "(topics from the TOPIC_* variables; broker KAFKA_BOOTSTRAP_SERVERS)")
     pub.set_defaults(func=cmd_publish)
-    sc = sub.add_parser("schema", help="write the JSON Schemas of the input events")
-    sc.add_argument("--out", default="schemas/json")
+    sc = sub.add_parser("schema", help="write the JSON Schemas of every topic payload and the AsyncAPI document")
+    sc.add_argument("--out", default="schemas/json", metavar="DIR",
+                    help="directory for the *.json schema files; asyncapi.yaml goes to its parent "
+                         "(no env; default schemas/json)")
     sc.set_defaults(func=cmd_schema)
     t = sub.add_parser("topics", help="create the service's topics (idempotent)")
     t.set_defaults(func=cmd_topics)
     pr = sub.add_parser("protocol", help="safety protocol tools")
     prs = pr.add_subparsers(dest="protocol_command", required=True)
     chk = prs.add_parser("check", help="validate and summarise a protocol file")
-    chk.add_argument("file")
+    chk.add_argument("file", help="protocol YAML file to check (the shipped ones are in alerts/protocols/)")
     chk.set_defaults(func=cmd_protocol_check)
     m = sub.add_parser("mllp", help="HL7 v2 MLLP listener publishing to Kafka")
-    m.add_argument("rest", nargs=argparse.REMAINDER)
+    m.add_argument("rest", nargs=argparse.REMAINDER, help="options of the listener: see 'monitor mllp --help'")
     m.set_defaults(func=cmd_mllp)
     ib = sub.add_parser("inbox", help="the nurse web inbox (serve | hash-password)")
-    ib.add_argument("rest", nargs=argparse.REMAINDER)
+    ib.add_argument("rest", nargs=argparse.REMAINDER, help="sub-command and options: see 'monitor inbox --help'")
     ib.set_defaults(func=cmd_inbox)
     si = sub.add_parser("simulate", help="generate (and publish) a synthetic post-dose cohort with ground truth")
-    si.add_argument("rest", nargs=argparse.REMAINDER)
+    si.add_argument("rest", nargs=argparse.REMAINDER, help="options of the simulator: see 'monitor simulate --help'")
     si.set_defaults(func=cmd_simulate)
+    _add_tool_commands(sub)
     return p
 
 
 #: sub-commands with their own argument parsers
 _DELEGATED = {"inbox": cmd_inbox, "simulate": cmd_simulate, "mllp": cmd_mllp}
 
+#: long-running commands keep the Kafka clients' logs; the others are one-shot tools
+_SERVERS = frozenset({"worker"})
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        return int(_DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from .topics_admin import KafkaUnreachable
+_EPILOG = """\
+Configuration comes from environment variables (KAFKA_BOOTSTRAP_SERVERS, TOPIC_*,
+KAFKA_SECURITY_PROTOCOL, PSEUDONYM_SECRET, LOG_LEVEL, LOG_FORMAT=text|json, ...):
+'monitor config docs' prints them all with defaults and meanings (docs/configuration.md).
+"""
+
+
+def _version() -> str:
+    from importlib import metadata
 
     try:
+        return metadata.version("sma-gene-therapy-monitor")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from .config_docs import render_markdown
+
+    text = render_markdown()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from .config_docs import effective_config
+
+    print(json.dumps(effective_config(), indent=2))
+    return 0
+
+
+def _add_tool_commands(sub) -> None:
+    """Operator tools: ``dlq`` (dead letters) and ``config`` (environment reference)."""
+    from .dlq_tool import add_parser as add_dlq_parser
+
+    add_dlq_parser(sub, "See docs/operations.md.")
+    cf = sub.add_parser("config", help="configuration reference and effective configuration")
+    cfs = cf.add_subparsers(dest="config_command", required=True)
+    doc = cfs.add_parser("docs", help="print the table of every environment variable (Markdown)")
+    doc.add_argument("--out", default=None, metavar="FILE",
+                     help="write to FILE instead of stdout (default: stdout; docs/configuration.md is generated so)")
+    doc.set_defaults(func=cmd_config_docs)
+    show = cfs.add_parser("show", help="print the effective configuration as JSON (secrets masked)")
+    show.set_defaults(func=cmd_config_show)
+
+
+def _delegated_log_level(rest: list[str]) -> str | None:
+    """The ``--log-level``/``--loglevel`` a delegated command was given (its own parser reads it too late)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--log-level", "--loglevel", dest="level", default=None)
+    known, _ = pre.parse_known_args(rest)
+    return known.level
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"monitor: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; user mistakes (missing file, unreachable broker, bad value) print one line, exit non-zero."""
+    from .logs import configure_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in _DELEGATED:
+            # the root logger is configured here, so the command's own basicConfig is a no-op: honour its level
+            configure_logging(_delegated_log_level(argv[1:]))
+            return int(_DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
+        args = build_parser().parse_args(argv)
+        configure_logging(tool=args.command not in _SERVERS)
         return int(args.func(args) or 0)
-    except KafkaUnreachable as exc:
-        print(f"monitor: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only the user mistakes below become one line
+        message = _user_error(exc)
+        if message is None:
+            raise
+        return _fail(message)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """A one-line message for a user mistake, or None for a bug (which keeps its traceback)."""
+    from .dlq_tool import DlqError
+    from .topics_admin import KafkaUnreachable
+
+    if isinstance(exc, (KafkaUnreachable, DlqError)):
+        return str(exc)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return f"{exc.filename}: {exc.strerror.lower() if exc.strerror else exc}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"the file is not UTF-8 text: {exc.reason}"
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError)):
+        from .settings import get_settings
+
+        return (f"cannot reach Kafka at {get_settings().kafka_bootstrap_servers} ({type(exc).__name__}); "
+                "check KAFKA_BOOTSTRAP_SERVERS and the TLS/SASL settings")
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'value'}: {e['msg']}" for e in exc.errors())
+        return f"invalid configuration: {errors}"
+    if isinstance(exc, ValueError) and str(exc).startswith("LOG_FORMAT="):
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     topic_ticks: str = "patient-ticks"
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
+    #: compacted ledger of replayed dead letters (``monitor dlq replay``); empty = "<topic_dead_letter>-replays"
+    topic_dead_letter_replays: str = ""
     topic_partitions: int = 3
     topic_replication_factor: int = 1
 

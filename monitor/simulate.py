@@ -1128,18 +1128,24 @@ def simulate(cohort: Cohort, bootstrap: str | None = None, rate: float | None = 
 # ------------------------------------------------------------------ CLI
 def build_parser(prog: str = "monitor simulate") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Generate (and optionally publish) a synthetic post-dose cohort.")
-    ap.add_argument("--patients", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--days", type=int, default=90)
-    ap.add_argument("--format", choices=("json", "fhir", "hl7", "mixed"), default="json")
-    ap.add_argument("--it-fraction", type=float, default=0.3)
-    ap.add_argument("--start", help="cohort start (ISO 8601 with offset); default: today 00:00 UTC minus --days")
-    ap.add_argument("--out", default="sim-out", help="directory for events.jsonl and ground_truth.json")
-    ap.add_argument("--publish", action="store_true")
-    ap.add_argument("--bootstrap", default=None)
-    ap.add_argument("--rate", type=float, default=None, help="events per second cap")
-    ap.add_argument("--compress", type=float, default=None, help="days of effective time per real second")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--patients", type=int, default=50, help="number of patients (default: 50)")
+    ap.add_argument("--seed", type=int, default=1, help="random seed; the same seed gives the same cohort (default: 1)")
+    ap.add_argument("--days", type=int, default=90, help="days of follow-up per patient (default: 90)")
+    ap.add_argument("--format", choices=("json", "fhir", "hl7", "mixed"), default="json",
+                    help="wire format of lab results: json, fhir, hl7 or mixed (default: json)")
+    ap.add_argument("--it-fraction", type=float, default=0.3,
+                    help="share of patients dosed intrathecally rather than intravenously (default: 0.3)")
+    ap.add_argument("--start", help="cohort start (ISO 8601 with offset) (default: today 00:00 UTC minus --days)")
+    ap.add_argument("--out", default="sim-out",
+                    help="directory for events.jsonl and ground_truth.json (default: sim-out)")
+    ap.add_argument("--publish", action="store_true",
+                    help="also publish the events to their topics (TOPIC_* variables) (default: off)")
+    ap.add_argument("--bootstrap", default=None,
+                    help="Kafka bootstrap servers for --publish (default: env KAFKA_BOOTSTRAP_SERVERS, 127.0.0.1:9092)")
+    ap.add_argument("--rate", type=float, default=None, help="events per second cap (default: no cap)")
+    ap.add_argument("--compress", type=float, default=None,
+                    help="days of effective time per real second (default: publish as fast as --rate allows)")
+    ap.add_argument("--quiet", action="store_true", help="no progress output while publishing (default: off)")
     return ap
 
 

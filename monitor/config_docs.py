@@ -57,6 +57,8 @@ DESCRIPTIONS: dict[str, str] = {
     "inbox_users_file": "YAML users file (username -> password_hash, role) for the inbox and the actions API.",
     "tick_interval_seconds": "Seconds between clock ticks that check schedules (overdue labs).",
     "log_level": "Log level: DEBUG, INFO, WARNING or ERROR.",
+    "actions_api_allow_exposed": "Serve the worker's actions API on a non-loopback WEB_HOST (off: it answers 503 "
+                                 "there; put the inbox or a TLS proxy in front instead).",
 }
 
 #: variables read outside ``Settings``: (name, default, meaning, read by)
@@ -66,16 +68,31 @@ EXTRA: list[tuple[str, str, str, str]] = [
     ("MONITOR_LAG_INTERVAL_SECONDS", "10", "Seconds between consumer-lag measurements for /metrics.", "worker"),
     ("MLLP_HOST", "127.0.0.1", "Address the MLLP listener binds (`monitor mllp --host`).", "mllp"),
     ("MLLP_PORT", "2575", "Port of the MLLP listener (`monitor mllp --port`).", "mllp"),
+    ("MLLP_MAX_CONNECTIONS", "64", "Connections the MLLP listener keeps open at once.", "mllp"),
+    ("MLLP_MAX_CONNECTIONS_PER_PEER", "16", "Connections open at once from one sender address.", "mllp"),
+    ("MLLP_FRAME_TIMEOUT_SECONDS", "30", "Seconds from a frame's first byte to its end block.", "mllp"),
+    ("MLLP_IDLE_TIMEOUT_SECONDS", "300", "Seconds without a byte between frames before a connection is closed.",
+     "mllp"),
+    ("MLLP_ALLOWED_PEERS", "(empty: any)", "Comma-separated sender networks (CIDR) allowed to connect.", "mllp"),
+    ("MLLP_TLS_CERT", "(empty)", "PEM certificate (chain): serve MLLP over TLS.", "mllp"),
+    ("MLLP_TLS_KEY", "(empty)", "PEM private key of MLLP_TLS_CERT if not in the same file.", "mllp"),
+    ("MLLP_TLS_CLIENT_CA", "(empty)", "PEM CA bundle: require client certificates it signed (mutual TLS).", "mllp"),
+    ("MLLP_METRICS_PORT", "0", "Port of the MLLP listener's Prometheus metrics (0 = off).", "mllp"),
+    ("MLLP_METRICS_HOST", "127.0.0.1", "Address of the MLLP listener's metrics endpoint.", "mllp"),
     ("INBOX_HOST", "WEB_HOST", "Address the inbox binds (`monitor inbox --host`).", "inbox"),
     ("INBOX_PORT", "6067", "Port of the inbox (`monitor inbox --port`).", "inbox"),
     ("INBOX_USERS_FILE", "(empty)", "Same as the setting above; `monitor inbox --users-file` sets it.", "inbox"),
-    ("INBOX_SECRET", "(random per start)", "Secret signing inbox sessions and references (secret); set it so "
-     "sessions survive a restart and several inbox replicas agree.", "inbox"),
+    ("INBOX_SECRET", "(none: required)", "Secret signing inbox sessions and the opaque patient references in "
+     "its URLs (secret, at least 32 characters); the inbox refuses to start without it.", "inbox"),
     ("INBOX_SESSION_IDLE_MINUTES", "30", "Inbox session idle timeout, minutes.", "inbox"),
     ("INBOX_SESSION_MAX_HOURS", "12", "Inbox session absolute lifetime, hours.", "inbox"),
     ("INBOX_SECURE_COOKIES", "(on with TLS)", "Mark cookies Secure (`true`/`false`); set `true` behind a "
      "TLS-terminating proxy.", "inbox"),
-    ("INBOX_TRUST_PROXY", "false", "Trust `X-Forwarded-For`/`-Proto` from a reverse proxy.", "inbox"),
+    ("INBOX_TRUST_PROXY", "false", "Trust `X-Forwarded-For`/`-Proto` (only from INBOX_TRUSTED_PROXIES when that "
+     "is set).", "inbox"),
+    ("INBOX_TRUSTED_PROXIES", "(empty)", "Comma-separated proxy addresses or networks whose forwarded headers are "
+     "believed; the client is the right-most address that is not one of them. Setting it implies "
+     "INBOX_TRUST_PROXY.", "inbox"),
     ("INBOX_TLS_CERT", "(empty)", "Certificate (PEM) to serve the inbox over HTTPS.", "inbox"),
     ("INBOX_TLS_KEY", "(empty)", "Private key (PEM) of INBOX_TLS_CERT.", "inbox"),
 ]
@@ -152,7 +169,7 @@ def effective_config() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         value = getattr(s, name)
-        if name in SECRET_FIELDS and value:
-            value = "***" if not (name == "pseudonym_secret" and value == field.default) else f"{value} (DEFAULT: change it)"
+        if name in SECRET_FIELDS:
+            value = "***" if value else "(not set)"
         out[env_name(name, field)] = value
     return out

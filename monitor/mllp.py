@@ -552,36 +552,47 @@ async def serve_mllp(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monitor mllp", description="HL7 v2 ORU^R01 MLLP listener -> Kafka")
-    p.add_argument("--host", default=os.environ.get("MLLP_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("MLLP_PORT", DEFAULT_PORT)))
+    p.add_argument("--host", default=os.environ.get("MLLP_HOST", "127.0.0.1"),
+                   help="address to bind (env MLLP_HOST; default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("MLLP_PORT", DEFAULT_PORT)),
+                   help=f"port to bind (env MLLP_PORT; default: {DEFAULT_PORT})")
     settings = get_settings()
-    p.add_argument("--bootstrap", default=settings.kafka_bootstrap_servers)
-    p.add_argument("--observations-topic", default=settings.topic_observations)
-    p.add_argument("--dead-letter-topic", default=settings.topic_dead_letter)
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_bytes)
-    p.add_argument("--send-timeout", type=float, default=10.0, help="seconds to wait for the broker's ack")
+    p.add_argument("--bootstrap", default=settings.kafka_bootstrap_servers,
+                   help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS; default: %(default)s)")
+    p.add_argument("--observations-topic", default=settings.topic_observations,
+                   help="topic the canonical observations are written to (env TOPIC_OBSERVATIONS; default: %(default)s)")
+    p.add_argument("--dead-letter-topic", default=settings.topic_dead_letter,
+                   help="topic rejected messages are written to (env TOPIC_DEAD_LETTER; default: %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_bytes,
+                   help="largest HL7 message accepted, bytes (default: %(default)s)")
+    p.add_argument("--send-timeout", type=float, default=10.0, help="seconds to wait for the broker's ack (default: %(default)s)")
     p.add_argument(
         "--default-tz",
         default=None,
         help="IANA zone applied to HL7 timestamps without offset (default: reject them)",
     )
     env = os.environ.get
-    p.add_argument("--max-connections", type=int, default=int(env("MLLP_MAX_CONNECTIONS", 64)))
-    p.add_argument("--max-connections-per-peer", type=int, default=int(env("MLLP_MAX_CONNECTIONS_PER_PEER", 16)))
+    p.add_argument("--max-connections", type=int, default=int(env("MLLP_MAX_CONNECTIONS", 64)),
+                   help="connections open at once (env MLLP_MAX_CONNECTIONS; default: %(default)s)")
+    p.add_argument("--max-connections-per-peer", type=int, default=int(env("MLLP_MAX_CONNECTIONS_PER_PEER", 16)),
+                   help="connections open at once from one address (env MLLP_MAX_CONNECTIONS_PER_PEER; "
+                        "default: %(default)s)")
     p.add_argument("--frame-timeout", type=float, default=float(env("MLLP_FRAME_TIMEOUT_SECONDS", 30)),
-                   help="seconds from a frame's first byte to its end block")
+                   help="seconds from a frame's first byte to its end block (env MLLP_FRAME_TIMEOUT_SECONDS; default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=float(env("MLLP_IDLE_TIMEOUT_SECONDS", 300)),
-                   help="seconds without a byte between frames before the connection is closed")
+                   help="seconds without a byte between frames before the connection is closed "
+                        "(env MLLP_IDLE_TIMEOUT_SECONDS; default: %(default)s)")
     p.add_argument("--allowed-peers", default=env("MLLP_ALLOWED_PEERS", ""),
-                   help="comma-separated networks (CIDR) allowed to connect; empty = any")
-    p.add_argument("--tls-cert", default=env("MLLP_TLS_CERT", ""), help="PEM certificate (chain): serve MLLP over TLS")
-    p.add_argument("--tls-key", default=env("MLLP_TLS_KEY", ""), help="PEM private key (if not in --tls-cert)")
+                   help="comma-separated networks (CIDR) allowed to connect (env MLLP_ALLOWED_PEERS; default: empty = any)")
+    p.add_argument("--tls-cert", default=env("MLLP_TLS_CERT", ""), help="PEM certificate (chain): serve MLLP over TLS (env MLLP_TLS_CERT; default: none, cleartext)")
+    p.add_argument("--tls-key", default=env("MLLP_TLS_KEY", ""), help="PEM private key if not in --tls-cert (env MLLP_TLS_KEY; default: none)")
     p.add_argument("--tls-client-ca", default=env("MLLP_TLS_CLIENT_CA", ""),
-                   help="PEM CA bundle: require a client certificate it signed (mutual TLS)")
+                   help="PEM CA bundle: require a client certificate it signed, mutual TLS (env MLLP_TLS_CLIENT_CA; default: none)")
     p.add_argument("--metrics-port", type=int, default=int(env("MLLP_METRICS_PORT", 0)),
-                   help="serve Prometheus metrics on this port (0 = off)")
-    p.add_argument("--metrics-host", default=env("MLLP_METRICS_HOST", "127.0.0.1"))
-    p.add_argument("--log-level", default="INFO")
+                   help="serve Prometheus metrics on this port (env MLLP_METRICS_PORT; default: 0 = off)")
+    p.add_argument("--metrics-host", default=env("MLLP_METRICS_HOST", "127.0.0.1"),
+                   help="address of the metrics endpoint (env MLLP_METRICS_HOST; default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", help="log level: DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     return p
 
 

@@ -270,11 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     sp = sub.add_parser("serve", help="serve the inbox (default)")
     hp = sub.add_parser("hash-password", help="print an scrypt hash for a password (read from the terminal or stdin)")
-    hp.add_argument("--password-stdin", action="store_true")
+    hp.add_argument("--password-stdin", action="store_true",
+                    help="read the password from standard input instead of the terminal (default: off)")
     for q, d in ((p, None), (sp, argparse.SUPPRESS)):
-        q.add_argument("--host", default=d)
-        q.add_argument("--port", type=int, default=d)
-        q.add_argument("--users-file", default=d)
+        q.add_argument("--host", default=d, help="address to bind (env INBOX_HOST; default: WEB_HOST, 127.0.0.1)")
+        q.add_argument("--port", type=int, default=d, help="port to bind (env INBOX_PORT; default: 6067)")
+        q.add_argument("--users-file", default=d,
+                       help="YAML users file with scrypt hashes and roles (env INBOX_USERS_FILE; default: none, "
+                            "required)")
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
     if args.cmd == "hash-password":
         return _cmd_hash(args)

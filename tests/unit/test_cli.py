@@ -86,8 +86,6 @@ def test_simulate_options_have_help(monkeypatch):
     assert undocumented(captured_parser(main, monkeypatch), "monitor simulate") == []
 
 
-@pytest.mark.xfail(strict=True, reason="monitor/mllp.py and monitor/inbox/ belong to other work in progress; "
-                                      "their option help is added there (this xfail turns into a failure then)")
 @pytest.mark.parametrize("module", ["monitor.mllp", "monitor.inbox"])
 def test_delegated_listener_options_have_help(module, monkeypatch):
     import importlib

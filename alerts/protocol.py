@@ -100,6 +100,11 @@ class Band(Sourced):
     #: the limit must be exceeded by consecutive readings spanning MORE than this many hours
     #: (e.g. CTCAE fever grade 4: > 40.0 C for > 24 h). Absolute limits only.
     for_hours: float | None = Field(default=None, gt=0)
+    #: the band applies only to these analytes of the rule (e.g. one assay of two)
+    analytes: list[str] | None = None
+    #: the band still applies when the baseline is abnormal (``abnormal_baseline_bands`` then
+    #: replace only the other bands): an absolute escalation that no baseline may suppress
+    any_baseline: bool = False
 
     @model_validator(mode="after")
     def _grade_or_severity(self):
@@ -110,11 +115,31 @@ class Band(Sourced):
         return self
 
 
+class AgeValue(Sourced):
+    """An age-specific limit: ``value`` applies while min_months <= age < max_months."""
+
+    min_months: float = Field(default=0, ge=0)
+    max_months: float = Field(default=1e6, gt=0)
+    value: float
+
+
 class Condition(Sourced):
     analyte: str
     op: Op
     value: float
     basis: Basis = "absolute"
+    #: composite rules: ``any`` = any result of the analyte within the window meets it (the
+    #: window's peak, or nadir, is shown); ``newest`` = only the newest result in the window.
+    #: Completion criteria always use the newest result.
+    use: Literal["any", "newest"] = "any"
+    #: at least this many results within the window must meet it (e.g. 2 blood pressures)
+    min_count: int = Field(default=1, ge=1, le=8)
+    #: the condition applies only when the patient has no pre-dose baseline of the analyte
+    #: (an x ULN / x LLN alternative to a x baseline condition)
+    only_without_baseline: bool = False
+    #: age-specific limits (absolute basis): the band for the patient's age at the result's
+    #: time replaces ``value``; no band for the age: the condition cannot be evaluated
+    by_age: list[AgeValue] | None = None
 
 
 class Group(_M):
@@ -168,6 +193,13 @@ class CompositeRule(_RuleBase):
     window_days: float = Field(gt=0)
     when: Expr
     unless: Expr | None = None
+    #: judge ``unless`` on the results at or before the onset (the earliest evidence of the
+    #: episode, within the window before it), not on the newest ones (Hy's law: "without
+    #: INITIAL findings of cholestasis")
+    unless_at_onset: bool = False
+    #: analytes whose worsening keeps a finding open even when its condition no longer holds
+    #: (default: the analytes of ``when``)
+    markers: list[str] | None = None
     severity: Severity = Severity.CRITICAL
 
 
@@ -198,6 +230,16 @@ class OverdueRule(_RuleBase):
     severity: Severity = Severity.WARNING
 
 
+class NoDoseRule(_RuleBase):
+    """Results keep arriving for a patient with no (usable) dose record: after ``grace_hours``
+    from the first result's effective time, tell someone (clock-driven)."""
+
+    kind: Literal["no_dose_record"]
+    grace: Sourced
+    grace_hours: float = Field(default=12, ge=0)
+    severity: Severity = Severity.WARNING
+
+
 class CompletionRule(_RuleBase, Sourced):
     kind: Literal["completion"]
     min_days: float = Field(gt=0)
@@ -206,7 +248,7 @@ class CompletionRule(_RuleBase, Sourced):
 
 
 Rule = Annotated[
-    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule],
+    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, NoDoseRule],
     Field(discriminator="kind"),
 ]
 
@@ -363,6 +405,10 @@ class Protocol(_M):
             if isinstance(e, Condition):
                 check_analyte(e.analyte, path + ".analyte")
                 check_sourced(e, path)
+                for j, b in enumerate(e.by_age or []):
+                    check_sourced(b, f"{path}.by_age[{j}]")
+                    if e.basis != "absolute":
+                        errs.append(f"{path}.by_age: needs an absolute limit (basis: absolute)")
             else:
                 key = "all" if e.all is not None else "any"
                 for j, sub in enumerate(e.all if e.all is not None else e.any):
@@ -379,6 +425,9 @@ class Protocol(_M):
                     check_analyte(a, p + ".analytes")
                 for j, b in enumerate(r.bands):
                     check_sourced(b, f"{p}.bands[{j}]")
+                    for a in b.analytes or []:
+                        if a not in r.analytes:
+                            errs.append(f"{p}.bands[{j}].analytes: {a!r} is not an analyte of the rule")
                     if b.for_hours is not None and len(r.analytes) != 1:
                         errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
@@ -391,6 +440,10 @@ class Protocol(_M):
                     walk(r.unless, p + ".unless")
                 if r.window is not None:
                     check_sourced(r.window, p + ".window")
+                for a in r.markers or []:
+                    check_analyte(a, p + ".markers")
+            elif isinstance(r, NoDoseRule):
+                check_sourced(r.grace, p + ".grace")
             elif isinstance(r, DeltaRule):
                 check_analyte(r.analyte, p + ".analyte")
                 check_sourced(r, p)
@@ -449,7 +502,8 @@ class Protocol(_M):
 
 # -- loading ---------------------------------------------------------------------
 
-_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "Condition", "Group"}
+_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "no_dose_record",
+               "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Callable
 
 from schemas.analytes import catalogue
@@ -32,6 +34,7 @@ from .protocol import (
     Condition,
     DeltaRule,
     GradedRule,
+    NoDoseRule,
     OverdueRule,
     Protocol,
     ScoreRule,
@@ -44,6 +47,26 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 B_ABS, B_ULN, B_LLN, B_BASE, B_SCORE, B_SCHEDULE = "absolute", "uln", "lln", "baseline", "score", "schedule"
 SEV_BY_RANK = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL]
 DAY = 86400.0
+#: a value within this relative distance of a limit is compared exactly (decimal)
+_NEAR = 1e-9
+
+
+def meets(op: Callable, v: float, mult: float, ref: float) -> bool:
+    """``v <op> mult x ref``, exact at the boundary (PS-16).
+
+    Binary floating point misplaces exact CTCAE boundaries (1.5 x 1.2 = 1.7999999999999998,
+    so bilirubin 1.8 with ULN 1.2 would grade 2 instead of 1). Far from the limit the float
+    comparison is right; within a relative 1e-9 of it the numbers are compared as the
+    decimals they were written as (shortest repr of each float), multiplied exactly."""
+    lim = mult * ref
+    d = v - lim
+    if d > _NEAR * abs(lim) + 1e-300 or -d > _NEAR * abs(lim) + 1e-300:
+        return op(v, lim)
+    return op(Decimal(repr(float(v))), Decimal(repr(float(mult))) * Decimal(repr(float(ref))))
+
+
+#: a composite rule whose episode results are no longer held: keep its finding as it is
+KEEP = object()
 
 
 def Ev(analyte, entry, limit=None, op=None, basis=None, ref=None, note=None) -> tuple:
@@ -53,15 +76,18 @@ def Ev(analyte, entry, limit=None, op=None, basis=None, ref=None, note=None) -> 
 
 
 class Hit:
-    __slots__ = ("rank", "grade", "evidence", "t", "extra", "summary")
+    __slots__ = ("rank", "grade", "evidence", "t", "extra", "summary", "note")
 
-    def __init__(self, rank: int, grade: int | None, evidence: list[Ev], t: float, extra: str = "", summary: str = ""):
+    def __init__(self, rank: int, grade: int | None, evidence: list[Ev], t: float, extra: str = "", summary: str = "",
+                 note: str = ""):
         self.rank = rank
         self.grade = grade
         self.evidence = evidence
         self.t = t
         self.extra = extra
         self.summary = summary
+        #: appended to the finding's text (e.g. "arrived late", "no longer evaluable")
+        self.note = note
 
     def ids(self) -> str:
         ids = [e[1][2] for e in self.evidence if e[1] is not None]
@@ -163,7 +189,7 @@ class CRule:
 
 
 class CBand:
-    __slots__ = ("op", "ops", "value", "basis", "grade", "rank", "for_s")
+    __slots__ = ("op", "ops", "value", "basis", "grade", "rank", "for_s", "only", "any_baseline")
 
     def __init__(self, b) -> None:
         self.op = OPS[b.op]
@@ -171,6 +197,8 @@ class CBand:
         self.value = b.value
         self.basis = b.basis
         self.grade = b.grade
+        self.only = frozenset(b.analytes) if b.analytes else None
+        self.any_baseline = b.any_baseline
         self.for_s = None if b.for_hours is None else b.for_hours * 3600.0
         sev = b.severity if b.severity is not None else GRADE_SEVERITY[b.grade]
         self.rank = Severity(sev).rank
@@ -189,11 +217,45 @@ class GradedRuleC(CRule):
         super().__init__(r)
         self.analytes = tuple(r.analytes)
         self.bands = _sorted_bands(r.bands)
-        self.abn_bands = _sorted_bands(r.abnormal_baseline_bands) if r.abnormal_baseline_bands else None
+        if r.abnormal_baseline_bands:
+            # bands marked any_baseline (an absolute escalation) stay when the baseline is abnormal
+            self.abn_bands = _sorted_bands(list(r.abnormal_baseline_bands) + [b for b in r.bands if b.any_baseline])
+        else:
+            self.abn_bands = None
+
+    def grade_entry(self, st, cp, a: str, e: Entry, evidence: list) -> tuple | None:
+        """(rank, grade) of one result (evidence appended), or None when no band holds."""
+        ranges = cp.ranges
+        v = e[1]
+        bands = self.bands
+        if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
+            bands = self.abn_bands
+        for b in bands:
+            if b.only is not None and a not in b.only:
+                continue
+            basis = b.basis
+            if basis == B_ABS:
+                ref = 1.0
+            elif basis == B_ULN:
+                ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
+            else:
+                ref = reference(ranges, st, a, e, basis)
+            if ref is None:
+                continue
+            if meets(b.op, v, b.value, ref):
+                lim = b.value * ref
+                if b.for_s is not None:
+                    run = st.runs.get(a)
+                    if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
+                        continue  # not sustained long enough: a lower band decides
+                    evidence.append((a, (run[0], run[1], run[2], None, None), lim, b.ops, basis, ref,
+                                     f"first reading of this episode; sustained > {b.for_s / 3600:g} h"))
+                evidence.append((a, e, lim, b.ops, basis, ref, None))
+                return b.rank, b.grade
+        return None
 
     def evaluate(self, st, cp):
         hist = st.hist
-        ranges = cp.ranges
         best_rank = -1
         best_grade = None
         evidence = None
@@ -215,43 +277,33 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] < dose:
                 continue  # a pre-dose result is a baseline, not evidence
-            v = e[1]
-            bands = self.bands
-            if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
-                bands = self.abn_bands
-            for b in bands:
-                basis = b.basis
-                if basis == B_ABS:
-                    ref = 1.0
-                elif basis == B_ULN:
-                    ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
-                else:
-                    ref = reference(ranges, st, a, e, basis)
-                if ref is None:
-                    continue
-                lim = b.value * ref
-                if b.op(v, lim):
-                    if b.for_s is not None:
-                        run = st.runs.get(a)
-                        if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
-                            continue  # not sustained long enough: a lower band decides
-                        if evidence is None:
-                            evidence = []
-                        evidence.append((a, (run[0], run[1], run[2], None, None), lim, b.ops, basis, ref,
-                                         f"first reading of this episode; sustained > {b.for_s / 3600:g} h"))
-                    if evidence is None:
-                        evidence = []
-                    evidence.append((a, e, lim, b.ops, basis, ref, None))
-                    if b.rank > best_rank or (b.rank == best_rank and (b.grade or 0) > (best_grade or 0)):
-                        best_rank, best_grade = b.rank, b.grade
-                    break
-        if evidence is None:
+            if evidence is None:
+                evidence = []
+            got = self.grade_entry(st, cp, a, e, evidence)
+            if got is not None:
+                rank, grade = got
+                if rank > best_rank or (rank == best_rank and (grade or 0) > (best_grade or 0)):
+                    best_rank, best_grade = rank, grade
+        if not evidence:
             return None
         return Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
 
+    def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
+        """What the rule said of ``e`` when it was the newest result (a late or re-evaluated
+        result): the same bands, at the result's own event time."""
+        if st.dose_at is None or e[0] < st.dose_at:
+            return None
+        if (self.days is not None or self.phases is not None) and not self.active_at(st, e[0]):
+            return None
+        evidence: list = []
+        got = self.grade_entry(st, cp, a, e, evidence)
+        if got is None:
+            return None
+        return Hit(got[0], got[1], evidence, e[0])
+
 
 class CCond:
-    __slots__ = ("analyte", "op", "ops", "value", "basis")
+    __slots__ = ("analyte", "op", "ops", "value", "basis", "newest", "min_count", "no_base", "by_age", "direction")
 
     def __init__(self, c: Condition) -> None:
         self.analyte = c.analyte
@@ -259,6 +311,33 @@ class CCond:
         self.ops = c.op
         self.value = c.value
         self.basis = c.basis
+        self.newest = c.use == "newest"
+        self.min_count = c.min_count
+        self.no_base = c.only_without_baseline
+        self.by_age = tuple((x.min_months, x.max_months, x.value) for x in c.by_age) if c.by_age else None
+        self.direction = -1 if c.op in ("<", "<=") else 1
+
+    def limit(self, st: PatientState, cp: "CompiledProtocol", e: Entry) -> tuple | None:
+        """(multiple, reference) for result ``e``, or None when it cannot be judged."""
+        if self.by_age is not None:
+            if st.birth is None:
+                return None
+            age = (e[0] - st.birth) / 2629800.0
+            for lo, hi, v in self.by_age:
+                if lo <= age < hi:
+                    return v, 1.0
+            return None
+        ref = reference(cp.ranges, st, self.analyte, e, self.basis)
+        return None if ref is None else (self.value, ref)
+
+    def holds(self, st: PatientState, cp: "CompiledProtocol", e: Entry):
+        """True / False for one result; None when it cannot be judged."""
+        if self.no_base and self.analyte in st.base:
+            return False
+        lr = self.limit(st, cp, e)
+        if lr is None:
+            return None
+        return meets(self.op, e[1], lr[0], lr[1])
 
 
 def _compile_expr(e):
@@ -278,30 +357,26 @@ def _expr_analytes(e, out: set) -> set:
     return out
 
 
-def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | None, evidence: list | None):
-    """Three-valued: True, False or None (no result, no reference, outside the window)."""
-    if isinstance(expr, CCond):
-        h = st.hist.get(expr.analyte)
-        if not h:
-            return None
-        e = h[-1]
-        if since is not None and e[0] < since:
-            return None
-        ref = reference(cp.ranges, st, expr.analyte, e, expr.basis)
-        if ref is None:
-            return None
-        lim = expr.value * ref
-        ok = expr.op(e[1], lim)
-        if ok and evidence is not None:
-            evidence.append((expr.analyte, e, lim, expr.ops, expr.basis, ref, None))
-        return ok
-    kind, members = expr
-    # evidence only from members that hold, so it never depends on evaluation path
+def _expr_conds(e, out: list) -> list:
+    if isinstance(e, CCond):
+        out.append(e)
+    else:
+        for x in e[1]:
+            _expr_conds(x, out)
+    return out
+
+
+def _ev(c: CCond, e: Entry, lr: tuple, note=None) -> tuple:
+    return (c.analyte, e, lr[0] * lr[1], c.ops, B_ABS if c.by_age is not None else c.basis, lr[1], note)
+
+
+def _group(kind, members, leaf, evidence):
+    """Three-valued all/any over members; evidence only from members that hold."""
     if kind == "all":
         res = True
         local: list | None = [] if evidence is not None else None
         for m in members:
-            r = eval_expr(m, st, cp, since, local)
+            r = leaf(m, local) if isinstance(m, CCond) else _group(m[0], m[1], leaf, local)
             if r is False:
                 return False
             if r is None:
@@ -312,7 +387,7 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
     res = False
     for m in members:
         local = [] if evidence is not None else None
-        r = eval_expr(m, st, cp, since, local)
+        r = leaf(m, local) if isinstance(m, CCond) else _group(m[0], m[1], leaf, local)
         if r is True:
             res = True  # keep evaluating: every true member is evidence
             if local:
@@ -322,37 +397,143 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
     return res
 
 
+def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | None, evidence: list | None):
+    """Three-valued on each analyte's NEWEST result (completion criteria): True, False or
+    None (no result, no reference, outside the window)."""
+
+    def leaf(c: CCond, ev):
+        h = st.hist.get(c.analyte)
+        if not h:
+            return None
+        e = h[-1]
+        if since is not None and e[0] < since:
+            return None
+        if c.no_base and c.analyte in st.base:
+            return False
+        lr = c.limit(st, cp, e)
+        if lr is None:
+            return None
+        ok = meets(c.op, e[1], lr[0], lr[1])
+        if ok and ev is not None:
+            ev.append(_ev(c, e, lr))
+        return ok
+
+    if isinstance(expr, CCond):
+        return leaf(expr, evidence)
+    return _group(expr[0], expr[1], leaf, evidence)
+
+
+def held(st: PatientState, analyte: str, lo: float, hi: float) -> list:
+    """Every result of ``analyte`` held (history, episode results, baseline) with
+    lo <= t <= hi, oldest first, one per observation id."""
+    out: dict = {}
+    for src in (st.hist.get(analyte, ()), st.ev.get(analyte, ())):
+        for e in src:
+            if lo <= e[0] <= hi:
+                out[e[2]] = e
+    b = st.base.get(analyte)
+    if b is not None and lo <= b[0] <= hi:
+        out.setdefault(b[2], b)
+    if len(out) <= 1:
+        return list(out.values())
+    return sorted(out.values(), key=lambda e: (e[0], e[2]))
+
+
+def eval_window(expr, st: PatientState, cp: "CompiledProtocol", lo: float, hi: float, evidence: list | None,
+                newest: bool = False):
+    """Three-valued over the results held within [lo, hi]: a condition holds when any result
+    in the window meets it (``use: newest``: the newest one; ``min_count``: that many). The
+    evidence is the most extreme result that meets it (the window's peak, or nadir), or the
+    newest ``min_count`` ones."""
+
+    def leaf(c: CCond, ev):
+        es = held(st, c.analyte, lo, hi)
+        if not es:
+            return None
+        if c.no_base and c.analyte in st.base:
+            return False
+        if newest or c.newest:
+            es = es[-1:]
+        known = False
+        hits = []
+        for e in es:
+            lr = c.limit(st, cp, e)
+            if lr is None:
+                continue
+            known = True
+            if meets(c.op, e[1], lr[0], lr[1]):
+                hits.append((e, lr))
+        if len(hits) >= c.min_count:
+            if ev is not None:
+                if c.min_count > 1:
+                    note = f"{c.min_count} results within the window meet it"
+                    ev.extend(_ev(c, e, lr, note) for e, lr in hits[-c.min_count:])
+                else:
+                    key = (lambda x: x[0][1] / x[1][1]) if c.direction > 0 else (lambda x: -x[0][1] / x[1][1])
+                    e, lr = max(hits, key=lambda x: (key(x), x[0][0]))
+                    ev.append(_ev(c, e, lr, "peak within the window" if len(hits) > 1 and c.direction > 0 else
+                                  ("nadir within the window" if len(hits) > 1 else None)))
+            return True
+        return False if known else None
+
+    if isinstance(expr, CCond):
+        return leaf(expr, evidence)
+    return _group(expr[0], expr[1], leaf, evidence)
+
+
+def _is_held(st: PatientState, oid: str) -> bool:
+    for src in (st.hist, st.ev):
+        for lst in src.values():
+            for e in lst:
+                if e[2] == oid:
+                    return True
+    return False
+
+
+def _day(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 class CompositeRuleC(CRule):
-    __slots__ = ("when", "unless", "window", "rank")
+    """Conditions over several analytes within an event-time window, episode-aware.
+
+    The rule is judged at the newest result of its ``when`` analytes, over every result held
+    within the window before it (peaks count, not only the newest values). When that fails,
+    the newest earlier window where it held (an episode, found among the held episode
+    results) decides: the finding RESOLVES only when every analyte it rested on has a fresh
+    result since and none of its markers is still worsening; otherwise it stays present,
+    saying it is no longer evaluable (staleness is not resolution). A result of an analyte
+    the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
+
+    __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
         self.when = _compile_expr(r.when)
         self.unless = _compile_expr(r.unless) if r.unless is not None else None
-        an = _expr_analytes(self.when, set())
+        self.when_analytes = tuple(sorted(_expr_analytes(self.when, set())))
+        an = set(self.when_analytes)
         if self.unless is not None:
             _expr_analytes(self.unless, an)
+        self.markers = tuple(r.markers) if r.markers else self.when_analytes
+        an.update(self.markers)
         self.analytes = tuple(sorted(an))
         self.window = r.window_days * DAY
         self.rank = r.severity.rank
+        self.unless_at_onset = r.unless_at_onset
+        self.directions: dict[str, int] = {}
+        for c in _expr_conds(self.when, []):
+            self.directions.setdefault(c.analyte, c.direction)
 
-    def evaluate(self, st, cp):
-        t = None
-        hist = st.hist
-        for a in self.analytes:
-            h = hist.get(a)
-            if h and (t is None or h[-1][0] > t):
-                t = h[-1][0]
-        dose = st.dose_at if st.dose_at is not None else -1e18
-        if t is None or t < dose or not self.active_at(st, t):
+    def eval_at(self, st: PatientState, cp: "CompiledProtocol", t: float) -> Hit | None:
+        dose = st.dose_at
+        lo = t - self.window
+        if lo < dose:
+            lo = dose  # pre-dose results are baselines, not evidence
+        if not self.active_at(st, t):
             return None
-        since = t - self.window
-        if since < dose:
-            since = dose  # pre-dose results are baselines, not evidence
         evidence: list[Ev] = []
-        if eval_expr(self.when, st, cp, since, evidence) is not True:
-            return None
-        if self.unless is not None and eval_expr(self.unless, st, cp, since, None) is True:
+        if eval_window(self.when, st, cp, lo, t, evidence) is not True:
             return None
         # one item per observation (an analyte may satisfy two members: keep the first)
         seen, uniq = set(), []
@@ -361,7 +542,82 @@ class CompositeRuleC(CRule):
             if k not in seen:
                 seen.add(k)
                 uniq.append(ev)
+        if self.unless is not None:
+            if self.unless_at_onset:
+                onset = min(ev[1][0] for ev in uniq)
+                if eval_window(self.unless, st, cp, onset - self.window, onset, None, newest=True) is True:
+                    return None
+            elif eval_window(self.unless, st, cp, lo, t, None, newest=True) is True:
+                return None
         return Hit(self.rank, None, uniq, max(ev[1][0] for ev in uniq))
+
+    def _worsening(self, st: PatientState, cp: "CompiledProtocol", dose: float) -> list[str]:
+        out = []
+        for m in self.markers:
+            es = held(st, m, dose, 1e18)
+            if len(es) < 2:
+                continue
+            new, prev = es[-1], es[-2]
+            d = self.directions.get(m, 1)
+            if d * (new[1] - prev[1]) <= 0:
+                continue
+            ref = (uln if d > 0 else lln)(cp.ranges, st, m, new)
+            if ref is None or (new[1] > ref if d > 0 else new[1] < ref):
+                out.append(f"{m} {prev[1]:g} -> {new[1]:g}")
+        return out
+
+    def evaluate(self, st, cp):
+        dose = st.dose_at
+        if dose is None:
+            return None
+        t = None
+        hist = st.hist
+        for a in self.when_analytes:
+            h = hist.get(a)
+            if h and h[-1][0] >= dose and (t is None or h[-1][0] > t):
+                t = h[-1][0]
+        if t is None:
+            return None
+        hit = self.eval_at(st, cp, t)
+        if hit is not None:
+            return hit
+        # the newest earlier episode among the held episode results
+        cands = set()
+        for a in self.when_analytes:
+            for e in st.ev.get(a, ()):
+                if dose <= e[0] < t:
+                    cands.add(e[0])
+        ep = None
+        for ti in sorted(cands, reverse=True):
+            ep = self.eval_at(st, cp, ti)
+            if ep is not None:
+                break
+        if ep is None:
+            prev = st.active.get(self.id)
+            if prev is not None and prev[2] and not all(_is_held(st, i) for i in prev[2].split(" ")):
+                return KEEP  # the results it rested on are no longer held: keep it as it is
+            return None
+        t_e = ep.t
+        stale = []
+        for a in sorted({ev[0] for ev in ep.evidence}):
+            h = hist.get(a)
+            if not h or h[-1][0] <= t_e:
+                stale.append(a)
+        worse = self._worsening(st, cp, dose)
+        if not stale and not worse:
+            return None  # fresh results of everything it rested on, nothing worsening: resolved
+        if worse:
+            note = (f"Held open: {', '.join(worse)} still worsening although the condition "
+                    f"was last met on {_day(t_e)}.")
+        elif t - t_e > self.window:
+            note = (f"No longer evaluable (results older than {self.window / DAY:g} days): last met on "
+                    f"{_day(t_e)}; awaiting fresh {', '.join(stale)}. It stays open until fresh results "
+                    f"show resolution or a clinician resolves it.")
+        else:
+            note = (f"No longer confirmed by the newest results (last met on {_day(t_e)}); awaiting fresh "
+                    f"{', '.join(stale)}. It stays open until fresh results show resolution or a clinician "
+                    f"resolves it.")
+        return Hit(ep.rank, None, ep.evidence, t, extra="stale", note=note)
 
 
 class DeltaRuleC(CRule):
@@ -387,11 +643,11 @@ class DeltaRuleC(CRule):
             return None
         if e[0] - p[0] > self.lookback or p[1] <= 0:
             return None
-        if not self.op(e[1] / p[1], self.ratio):
+        if not meets(self.op, e[1], self.ratio, p[1]):
             return None
         if self.min_uln is not None:
             hi = uln(cp.ranges, st, self.analyte, e)
-            if hi is None or e[1] < self.min_uln * hi:
+            if hi is None or not meets(operator.ge, e[1], self.min_uln, hi):
                 return None
         lim = self.ratio * p[1]
         return Hit(self.rank, None, [Ev(self.analyte, p, note="previous result"),
@@ -520,6 +776,15 @@ class OverdueRuleC(CRule):
         self.rank = r.severity.rank
 
 
+class NoDoseRuleC(CRule):
+    __slots__ = ("rank", "grace")
+
+    def __init__(self, r: NoDoseRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+        self.grace = r.grace_hours * 3600.0
+
+
 class CompletionRuleC(CRule):
     __slots__ = ("min_days", "when", "rank")
 
@@ -632,6 +897,7 @@ class CompiledProtocol:
         self.rules: list[CRule] = []
         self.overdue: OverdueRuleC | None = None
         self.completion: CompletionRuleC | None = None
+        self.no_dose: NoDoseRuleC | None = None
         for r in protocol.rules:
             if isinstance(r, GradedRule):
                 c = GradedRuleC(r)
@@ -645,19 +911,34 @@ class CompiledProtocol:
                 c = self.overdue = OverdueRuleC(r)
             elif isinstance(r, CompletionRule):
                 c = self.completion = CompletionRuleC(r)
+            elif isinstance(r, NoDoseRule):
+                c = self.no_dose = NoDoseRuleC(r)
             else:  # pragma: no cover
                 raise TypeError(r)
             self.rules.append(c)
         self.by_id = {r.id: r for r in self.rules}
         #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
         self.by_analyte: dict[str, tuple[CRule, ...]] = {}
+        clock_kinds = (OverdueRuleC, CompletionRuleC, NoDoseRuleC)
         for c in self.rules:
-            if isinstance(c, (OverdueRuleC, CompletionRuleC)):
+            if isinstance(c, clock_kinds):
                 continue
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
-        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, (OverdueRuleC, CompletionRuleC)))
+        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
+        self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
+        #: analyte -> (direction, conditions of composite rules on it): a post-dose result that
+        #: meets one is an episode result (``PatientState.ev``)
+        self.episode: dict[str, tuple[int, tuple[CCond, ...]]] = {}
+        for c in self.rules:
+            if isinstance(c, CompositeRuleC):
+                conds = _expr_conds(c.when, [])
+                if c.unless is not None:
+                    conds = _expr_conds(c.unless, conds)
+                for cc in conds:
+                    d, lst = self.episode.get(cc.analyte, (cc.direction, ()))
+                    self.episode[cc.analyte] = (d, lst + (cc,))
         self.schedules = [
             CSchedule(
                 group=s.group, analytes=tuple(s.analytes), any_of=s.require == "any",
@@ -696,6 +977,39 @@ class CompiledProtocol:
 
     def history_limit(self, analyte: str) -> int:
         return self.limits.get(analyte, self.lab_limit)
+
+    def relevant(self, st: PatientState, analyte: str, e: Entry) -> bool:
+        """Whether a post-dose result is an episode result: it meets a composite condition on
+        its analyte (one relative to a baseline not yet known counts, until it is known)."""
+        got = self.episode.get(analyte)
+        if got is None:
+            return False
+        for c in got[1]:
+            if c.no_base and analyte in st.base:
+                continue
+            lr = c.limit(st, self, e)
+            if lr is None:
+                if c.basis == B_BASE:
+                    return True
+                continue
+            if meets(c.op, e[1], lr[0], lr[1]):
+                return True
+        return False
+
+    def rejudge(self, st: PatientState, analyte: str) -> None:
+        """Rebuild the episode results of ``analyte`` from everything held (after the dose time
+        or the baseline changed)."""
+        got = self.episode.get(analyte)
+        if got is None or st.dose_at is None:
+            st.ev.pop(analyte, None)
+            return
+        pool = {e[2]: e for e in st.ev.get(analyte, ())}
+        for e in st.hist.get(analyte, ()):
+            pool[e[2]] = e
+        st.ev.pop(analyte, None)
+        for e in sorted(pool.values(), key=lambda e: (e[0], e[2])):
+            if e[0] >= st.dose_at and self.relevant(st, analyte, e):
+                st.hold_episode(analyte, e, got[0])
 
 
 def compile_protocol(protocol: Protocol) -> CompiledProtocol:

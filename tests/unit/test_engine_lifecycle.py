@@ -66,10 +66,29 @@ def test_late_older_result_never_overrides_newer():
     # a normal result from day 8 arrives late: the day-10 grade 3 stays
     assert sim.feed([obs("alt", 30, 8, high=40)]) == []
     assert sim.present()["liver.alt_increased"].grade == 3
-    # and a late abnormal one does not raise anything when a newer normal exists
+
+
+def test_late_older_critical_result_is_surfaced_not_hidden():
+    # PS-14: a late ALT 900 from day 8 once a day-10 ALT of 30 exists used to raise nothing.
+    # It is surfaced (grade 4, saying it arrived late), then the newer normal result
+    # resolves the graded finding, as an in-order stream would have done
     sim2 = Sim()
     sim2.feed([dose(), obs("alt", 30, 10, high=40)])
-    assert sim2.feed([obs("alt", 900, 8, high=40)]) == []
+    out = sim2.feed([obs("alt", 900, 8, high=40, oid="late900")])
+    alt = [(f.state, f.grade) for f in out if f.rule_id == "liver.alt_increased"]
+    assert alt == [("present", 4), ("cleared", None)] or alt == [("present", 4), ("cleared", 4)]
+    first = next(f for f in out if f.rule_id == "liver.alt_increased")
+    assert "arrived after newer results" in first.text.what
+    assert [e.observation_id for e in first.evidence] == ["late900"]
+    # the finding is not older than what the alert already reflects (the lifecycle keeps it)
+    assert first.effective_at.timestamp() == sim2.state.hist["alt"][-1][0]
+    # the acute-liver-failure signature pairs the window's peak: present, saying so
+    alf = sim2.present()["liver.acute_liver_failure_signature"]
+    assert "arrived late" in alf.text.what
+    # the same results in the other order end with the same open findings
+    ref = Sim()
+    ref.feed([dose(), obs("alt", 900, 8, high=40, oid="late900"), obs("alt", 30, 10, high=40)])
+    assert set(ref.present()) == set(sim2.present())
 
 
 def test_dose_event_evaluates_what_was_held_and_sets_baselines():

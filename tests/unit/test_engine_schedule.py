@@ -88,10 +88,20 @@ def test_it_schedule_follows_steroid_phase():
     assert overdue(sim, "liver") is not None
 
 
-def test_no_schedule_before_dose():
+def test_no_schedule_before_dose_but_no_silent_patient():
+    # PS-8: no overdue schedule before a dose record, but results of a patient with no dose
+    # record raise monitoring.no_dose_record once 12 h have passed since the first result
     sim = Sim()
     sim.feed(liver(-3))
-    assert sim.clock(30) == []
+    assert sim.clock(-2.6) == []  # 9.6 h after the first result: within the grace period
+    out = sim.clock(30)
+    assert [(f.rule_id, f.state, f.severity.value, f.route) for f in out] == [
+        ("monitoring.no_dose_record", "present", "warning", "monitoring-coordinator")]
+    assert not [f for f in out if f.rule_id == "schedule.overdue"]
+    assert sim.clock(31) == []  # the same clock again: nothing new
+    # the dose record resolves it
+    out = sim.feed([dose(day=-1)], now=at(31))
+    assert ("monitoring.no_dose_record", "cleared") in [(f.rule_id, f.state) for f in out]
 
 
 def test_monitoring_complete_after_three_months_with_label_criteria():

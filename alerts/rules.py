@@ -570,6 +570,15 @@ class CompositeRuleC(CRule):
         dose = st.dose_at
         if dose is None:
             return None
+        ev = st.ev
+        if self.id not in st.active:
+            # every post-dose result that meets a condition is an episode result: none held,
+            # no episode possible (the common case, checked without building any window)
+            for a in self.when_analytes:
+                if a in ev:
+                    break
+            else:
+                return None
         t = None
         hist = st.hist
         for a in self.when_analytes:

@@ -505,7 +505,8 @@ class CompositeRuleC(CRule):
     saying it is no longer evaluable (staleness is not resolution). A result of an analyte
     the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
 
-    __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions")
+    __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
+                 "conds_by_analyte")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
@@ -522,8 +523,10 @@ class CompositeRuleC(CRule):
         self.rank = r.severity.rank
         self.unless_at_onset = r.unless_at_onset
         self.directions: dict[str, int] = {}
+        self.conds_by_analyte: dict[str, list[CCond]] = {}
         for c in _expr_conds(self.when, []):
             self.directions.setdefault(c.analyte, c.direction)
+            self.conds_by_analyte.setdefault(c.analyte, []).append(c)
 
     def eval_at(self, st: PatientState, cp: "CompiledProtocol", t: float) -> Hit | None:
         dose = st.dose_at
@@ -544,7 +547,14 @@ class CompositeRuleC(CRule):
                 uniq.append(ev)
         if self.unless is not None:
             if self.unless_at_onset:
+                # onset: the earliest result within the window that meets a `when` condition
+                # (not the peak's time: the injury began with its first abnormal result)
                 onset = min(ev[1][0] for ev in uniq)
+                for a, conds in self.conds_by_analyte.items():
+                    for e in held(st, a, lo, onset):
+                        if e[0] < onset and any(c.holds(st, cp, e) for c in conds):
+                            onset = e[0]
+                            break
                 if eval_window(self.unless, st, cp, onset - self.window, onset, None, newest=True) is True:
                     return None
             elif eval_window(self.unless, st, cp, lo, t, None, newest=True) is True:
@@ -552,6 +562,9 @@ class CompositeRuleC(CRule):
         return Hit(self.rank, None, uniq, max(ev[1][0] for ev in uniq))
 
     def _worsening(self, st: PatientState, cp: "CompiledProtocol", dose: float) -> list[str]:
+        """Markers whose newest result is worse than the previous one and still abnormal:
+        meeting one of the rule's conditions on that analyte, or beyond its reference limit
+        for a marker the conditions do not name (e.g. bilirubin for the ALF signature)."""
         out = []
         for m in self.markers:
             es = held(st, m, dose, 1e18)
@@ -561,8 +574,13 @@ class CompositeRuleC(CRule):
             d = self.directions.get(m, 1)
             if d * (new[1] - prev[1]) <= 0:
                 continue
-            ref = (uln if d > 0 else lln)(cp.ranges, st, m, new)
-            if ref is None or (new[1] > ref if d > 0 else new[1] < ref):
+            conds = self.conds_by_analyte.get(m)
+            if conds:
+                bad = any(c.holds(st, cp, new) for c in conds)
+            else:
+                ref = (uln if d > 0 else lln)(cp.ranges, st, m, new)
+                bad = ref is None or (new[1] > ref if d > 0 else new[1] < ref)
+            if bad:
                 out.append(f"{m} {prev[1]:g} -> {new[1]:g}")
         return out
 
@@ -603,7 +621,7 @@ class CompositeRuleC(CRule):
                 break
         if ep is None:
             prev = st.active.get(self.id)
-            if prev is not None and prev[2] and not all(_is_held(st, i) for i in prev[2].split(" ")):
+            if prev is not None and prev[2] and not all(_is_held(st, i) for i in prev[2].split(" ") if i != "stale"):
                 return KEEP  # the results it rested on are no longer held: keep it as it is
             return None
         t_e = ep.t

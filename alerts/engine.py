@@ -47,6 +47,7 @@ from schemas.events import (
 )
 from schemas.findings import Evidence, Finding, FindingText
 
+from .censored import conflicts
 from .protocol import Protocol, default_protocols
 from .rules import (
     SEV_BY_RANK,
@@ -104,6 +105,12 @@ class Engine:
     # -- inputs ------------------------------------------------------------------
     def evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         """Place ``obs`` in ``state`` (by effective time) and return the findings that changed."""
+        out = self._evaluate_observation(state, obs, now)
+        if obs.comparator is not None and out:
+            out = [_note_censored(f, obs) for f in out]
+        return out
+
+    def _evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         if obs.patient_id != state.patient_id:
             raise ValueError("observation is for another patient")
         product = state.product
@@ -142,6 +149,10 @@ class Engine:
                 entry = (t, value, obs.observation_id, None, None)
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
+            if obs.comparator is not None:
+                unusable = self._censored(state, obs, entry, now, retract_ids)
+                if unusable is not None:
+                    return unusable
             limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
             state.insert(analyte, entry, limit)
             window = self.sustain_windows.get(analyte)
@@ -150,9 +161,9 @@ class Engine:
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
+        out: list[Finding] = self._settle_censored(state, obs, analytes, retract_ids, now)
         if cp is None or state.dose_at is None:
-            return []
-        out: list[Finding] = []
+            return out
         if len(analytes) == 1:
             rules = cp.by_analyte.get(analytes[0], ())
         else:
@@ -220,6 +231,67 @@ class Engine:
             return []
         out: list[Finding] = []
         self._clock(state, cp, now, out, _EMPTY)
+        return out
+
+    # -- censored results (see alerts.censored) -----------------------------------
+    def _censored_rule(self, state: PatientState) -> tuple[CompiledProtocol | None, CRule | None]:
+        """The patient's protocol and its ``censored`` rule; before the dose event (protocol
+        unknown) the first loaded protocol that has one, so the finding is never lost."""
+        cp = self.protocol_for(state)
+        if cp is not None and cp.censored is not None:
+            return cp, cp.censored
+        for c in self.compiled.values():
+            if c.censored is not None:
+                return c, c.censored
+        return None, None
+
+    def _censored(self, state: PatientState, obs: Observation, entry: tuple, now: datetime,
+                  retract_ids: frozenset) -> list[Finding] | None:
+        """A censored result some condition cannot decide at its bound: not used; raise the
+        ``censored`` finding instead. ``None``: the bound is usable (the caller stores it)."""
+        cp = self.protocol_for(state)
+        compiled = [cp] if cp is not None else list({id(c): c for c in self.compiled.values()}.values())
+        found = conflicts(compiled, state, obs.analyte, entry, obs.comparator)
+        if not found:
+            return None
+        dq_cp, rule = self._censored_rule(state)
+        if rule is None:  # no protocol declares the rule: use the bound (conservative for its direction)
+            return None
+        a = obs.analyte
+        unit = dq_cp.units.get(a, "")
+        shown = f"{obs.comparator}{_fmt(entry[1])} {unit}".rstrip()
+        note = f"reported as {shown}: a bound, not a value; not used"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, obs.comparator, None, None, note)], entry[0],
+                  extra=f"{a}@{entry[0]}",
+                  summary=f"{a} reported as {shown}; cannot be graded safely against " + "; ".join(found))
+        out: list[Finding] = []
+        self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return out
+
+    def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
+                         now: datetime) -> list[Finding]:
+        """Close a ``censored`` finding when its result is withdrawn or corrected (retracted)
+        or a newer usable result of the analyte arrives (cleared)."""
+        out: list[Finding] = []
+        if not state.active:
+            return out
+        dq_cp, rule = self._censored_rule(state)
+        if rule is None:
+            return out
+        for a in analytes:
+            key = f"{rule.id}|{a}"
+            prev = state.active.get(key)
+            if prev is None:
+                continue
+            ids = prev[2].split(" ") if prev[2] else []
+            if retract_ids and any(i in retract_ids for i in ids):
+                self._diff(state, dq_cp, rule, key, None, now, retract_ids, out, dedupe=a)
+                continue
+            if obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
+                continue
+            t_cens = max((int(i.rsplit("@", 1)[1]) for i in ids if i.startswith(a + "@")), default=None)
+            if t_cens is not None and int(round(obs.effective_at.timestamp())) >= t_cens:
+                self._diff(state, dq_cp, rule, key, None, now, _EMPTY, out, dedupe=a)
         return out
 
     # -- internals ---------------------------------------------------------------
@@ -345,11 +417,28 @@ class Engine:
         )
 
 
+def _note_censored(f: Finding, obs: Observation) -> Finding:
+    """Say on the evidence (and in the text) that a result used at its bound was censored."""
+    if not any(e.observation_id == obs.observation_id and e.note is None for e in f.evidence):
+        return f
+    shown = f"{obs.comparator}{_fmt(obs.value)} {obs.unit}".rstrip()
+    note = f"reported as {shown}: graded at least as {_fmt(obs.value)}"
+    ev = [e.model_copy(update={"note": note}) if e.observation_id == obs.observation_id and e.note is None else e
+          for e in f.evidence]
+    text = f.text
+    if text is not None:
+        text = text.model_copy(update={"what": f"{text.what} ({obs.analyte} {note}.)"})
+    return f.model_copy(update={"evidence": ev, "text": text})
+
+
 _LABEL = {"uln": "x ULN", "lln": "x LLN", "baseline": "x baseline", "previous": "x previous"}
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    s = f"{v:.4g}"
+    return f"{v:.0f}" if "e+" in s else s  # 50000, not 5e+04, in a nurse's text
 
 
 def _summary(rule: CRule, hit: Hit, grade, units: dict) -> str:

@@ -205,8 +205,16 @@ class CompletionRule(_RuleBase, Sourced):
     severity: Severity = Severity.INFO
 
 
+class CensoredRule(_RuleBase):
+    """A censored result ("<5", ">3000") that some rule cannot grade at its bound (see
+    ``alerts.censored``): the value is not used, and this finding says so (per analyte)."""
+
+    kind: Literal["censored"]
+    severity: Severity = Severity.WARNING
+
+
 Rule = Annotated[
-    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule],
+    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule],
     Field(discriminator="kind"),
 ]
 
@@ -449,7 +457,8 @@ class Protocol(_M):
 
 # -- loading ---------------------------------------------------------------------
 
-_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "Condition", "Group"}
+_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored", "Condition",
+               "Group"}
 
 
 def _format_loc(loc: tuple) -> str:

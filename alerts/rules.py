@@ -27,6 +27,7 @@ from schemas.findings import Severity
 
 from .protocol import (
     GRADE_SEVERITY,
+    CensoredRule,
     CompletionRule,
     CompositeRule,
     Condition,
@@ -614,6 +615,20 @@ class CSchedule:
         return out
 
 
+class CensoredRuleC(CRule):
+    """Raised by the engine itself (``Engine.evaluate_observation``) for a censored result
+    that cannot be graded at its bound; never evaluated from the state."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, r: CensoredRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+
+    def evaluate(self, st, cp):
+        return None
+
+
 class CompiledProtocol:
     """A protocol ready for evaluation: rule objects, per-analyte rule lists, ranges, scores."""
 
@@ -632,6 +647,7 @@ class CompiledProtocol:
         self.rules: list[CRule] = []
         self.overdue: OverdueRuleC | None = None
         self.completion: CompletionRuleC | None = None
+        self.censored: CensoredRuleC | None = None
         for r in protocol.rules:
             if isinstance(r, GradedRule):
                 c = GradedRuleC(r)
@@ -645,6 +661,8 @@ class CompiledProtocol:
                 c = self.overdue = OverdueRuleC(r)
             elif isinstance(r, CompletionRule):
                 c = self.completion = CompletionRuleC(r)
+            elif isinstance(r, CensoredRule):
+                c = self.censored = CensoredRuleC(r)
             else:  # pragma: no cover
                 raise TypeError(r)
             self.rules.append(c)
@@ -652,12 +670,13 @@ class CompiledProtocol:
         #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
         self.by_analyte: dict[str, tuple[CRule, ...]] = {}
         for c in self.rules:
-            if isinstance(c, (OverdueRuleC, CompletionRuleC)):
+            if isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC)):
                 continue
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
-        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, (OverdueRuleC, CompletionRuleC)))
+        self.obs_rules = tuple(c for c in self.rules
+                               if not isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC)))
         self.schedules = [
             CSchedule(
                 group=s.group, analytes=tuple(s.analytes), any_of=s.require == "any",

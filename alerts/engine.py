@@ -201,6 +201,7 @@ class Engine:
             state.weight = event.weight_kg
             state.ward = event.ward
             state.care_team = event.care_team
+            state.spo2_scale = event.spo2_scale
             state.set_dose(epoch(event.administered_at))
             cp = self.protocol_for(state)
             if cp is not None:

@@ -40,7 +40,10 @@ STABLE_RULE_IDS = (
 )
 
 # pseudo-analytes the early-warning items may use beside catalogue analytes
-_PSEUDO_ITEMS = {"oxygen"}
+_PSEUDO_ITEMS = {"oxygen", "spo2_scale2"}
+#: pseudo item -> the analyte it reads (``spo2_scale2``: NEWS2 SpO2 scale 2, for patients
+#: whose dose event sets ``spo2_scale: 2``; ``spo2`` is then not scored on scale 1)
+PSEUDO_ITEM_ANALYTE = {"oxygen": "o2_flow", "spo2_scale2": "spo2"}
 
 
 class ProtocolError(ValueError):
@@ -135,10 +138,12 @@ Group.model_rebuild()
 
 
 class Active(Sourced):
-    """When a rule applies: a window of days since dose and/or steroid phases."""
+    """When a rule applies: a window of days since dose, steroid phases and/or an age window."""
 
     days_since_dose: tuple[float, float] | None = None
     steroid_phases: list[PhaseName] | None = None
+    #: [min, max) age in months at the result's time (e.g. children only: [0, 192])
+    age_months: tuple[float, float] | None = None
 
 
 class _RuleBase(_M):
@@ -269,6 +274,8 @@ class ItemBand(Sourced):
     cuts: list[ScoreCut]
     #: for the ``oxygen`` item: score when the SpO2 result says the patient is on oxygen
     on_oxygen_score: int | None = None
+    #: cuts that score only while the patient is on oxygen (NEWS2 SpO2 scale 2: >= 93 on O2)
+    on_oxygen_cuts: list[ScoreCut] | None = None
 
 
 class ScoreItem(_M):
@@ -579,6 +586,8 @@ def summarise(p: Protocol) -> str:
             win = f" days {r.active.days_since_dose[0]:g}-{r.active.days_since_dose[1]:g}"
         if r.active and r.active.steroid_phases:
             win += f" steroid {'/'.join(r.active.steroid_phases)}"
+        if r.active and r.active.age_months:
+            win += f" age {r.active.age_months[0]:g}-{r.active.age_months[1]:g} months"
         lines.append(f"  {r.id:<40} {r.kind:<13} {sev:<9} route={r.route}{win}")
     lines.append(f"schedules: {len(p.schedules)}")
     for s in p.schedules:

@@ -124,6 +124,10 @@ class DoseEvent(_Wire):
     ward: str | None = Field(default=None, max_length=64)
     care_team: str | None = Field(default=None, max_length=64)
     source: str = Field(default="unknown", min_length=1, max_length=128)
+    #: per-patient NEWS2 SpO2 scale (patients 16 and over): 2 for a prescribed target of
+    #: 88-92 % (hypercapnic respiratory failure, e.g. on NIV); absent or 1: scale 1. To change
+    #: it later, send the dose event again (same event_id) with the new value.
+    spo2_scale: Literal[1, 2] | None = None
 
 
 class SteroidPhase(StrEnum):

@@ -45,7 +45,7 @@ from schemas.events import (
     ResultStatus,
     SteroidEvent,
 )
-from schemas.findings import Evidence, Finding, FindingText
+from schemas.findings import WITHDRAWN_NOTE, Evidence, Finding, FindingText
 
 from .censored import conflicts
 from .protocol import Protocol, default_protocols
@@ -338,8 +338,17 @@ class Engine:
                 return
             del state.active[key]
             prev_ids = prev[2].split(" ") if prev[2] else []
-            st = "retracted" if retract_ids and any(i in retract_ids for i in prev_ids) else "cleared"
-            out.append(self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now))
+            gone = [i for i in prev_ids if i in retract_ids] if retract_ids else []
+            st = "retracted" if gone else "cleared"
+            f = self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now)
+            if gone:
+                # name what was corrected away or withdrawn, so the alert lifecycle can tell an
+                # alert that rested only on it (retracted) from one that had stood on earlier
+                # valid results too (resolved: e.g. a real nadir, then a mistyped count)
+                a = rule.analytes[0] if len(rule.analytes) == 1 else ""
+                f = f.model_copy(update={"evidence": list(f.evidence) + [
+                    Evidence(observation_id=i, analyte=a, note=WITHDRAWN_NOTE) for i in gone]})
+            out.append(f)
             return
         ids = hit.ids()
         grade = hit.grade or 0

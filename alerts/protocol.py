@@ -298,6 +298,20 @@ class ScoreSystem(Sourced):
     single_item_severity: Severity | None = None
 
 
+class SteroidRegimen(Sourced):
+    """The product's corticosteroid regimen as the label states it (documentation for the
+    ward and the summary; the taper gate is a rule). ``None``: not stated by any source."""
+
+    drug: str
+    dose_mg_per_kg_day: float | None = Field(default=None, gt=0)
+    #: days before the dose the corticosteroid starts (1 = 24 h before)
+    start_days_before_dose: float | None = Field(default=None, ge=0)
+    #: total days at the full dose before the taper is considered
+    full_dose_days: float | None = Field(default=None, gt=0)
+    taper_days: float | None = Field(default=None, gt=0)
+    summary: str
+
+
 class EarlyWarning(_M):
     adult_age_years: float = 16
     adult_age: Sourced
@@ -351,6 +365,7 @@ class Protocol(_M):
     routes: list[Route] = Field(min_length=1)
     rules: list[Rule] = Field(min_length=1)
     schedules: list[Schedule] = Field(default_factory=list)
+    steroid_regimen: SteroidRegimen | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self):
@@ -435,6 +450,8 @@ class Protocol(_M):
             for j, b in enumerate(sysm.severity_bands):
                 check_sourced(b, f"early_warning.{name}.severity_bands[{j}]")
         check_sourced(self.early_warning.adult_age, "early_warning.adult_age")
+        if self.steroid_regimen is not None:
+            check_sourced(self.steroid_regimen, "steroid_regimen")
         kinds = {r.kind for r in self.rules}
         if "overdue" in kinds and not self.schedules:
             errs.append("schedules: an `overdue` rule needs at least one schedule")
@@ -589,6 +606,9 @@ def summarise(p: Protocol) -> str:
         if r.active and r.active.age_months:
             win += f" age {r.active.age_months[0]:g}-{r.active.age_months[1]:g} months"
         lines.append(f"  {r.id:<40} {r.kind:<13} {sev:<9} route={r.route}{win}")
+    sr = p.steroid_regimen
+    if sr is not None:
+        lines.append(f"steroid regimen: {sr.summary}" + (" (UNCONFIRMED)" if sr.unconfirmed else ""))
     lines.append(f"schedules: {len(p.schedules)}")
     for s in p.schedules:
         per = "; ".join(

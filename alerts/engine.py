@@ -119,6 +119,7 @@ class Engine:
         retract_ids: frozenset = _EMPTY
         analyte = obs.analyte
         analytes = [analyte]
+        dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
         if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
             replaced = None
         else:
@@ -149,10 +150,12 @@ class Engine:
                 entry = (t, value, obs.observation_id, None, None)
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
+                if cp is not None and cp.range_check is not None:
+                    entry = self._check_range(state, cp, obs, entry, now, retract_ids, dq_out)
             if obs.comparator is not None:
                 unusable = self._censored(state, obs, entry, now, retract_ids)
                 if unusable is not None:
-                    return unusable
+                    return dq_out + unusable
             limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
             state.insert(analyte, entry, limit)
             window = self.sustain_windows.get(analyte)
@@ -161,7 +164,7 @@ class Engine:
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
-        out: list[Finding] = self._settle_censored(state, obs, analytes, retract_ids, now)
+        out: list[Finding] = dq_out + self._settle_censored(state, obs, analytes, retract_ids, now)
         if cp is None or state.dose_at is None:
             return out
         if len(analytes) == 1:
@@ -269,16 +272,57 @@ class Engine:
         self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
         return out
 
+    def _check_range(self, state: PatientState, cp: CompiledProtocol, obs: Observation, entry: tuple,
+                     now: datetime, retract_ids: frozenset, out: list) -> tuple:
+        """PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
+        default (a range in another unit, an adult range for an infant) would silently move
+        ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
+        ``range_check`` finding. Returns the entry to store."""
+        rule = cp.range_check
+        a = obs.analyte
+        t, _, _, low, high = entry
+        d_low = cp.ranges.get(a, state, t, 2)
+        d_high = cp.ranges.get(a, state, t, 3)
+        m = rule.max_ratio
+        bad = [(name, v, d) for name, v, d in (("ULN", high, d_high), ("LLN", low, d_low))
+               if v is not None and d is not None and v > 0 and d > 0 and not (1 / m <= v / d <= m)]
+        span = cp.ranges.plausible_high(a, state, t)  # an age band's own plausible ULNs
+        if span is not None and high is not None:
+            bad = [x for x in bad if x[0] != "ULN"]
+            if not (span[0] <= high <= span[1]):
+                bad.insert(0, ("ULN", high, d_high))
+        if not bad:
+            return entry
+        new_high = high if high is None or d_high is None else min(high, d_high)
+        new_low = low if low is None or d_low is None else max(low, d_low)
+        unit = cp.units.get(a, "")
+        said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() for n, v, d in bad)
+        used = f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
+                                       f"result's reference range is implausible: {said}; {used}")], t,
+                  extra=f"{a}@{t}", summary=f"{a}: the result's reference range differs from the protocol's "
+                                            f"age default by more than {m:g}x ({said}); {used}")
+        self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return (t, entry[1], entry[2], new_low, new_high)
+
     def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
                          now: datetime) -> list[Finding]:
-        """Close a ``censored`` finding when its result is withdrawn or corrected (retracted)
-        or a newer usable result of the analyte arrives (cleared)."""
+        """Close a data-quality finding (``censored``, ``range_check``) when its result is
+        withdrawn or corrected (retracted) or a newer usable result of the analyte arrives
+        (cleared)."""
         out: list[Finding] = []
         if not state.active:
             return out
         dq_cp, rule = self._censored_rule(state)
-        if rule is None:
-            return out
+        if rule is not None:
+            self._settle_dq(state, dq_cp, rule, obs, analytes, retract_ids, now, out)
+        cp = self.protocol_for(state)
+        if cp is not None and cp.range_check is not None:
+            self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out)
+        return out
+
+    def _settle_dq(self, state: PatientState, dq_cp: CompiledProtocol, rule: CRule, obs: Observation,
+                   analytes: list, retract_ids: frozenset, now: datetime, out: list) -> None:
         for a in analytes:
             key = f"{rule.id}|{a}"
             prev = state.active.get(key)
@@ -290,10 +334,11 @@ class Engine:
                 continue
             if obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
                 continue
+            if obs.observation_id in ids:
+                continue  # the result that raised it (just re-raised, or replayed)
             t_cens = max((int(i.rsplit("@", 1)[1]) for i in ids if i.startswith(a + "@")), default=None)
             if t_cens is not None and int(round(obs.effective_at.timestamp())) >= t_cens:
                 self._diff(state, dq_cp, rule, key, None, now, _EMPTY, out, dedupe=a)
-        return out
 
     # -- internals ---------------------------------------------------------------
     def _clock(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list,

@@ -218,8 +218,20 @@ class CensoredRule(_RuleBase):
     severity: Severity = Severity.WARNING
 
 
+class RangeCheckRule(_RuleBase, Sourced):
+    """A result's own reference range that differs from the protocol's age default by more
+    than ``max_ratio`` (either way) is implausible (e.g. a umol/L range sent with a mg/dL
+    value): the result is graded against the more alerting of the two limits (lower ULN,
+    higher LLN) and this finding asks a person to check the range (per analyte)."""
+
+    kind: Literal["range_check"]
+    max_ratio: float = Field(gt=1)
+    severity: Severity = Severity.WARNING
+
+
 Rule = Annotated[
-    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule],
+    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule,
+          RangeCheckRule],
     Field(discriminator="kind"),
 ]
 
@@ -259,6 +271,9 @@ class AgeRange(Sourced):
     max_months: float = Field(default=1e6, gt=0)
     low: float | None = None
     high: float | None = None
+    #: [min, max] a lab's own ULN may plausibly take at this age (``range_check`` rule); when
+    #: absent, a ULN within ``max_ratio`` of ``high`` is plausible
+    plausible_high: tuple[float, float] | None = None
 
 
 class ScoreCut(_M):
@@ -429,6 +444,8 @@ class Protocol(_M):
                 check_sourced(r, p)
             elif isinstance(r, ScoreRule):
                 check_sourced(r.vitals_window, p + ".vitals_window")
+            elif isinstance(r, RangeCheckRule):
+                check_sourced(r, p)
         for i, s in enumerate(self.schedules):
             for a in s.analytes:
                 check_analyte(a, f"schedules[{i}].analytes")
@@ -481,8 +498,8 @@ class Protocol(_M):
 
 # -- loading ---------------------------------------------------------------------
 
-_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored", "Condition",
-               "Group"}
+_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored",
+               "range_check", "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:

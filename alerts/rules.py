@@ -30,6 +30,7 @@ from .protocol import (
     PSEUDO_ITEM_ANALYTE,
     CensoredRule,
     CompletionRule,
+    RangeCheckRule,
     CompositeRule,
     Condition,
     DeltaRule,
@@ -77,13 +78,28 @@ class Hit:
 class Ranges:
     """Age-banded default reference ranges: analyte -> [(min_months, max_months, low, high)]."""
 
-    __slots__ = ("by_analyte",)
+    __slots__ = ("by_analyte", "plausible")
 
     def __init__(self, protocol: Protocol) -> None:
         self.by_analyte = {
             a: [(b.min_months, b.max_months, b.low, b.high) for b in bands]
             for a, bands in protocol.reference_ranges.items()
         }
+        #: analyte -> [(min_months, max_months, (lo, hi))]: plausible ULNs of a lab's own range
+        self.plausible = {
+            a: [(b.min_months, b.max_months, tuple(b.plausible_high)) for b in bands if b.plausible_high]
+            for a, bands in protocol.reference_ranges.items() if any(b.plausible_high for b in bands)
+        }
+
+    def plausible_high(self, analyte: str, st: PatientState, t: float) -> tuple[float, float] | None:
+        bands = self.plausible.get(analyte)
+        if not bands or st.birth is None:
+            return None
+        age = (t - st.birth) / 2629800.0
+        for lo_m, hi_m, pair in bands:
+            if lo_m <= age < hi_m:
+                return pair
+        return None
 
     def get(self, analyte: str, st: PatientState, t: float, idx: int) -> float | None:
         bands = self.by_analyte.get(analyte)
@@ -666,6 +682,21 @@ class CensoredRuleC(CRule):
         return None
 
 
+class RangeCheckRuleC(CRule):
+    """Raised by the engine itself for a result whose own reference range is implausible
+    against the protocol's age default (``Engine._check_range``)."""
+
+    __slots__ = ("rank", "max_ratio")
+
+    def __init__(self, r: RangeCheckRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+        self.max_ratio = r.max_ratio
+
+    def evaluate(self, st, cp):
+        return None
+
+
 class CompiledProtocol:
     """A protocol ready for evaluation: rule objects, per-analyte rule lists, ranges, scores."""
 
@@ -685,6 +716,7 @@ class CompiledProtocol:
         self.overdue: OverdueRuleC | None = None
         self.completion: CompletionRuleC | None = None
         self.censored: CensoredRuleC | None = None
+        self.range_check: RangeCheckRuleC | None = None
         for r in protocol.rules:
             if isinstance(r, GradedRule):
                 c = GradedRuleC(r)
@@ -700,6 +732,8 @@ class CompiledProtocol:
                 c = self.completion = CompletionRuleC(r)
             elif isinstance(r, CensoredRule):
                 c = self.censored = CensoredRuleC(r)
+            elif isinstance(r, RangeCheckRule):
+                c = self.range_check = RangeCheckRuleC(r)
             else:  # pragma: no cover
                 raise TypeError(r)
             self.rules.append(c)
@@ -707,13 +741,13 @@ class CompiledProtocol:
         #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
         self.by_analyte: dict[str, tuple[CRule, ...]] = {}
         for c in self.rules:
-            if isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC)):
+            if isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC, RangeCheckRuleC)):
                 continue
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
         self.obs_rules = tuple(c for c in self.rules
-                               if not isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC)))
+                               if not isinstance(c, (OverdueRuleC, CompletionRuleC, CensoredRuleC, RangeCheckRuleC)))
         self.schedules = [
             CSchedule(
                 group=s.group, analytes=tuple(s.analytes), any_of=s.require == "any",

@@ -45,8 +45,9 @@ from schemas.events import (
     ResultStatus,
     SteroidEvent,
 )
-from schemas.findings import Evidence, Finding, FindingText
+from schemas.findings import WITHDRAWN_NOTE, Evidence, Finding, FindingText
 
+from .censored import conflicts
 from .protocol import Protocol, default_protocols
 from .rules import (
     KEEP,
@@ -114,6 +115,12 @@ class Engine:
     # -- inputs ------------------------------------------------------------------
     def evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         """Place ``obs`` in ``state`` (by effective time) and return the findings that changed."""
+        out = self._evaluate_observation(state, obs, now)
+        if obs.comparator is not None and out:
+            out = [_note_censored(f, obs) for f in out]
+        return out
+
+    def _evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         if obs.patient_id != state.patient_id:
             raise ValueError("observation is for another patient")
         product = state.product
@@ -123,6 +130,7 @@ class Engine:
         late = None
         analyte = obs.analyte
         analytes = [analyte]
+        dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
         if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
             replaced = None
         else:
@@ -153,6 +161,12 @@ class Engine:
                 entry = (t, value, obs.observation_id, None, None)
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
+                if cp is not None and cp.range_check is not None:
+                    entry = self._check_range(state, cp, obs, entry, now, retract_ids, dq_out)
+            if obs.comparator is not None:
+                unusable = self._censored(state, obs, entry, now, retract_ids)
+                if unusable is not None:
+                    return dq_out + unusable
             dose_at = state.dose_at
             if cp is not None and dose_at is not None:
                 limit = cp.history_limit(analyte)
@@ -181,9 +195,9 @@ class Engine:
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
+        out: list[Finding] = dq_out + self._settle_censored(state, obs, analytes, retract_ids, now)
         if cp is None or state.dose_at is None:
-            return []
-        out: list[Finding] = []
+            return out
         if len(analytes) == 1:
             rules = cp.by_analyte.get(analytes[0], ())
         else:
@@ -238,6 +252,7 @@ class Engine:
             state.weight = event.weight_kg
             state.ward = event.ward
             state.care_team = event.care_team
+            state.spo2_scale = event.spo2_scale
             state.set_dose(epoch(event.administered_at))
             cp = self.protocol_for(state)
             when = event.administered_at
@@ -299,6 +314,109 @@ class Engine:
             return out
         self._clock(state, cp, now, out, _EMPTY)
         return out
+
+    # -- censored results (see alerts.censored) -----------------------------------
+    def _censored_rule(self, state: PatientState) -> tuple[CompiledProtocol | None, CRule | None]:
+        """The patient's protocol and its ``censored`` rule; before the dose event (protocol
+        unknown) the first loaded protocol that has one, so the finding is never lost."""
+        cp = self.protocol_for(state)
+        if cp is not None and cp.censored is not None:
+            return cp, cp.censored
+        for c in self.compiled.values():
+            if c.censored is not None:
+                return c, c.censored
+        return None, None
+
+    def _censored(self, state: PatientState, obs: Observation, entry: tuple, now: datetime,
+                  retract_ids: frozenset) -> list[Finding] | None:
+        """A censored result some condition cannot decide at its bound: not used; raise the
+        ``censored`` finding instead. ``None``: the bound is usable (the caller stores it)."""
+        cp = self.protocol_for(state)
+        compiled = [cp] if cp is not None else list({id(c): c for c in self.compiled.values()}.values())
+        found = conflicts(compiled, state, obs.analyte, entry, obs.comparator)
+        if not found:
+            return None
+        dq_cp, rule = self._censored_rule(state)
+        if rule is None:  # no protocol declares the rule: use the bound (conservative for its direction)
+            return None
+        a = obs.analyte
+        unit = dq_cp.units.get(a, "")
+        shown = f"{obs.comparator}{_fmt(entry[1])} {unit}".rstrip()
+        note = f"reported as {shown}: a bound, not a value; not used"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, obs.comparator, None, None, note)], entry[0],
+                  extra=f"{a}@{entry[0]}",
+                  summary=f"{a} reported as {shown}; cannot be graded safely against " + "; ".join(found))
+        out: list[Finding] = []
+        self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return out
+
+    def _check_range(self, state: PatientState, cp: CompiledProtocol, obs: Observation, entry: tuple,
+                     now: datetime, retract_ids: frozenset, out: list) -> tuple:
+        """PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
+        default (a range in another unit, an adult range for an infant) would silently move
+        ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
+        ``range_check`` finding. Returns the entry to store."""
+        rule = cp.range_check
+        a = obs.analyte
+        t, _, _, low, high = entry
+        d_low = cp.ranges.get(a, state, t, 2)
+        d_high = cp.ranges.get(a, state, t, 3)
+        m = rule.max_ratio
+        bad = [(name, v, d) for name, v, d in (("ULN", high, d_high), ("LLN", low, d_low))
+               if v is not None and d is not None and v > 0 and d > 0 and not (1 / m <= v / d <= m)]
+        span = cp.ranges.plausible_high(a, state, t)  # an age band's own plausible ULNs
+        if span is not None and high is not None:
+            bad = [x for x in bad if x[0] != "ULN"]
+            if not (span[0] <= high <= span[1]):
+                bad.insert(0, ("ULN", high, d_high))
+        if not bad:
+            return entry
+        new_high = high if high is None or d_high is None else min(high, d_high)
+        new_low = low if low is None or d_low is None else max(low, d_low)
+        unit = cp.units.get(a, "")
+        said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() for n, v, d in bad)
+        used = f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
+                                       f"result's reference range is implausible: {said}; {used}")], t,
+                  extra=f"{a}@{t}", summary=f"{a}: the result's reference range differs from the protocol's "
+                                            f"age default by more than {m:g}x ({said}); {used}")
+        self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return (t, entry[1], entry[2], new_low, new_high)
+
+    def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
+                         now: datetime) -> list[Finding]:
+        """Close a data-quality finding (``censored``, ``range_check``) when its result is
+        withdrawn or corrected (retracted) or a newer usable result of the analyte arrives
+        (cleared)."""
+        out: list[Finding] = []
+        if not state.active:
+            return out
+        dq_cp, rule = self._censored_rule(state)
+        if rule is not None:
+            self._settle_dq(state, dq_cp, rule, obs, analytes, retract_ids, now, out)
+        cp = self.protocol_for(state)
+        if cp is not None and cp.range_check is not None:
+            self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out)
+        return out
+
+    def _settle_dq(self, state: PatientState, dq_cp: CompiledProtocol, rule: CRule, obs: Observation,
+                   analytes: list, retract_ids: frozenset, now: datetime, out: list) -> None:
+        for a in analytes:
+            key = f"{rule.id}|{a}"
+            prev = state.active.get(key)
+            if prev is None:
+                continue
+            ids = prev[2].split(" ") if prev[2] else []
+            if retract_ids and any(i in retract_ids for i in ids):
+                self._diff(state, dq_cp, rule, key, None, now, retract_ids, out, dedupe=a)
+                continue
+            if obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
+                continue
+            if obs.observation_id in ids:
+                continue  # the result that raised it (just re-raised, or replayed)
+            t_cens = max((int(i.rsplit("@", 1)[1]) for i in ids if i.startswith(a + "@")), default=None)
+            if t_cens is not None and int(round(obs.effective_at.timestamp())) >= t_cens:
+                self._diff(state, dq_cp, rule, key, None, now, _EMPTY, out, dedupe=a)
 
     # -- internals ---------------------------------------------------------------
     def _clock(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list,
@@ -409,8 +527,17 @@ class Engine:
                 return
             del state.active[key]
             prev_ids = prev[2].split(" ") if prev[2] else []
-            st = "retracted" if retract_ids and any(i in retract_ids for i in prev_ids) else "cleared"
-            out.append(self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now))
+            gone = [i for i in prev_ids if i in retract_ids] if retract_ids else []
+            st = "retracted" if gone else "cleared"
+            f = self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now)
+            if gone:
+                # name what was corrected away or withdrawn, so the alert lifecycle can tell an
+                # alert that rested only on it (retracted) from one that had stood on earlier
+                # valid results too (resolved: e.g. a real nadir, then a mistyped count)
+                a = rule.analytes[0] if len(rule.analytes) == 1 else ""
+                f = f.model_copy(update={"evidence": list(f.evidence) + [
+                    Evidence(observation_id=i, analyte=a, note=WITHDRAWN_NOTE) for i in gone]})
+            out.append(f)
             return
         ids = hit.ids()
         grade = hit.grade or 0
@@ -507,11 +634,28 @@ def _newer(a: tuple, b: tuple) -> bool:
     return (a[0], a[2]) > (b[0], b[2])
 
 
+def _note_censored(f: Finding, obs: Observation) -> Finding:
+    """Say on the evidence (and in the text) that a result used at its bound was censored."""
+    if not any(e.observation_id == obs.observation_id and e.note is None for e in f.evidence):
+        return f
+    shown = f"{obs.comparator}{_fmt(obs.value)} {obs.unit}".rstrip()
+    note = f"reported as {shown}: graded at least as {_fmt(obs.value)}"
+    ev = [e.model_copy(update={"note": note}) if e.observation_id == obs.observation_id and e.note is None else e
+          for e in f.evidence]
+    text = f.text
+    if text is not None:
+        text = text.model_copy(update={"what": f"{text.what} ({obs.analyte} {note}.)"})
+    return f.model_copy(update={"evidence": ev, "text": text})
+
+
 _LABEL = {"uln": "x ULN", "lln": "x LLN", "baseline": "x baseline", "previous": "x previous"}
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    s = f"{v:.4g}"
+    return f"{v:.0f}" if "e+" in s else s  # 50000, not 5e+04, in a nurse's text
 
 
 def _summary(rule: CRule, hit: Hit, grade, units: dict) -> str:

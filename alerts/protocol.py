@@ -40,7 +40,10 @@ STABLE_RULE_IDS = (
 )
 
 # pseudo-analytes the early-warning items may use beside catalogue analytes
-_PSEUDO_ITEMS = {"oxygen"}
+_PSEUDO_ITEMS = {"oxygen", "spo2_scale2"}
+#: pseudo item -> the analyte it reads (``spo2_scale2``: NEWS2 SpO2 scale 2, for patients
+#: whose dose event sets ``spo2_scale: 2``; ``spo2`` is then not scored on scale 1)
+PSEUDO_ITEM_ANALYTE = {"oxygen": "o2_flow", "spo2_scale2": "spo2"}
 
 
 class ProtocolError(ValueError):
@@ -160,10 +163,12 @@ Group.model_rebuild()
 
 
 class Active(Sourced):
-    """When a rule applies: a window of days since dose and/or steroid phases."""
+    """When a rule applies: a window of days since dose, steroid phases and/or an age window."""
 
     days_since_dose: tuple[float, float] | None = None
     steroid_phases: list[PhaseName] | None = None
+    #: [min, max) age in months at the result's time (e.g. children only: [0, 192])
+    age_months: tuple[float, float] | None = None
 
 
 class _RuleBase(_M):
@@ -247,8 +252,28 @@ class CompletionRule(_RuleBase, Sourced):
     severity: Severity = Severity.INFO
 
 
+class CensoredRule(_RuleBase):
+    """A censored result ("<5", ">3000") that some rule cannot grade at its bound (see
+    ``alerts.censored``): the value is not used, and this finding says so (per analyte)."""
+
+    kind: Literal["censored"]
+    severity: Severity = Severity.WARNING
+
+
+class RangeCheckRule(_RuleBase, Sourced):
+    """A result's own reference range that differs from the protocol's age default by more
+    than ``max_ratio`` (either way) is implausible (e.g. a umol/L range sent with a mg/dL
+    value): the result is graded against the more alerting of the two limits (lower ULN,
+    higher LLN) and this finding asks a person to check the range (per analyte)."""
+
+    kind: Literal["range_check"]
+    max_ratio: float = Field(gt=1)
+    severity: Severity = Severity.WARNING
+
+
 Rule = Annotated[
-    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, NoDoseRule],
+    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule,
+          RangeCheckRule, NoDoseRule],
     Field(discriminator="kind"),
 ]
 
@@ -288,6 +313,9 @@ class AgeRange(Sourced):
     max_months: float = Field(default=1e6, gt=0)
     low: float | None = None
     high: float | None = None
+    #: [min, max] a lab's own ULN may plausibly take at this age (``range_check`` rule); when
+    #: absent, a ULN within ``max_ratio`` of ``high`` is plausible
+    plausible_high: tuple[float, float] | None = None
 
 
 class ScoreCut(_M):
@@ -303,6 +331,8 @@ class ItemBand(Sourced):
     cuts: list[ScoreCut]
     #: for the ``oxygen`` item: score when the SpO2 result says the patient is on oxygen
     on_oxygen_score: int | None = None
+    #: cuts that score only while the patient is on oxygen (NEWS2 SpO2 scale 2: >= 93 on O2)
+    on_oxygen_cuts: list[ScoreCut] | None = None
 
 
 class ScoreItem(_M):
@@ -323,6 +353,20 @@ class ScoreSystem(Sourced):
     #: any single item scoring at least this -> at least ``single_item_severity``
     single_item_score: int | None = None
     single_item_severity: Severity | None = None
+
+
+class SteroidRegimen(Sourced):
+    """The product's corticosteroid regimen as the label states it (documentation for the
+    ward and the summary; the taper gate is a rule). ``None``: not stated by any source."""
+
+    drug: str
+    dose_mg_per_kg_day: float | None = Field(default=None, gt=0)
+    #: days before the dose the corticosteroid starts (1 = 24 h before)
+    start_days_before_dose: float | None = Field(default=None, ge=0)
+    #: total days at the full dose before the taper is considered
+    full_dose_days: float | None = Field(default=None, gt=0)
+    taper_days: float | None = Field(default=None, gt=0)
+    summary: str
 
 
 class EarlyWarning(_M):
@@ -378,6 +422,7 @@ class Protocol(_M):
     routes: list[Route] = Field(min_length=1)
     rules: list[Rule] = Field(min_length=1)
     schedules: list[Schedule] = Field(default_factory=list)
+    steroid_regimen: SteroidRegimen | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self):
@@ -452,6 +497,8 @@ class Protocol(_M):
                 check_sourced(r, p)
             elif isinstance(r, ScoreRule):
                 check_sourced(r.vitals_window, p + ".vitals_window")
+            elif isinstance(r, RangeCheckRule):
+                check_sourced(r, p)
         for i, s in enumerate(self.schedules):
             for a in s.analytes:
                 check_analyte(a, f"schedules[{i}].analytes")
@@ -473,6 +520,8 @@ class Protocol(_M):
             for j, b in enumerate(sysm.severity_bands):
                 check_sourced(b, f"early_warning.{name}.severity_bands[{j}]")
         check_sourced(self.early_warning.adult_age, "early_warning.adult_age")
+        if self.steroid_regimen is not None:
+            check_sourced(self.steroid_regimen, "steroid_regimen")
         kinds = {r.kind for r in self.rules}
         if "overdue" in kinds and not self.schedules:
             errs.append("schedules: an `overdue` rule needs at least one schedule")
@@ -502,8 +551,8 @@ class Protocol(_M):
 
 # -- loading ---------------------------------------------------------------------
 
-_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "no_dose_record",
-               "Condition", "Group"}
+_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored",
+               "range_check", "no_dose_record", "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:
@@ -624,7 +673,12 @@ def summarise(p: Protocol) -> str:
             win = f" days {r.active.days_since_dose[0]:g}-{r.active.days_since_dose[1]:g}"
         if r.active and r.active.steroid_phases:
             win += f" steroid {'/'.join(r.active.steroid_phases)}"
+        if r.active and r.active.age_months:
+            win += f" age {r.active.age_months[0]:g}-{r.active.age_months[1]:g} months"
         lines.append(f"  {r.id:<40} {r.kind:<13} {sev:<9} route={r.route}{win}")
+    sr = p.steroid_regimen
+    if sr is not None:
+        lines.append(f"steroid regimen: {sr.summary}" + (" (UNCONFIRMED)" if sr.unconfirmed else ""))
     lines.append(f"schedules: {len(p.schedules)}")
     for s in p.schedules:
         per = "; ".join(

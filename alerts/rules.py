@@ -29,7 +29,10 @@ from schemas.findings import Severity
 
 from .protocol import (
     GRADE_SEVERITY,
+    PSEUDO_ITEM_ANALYTE,
+    CensoredRule,
     CompletionRule,
+    RangeCheckRule,
     CompositeRule,
     Condition,
     DeltaRule,
@@ -101,13 +104,28 @@ class Hit:
 class Ranges:
     """Age-banded default reference ranges: analyte -> [(min_months, max_months, low, high)]."""
 
-    __slots__ = ("by_analyte",)
+    __slots__ = ("by_analyte", "plausible")
 
     def __init__(self, protocol: Protocol) -> None:
         self.by_analyte = {
             a: [(b.min_months, b.max_months, b.low, b.high) for b in bands]
             for a, bands in protocol.reference_ranges.items()
         }
+        #: analyte -> [(min_months, max_months, (lo, hi))]: plausible ULNs of a lab's own range
+        self.plausible = {
+            a: [(b.min_months, b.max_months, tuple(b.plausible_high)) for b in bands if b.plausible_high]
+            for a, bands in protocol.reference_ranges.items() if any(b.plausible_high for b in bands)
+        }
+
+    def plausible_high(self, analyte: str, st: PatientState, t: float) -> tuple[float, float] | None:
+        bands = self.plausible.get(analyte)
+        if not bands or st.birth is None:
+            return None
+        age = (t - st.birth) / 2629800.0
+        for lo_m, hi_m, pair in bands:
+            if lo_m <= age < hi_m:
+                return pair
+        return None
 
     def get(self, analyte: str, st: PatientState, t: float, idx: int) -> float | None:
         bands = self.by_analyte.get(analyte)
@@ -158,7 +176,7 @@ def baseline_abnormal(ranges: Ranges, st: PatientState, analyte: str) -> bool:
 class CRule:
     """Common compiled rule fields."""
 
-    __slots__ = ("id", "kind", "route", "severity", "text", "title", "analytes", "days", "phases", "key")
+    __slots__ = ("id", "kind", "route", "severity", "text", "title", "analytes", "days", "phases", "key", "ages")
 
     def __init__(self, r) -> None:
         self.id = r.id
@@ -170,6 +188,7 @@ class CRule:
         self.analytes: tuple[str, ...] = ()
         self.days = tuple(r.active.days_since_dose) if r.active and r.active.days_since_dose else None
         self.phases = frozenset(r.active.steroid_phases) if r.active and r.active.steroid_phases else None
+        self.ages = tuple(r.active.age_months) if r.active and r.active.age_months else None
         self.key = r.id
 
     def active_at(self, st: PatientState, t: float) -> bool:
@@ -181,6 +200,10 @@ class CRule:
                 return False
         if self.phases is not None:
             if st.steroid_at(t)[0] not in self.phases:
+                return False
+        if self.ages is not None and st.birth is not None:
+            age = (t - st.birth) / 2629800.0
+            if not (self.ages[0] <= age < self.ages[1]):
                 return False
         return True
 
@@ -268,7 +291,8 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] >= dose and (t is None or e[0] > t):
                 t = e[0]
-        if t is None or (self.days is not None or self.phases is not None) and not self.active_at(st, t):
+        if t is None or (self.days is not None or self.phases is not None or self.ages is not None) \
+                and not self.active_at(st, t):
             return None
         for a in self.analytes:
             h = hist.get(a)
@@ -293,7 +317,7 @@ class GradedRuleC(CRule):
         result): the same bands, at the result's own event time."""
         if st.dose_at is None or e[0] < st.dose_at:
             return None
-        if (self.days is not None or self.phases is not None) and not self.active_at(st, e[0]):
+        if (self.days is not None or self.phases is not None or self.ages is not None) and not self.active_at(st, e[0]):
             return None
         evidence: list = []
         got = self.grade_entry(st, cp, a, e, evidence)
@@ -682,10 +706,10 @@ class DeltaRuleC(CRule):
 
 
 class ScoreSystemC:
-    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank", "_by_age")
+    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank", "_by_age", "has_scale2")
 
     def items_for_age(self, age_m: float) -> list:
-        """[(item, cuts, on_oxygen_score)] for this age (cached per whole month)."""
+        """[(item, cuts, on_oxygen_score, on_oxygen_cuts)] for this age (cached per whole month)."""
         key = int(age_m) if age_m >= 0 else -1
         got = self._by_age.get(key)
         if got is None:
@@ -693,21 +717,26 @@ class ScoreSystemC:
             for item, bands in self.items:
                 for b in bands:
                     if b[0] <= age_m < b[1]:
-                        got.append((item, b[2], b[3]))
+                        got.append((item, b[2], b[3], b[4]))
                         break
             self._by_age[key] = got
         return got
 
     def __init__(self, s) -> None:
         self.name = s.name
-        # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score)]
+
+        def cuts(cs):
+            return sorted(((c.score, OPS[c.op], c.value) for c in cs), key=lambda c: -c[0])
+
+        # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score, on_oxygen_cuts)]
         self.items = [
-            (it.item, [(b.min_months, b.max_months,
-                        sorted(((c.score, OPS[c.op], c.value) for c in b.cuts), key=lambda c: -c[0]),
-                        b.on_oxygen_score)
+            (it.item, [(b.min_months, b.max_months, cuts(b.cuts), b.on_oxygen_score,
+                        cuts(b.on_oxygen_cuts) if b.on_oxygen_cuts else None)
                        for b in it.bands])
             for it in s.items
         ]
+        #: NEWS2 SpO2 scale 2 is available: a patient on scale 2 scores it instead of ``spo2``
+        self.has_scale2 = any(it.item == "spo2_scale2" for it in s.items)
         self._by_age: dict[int, list] = {}
         self.sev_bands = sorted(((b.min_score, b.severity.rank) for b in s.severity_bands), reverse=True)
         self.single_score = s.single_item_score
@@ -722,6 +751,15 @@ def _cut_score(cuts, v: float) -> int:
     return 0
 
 
+def _on_oxygen(st: PatientState, since: float) -> bool:
+    """On supplemental oxygen within the score window: an O2 flow > 0 or an on-oxygen flag."""
+    h = st.hist.get("o2_flow")
+    if h and h[-1][0] >= since and h[-1][1] > 0:
+        return True
+    o2 = st.o2
+    return o2 is not None and o2[1] and o2[0] >= since
+
+
 class ScoreRuleC(CRule):
     __slots__ = ("window",)
     VITALS = ("heart_rate", "respiratory_rate", "systolic_bp", "spo2", "temperature", "o2_flow")
@@ -732,7 +770,7 @@ class ScoreRuleC(CRule):
         an = set()
         for sysm in (protocol.early_warning.pews, protocol.early_warning.news2):
             for it in sysm.items:
-                an.add("o2_flow" if it.item == "oxygen" else it.item)
+                an.add(PSEUDO_ITEM_ANALYTE.get(it.item, it.item))
         self.analytes = tuple(sorted(an))
 
     def evaluate(self, st, cp):
@@ -754,9 +792,25 @@ class ScoreRuleC(CRule):
         max_item = 0
         evidence: list[Ev] = []
         parts = []
-        for item, cuts, o2score in sysm.items_for_age(age_m):
+        scale2 = st.spo2_scale == 2 and sysm.has_scale2
+        on_o2 = None
+        for item, cuts, o2score, o2cuts in sysm.items_for_age(age_m):
             score = 0
-            if item == "oxygen":
+            if item == "spo2_scale2" or item == "spo2":
+                if (item == "spo2") == scale2:
+                    continue  # one SpO2 scale per patient (dose event ``spo2_scale``)
+                h = hist.get("spo2")
+                if not h or h[-1][0] < since:
+                    continue
+                e = h[-1]
+                score = _cut_score(cuts, e[1])
+                if o2cuts is not None:
+                    if on_o2 is None:
+                        on_o2 = _on_oxygen(st, since)
+                    if on_o2:
+                        score = max(score, _cut_score(o2cuts, e[1]))
+                evidence.append(("spo2", e, None, None, B_SCORE, None, score))
+            elif item == "oxygen":
                 h = hist.get("o2_flow")
                 if h and h[-1][0] >= since:
                     score = _cut_score(cuts, h[-1][1])
@@ -906,6 +960,35 @@ class CSchedule:
         return out
 
 
+class CensoredRuleC(CRule):
+    """Raised by the engine itself (``Engine.evaluate_observation``) for a censored result
+    that cannot be graded at its bound; never evaluated from the state."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, r: CensoredRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+
+    def evaluate(self, st, cp):
+        return None
+
+
+class RangeCheckRuleC(CRule):
+    """Raised by the engine itself for a result whose own reference range is implausible
+    against the protocol's age default (``Engine._check_range``)."""
+
+    __slots__ = ("rank", "max_ratio")
+
+    def __init__(self, r: RangeCheckRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+        self.max_ratio = r.max_ratio
+
+    def evaluate(self, st, cp):
+        return None
+
+
 class CompiledProtocol:
     """A protocol ready for evaluation: rule objects, per-analyte rule lists, ranges, scores."""
 
@@ -924,6 +1007,8 @@ class CompiledProtocol:
         self.rules: list[CRule] = []
         self.overdue: OverdueRuleC | None = None
         self.completion: CompletionRuleC | None = None
+        self.censored: CensoredRuleC | None = None
+        self.range_check: RangeCheckRuleC | None = None
         self.no_dose: NoDoseRuleC | None = None
         for r in protocol.rules:
             if isinstance(r, GradedRule):
@@ -938,6 +1023,10 @@ class CompiledProtocol:
                 c = self.overdue = OverdueRuleC(r)
             elif isinstance(r, CompletionRule):
                 c = self.completion = CompletionRuleC(r)
+            elif isinstance(r, CensoredRule):
+                c = self.censored = CensoredRuleC(r)
+            elif isinstance(r, RangeCheckRule):
+                c = self.range_check = RangeCheckRuleC(r)
             elif isinstance(r, NoDoseRule):
                 c = self.no_dose = NoDoseRuleC(r)
             else:  # pragma: no cover
@@ -946,7 +1035,8 @@ class CompiledProtocol:
         self.by_id = {r.id: r for r in self.rules}
         #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
         self.by_analyte: dict[str, tuple[CRule, ...]] = {}
-        clock_kinds = (OverdueRuleC, CompletionRuleC, NoDoseRuleC)
+        # clock-driven kinds and kinds the engine raises itself (censored, range check)
+        clock_kinds = (OverdueRuleC, CompletionRuleC, NoDoseRuleC, CensoredRuleC, RangeCheckRuleC)
         for c in self.rules:
             if isinstance(c, clock_kinds):
                 continue

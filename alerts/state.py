@@ -75,7 +75,7 @@ class PatientState:
 
     __slots__ = (
         "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
-        "steroid", "hist", "base", "o2", "active", "runs", "sus", "ev", "first",
+        "steroid", "hist", "base", "o2", "active", "runs", "sus", "spo2_scale", "ev", "first",
     )
 
     def __init__(self, patient_id: str) -> None:
@@ -94,6 +94,8 @@ class PatientState:
         self.active: dict[str, list] = {}
         self.runs: dict[str, list] = {}
         self.sus: dict[str, list[tuple]] = {}
+        #: NEWS2 SpO2 scale from the dose event (None: scale 1)
+        self.spo2_scale: int | None = None
         self.ev: dict[str, list[Entry]] = {}
         self.first: int | None = None
 
@@ -294,6 +296,8 @@ class PatientState:
             d["wd"] = self.ward
         if self.care_team is not None:
             d["ct"] = self.care_team
+        if self.spo2_scale is not None:
+            d["sc"] = self.spo2_scale
         if self.steroid:
             d["s"] = [[s[0] - t0, s[1]] for s in self.steroid]
         ranges: dict[str, list] = {}
@@ -336,6 +340,7 @@ class PatientState:
         s.weight = d.get("w")
         s.ward = d.get("wd")
         s.care_team = d.get("ct")
+        s.spo2_scale = d.get("sc")
         s.steroid = [[x[0] + t0, x[1]] for x in d.get("s", ())]
         ranges = {_name(a): r for a, r in d.get("r", {}).items()}
         s.hist = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in h] for a, h in d.get("h", {}).items()}

@@ -80,11 +80,28 @@ def test_it_schedule_follows_steroid_phase():
     assert overdue(sim, "liver") is not None
     sim.feed(liver(43.4), now=sim_now(43.5))
     assert overdue(sim, "liver") is None
-    # stopped: every other week for a month
+    # stopped: still weekly for a month (audit PS-15: the label's every other week needs
+    # unremarkable findings at the end of the taper, which the schedule cannot know)
     sim.feed([steroid("stopped", 44)])
-    sim.clock(51.5)
+    sim.clock(51.3)
     assert overdue(sim, "liver") is None
-    sim.clock(58.5)
+    sim.clock(51.5)  # due 43.4 + 7 + 1
+    assert overdue(sim, "liver") is not None
+    # more than 30 days after stopping, before month 3: every other week
+    sim.feed(liver(76), now=sim_now(76.1))
+    sim.clock(90.5)
+    assert overdue(sim, "liver") is None
+    sim.clock(89.9 + 1.2)  # due 76 + 14 + 1 = 91
+    assert overdue(sim, "liver") is not None
+
+
+def test_it_schedule_without_steroid_events_is_weekly():
+    # audit PS-15: no steroid events (a missing pharmacy feed): a taper may be running unseen
+    sim = Sim()
+    sim.feed([dose(product=IT)] + liver(31))
+    sim.clock(38.9)
+    assert overdue(sim, "liver") is None
+    sim.clock(39.5)  # due 31 + 7 + 1 (was 31 + 14 + 1)
     assert overdue(sim, "liver") is not None
 
 

@@ -194,3 +194,35 @@ def test_sustained_fever_run_survives_a_changelog_round_trip():
     restored.state = PatientState.from_dict(_json.loads(_json.dumps(sim.state.to_dict())))
     restored.feed([obs("temperature", 40.2, 2.1, oid="t3")])
     assert restored.present()["vitals.fever"].grade == 4
+
+
+def test_episode_results_and_first_result_time_round_trip_through_the_state_dict():
+    import json as _json
+
+    from alerts.state import PatientState
+
+    # no dose yet: the first result's time (no-dose-record grace) survives a restart
+    sim = Sim()
+    sim.feed([obs("alt", 30, 1.5, high=40, oid="n1"), obs("alt", 35, 1.0, high=40, oid="n0")])
+    d = sim.state.to_dict()
+    back = PatientState.from_dict(_json.loads(_json.dumps(d)))
+    assert back == sim.state and back.first == sim.state.first == sim.state.hist["alt"][0][0]
+    # episode results (an ALT peak, a bilirubin rise) survive it too, and the restored
+    # state goes on to the same findings
+    sim = Sim()
+    sim.feed([dose(), obs("alt", 400, 20, high=40, oid="a20"), obs("alt", 100, 24, high=40, oid="a24"),
+              obs("alt", 90, 26, high=40, oid="a26"), obs("alt", 80, 27, high=40, oid="a27")])
+    assert [e[2] for e in sim.state.ev["alt"]] == ["a20"]  # the 10x peak, no longer in the history
+    assert "a20" not in [e[2] for e in sim.state.hist["alt"]]
+    d = sim.state.to_dict()
+    assert "ev" in d
+    restored = Sim()
+    restored.state = PatientState.from_dict(_json.loads(_json.dumps(d)))
+    assert restored.state == sim.state
+    later = [obs("bilirubin_total", 3.0, 28, high=1.2, oid="b28")]
+    assert [f.finding_id for f in restored.feed(later)] == [f.finding_id for f in sim.feed(later)]
+    assert "liver.hys_law" in restored.present()
+    # a state written before episode results existed (no "ev", no "f") still loads
+    old = {k: v for k, v in d.items() if k not in ("ev", "f")}
+    legacy = PatientState.from_dict(old)
+    assert legacy.ev == {} and legacy.first is None and legacy.hist == sim.state.hist

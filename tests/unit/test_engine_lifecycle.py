@@ -225,4 +225,4 @@ def test_episode_results_and_first_result_time_round_trip_through_the_state_dict
     # a state written before episode results existed (no "ev", no "f") still loads
     old = {k: v for k, v in d.items() if k not in ("ev", "f")}
     legacy = PatientState.from_dict(old)
-    assert legacy.ev == {} and legacy.first is None and legacy.hist == sim.state.hist
+    assert legacy.ev == {} and legacy.first is None and legacy.hist == PatientState.from_dict(d).hist

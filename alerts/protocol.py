@@ -188,6 +188,20 @@ class GradedRule(_RuleBase):
     bands: list[Band] = Field(min_length=1)
     #: replaces ``bands`` when the pre-dose baseline is above its ULN (CTCAE "baseline abnormal")
     abnormal_baseline_bands: list[Band] | None = None
+    #: with ``active.steroid_phases``: also judge the newest result drawn at most this many days
+    #: BEFORE the current phase began (the results a taper decision rested on), until a result
+    #: drawn during the phase replaces it
+    phase_start_lookback_days: float | None = Field(default=None, gt=0)
+    phase_start_lookback: Sourced | None = None
+
+    @model_validator(mode="after")
+    def _lookback(self):
+        if self.phase_start_lookback_days is not None:
+            if self.phase_start_lookback is None:
+                raise ValueError("`phase_start_lookback_days` needs `phase_start_lookback` (source or unconfirmed)")
+            if self.active is None or not self.active.steroid_phases:
+                raise ValueError("`phase_start_lookback_days` needs `active.steroid_phases`")
+        return self
 
 
 class CompositeRule(_RuleBase):
@@ -475,6 +489,8 @@ class Protocol(_M):
                             errs.append(f"{p}.bands[{j}].analytes: {a!r} is not an analyte of the rule")
                     if b.for_hours is not None and len(r.analytes) != 1:
                         errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
+                if r.phase_start_lookback is not None:
+                    check_sourced(r.phase_start_lookback, p + ".phase_start_lookback")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
                     check_sourced(b, f"{p}.abnormal_baseline_bands[{j}]")
                     if b.basis != "baseline":

@@ -234,10 +234,11 @@ def _sorted_bands(bands) -> tuple[CBand, ...]:
 
 
 class GradedRuleC(CRule):
-    __slots__ = ("bands", "abn_bands")
+    __slots__ = ("bands", "abn_bands", "start_lookback")
 
     def __init__(self, r: GradedRule) -> None:
         super().__init__(r)
+        self.start_lookback = r.phase_start_lookback_days * DAY if r.phase_start_lookback_days else None
         self.analytes = tuple(r.analytes)
         self.bands = _sorted_bands(r.bands)
         if r.abnormal_baseline_bands:
@@ -291,7 +292,15 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] >= dose and (t is None or e[0] > t):
                 t = e[0]
-        if t is None or (self.days is not None or self.phases is not None or self.ages is not None) \
+        if t is None:
+            return None
+        gate = None  # start of the current steroid phase whose decision results are judged
+        if self.start_lookback is not None:
+            ref_t = max(t, st.steroid[-1][0]) if st.steroid else t
+            phase, since = st.steroid_at(ref_t)
+            if since is not None and phase in self.phases:
+                gate = since
+        if gate is None and (self.days is not None or self.phases is not None or self.ages is not None) \
                 and not self.active_at(st, t):
             return None
         for a in self.analytes:
@@ -301,16 +310,28 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] < dose:
                 continue  # a pre-dose result is a baseline, not evidence
+            note = None
+            if gate is not None and not self.active_at(st, e[0]):
+                if not (gate - self.start_lookback <= e[0] <= gate):
+                    continue
+                note = f"drawn {_day(e[0])}, before the phase began on {_day(gate)}: the decision rested on it"
             if evidence is None:
                 evidence = []
+            n = len(evidence)
             got = self.grade_entry(st, cp, a, e, evidence)
             if got is not None:
+                if note is not None:
+                    evidence[n:] = [x[:6] + (note,) for x in evidence[n:]]
                 rank, grade = got
                 if rank > best_rank or (rank == best_rank and (grade or 0) > (best_grade or 0)):
                     best_rank, best_grade = rank, grade
         if not evidence:
             return None
-        return Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
+        hit = Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
+        if gate is not None and any(ev[6] and "decision rested" in ev[6] for ev in evidence):
+            hit.note = (f"Judged on results drawn before the phase began on {_day(gate)}: the decision "
+                        f"rested on them, and no result drawn since has replaced them.")
+        return hit
 
     def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
         """What the rule said of ``e`` when it was the newest result (a late or re-evaluated

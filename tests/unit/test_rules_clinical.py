@@ -62,6 +62,17 @@ SCENARIOS = [
      "liver.taper_gate_breach", ("warning", None)),
     ("taper gate not during full dose", [steroid("full", -1), D(), obs("alt", 85, 20, high=40)],
      "liver.taper_gate_breach", None),
+    # PS-4: the results the taper decision rested on (drawn in the week before it) and bilirubin
+    ("taper gate on the results before the taper", [steroid("full", -1), D(), obs("alt", 120, 28, high=40),
+                                                    steroid("taper", 30)], "liver.taper_gate_breach", ("warning", None)),
+    ("taper gate ignores results older than a week before the taper",
+     [steroid("full", -1), D(), obs("alt", 120, 20, high=40), steroid("taper", 30)], "liver.taper_gate_breach", None),
+    ("taper gate on bilirubin during the taper", [steroid("full", -1), D(), steroid("taper", 30),
+                                                  obs("bilirubin_total", 2.5, 33, high=1.2)],
+     "liver.taper_gate_breach", ("warning", None)),
+    ("taper gate: normal results during the taper replace the decision results",
+     [steroid("full", -1), D(), obs("alt", 120, 28, high=40), steroid("taper", 30), obs("alt", 60, 33, high=40)],
+     "liver.taper_gate_breach", None),
     # --- haematology
     ("platelets grade 2", [D(), obs("platelets", 60, 7, low=150, high=450)], "heme.platelets_decreased", ("warning", 2)),
     ("platelets grade 4", [D(), obs("platelets", 20, 7)], "heme.platelets_decreased", ("critical", 4)),

@@ -180,6 +180,11 @@ class _RuleBase(_M):
     severity: Severity | None = None
 
 
+class UnlessRecent(Sourced):
+    analyte: str
+    within_days: float = Field(gt=0)
+
+
 class GradedRule(_RuleBase):
     """Absolute limits, ULN/LLN multiples, baseline multiples, CTCAE grades (worst band wins)."""
 
@@ -193,6 +198,9 @@ class GradedRule(_RuleBase):
     #: drawn during the phase replaces it
     phase_start_lookback_days: float | None = Field(default=None, gt=0)
     phase_start_lookback: Sourced | None = None
+    #: the rule does not apply to a result when ``analyte`` has a result within ``within_days``
+    #: of it (e.g. grade PT only where no INR is reported)
+    unless_recent: "UnlessRecent | None" = None
 
     @model_validator(mode="after")
     def _lookback(self):
@@ -491,6 +499,9 @@ class Protocol(_M):
                         errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
                 if r.phase_start_lookback is not None:
                     check_sourced(r.phase_start_lookback, p + ".phase_start_lookback")
+                if r.unless_recent is not None:
+                    check_sourced(r.unless_recent, p + ".unless_recent")
+                    check_analyte(r.unless_recent.analyte, p + ".unless_recent.analyte")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
                     check_sourced(b, f"{p}.abnormal_baseline_bands[{j}]")
                     if b.basis != "baseline":

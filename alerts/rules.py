@@ -234,10 +234,12 @@ def _sorted_bands(bands) -> tuple[CBand, ...]:
 
 
 class GradedRuleC(CRule):
-    __slots__ = ("bands", "abn_bands", "start_lookback")
+    __slots__ = ("bands", "abn_bands", "start_lookback", "unless_recent")
 
     def __init__(self, r: GradedRule) -> None:
         super().__init__(r)
+        u = r.unless_recent
+        self.unless_recent = (u.analyte, u.within_days * DAY) if u is not None else None
         self.start_lookback = r.phase_start_lookback_days * DAY if r.phase_start_lookback_days else None
         self.analytes = tuple(r.analytes)
         self.bands = _sorted_bands(r.bands)
@@ -310,6 +312,8 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] < dose:
                 continue  # a pre-dose result is a baseline, not evidence
+            if self.unless_recent is not None and self._other_recent(st, e[0]):
+                continue
             note = None
             if gate is not None and not self.active_at(st, e[0]):
                 if not (gate - self.start_lookback <= e[0] <= gate):
@@ -333,12 +337,18 @@ class GradedRuleC(CRule):
                         f"rested on them, and no result drawn since has replaced them.")
         return hit
 
+    def _other_recent(self, st, t: float) -> bool:
+        other, within = self.unless_recent
+        return any(abs(x[0] - t) <= within for x in st.hist.get(other, ()))
+
     def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
         """What the rule said of ``e`` when it was the newest result (a late or re-evaluated
         result): the same bands, at the result's own event time."""
         if st.dose_at is None or e[0] < st.dose_at:
             return None
         if (self.days is not None or self.phases is not None or self.ages is not None) and not self.active_at(st, e[0]):
+            return None
+        if self.unless_recent is not None and self._other_recent(st, e[0]):
             return None
         evidence: list = []
         got = self.grade_entry(st, cp, a, e, evidence)
@@ -1064,6 +1074,11 @@ class CompiledProtocol:
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
+        for c in self.rules:  # a rule that steps aside for another analyte's result hears of it
+            if isinstance(c, GradedRuleC) and c.unless_recent is not None:
+                a = c.unless_recent[0]
+                if c not in self.by_analyte.get(a, ()):
+                    self.by_analyte[a] = self.by_analyte.get(a, ()) + (c,)
         self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
         self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
         #: analyte -> (direction, conditions of composite rules on it): a post-dose result that

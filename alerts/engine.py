@@ -439,6 +439,8 @@ class Engine:
         ncp, rule = self.no_dose
         hit = None
         first = state.first
+        if not any(state.hist.values()):
+            first = None  # every result withdrawn: nothing waits for a dose record
         if first is None and state.dose_at is not None and state.hist:
             first = min(h[0][0] for h in state.hist.values() if h)
         if first is not None and now.timestamp() >= first + rule.grace:

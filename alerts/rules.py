@@ -676,7 +676,8 @@ class CompositeRuleC(CRule):
                 break
         if ep is None:
             prev = st.active.get(self.id)
-            if prev is not None and prev[2] and not all(_is_held(st, i) for i in prev[2].split(" ") if i != "stale"):
+            ids = [i for i in prev[2].split(" ") if not i.startswith("stale")] if prev is not None and prev[2] else []
+            if ids and not all(_is_held(st, i) for i in ids):
                 return KEEP  # the results it rested on are no longer held: keep it as it is
             return None
         t_e = ep.t
@@ -699,7 +700,9 @@ class CompositeRuleC(CRule):
             note = (f"No longer confirmed by the newest results (last met on {_day(t_e)}); awaiting fresh "
                     f"{', '.join(stale)}. It stays open until fresh results show resolution or a clinician "
                     f"resolves it.")
-        return Hit(ep.rank, None, ep.evidence, t, extra="stale", note=note)
+        # what is worsening is part of the outcome: a further rise re-states it (same severity)
+        extra = "stale" + ("".join(f":{w.split(' ', 1)[0]}={w.rsplit(' ', 1)[1]}" for w in worse) if worse else "")
+        return Hit(ep.rank, None, ep.evidence, t, extra=extra, note=note)
 
 
 class DeltaRuleC(CRule):

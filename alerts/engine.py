@@ -175,7 +175,7 @@ class Engine:
                 if state.first is None or t < state.first:
                     state.first = t
             h = state.hist.get(analyte)
-            if h and _newer(h[-1], entry) and not _holds(state, analyte, entry):
+            if h and (h[-1][0] > t or h[-1][0] == t and h[-1][2] > entry[2]) and not _holds(state, analyte, entry):
                 late = entry  # older than a result already held, and not a replay: a late arrival
             state.insert(analyte, entry, limit)
             if cp is not None and dose_at is not None and analyte in cp.episode:

@@ -268,8 +268,9 @@ class GradedRuleC(CRule):
                 ref = reference(ranges, st, a, e, basis)
             if ref is None:
                 continue
-            if meets(b.op, v, b.value, ref):
-                lim = b.value * ref
+            lim = b.value * ref
+            d = v - lim
+            if (b.op(v, lim) if d > _NEAR * abs(lim) or -d > _NEAR * abs(lim) else meets(b.op, v, b.value, ref)):
                 if b.for_s is not None:
                     run = st.runs.get(a)
                     if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
@@ -561,7 +562,7 @@ class CompositeRuleC(CRule):
     the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
 
     __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
-                 "conds_by_analyte")
+                 "conds_by_analyte", "need")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
@@ -578,6 +579,12 @@ class CompositeRuleC(CRule):
         self.rank = r.severity.rank
         self.unless_at_onset = r.unless_at_onset
         self.directions: dict[str, int] = {}
+        #: analyte sets of which each must hold an episode result for the condition to be
+        #: possible (the members of a top-level `all`; else all analytes as one set)
+        if isinstance(self.when, tuple) and self.when[0] == "all":
+            self.need = tuple(frozenset(_expr_analytes(m, set())) for m in self.when[1])
+        else:
+            self.need = (frozenset(self.when_analytes),)
         self.conds_by_analyte: dict[str, list[CCond]] = {}
         for c in _expr_conds(self.when, []):
             self.directions.setdefault(c.analyte, c.direction)
@@ -645,13 +652,15 @@ class CompositeRuleC(CRule):
             return None
         ev = st.ev
         if self.id not in st.active:
-            # every post-dose result that meets a condition is an episode result: none held,
-            # no episode possible (the common case, checked without building any window)
-            for a in self.when_analytes:
-                if a in ev:
-                    break
-            else:
-                return None
+            # every post-dose result that meets a condition is an episode result: when a
+            # member of the condition has none held, no episode is possible (the common
+            # case, decided without building any window)
+            for group in self.need:
+                for a in group:
+                    if a in ev:
+                        break
+                else:
+                    return None
         t = None
         hist = st.hist
         for a in self.when_analytes:

@@ -630,7 +630,10 @@ def summarise(p: Protocol) -> str:
     for s in p.schedules:
         per = "; ".join(
             f"d{x.from_day:g}-{x.to_day:g} every {x.every_days:g}d"
-            + (f" ({'/'.join(x.steroid_phases)})" if x.steroid_phases else "")
+            + (f" ({'/'.join(x.steroid_phases)}" if x.steroid_phases else "")
+            + (f", days {x.phase_days[0]:g}-{x.phase_days[1]:g} of the phase" if x.steroid_phases and x.phase_days else "")
+            + (")" if x.steroid_phases else "")
+            + (" until complete" if x.ends_on_completion else "")
             for x in s.periods
         )
         lines.append(f"  {s.group:<12} {','.join(s.analytes)}: {per}; grace {s.grace_hours:g} h")

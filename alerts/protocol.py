@@ -218,6 +218,24 @@ class CensoredRule(_RuleBase):
     severity: Severity = Severity.WARNING
 
 
+class SteroidRule(_RuleBase, Sourced):
+    """Checks of the corticosteroid course against the label (audit PS-4):
+
+    * ``taper_gate``: when the current taper began, the newest post-dose results at or before
+      that time met ``when`` (e.g. ALT or AST >= 2x ULN): the taper started on results that
+      the label says forbid it. Cleared when the taper is abandoned (back to full dose) or ends.
+    * ``early_taper``: a taper began before the regimen's full-dose period ended
+      (``steroid_regimen``: start_days_before_dose + full_dose_days, minus ``tolerance_days``).
+    * ``abrupt_stop``: the corticosteroid was stopped straight from the full dose, with no taper.
+    """
+
+    kind: Literal["steroid"]
+    check: Literal["taper_gate", "early_taper", "abrupt_stop"]
+    when: Expr | None = None
+    tolerance_days: float = Field(default=0, ge=0)
+    severity: Severity = Severity.WARNING
+
+
 class RangeCheckRule(_RuleBase, Sourced):
     """A result's own reference range that differs from the protocol's age default by more
     than ``max_ratio`` (either way) is implausible (e.g. a umol/L range sent with a mg/dL
@@ -231,7 +249,7 @@ class RangeCheckRule(_RuleBase, Sourced):
 
 Rule = Annotated[
     Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule,
-          RangeCheckRule],
+          RangeCheckRule, SteroidRule],
     Field(discriminator="kind"),
 ]
 
@@ -446,6 +464,17 @@ class Protocol(_M):
                 check_sourced(r.vitals_window, p + ".vitals_window")
             elif isinstance(r, RangeCheckRule):
                 check_sourced(r, p)
+            elif isinstance(r, SteroidRule):
+                check_sourced(r, p)
+                if r.check == "taper_gate":
+                    if r.when is None:
+                        errs.append(f"{p}.when: a taper_gate check needs conditions")
+                    else:
+                        walk(r.when, p + ".when")
+                if r.check == "early_taper":
+                    sr = self.steroid_regimen
+                    if sr is None or sr.full_dose_days is None or sr.start_days_before_dose is None:
+                        errs.append(f"{p}: early_taper needs steroid_regimen.full_dose_days and start_days_before_dose")
         for i, s in enumerate(self.schedules):
             for a in s.analytes:
                 check_analyte(a, f"schedules[{i}].analytes")
@@ -499,7 +528,7 @@ class Protocol(_M):
 # -- loading ---------------------------------------------------------------------
 
 _UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored",
-               "range_check", "Condition", "Group"}
+               "range_check", "steroid", "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:

@@ -31,6 +31,7 @@ from .protocol import (
     CensoredRule,
     CompletionRule,
     RangeCheckRule,
+    SteroidRule,
     CompositeRule,
     Condition,
     DeltaRule,
@@ -682,6 +683,83 @@ class CensoredRuleC(CRule):
         return None
 
 
+class SteroidRuleC(CRule):
+    """``SteroidRule``: the corticosteroid course against the label (see its docstring).
+    Evidence for steroid events is a pseudo entry ``(t, None, "steroid-<phase>@<t>")``."""
+
+    __slots__ = ("check", "when", "rank", "earliest_s", "tolerance_s")
+
+    def __init__(self, r: SteroidRule, protocol: Protocol) -> None:
+        super().__init__(r)
+        self.check = r.check
+        self.when = _compile_expr(r.when) if r.when is not None else None
+        self.analytes = tuple(sorted(_expr_analytes(self.when, set()))) if self.when is not None else ()
+        self.rank = r.severity.rank
+        self.tolerance_s = r.tolerance_days * DAY
+        sr = protocol.steroid_regimen
+        self.earliest_s = None
+        if r.check == "early_taper" and sr is not None and sr.full_dose_days is not None:
+            self.earliest_s = (sr.full_dose_days - (sr.start_days_before_dose or 0)) * DAY
+
+    @staticmethod
+    def _ev(t: int, phase: str) -> tuple:
+        return ("steroid", (t, None, f"steroid-{phase}@{t}", None, None), None, None, None, None,
+                f"corticosteroid {phase}")
+
+    def evaluate(self, st, cp):
+        course = st.steroid
+        if not course or st.dose_at is None:
+            return None
+        if self.check == "abrupt_stop":
+            for (t0, p0), (t1, p1) in zip(course, course[1:]):
+                if p1 == "stopped" and p0 == "full" and t1 >= st.dose_at:
+                    return Hit(self.rank, None, [self._ev(t0, p0), self._ev(t1, p1)], t1,
+                               summary=f"stopped on day {(t1 - st.dose_at) / DAY:.1f} straight from the full dose")
+            return None
+        if self.check == "early_taper":
+            t = next((t for t, p in course if p == "taper"), None)
+            if t is None or self.earliest_s is None or t >= st.dose_at + self.earliest_s - self.tolerance_s:
+                return None
+            return Hit(self.rank, None, [self._ev(t, "taper")], t,
+                       summary=f"taper began on day {(t - st.dose_at) / DAY:.1f}, before day "
+                               f"{self.earliest_s / DAY:g} (end of the full-dose period)")
+        # taper_gate: the taper in force now, judged on the newest results at or before its start
+        if course[-1][1] != "taper" or self.when is None:
+            return None
+        t_taper = course[-1][0]
+        hist = st.hist
+        cut = {}
+        for a in self.analytes:
+            h = hist.get(a)
+            if h:
+                kept = h if h[-1][0] <= t_taper else [e for e in h if e[0] <= t_taper]
+                if kept and kept[-1][0] >= st.dose_at:
+                    cut[a] = kept
+        if not cut:
+            return None  # no post-dose result before the taper began
+        probe = _AsOf(st, cut)
+        evidence: list = []
+        if eval_expr(self.when, probe, cp, st.dose_at, evidence) is not True:
+            return None
+        evidence.append(self._ev(t_taper, "taper"))
+        return Hit(self.rank, None, evidence, t_taper,
+                   summary=f"the taper began on day {(t_taper - st.dose_at) / DAY:.1f} on results that forbid it: "
+                           + "; ".join(f"{a} {e[1]:.4g} (limit {lim:.4g})" for a, e, lim, *_ in evidence[:-1]))
+
+
+class _AsOf:
+    """A read-only view of a patient state with other (cut) histories."""
+
+    __slots__ = ("_st", "hist")
+
+    def __init__(self, st: PatientState, hist: dict) -> None:
+        self._st = st
+        self.hist = hist
+
+    def __getattr__(self, name):
+        return getattr(self._st, name)
+
+
 class RangeCheckRuleC(CRule):
     """Raised by the engine itself for a result whose own reference range is implausible
     against the protocol's age default (``Engine._check_range``)."""
@@ -734,6 +812,8 @@ class CompiledProtocol:
                 c = self.censored = CensoredRuleC(r)
             elif isinstance(r, RangeCheckRule):
                 c = self.range_check = RangeCheckRuleC(r)
+            elif isinstance(r, SteroidRule):
+                c = SteroidRuleC(r, protocol)
             else:  # pragma: no cover
                 raise TypeError(r)
             self.rules.append(c)

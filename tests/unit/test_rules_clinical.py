@@ -196,8 +196,8 @@ NORMAL_IV = [
     obs("hemoglobin", 112, 7, low=95), obs("creatinine", 0.24, 7, low=0.1, high=0.4),
     obs("troponin_i", 14, 7, high=40), obs("bilirubin_total", 0.5, 7, high=1.2), obs("ldh", 450, 7, high=600),
     obs("alt", 95, 14, high=40), obs("ast", 110, 14, high=60), obs("platelets", 260, 14, low=150, high=450),
-    steroid("taper", 45),
     obs("alt", 60, 42, high=40), obs("ast", 70, 42, high=60), obs("platelets", 300, 42, low=150, high=450),
+    steroid("taper", 45),  # after the day-42 results it was decided on (events in time order)
     steroid("stopped", 73),
     obs("alt", 32, 84, high=40), obs("ast", 50, 84, high=60), obs("platelets", 310, 84, low=150, high=450),
 ]

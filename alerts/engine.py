@@ -95,6 +95,7 @@ class Engine:
         #: analyte -> how far back readings of a sustained band are held (twice the
         #: longest duration any protocol asks for: the run's first reading stays known)
         self.sustain_windows: dict[str, float] = {}
+        self._dq_key_cache: dict[str, tuple] = {}
         for cp in self.compiled.values():
             for a, for_s in cp.sustain_for_s.items():
                 self.sustain_windows[a] = max(self.sustain_windows.get(a, 0.0), 2.0 * for_s)
@@ -195,7 +196,9 @@ class Engine:
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
-        out: list[Finding] = dq_out + self._settle_censored(state, obs, analytes, retract_ids, now)
+        out: list[Finding] = dq_out
+        if state.active and any(k in state.active for a in analytes for k in self._dq_keys(a)):
+            out = out + self._settle_censored(state, obs, analytes, retract_ids, now)
         if cp is None or state.dose_at is None:
             return out
         if len(analytes) == 1:
@@ -316,6 +319,14 @@ class Engine:
         return out
 
     # -- censored results (see alerts.censored) -----------------------------------
+    def _dq_keys(self, analyte: str) -> tuple:
+        """``state.active`` keys a data-quality finding about ``analyte`` would use (cached)."""
+        keys = self._dq_key_cache.get(analyte)
+        if keys is None:
+            ids = {r.id for cp in self.compiled.values() for r in (cp.censored, cp.range_check) if r is not None}
+            keys = self._dq_key_cache[analyte] = tuple(f"{i}|{analyte}" for i in sorted(ids))
+        return keys
+
     def _censored_rule(self, state: PatientState) -> tuple[CompiledProtocol | None, CRule | None]:
         """The patient's protocol and its ``censored`` rule; before the dose event (protocol
         unknown) the first loaded protocol that has one, so the finding is never lost."""
@@ -358,17 +369,25 @@ class Engine:
         ``range_check`` finding. Returns the entry to store."""
         rule = cp.range_check
         a = obs.analyte
+        ranges = cp.ranges
+        if a not in ranges.by_analyte:
+            return entry  # no age default to compare with
         t, _, _, low, high = entry
-        d_low = cp.ranges.get(a, state, t, 2)
-        d_high = cp.ranges.get(a, state, t, 3)
         m = rule.max_ratio
-        bad = [(name, v, d) for name, v, d in (("ULN", high, d_high), ("LLN", low, d_low))
-               if v is not None and d is not None and v > 0 and d > 0 and not (1 / m <= v / d <= m)]
-        span = cp.ranges.plausible_high(a, state, t)  # an age band's own plausible ULNs
-        if span is not None and high is not None:
-            bad = [x for x in bad if x[0] != "ULN"]
-            if not (span[0] <= high <= span[1]):
-                bad.insert(0, ("ULN", high, d_high))
+        d_high = d_low = None
+        bad = []
+        if high is not None and high > 0:
+            d_high = ranges.get(a, state, t, 3)
+            span = ranges.plausible_high(a, state, t) if a in ranges.plausible else None
+            if span is not None:  # an age band's own plausible ULNs
+                if not (span[0] <= high <= span[1]):
+                    bad.append(("ULN", high, d_high))
+            elif d_high and (high > d_high * m or high * m < d_high):
+                bad.append(("ULN", high, d_high))
+        if low is not None and low > 0:
+            d_low = ranges.get(a, state, t, 2)
+            if d_low and (low > d_low * m or low * m < d_low):
+                bad.append(("LLN", low, d_low))
         if not bad:
             return entry
         new_high = high if high is None or d_high is None else min(high, d_high)
@@ -578,7 +597,7 @@ class Engine:
                     t = e[0] if t is None or e[0] > t else t
                     evidence.append(Evidence(observation_id=e[2], analyte=a, value=e[1], unit=units.get(a),
                                              effective_at=from_epoch(e[0]), note="newest result"))
-            if t is None or st == "retracted" or rule.kind in ("overdue", "completion"):
+            if t is None or st == "retracted" or rule.kind in ("overdue", "completion", "steroid"):
                 t = now.timestamp()
         sev = SEV_BY_RANK[rank]
         text = None

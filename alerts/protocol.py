@@ -180,11 +180,6 @@ class _RuleBase(_M):
     severity: Severity | None = None
 
 
-class UnlessRecent(Sourced):
-    analyte: str
-    within_days: float = Field(gt=0)
-
-
 class GradedRule(_RuleBase):
     """Absolute limits, ULN/LLN multiples, baseline multiples, CTCAE grades (worst band wins)."""
 
@@ -193,23 +188,6 @@ class GradedRule(_RuleBase):
     bands: list[Band] = Field(min_length=1)
     #: replaces ``bands`` when the pre-dose baseline is above its ULN (CTCAE "baseline abnormal")
     abnormal_baseline_bands: list[Band] | None = None
-    #: with ``active.steroid_phases``: also judge the newest result drawn at most this many days
-    #: BEFORE the current phase began (the results a taper decision rested on), until a result
-    #: drawn during the phase replaces it
-    phase_start_lookback_days: float | None = Field(default=None, gt=0)
-    phase_start_lookback: Sourced | None = None
-    #: the rule does not apply to a result when ``analyte`` has a result within ``within_days``
-    #: of it (e.g. grade PT only where no INR is reported)
-    unless_recent: "UnlessRecent | None" = None
-
-    @model_validator(mode="after")
-    def _lookback(self):
-        if self.phase_start_lookback_days is not None:
-            if self.phase_start_lookback is None:
-                raise ValueError("`phase_start_lookback_days` needs `phase_start_lookback` (source or unconfirmed)")
-            if self.active is None or not self.active.steroid_phases:
-                raise ValueError("`phase_start_lookback_days` needs `active.steroid_phases`")
-        return self
 
 
 class CompositeRule(_RuleBase):
@@ -282,6 +260,24 @@ class CensoredRule(_RuleBase):
     severity: Severity = Severity.WARNING
 
 
+class SteroidRule(_RuleBase, Sourced):
+    """Checks of the corticosteroid course against the label (audit PS-4):
+
+    * ``taper_gate``: when the current taper began, the newest post-dose results at or before
+      that time met ``when`` (e.g. ALT or AST >= 2x ULN): the taper started on results that
+      the label says forbid it. Cleared when the taper is abandoned (back to full dose) or ends.
+    * ``early_taper``: a taper began before the regimen's full-dose period ended
+      (``steroid_regimen``: start_days_before_dose + full_dose_days, minus ``tolerance_days``).
+    * ``abrupt_stop``: the corticosteroid was stopped straight from the full dose, with no taper.
+    """
+
+    kind: Literal["steroid"]
+    check: Literal["taper_gate", "early_taper", "abrupt_stop"]
+    when: Expr | None = None
+    tolerance_days: float = Field(default=0, ge=0)
+    severity: Severity = Severity.WARNING
+
+
 class RangeCheckRule(_RuleBase, Sourced):
     """A result's own reference range that differs from the protocol's age default by more
     than ``max_ratio`` (either way) is implausible (e.g. a umol/L range sent with a mg/dL
@@ -295,7 +291,7 @@ class RangeCheckRule(_RuleBase, Sourced):
 
 Rule = Annotated[
     Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule,
-          RangeCheckRule, NoDoseRule],
+          RangeCheckRule, SteroidRule, NoDoseRule],
     Field(discriminator="kind"),
 ]
 
@@ -497,11 +493,6 @@ class Protocol(_M):
                             errs.append(f"{p}.bands[{j}].analytes: {a!r} is not an analyte of the rule")
                     if b.for_hours is not None and len(r.analytes) != 1:
                         errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
-                if r.phase_start_lookback is not None:
-                    check_sourced(r.phase_start_lookback, p + ".phase_start_lookback")
-                if r.unless_recent is not None:
-                    check_sourced(r.unless_recent, p + ".unless_recent")
-                    check_analyte(r.unless_recent.analyte, p + ".unless_recent.analyte")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
                     check_sourced(b, f"{p}.abnormal_baseline_bands[{j}]")
                     if b.basis != "baseline":
@@ -526,6 +517,17 @@ class Protocol(_M):
                 check_sourced(r.vitals_window, p + ".vitals_window")
             elif isinstance(r, RangeCheckRule):
                 check_sourced(r, p)
+            elif isinstance(r, SteroidRule):
+                check_sourced(r, p)
+                if r.check == "taper_gate":
+                    if r.when is None:
+                        errs.append(f"{p}.when: a taper_gate check needs conditions")
+                    else:
+                        walk(r.when, p + ".when")
+                if r.check == "early_taper":
+                    sr = self.steroid_regimen
+                    if sr is None or sr.full_dose_days is None or sr.start_days_before_dose is None:
+                        errs.append(f"{p}: early_taper needs steroid_regimen.full_dose_days and start_days_before_dose")
         for i, s in enumerate(self.schedules):
             for a in s.analytes:
                 check_analyte(a, f"schedules[{i}].analytes")
@@ -579,7 +581,7 @@ class Protocol(_M):
 # -- loading ---------------------------------------------------------------------
 
 _UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored",
-               "range_check", "no_dose_record", "Condition", "Group"}
+               "range_check", "steroid", "no_dose_record", "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:
@@ -710,7 +712,10 @@ def summarise(p: Protocol) -> str:
     for s in p.schedules:
         per = "; ".join(
             f"d{x.from_day:g}-{x.to_day:g} every {x.every_days:g}d"
-            + (f" ({'/'.join(x.steroid_phases)})" if x.steroid_phases else "")
+            + (f" ({'/'.join(x.steroid_phases)}" if x.steroid_phases else "")
+            + (f", days {x.phase_days[0]:g}-{x.phase_days[1]:g} of the phase" if x.steroid_phases and x.phase_days else "")
+            + (")" if x.steroid_phases else "")
+            + (" until complete" if x.ends_on_completion else "")
             for x in s.periods
         )
         lines.append(f"  {s.group:<12} {','.join(s.analytes)}: {per}; grace {s.grace_hours:g} h")

@@ -33,6 +33,7 @@ from .protocol import (
     CensoredRule,
     CompletionRule,
     RangeCheckRule,
+    SteroidRule,
     CompositeRule,
     Condition,
     DeltaRule,
@@ -234,13 +235,10 @@ def _sorted_bands(bands) -> tuple[CBand, ...]:
 
 
 class GradedRuleC(CRule):
-    __slots__ = ("bands", "abn_bands", "start_lookback", "unless_recent")
+    __slots__ = ("bands", "abn_bands")
 
     def __init__(self, r: GradedRule) -> None:
         super().__init__(r)
-        u = r.unless_recent
-        self.unless_recent = (u.analyte, u.within_days * DAY) if u is not None else None
-        self.start_lookback = r.phase_start_lookback_days * DAY if r.phase_start_lookback_days else None
         self.analytes = tuple(r.analytes)
         self.bands = _sorted_bands(r.bands)
         if r.abnormal_baseline_bands:
@@ -295,15 +293,7 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] >= dose and (t is None or e[0] > t):
                 t = e[0]
-        if t is None:
-            return None
-        gate = None  # start of the current steroid phase whose decision results are judged
-        if self.start_lookback is not None:
-            ref_t = max(t, st.steroid[-1][0]) if st.steroid else t
-            phase, since = st.steroid_at(ref_t)
-            if since is not None and phase in self.phases:
-                gate = since
-        if gate is None and (self.days is not None or self.phases is not None or self.ages is not None) \
+        if t is None or (self.days is not None or self.phases is not None or self.ages is not None) \
                 and not self.active_at(st, t):
             return None
         for a in self.analytes:
@@ -313,34 +303,16 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] < dose:
                 continue  # a pre-dose result is a baseline, not evidence
-            if self.unless_recent is not None and self._other_recent(st, e[0]):
-                continue
-            note = None
-            if gate is not None and not self.active_at(st, e[0]):
-                if not (gate - self.start_lookback <= e[0] <= gate):
-                    continue
-                note = f"drawn {_day(e[0])}, before the phase began on {_day(gate)}: the decision rested on it"
             if evidence is None:
                 evidence = []
-            n = len(evidence)
             got = self.grade_entry(st, cp, a, e, evidence)
             if got is not None:
-                if note is not None:
-                    evidence[n:] = [x[:6] + (note,) for x in evidence[n:]]
                 rank, grade = got
                 if rank > best_rank or (rank == best_rank and (grade or 0) > (best_grade or 0)):
                     best_rank, best_grade = rank, grade
         if not evidence:
             return None
-        hit = Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
-        if gate is not None and any(ev[6] and "decision rested" in ev[6] for ev in evidence):
-            hit.note = (f"Judged on results drawn before the phase began on {_day(gate)}: the decision "
-                        f"rested on them, and no result drawn since has replaced them.")
-        return hit
-
-    def _other_recent(self, st, t: float) -> bool:
-        other, within = self.unless_recent
-        return any(abs(x[0] - t) <= within for x in st.hist.get(other, ()))
+        return Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
 
     def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
         """What the rule said of ``e`` when it was the newest result (a late or re-evaluated
@@ -348,8 +320,6 @@ class GradedRuleC(CRule):
         if st.dose_at is None or e[0] < st.dose_at:
             return None
         if (self.days is not None or self.phases is not None or self.ages is not None) and not self.active_at(st, e[0]):
-            return None
-        if self.unless_recent is not None and self._other_recent(st, e[0]):
             return None
         evidence: list = []
         got = self.grade_entry(st, cp, a, e, evidence)
@@ -1017,6 +987,83 @@ class CensoredRuleC(CRule):
         return None
 
 
+class SteroidRuleC(CRule):
+    """``SteroidRule``: the corticosteroid course against the label (see its docstring).
+    Evidence for steroid events is a pseudo entry ``(t, None, "steroid-<phase>@<t>")``."""
+
+    __slots__ = ("check", "when", "rank", "earliest_s", "tolerance_s")
+
+    def __init__(self, r: SteroidRule, protocol: Protocol) -> None:
+        super().__init__(r)
+        self.check = r.check
+        self.when = _compile_expr(r.when) if r.when is not None else None
+        self.analytes = tuple(sorted(_expr_analytes(self.when, set()))) if self.when is not None else ()
+        self.rank = r.severity.rank
+        self.tolerance_s = r.tolerance_days * DAY
+        sr = protocol.steroid_regimen
+        self.earliest_s = None
+        if r.check == "early_taper" and sr is not None and sr.full_dose_days is not None:
+            self.earliest_s = (sr.full_dose_days - (sr.start_days_before_dose or 0)) * DAY
+
+    @staticmethod
+    def _ev(t: int, phase: str) -> tuple:
+        return ("steroid", (t, None, f"steroid-{phase}@{t}", None, None), None, None, None, None,
+                f"corticosteroid {phase}")
+
+    def evaluate(self, st, cp):
+        course = st.steroid
+        if not course or st.dose_at is None:
+            return None
+        if self.check == "abrupt_stop":
+            for (t0, p0), (t1, p1) in zip(course, course[1:]):
+                if p1 == "stopped" and p0 == "full" and t1 >= st.dose_at:
+                    return Hit(self.rank, None, [self._ev(t0, p0), self._ev(t1, p1)], t1,
+                               summary=f"stopped on day {(t1 - st.dose_at) / DAY:.1f} straight from the full dose")
+            return None
+        if self.check == "early_taper":
+            t = next((t for t, p in course if p == "taper"), None)
+            if t is None or self.earliest_s is None or t >= st.dose_at + self.earliest_s - self.tolerance_s:
+                return None
+            return Hit(self.rank, None, [self._ev(t, "taper")], t,
+                       summary=f"taper began on day {(t - st.dose_at) / DAY:.1f}, before day "
+                               f"{self.earliest_s / DAY:g} (end of the full-dose period)")
+        # taper_gate: the taper in force now, judged on the newest results at or before its start
+        if course[-1][1] != "taper" or self.when is None:
+            return None
+        t_taper = course[-1][0]
+        hist = st.hist
+        cut = {}
+        for a in self.analytes:
+            h = hist.get(a)
+            if h:
+                kept = h if h[-1][0] <= t_taper else [e for e in h if e[0] <= t_taper]
+                if kept and kept[-1][0] >= st.dose_at:
+                    cut[a] = kept
+        if not cut:
+            return None  # no post-dose result before the taper began
+        probe = _AsOf(st, cut)
+        evidence: list = []
+        if eval_expr(self.when, probe, cp, st.dose_at, evidence) is not True:
+            return None
+        evidence.append(self._ev(t_taper, "taper"))
+        return Hit(self.rank, None, evidence, t_taper,
+                   summary=f"the taper began on day {(t_taper - st.dose_at) / DAY:.1f} on results that forbid it: "
+                           + "; ".join(f"{a} {e[1]:.4g} (limit {lim:.4g})" for a, e, lim, *_ in evidence[:-1]))
+
+
+class _AsOf:
+    """A read-only view of a patient state with other (cut) histories."""
+
+    __slots__ = ("_st", "hist")
+
+    def __init__(self, st: PatientState, hist: dict) -> None:
+        self._st = st
+        self.hist = hist
+
+    def __getattr__(self, name):
+        return getattr(self._st, name)
+
+
 class RangeCheckRuleC(CRule):
     """Raised by the engine itself for a result whose own reference range is implausible
     against the protocol's age default (``Engine._check_range``)."""
@@ -1070,6 +1117,8 @@ class CompiledProtocol:
                 c = self.censored = CensoredRuleC(r)
             elif isinstance(r, RangeCheckRule):
                 c = self.range_check = RangeCheckRuleC(r)
+            elif isinstance(r, SteroidRule):
+                c = SteroidRuleC(r, protocol)
             elif isinstance(r, NoDoseRule):
                 c = self.no_dose = NoDoseRuleC(r)
             else:  # pragma: no cover
@@ -1086,11 +1135,6 @@ class CompiledProtocol:
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
-        for c in self.rules:  # a rule that steps aside for another analyte's result hears of it
-            if isinstance(c, GradedRuleC) and c.unless_recent is not None:
-                a = c.unless_recent[0]
-                if c not in self.by_analyte.get(a, ()):
-                    self.by_analyte[a] = self.by_analyte.get(a, ()) + (c,)
         self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
         self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
         #: analyte -> (direction, conditions of composite rules on it): a post-dose result that

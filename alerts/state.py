@@ -47,7 +47,7 @@ _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 MAX_STEROID_CHANGES = 8
 MAX_SUSTAINED = 64
 #: newest episode results held per analyte (plus the peak since dosing)
-EV_KEEP = 4
+EV_KEEP = 5
 #: results held per analyte while no dose record is known: a dose record that arrives late
 #: still finds the pre-dose baseline and every post-dose result it now governs
 PRE_DOSE_LIMIT = 8

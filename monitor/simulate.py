@@ -650,6 +650,11 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
                 want("liver.bilirubin_increased", GRADE_SEV[tbg])
             if inrg:
                 want("coag.inr_increased", GRADE_SEV[inrg])
+            pt = _r(12.0 * inr, 1)  # PT reported beside INR (ULN 13.5 s): > ULN warning, > 1.5x ULN high
+            if pt > 1.5 * 13.5:
+                want("coag.pt_increased", "high")
+            elif pt > 13.5:
+                want("coag.pt_increased", "warning")
             if tbg >= 2 and g >= 2:
                 want("liver.hys_law", "critical")  # ALT/AST >= 3x ULN (grade >= 2) with bilirubin > 2x ULN
             if g == 4 or ga == 4 or (inrg == 2 and g >= 2):

@@ -62,16 +62,12 @@ SCENARIOS = [
      "liver.taper_gate_breach", ("warning", None)),
     ("taper gate not during full dose", [steroid("full", -1), D(), obs("alt", 85, 20, high=40)],
      "liver.taper_gate_breach", None),
-    # PS-4: the results the taper decision rested on (drawn in the week before it) and bilirubin
-    ("taper gate on the results before the taper", [steroid("full", -1), D(), obs("alt", 120, 28, high=40),
-                                                    steroid("taper", 30)], "liver.taper_gate_breach", ("warning", None)),
-    ("taper gate ignores results older than a week before the taper",
-     [steroid("full", -1), D(), obs("alt", 120, 20, high=40), steroid("taper", 30)], "liver.taper_gate_breach", None),
+    # PS-4: "unremarkable" includes a normal total bilirubin, during the taper too
     ("taper gate on bilirubin during the taper", [steroid("full", -1), D(), steroid("taper", 30),
                                                   obs("bilirubin_total", 2.5, 33, high=1.2)],
      "liver.taper_gate_breach", ("warning", None)),
-    ("taper gate: normal results during the taper replace the decision results",
-     [steroid("full", -1), D(), obs("alt", 120, 28, high=40), steroid("taper", 30), obs("alt", 60, 33, high=40)],
+    ("taper gate: normal bilirubin during the taper", [steroid("full", -1), D(), steroid("taper", 30),
+                                                       obs("bilirubin_total", 1.0, 33, high=1.2)],
      "liver.taper_gate_breach", None),
     # --- haematology
     ("platelets grade 2", [D(), obs("platelets", 60, 7, low=150, high=450)], "heme.platelets_decreased", ("warning", 2)),
@@ -227,8 +223,8 @@ NORMAL_IV = [
     obs("hemoglobin", 112, 7, low=95), obs("creatinine", 0.24, 7, low=0.1, high=0.4),
     obs("troponin_i", 14, 7, high=40), obs("bilirubin_total", 0.5, 7, high=1.2), obs("ldh", 450, 7, high=600),
     obs("alt", 95, 14, high=40), obs("ast", 110, 14, high=60), obs("platelets", 260, 14, low=150, high=450),
-    steroid("taper", 45),
     obs("alt", 60, 42, high=40), obs("ast", 70, 42, high=60), obs("platelets", 300, 42, low=150, high=450),
+    steroid("taper", 45),  # after the day-42 results it was decided on (events in time order)
     steroid("stopped", 73),
     obs("alt", 32, 84, high=40), obs("ast", 50, 84, high=60), obs("platelets", 310, 84, low=150, high=450),
 ]

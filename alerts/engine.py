@@ -129,6 +129,7 @@ class Engine:
         status = obs.status
         retract_ids: frozenset = _EMPTY
         late = None
+        plain = False  # a post-dose result that meets no composite condition
         analyte = obs.analyte
         analytes = [analyte]
         dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
@@ -182,7 +183,8 @@ class Engine:
             if cp is not None and dose_at is not None and analyte in cp.episode:
                 if t >= dose_at:
                     state.drop_episode(analyte, entry[2])
-                    if cp.relevant(state, analyte, entry):
+                    plain = not cp.relevant(state, analyte, entry)
+                    if not plain:
                         state.hold_episode(analyte, entry, cp.episode[analyte][0])
                 else:  # a pre-dose result may be a new baseline: judge the episode results again
                     cp.rejudge(state, analyte)
@@ -215,7 +217,13 @@ class Engine:
             for rule in rules:
                 if rule.kind == "graded":
                     self._surface(state, cp, rule, [(analyte, late)], note, now, out)
+        # a plain new result (no retraction) cannot raise a composite rule that is not present:
+        # hits rest on results that meet a condition, and a plain result only adds freshness
+        skip = plain and late is None and not retract_ids and len(analytes) == 1
+        active = state.active
         for rule in rules:
+            if skip and rule.kind == "composite" and rule.id not in active and analyte not in rule.unless_analytes:
+                continue
             hit = rule.evaluate(state, cp)
             if late is not None and hit is not None and hit is not KEEP and not hit.note and any(
                     ev[1] is not None and ev[1][2] == late[2] for ev in hit.evidence):

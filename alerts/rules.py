@@ -532,13 +532,14 @@ class CompositeRuleC(CRule):
     the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
 
     __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
-                 "conds_by_analyte", "need")
+                 "conds_by_analyte", "need", "unless_analytes")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
         self.when = _compile_expr(r.when)
         self.unless = _compile_expr(r.unless) if r.unless is not None else None
         self.when_analytes = tuple(sorted(_expr_analytes(self.when, set())))
+        self.unless_analytes = frozenset(_expr_analytes(self.unless, set())) if self.unless is not None else frozenset()
         an = set(self.when_analytes)
         if self.unless is not None:
             _expr_analytes(self.unless, an)

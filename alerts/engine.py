@@ -46,18 +46,21 @@ from schemas.events import (
     ResultStatus,
     SteroidEvent,
 )
-from schemas.findings import Evidence, Finding, FindingText
+from schemas.findings import WITHDRAWN_NOTE, Evidence, Finding, FindingText
 
+from .censored import conflicts
 from .protocol import Protocol, default_protocols
 from .rules import (
+    KEEP,
     SEV_BY_RANK,
     CompiledProtocol,
     CRule,
     Ev,
     Hit,
+    _day,
     compile_protocol,
 )
-from .state import PatientState, date_epoch, epoch, from_epoch
+from .state import PRE_DOSE_LIMIT, PatientState, date_epoch, epoch, from_epoch
 
 OVERDUE_RULE = "schedule.overdue"
 _EMPTY: frozenset = frozenset()
@@ -99,9 +102,18 @@ class Engine:
         #: analyte -> how far back readings of a sustained band are held (twice the
         #: longest duration any protocol asks for: the run's first reading stays known)
         self.sustain_windows: dict[str, float] = {}
+        self._dq_key_cache: dict[str, tuple] = {}
         for cp in self.compiled.values():
             for a, for_s in cp.sustain_for_s.items():
                 self.sustain_windows[a] = max(self.sustain_windows.get(a, 0.0), 2.0 * for_s)
+        #: the no-dose-record rule used before any protocol is known: the shortest grace of
+        #: the loaded protocols (ties: the protocol id), so the choice does not depend on order
+        nd = sorted(((cp.no_dose.grace, cp.ref.id, i) for i, cp in enumerate(self.compiled.values())
+                     if cp.no_dose is not None))
+        self.no_dose: tuple[CompiledProtocol, CRule] | None = None
+        if nd:
+            cp = list(self.compiled.values())[nd[0][2]]
+            self.no_dose = (cp, cp.no_dose)
 
     def protocol_for(self, state: PatientState) -> CompiledProtocol | None:
         if state.product is None:
@@ -111,14 +123,23 @@ class Engine:
     # -- inputs ------------------------------------------------------------------
     def evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         """Place ``obs`` in ``state`` (by effective time) and return the findings that changed."""
+        out = self._evaluate_observation(state, obs, now)
+        if obs.comparator is not None and out:
+            out = [_note_censored(f, obs) for f in out]
+        return out
+
+    def _evaluate_observation(self, state: PatientState, obs: Observation, now: datetime) -> list[Finding]:
         if obs.patient_id != state.patient_id:
             raise ValueError("observation is for another patient")
         product = state.product
         cp = self.compiled.get(product) if product is not None else None
         status = obs.status
         retract_ids: frozenset = _EMPTY
+        late = None
+        plain = False  # a post-dose result that meets no composite condition
         analyte = obs.analyte
         analytes = [analyte]
+        dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
         if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
             replaced = None
         else:
@@ -149,17 +170,46 @@ class Engine:
                 entry = (t, value, obs.observation_id, None, None)
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
-            limit = cp.history_limit(analyte) if cp is not None else (3 if obs.kind == "lab" else 2)
+                if cp is not None and cp.range_check is not None:
+                    entry = self._check_range(state, cp, obs, entry, now, retract_ids, dq_out)
+            if obs.comparator is not None:
+                unusable = self._censored(state, obs, entry, now, retract_ids)
+                if unusable is not None:
+                    return dq_out + unusable
+            dose_at = state.dose_at
+            if cp is not None and dose_at is not None:
+                limit = cp.history_limit(analyte)
+            else:  # no dose record yet: hold more, so a late dose still finds baselines and peaks
+                limit = PRE_DOSE_LIMIT
+                if state.first is None or t < state.first:
+                    state.first = t
+            h = state.hist.get(analyte)
+            if h and (h[-1][0] > t or h[-1][0] == t and h[-1][2] > entry[2]) and not _holds(state, analyte, entry):
+                late = entry  # older than a result already held, and not a replay: a late arrival
             state.insert(analyte, entry, limit)
+            if cp is not None and dose_at is not None and analyte in cp.episode:
+                if t >= dose_at:
+                    state.drop_episode(analyte, entry[2])
+                    plain = not cp.relevant(state, analyte, entry)
+                    if not plain:
+                        state.hold_episode(analyte, entry, cp.episode[analyte][0])
+                else:  # a pre-dose result may be a new baseline: judge the episode results again
+                    cp.rejudge(state, analyte)
+            if late is not None and not _holds(state, analyte, late):
+                # older than every result held: a replay cannot be told from a late arrival,
+                # so only the newest results and the episode results are surfaced
+                late = None
             window = self.sustain_windows.get(analyte)
             if window is not None:  # held even before the dose tells which protocol applies
                 state.record_sustained(analyte, entry, window, cp.sustain.get(analyte) if cp is not None else None)
             on_oxygen = obs.on_oxygen
             if on_oxygen is not None and (state.o2 is None or t >= state.o2[0]):
                 state.o2 = [t, bool(on_oxygen)]
+        out: list[Finding] = dq_out
+        if state.active and any(k in state.active for a in analytes for k in self._dq_keys(a)):
+            out = out + self._settle_censored(state, obs, analytes, retract_ids, now)
         if cp is None or state.dose_at is None:
-            return []
-        out: list[Finding] = []
+            return out
         if len(analytes) == 1:
             rules = cp.by_analyte.get(analytes[0], ())
         else:
@@ -168,8 +218,24 @@ class Engine:
                 for r in cp.by_analyte.get(a, ()):
                     seen.setdefault(r.id, r)
             rules = tuple(seen.values())
+        if late is not None and late[0] >= state.dose_at:
+            note = (f"This result (taken {_day(late[0])}) arrived after newer results; it is shown because "
+                    f"it is worse than what the newest result shows.")
+            for rule in rules:
+                if rule.kind == "graded":
+                    self._surface(state, cp, rule, [(analyte, late)], note, now, out)
+        # a plain new result (no retraction) cannot raise a composite rule that is not present:
+        # hits rest on results that meet a condition, and a plain result only adds freshness
+        skip = plain and late is None and not retract_ids and len(analytes) == 1
+        active = state.active
         for rule in rules:
-            self._diff(state, cp, rule, rule.id, rule.evaluate(state, cp), now, retract_ids, out)
+            if skip and rule.kind == "composite" and rule.id not in active and analyte not in rule.unless_analytes:
+                continue
+            hit = rule.evaluate(state, cp)
+            if late is not None and hit is not None and hit is not KEEP and not hit.note and any(
+                    ev[1] is not None and ev[1][2] == late[2] for ev in hit.evidence):
+                hit.note = f"Includes a result taken {_day(late[0])} that arrived late (after newer results)."
+            self._diff(state, cp, rule, rule.id, hit, now, retract_ids, out)
         # a result that arrives can settle an overdue finding or unsettle completion: re-run
         # the clock check (the same outcome a timer tick at ``now`` would give)
         if state.active:
@@ -187,47 +253,204 @@ class Engine:
 
     def apply_treatment(self, state: PatientState, event: DoseEvent | SteroidEvent,
                         now: datetime | None = None) -> list[Finding]:
-        """Record a dose or steroid-phase change and re-evaluate every rule."""
+        """Record a dose or steroid-phase change and re-evaluate every rule.
+
+        A dose record that arrives after results re-evaluates every post-dose result it now
+        governs (pre-dose ones stay baselines) and surfaces a worse earlier result that an
+        in-order stream would have raised, saying it was re-evaluated late."""
         if event.patient_id != state.patient_id:
             raise ValueError("event is for another patient")
+        out: list[Finding] = []
+        fresh = False  # a new or changed record (a replay re-surfaces nothing)
         if isinstance(event, DoseEvent):
+            fresh = state.dose_at != epoch(event.administered_at) or state.product != event.product.value
             state.product = event.product.value
             state.dose_id = event.event_id
             state.birth = date_epoch(event.birth_date)
             state.weight = event.weight_kg
             state.ward = event.ward
             state.care_team = event.care_team
+            state.spo2_scale = event.spo2_scale
             state.set_dose(epoch(event.administered_at))
             cp = self.protocol_for(state)
+            when = event.administered_at
+            note = "Re-evaluated when the dose record arrived (after this result)."
             if cp is not None:
                 for a, hot in cp.sustain.items():
                     if a in state.hist:
                         state.rebuild_run(a, hot)
-            when = event.administered_at
+                for a in list(state.ev) + [a for a in state.hist if a not in state.ev]:
+                    cp.rejudge(state, a)
+                if fresh:
+                    self._surface_held(state, cp, note, now or when, out)
+                for a, h in state.hist.items():  # the dose is known: back to the protocol's limits
+                    lim = cp.history_limit(a)
+                    if len(h) > lim:
+                        del h[: len(h) - lim]
+                state.first = None
+                if self.no_dose is not None and self.no_dose[1].id in state.active:
+                    ncp, rule = self.no_dose
+                    self._diff(state, ncp, rule, rule.id, None, now or when, _EMPTY, out)
         else:
+            fresh = [epoch(event.at), event.phase.value] not in state.steroid
             state.add_steroid(epoch(event.at), event.phase.value)
             when = event.at
-        return self.reevaluate(state, now or when)
+            cp = self.protocol_for(state)
+            note = "Re-evaluated when a steroid phase change recorded late (after this result) arrived."
+            if fresh and cp is not None and state.dose_at is not None:
+                self._surface_held(state, cp, note, now or when, out, since=epoch(event.at))
+        late = fresh and state.dose_at is not None and any(
+            h[-1][0] >= (state.dose_at if isinstance(event, DoseEvent) else epoch(event.at))
+            for h in state.hist.values() if h)
+        out += self._reevaluate(state, now or when, note if late else "")
+        return out
 
     def reevaluate(self, state: PatientState, now: datetime) -> list[Finding]:
         """Evaluate every observation-driven rule against the current state."""
+        return self._reevaluate(state, now, "")
+
+    def _reevaluate(self, state: PatientState, now: datetime, note: str) -> list[Finding]:
         cp = self.protocol_for(state)
         if cp is None or state.dose_at is None:
             return []
         out: list[Finding] = []
         for rule in cp.obs_rules:
-            self._diff(state, cp, rule, rule.id, rule.evaluate(state, cp), now, frozenset(), out)
+            hit = rule.evaluate(state, cp)
+            if note and hit is not None and hit is not KEEP and not hit.note:
+                hit.note = note
+            self._diff(state, cp, rule, rule.id, hit, now, frozenset(), out)
         return out
 
     def check_schedule(self, state: PatientState, now: datetime) -> list[Finding]:
-        """Clock-driven: overdue samples (``schedule.overdue``, one per schedule group) and
-        ``monitoring.complete``. Call from a timer; ``now`` is the clock, not an event time."""
+        """Clock-driven: overdue samples (``schedule.overdue``, one per schedule group),
+        ``monitoring.complete``, and ``monitoring.no_dose_record`` for results of a patient
+        with no (usable) dose record. Call from a timer; ``now`` is the clock, not an event time."""
         cp = self.protocol_for(state)
-        if cp is None or state.dose_at is None:
-            return []
         out: list[Finding] = []
+        if cp is None or state.dose_at is None:
+            self._no_dose(state, now, out)
+            return out
         self._clock(state, cp, now, out, _EMPTY)
         return out
+
+    # -- censored results (see alerts.censored) -----------------------------------
+    def _dq_keys(self, analyte: str) -> tuple:
+        """``state.active`` keys a data-quality finding about ``analyte`` would use (cached)."""
+        keys = self._dq_key_cache.get(analyte)
+        if keys is None:
+            ids = {r.id for cp in self.compiled.values() for r in (cp.censored, cp.range_check) if r is not None}
+            keys = self._dq_key_cache[analyte] = tuple(f"{i}|{analyte}" for i in sorted(ids))
+        return keys
+
+    def _censored_rule(self, state: PatientState) -> tuple[CompiledProtocol | None, CRule | None]:
+        """The patient's protocol and its ``censored`` rule; before the dose event (protocol
+        unknown) the first loaded protocol that has one, so the finding is never lost."""
+        cp = self.protocol_for(state)
+        if cp is not None and cp.censored is not None:
+            return cp, cp.censored
+        for c in self.compiled.values():
+            if c.censored is not None:
+                return c, c.censored
+        return None, None
+
+    def _censored(self, state: PatientState, obs: Observation, entry: tuple, now: datetime,
+                  retract_ids: frozenset) -> list[Finding] | None:
+        """A censored result some condition cannot decide at its bound: not used; raise the
+        ``censored`` finding instead. ``None``: the bound is usable (the caller stores it)."""
+        cp = self.protocol_for(state)
+        compiled = [cp] if cp is not None else list({id(c): c for c in self.compiled.values()}.values())
+        found = conflicts(compiled, state, obs.analyte, entry, obs.comparator)
+        if not found:
+            return None
+        dq_cp, rule = self._censored_rule(state)
+        if rule is None:  # no protocol declares the rule: use the bound (conservative for its direction)
+            return None
+        a = obs.analyte
+        unit = dq_cp.units.get(a, "")
+        shown = f"{obs.comparator}{_fmt(entry[1])} {unit}".rstrip()
+        note = f"reported as {shown}: a bound, not a value; not used"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, obs.comparator, None, None, note)], entry[0],
+                  extra=f"{a}@{entry[0]}",
+                  summary=f"{a} reported as {shown}; cannot be graded safely against " + "; ".join(found))
+        out: list[Finding] = []
+        self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return out
+
+    def _check_range(self, state: PatientState, cp: CompiledProtocol, obs: Observation, entry: tuple,
+                     now: datetime, retract_ids: frozenset, out: list) -> tuple:
+        """PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
+        default (a range in another unit, an adult range for an infant) would silently move
+        ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
+        ``range_check`` finding. Returns the entry to store."""
+        rule = cp.range_check
+        a = obs.analyte
+        ranges = cp.ranges
+        if a not in ranges.by_analyte:
+            return entry  # no age default to compare with
+        t, _, _, low, high = entry
+        m = rule.max_ratio
+        d_high = d_low = None
+        bad = []
+        if high is not None and high > 0:
+            d_high = ranges.get(a, state, t, 3)
+            span = ranges.plausible_high(a, state, t) if a in ranges.plausible else None
+            if span is not None:  # an age band's own plausible ULNs
+                if not (span[0] <= high <= span[1]):
+                    bad.append(("ULN", high, d_high))
+            elif d_high and (high > d_high * m or high * m < d_high):
+                bad.append(("ULN", high, d_high))
+        if low is not None and low > 0:
+            d_low = ranges.get(a, state, t, 2)
+            if d_low and (low > d_low * m or low * m < d_low):
+                bad.append(("LLN", low, d_low))
+        if not bad:
+            return entry
+        new_high = high if high is None or d_high is None else min(high, d_high)
+        new_low = low if low is None or d_low is None else max(low, d_low)
+        unit = cp.units.get(a, "")
+        said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() for n, v, d in bad)
+        used = f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}"
+        hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
+                                       f"result's reference range is implausible: {said}; {used}")], t,
+                  extra=f"{a}@{t}", summary=f"{a}: the result's reference range differs from the protocol's "
+                                            f"age default by more than {m:g}x ({said}); {used}")
+        self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return (t, entry[1], entry[2], new_low, new_high)
+
+    def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
+                         now: datetime) -> list[Finding]:
+        """Close a data-quality finding (``censored``, ``range_check``) when its result is
+        withdrawn or corrected (retracted) or a newer usable result of the analyte arrives
+        (cleared)."""
+        out: list[Finding] = []
+        if not state.active:
+            return out
+        dq_cp, rule = self._censored_rule(state)
+        if rule is not None:
+            self._settle_dq(state, dq_cp, rule, obs, analytes, retract_ids, now, out)
+        cp = self.protocol_for(state)
+        if cp is not None and cp.range_check is not None:
+            self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out)
+        return out
+
+    def _settle_dq(self, state: PatientState, dq_cp: CompiledProtocol, rule: CRule, obs: Observation,
+                   analytes: list, retract_ids: frozenset, now: datetime, out: list) -> None:
+        for a in analytes:
+            key = f"{rule.id}|{a}"
+            prev = state.active.get(key)
+            if prev is None:
+                continue
+            ids = prev[2].split(" ") if prev[2] else []
+            if retract_ids and any(i in retract_ids for i in ids):
+                self._diff(state, dq_cp, rule, key, None, now, retract_ids, out, dedupe=a)
+                continue
+            if obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
+                continue
+            if obs.observation_id in ids:
+                continue  # the result that raised it (just re-raised, or replayed)
+            t_cens = max((int(i.rsplit("@", 1)[1]) for i in ids if i.startswith(a + "@")), default=None)
+            if t_cens is not None and int(round(obs.effective_at.timestamp())) >= t_cens:
+                self._diff(state, dq_cp, rule, key, None, now, _EMPTY, out, dedupe=a)
 
     # -- internals ---------------------------------------------------------------
     def _clock(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list,
@@ -242,6 +465,70 @@ class Engine:
                 any_overdue = True
         if comp is not None:
             self._diff(state, cp, comp, comp.id, None if any_overdue else comp_hit, now, retract_ids, out)
+
+    def _no_dose(self, state: PatientState, now: datetime, out: list) -> None:
+        """Results held, no usable dose record, grace passed: ``monitoring.no_dose_record``."""
+        if self.no_dose is None:
+            return
+        ncp, rule = self.no_dose
+        hit = None
+        first = state.first
+        if not any(state.hist.values()):
+            first = None  # every result withdrawn: nothing waits for a dose record
+        if first is None and state.dose_at is not None and state.hist:
+            first = min(h[0][0] for h in state.hist.values() if h)
+        if first is not None and now.timestamp() >= first + rule.grace:
+            if state.dose_at is None:
+                summary = (f"results held since {_day(first)} (first result's effective time) and no dose record "
+                           f"after {rule.grace / 3600:g} h: no rule can evaluate them")
+            else:
+                summary = (f"the dose record names product {state.product}, for which no protocol is loaded: "
+                           f"no rule can evaluate the results")
+            hit = Hit(rule.rank, None, [], first, extra=f"first@{first}", summary=summary)
+        self._diff(state, ncp, rule, rule.id, hit, now, _EMPTY, out)
+
+    def _surface(self, state: PatientState, cp: CompiledProtocol, rule, candidates, note: str,
+                 now: datetime, out: list) -> None:
+        """Raise what ``rule`` said of an earlier result (a late one, or one re-evaluated after a
+        late dose/steroid record) when it is worse than what the rule says now, so a critical
+        result is never hidden behind a newer normal one. The current outcome follows."""
+        best = None
+        for a, e in candidates:
+            h = rule.evaluate_entry(state, cp, a, e)
+            if h is not None and (best is None or (h.rank, h.grade or 0) > (best.rank, best.grade or 0)):
+                best = h
+        if best is None:
+            return
+        cur = rule.evaluate(state, cp)
+        prev = state.active.get(rule.id)
+        levels = []
+        if cur is not None:
+            levels.append((cur.rank, cur.grade or 0))
+        if prev is not None:
+            levels.append((prev[0], prev[1] or 0))
+        if levels and max(levels) >= (best.rank, best.grade or 0):
+            return
+        newest = max((state.hist[a][-1][0] for a in rule.analytes if state.hist.get(a)), default=best.t)
+        best.t = max(best.t, newest)  # not older than what the alert already reflects
+        best.note = note
+        self._diff(state, cp, rule, rule.id, best, now, _EMPTY, out)
+
+    def _surface_held(self, state: PatientState, cp: CompiledProtocol, note: str, now: datetime, out: list,
+                      since: float | None = None) -> None:
+        dose = state.dose_at
+        for rule in cp.graded:
+            cands = []
+            for a in rule.analytes:
+                h = state.hist.get(a)
+                if not h:
+                    continue
+                seen = {h[-1][2]}
+                for e in h[:-1] + state.ev.get(a, []):
+                    if e[2] not in seen and e[0] >= dose and (since is None or e[0] >= since):
+                        seen.add(e[2])
+                        cands.append((a, e))
+            if cands:
+                self._surface(state, cp, rule, cands, note, now, out)
 
     def _overdue_one(self, state, cp, sched, nowt: float, now: datetime, out: list, complete: bool) -> bool:
         rule = cp.overdue
@@ -267,13 +554,26 @@ class Engine:
     def _diff(self, state: PatientState, cp: CompiledProtocol, rule: CRule, key: str, hit: Hit | None,
               now: datetime, retract_ids: frozenset, out: list, dedupe: str = "") -> None:
         prev = state.active.get(key)
+        if hit is KEEP:
+            if not retract_ids or prev is None or not any(i in retract_ids for i in prev[2].split(" ")):
+                return  # its results are no longer held: the finding stays as it is
+            hit = None
         if hit is None:
             if prev is None:
                 return
             del state.active[key]
             prev_ids = prev[2].split(" ") if prev[2] else []
-            st = "retracted" if retract_ids and any(i in retract_ids for i in prev_ids) else "cleared"
-            out.append(self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now))
+            gone = [i for i in prev_ids if i in retract_ids] if retract_ids else []
+            st = "retracted" if gone else "cleared"
+            f = self._finding(state, cp, rule, dedupe, st, prev[0], prev[1] or None, None, prev[2], now)
+            if gone:
+                # name what was corrected away or withdrawn, so the alert lifecycle can tell an
+                # alert that rested only on it (retracted) from one that had stood on earlier
+                # valid results too (resolved: e.g. a real nadir, then a mistyped count)
+                a = rule.analytes[0] if len(rule.analytes) == 1 else ""
+                f = f.model_copy(update={"evidence": list(f.evidence) + [
+                    Evidence(observation_id=i, analyte=a, note=WITHDRAWN_NOTE) for i in gone]})
+            out.append(f)
             return
         ids = hit.ids()
         grade = hit.grade or 0
@@ -312,19 +612,23 @@ class Engine:
                     t = e[0] if t is None or e[0] > t else t
                     evidence.append(Evidence(observation_id=e[2], analyte=a, value=e[1], unit=units.get(a),
                                              effective_at=from_epoch(e[0]), note="newest result"))
-            if t is None or st == "retracted" or rule.kind in ("overdue", "completion"):
+            if t is None or st == "retracted" or rule.kind in ("overdue", "completion", "steroid"):
                 t = now.timestamp()
         sev = SEV_BY_RANK[rank]
         text = None
         if rule.text is not None:
             what = rule.text.what
             summary = _summary(rule, hit, grade, units) if hit is not None else None
-            if st == "cleared":
+            if st == "cleared" and rule.kind == "no_dose_record":
+                what = f"Resolved: {rule.title} (the dose record arrived)."
+            elif st == "cleared":
                 what = f"Cleared: {rule.title}."
             elif st == "retracted":
                 what = f"Retracted: {rule.title} (the result it rested on was corrected or withdrawn)."
             elif summary:
                 what = f"{what} {summary}"
+            if hit is not None and hit.note:
+                what = f"{what} {hit.note}"
             text = FindingText(what=what, why=rule.text.why, action=rule.text.action)
         if st == "present":
             # ids plus values: a corrected value under the same observation id is a new finding
@@ -352,11 +656,42 @@ class Engine:
         )
 
 
+def _holds(state: PatientState, analyte: str, e: tuple) -> bool:
+    """The state holds this very result (same id, time and value)."""
+    for src in (state.hist.get(analyte, ()), state.ev.get(analyte, ())):
+        for x in src:
+            if x[2] == e[2] and x[0] == e[0] and x[1] == e[1]:
+                return True
+    return False
+
+
+def _newer(a: tuple, b: tuple) -> bool:
+    """Entry ``a`` is later (by effective time, then id) than entry ``b``."""
+    return (a[0], a[2]) > (b[0], b[2])
+
+
+def _note_censored(f: Finding, obs: Observation) -> Finding:
+    """Say on the evidence (and in the text) that a result used at its bound was censored."""
+    if not any(e.observation_id == obs.observation_id and e.note is None for e in f.evidence):
+        return f
+    shown = f"{obs.comparator}{_fmt(obs.value)} {obs.unit}".rstrip()
+    note = f"reported as {shown}: graded at least as {_fmt(obs.value)}"
+    ev = [e.model_copy(update={"note": note}) if e.observation_id == obs.observation_id and e.note is None else e
+          for e in f.evidence]
+    text = f.text
+    if text is not None:
+        text = text.model_copy(update={"what": f"{text.what} ({obs.analyte} {note}.)"})
+    return f.model_copy(update={"evidence": ev, "text": text})
+
+
 _LABEL = {"uln": "x ULN", "lln": "x LLN", "baseline": "x baseline", "previous": "x previous"}
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    s = f"{v:.4g}"
+    return f"{v:.0f}" if "e+" in s else s  # 50000, not 5e+04, in a nurse's text
 
 
 def _summary(rule: CRule, hit: Hit, grade, units: dict) -> str:

@@ -83,7 +83,7 @@ from schemas.alert import (
     make_alert_id,
     make_pseudonym,
 )
-from schemas.findings import Finding, Severity, effective_severity
+from schemas.findings import WITHDRAWN_NOTE, Finding, Severity, effective_severity
 
 __all__ = [
     "DEFAULT_INHIBITIONS", "LifecycleConfig", "DEFAULT_CONFIG", "KeyState", "AlertBook",
@@ -92,6 +92,7 @@ __all__ = [
 ]
 
 SYSTEM = "system"
+_EPISODE_EVIDENCE_MAX = 8
 
 #: inhibiting rule -> rules it holds back on the same patient
 DEFAULT_INHIBITIONS: Mapping[str, frozenset[str]] = {
@@ -139,6 +140,10 @@ class KeyState(BaseModel):
     last_alert_id: str | None = None
     #: newest effective_at applied for this key (reset by a retraction)
     last_effective_at: AwareDatetime | None = None
+    #: evidence observation ids of the present findings applied to the open episode (newest
+    #: last, bounded): a retraction of the newest evidence resolves, rather than retracts, an
+    #: alert that had also stood on other valid results
+    episode_evidence: list[list[str]] = Field(default_factory=list)
 
 
 class AlertBook(BaseModel):
@@ -335,11 +340,24 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
     if finding.state == "retracted":
         if open_alert is None:
             return []
-        before = _close(open_alert, AlertStatus.RETRACTED, now)
+        gone = {e.observation_id for e in finding.evidence if e.note == WITHDRAWN_NOTE and e.observation_id}
+        stood = bool(gone) and any(ids and not (set(ids) & gone) for ids in ks.episode_evidence)
+        if stood:
+            # an earlier finding of this episode rested on other, valid results: the condition
+            # was real; its newest evidence is gone and it no longer holds: resolved
+            before = _close(open_alert, AlertStatus.RESOLVED, now)
+            why = f"{note}: the newest evidence was corrected or withdrawn; the alert had stood on earlier " \
+                  "valid results, which no longer show the condition"
+            action = "resolved"
+        else:
+            before = _close(open_alert, AlertStatus.RETRACTED, now)
+            why = f"{note}: evidence corrected or withdrawn"
+            action = "retracted"
         _remember(open_alert.finding_ids, finding.finding_id, config.max_remembered_ids)
         ks.open_alert_id = None
         ks.last_effective_at = None
-        txn.record(open_alert, "retracted", from_status=before, note=f"{note}: evidence corrected or withdrawn")
+        ks.episode_evidence = []
+        txn.record(open_alert, action, from_status=before, note=why)
         _reconcile_inhibition(book, txn, config, now)
         return txn.finish()
 
@@ -365,9 +383,14 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
     ks.last_effective_at = finding.effective_at
     severity = effective_severity(finding.severity)
     if open_alert is None:
+        ks.episode_evidence = []
         _open(book, ks, finding, severity, now, txn, config)
     else:
         _update(open_alert, finding, severity, now, txn, config)
+    ids = sorted({e.observation_id for e in finding.evidence if e.observation_id})
+    if ids and (not ks.episode_evidence or ks.episode_evidence[-1] != ids):
+        ks.episode_evidence.append(ids)
+        del ks.episode_evidence[: -_EPISODE_EVIDENCE_MAX]
     _reconcile_inhibition(book, txn, config, now)
     return txn.finish()
 

@@ -40,7 +40,10 @@ STABLE_RULE_IDS = (
 )
 
 # pseudo-analytes the early-warning items may use beside catalogue analytes
-_PSEUDO_ITEMS = {"oxygen"}
+_PSEUDO_ITEMS = {"oxygen", "spo2_scale2"}
+#: pseudo item -> the analyte it reads (``spo2_scale2``: NEWS2 SpO2 scale 2, for patients
+#: whose dose event sets ``spo2_scale: 2``; ``spo2`` is then not scored on scale 1)
+PSEUDO_ITEM_ANALYTE = {"oxygen": "o2_flow", "spo2_scale2": "spo2"}
 
 
 class ProtocolError(ValueError):
@@ -100,6 +103,11 @@ class Band(Sourced):
     #: the limit must be exceeded by consecutive readings spanning MORE than this many hours
     #: (e.g. CTCAE fever grade 4: > 40.0 C for > 24 h). Absolute limits only.
     for_hours: float | None = Field(default=None, gt=0)
+    #: the band applies only to these analytes of the rule (e.g. one assay of two)
+    analytes: list[str] | None = None
+    #: the band still applies when the baseline is abnormal (``abnormal_baseline_bands`` then
+    #: replace only the other bands): an absolute escalation that no baseline may suppress
+    any_baseline: bool = False
 
     @model_validator(mode="after")
     def _grade_or_severity(self):
@@ -110,11 +118,31 @@ class Band(Sourced):
         return self
 
 
+class AgeValue(Sourced):
+    """An age-specific limit: ``value`` applies while min_months <= age < max_months."""
+
+    min_months: float = Field(default=0, ge=0)
+    max_months: float = Field(default=1e6, gt=0)
+    value: float
+
+
 class Condition(Sourced):
     analyte: str
     op: Op
     value: float
     basis: Basis = "absolute"
+    #: composite rules: ``any`` = any result of the analyte within the window meets it (the
+    #: window's peak, or nadir, is shown); ``newest`` = only the newest result in the window.
+    #: Completion criteria always use the newest result.
+    use: Literal["any", "newest"] = "any"
+    #: at least this many results within the window must meet it (e.g. 2 blood pressures)
+    min_count: int = Field(default=1, ge=1, le=8)
+    #: the condition applies only when the patient has no pre-dose baseline of the analyte
+    #: (an x ULN / x LLN alternative to a x baseline condition)
+    only_without_baseline: bool = False
+    #: age-specific limits (absolute basis): the band for the patient's age at the result's
+    #: time replaces ``value``; no band for the age: the condition cannot be evaluated
+    by_age: list[AgeValue] | None = None
 
 
 class Group(_M):
@@ -135,10 +163,12 @@ Group.model_rebuild()
 
 
 class Active(Sourced):
-    """When a rule applies: a window of days since dose and/or steroid phases."""
+    """When a rule applies: a window of days since dose, steroid phases and/or an age window."""
 
     days_since_dose: tuple[float, float] | None = None
     steroid_phases: list[PhaseName] | None = None
+    #: [min, max) age in months at the result's time (e.g. children only: [0, 192])
+    age_months: tuple[float, float] | None = None
 
 
 class _RuleBase(_M):
@@ -168,6 +198,13 @@ class CompositeRule(_RuleBase):
     window_days: float = Field(gt=0)
     when: Expr
     unless: Expr | None = None
+    #: judge ``unless`` on the results at or before the onset (the earliest evidence of the
+    #: episode, within the window before it), not on the newest ones (Hy's law: "without
+    #: INITIAL findings of cholestasis")
+    unless_at_onset: bool = False
+    #: analytes whose worsening keeps a finding open even when its condition no longer holds
+    #: (default: the analytes of ``when``)
+    markers: list[str] | None = None
     severity: Severity = Severity.CRITICAL
 
 
@@ -198,6 +235,16 @@ class OverdueRule(_RuleBase):
     severity: Severity = Severity.WARNING
 
 
+class NoDoseRule(_RuleBase):
+    """Results keep arriving for a patient with no (usable) dose record: after ``grace_hours``
+    from the first result's effective time, tell someone (clock-driven)."""
+
+    kind: Literal["no_dose_record"]
+    grace: Sourced
+    grace_hours: float = Field(default=12, ge=0)
+    severity: Severity = Severity.WARNING
+
+
 class CompletionRule(_RuleBase, Sourced):
     kind: Literal["completion"]
     min_days: float = Field(gt=0)
@@ -205,8 +252,46 @@ class CompletionRule(_RuleBase, Sourced):
     severity: Severity = Severity.INFO
 
 
+class CensoredRule(_RuleBase):
+    """A censored result ("<5", ">3000") that some rule cannot grade at its bound (see
+    ``alerts.censored``): the value is not used, and this finding says so (per analyte)."""
+
+    kind: Literal["censored"]
+    severity: Severity = Severity.WARNING
+
+
+class SteroidRule(_RuleBase, Sourced):
+    """Checks of the corticosteroid course against the label (audit PS-4):
+
+    * ``taper_gate``: when the current taper began, the newest post-dose results at or before
+      that time met ``when`` (e.g. ALT or AST >= 2x ULN): the taper started on results that
+      the label says forbid it. Cleared when the taper is abandoned (back to full dose) or ends.
+    * ``early_taper``: a taper began before the regimen's full-dose period ended
+      (``steroid_regimen``: start_days_before_dose + full_dose_days, minus ``tolerance_days``).
+    * ``abrupt_stop``: the corticosteroid was stopped straight from the full dose, with no taper.
+    """
+
+    kind: Literal["steroid"]
+    check: Literal["taper_gate", "early_taper", "abrupt_stop"]
+    when: Expr | None = None
+    tolerance_days: float = Field(default=0, ge=0)
+    severity: Severity = Severity.WARNING
+
+
+class RangeCheckRule(_RuleBase, Sourced):
+    """A result's own reference range that differs from the protocol's age default by more
+    than ``max_ratio`` (either way) is implausible (e.g. a umol/L range sent with a mg/dL
+    value): the result is graded against the more alerting of the two limits (lower ULN,
+    higher LLN) and this finding asks a person to check the range (per analyte)."""
+
+    kind: Literal["range_check"]
+    max_ratio: float = Field(gt=1)
+    severity: Severity = Severity.WARNING
+
+
 Rule = Annotated[
-    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule],
+    Union[GradedRule, CompositeRule, DeltaRule, ScoreRule, OverdueRule, CompletionRule, CensoredRule,
+          RangeCheckRule, SteroidRule, NoDoseRule],
     Field(discriminator="kind"),
 ]
 
@@ -246,6 +331,9 @@ class AgeRange(Sourced):
     max_months: float = Field(default=1e6, gt=0)
     low: float | None = None
     high: float | None = None
+    #: [min, max] a lab's own ULN may plausibly take at this age (``range_check`` rule); when
+    #: absent, a ULN within ``max_ratio`` of ``high`` is plausible
+    plausible_high: tuple[float, float] | None = None
 
 
 class ScoreCut(_M):
@@ -261,6 +349,8 @@ class ItemBand(Sourced):
     cuts: list[ScoreCut]
     #: for the ``oxygen`` item: score when the SpO2 result says the patient is on oxygen
     on_oxygen_score: int | None = None
+    #: cuts that score only while the patient is on oxygen (NEWS2 SpO2 scale 2: >= 93 on O2)
+    on_oxygen_cuts: list[ScoreCut] | None = None
 
 
 class ScoreItem(_M):
@@ -281,6 +371,20 @@ class ScoreSystem(Sourced):
     #: any single item scoring at least this -> at least ``single_item_severity``
     single_item_score: int | None = None
     single_item_severity: Severity | None = None
+
+
+class SteroidRegimen(Sourced):
+    """The product's corticosteroid regimen as the label states it (documentation for the
+    ward and the summary; the taper gate is a rule). ``None``: not stated by any source."""
+
+    drug: str
+    dose_mg_per_kg_day: float | None = Field(default=None, gt=0)
+    #: days before the dose the corticosteroid starts (1 = 24 h before)
+    start_days_before_dose: float | None = Field(default=None, ge=0)
+    #: total days at the full dose before the taper is considered
+    full_dose_days: float | None = Field(default=None, gt=0)
+    taper_days: float | None = Field(default=None, gt=0)
+    summary: str
 
 
 class EarlyWarning(_M):
@@ -336,6 +440,7 @@ class Protocol(_M):
     routes: list[Route] = Field(min_length=1)
     rules: list[Rule] = Field(min_length=1)
     schedules: list[Schedule] = Field(default_factory=list)
+    steroid_regimen: SteroidRegimen | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self):
@@ -363,6 +468,10 @@ class Protocol(_M):
             if isinstance(e, Condition):
                 check_analyte(e.analyte, path + ".analyte")
                 check_sourced(e, path)
+                for j, b in enumerate(e.by_age or []):
+                    check_sourced(b, f"{path}.by_age[{j}]")
+                    if e.basis != "absolute":
+                        errs.append(f"{path}.by_age: needs an absolute limit (basis: absolute)")
             else:
                 key = "all" if e.all is not None else "any"
                 for j, sub in enumerate(e.all if e.all is not None else e.any):
@@ -379,6 +488,9 @@ class Protocol(_M):
                     check_analyte(a, p + ".analytes")
                 for j, b in enumerate(r.bands):
                     check_sourced(b, f"{p}.bands[{j}]")
+                    for a in b.analytes or []:
+                        if a not in r.analytes:
+                            errs.append(f"{p}.bands[{j}].analytes: {a!r} is not an analyte of the rule")
                     if b.for_hours is not None and len(r.analytes) != 1:
                         errs.append(f"{p}.bands[{j}].for_hours: only for a rule over one analyte")
                 for j, b in enumerate(r.abnormal_baseline_bands or []):
@@ -391,6 +503,10 @@ class Protocol(_M):
                     walk(r.unless, p + ".unless")
                 if r.window is not None:
                     check_sourced(r.window, p + ".window")
+                for a in r.markers or []:
+                    check_analyte(a, p + ".markers")
+            elif isinstance(r, NoDoseRule):
+                check_sourced(r.grace, p + ".grace")
             elif isinstance(r, DeltaRule):
                 check_analyte(r.analyte, p + ".analyte")
                 check_sourced(r, p)
@@ -399,6 +515,19 @@ class Protocol(_M):
                 check_sourced(r, p)
             elif isinstance(r, ScoreRule):
                 check_sourced(r.vitals_window, p + ".vitals_window")
+            elif isinstance(r, RangeCheckRule):
+                check_sourced(r, p)
+            elif isinstance(r, SteroidRule):
+                check_sourced(r, p)
+                if r.check == "taper_gate":
+                    if r.when is None:
+                        errs.append(f"{p}.when: a taper_gate check needs conditions")
+                    else:
+                        walk(r.when, p + ".when")
+                if r.check == "early_taper":
+                    sr = self.steroid_regimen
+                    if sr is None or sr.full_dose_days is None or sr.start_days_before_dose is None:
+                        errs.append(f"{p}: early_taper needs steroid_regimen.full_dose_days and start_days_before_dose")
         for i, s in enumerate(self.schedules):
             for a in s.analytes:
                 check_analyte(a, f"schedules[{i}].analytes")
@@ -420,6 +549,8 @@ class Protocol(_M):
             for j, b in enumerate(sysm.severity_bands):
                 check_sourced(b, f"early_warning.{name}.severity_bands[{j}]")
         check_sourced(self.early_warning.adult_age, "early_warning.adult_age")
+        if self.steroid_regimen is not None:
+            check_sourced(self.steroid_regimen, "steroid_regimen")
         kinds = {r.kind for r in self.rules}
         if "overdue" in kinds and not self.schedules:
             errs.append("schedules: an `overdue` rule needs at least one schedule")
@@ -449,7 +580,8 @@ class Protocol(_M):
 
 # -- loading ---------------------------------------------------------------------
 
-_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "Condition", "Group"}
+_UNION_TAGS = {"graded", "composite", "delta", "early_warning", "overdue", "completion", "censored",
+               "range_check", "steroid", "no_dose_record", "Condition", "Group"}
 
 
 def _format_loc(loc: tuple) -> str:
@@ -570,12 +702,20 @@ def summarise(p: Protocol) -> str:
             win = f" days {r.active.days_since_dose[0]:g}-{r.active.days_since_dose[1]:g}"
         if r.active and r.active.steroid_phases:
             win += f" steroid {'/'.join(r.active.steroid_phases)}"
+        if r.active and r.active.age_months:
+            win += f" age {r.active.age_months[0]:g}-{r.active.age_months[1]:g} months"
         lines.append(f"  {r.id:<40} {r.kind:<13} {sev:<9} route={r.route}{win}")
+    sr = p.steroid_regimen
+    if sr is not None:
+        lines.append(f"steroid regimen: {sr.summary}" + (" (UNCONFIRMED)" if sr.unconfirmed else ""))
     lines.append(f"schedules: {len(p.schedules)}")
     for s in p.schedules:
         per = "; ".join(
             f"d{x.from_day:g}-{x.to_day:g} every {x.every_days:g}d"
-            + (f" ({'/'.join(x.steroid_phases)})" if x.steroid_phases else "")
+            + (f" ({'/'.join(x.steroid_phases)}" if x.steroid_phases else "")
+            + (f", days {x.phase_days[0]:g}-{x.phase_days[1]:g} of the phase" if x.steroid_phases and x.phase_days else "")
+            + (")" if x.steroid_phases else "")
+            + (" until complete" if x.ends_on_completion else "")
             for x in s.periods
         )
         lines.append(f"  {s.group:<12} {','.join(s.analytes)}: {per}; grace {s.grace_hours:g} h")

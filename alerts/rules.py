@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Callable
 
 from schemas.analytes import catalogue
@@ -27,11 +29,16 @@ from schemas.findings import Severity
 
 from .protocol import (
     GRADE_SEVERITY,
+    PSEUDO_ITEM_ANALYTE,
+    CensoredRule,
     CompletionRule,
+    RangeCheckRule,
+    SteroidRule,
     CompositeRule,
     Condition,
     DeltaRule,
     GradedRule,
+    NoDoseRule,
     OverdueRule,
     Protocol,
     ScoreRule,
@@ -44,6 +51,26 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 B_ABS, B_ULN, B_LLN, B_BASE, B_SCORE, B_SCHEDULE = "absolute", "uln", "lln", "baseline", "score", "schedule"
 SEV_BY_RANK = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL]
 DAY = 86400.0
+#: a value within this relative distance of a limit is compared exactly (decimal)
+_NEAR = 1e-9
+
+
+def meets(op: Callable, v: float, mult: float, ref: float) -> bool:
+    """``v <op> mult x ref``, exact at the boundary (PS-16).
+
+    Binary floating point misplaces exact CTCAE boundaries (1.5 x 1.2 = 1.7999999999999998,
+    so bilirubin 1.8 with ULN 1.2 would grade 2 instead of 1). Far from the limit the float
+    comparison is right; within a relative 1e-9 of it the numbers are compared as the
+    decimals they were written as (shortest repr of each float), multiplied exactly."""
+    lim = mult * ref
+    d = v - lim
+    if d > _NEAR * abs(lim) + 1e-300 or -d > _NEAR * abs(lim) + 1e-300:
+        return op(v, lim)
+    return op(Decimal(repr(float(v))), Decimal(repr(float(mult))) * Decimal(repr(float(ref))))
+
+
+#: a composite rule whose episode results are no longer held: keep its finding as it is
+KEEP = object()
 
 
 def Ev(analyte, entry, limit=None, op=None, basis=None, ref=None, note=None) -> tuple:
@@ -53,15 +80,18 @@ def Ev(analyte, entry, limit=None, op=None, basis=None, ref=None, note=None) -> 
 
 
 class Hit:
-    __slots__ = ("rank", "grade", "evidence", "t", "extra", "summary")
+    __slots__ = ("rank", "grade", "evidence", "t", "extra", "summary", "note")
 
-    def __init__(self, rank: int, grade: int | None, evidence: list[Ev], t: float, extra: str = "", summary: str = ""):
+    def __init__(self, rank: int, grade: int | None, evidence: list[Ev], t: float, extra: str = "", summary: str = "",
+                 note: str = ""):
         self.rank = rank
         self.grade = grade
         self.evidence = evidence
         self.t = t
         self.extra = extra
         self.summary = summary
+        #: appended to the finding's text (e.g. "arrived late", "no longer evaluable")
+        self.note = note
 
     def ids(self) -> str:
         ids = [e[1][2] for e in self.evidence if e[1] is not None]
@@ -75,13 +105,28 @@ class Hit:
 class Ranges:
     """Age-banded default reference ranges: analyte -> [(min_months, max_months, low, high)]."""
 
-    __slots__ = ("by_analyte",)
+    __slots__ = ("by_analyte", "plausible")
 
     def __init__(self, protocol: Protocol) -> None:
         self.by_analyte = {
             a: [(b.min_months, b.max_months, b.low, b.high) for b in bands]
             for a, bands in protocol.reference_ranges.items()
         }
+        #: analyte -> [(min_months, max_months, (lo, hi))]: plausible ULNs of a lab's own range
+        self.plausible = {
+            a: [(b.min_months, b.max_months, tuple(b.plausible_high)) for b in bands if b.plausible_high]
+            for a, bands in protocol.reference_ranges.items() if any(b.plausible_high for b in bands)
+        }
+
+    def plausible_high(self, analyte: str, st: PatientState, t: float) -> tuple[float, float] | None:
+        bands = self.plausible.get(analyte)
+        if not bands or st.birth is None:
+            return None
+        age = (t - st.birth) / 2629800.0
+        for lo_m, hi_m, pair in bands:
+            if lo_m <= age < hi_m:
+                return pair
+        return None
 
     def get(self, analyte: str, st: PatientState, t: float, idx: int) -> float | None:
         bands = self.by_analyte.get(analyte)
@@ -132,7 +177,7 @@ def baseline_abnormal(ranges: Ranges, st: PatientState, analyte: str) -> bool:
 class CRule:
     """Common compiled rule fields."""
 
-    __slots__ = ("id", "kind", "route", "severity", "text", "title", "analytes", "days", "phases", "key")
+    __slots__ = ("id", "kind", "route", "severity", "text", "title", "analytes", "days", "phases", "key", "ages")
 
     def __init__(self, r) -> None:
         self.id = r.id
@@ -144,6 +189,7 @@ class CRule:
         self.analytes: tuple[str, ...] = ()
         self.days = tuple(r.active.days_since_dose) if r.active and r.active.days_since_dose else None
         self.phases = frozenset(r.active.steroid_phases) if r.active and r.active.steroid_phases else None
+        self.ages = tuple(r.active.age_months) if r.active and r.active.age_months else None
         self.key = r.id
 
     def active_at(self, st: PatientState, t: float) -> bool:
@@ -156,6 +202,10 @@ class CRule:
         if self.phases is not None:
             if st.steroid_at(t)[0] not in self.phases:
                 return False
+        if self.ages is not None and st.birth is not None:
+            age = (t - st.birth) / 2629800.0
+            if not (self.ages[0] <= age < self.ages[1]):
+                return False
         return True
 
     def evaluate(self, st: PatientState, cp: "CompiledProtocol") -> Hit | None:  # pragma: no cover
@@ -163,7 +213,7 @@ class CRule:
 
 
 class CBand:
-    __slots__ = ("op", "ops", "value", "basis", "grade", "rank", "for_s")
+    __slots__ = ("op", "ops", "value", "basis", "grade", "rank", "for_s", "only", "any_baseline")
 
     def __init__(self, b) -> None:
         self.op = OPS[b.op]
@@ -171,6 +221,8 @@ class CBand:
         self.value = b.value
         self.basis = b.basis
         self.grade = b.grade
+        self.only = frozenset(b.analytes) if b.analytes else None
+        self.any_baseline = b.any_baseline
         self.for_s = None if b.for_hours is None else b.for_hours * 3600.0
         sev = b.severity if b.severity is not None else GRADE_SEVERITY[b.grade]
         self.rank = Severity(sev).rank
@@ -189,11 +241,46 @@ class GradedRuleC(CRule):
         super().__init__(r)
         self.analytes = tuple(r.analytes)
         self.bands = _sorted_bands(r.bands)
-        self.abn_bands = _sorted_bands(r.abnormal_baseline_bands) if r.abnormal_baseline_bands else None
+        if r.abnormal_baseline_bands:
+            # bands marked any_baseline (an absolute escalation) stay when the baseline is abnormal
+            self.abn_bands = _sorted_bands(list(r.abnormal_baseline_bands) + [b for b in r.bands if b.any_baseline])
+        else:
+            self.abn_bands = None
+
+    def grade_entry(self, st, cp, a: str, e: Entry, evidence: list) -> tuple | None:
+        """(rank, grade) of one result (evidence appended), or None when no band holds."""
+        ranges = cp.ranges
+        v = e[1]
+        bands = self.bands
+        if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
+            bands = self.abn_bands
+        for b in bands:
+            if b.only is not None and a not in b.only:
+                continue
+            basis = b.basis
+            if basis == B_ABS:
+                ref = 1.0
+            elif basis == B_ULN:
+                ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
+            else:
+                ref = reference(ranges, st, a, e, basis)
+            if ref is None:
+                continue
+            lim = b.value * ref
+            d = v - lim
+            if (b.op(v, lim) if d > _NEAR * abs(lim) or -d > _NEAR * abs(lim) else meets(b.op, v, b.value, ref)):
+                if b.for_s is not None:
+                    run = st.runs.get(a)
+                    if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
+                        continue  # not sustained long enough: a lower band decides
+                    evidence.append((a, (run[0], run[1], run[2], None, None), lim, b.ops, basis, ref,
+                                     f"first reading of this episode; sustained > {b.for_s / 3600:g} h"))
+                evidence.append((a, e, lim, b.ops, basis, ref, None))
+                return b.rank, b.grade
+        return None
 
     def evaluate(self, st, cp):
         hist = st.hist
-        ranges = cp.ranges
         best_rank = -1
         best_grade = None
         evidence = None
@@ -206,7 +293,8 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] >= dose and (t is None or e[0] > t):
                 t = e[0]
-        if t is None or (self.days is not None or self.phases is not None) and not self.active_at(st, t):
+        if t is None or (self.days is not None or self.phases is not None or self.ages is not None) \
+                and not self.active_at(st, t):
             return None
         for a in self.analytes:
             h = hist.get(a)
@@ -215,43 +303,33 @@ class GradedRuleC(CRule):
             e = h[-1]
             if e[0] < dose:
                 continue  # a pre-dose result is a baseline, not evidence
-            v = e[1]
-            bands = self.bands
-            if self.abn_bands is not None and baseline_abnormal(ranges, st, a):
-                bands = self.abn_bands
-            for b in bands:
-                basis = b.basis
-                if basis == B_ABS:
-                    ref = 1.0
-                elif basis == B_ULN:
-                    ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
-                else:
-                    ref = reference(ranges, st, a, e, basis)
-                if ref is None:
-                    continue
-                lim = b.value * ref
-                if b.op(v, lim):
-                    if b.for_s is not None:
-                        run = st.runs.get(a)
-                        if run is None or run[3] != e[0] or run[3] - run[0] <= b.for_s:
-                            continue  # not sustained long enough: a lower band decides
-                        if evidence is None:
-                            evidence = []
-                        evidence.append((a, (run[0], run[1], run[2], None, None), lim, b.ops, basis, ref,
-                                         f"first reading of this episode; sustained > {b.for_s / 3600:g} h"))
-                    if evidence is None:
-                        evidence = []
-                    evidence.append((a, e, lim, b.ops, basis, ref, None))
-                    if b.rank > best_rank or (b.rank == best_rank and (b.grade or 0) > (best_grade or 0)):
-                        best_rank, best_grade = b.rank, b.grade
-                    break
-        if evidence is None:
+            if evidence is None:
+                evidence = []
+            got = self.grade_entry(st, cp, a, e, evidence)
+            if got is not None:
+                rank, grade = got
+                if rank > best_rank or (rank == best_rank and (grade or 0) > (best_grade or 0)):
+                    best_rank, best_grade = rank, grade
+        if not evidence:
             return None
         return Hit(best_rank, best_grade, evidence, max(ev[1][0] for ev in evidence))
 
+    def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
+        """What the rule said of ``e`` when it was the newest result (a late or re-evaluated
+        result): the same bands, at the result's own event time."""
+        if st.dose_at is None or e[0] < st.dose_at:
+            return None
+        if (self.days is not None or self.phases is not None or self.ages is not None) and not self.active_at(st, e[0]):
+            return None
+        evidence: list = []
+        got = self.grade_entry(st, cp, a, e, evidence)
+        if got is None:
+            return None
+        return Hit(got[0], got[1], evidence, e[0])
+
 
 class CCond:
-    __slots__ = ("analyte", "op", "ops", "value", "basis")
+    __slots__ = ("analyte", "op", "ops", "value", "basis", "newest", "min_count", "no_base", "by_age", "direction")
 
     def __init__(self, c: Condition) -> None:
         self.analyte = c.analyte
@@ -259,6 +337,33 @@ class CCond:
         self.ops = c.op
         self.value = c.value
         self.basis = c.basis
+        self.newest = c.use == "newest"
+        self.min_count = c.min_count
+        self.no_base = c.only_without_baseline
+        self.by_age = tuple((x.min_months, x.max_months, x.value) for x in c.by_age) if c.by_age else None
+        self.direction = -1 if c.op in ("<", "<=") else 1
+
+    def limit(self, st: PatientState, cp: "CompiledProtocol", e: Entry) -> tuple | None:
+        """(multiple, reference) for result ``e``, or None when it cannot be judged."""
+        if self.by_age is not None:
+            if st.birth is None:
+                return None
+            age = (e[0] - st.birth) / 2629800.0
+            for lo, hi, v in self.by_age:
+                if lo <= age < hi:
+                    return v, 1.0
+            return None
+        ref = reference(cp.ranges, st, self.analyte, e, self.basis)
+        return None if ref is None else (self.value, ref)
+
+    def holds(self, st: PatientState, cp: "CompiledProtocol", e: Entry):
+        """True / False for one result; None when it cannot be judged."""
+        if self.no_base and self.analyte in st.base:
+            return False
+        lr = self.limit(st, cp, e)
+        if lr is None:
+            return None
+        return meets(self.op, e[1], lr[0], lr[1])
 
 
 def _compile_expr(e):
@@ -278,30 +383,26 @@ def _expr_analytes(e, out: set) -> set:
     return out
 
 
-def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | None, evidence: list | None):
-    """Three-valued: True, False or None (no result, no reference, outside the window)."""
-    if isinstance(expr, CCond):
-        h = st.hist.get(expr.analyte)
-        if not h:
-            return None
-        e = h[-1]
-        if since is not None and e[0] < since:
-            return None
-        ref = reference(cp.ranges, st, expr.analyte, e, expr.basis)
-        if ref is None:
-            return None
-        lim = expr.value * ref
-        ok = expr.op(e[1], lim)
-        if ok and evidence is not None:
-            evidence.append((expr.analyte, e, lim, expr.ops, expr.basis, ref, None))
-        return ok
-    kind, members = expr
-    # evidence only from members that hold, so it never depends on evaluation path
+def _expr_conds(e, out: list) -> list:
+    if isinstance(e, CCond):
+        out.append(e)
+    else:
+        for x in e[1]:
+            _expr_conds(x, out)
+    return out
+
+
+def _ev(c: CCond, e: Entry, lr: tuple, note=None) -> tuple:
+    return (c.analyte, e, lr[0] * lr[1], c.ops, B_ABS if c.by_age is not None else c.basis, lr[1], note)
+
+
+def _group(kind, members, leaf, evidence):
+    """Three-valued all/any over members; evidence only from members that hold."""
     if kind == "all":
         res = True
         local: list | None = [] if evidence is not None else None
         for m in members:
-            r = eval_expr(m, st, cp, since, local)
+            r = leaf(m, local) if isinstance(m, CCond) else _group(m[0], m[1], leaf, local)
             if r is False:
                 return False
             if r is None:
@@ -312,7 +413,7 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
     res = False
     for m in members:
         local = [] if evidence is not None else None
-        r = eval_expr(m, st, cp, since, local)
+        r = leaf(m, local) if isinstance(m, CCond) else _group(m[0], m[1], leaf, local)
         if r is True:
             res = True  # keep evaluating: every true member is evidence
             if local:
@@ -322,37 +423,153 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
     return res
 
 
+def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | None, evidence: list | None):
+    """Three-valued on each analyte's NEWEST result (completion criteria): True, False or
+    None (no result, no reference, outside the window)."""
+
+    def leaf(c: CCond, ev):
+        h = st.hist.get(c.analyte)
+        if not h:
+            return None
+        e = h[-1]
+        if since is not None and e[0] < since:
+            return None
+        if c.no_base and c.analyte in st.base:
+            return False
+        lr = c.limit(st, cp, e)
+        if lr is None:
+            return None
+        ok = meets(c.op, e[1], lr[0], lr[1])
+        if ok and ev is not None:
+            ev.append(_ev(c, e, lr))
+        return ok
+
+    if isinstance(expr, CCond):
+        return leaf(expr, evidence)
+    return _group(expr[0], expr[1], leaf, evidence)
+
+
+def held(st: PatientState, analyte: str, lo: float, hi: float) -> list:
+    """Every result of ``analyte`` held (history, episode results, baseline) with
+    lo <= t <= hi, oldest first, one per observation id."""
+    out: dict = {}
+    for src in (st.hist.get(analyte, ()), st.ev.get(analyte, ())):
+        for e in src:
+            if lo <= e[0] <= hi:
+                out[e[2]] = e
+    b = st.base.get(analyte)
+    if b is not None and lo <= b[0] <= hi:
+        out.setdefault(b[2], b)
+    if len(out) <= 1:
+        return list(out.values())
+    return sorted(out.values(), key=lambda e: (e[0], e[2]))
+
+
+def eval_window(expr, st: PatientState, cp: "CompiledProtocol", lo: float, hi: float, evidence: list | None,
+                newest: bool = False):
+    """Three-valued over the results held within [lo, hi]: a condition holds when any result
+    in the window meets it (``use: newest``: the newest one; ``min_count``: that many). The
+    evidence is the most extreme result that meets it (the window's peak, or nadir), or the
+    newest ``min_count`` ones."""
+
+    def leaf(c: CCond, ev):
+        es = held(st, c.analyte, lo, hi)
+        if not es:
+            return None
+        if c.no_base and c.analyte in st.base:
+            return False
+        if newest or c.newest:
+            es = es[-1:]
+        known = False
+        hits = []
+        for e in es:
+            lr = c.limit(st, cp, e)
+            if lr is None:
+                continue
+            known = True
+            if meets(c.op, e[1], lr[0], lr[1]):
+                hits.append((e, lr))
+        if len(hits) >= c.min_count:
+            if ev is not None:
+                if c.min_count > 1:
+                    note = f"{c.min_count} results within the window meet it"
+                    ev.extend(_ev(c, e, lr, note) for e, lr in hits[-c.min_count:])
+                else:
+                    key = (lambda x: x[0][1] / x[1][1]) if c.direction > 0 else (lambda x: -x[0][1] / x[1][1])
+                    e, lr = max(hits, key=lambda x: (key(x), x[0][0]))
+                    ev.append(_ev(c, e, lr, "peak within the window" if len(hits) > 1 and c.direction > 0 else
+                                  ("nadir within the window" if len(hits) > 1 else None)))
+            return True
+        return False if known else None
+
+    if isinstance(expr, CCond):
+        return leaf(expr, evidence)
+    return _group(expr[0], expr[1], leaf, evidence)
+
+
+def _is_held(st: PatientState, oid: str) -> bool:
+    for src in (st.hist, st.ev):
+        for lst in src.values():
+            for e in lst:
+                if e[2] == oid:
+                    return True
+    return False
+
+
+def _day(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 class CompositeRuleC(CRule):
-    __slots__ = ("when", "unless", "window", "rank")
+    """Conditions over several analytes within an event-time window, episode-aware.
+
+    The rule is judged at the newest result of its ``when`` analytes, over every result held
+    within the window before it (peaks count, not only the newest values). When that fails,
+    the newest earlier window where it held (an episode, found among the held episode
+    results) decides: the finding RESOLVES only when every analyte it rested on has a fresh
+    result since and none of its markers is still worsening; otherwise it stays present,
+    saying it is no longer evaluable (staleness is not resolution). A result of an analyte
+    the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
+
+    __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
+                 "conds_by_analyte", "need", "unless_analytes")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
         self.when = _compile_expr(r.when)
         self.unless = _compile_expr(r.unless) if r.unless is not None else None
-        an = _expr_analytes(self.when, set())
+        self.when_analytes = tuple(sorted(_expr_analytes(self.when, set())))
+        self.unless_analytes = frozenset(_expr_analytes(self.unless, set())) if self.unless is not None else frozenset()
+        an = set(self.when_analytes)
         if self.unless is not None:
             _expr_analytes(self.unless, an)
+        self.markers = tuple(r.markers) if r.markers else self.when_analytes
+        an.update(self.markers)
         self.analytes = tuple(sorted(an))
         self.window = r.window_days * DAY
         self.rank = r.severity.rank
+        self.unless_at_onset = r.unless_at_onset
+        self.directions: dict[str, int] = {}
+        #: analyte sets of which each must hold an episode result for the condition to be
+        #: possible (the members of a top-level `all`; else all analytes as one set)
+        if isinstance(self.when, tuple) and self.when[0] == "all":
+            self.need = tuple(frozenset(_expr_analytes(m, set())) for m in self.when[1])
+        else:
+            self.need = (frozenset(self.when_analytes),)
+        self.conds_by_analyte: dict[str, list[CCond]] = {}
+        for c in _expr_conds(self.when, []):
+            self.directions.setdefault(c.analyte, c.direction)
+            self.conds_by_analyte.setdefault(c.analyte, []).append(c)
 
-    def evaluate(self, st, cp):
-        t = None
-        hist = st.hist
-        for a in self.analytes:
-            h = hist.get(a)
-            if h and (t is None or h[-1][0] > t):
-                t = h[-1][0]
-        dose = st.dose_at if st.dose_at is not None else -1e18
-        if t is None or t < dose or not self.active_at(st, t):
+    def eval_at(self, st: PatientState, cp: "CompiledProtocol", t: float) -> Hit | None:
+        dose = st.dose_at
+        lo = t - self.window
+        if lo < dose:
+            lo = dose  # pre-dose results are baselines, not evidence
+        if not self.active_at(st, t):
             return None
-        since = t - self.window
-        if since < dose:
-            since = dose  # pre-dose results are baselines, not evidence
         evidence: list[Ev] = []
-        if eval_expr(self.when, st, cp, since, evidence) is not True:
-            return None
-        if self.unless is not None and eval_expr(self.unless, st, cp, since, None) is True:
+        if eval_window(self.when, st, cp, lo, t, evidence) is not True:
             return None
         # one item per observation (an analyte may satisfy two members: keep the first)
         seen, uniq = set(), []
@@ -361,7 +578,111 @@ class CompositeRuleC(CRule):
             if k not in seen:
                 seen.add(k)
                 uniq.append(ev)
+        if self.unless is not None:
+            if self.unless_at_onset:
+                # onset: the earliest result within the window that meets a `when` condition
+                # (not the peak's time: the injury began with its first abnormal result)
+                onset = min(ev[1][0] for ev in uniq)
+                for a, conds in self.conds_by_analyte.items():
+                    for e in held(st, a, lo, onset):
+                        if e[0] < onset and any(c.holds(st, cp, e) for c in conds):
+                            onset = e[0]
+                            break
+                if eval_window(self.unless, st, cp, onset - self.window, onset, None, newest=True) is True:
+                    return None
+            elif eval_window(self.unless, st, cp, lo, t, None, newest=True) is True:
+                return None
         return Hit(self.rank, None, uniq, max(ev[1][0] for ev in uniq))
+
+    def _worsening(self, st: PatientState, cp: "CompiledProtocol", dose: float) -> list[str]:
+        """Markers whose newest result is worse than the previous one and still abnormal:
+        meeting one of the rule's conditions on that analyte, or beyond its reference limit
+        for a marker the conditions do not name (e.g. bilirubin for the ALF signature)."""
+        out = []
+        for m in self.markers:
+            es = held(st, m, dose, 1e18)
+            if len(es) < 2:
+                continue
+            new, prev = es[-1], es[-2]
+            d = self.directions.get(m, 1)
+            if d * (new[1] - prev[1]) <= 0:
+                continue
+            conds = self.conds_by_analyte.get(m)
+            if conds:
+                bad = any(c.holds(st, cp, new) for c in conds)
+            else:
+                ref = (uln if d > 0 else lln)(cp.ranges, st, m, new)
+                bad = ref is None or (new[1] > ref if d > 0 else new[1] < ref)
+            if bad:
+                out.append(f"{m} {prev[1]:g} -> {new[1]:g}")
+        return out
+
+    def evaluate(self, st, cp):
+        dose = st.dose_at
+        if dose is None:
+            return None
+        ev = st.ev
+        if self.id not in st.active:
+            # every post-dose result that meets a condition is an episode result: when a
+            # member of the condition has none held, no episode is possible (the common
+            # case, decided without building any window)
+            for group in self.need:
+                for a in group:
+                    if a in ev:
+                        break
+                else:
+                    return None
+        t = None
+        hist = st.hist
+        for a in self.when_analytes:
+            h = hist.get(a)
+            if h and h[-1][0] >= dose and (t is None or h[-1][0] > t):
+                t = h[-1][0]
+        if t is None:
+            return None
+        hit = self.eval_at(st, cp, t)
+        if hit is not None:
+            return hit
+        # the newest earlier episode among the held episode results
+        cands = set()
+        for a in self.when_analytes:
+            for e in st.ev.get(a, ()):
+                if dose <= e[0] < t:
+                    cands.add(e[0])
+        ep = None
+        for ti in sorted(cands, reverse=True):
+            ep = self.eval_at(st, cp, ti)
+            if ep is not None:
+                break
+        if ep is None:
+            prev = st.active.get(self.id)
+            ids = [i for i in prev[2].split(" ") if not i.startswith("stale")] if prev is not None and prev[2] else []
+            if ids and not all(_is_held(st, i) for i in ids):
+                return KEEP  # the results it rested on are no longer held: keep it as it is
+            return None
+        t_e = ep.t
+        stale = []
+        for a in sorted({ev[0] for ev in ep.evidence}):
+            h = hist.get(a)
+            if not h or h[-1][0] <= t_e:
+                stale.append(a)
+        worse = self._worsening(st, cp, dose)
+        if not stale and not worse:
+            return None  # fresh results of everything it rested on, nothing worsening: resolved
+        if worse:
+            note = (f"Held open: {', '.join(worse)} still worsening although the condition "
+                    f"was last met on {_day(t_e)}.")
+        elif t - t_e > self.window:
+            note = (f"No longer evaluable (results older than {self.window / DAY:g} days): last met on "
+                    f"{_day(t_e)}; awaiting fresh {', '.join(stale)}. It stays open until fresh results "
+                    f"show resolution or a clinician resolves it.")
+        else:
+            note = (f"No longer confirmed by the newest results (last met on {_day(t_e)}); awaiting fresh "
+                    f"{', '.join(stale)}. It stays open until fresh results show resolution or a clinician "
+                    f"resolves it.")
+        # what is worsening is part of the outcome: a further rise re-states it (same severity)
+        extra = "stale" + ("".join(f":{w.split(' ', 1)[0]}={w.rsplit(' ', 1)[1]}" for w in worse) if worse else "")
+        return Hit(ep.rank, None, ep.evidence, t, extra=extra, note=note)
 
 
 class DeltaRuleC(CRule):
@@ -387,11 +708,11 @@ class DeltaRuleC(CRule):
             return None
         if e[0] - p[0] > self.lookback or p[1] <= 0:
             return None
-        if not self.op(e[1] / p[1], self.ratio):
+        if not meets(self.op, e[1], self.ratio, p[1]):
             return None
         if self.min_uln is not None:
             hi = uln(cp.ranges, st, self.analyte, e)
-            if hi is None or e[1] < self.min_uln * hi:
+            if hi is None or not meets(operator.ge, e[1], self.min_uln, hi):
                 return None
         lim = self.ratio * p[1]
         return Hit(self.rank, None, [Ev(self.analyte, p, note="previous result"),
@@ -399,10 +720,10 @@ class DeltaRuleC(CRule):
 
 
 class ScoreSystemC:
-    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank", "_by_age")
+    __slots__ = ("name", "items", "sev_bands", "single_score", "single_rank", "_by_age", "has_scale2")
 
     def items_for_age(self, age_m: float) -> list:
-        """[(item, cuts, on_oxygen_score)] for this age (cached per whole month)."""
+        """[(item, cuts, on_oxygen_score, on_oxygen_cuts)] for this age (cached per whole month)."""
         key = int(age_m) if age_m >= 0 else -1
         got = self._by_age.get(key)
         if got is None:
@@ -410,21 +731,26 @@ class ScoreSystemC:
             for item, bands in self.items:
                 for b in bands:
                     if b[0] <= age_m < b[1]:
-                        got.append((item, b[2], b[3]))
+                        got.append((item, b[2], b[3], b[4]))
                         break
             self._by_age[key] = got
         return got
 
     def __init__(self, s) -> None:
         self.name = s.name
-        # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score)]
+
+        def cuts(cs):
+            return sorted(((c.score, OPS[c.op], c.value) for c in cs), key=lambda c: -c[0])
+
+        # item -> [(min_m, max_m, cuts[(score, op, value)], on_oxygen_score, on_oxygen_cuts)]
         self.items = [
-            (it.item, [(b.min_months, b.max_months,
-                        sorted(((c.score, OPS[c.op], c.value) for c in b.cuts), key=lambda c: -c[0]),
-                        b.on_oxygen_score)
+            (it.item, [(b.min_months, b.max_months, cuts(b.cuts), b.on_oxygen_score,
+                        cuts(b.on_oxygen_cuts) if b.on_oxygen_cuts else None)
                        for b in it.bands])
             for it in s.items
         ]
+        #: NEWS2 SpO2 scale 2 is available: a patient on scale 2 scores it instead of ``spo2``
+        self.has_scale2 = any(it.item == "spo2_scale2" for it in s.items)
         self._by_age: dict[int, list] = {}
         self.sev_bands = sorted(((b.min_score, b.severity.rank) for b in s.severity_bands), reverse=True)
         self.single_score = s.single_item_score
@@ -439,6 +765,15 @@ def _cut_score(cuts, v: float) -> int:
     return 0
 
 
+def _on_oxygen(st: PatientState, since: float) -> bool:
+    """On supplemental oxygen within the score window: an O2 flow > 0 or an on-oxygen flag."""
+    h = st.hist.get("o2_flow")
+    if h and h[-1][0] >= since and h[-1][1] > 0:
+        return True
+    o2 = st.o2
+    return o2 is not None and o2[1] and o2[0] >= since
+
+
 class ScoreRuleC(CRule):
     __slots__ = ("window",)
     VITALS = ("heart_rate", "respiratory_rate", "systolic_bp", "spo2", "temperature", "o2_flow")
@@ -449,7 +784,7 @@ class ScoreRuleC(CRule):
         an = set()
         for sysm in (protocol.early_warning.pews, protocol.early_warning.news2):
             for it in sysm.items:
-                an.add("o2_flow" if it.item == "oxygen" else it.item)
+                an.add(PSEUDO_ITEM_ANALYTE.get(it.item, it.item))
         self.analytes = tuple(sorted(an))
 
     def evaluate(self, st, cp):
@@ -471,9 +806,25 @@ class ScoreRuleC(CRule):
         max_item = 0
         evidence: list[Ev] = []
         parts = []
-        for item, cuts, o2score in sysm.items_for_age(age_m):
+        scale2 = st.spo2_scale == 2 and sysm.has_scale2
+        on_o2 = None
+        for item, cuts, o2score, o2cuts in sysm.items_for_age(age_m):
             score = 0
-            if item == "oxygen":
+            if item == "spo2_scale2" or item == "spo2":
+                if (item == "spo2") == scale2:
+                    continue  # one SpO2 scale per patient (dose event ``spo2_scale``)
+                h = hist.get("spo2")
+                if not h or h[-1][0] < since:
+                    continue
+                e = h[-1]
+                score = _cut_score(cuts, e[1])
+                if o2cuts is not None:
+                    if on_o2 is None:
+                        on_o2 = _on_oxygen(st, since)
+                    if on_o2:
+                        score = max(score, _cut_score(o2cuts, e[1]))
+                evidence.append(("spo2", e, None, None, B_SCORE, None, score))
+            elif item == "oxygen":
                 h = hist.get("o2_flow")
                 if h and h[-1][0] >= since:
                     score = _cut_score(cuts, h[-1][1])
@@ -518,6 +869,15 @@ class OverdueRuleC(CRule):
     def __init__(self, r: OverdueRule) -> None:
         super().__init__(r)
         self.rank = r.severity.rank
+
+
+class NoDoseRuleC(CRule):
+    __slots__ = ("rank", "grace")
+
+    def __init__(self, r: NoDoseRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+        self.grace = r.grace_hours * 3600.0
 
 
 class CompletionRuleC(CRule):
@@ -614,6 +974,112 @@ class CSchedule:
         return out
 
 
+class CensoredRuleC(CRule):
+    """Raised by the engine itself (``Engine.evaluate_observation``) for a censored result
+    that cannot be graded at its bound; never evaluated from the state."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, r: CensoredRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+
+    def evaluate(self, st, cp):
+        return None
+
+
+class SteroidRuleC(CRule):
+    """``SteroidRule``: the corticosteroid course against the label (see its docstring).
+    Evidence for steroid events is a pseudo entry ``(t, None, "steroid-<phase>@<t>")``."""
+
+    __slots__ = ("check", "when", "rank", "earliest_s", "tolerance_s")
+
+    def __init__(self, r: SteroidRule, protocol: Protocol) -> None:
+        super().__init__(r)
+        self.check = r.check
+        self.when = _compile_expr(r.when) if r.when is not None else None
+        self.analytes = tuple(sorted(_expr_analytes(self.when, set()))) if self.when is not None else ()
+        self.rank = r.severity.rank
+        self.tolerance_s = r.tolerance_days * DAY
+        sr = protocol.steroid_regimen
+        self.earliest_s = None
+        if r.check == "early_taper" and sr is not None and sr.full_dose_days is not None:
+            self.earliest_s = (sr.full_dose_days - (sr.start_days_before_dose or 0)) * DAY
+
+    @staticmethod
+    def _ev(t: int, phase: str) -> tuple:
+        return ("steroid", (t, None, f"steroid-{phase}@{t}", None, None), None, None, None, None,
+                f"corticosteroid {phase}")
+
+    def evaluate(self, st, cp):
+        course = st.steroid
+        if not course or st.dose_at is None:
+            return None
+        if self.check == "abrupt_stop":
+            for (t0, p0), (t1, p1) in zip(course, course[1:]):
+                if p1 == "stopped" and p0 == "full" and t1 >= st.dose_at:
+                    return Hit(self.rank, None, [self._ev(t0, p0), self._ev(t1, p1)], t1,
+                               summary=f"stopped on day {(t1 - st.dose_at) / DAY:.1f} straight from the full dose")
+            return None
+        if self.check == "early_taper":
+            t = next((t for t, p in course if p == "taper"), None)
+            if t is None or self.earliest_s is None or t >= st.dose_at + self.earliest_s - self.tolerance_s:
+                return None
+            return Hit(self.rank, None, [self._ev(t, "taper")], t,
+                       summary=f"taper began on day {(t - st.dose_at) / DAY:.1f}, before day "
+                               f"{self.earliest_s / DAY:g} (end of the full-dose period)")
+        # taper_gate: the taper in force now, judged on the newest results at or before its start
+        if course[-1][1] != "taper" or self.when is None:
+            return None
+        t_taper = course[-1][0]
+        hist = st.hist
+        cut = {}
+        for a in self.analytes:
+            h = hist.get(a)
+            if h:
+                kept = h if h[-1][0] <= t_taper else [e for e in h if e[0] <= t_taper]
+                if kept and kept[-1][0] >= st.dose_at:
+                    cut[a] = kept
+        if not cut:
+            return None  # no post-dose result before the taper began
+        probe = _AsOf(st, cut)
+        evidence: list = []
+        if eval_expr(self.when, probe, cp, st.dose_at, evidence) is not True:
+            return None
+        evidence.append(self._ev(t_taper, "taper"))
+        return Hit(self.rank, None, evidence, t_taper,
+                   summary=f"the taper began on day {(t_taper - st.dose_at) / DAY:.1f} on results that forbid it: "
+                           + "; ".join(f"{a} {e[1]:.4g} (limit {lim:.4g})" for a, e, lim, *_ in evidence[:-1]))
+
+
+class _AsOf:
+    """A read-only view of a patient state with other (cut) histories."""
+
+    __slots__ = ("_st", "hist")
+
+    def __init__(self, st: PatientState, hist: dict) -> None:
+        self._st = st
+        self.hist = hist
+
+    def __getattr__(self, name):
+        return getattr(self._st, name)
+
+
+class RangeCheckRuleC(CRule):
+    """Raised by the engine itself for a result whose own reference range is implausible
+    against the protocol's age default (``Engine._check_range``)."""
+
+    __slots__ = ("rank", "max_ratio")
+
+    def __init__(self, r: RangeCheckRule) -> None:
+        super().__init__(r)
+        self.rank = r.severity.rank
+        self.max_ratio = r.max_ratio
+
+    def evaluate(self, st, cp):
+        return None
+
+
 class CompiledProtocol:
     """A protocol ready for evaluation: rule objects, per-analyte rule lists, ranges, scores."""
 
@@ -632,6 +1098,9 @@ class CompiledProtocol:
         self.rules: list[CRule] = []
         self.overdue: OverdueRuleC | None = None
         self.completion: CompletionRuleC | None = None
+        self.censored: CensoredRuleC | None = None
+        self.range_check: RangeCheckRuleC | None = None
+        self.no_dose: NoDoseRuleC | None = None
         for r in protocol.rules:
             if isinstance(r, GradedRule):
                 c = GradedRuleC(r)
@@ -645,19 +1114,41 @@ class CompiledProtocol:
                 c = self.overdue = OverdueRuleC(r)
             elif isinstance(r, CompletionRule):
                 c = self.completion = CompletionRuleC(r)
+            elif isinstance(r, CensoredRule):
+                c = self.censored = CensoredRuleC(r)
+            elif isinstance(r, RangeCheckRule):
+                c = self.range_check = RangeCheckRuleC(r)
+            elif isinstance(r, SteroidRule):
+                c = SteroidRuleC(r, protocol)
+            elif isinstance(r, NoDoseRule):
+                c = self.no_dose = NoDoseRuleC(r)
             else:  # pragma: no cover
                 raise TypeError(r)
             self.rules.append(c)
         self.by_id = {r.id: r for r in self.rules}
         #: rules re-evaluated when a result for the analyte arrives (observation-driven kinds only)
         self.by_analyte: dict[str, tuple[CRule, ...]] = {}
+        # clock-driven kinds and kinds the engine raises itself (censored, range check)
+        clock_kinds = (OverdueRuleC, CompletionRuleC, NoDoseRuleC, CensoredRuleC, RangeCheckRuleC)
         for c in self.rules:
-            if isinstance(c, (OverdueRuleC, CompletionRuleC)):
+            if isinstance(c, clock_kinds):
                 continue
             for a in c.analytes:
                 self.by_analyte.setdefault(a, ())
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
-        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, (OverdueRuleC, CompletionRuleC)))
+        self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
+        self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
+        #: analyte -> (direction, conditions of composite rules on it): a post-dose result that
+        #: meets one is an episode result (``PatientState.ev``)
+        self.episode: dict[str, tuple[int, tuple[CCond, ...]]] = {}
+        for c in self.rules:
+            if isinstance(c, CompositeRuleC):
+                conds = _expr_conds(c.when, [])
+                if c.unless is not None:
+                    conds = _expr_conds(c.unless, conds)
+                for cc in conds:
+                    d, lst = self.episode.get(cc.analyte, (cc.direction, ()))
+                    self.episode[cc.analyte] = (d, lst + (cc,))
         self.schedules = [
             CSchedule(
                 group=s.group, analytes=tuple(s.analytes), any_of=s.require == "any",
@@ -696,6 +1187,39 @@ class CompiledProtocol:
 
     def history_limit(self, analyte: str) -> int:
         return self.limits.get(analyte, self.lab_limit)
+
+    def relevant(self, st: PatientState, analyte: str, e: Entry) -> bool:
+        """Whether a post-dose result is an episode result: it meets a composite condition on
+        its analyte (one relative to a baseline not yet known counts, until it is known)."""
+        got = self.episode.get(analyte)
+        if got is None:
+            return False
+        for c in got[1]:
+            if c.no_base and analyte in st.base:
+                continue
+            lr = c.limit(st, self, e)
+            if lr is None:
+                if c.basis == B_BASE:
+                    return True
+                continue
+            if meets(c.op, e[1], lr[0], lr[1]):
+                return True
+        return False
+
+    def rejudge(self, st: PatientState, analyte: str) -> None:
+        """Rebuild the episode results of ``analyte`` from everything held (after the dose time
+        or the baseline changed)."""
+        got = self.episode.get(analyte)
+        if got is None or st.dose_at is None:
+            st.ev.pop(analyte, None)
+            return
+        pool = {e[2]: e for e in st.ev.get(analyte, ())}
+        for e in st.hist.get(analyte, ()):
+            pool[e[2]] = e
+        st.ev.pop(analyte, None)
+        for e in sorted(pool.values(), key=lambda e: (e[0], e[2])):
+            if e[0] >= st.dose_at and self.relevant(st, analyte, e):
+                st.hold_episode(analyte, e, got[0])
 
 
 def compile_protocol(protocol: Protocol) -> CompiledProtocol:

@@ -19,6 +19,14 @@ Contents
 - ``runs``: derived from ``sus``, the current run of consecutive readings beyond the
   limit ending at the newest reading, ``[start_t, start_value, start_id, last_t]``
   (absent when the newest reading is not beyond the limit);
+- ``ev``: per analyte read by a composite rule, the post-dose results that meet one of its
+  conditions ("episode" results): the newest ``EV_KEEP`` of them plus the most extreme one
+  since dosing (the peak, or the nadir for a falling analyte). A function of the set of
+  results held, never of their arrival order, so a composite finding can pair a peak with
+  a later result (Hy's law: an ALT event with a bilirubin rise days later) and can tell
+  "no longer evaluable" from "resolved";
+- ``first``: the effective time of the earliest result received while no dose record was
+  known (drives ``monitoring.no_dose_record``);
 - ``active``: rules currently present, ``key -> [severity_rank, grade, evidence ids]``
   (key = rule id, or ``rule id|dedupe key``), so the engine can emit ``cleared`` and
   ``retracted`` and stay silent when nothing changed.
@@ -38,6 +46,11 @@ Entry = tuple  # (t:int, value:float, observation_id:str, ref_low:float|None, re
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 MAX_STEROID_CHANGES = 8
 MAX_SUSTAINED = 64
+#: newest episode results held per analyte (plus the peak since dosing)
+EV_KEEP = 5
+#: results held per analyte while no dose record is known: a dose record that arrives late
+#: still finds the pre-dose baseline and every post-dose result it now governs
+PRE_DOSE_LIMIT = 8
 
 
 def epoch(dt: datetime) -> int:
@@ -62,7 +75,7 @@ class PatientState:
 
     __slots__ = (
         "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
-        "steroid", "hist", "base", "o2", "active", "runs", "sus",
+        "steroid", "hist", "base", "o2", "active", "runs", "sus", "spo2_scale", "ev", "first",
     )
 
     def __init__(self, patient_id: str) -> None:
@@ -81,6 +94,10 @@ class PatientState:
         self.active: dict[str, list] = {}
         self.runs: dict[str, list] = {}
         self.sus: dict[str, list[tuple]] = {}
+        #: NEWS2 SpO2 scale from the dose event (None: scale 1)
+        self.spo2_scale: int | None = None
+        self.ev: dict[str, list[Entry]] = {}
+        self.first: int | None = None
 
     # -- history -----------------------------------------------------------------
     def insert(self, analyte: str, entry: Entry, limit: int) -> None:
@@ -101,6 +118,23 @@ class PatientState:
             if len(h) > limit:
                 del h[: len(h) - limit]
         self._offer_baseline(analyte, entry)
+
+    def hold_episode(self, analyte: str, entry: Entry, direction: int) -> None:
+        """Hold a post-dose result that meets a composite condition (see ``ev``):
+        ``direction`` +1 keeps the highest as the peak, -1 the lowest."""
+        lst = [x for x in self.ev.get(analyte, ()) if x[2] != entry[2]]
+        insort(lst, entry, key=_entry_key)
+        self.ev[analyte] = _trim_episode(lst, direction)
+
+    def drop_episode(self, analyte: str, observation_id: str) -> None:
+        lst = self.ev.get(analyte)
+        if lst is None:
+            return
+        kept = [x for x in lst if x[2] != observation_id]
+        if kept:
+            self.ev[analyte] = kept
+        else:
+            del self.ev[analyte]
 
     def _offer_baseline(self, analyte: str, entry: Entry) -> None:
         if self.dose_at is not None and entry[0] >= self.dose_at:
@@ -124,6 +158,11 @@ class PatientState:
                     break
             if not h:
                 del self.hist[a]
+        for a, lst in list(self.ev.items()):
+            if any(x[2] == observation_id for x in lst):
+                self.drop_episode(a, observation_id)
+                if a not in found:
+                    found.append(a)
         for a, s in list(self.sus.items()):
             kept = [x for x in s if x[2] != observation_id]
             if len(kept) != len(s):
@@ -257,6 +296,8 @@ class PatientState:
             d["wd"] = self.ward
         if self.care_team is not None:
             d["ct"] = self.care_team
+        if self.spo2_scale is not None:
+            d["sc"] = self.spo2_scale
         if self.steroid:
             d["s"] = [[s[0] - t0, s[1]] for s in self.steroid]
         ranges: dict[str, list] = {}
@@ -276,6 +317,10 @@ class PatientState:
             d["a"] = {k: list(v) for k, v in self.active.items()}
         if self.sus:
             d["su"] = {_code(a): [[x[0] - t0, _num(x[1]), x[2]] for x in s] for a, s in self.sus.items() if s}
+        if self.ev:
+            d["ev"] = {_code(a): [_pack(e, t0, ranges.get(a)) for e in lst] for a, lst in self.ev.items() if lst}
+        if self.first is not None:
+            d["f"] = self.first - t0
         if self.runs:
             d["ru"] = {_code(a): [r[0] - t0, _num(r[1]), r[2], r[3] - t0] for a, r in self.runs.items()}
         return d
@@ -295,12 +340,16 @@ class PatientState:
         s.weight = d.get("w")
         s.ward = d.get("wd")
         s.care_team = d.get("ct")
+        s.spo2_scale = d.get("sc")
         s.steroid = [[x[0] + t0, x[1]] for x in d.get("s", ())]
         ranges = {_name(a): r for a, r in d.get("r", {}).items()}
         s.hist = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in h] for a, h in d.get("h", {}).items()}
         s.base = {_name(a): _unpack(e, t0, ranges.get(_name(a))) for a, e in d.get("bl", {}).items()}
         s.runs = {_name(a): [r[0] + t0, r[1], r[2], r[3] + t0] for a, r in d.get("ru", {}).items()}
         s.sus = {_name(a): [(x[0] + t0, x[1], x[2]) for x in v] for a, v in d.get("su", {}).items()}
+        s.ev = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in lst] for a, lst in d.get("ev", {}).items()}
+        f = d.get("f")
+        s.first = None if f is None else f + t0
         o2 = d.get("o2")
         s.o2 = [o2[0] + t0, bool(o2[1])] if o2 is not None else None
         s.active = {k: list(v) for k, v in d.get("a", {}).items()}
@@ -311,6 +360,20 @@ class PatientState:
 
     def __repr__(self) -> str:
         return f"PatientState({self.to_dict()!r})"
+
+
+def _trim_episode(lst: list, direction: int) -> list:
+    """The newest ``EV_KEEP`` entries (sorted by time) plus the most extreme one."""
+    if len(lst) <= EV_KEEP:
+        return lst
+    if direction < 0:
+        peak = min(lst, key=lambda e: (e[1], -e[0], e[2]))
+    else:
+        peak = max(lst, key=lambda e: (e[1], e[0], e[2]))
+    keep = lst[-EV_KEEP:]
+    if peak in keep:
+        return keep
+    return [peak] + keep
 
 
 def _num(v: float | None):

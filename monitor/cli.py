@@ -78,6 +78,18 @@ def cmd_protocol_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_protocol_test(args: argparse.Namespace) -> int:
+    """Run clinicians' scenario files (like ``promtool test rules``); no broker needed."""
+    from alerts.scenarios import format_results, run_paths
+
+    results = run_paths(args.paths or None)
+    print(format_results(results))
+    if not results:
+        print("no scenario files found", file=sys.stderr)
+        return 1
+    return 0 if all(r.ok for r in results) else 1
+
+
 def cmd_mllp(args: argparse.Namespace) -> int:
     from .mllp import main as mllp_main
 
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk = prs.add_parser("check", help="validate and summarise a protocol file")
     chk.add_argument("file", help="protocol YAML file to check (the shipped ones are in alerts/protocols/)")
     chk.set_defaults(func=cmd_protocol_check)
+    tst = prs.add_parser("test", help="run protocol test scenarios (files or folders; none = the shipped suite)")
+    tst.add_argument("paths", nargs="*", metavar="PATH")
+    tst.set_defaults(func=cmd_protocol_test)
     m = sub.add_parser("mllp", help="HL7 v2 MLLP listener publishing to Kafka")
     m.add_argument("rest", nargs=argparse.REMAINDER, help="options of the listener: see 'monitor mllp --help'")
     m.set_defaults(func=cmd_mllp)

@@ -118,8 +118,9 @@ SCHEDULES = {
         "liver": (("alt", "ast", "bilirubin_total"), False, [
             (0, 30, 7, None, None, False),
             (30, 365, 7, ("full", "taper"), None, False),
-            (30, 365, 14, ("stopped",), (0, 30), False),
-            (30, 90, 14, ("none",), None, False),
+            (30, 365, 7, ("stopped",), (0, 30), False),
+            (30, 90, 14, ("stopped",), None, False),
+            (30, 90, 7, ("none",), None, False),
             (90, 365, 14, None, None, True)]),
         "platelets": (("platelets",), False, [(0, 30, 7, None, None, False), (90, 365, 14, None, None, True)]),
         "troponin": (("troponin_i",), True, [(0, 30, 7, None, None, False)]),
@@ -521,11 +522,11 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
                 ph = x
         return ph
 
-    # IT: weekly while on steroids, then every 14 days
+    # IT: weekly while on steroids and for 30 days after stopping them, then every 14 days
     if prod == IT and stopped_at is not None:
         kept, last = [], None
         for d in visits:
-            if d + h_off[d] < stopped_at or last is None or d - last >= 14:
+            if d + h_off[d] < stopped_at + 30 or last is None or d - last >= 14:
                 kept.append(d)
                 last = d
         visits = kept
@@ -649,6 +650,11 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
                 want("liver.bilirubin_increased", GRADE_SEV[tbg])
             if inrg:
                 want("coag.inr_increased", GRADE_SEV[inrg])
+            pt = _r(12.0 * inr, 1)  # PT reported beside INR (ULN 13.5 s): > ULN warning, > 1.5x ULN high
+            if pt > 1.5 * 13.5:
+                want("coag.pt_increased", "high")
+            elif pt > 13.5:
+                want("coag.pt_increased", "warning")
             if tbg >= 2 and g >= 2:
                 want("liver.hys_law", "critical")  # ALT/AST >= 3x ULN (grade >= 2) with bilirubin > 2x ULN
             if g == 4 or ga == 4 or (inrg == 2 and g >= 2):
@@ -756,8 +762,8 @@ def _patient(p: Patient, rng: random.Random, now: datetime, fmts, missed: bool, 
 
 
 def _steroid_liver_due(steroid: list, day: float) -> bool:
-    """IT: is the steroid-driven liver sampling (weekly on steroids, every other week for 30
-    days after stopping them) in force on ``day``? It does not end with completion."""
+    """IT: is the steroid-driven liver sampling (weekly on steroids and for 30 days after
+    stopping them) in force on ``day``? It does not end with completion."""
     ph, since = "none", None
     for d0, x in steroid:
         if d0 <= day:

@@ -14,6 +14,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 NonEmptyId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 
 
+#: a censored result: the true value lies beyond ``value`` in this direction (a detection or
+#: reporting limit, e.g. troponin ">50000" or platelets "<10")
+Comparator = Literal["<", "<=", ">=", ">"]
+
+
 class ResultStatus(StrEnum):
     FINAL = "final"
     PRELIMINARY = "preliminary"
@@ -51,6 +56,8 @@ class LabResult(_Wire):
     patient_id: NonEmptyId
     loinc: str = Field(min_length=3, max_length=16)
     value: float | None = None
+    #: set when the lab reports a bound, not a value ("<5", ">3000"): ``value`` is the bound
+    comparator: Comparator | None = None
     unit: str | None = Field(default=None, max_length=64)
     reference_range: ReferenceRange | None = None
     effective_at: AwareDatetime
@@ -67,6 +74,8 @@ class VitalSign(_Wire):
     patient_id: NonEmptyId
     loinc: str = Field(min_length=3, max_length=16)
     value: float
+    #: set when the device reports a bound, not a value: ``value`` is the bound
+    comparator: Comparator | None = None
     unit: str | None = Field(default=None, max_length=64)
     effective_at: AwareDatetime
     status: ResultStatus = ResultStatus.FINAL
@@ -78,6 +87,8 @@ class VitalSign(_Wire):
 class PanelResult(_Wire):
     loinc: str = Field(min_length=3, max_length=16)
     value: float | None = None
+    #: set when the lab reports a bound, not a value: ``value`` is the bound
+    comparator: Comparator | None = None
     unit: str | None = Field(default=None, max_length=64)
     reference_range: ReferenceRange | None = None
     status: ResultStatus | None = None
@@ -113,6 +124,10 @@ class DoseEvent(_Wire):
     ward: str | None = Field(default=None, max_length=64)
     care_team: str | None = Field(default=None, max_length=64)
     source: str = Field(default="unknown", min_length=1, max_length=128)
+    #: per-patient NEWS2 SpO2 scale (patients 16 and over): 2 for a prescribed target of
+    #: 88-92 % (hypercapnic respiratory failure, e.g. on NIV); absent or 1: scale 1. To change
+    #: it later, send the dose event again (same event_id) with the new value.
+    spo2_scale: Literal[1, 2] | None = None
 
 
 class SteroidPhase(StrEnum):
@@ -157,6 +172,9 @@ class Observation(BaseModel):
     loinc: str
     kind: Literal["lab", "vital"]
     value: float | None
+    #: a censored result: the true value lies beyond ``value`` in this direction (``value``
+    #: is the reported bound, converted). ``None``: ``value`` is the measured value.
+    comparator: Comparator | None = None
     unit: str
     reference_range: ReferenceRange | None = None
     original_value: float | None = None

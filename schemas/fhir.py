@@ -33,9 +33,11 @@ Decisions (see also the module constants):
   :func:`parse_fhir` and logged at DEBUG.
 * **Values**: ``valueQuantity`` only; its ``system`` must be
   ``http://unitsofmeasure.org`` whenever a unit is given; ``code`` is preferred over
-  ``unit``. A comparator (``<``, ``<=``, ``>``, ``>=``: a detection-limit bound) is
-  rejected with ``censored_value``: the canonical model has no comparator field, and
-  recording the bound as the value would silently misstate the result. A result of a
+  ``unit``. A comparator (``<``, ``<=``, ``>``, ``>=``: a detection or reporting limit)
+  is kept as the observation's ``comparator`` beside the bound (``value``); the rule
+  engine grades it conservatively or raises ``data_quality.censored_value``. Only the
+  comparator ``ad`` ("sufficient to achieve", not a bound) is rejected with
+  ``censored_value``. A result of a
   known analyte with another value type (string, CodeableConcept...) is rejected
   (``fhir_invalid``); no value is allowed only for cancelled/entered-in-error.
 * **Times**: ``effectiveDateTime``, else ``effectivePeriod.start``, else
@@ -289,6 +291,7 @@ def _observation(
                     effective_at=effective_at, status=status, corrects=None, source=src, fmt="fhir",
                     received_at=received_at, limits=limits,
                     abnormal_flag=_interpretation(res.interpretation),
+                    comparator=_comparator(res.valueQuantity),
                 )
             )
             produced += 1
@@ -324,6 +327,7 @@ def _observation(
                 effective_at=effective_at, status=status, corrects=None, source=src, fmt="fhir",
                 received_at=received_at, limits=limits,
                 abnormal_flag=_interpretation(comp.interpretation),
+                comparator=_comparator(comp.valueQuantity),
             )
         )
         produced += 1
@@ -374,15 +378,23 @@ def _other_value(res) -> Any:
     return None
 
 
+_COMPARATORS = ("<", "<=", ">=", ">")
+
+
+def _comparator(q) -> str | None:
+    """valueQuantity.comparator (``<``, ``<=``, ``>=``, ``>``): the value is a bound."""
+    return None if q is None or q.comparator is None else str(q.comparator)
+
+
 def _quantity(q, other, where: str) -> tuple[float | None, str | None]:
     if q is None:
         if other is not None:
             raise Rejected(Reason.FHIR_INVALID, f"Observation {where}: value is not a Quantity")
         return None, None
-    if q.comparator is not None:
+    if q.comparator is not None and q.comparator not in _COMPARATORS:
         raise Rejected(
             Reason.CENSORED_VALUE,
-            f"Observation {where}: value has comparator {q.comparator!r} (a detection-limit bound, not a value)",
+            f"Observation {where}: value has comparator {q.comparator!r} (not a bound the rules can grade)",
         )
     unit = q.code if q.code not in (None, "") else q.unit
     if unit not in (None, ""):

@@ -44,6 +44,12 @@ class ProtocolRef(BaseModel):
     version: str
 
 
+#: ``Evidence.note`` on a ``retracted`` finding for a result that was corrected away or
+#: withdrawn (the alert lifecycle resolves rather than retracts an alert that had also stood
+#: on other valid results)
+WITHDRAWN_NOTE = "corrected or withdrawn"
+
+
 class Evidence(BaseModel):
     """One observation (or computed value) that a finding rests on, with the limit it crossed."""
 

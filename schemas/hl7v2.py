@@ -21,9 +21,10 @@ Decisions:
   (``unknown_loinc`` / ``hl7_not_loinc``), as a single JSON result would be. A code in
   the value sets sent with a value type other than NM/SN is ``hl7_bad_value``.
 * **Value**: NM -> the number; SN -> ``^182`` or ``=^182`` is 182. A comparator
-  (``<^5``, ``>^100``, ``<=``, ``>=``) or an NM value like ``<5`` is a detection-limit
-  bound, rejected with ``censored_value``: the canonical observation has no comparator
-  field and recording the bound as the value would misstate it. SN ranges/ratios
+  (``<^5``, ``>^100``, ``<=``, ``>=``) or an NM value like ``<5`` / ``>3000`` is a
+  detection or reporting limit: the bound becomes ``value`` and the comparator the
+  observation's ``comparator`` (the rule engine grades it conservatively, or raises
+  ``data_quality.censored_value`` when it cannot). SN ranges/ratios
   (``1^-^5``, ``1^:^128``) and non-numbers are ``hl7_bad_value``. An empty value is
   allowed only for a withdrawal (X/D/W).
 * **Units**: OBX-6 component 1, converted through the analyte tables (aliases such as
@@ -303,8 +304,6 @@ def parse_ts(raw: str, default_tz: tzinfo | None, what: str) -> datetime:
 
 def _number(raw: str, where: str) -> float:
     if not _NUMBER.match(raw.strip()):
-        if _CENSORED.match(raw):
-            raise Rejected(Reason.CENSORED_VALUE, f"{where}: value {raw[:20]!r} is a detection-limit bound, not a value")
         raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: value {raw[:20]!r} is not a number")
     v = float(raw)
     if not math.isfinite(v):
@@ -312,30 +311,33 @@ def _number(raw: str, where: str) -> float:
     return v
 
 
-def _value(obx, vtype: str, where: str) -> float | None:
+def _value(obx, vtype: str, where: str) -> tuple[float | None, str | None]:
+    """(value, comparator): a censored result (``>^3000``, NM ``<5``) gives its bound and comparator."""
     if _repetitions(obx, 5) > 1:
         raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: OBX-5 repeats; one numeric value expected")
     if vtype == "NM":
         raw = _field(obx, 5)
-        return None if raw == "" else _number(raw, where)
+        if raw == "":
+            return None, None
+        m = _CENSORED.match(raw)
+        if m:
+            comparator = m.group(1)
+            return _number(raw.strip()[len(comparator):], where), comparator
+        return _number(raw, where), None
     # SN: <comparator>^<num1>^<separator/suffix>^<num2>
     comparator = _part(obx, 5, 1, 1)
     num1 = _part(obx, 5, 1, 2)
     sep = _part(obx, 5, 1, 3)
     num2 = _part(obx, 5, 1, 4)
     if not (comparator or num1 or sep or num2):
-        return None
+        return None, None
     if sep or num2:
         raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN range or ratio is not a single value")
-    if comparator in ("<", ">", "<=", ">="):
-        raise Rejected(
-            Reason.CENSORED_VALUE, f"{where}: SN comparator {comparator!r} is a detection-limit bound, not a value"
-        )
-    if comparator not in ("", "="):
+    if comparator not in ("", "=", "<", ">", "<=", ">="):
         raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN comparator {comparator[:4]!r} is not supported")
     if num1 == "":
         raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: SN without a number")
-    return _number(num1, where)
+    return _number(num1, where), (comparator if comparator in ("<", ">", "<=", ">=") else None)
 
 
 def parse_range(raw: str) -> ReferenceRange | None:
@@ -487,7 +489,7 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
                 raise Rejected(
                     Reason.HL7_BAD_VALUE, f"{where}: value type {vtype[:4]!r} for {analyte.key}; NM or SN expected"
                 )
-            value = _value(seg, vtype, where)
+            value, comparator = _value(seg, vtype, where)
             unit = _part(seg, 6, 1, 1) or None
             ts_raw = _part(seg, 14, 1, 1) or obr_time
             if not ts_raw:
@@ -505,7 +507,7 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
                     observation_id=oid, event_id=oid, patient_id=patient_id, loinc=loinc, value=value,
                     unit=unit, reference_range=parse_range(_field(seg, 7)), effective_at=effective_at,
                     status=status, corrects=None, source=src[:128], fmt="hl7", received_at=received_at,
-                    limits=limits, abnormal_flag=flag,
+                    limits=limits, abnormal_flag=flag, comparator=comparator,
                 )
             )
     if not seen_pid:

@@ -135,6 +135,7 @@ def build_observation(
     limits: Limits = DEFAULT_LIMITS,
     abnormal_flag: str | None = None,
     on_oxygen: bool | None = None,
+    comparator: str | None = None,
 ) -> Observation:
     """Validate codes, units and times and convert to the canonical observation.
 
@@ -182,6 +183,7 @@ def build_observation(
         loinc=loinc,
         kind=analyte.kind,
         value=canonical_value,
+        comparator=None if canonical_value is None else comparator,
         unit=analyte.canonical_unit,
         reference_range=rr,
         original_value=None if value is None else float(value),
@@ -211,7 +213,7 @@ def _lab(obj: object, received_at: datetime, limits: Limits) -> list[Observation
             observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
             value=e.value, unit=e.unit, reference_range=e.reference_range, effective_at=e.effective_at,
             status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
-            limits=limits, abnormal_flag=e.abnormal_flag,
+            limits=limits, abnormal_flag=e.abnormal_flag, comparator=e.comparator,
         )
     ]
 
@@ -223,7 +225,7 @@ def _vital(obj: object, received_at: datetime, limits: Limits) -> list[Observati
             observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
             value=e.value, unit=e.unit, reference_range=None, effective_at=e.effective_at,
             status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
-            limits=limits, on_oxygen=e.on_oxygen,
+            limits=limits, on_oxygen=e.on_oxygen, comparator=e.comparator,
         )
     ]
 
@@ -249,7 +251,7 @@ def _panel(obj: object, received_at: datetime, limits: Limits) -> list[Observati
                 reference_range=r.reference_range, effective_at=e.effective_at,
                 status=r.status or e.status,
                 corrects=panel_observation_id(e.corrects, analyte.key) if e.corrects else None,
-                source=e.source, fmt="json", received_at=received_at, limits=limits,
+                source=e.source, fmt="json", received_at=received_at, limits=limits, comparator=r.comparator,
             )
         )
     return out

@@ -66,10 +66,29 @@ def test_late_older_result_never_overrides_newer():
     # a normal result from day 8 arrives late: the day-10 grade 3 stays
     assert sim.feed([obs("alt", 30, 8, high=40)]) == []
     assert sim.present()["liver.alt_increased"].grade == 3
-    # and a late abnormal one does not raise anything when a newer normal exists
+
+
+def test_late_older_critical_result_is_surfaced_not_hidden():
+    # PS-14: a late ALT 900 from day 8 once a day-10 ALT of 30 exists used to raise nothing.
+    # It is surfaced (grade 4, saying it arrived late), then the newer normal result
+    # resolves the graded finding, as an in-order stream would have done
     sim2 = Sim()
     sim2.feed([dose(), obs("alt", 30, 10, high=40)])
-    assert sim2.feed([obs("alt", 900, 8, high=40)]) == []
+    out = sim2.feed([obs("alt", 900, 8, high=40, oid="late900")])
+    alt = [(f.state, f.grade) for f in out if f.rule_id == "liver.alt_increased"]
+    assert alt == [("present", 4), ("cleared", 4)]
+    first = next(f for f in out if f.rule_id == "liver.alt_increased")
+    assert "arrived after newer results" in first.text.what
+    assert [e.observation_id for e in first.evidence] == ["late900"]
+    # the finding is not older than what the alert already reflects (the lifecycle keeps it)
+    assert first.effective_at.timestamp() == sim2.state.hist["alt"][-1][0]
+    # the acute-liver-failure signature pairs the window's peak: present, saying so
+    alf = sim2.present()["liver.acute_liver_failure_signature"]
+    assert "arrived late" in alf.text.what
+    # the same results in the other order end with the same open findings
+    ref = Sim()
+    ref.feed([dose(), obs("alt", 900, 8, high=40, oid="late900"), obs("alt", 30, 10, high=40)])
+    assert set(ref.present()) == set(sim2.present())
 
 
 def test_dose_event_evaluates_what_was_held_and_sets_baselines():
@@ -175,3 +194,35 @@ def test_sustained_fever_run_survives_a_changelog_round_trip():
     restored.state = PatientState.from_dict(_json.loads(_json.dumps(sim.state.to_dict())))
     restored.feed([obs("temperature", 40.2, 2.1, oid="t3")])
     assert restored.present()["vitals.fever"].grade == 4
+
+
+def test_episode_results_and_first_result_time_round_trip_through_the_state_dict():
+    import json as _json
+
+    from alerts.state import PatientState
+
+    # no dose yet: the first result's time (no-dose-record grace) survives a restart
+    sim = Sim()
+    sim.feed([obs("alt", 30, 1.5, high=40, oid="n1"), obs("alt", 35, 1.0, high=40, oid="n0")])
+    d = sim.state.to_dict()
+    back = PatientState.from_dict(_json.loads(_json.dumps(d)))
+    assert back == sim.state and back.first == sim.state.first == sim.state.hist["alt"][0][0]
+    # episode results (an ALT peak, a bilirubin rise) survive it too, and the restored
+    # state goes on to the same findings
+    sim = Sim()
+    sim.feed([dose(), obs("alt", 400, 20, high=40, oid="a20"), obs("alt", 100, 24, high=40, oid="a24"),
+              obs("alt", 90, 26, high=40, oid="a26"), obs("alt", 80, 27, high=40, oid="a27")])
+    assert [e[2] for e in sim.state.ev["alt"]] == ["a20"]  # the 10x peak, no longer in the history
+    assert "a20" not in [e[2] for e in sim.state.hist["alt"]]
+    d = sim.state.to_dict()
+    assert "ev" in d
+    restored = Sim()
+    restored.state = PatientState.from_dict(_json.loads(_json.dumps(d)))
+    assert restored.state == sim.state
+    later = [obs("bilirubin_total", 3.0, 28, high=1.2, oid="b28")]
+    assert [f.finding_id for f in restored.feed(later)] == [f.finding_id for f in sim.feed(later)]
+    assert "liver.hys_law" in restored.present()
+    # a state written before episode results existed (no "ev", no "f") still loads
+    old = {k: v for k, v in d.items() if k not in ("ev", "f")}
+    legacy = PatientState.from_dict(old)
+    assert legacy.ev == {} and legacy.first is None and legacy.hist == PatientState.from_dict(d).hist

@@ -80,18 +80,45 @@ def test_it_schedule_follows_steroid_phase():
     assert overdue(sim, "liver") is not None
     sim.feed(liver(43.4), now=sim_now(43.5))
     assert overdue(sim, "liver") is None
-    # stopped: every other week for a month
+    # stopped: still weekly for a month (audit PS-15: the label's every other week needs
+    # unremarkable findings at the end of the taper, which the schedule cannot know)
     sim.feed([steroid("stopped", 44)])
-    sim.clock(51.5)
+    sim.clock(51.3)
     assert overdue(sim, "liver") is None
-    sim.clock(58.5)
+    sim.clock(51.5)  # due 43.4 + 7 + 1
+    assert overdue(sim, "liver") is not None
+    # more than 30 days after stopping, before month 3: every other week
+    sim.feed(liver(76), now=sim_now(76.1))
+    sim.clock(90.5)
+    assert overdue(sim, "liver") is None
+    sim.clock(89.9 + 1.2)  # due 76 + 14 + 1 = 91
     assert overdue(sim, "liver") is not None
 
 
-def test_no_schedule_before_dose():
+def test_it_schedule_without_steroid_events_is_weekly():
+    # audit PS-15: no steroid events (a missing pharmacy feed): a taper may be running unseen
+    sim = Sim()
+    sim.feed([dose(product=IT)] + liver(31))
+    sim.clock(38.9)
+    assert overdue(sim, "liver") is None
+    sim.clock(39.5)  # due 31 + 7 + 1 (was 31 + 14 + 1)
+    assert overdue(sim, "liver") is not None
+
+
+def test_no_schedule_before_dose_but_no_silent_patient():
+    # PS-8: no overdue schedule before a dose record, but results of a patient with no dose
+    # record raise monitoring.no_dose_record once 12 h have passed since the first result
     sim = Sim()
     sim.feed(liver(-3))
-    assert sim.clock(30) == []
+    assert sim.clock(-2.6) == []  # 9.6 h after the first result: within the grace period
+    out = sim.clock(30)
+    assert [(f.rule_id, f.state, f.severity.value, f.route) for f in out] == [
+        ("monitoring.no_dose_record", "present", "warning", "monitoring-coordinator")]
+    assert not [f for f in out if f.rule_id == "schedule.overdue"]
+    assert sim.clock(31) == []  # the same clock again: nothing new
+    # the dose record resolves it
+    out = sim.feed([dose(day=-1)], now=at(31))
+    assert ("monitoring.no_dose_record", "cleared") in [(f.rule_id, f.state) for f in out]
 
 
 def test_monitoring_complete_after_three_months_with_label_criteria():

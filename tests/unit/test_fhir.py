@@ -220,7 +220,6 @@ def _mut(fn):
     (lambda o: o["valueQuantity"].update(system="http://snomed.info/sct"), Reason.FHIR_NOT_UCUM),
     (lambda o: o["valueQuantity"].pop("system"), Reason.FHIR_NOT_UCUM),
     (lambda o: o["valueQuantity"].update(code="furlong"), Reason.UNIT_NOT_CONVERTIBLE),
-    (lambda o: o["valueQuantity"].update(comparator="<"), Reason.CENSORED_VALUE),
     (lambda o: o.pop("subject"), Reason.FHIR_NO_SUBJECT),
     (lambda o: o.update(subject={"reference": "Group/g1"}), Reason.FHIR_NO_SUBJECT),
     (lambda o: o.update(effectivePeriod={"start": "2013-04-02T10:30:10"}), Reason.NAIVE_TIMESTAMP),
@@ -235,6 +234,14 @@ def _mut(fn):
 ])
 def test_broken_variants(mutate, reason):
     assert rejected(_mut(mutate)).reason is reason
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_comparator_is_kept_beside_the_bound(comparator):
+    (obs,) = parse(_mut(lambda o: o["valueQuantity"].update(comparator=comparator)))
+    plain = parse(hb())[0]
+    assert obs.comparator == comparator and obs.value == plain.value
+    assert plain.comparator is None
 
 
 def test_subject_forms():

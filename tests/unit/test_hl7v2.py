@@ -156,10 +156,17 @@ def test_values(vtype, value, expected):
     assert parse(msg(vtype=vtype, value=value))[0].value == expected
 
 
+@pytest.mark.parametrize("vtype, value, expected, comparator", [
+    ("SN", "<^5", 5.0, "<"), ("SN", ">^100", 100.0, ">"), ("SN", "<=^5", 5.0, "<="), ("SN", ">=^2.5", 2.5, ">="),
+    ("NM", "<5", 5.0, "<"), ("NM", "> 1000", 1000.0, ">"), ("NM", ">3000", 3000.0, ">"), ("SN", "^7", 7.0, None),
+])
+def test_censored_values_keep_their_bound_and_comparator(vtype, value, expected, comparator):
+    (o,) = parse(msg(vtype=vtype, value=value))
+    assert (o.value, o.comparator) == (expected, comparator)
+
+
 @pytest.mark.parametrize("vtype, value, reason", [
-    ("SN", "<^5", Reason.CENSORED_VALUE), ("SN", ">^100", Reason.CENSORED_VALUE),
-    ("SN", "<=^5", Reason.CENSORED_VALUE), ("NM", "<5", Reason.CENSORED_VALUE),
-    ("NM", "> 1000", Reason.CENSORED_VALUE), ("NM", "high", Reason.HL7_BAD_VALUE),
+    ("NM", "high", Reason.HL7_BAD_VALUE), ("NM", "<", Reason.HL7_BAD_VALUE), ("SN", ">^", Reason.HL7_BAD_VALUE),
     ("NM", "1e999", Reason.HL7_BAD_VALUE), ("SN", "^1^-^5", Reason.HL7_BAD_VALUE),
     ("SN", "^1^:^128", Reason.HL7_BAD_VALUE), ("SN", "<>^5", Reason.HL7_BAD_VALUE),
     ("NM", "1~2", Reason.HL7_BAD_VALUE), ("ST", "55", Reason.HL7_BAD_VALUE),

@@ -98,3 +98,15 @@ def test_treatments_decode_to_dose_and_steroid_events():
     assert reason_of("treatments", json.dumps(bad).encode()) == Reason.SCHEMA_INVALID
     naive = dict(steroid, at="2026-10-30T08:00:00")
     assert reason_of("treatments", json.dumps(naive).encode()) == Reason.NAIVE_TIMESTAMP
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_json_comparator_is_kept_not_ignored(comparator):
+    # it used to be silently ignored: "<500" became a measured 500
+    [obs] = decode("lab-results", lab(comparator=comparator), received_at=NOW)
+    [plain] = decode("lab-results", lab(), received_at=NOW)
+    assert obs.comparator == comparator and obs.value == plain.value and plain.comparator is None
+
+
+def test_an_unknown_json_comparator_is_rejected():
+    assert reason_of("lab-results", lab(comparator="~")) is Reason.SCHEMA_INVALID

@@ -652,3 +652,27 @@ def test_invariants_hold_for_any_sequence(ops):
         dl = next_deadline(b)
         assert dl is None or all(a.next_escalation_at is None or a.next_escalation_at >= dl
                                  for a in b.open_alerts())
+
+
+def test_a_corrected_newest_result_resolves_an_alert_that_stood_on_earlier_valid_results():
+    # issue 12 item 10: a real grade-2 nadir, then a mistyped count that is corrected: the
+    # episode is resolved (the nadir happened), not retracted; a typo-only alert is retracted
+    from alerts.engine import Engine
+    from alerts.lifecycle import AlertEngine
+    from alerts.testkit import Sim, at, dose, obs
+    from schemas.alert import AlertStatus
+
+    def run(values):
+        sim, life = Sim(Engine()), AlertEngine()
+        book = life.new_book("p1")
+        for ev in [dose()] + values:
+            for f in sim.feed([ev], now=at(30)):
+                life.apply_finding(book, f, at(30))
+        return [a for a in book.alerts.values() if a.rule_id == "heme.platelets_decreased"]
+
+    real = run([obs("platelets", 63, 7, low=150, oid="d7"), obs("platelets", 36, 14, low=150, oid="d14"),
+                obs("platelets", 359, 14, low=150, oid="d14", status="corrected")])
+    assert [(a.episode, a.status) for a in real] == [(1, AlertStatus.RESOLVED)]
+    assert real[0].history[-1].action == "resolved" and "earlier valid results" in real[0].history[-1].note
+    typo = run([obs("platelets", 25, 7, low=150, oid="d7"), obs("platelets", 250, 7, low=150, oid="d7", status="corrected")])
+    assert [(a.episode, a.status) for a in typo] == [(1, AlertStatus.RETRACTED)]

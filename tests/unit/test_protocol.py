@@ -173,3 +173,16 @@ def test_completion_analytes_are_scheduled_after_month_three_until_complete(prod
                 assert per.from_day >= comp.min_days
     groups = {s.group for s in p.schedules if any(per.ends_on_completion for per in s.periods)}
     assert "liver" in groups and "platelets" in groups
+
+
+def test_both_protocols_state_their_steroid_regimen_and_itvisma_says_what_is_unknown():
+    # audit US-4: the Itvisma regimen was absent; its numbers are not sourced, so they stay
+    # empty and the entry is unconfirmed with the reason, never copied from Zolgensma
+    from alerts.protocol import default_protocol, summarise
+
+    iv = default_protocol("onasemnogene-abeparvovec-iv").steroid_regimen
+    it = default_protocol("onasemnogene-abeparvovec-it").steroid_regimen
+    assert (iv.dose_mg_per_kg_day, iv.start_days_before_dose, iv.full_dose_days, iv.taper_days) == (1.0, 1, 30, 28)
+    assert iv.source == "zol-pi-steroid" and not iv.unconfirmed
+    assert it.unconfirmed and "2.2" in it.note and it.dose_mg_per_kg_day is None and it.taper_days is None
+    assert "steroid regimen:" in summarise(default_protocol("onasemnogene-abeparvovec-it"))

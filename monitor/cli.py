@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file", help="protocol YAML file to check (the shipped ones are in alerts/protocols/)")
     chk.set_defaults(func=cmd_protocol_check)
     tst = prs.add_parser("test", help="run protocol test scenarios (files or folders; none = the shipped suite)")
-    tst.add_argument("paths", nargs="*", metavar="PATH")
+    tst.add_argument("paths", nargs="*", metavar="PATH",
+                     help="scenario files or folders (default: the shipped suite in alerts/protocols/tests)")
     tst.set_defaults(func=cmd_protocol_test)
     m = sub.add_parser("mllp", help="HL7 v2 MLLP listener publishing to Kafka")
     m.add_argument("rest", nargs=argparse.REMAINDER, help="options of the listener: see 'monitor mllp --help'")

@@ -21,8 +21,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ensure_topics(s)
     import faust
 
-    from .app import app
+    from .worker import build_worker
 
+    app = build_worker(s).app
     worker = faust.Worker(app, loglevel=args.loglevel or s.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0

@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     topic_findings: str = "findings"
     topic_alerts: str = "alerts"
     topic_alert_actions: str = "alert-actions"
+    #: retired: the clock runs in-process (kept until deploy/k8s drops the topic)
     topic_ticks: str = "patient-ticks"
+    #: compacted changelog of the clinical stage's patient store (empty: ``<app id>-patients-changelog``)
+    topic_patient_changelog: str = ""
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
     topic_partitions: int = 3
@@ -43,8 +46,8 @@ class Settings(BaseSettings):
     #: consumer-group session timeout: how soon a crashed worker's partitions move
     kafka_session_timeout_seconds: float = 10.0
 
-    # table store: memory:// keeps state in RAM, rebuilt from the changelog on start
-    table_store: str = "memory://"
+    #: faust's data directory (faust keeps no tables here any more; the patient store is in
+    #: memory, rebuilt from its changelog topic)
     data_dir: str = ".monitor-data"
 
     # web server (health, metrics, actions API, inbox)

@@ -186,6 +186,8 @@ class TopicReader:
             for tp, msgs in batch.items():
                 short = self._short[tp.topic]
                 for m in msgs:
+                    if short == "observations" and m.headers:
+                        continue  # a treatment or action routed into the patient stream
                     self.out.counts[short] += 1
                     if short == "observations":
                         self.out.observations[json.loads(m.value)["observation_id"]] += 1

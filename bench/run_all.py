@@ -253,7 +253,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
             if ready_at is None and all(http_ok(u, 0.5) for u in urls):
                 ready_at = time.monotonic() - t0
             if prog.t_first is not None:
-                lag, committed = run.kafka.group_lag(app_id, obs_topic)
+                lag, committed = run.kafka.group_lag(f"{app_id}-clinical", obs_topic)
                 now = time.monotonic()
                 if committed_first is None:
                     committed_first = (now, committed)

@@ -81,6 +81,26 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
 
+#: the one list of the service's topics: default (short) name -> settings field. The inputs
+#: come first; the patient changelog is named after the app id (``topics_admin.changelog_topic``).
+INPUT_TOPICS = {
+    "lab-results": "topic_lab_results",
+    "vital-signs": "topic_vital_signs",
+    "liver-function": "topic_liver_function",
+    "treatments": "topic_treatments",
+}
+SERVICE_TOPICS = {
+    **INPUT_TOPICS,
+    "observations": "topic_observations",
+    "dead-letter": "topic_dead_letter",
+    "findings": "topic_findings",
+    "alerts": "topic_alerts",
+    "alert-actions": "topic_alert_actions",
+    "patient-ticks": "topic_ticks",
+    "alert-deliveries": "topic_deliveries",
+}
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

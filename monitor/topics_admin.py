@@ -9,17 +9,13 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from .kafka_config import kafka_python_config
-from .settings import Settings
+from .settings import SERVICE_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
 
 def service_topics(s: Settings) -> list[str]:
-    return [
-        s.topic_lab_results, s.topic_vital_signs, s.topic_liver_function, s.topic_treatments,
-        s.topic_observations, s.topic_dead_letter, s.topic_findings, s.topic_alerts,
-        s.topic_alert_actions, s.topic_ticks, s.topic_deliveries,
-    ]
+    return [getattr(s, field) for field in SERVICE_TOPICS.values()]
 
 
 class KafkaUnreachable(RuntimeError):

@@ -75,6 +75,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: per partition held: (changelog end after our writes, our last commit) to decide
         #: at the next assignment whether anyone else touched it meanwhile
         self._held: dict[int, tuple[int, int | None]] = {}
+        #: per owned partition: the next offset to process (the committed offset this
+        #: worker resumed from, then the end of each batch it committed)
+        self._next: dict[int, int | None] = {}
         self.positions = Positions()
         self.ready = asyncio.Event()
         self.processed = 0
@@ -114,7 +117,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         async with self._lock:
             assert self.consumer is not None
             assigned = self.consumer.assignment()
-            batch = {tp: rs for tp, rs in batch.items() if tp in assigned and tp.partition in self.owned}
+            batch = {tp: self._from_position(tp, rs) for tp, rs in batch.items()
+                     if tp in assigned and tp.partition in self.owned}
+            batch = {tp: rs for tp, rs in batch.items() if rs}
             if not batch:
                 return
             started = time.perf_counter()
@@ -135,8 +140,17 @@ class ClinicalRunner(ConsumerRebalanceListener):
             for tp, off in offsets.items():
                 end, _ = self._held.get(tp.partition, (0, None))
                 self._held[tp.partition] = (end, off)
+                self._next[tp.partition] = off
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
+
+    def _from_position(self, tp: TopicPartition, records: list) -> list:
+        """Drop records before the position this worker resumed from (fetched before a
+        rebalance or a rollback and handed out after it: they are read again in order)."""
+        start = self._next.get(tp.partition)
+        if start is None or not records or records[0].offset >= start:
+            return records
+        return [r for r in records if r.offset >= start]
 
     async def _write(self, outputs: list[Output]) -> None:
         """Outputs, acknowledged; then every changed patient, acknowledged."""
@@ -155,6 +169,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
         await self._restore_retrying(partitions)
+        for p in partitions:
+            self._next[p] = self._held.get(p, (0, None))[1]
         if self.consumer is not None:
             await rewind(self.consumer, [TopicPartition(self.stream, p) for p in partitions], "clinical")
 
@@ -198,6 +214,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self.store.drop(self.store.partitions() - keep)
             self._held = {p: v for p, v in self._held.items() if p in keep}
             await self._restore_retrying(parts - keep)
+            self._next = {p: self._held.get(p, (0, None))[1] for p in parts}
             self.owned = frozenset(parts)
             self.ready.set()
 

@@ -25,12 +25,13 @@ producer overhead, not to decoding (see README, "Performance"). Guarantees:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from datetime import datetime, timedelta, timezone
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from schemas.analytes import catalogue
@@ -41,10 +42,11 @@ from schemas.alert import AlertAction
 
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
-from .kafka_batch import Positions, new_consumer, new_producer, next_offsets, produce_all, rewind
+from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind
 from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
 
 from .settings import Settings, get_settings
+from .write_order import WriteOrderMerge
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +151,18 @@ def ingest_record(topic: str, partition: int | None, offset: int | None, key: by
     return Ingest(get_settings()).record(topic, partition, offset, key, raw, received_at)
 
 
-class IngestService:
+class IngestService(ConsumerRebalanceListener):
     """The batched ingest loop; one consumer group ``<app id>-ingest`` across workers.
 
-    Records of one batch are produced in the order they were written across the input
-    topics (by record timestamp, per partition in offset order): a dose published before
-    a lab result is ahead of it in the patient stream."""
+    Records are produced in the order they were written across the input topics (record
+    timestamps, see ``monitor.write_order``): a dose published before a lab result stands
+    ahead of it in the patient stream, also when a backlog is read after a restart. The
+    range assignor gives one worker the same partition number of every input topic, so a
+    patient whose producers key by patient id has all inputs merged by one worker."""
 
     MAX_BATCH = 2000
+    #: pause fetching a partition whose buffer holds this many records (resume at a quarter)
+    MAX_BUFFERED = 20_000
 
     def __init__(self, s: Settings) -> None:
         self.s = s
@@ -166,13 +172,45 @@ class IngestService:
         self.ready = asyncio.Event()
         self.processed = 0
         self.positions = Positions()
+        self.merge = WriteOrderMerge()
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         self.producer = new_producer(self.s)
         await self.producer.start()
-        self.consumer = new_consumer(self.s, *self.step.topics, group_id=f"{self.s.app_id}-ingest")
+        self.consumer = new_consumer(self.s, group_id=f"{self.s.app_id}-ingest",
+                                     partition_assignment_strategy=(RangePartitionAssignor,))
+        self.consumer.subscribe(self.step.topics, listener=self)
         await self.consumer.start()
         self.ready.set()
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self._lock:  # the batch in flight finishes (and commits) first
+            self.merge.clear()  # the positions start again at the commits after the assignment
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+    async def _caught_up(self, consumer: AIOKafkaConsumer, tps) -> set:
+        out = set()
+        for tp in tps:
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                if await consumer.position(tp) >= end:
+                    out.add(tp)
+            except Exception:  # revoked meanwhile
+                continue
+        return out
+
+    def _flow_control(self, consumer: AIOKafkaConsumer) -> None:
+        paused = consumer.paused()
+        for tp, n in self.merge.sizes().items():
+            if n >= self.MAX_BUFFERED and tp not in paused:
+                consumer.pause(tp)
+            elif n <= self.MAX_BUFFERED // 4 and tp in paused:
+                consumer.resume(tp)
 
     async def run(self) -> None:
         await self.start()
@@ -180,40 +218,49 @@ class IngestService:
         assert consumer is not None and producer is not None
         record = self.step.record
         while True:
-            batch = await consumer.getmany(timeout_ms=200, max_records=self.MAX_BATCH)
-            if not batch:
-                continue
-            started = time.perf_counter()
-            received_at = datetime.now(timezone.utc)
-            lists = list(batch.values())
-            ordered = lists[0] if len(lists) == 1 else heapq.merge(*lists, key=_timestamp)
-            out = []
-            n = 0
-            for r in ordered:
-                n += 1
-                for topic, key, value, headers in record(r.topic, r.partition, r.offset, r.key, r.value, received_at):
-                    out.append((topic, key, value, headers, None))
-            try:
-                await produce_all(producer, out)
-                offsets = next_offsets(batch)
-                await consumer.commit(offsets)
-                self.positions.committed.update(offsets)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # not acknowledged: rewind to the last commit and process the batch again
-                log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
-                await asyncio.sleep(1.0)
-                await rewind(consumer, list(batch), "ingest")
-                continue
-            self.processed += n
-            PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+            batch = await consumer.getmany(timeout_ms=50 if len(self.merge) else 200, max_records=self.MAX_BATCH)
+            async with self._lock:
+                assigned = consumer.assignment()
+                self.merge.add({tp: rs for tp, rs in batch.items() if tp in assigned})
+                if not len(self.merge):
+                    continue
+                self._flow_control(consumer)
+                ordered = self.merge.take(assigned, await self._caught_up(consumer, assigned), self.MAX_BATCH)
+                if not ordered:
+                    continue
+                started = time.perf_counter()
+                received_at = datetime.now(timezone.utc)
+                out = []
+                last: dict = {}
+                for r in ordered:
+                    last[(r.topic, r.partition)] = r.offset
+                    for topic, key, value, headers in record(r.topic, r.partition, r.offset, r.key, r.value,
+                                                             received_at):
+                        out.append((topic, key, value, headers, None))
+                try:
+                    await produce_all(producer, out)
+                    offsets = {TopicPartition(t, p): off + 1 for (t, p), off in last.items()}
+                    await consumer.commit(offsets)
+                    self.positions.committed.update(offsets)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # not acknowledged: forget what is buffered, rewind every partition to its
+                    # last commit and process from there again
+                    log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
+                    self.merge.clear()
+                    await asyncio.sleep(1.0)
+                    await rewind(consumer, list(consumer.assignment()), "ingest")
+                    continue
+                self.processed += len(ordered)
+                PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
 
     def lag(self) -> dict[tuple[str, int], int]:
         return self.positions.lag(self.consumer)
 
     async def stop(self) -> None:
         self.ready.clear()
+        self.merge.clear()
         for c in (self.consumer, self.producer):
             if c is not None:
                 try:
@@ -223,5 +270,3 @@ class IngestService:
         self.consumer = self.producer = None
 
 
-def _timestamp(r) -> int:
-    return r.timestamp

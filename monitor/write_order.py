@@ -10,8 +10,9 @@ batch can hold a whole backlog of lab results before the dose written ahead of t
 timestamp order across partitions, but only while every assigned partition either has a
 buffered record (its next record is known) or is caught up with its log end (nothing
 earlier can still arrive from it). A partition that neither delivers nor catches up
-holds the others back for at most ``max_hold`` seconds, then the buffered records go out
-anyway: order is best effort, progress is not.
+holds the others back while records keep arriving (a backlog handed out partition by
+partition), but once nothing has arrived or been released for ``max_hold`` seconds the
+buffered records go out anyway: order is best effort, progress is not.
 
 Pure: no Kafka import; the caller passes the assigned partitions and which are caught up.
 """
@@ -24,18 +25,20 @@ from typing import Any, Callable, Hashable, Iterable, Mapping
 
 
 class WriteOrderMerge:
-    def __init__(self, max_hold: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_hold: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_hold = max_hold
         self.clock = clock
         self.buffers: dict[Hashable, deque] = {}
-        #: when the oldest buffered record started waiting (None: nothing waits)
+        #: since when nothing arrived and nothing was released (None: nothing waits)
         self._waiting_since: float | None = None
 
     def add(self, batch: Mapping[Hashable, list]) -> None:
+        added = False
         for tp, records in batch.items():
             if records:
                 self.buffers.setdefault(tp, deque()).extend(records)
-        if self._waiting_since is None and any(self.buffers.values()):
+                added = True
+        if added:
             self._waiting_since = self.clock()
 
     def __len__(self) -> int:

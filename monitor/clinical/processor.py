@@ -100,7 +100,8 @@ class ClinicalProcessor:
     """Engine + lifecycle over a batch of records of the partitions the caller owns."""
 
     def __init__(self, engine: Engine, lifecycle: LifecycleConfig, store: PatientStore, *, findings_topic: str,
-                 alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None) -> None:
+                 alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None,
+                 clock_settle_seconds: float = 2.0, monotonic=time.monotonic) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.store = store
@@ -111,6 +112,11 @@ class ClinicalProcessor:
         self._m = _Labels()
         #: patients with an open ``schedule.overdue`` alert (a gauge)
         self.overdue: set[str] = set()
+        #: the clock skips a patient whose records were processed this recently: a dose and
+        #: the samples written right after it are judged together, not the dose alone
+        self.clock_settle_seconds = clock_settle_seconds
+        self._monotonic = monotonic
+        self._last_input: dict[str, float] = {}
 
     # -- batches -------------------------------------------------------------------------
     def process(self, records: Iterable[Any], now: datetime | None = None) -> list[Output]:
@@ -153,6 +159,7 @@ class ClinicalProcessor:
     # -- one record ----------------------------------------------------------------------
     def _observation(self, rec: Any, now: datetime, out: list[Output]) -> None:
         obs = Observation.model_validate_json(rec.value)
+        self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         findings = self.engine.evaluate_observation(state, obs, now)
         self.store.mark_changed(obs.patient_id)
@@ -160,6 +167,7 @@ class ClinicalProcessor:
 
     def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> None:
         event = decode("treatments", rec.value, received_at=now, limits=self.limits)
+        self._last_input[event.patient_id] = self._monotonic()
         state, book = self.store.load(event.patient_id, rec.partition)
         findings = self.engine.apply_treatment(state, event, now)
         self.store.mark_changed(event.patient_id)
@@ -187,10 +195,14 @@ class ClinicalProcessor:
         """Overdue samples, escalation and silence expiry for these (owned) patients."""
         now = now or datetime.now(timezone.utc)
         out: list[Output] = []
+        settled_before = self._monotonic() - self.clock_settle_seconds
         for pid in patient_ids:
             partition = self.store.partition_of(pid)
             if partition is None:
                 continue
+            if self._last_input.get(pid, settled_before) > settled_before:
+                continue  # inputs of this patient are arriving now: the next tick judges them
+            self._last_input.pop(pid, None)
             try:
                 state, book = self.store.load(pid, partition)
                 findings = self.engine.check_schedule(state, now)

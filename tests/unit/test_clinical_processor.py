@@ -61,9 +61,10 @@ def lifecycle():
     return lifecycle_config(default_protocols(), Settings())
 
 
-def processor(engine, lifecycle, store=None):
-    return ClinicalProcessor(engine, lifecycle, store if store is not None else InMemoryPatientStore(), findings_topic="findings",
-                             alerts_topic="alerts", dead_letter_topic="dead-letter")
+def processor(engine, lifecycle, store=None, **kw):
+    kw.setdefault("clock_settle_seconds", 0.0)
+    return ClinicalProcessor(engine, lifecycle, store if store is not None else InMemoryPatientStore(),
+                             findings_topic="findings", alerts_topic="alerts", dead_letter_topic="dead-letter", **kw)
 
 
 def by_topic(outputs, topic):
@@ -169,6 +170,18 @@ def test_clock_raises_overdue_only_for_owned_patients(engine, lifecycle):
     assert "own" in p.overdue and "other" not in p.overdue
     assert [pid for pid, _, _ in store.take_changed()] == ["own"]
     assert p.tick(store.patient_ids([0]), at(30)) == []  # same clock, nothing new
+
+
+def test_the_clock_waits_until_a_patients_inputs_settle(engine, lifecycle):
+    t = [100.0]
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store, clock_settle_seconds=2.0, monotonic=lambda: t[0])
+    s = Stream()
+    p.process([s.treatment(dose(patient="p5"))], at(30))  # a dose 30 days ago, its samples still coming
+    assert p.tick(["p5"], at(30)) == []
+    t[0] += 2.5
+    assert any(json.loads(o.value)["rule_id"] == "schedule.overdue" for o in p.tick(["p5"], at(30))
+               if o.topic == "alerts")
 
 
 def test_an_internal_error_rolls_an_untouched_patient_back(engine, lifecycle, monkeypatch):

@@ -47,8 +47,12 @@ def test_a_silent_partition_holds_the_others_back_only_for_max_hold():
     m = WriteOrderMerge(max_hold=1.0, clock=clock)
     m.add({"a": recs("a", 1, 2)})
     assert m.take(["a", "b"], caught_up=set(), limit=100) == []
+    clock.t = 0.8
+    m.add({"a": [R("a", 2, 3)]})  # a backlog still arriving: keep waiting for b
     clock.t = 1.5
-    assert [r.timestamp for r in m.take(["a", "b"], caught_up=set(), limit=100)] == [1, 2]
+    assert m.take(["a", "b"], caught_up=set(), limit=100) == []
+    clock.t = 1.9
+    assert [r.timestamp for r in m.take(["a", "b"], caught_up=set(), limit=100)] == [1, 2, 3]
 
 
 def test_limit_and_revoked_partitions():

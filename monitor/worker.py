@@ -34,7 +34,7 @@ from .app import create_app
 from .clinical.processor import ClinicalProcessor
 from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
-from .delivery import DeliveryService
+from .notify.outbox import DeliveryService
 from .ingest import IngestService, limits_of
 from .metrics import PROTOCOL_INFO
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag

@@ -21,12 +21,12 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from alerts.sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
+from .sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
-from .kafka_config import aiokafka_config
-from .metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
-from .settings import Settings
+from ..kafka_config import aiokafka_config
+from ..metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

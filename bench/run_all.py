@@ -607,12 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [shared[s] for s in INPUT_SHORT]
         n = len(ev.inputs)
         expected_obs = ev.expected_observations
+        n_routed = len(ev.treatments)  # routed into the patient stream by ingest
         ev = None  # free the events before the workers run
         stages = [
             ("a", "(a) raw aiokafka loop", lambda: stage_raw(run, inputs, n, caps["a"])),
             ("b", "(b) bare faust passthrough", lambda: stage_bare_faust(run, inputs, n, caps["b"])),
-            ("c1", "(c) service, 1 worker", lambda: stage_service(run, shared, n, expected_obs, 1, caps["c1"], len(ev.treatments))),
-            ("c2", "(c) service, 2 workers", lambda: stage_service(run, shared, n, expected_obs, 2, caps["c2"], len(ev.treatments))),
+            ("c1", "(c) service, 1 worker", lambda: stage_service(run, shared, n, expected_obs, 1, caps["c1"], n_routed)),
+            ("c2", "(c) service, 2 workers", lambda: stage_service(run, shared, n, expected_obs, 2, caps["c2"], n_routed)),
             ("lat", "latency", lambda: stage_latency(run, phases, args.latency_patients, caps["warmup"], caps["drain"])),
         ]
         for key, label, fn in stages:

@@ -176,7 +176,7 @@ class IngestService(ConsumerRebalanceListener):
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        self.producer = new_producer(self.s)
+        self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
         self.consumer = new_consumer(self.s, group_id=f"{self.s.app_id}-ingest",
                                      partition_assignment_strategy=(RangePartitionAssignor,))

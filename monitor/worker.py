@@ -62,6 +62,8 @@ class Hosted(Service):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.should_stop:
+                    break  # its clients were closed by on_stop
                 log.exception("%s loop stopped; restarting in %.0f s", self.component_name, self.restart_delay)
             await self.component.stop()
             await self.sleep(self.restart_delay)

@@ -79,13 +79,14 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: worker resumed from, then the end of each batch it committed)
         self._next: dict[int, int | None] = {}
         self.positions = Positions()
+        self._commit_task: asyncio.Future | None = None
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self.producer = new_producer(self.s)
+        self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
         self._restorer = new_consumer(self.s, group_id=None)
         await self._restorer.start()
@@ -127,8 +128,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
             outputs = self.processor.process(records)
             try:
                 await self._write(outputs)
-                offsets = next_offsets(batch)
-                await self.consumer.commit(offsets)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -136,13 +135,37 @@ class ClinicalRunner(ConsumerRebalanceListener):
                             "it again", type(exc).__name__)
                 await self._roll_back({tp.partition for tp in batch})
                 return
-            self.positions.committed.update(offsets)
+            # outputs and state are on the broker: commit while the next batch is processed
+            # (commits stay in order; a revocation or rollback waits for the one in flight)
+            offsets = next_offsets(batch)
+            await self._drain_commit()
+            self._commit_task = asyncio.ensure_future(self._commit(offsets))
             for tp, off in offsets.items():
                 end, _ = self._held.get(tp.partition, (0, None))
                 self._held[tp.partition] = (end, off)
                 self._next[tp.partition] = off
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
+
+    async def _commit(self, offsets: dict) -> None:
+        assert self.consumer is not None
+        try:
+            await self.consumer.commit(offsets)
+            self.positions.committed.update(offsets)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # the batch is durable (outputs and changelog acknowledged): a later commit covers
+            # it, or after a rebalance the new owner replays it idempotently
+            log.warning("clinical commit failed (%s)", type(exc).__name__)
+            for tp in offsets:
+                end, _ = self._held.get(tp.partition, (0, None))
+                self._held[tp.partition] = (end, None)  # unknown: restored at the next assignment
+
+    async def _drain_commit(self) -> None:
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await asyncio.shield(task)
 
     def _from_position(self, tp: TopicPartition, records: list) -> list:
         """Drop records before the position this worker resumed from (fetched before a
@@ -165,6 +188,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def _roll_back(self, partitions: set[int]) -> None:
         """Back to the durable state of these partitions: restore, then re-read from the commit."""
+        await self._drain_commit()
         await asyncio.sleep(1.0)
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
@@ -200,6 +224,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         # waits for the batch in flight (its outputs, changelog and commit) to finish
         async with self._lock:
+            await self._drain_commit()
             self.owned = frozenset()
             self.ready.clear()
 

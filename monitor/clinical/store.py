@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from typing import Iterable, Protocol
 
+from pydantic_core import from_json, to_json
+
 from alerts.lifecycle import AlertBook
 from alerts.state import PatientState
 from schemas.alert import Alert
@@ -28,12 +30,12 @@ FORMAT_VERSION = 1
 
 
 def encode(state: PatientState, book: AlertBook) -> bytes:
-    return json.dumps({"v": FORMAT_VERSION, "state": state.to_dict(), "alerts": book.to_dict()},
-                      separators=(",", ":")).encode()
+    # pydantic-core's JSON writer: the same JSON as json.dumps, several times faster
+    return to_json({"v": FORMAT_VERSION, "state": state.to_dict(), "alerts": book.to_dict()})
 
 
 def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
-    d = json.loads(raw)
+    d = from_json(raw)
     return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"])
 
 

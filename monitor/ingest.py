@@ -172,7 +172,8 @@ class IngestService(ConsumerRebalanceListener):
         self.ready = asyncio.Event()
         self.processed = 0
         self.positions = Positions()
-        self.merge = WriteOrderMerge()
+        # within one timestamp, treatments first (see monitor.write_order)
+        self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:

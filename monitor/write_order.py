@@ -14,6 +14,12 @@ holds the others back while records keep arriving (a backlog handed out partitio
 partition), but once nothing has arrived or been released for ``max_hold`` seconds the
 buffered records go out anyway: order is best effort, progress is not.
 
+Timestamps have millisecond resolution and a producer writes dozens of records per
+millisecond, so ties are common: within one timestamp the partitions with a lower
+``priority`` go first (ingest puts treatments first: a dose must precede the results of
+the same instant, whose order among themselves a dose-less engine could not repair),
+then the order of first arrival.
+
 Pure: no Kafka import; the caller passes the assigned partitions and which are caught up.
 """
 from __future__ import annotations
@@ -25,8 +31,10 @@ from typing import Any, Callable, Hashable, Iterable, Mapping
 
 
 class WriteOrderMerge:
-    def __init__(self, max_hold: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_hold: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 priority: Callable[[Hashable], int] = lambda tp: 0) -> None:
         self.max_hold = max_hold
+        self.priority = priority
         self.clock = clock
         self.buffers: dict[Hashable, deque] = {}
         #: since when nothing arrived and nothing was released (None: nothing waits)
@@ -60,16 +68,16 @@ class WriteOrderMerge:
         blocking = {tp for tp in assigned if not self.buffers.get(tp) and tp not in caught_up}
         if blocking and not overdue:
             return []
-        heap = [(b[0].timestamp, i, tp) for i, (tp, b) in enumerate(self.buffers.items()) if b]
+        rank = {tp: (self.priority(tp), i) for i, tp in enumerate(self.buffers)}
+        heap = [(b[0].timestamp, *rank[tp], tp) for tp, b in self.buffers.items() if b]
         heapq.heapify(heap)
         out: list[Any] = []
-        index = {tp: i for i, tp in enumerate(self.buffers)}
         while heap and len(out) < limit:
-            _, i, tp = heapq.heappop(heap)
+            tp = heapq.heappop(heap)[-1]
             buf = self.buffers[tp]
             out.append(buf.popleft())
             if buf:
-                heapq.heappush(heap, (buf[0].timestamp, index[tp], tp))
+                heapq.heappush(heap, (buf[0].timestamp, *rank[tp], tp))
             elif tp not in caught_up and not overdue:
                 break  # its next record may be older than the other heads
         self._waiting_since = self.clock() if any(self.buffers.values()) else None

@@ -60,3 +60,10 @@ def test_limit_and_revoked_partitions():
     m.add({"a": recs("a", 1, 2, 3), "gone": recs("gone", 0)})
     out = m.take(["a"], caught_up={"a"}, limit=2)
     assert [r.timestamp for r in out] == [1, 2] and "gone" not in m.buffers
+
+
+def test_within_one_timestamp_the_priority_partition_goes_first():
+    m = WriteOrderMerge(priority=lambda tp: 0 if tp == "doses" else 1)
+    m.add({"vitals": recs("vitals", 7, 7, 8), "doses": recs("doses", 7)})
+    out = m.take(["vitals", "doses"], caught_up={"vitals", "doses"}, limit=10)
+    assert [(r.tp, r.timestamp) for r in out] == [("doses", 7), ("vitals", 7), ("vitals", 7), ("vitals", 8)]

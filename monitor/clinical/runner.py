@@ -314,7 +314,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._held[p] = (self._held.get(p, (0, None))[0], committed)
         took = time.perf_counter() - started
         self.last_restore = {"partitions": parts, "records": n, "patients": len(self.store), "seconds": round(took, 3)}
-        log.info("restored %d changelog records of %d partitions in %.2fs", n, len(parts), took)
+        log.info("restored %d changelog records of %d partitions in %.2fs (%d patients held)", n, len(parts), took,
+                 len(self.store))
 
     # -- observability -------------------------------------------------------------------
     def lag(self) -> dict[tuple[str, int], int]:

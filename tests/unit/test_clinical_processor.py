@@ -145,6 +145,18 @@ def test_changelog_bytes_restore_the_same_state_and_a_replay_emits_nothing(engin
     assert other.find_alert("missing") is None
 
 
+def test_a_changelog_written_by_the_faust_table_restores(engine, lifecycle):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    p.process([Stream().treatment(dose(patient="p6"))], at(1))
+    (_, _, value), = store.take_changed()
+    d = json.loads(value)
+    faust_value = json.dumps({"state": d["state"], "alerts": d["alerts"]}).encode()  # no "v"
+    fresh = InMemoryPatientStore()
+    fresh.restore_record(0, b'"p6"', faust_value)  # faust's JSON key serializer
+    assert fresh.patient_ids([0]) == ["p6"] and fresh.load("p6", 0)[0].dose_id == "dose-p6"
+
+
 def test_a_deleted_key_and_dropped_partitions_forget_patients():
     store = InMemoryPatientStore()
     store.restore_record(0, b"a", b'{"v":1}')

@@ -5,7 +5,6 @@ the clinical stage evaluates post-dose labs against the dose, not as pre-dose ba
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 

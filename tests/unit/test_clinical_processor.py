@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
-from datetime import timedelta
 
 import pytest
 
 from alerts.engine import Engine
-from alerts.lifecycle import LifecycleConfig
 from alerts.protocol import default_protocols
 from alerts.testkit import at, dose, obs
 from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, ClinicalProcessor, routed_headers

@@ -27,10 +27,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ensure_topics(s)
     import faust
 
-    from .app import app
+    from .worker import build_worker
 
     from .logs import faust_logging_config
 
+    app = build_worker(s).app
     level = args.loglevel or s.log_level
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False,
                           logging_config=faust_logging_config(level))

@@ -20,10 +20,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .topics_admin import ensure_topics
 
     require_secrets("worker", s)
-    from alerts.engine import Engine
-
-    Engine.id_key = s.pseudonym_secret.encode("utf-8")  # keyed finding ids (review H2)
-
     ensure_topics(s)
     import faust
 

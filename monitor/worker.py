@@ -120,7 +120,8 @@ def build_worker(s: Settings | None = None) -> Worker:
         PROTOCOL_INFO.labels(protocol_id=p.id, version=p.version).set(1)
     lifecycle = lifecycle_config(protocols, s)
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle, store, findings_topic=s.topic_findings,
+    engine = Engine(protocols, id_key=s.pseudonym_secret.encode("utf-8"))  # keyed finding ids (review H2)
+    processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
                                   limits=limits_of(s))
     runner = ClinicalRunner(s, processor, store)

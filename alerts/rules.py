@@ -472,8 +472,12 @@ def eval_window(expr, st: PatientState, cp: "CompiledProtocol", lo: float, hi: f
     evidence is the most extreme result that meets it (the window's peak, or nadir), or the
     newest ``min_count`` ones."""
 
+    cache: dict[str, list] = {}  # the state does not change during one evaluation
+
     def leaf(c: CCond, ev):
-        es = held(st, c.analyte, lo, hi)
+        es = cache.get(c.analyte)
+        if es is None:
+            es = cache[c.analyte] = held(st, c.analyte, lo, hi)
         if not es:
             return None
         if c.no_base and c.analyte in st.base:

@@ -1,7 +1,7 @@
 """Benchmark the clinical processor and the patient store in-process (no broker).
 
 Run: .venv/bin/python bench/bench_clinical.py [--patients 1000] [--days 60] [--batch 1000]
-     [--restore-patients 10000]
+     [--restore-patients 10000] [--churn-rounds 6] [--churn-patients 1000]
 
 Builds a simulated cohort (``monitor.simulate``), turns every input into the records of
 the patient stream with the worker's own ingest step, then times
@@ -10,6 +10,14 @@ the patient stream with the worker's own ingest step, then times
 the restore: the changelog values of ``--restore-patients`` patients applied to a fresh
 store (``restore_record``) and every patient decoded once (the first tick). Prints
 microseconds per record and the restore times.
+
+``--churn-rounds N`` (> 0) also runs the workload of the latency test of ``run_all.py``
+in-process: one dose per patient, then N rounds of one ALT result per patient that
+alternates CTCAE grade 2 / 3, so that every record changes an alert (one finding and one
+alert version each; the alert history grows by one entry per round). Prints CPU
+microseconds per record (``time.process_time``: less sensitive to a shared machine than
+wall time) for the processor and the changelog encoding, and the sizes of the alert
+versions and changelog values it produced.
 """
 from __future__ import annotations
 
@@ -51,13 +59,82 @@ def stream_records(n_patients: int, days: int) -> list[Rec]:
     return out
 
 
+def churn(n_patients: int, rounds: int, batch: int) -> None:
+    """The latency test's workload (see the module docstring), CPU time per record."""
+    s = Settings()
+    step = Ingest(s)
+    protocols = default_protocols()
+    store = InMemoryPatientStore()
+    proc = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
+                             findings_topic="findings", alerts_topic="alerts", dead_letter_topic="dead-letter")
+    now = datetime.now(timezone.utc)
+    seq = [0]
+
+    def recs_of(topic: str, pid: str, value: dict) -> list[Rec]:
+        out = []
+        raw = __import__("json").dumps(value, separators=(",", ":")).encode()
+        for t, key, v, headers in step.record(topic, 0, seq[0], pid.encode(), raw, now):
+            if t == s.topic_observations:
+                out.append(Rec(t, hash(key) % PARTITIONS, seq[0], key, v, headers))
+                seq[0] += 1
+        return out
+
+    pids = [f"LAT-{i:04d}" for i in range(n_patients)]
+    doses = [r for pid in pids for r in recs_of("treatments", pid, {
+        "type": "dose", "event_id": f"{pid}-dose", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
+        "administered_at": (now - timedelta(days=10)).isoformat(),
+        "birth_date": (now - timedelta(days=300)).date().isoformat(), "weight_kg": 8.2,
+        "ward": "paediatric-neurology", "care_team": "sma-gene-therapy", "source": "bench"})]
+    proc.process(doses)
+    store.take_changed()
+    grade3 = dict.fromkeys(pids, False)
+    stream: list[Rec] = []
+    for r in range(rounds):
+        for pid in pids:
+            grade3[pid] = not grade3[pid]
+            t = now - timedelta(days=9) + timedelta(seconds=len(stream))
+            stream += recs_of("lab-results", pid, {
+                "event_id": f"lat-{len(stream)}", "patient_id": pid, "loinc": "1742-6",
+                "value": (8 if grade3[pid] else 4) * 40.0, "unit": "U/L", "reference_range": {"low": 0, "high": 40.0},
+                "status": "final", "source": "bench", "effective_at": t.isoformat()})
+    t_proc = t_enc = 0.0
+    n_alerts = a_bytes = c_bytes = n_changed = 0
+    last_alert = 0
+    for i in range(0, len(stream), batch):
+        t0 = time.process_time()
+        out = proc.process(stream[i:i + batch])
+        t1 = time.process_time()
+        changed = store.take_changed()
+        t2 = time.process_time()
+        t_proc += t1 - t0
+        t_enc += t2 - t1
+        for o in out:
+            if o.topic == "alerts":
+                n_alerts += 1
+                a_bytes += len(o.value)
+                last_alert = len(o.value)
+        n_changed += len(changed)
+        c_bytes += sum(len(v) for _, _, v in changed)
+    n = len(stream)
+    print(f"churn ({n_patients:,} patients x {rounds} alert-changing results, batches of {batch}): "
+          f"process {t_proc / n * 1e6:.0f} us/record CPU, changelog encode {t_enc / n * 1e6:.0f} us/record CPU "
+          f"({n / (t_proc + t_enc):,.0f} records/s per CPU); {n_alerts:,} alert versions, mean "
+          f"{a_bytes / max(n_alerts, 1):,.0f} bytes (last round {last_alert:,}); {n_changed:,} changelog writes, "
+          f"mean {c_bytes / max(n_changed, 1):,.0f} bytes")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patients", type=int, default=1000)
     ap.add_argument("--days", type=int, default=60)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--restore-patients", type=int, default=10_000)
+    ap.add_argument("--churn-rounds", type=int, default=6, help="0: skip the alert-churn workload")
+    ap.add_argument("--churn-patients", type=int, default=1000)
+    ap.add_argument("--churn-batch", type=int, default=200)
     a = ap.parse_args(argv)
+    if a.churn_rounds > 0:
+        churn(a.churn_patients, a.churn_rounds, a.churn_batch)
     protocols = default_protocols()
     t = time.perf_counter()
     recs = stream_records(a.patients, a.days)

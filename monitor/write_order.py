@@ -37,6 +37,8 @@ class WriteOrderMerge:
         self.priority = priority
         self.clock = clock
         self.buffers: dict[Hashable, deque] = {}
+        #: priority per partition, computed once (``take`` runs for every fetched batch)
+        self._prio: dict[Hashable, int] = {}
         #: since when nothing arrived and nothing was released (None: nothing waits)
         self._waiting_since: float | None = None
 
@@ -68,7 +70,13 @@ class WriteOrderMerge:
         blocking = {tp for tp in assigned if not self.buffers.get(tp) and tp not in caught_up}
         if blocking and not overdue:
             return []
-        rank = {tp: (self.priority(tp), i) for i, tp in enumerate(self.buffers)}
+        prio = self._prio
+        rank = {}
+        for i, tp in enumerate(self.buffers):
+            p = prio.get(tp)
+            if p is None:
+                p = prio[tp] = self.priority(tp)
+            rank[tp] = (p, i)
         heap = [(b[0].timestamp, *rank[tp], tp) for tp, b in self.buffers.items() if b]
         heapq.heapify(heap)
         out: list[Any] = []

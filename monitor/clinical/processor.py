@@ -231,22 +231,22 @@ class ClinicalProcessor:
         return changed
 
     def _emit(self, alerts: list[Alert], now: datetime, received_at: datetime | None, out: list[Output]) -> None:
+        m = self._m.get
         for a in alerts:
             out.append(Output(self.alerts_topic, a.patient_id.encode(), a.model_dump_json().encode()))
             sev = a.severity.value if a.severity else "critical"
             if a.version == 1:
-                self._m.get(ALERTS_OPENED, a.rule_id, sev).inc()
+                m(ALERTS_OPENED, a.rule_id, sev).inc()
                 if a.effective_at is not None:
-                    EFFECTIVE_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - a.effective_at).total_seconds()))
+                    m(EFFECTIVE_TO_ALERT, sev).observe(max(0.0, (now - a.effective_at).total_seconds()))
                 if received_at is not None:
-                    RECEIPT_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - received_at).total_seconds()))
+                    m(RECEIPT_TO_ALERT, sev).observe(max(0.0, (now - received_at).total_seconds()))
             if a.status_changed:
-                ALERT_TRANSITIONS.labels(rule_id=a.rule_id, from_status=a.previous_status.value,
-                                         to_status=a.status.value).inc()
+                m(ALERT_TRANSITIONS, a.rule_id, a.previous_status.value, a.status.value).inc()
                 if a.status.value == "acknowledged":
-                    TIME_TO_ACK.labels(severity=sev).observe(max(0.0, (now - a.opened_at).total_seconds()))
+                    m(TIME_TO_ACK, sev).observe(max(0.0, (now - a.opened_at).total_seconds()))
             if "escalated" in (a.changes or []):
-                ALERT_ESCALATIONS.labels(rule_id=a.rule_id, severity=sev).inc()
+                m(ALERT_ESCALATIONS, a.rule_id, sev).inc()
 
     def _dead(self, rec: Any, headers: dict[str, bytes], reason: Reason, message: str, now: datetime,
               out: list[Output]) -> None:

@@ -23,7 +23,10 @@ Comparison (:func:`compare`):
   listed by pseudonymous reference (``p-`` + HMAC-SHA256 under the service's pseudonym
   secret, the same reference the nurse inbox shows), or by id when ``identify`` is set.
 
-Patient-days: from a patient's first recorded event to the end of the window.
+Patient-days: from a patient's first recorded event (or the window start) to the end of the
+window. A window start (``since``) does not cut the courses: each is fed from its first
+recorded event (the dose names the protocol, earlier results are baselines), and only the
+episodes overlapping the window are compared.
 """
 from __future__ import annotations
 
@@ -122,8 +125,10 @@ def _sev(a: Alert) -> str:
 
 def run_protocols(courses: Sequence[PatientCourse], protocols: Sequence[Protocol], end: datetime, *,
                   step: timedelta = HOURLY, pseudonym_secret: bytes | str = "protocol-replay",
-                  progress: Callable[[int, int], None] | None = None) -> RunResult:
-    """Feed every course through ``protocols`` (engine + lifecycle + hourly clock) up to ``end``."""
+                  progress: Callable[[int, int], None] | None = None, since: datetime | None = None) -> RunResult:
+    """Feed every course through ``protocols`` (engine + lifecycle + hourly clock) up to ``end``.
+    With ``since``, the whole course is still fed (its history is its context) but only the
+    episodes overlapping ``[since, end]`` are kept, and patient-days start at ``since``."""
     engine = Engine(list(protocols))
     life = lifecycle_for(protocols, pseudonym_secret)
     out: dict[str, list[Episode]] = {}
@@ -158,8 +163,9 @@ def run_protocols(courses: Sequence[PatientCourse], protocols: Sequence[Protocol
             else:
                 course.treat(ev.event, ev.arrival)
         course.advance(end)
-        out[pc.patient_id] = sorted(eps.values(), key=lambda e: (e.opened_at, e.rule_id, e.dedupe_key, e.episode))
-        days += max(0.0, (end - first) / DAY)
+        kept = [e for e in eps.values() if since is None or e.end(end) >= since]
+        out[pc.patient_id] = sorted(kept, key=lambda e: (e.opened_at, e.rule_id, e.dedupe_key, e.episode))
+        days += max(0.0, (end - max(first, since or first)) / DAY)
         if progress is not None:
             progress(i, len(courses))
     return RunResult(episodes=out, patient_days=days, patients=len(out))
@@ -304,13 +310,15 @@ def compare(base: RunResult, cand: RunResult, horizon: datetime, *, secret: byte
 
 def replay(courses: Sequence[PatientCourse], baseline: Sequence[Protocol], candidate: Sequence[Protocol],
            end: datetime, *, secret: bytes | str, identify: bool = False, step: timedelta = HOURLY,
-           progress: Callable[[str, int, int], None] | None = None) -> ReplayReport:
+           progress: Callable[[str, int, int], None] | None = None, since: datetime | None = None) -> ReplayReport:
     """Run both protocol sets over the courses and compare them."""
     def prog(label):
         return None if progress is None else (lambda i, n: progress(label, i, n))
 
-    b = run_protocols(courses, baseline, end, step=step, pseudonym_secret=secret, progress=prog("baseline"))
-    c = run_protocols(courses, candidate, end, step=step, pseudonym_secret=secret, progress=prog("candidate"))
+    b = run_protocols(courses, baseline, end, step=step, pseudonym_secret=secret, progress=prog("baseline"),
+                      since=since)
+    c = run_protocols(courses, candidate, end, step=step, pseudonym_secret=secret, progress=prog("candidate"),
+                      since=since)
     rep = compare(b, c, end, secret=secret, identify=identify)
     rep.baseline = [f"{p.id} {p.version}" for p in baseline]
     rep.candidate = [f"{p.id} {p.version}" for p in candidate]

@@ -92,11 +92,15 @@ def _event_time(ev) -> datetime:
 
 
 class Window:
+    """The replay window. Records up to ``until`` are read (a course needs its history: the dose
+    names the protocol, earlier results are baselines); ``since`` selects the patients with an
+    event arriving in the window and the alert episodes that overlap it (``alerts.replay``)."""
+
     def __init__(self, since: datetime | None, until: datetime | None) -> None:
         self.since, self.until = since, until
 
     def __contains__(self, t: datetime) -> bool:
-        return (self.since is None or t >= self.since) and (self.until is None or t <= self.until)
+        return self.until is None or t <= self.until
 
 
 def interpret(out: Collected, s: Settings, topic: str, raw: bytes | None, headers: dict[str, bytes],
@@ -135,7 +139,7 @@ def interpret(out: Collected, s: Settings, topic: str, raw: bytes | None, header
             continue
         when = _aware(arrival) if arrival is not None else _event_time(ev)
         if when not in window:
-            out.skip("outside --since/--until")
+            out.skip("after --until")
             continue
         out.add(ev.patient_id, when, ev)
 
@@ -200,11 +204,7 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
         consumer.assign(tps)
         end = consumer.end_offsets(tps)
         begin = consumer.beginning_offsets(tps)
-        start = dict(begin)
-        if window.since is not None:
-            found = consumer.offsets_for_times({tp: int(window.since.timestamp() * 1000) for tp in tps})
-            for tp in tps:
-                start[tp] = found[tp].offset if found.get(tp) is not None else end[tp]
+        start = dict(begin)  # the whole history: a course before --since is its context
         for tp in tps:
             consumer.seek(tp, start[tp])
         todo = {tp for tp in tps if start[tp] < end[tp]}
@@ -290,6 +290,8 @@ def run(args: argparse.Namespace, s: Settings) -> int:
     else:
         got = read_topics(s, window, progress=prog)
     ids = got.order
+    if since is not None:
+        ids = [i for i in ids if any(e.arrival >= since for e in got.courses[i].events)]
     if args.patients is not None:
         ids = ids[: max(0, args.patients)]
     courses = [got.courses[i] for i in ids]
@@ -299,7 +301,8 @@ def run(args: argparse.Namespace, s: Settings) -> int:
         secret = os.urandom(32)
         print("replay: PSEUDONYM_SECRET is not set: patient references are random for this run "
               "(not the inbox's references)", file=sys.stderr)
-    report = replay(courses, baseline, candidate, end, secret=secret, identify=args.identify, progress=prog)
+    report = replay(courses, baseline, candidate, end, secret=secret, identify=args.identify, progress=prog,
+                    since=since)
     report.window = {"since": since.isoformat() if since else (got.first.isoformat() if got.first else None),
                      "until": end.isoformat(), "records": got.records, "skipped": got.skipped,
                      "source": args.from_file or "topics"}

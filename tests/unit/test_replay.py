@@ -195,10 +195,11 @@ def test_the_reader_handles_the_patient_stream_layout():
     assert [type(e.event).__name__ for e in events] == ["Observation", "DoseEvent"]
     assert events[0].arrival == o.received_at and events[1].arrival == at(0)
     assert out.skipped == {f"{s.topic_observations} kind=action": 1, "rejected: schema-invalid": 1}
-    # the window filters by arrival
+    # records after --until are not replayed (before --since they are: they are the course's history)
     out2 = Collected()
-    interpret(out2, s, s.topic_observations, o.model_dump_json().encode(), {}, None, Window(at(8), None))
-    assert out2.courses == {} and out2.skipped == {"outside --since/--until": 1}
+    interpret(out2, s, s.topic_observations, o.model_dump_json().encode(), {}, None, Window(None, at(6)))
+    interpret(out2, s, s.topic_observations, o.model_dump_json().encode(), {}, None, Window(at(30), None))
+    assert len(out2.courses["pk"].events) == 1 and out2.skipped == {"after --until": 1}
 
 
 def test_html_report_is_self_contained_and_has_the_chart(tmp_path):

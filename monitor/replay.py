@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from alerts.replay import CourseEvent, PatientCourse
 from schemas.errors import Rejected
@@ -41,7 +40,6 @@ from .settings import Settings
 
 #: the replay decodes recorded events long after they were received: no future-skew check
 _REPLAY_LIMITS = Limits(max_future=timedelta(days=36500))
-_RAW_KINDS = (LAB_RESULTS, VITAL_SIGNS, LIVER_FUNCTION)
 
 
 class ReplayError(ValueError):

@@ -16,7 +16,7 @@ import yaml
 
 from alerts.protocol import default_protocols, load_protocol
 from alerts.replay import CourseEvent, PatientCourse, patient_ref, replay, with_candidate
-from alerts.testkit import T0, at, dose, obs
+from alerts.testkit import at, dose, obs
 from monitor.cli import main as cli_main
 from monitor.replay import Collected, Window, interpret, read_file, render_html
 from monitor.settings import Settings
@@ -240,6 +240,9 @@ def test_cli_replay_one_line_errors(tmp_path, capsys):
     f.write_text("")
     assert cli_main(["protocol", "replay", "--candidate", str(cand), "--from-file", str(f), "--since", "yesterday"]) == 2
     assert "--since" in capsys.readouterr().err
+    assert cli_main(["protocol", "replay", "--candidate", str(cand), "--from-file", str(f), "--since",
+                     "2025-03-02T00:00:00Z", "--until", "2025-03-01T00:00:00Z"]) == 2
+    assert "--until is before --since" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: x\n")
     assert cli_main(["protocol", "replay", "--candidate", str(bad), "--from-file", str(f)]) == 2

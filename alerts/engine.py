@@ -69,7 +69,7 @@ _EMPTY: frozenset = frozenset()
 def finding_id(patient_id: str, rule_id: str, dedupe_key: str, state: str, rank: int, grade, ids: str,
                key: bytes = b"") -> str:
     """Keyed (HMAC-SHA256 under ``key``, the deployment's pseudonym secret) so the id
-    is no plain hash of the patient id (review H2); ``Engine.id_key`` is set by the wiring."""
+    is no plain hash of the patient id (review H2); the worker builds its ``Engine`` with the key."""
     raw = f"{patient_id}\x1f{rule_id}\x1f{dedupe_key}\x1f{state}\x1f{rank}\x1f{grade}\x1f{ids}"
     return hmac.new(key, raw.encode(), hashlib.sha256).hexdigest()[:32]
 
@@ -80,12 +80,13 @@ class Engine:
     ``protocols``: a ``Protocol``, an iterable of them, a mapping product -> Protocol, or
     ``None`` for the shipped defaults. The patient's product (from the dose event) picks
     the protocol.
+
+    ``id_key``: HMAC key of finding ids (the worker passes PSEUDONYM_SECRET; see finding_id).
     """
 
-    #: HMAC key of finding ids (the worker sets it from PSEUDONYM_SECRET; see finding_id)
-    id_key: bytes = b""
-
-    def __init__(self, protocols: Protocol | Iterable[Protocol] | Mapping[str, Protocol] | None = None) -> None:
+    def __init__(self, protocols: Protocol | Iterable[Protocol] | Mapping[str, Protocol] | None = None, *,
+                 id_key: bytes = b"") -> None:
+        self.id_key = id_key
         if protocols is None:
             plist = default_protocols()
         elif isinstance(protocols, Protocol):

@@ -32,7 +32,7 @@ from schemas.findings import Severity
 
 __all__ = ["TierSpec", "FailsafeSpec", "RouteSpec", "copy_route", "route_from_alert", "FALLBACK_ROUTE"]
 
-_URGENCY_ORDER = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL]
+_URGENCY_ORDER = sorted(Severity, key=lambda s: s.rank)
 
 
 class _Spec(BaseModel):

@@ -13,7 +13,7 @@ exactly what the worker runs, without Kafka:
 - ``alerts.engine.Engine`` evaluates them (``evaluate_observation``, ``apply_treatment``,
   ``check_schedule`` on every clock tick), and every finding goes through the alert
   lifecycle (``alerts.lifecycle.AlertEngine``: dedupe, episodes, escalation ticks,
-  inhibition, actions), with the protocol's routes, as in ``monitor.agents.clinical``.
+  inhibition, actions), with the protocol's routes, as in ``monitor.clinical.processor``.
 
 The clock: day 0 is ``T0`` (2025-03-03T08:00Z). Events are fed at their arrival time
 (``arrives``, default ``day``); between events the clock ticks every ``tick_hours``

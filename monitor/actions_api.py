@@ -47,7 +47,7 @@ import secrets
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -57,13 +57,11 @@ from pydantic import ValidationError
 from schemas.alert import ActionKind, Alert, AlertAction
 from schemas.findings import Severity
 
-from .agents import clinical
-from .app import app, raw_topic, settings
 from .inbox.auth import LoginThrottle, User, UserDirectory, allowed_actions, load_users, may
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ActionsAPI", "API", "find_alert", "actions_topic"]
+__all__ = ["ActionsAPI", "register_actions_api"]
 
 REALM = 'Basic realm="sma-monitor actions", charset="UTF-8"'
 DISABLED = "actions API disabled: no users configured"
@@ -86,8 +84,10 @@ PUBLISH_TIMEOUT_SECONDS = 15.0
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _NO_STORE = {"Cache-Control": "no-store"}
 
-#: where actions go: the same topic the clinical agent reads them from
-actions_topic = raw_topic(settings.topic_alert_actions)
+#: find_alert(alert_id) -> the alert if this worker holds it (read-only copy), else None
+FindAlert = Callable[[str], "Alert | None"]
+#: publish(key, value) -> awaitable completing when the broker holds the record
+Publish = Callable[[bytes, bytes], Awaitable[Any]]
 
 
 class ApiError(Exception):
@@ -96,32 +96,6 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
-
-
-# --------------------------------------------------------------------------- local alert lookup
-
-
-def find_alert(alert_id: str) -> Alert | None:
-    """The alert, if this worker holds it: decoded books in the clinical agent's cache first,
-    then the ``patients`` table (raw dicts, decoded only on a hit). Read-only."""
-    for _state, book in list(clinical._cache.values()):
-        hit = book.alerts.get(alert_id)
-        if hit is not None:
-            return hit.model_copy(deep=True)
-    try:
-        stored_items = list(clinical.patients.items())
-    except Exception:  # table not ready (recovery, rebalance): nothing held
-        return None
-    for _pid, stored in stored_items:
-        if not stored:
-            continue
-        raw = ((stored.get("alerts") or {}).get("alerts") or {}).get(alert_id)
-        if raw is not None:
-            try:
-                return Alert.model_validate(raw)
-            except ValidationError:
-                return None
-    return None
 
 
 # --------------------------------------------------------------------------- users and authentication
@@ -183,9 +157,13 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
 class ActionsAPI:
     """Authentication, validation and publishing; the faust views below are thin wrappers."""
 
-    def __init__(self, users_file: str, *, throttle: LoginThrottle | None = None,
-                 cache_seconds: float = 60.0, max_concurrent_verifications: int = 4):
+    def __init__(self, users_file: str, *, find_alert: FindAlert, publish: Publish, max_silence,
+                 throttle: LoginThrottle | None = None, cache_seconds: float = 60.0,
+                 max_concurrent_verifications: int = 4):
         self.users = _Users(users_file)
+        self.find_alert = find_alert
+        self.publish = publish
+        self.max_silence = max_silence
         self.throttle = throttle or LoginThrottle()
         self.cache_seconds = cache_seconds
         self._cache_key = secrets.token_bytes(32)
@@ -308,7 +286,7 @@ class ActionsAPI:
             raise ApiError(400, "'action_id' may hold letters, digits and . _ : - (at most 128)")
         until = self._until(body)
 
-        alert = find_alert(alert_id)
+        alert = self.find_alert(alert_id)
         if alert is not None:
             if patient_id is not None and patient_id != alert.patient_id:
                 raise ApiError(400, "patient_id does not match the alert")
@@ -332,7 +310,7 @@ class ActionsAPI:
             raise ApiError(400, f"{kind.value} needs a reason")
         now = datetime.now(timezone.utc)
         if kind == ActionKind.SILENCE:
-            max_silence = clinical.LIFECYCLE.max_silence
+            max_silence = self.max_silence
             if until is None or until <= now or until - now > max_silence:
                 raise ApiError(400, f"a silence needs 'until' in the future, at most {max_silence} away")
         try:
@@ -343,8 +321,8 @@ class ActionsAPI:
         except ValidationError as exc:
             raise ApiError(400, str(exc.errors(include_url=False, include_input=False)[0].get("msg", "invalid action"))) from None
         try:
-            fut = await actions_topic.send(key=patient_id.encode("utf-8"),
-                                           value=action.model_dump_json().encode("utf-8"), force=True)
+            fut = asyncio.ensure_future(self.publish(patient_id.encode("utf-8"),
+                                                     action.model_dump_json().encode("utf-8")))
             # shield: on a timeout the send is not cancelled (it may still land; action_id dedupes a retry)
             await asyncio.wait_for(asyncio.shield(fut), PUBLISH_TIMEOUT_SECONDS)
         except Exception as exc:
@@ -358,15 +336,12 @@ class ActionsAPI:
     async def get_alert(self, request: Request, alert_id: str) -> tuple[int, dict[str, Any]]:
         user = await self.authenticate(request)
         alert_id = self._check_alert_id(alert_id)
-        alert = find_alert(alert_id)
+        alert = self.find_alert(alert_id)
         if alert is None:
             raise ApiError(404, "alert not held by this worker")
         out = alert.model_dump(mode="json")
         out["allowed_actions"] = allowed_actions(user.role, alert.severity, alert.is_open)
         return 200, out
-
-
-API = ActionsAPI(settings.inbox_users_file)
 
 
 async def _respond(view: View, call) -> Response:
@@ -380,13 +355,16 @@ async def _respond(view: View, call) -> Response:
         return view.json({"error": "internal error"}, status=500, headers=dict(_NO_STORE))
 
 
-@app.page("/api/alerts/{alert_id}/actions", name="alert_actions")
-class AlertActionsView(View):
-    async def post(self, request: Request, alert_id: str) -> Response:
-        return await _respond(self, API.post_action(request, alert_id))
+def register_actions_api(app, api: ActionsAPI) -> None:
+    """The two routes on the worker's faust web server."""
 
+    class AlertActionsView(View):
+        async def post(self, request: Request, alert_id: str) -> Response:
+            return await _respond(self, api.post_action(request, alert_id))
 
-@app.page("/api/alerts/{alert_id}", name="alert_detail")
-class AlertView(View):
-    async def get(self, request: Request, alert_id: str) -> Response:
-        return await _respond(self, API.get_alert(request, alert_id))
+    class AlertView(View):
+        async def get(self, request: Request, alert_id: str) -> Response:
+            return await _respond(self, api.get_alert(request, alert_id))
+
+    app.page("/api/alerts/{alert_id}/actions", name="alert_actions")(AlertActionsView)
+    app.page("/api/alerts/{alert_id}", name="alert_detail")(AlertView)

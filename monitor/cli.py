@@ -20,17 +20,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .topics_admin import ensure_topics
 
     require_secrets("worker", s)
-    from alerts.engine import Engine
-
-    Engine.id_key = s.pseudonym_secret.encode("utf-8")  # keyed finding ids (review H2)
-
     ensure_topics(s)
     import faust
 
-    from .app import app
+    from .worker import build_worker
 
     from .logs import faust_logging_config
 
+    app = build_worker(s).app
     level = args.loglevel or s.log_level
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False,
                           logging_config=faust_logging_config(level))

@@ -24,7 +24,9 @@ DESCRIPTIONS: dict[str, str] = {
     "topic_findings": "Rule findings (internal, per patient).",
     "topic_alerts": "Alert versions published by the lifecycle (read by the inbox and the sinks).",
     "topic_alert_actions": "Acknowledge / resolve / silence actions from the inbox and the actions API.",
-    "topic_ticks": "Internal clock ticks that drive schedule checks.",
+    "topic_ticks": "Retired: clock ticks now run in-process over the owned patients; the topic is no longer written.",
+    "topic_patient_changelog": "Compacted changelog of the clinical stage's patient store (empty: "
+                               "`<app id>-patients-changelog`), one partition per partition of the patient stream.",
     "topic_deliveries": "Compacted ledger of delivered alert versions per sink (restart-safe idempotency).",
     "topic_dead_letter_replays": "Compacted ledger of replayed dead letters (`monitor dlq replay`); "
                                  "empty means `<TOPIC_DEAD_LETTER>-replays`.",
@@ -38,7 +40,6 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_sasl_username": "SASL user name.",
     "kafka_sasl_password": "SASL password (secret).",
     "kafka_session_timeout_seconds": "Consumer-group session timeout: how soon a crashed worker's partitions move.",
-    "table_store": "Faust table store; `memory://` keeps state in RAM, rebuilt from the changelog on start.",
     "data_dir": "Directory for the worker's local data (table store files).",
     "web_host": "Address of the worker's web server (/healthz, /readyz, /metrics, actions API).",
     "web_port": "Port of the worker's web server.",
@@ -55,7 +56,7 @@ DESCRIPTIONS: dict[str, str] = {
                         "change the default).",
     "notify_include_patient_id": "Put the patient id into third-party notifications (off by default).",
     "inbox_users_file": "YAML users file (username -> password_hash, role) for the inbox and the actions API.",
-    "tick_interval_seconds": "Seconds between clock ticks that check schedules (overdue labs).",
+    "tick_interval_seconds": "Seconds between in-process clock runs over the owned patients (overdue samples, escalation, missing dose records).",
     "log_level": "Log level: DEBUG, INFO, WARNING or ERROR.",
     "actions_api_allow_exposed": "Serve the worker's actions API on a non-loopback WEB_HOST (off: it answers 503 "
                                  "there; put the inbox or a TLS proxy in front instead).",

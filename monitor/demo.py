@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: published {n} events for {args.patients} patients ({args.format}) in {time.monotonic() - t_pub:.1f}s")
 
     # wait for the worker to consume everything (ingest and clinical groups at lag 0), then let timers run
-    inputs = [s.topic_lab_results, s.topic_vital_signs, s.topic_liver_function]
+    inputs = [s.topic_lab_results, s.topic_vital_signs, s.topic_liver_function, s.topic_treatments]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         lag = (_group_lag(admin, consumer, f"{s.app_id}-ingest", inputs)
-               + _group_lag(admin, consumer, s.app_id, [s.topic_observations, s.topic_treatments]))
+               + _group_lag(admin, consumer, f"{s.app_id}-clinical", [s.topic_observations]))
         if lag == 0:
             break
         time.sleep(1)

@@ -1,17 +1,13 @@
 """Operational wiring: faust's Prometheus sensor, consumer lag, build info.
 
-Imported once from ``monitor.app`` (after the agents and web views are registered)::
-
-    from . import ops  # noqa: E402,F401
-
 - faust's Prometheus sensor registers into ``monitor.metrics.REGISTRY`` so the one
-  ``/metrics`` page serves both. Its names carry the fixed prefix ``monitor_faust_``
-  (not the app id, which differs per deployment and per test), its histograms are in
-  milliseconds, and its labels are topic, partition, stream, table name, operation,
-  status code and faust's own metric names: never a message key or value.
-- a timer sets ``monitor_consumer_lag_messages{topic,partition}`` = end offset minus
-  committed offset for every input partition assigned to this worker (changelog
-  partitions excluded). Series of partitions no longer assigned are removed.
+  ``/metrics`` page serves both. Its names carry the fixed prefix ``monitor_faust_``;
+  faust no longer reads or writes Kafka here (the hot paths are aiokafka loops), so its
+  series describe the web server and the runtime. Labels are never a message key or value.
+- ``monitor_consumer_lag_messages{topic,partition}`` = log end offset minus committed
+  offset for every input partition assigned to this worker, from the loops that consume
+  (ingest, the clinical runner): their public ``highwater()`` and the offsets they
+  committed. Series of partitions no longer assigned are removed.
 - ``monitor_build_info{version,faust,python}``. ``monitor_protocol_info`` is set where
   the protocols are loaded.
 
@@ -30,7 +26,6 @@ from typing import Any
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from .app import app
 from .metrics import BUILD_INFO, CONSUMER_LAG, REGISTRY
 
 log = logging.getLogger(__name__)
@@ -54,76 +49,20 @@ def set_build_info() -> None:
     BUILD_INFO.info({"version": build_version(), "faust": faust.__version__, "python": platform.python_version()})
 
 
-def attach_prometheus_sensor(faust_app: Any = app, registry=REGISTRY) -> None:
-    """Attach faust's sensor once; a second call (re-import in tests) is a no-op."""
-    if getattr(faust_app, "_monitor_prometheus_attached", False):
+#: registries faust's sensor is attached to (its metrics can be registered once per registry)
+_SENSOR_REGISTRIES: set[int] = set()
+
+
+def attach_prometheus_sensor(faust_app: Any, registry=REGISTRY) -> None:
+    """Attach faust's sensor to the first app built on ``registry``; later calls (another
+    app built in the same process, as in tests) are no-ops."""
+    if id(registry) in _SENSOR_REGISTRIES:
         return
     setup_prometheus_sensors(faust_app, pattern=FAUST_METRICS_PAGE, registry=registry, name_prefix=FAUST_METRICS_PREFIX)
-    faust_app._monitor_prometheus_attached = True
-
-
-def changelog_topics(faust_app: Any = app) -> set[str]:
-    names: set[str] = set()
-    try:
-        for table in faust_app.tables.values():
-            try:
-                names.add(table.changelog_topic.get_topic_name())
-            except Exception:  # pragma: no cover - defensive
-                pass
-    except Exception:  # pragma: no cover - defensive
-        pass
-    return names
-
-
-def _is_input(topic: str, excluded: set[str]) -> bool:
-    return topic not in excluded and not topic.endswith("-changelog") and not topic.startswith("__")
+    _SENSOR_REGISTRIES.add(id(registry))
 
 
 _lag_labels: set[tuple[str, str]] = set()
-
-
-_earliest_cache: dict[Any, int] = {}
-
-
-async def compute_lag(consumer: Any, excluded: Iterable[str] = ()) -> dict[tuple[str, int], int]:
-    """End offset minus committed offset per assigned input partition.
-
-    ``consumer`` is faust's consumer: ``assignment()``, ``highwater(tp)`` (the log end
-    offset the last fetch response reported: no network call), ``highwaters(*tps)`` (asks
-    the broker; used only for partitions not fetched yet), ``earliest_offsets(*tps)`` and
-    the committed offsets it tracks (``_committed_offset``: the next offset to read,
-    Kafka's convention). A partition with nothing committed yet counts from its earliest
-    offset (the group starts at ``earliest``); those are cached per partition.
-    """
-    excluded = set(excluded)
-    tps = sorted((tp for tp in consumer.assignment() if _is_input(tp.topic, excluded)), key=lambda t: (t.topic, t.partition))
-    if not tps:
-        return {}
-    ends: dict[Any, int | None] = {}
-    for tp in tps:
-        try:
-            ends[tp] = consumer.highwater(tp)
-        except Exception:
-            ends[tp] = None
-    unknown = [tp for tp in tps if ends[tp] is None]
-    if unknown:
-        ends.update(await asyncio.wait_for(consumer.highwaters(*unknown), LAG_TIMEOUT_SECONDS))
-    committed_map: Mapping[Any, int | None] = getattr(consumer, "_committed_offset", {}) or {}
-    committed = {tp: committed_map.get(tp) for tp in tps}
-    missing = [tp for tp, off in committed.items() if off is None and tp not in _earliest_cache]
-    if missing:
-        earliest = await asyncio.wait_for(consumer.earliest_offsets(*missing), LAG_TIMEOUT_SECONDS)
-        _earliest_cache.update({tp: off for tp, off in earliest.items() if off is not None})
-    for tp, off in committed.items():
-        if off is None:
-            committed[tp] = _earliest_cache.get(tp)
-    lag: dict[tuple[str, int], int] = {}
-    for tp in tps:
-        end, done = ends.get(tp), committed.get(tp)
-        if end is None or done is None:
-            continue
-        lag[(tp.topic, tp.partition)] = max(0, int(end) - int(done))
-    return lag
 
 
 def publish_lag(lag: Mapping[tuple[str, int], int]) -> None:
@@ -140,16 +79,13 @@ def publish_lag(lag: Mapping[tuple[str, int], int]) -> None:
     _lag_labels.update(current)
 
 
-async def update_consumer_lag(faust_app: Any = app) -> bool:
-    """One timer tick. Returns False (and logs) on any failure; never raises."""
+async def update_consumer_lag(providers: Iterable[Any]) -> bool:
+    """One timer tick over objects with ``lag() -> {(topic, partition): messages}``.
+    Returns False (and logs) on any failure; never raises."""
     try:
-        if faust_app.rebalancing:
-            return False
-        lag = await compute_lag(faust_app.consumer, changelog_topics(faust_app))
-        # the input topics are read by the batched ingest consumer, not by faust
-        from .agents.ingest import INGEST
-
-        lag.update(INGEST.lag())
+        lag: dict[tuple[str, int], int] = {}
+        for p in providers:
+            lag.update(p.lag())
         publish_lag(lag)
         return True
     except asyncio.CancelledError:
@@ -157,12 +93,3 @@ async def update_consumer_lag(faust_app: Any = app) -> bool:
     except Exception as exc:  # a timer must never crash the worker
         log.warning("consumer lag update failed: %s", type(exc).__name__)
         return False
-
-
-@app.timer(interval=LAG_INTERVAL_SECONDS)
-async def consumer_lag_timer() -> None:
-    await update_consumer_lag(app)
-
-
-attach_prometheus_sensor(app, REGISTRY)
-set_build_info()

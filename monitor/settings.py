@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     topic_findings: str = "findings"
     topic_alerts: str = "alerts"
     topic_alert_actions: str = "alert-actions"
+    #: retired: the clock runs in-process (kept until deploy/k8s drops the topic)
     topic_ticks: str = "patient-ticks"
+    #: compacted changelog of the clinical stage's patient store (empty: ``<app id>-patients-changelog``)
+    topic_patient_changelog: str = ""
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
     #: compacted ledger of replayed dead letters (``monitor dlq replay``); empty = "<topic_dead_letter>-replays"
@@ -45,8 +48,8 @@ class Settings(BaseSettings):
     #: consumer-group session timeout: how soon a crashed worker's partitions move
     kafka_session_timeout_seconds: float = 10.0
 
-    # table store: memory:// keeps state in RAM, rebuilt from the changelog on start
-    table_store: str = "memory://"
+    #: faust's data directory (faust keeps no tables here any more; the patient store is in
+    #: memory, rebuilt from its changelog topic)
     data_dir: str = ".monitor-data"
 
     # web server (health, metrics, actions API, inbox)
@@ -82,6 +85,26 @@ class Settings(BaseSettings):
     tick_interval_seconds: float = 30.0
 
     log_level: str = "INFO"
+
+
+#: the one list of the service's topics: default (short) name -> settings field. The inputs
+#: come first; the patient changelog is named after the app id (``topics_admin.changelog_topic``).
+INPUT_TOPICS = {
+    "lab-results": "topic_lab_results",
+    "vital-signs": "topic_vital_signs",
+    "liver-function": "topic_liver_function",
+    "treatments": "topic_treatments",
+}
+SERVICE_TOPICS = {
+    **INPUT_TOPICS,
+    "observations": "topic_observations",
+    "dead-letter": "topic_dead_letter",
+    "findings": "topic_findings",
+    "alerts": "topic_alerts",
+    "alert-actions": "topic_alert_actions",
+    "patient-ticks": "topic_ticks",
+    "alert-deliveries": "topic_deliveries",
+}
 
 
 @lru_cache(maxsize=1)

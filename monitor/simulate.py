@@ -68,9 +68,11 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from schemas.findings import Severity
+
 DAY = 86400.0
-SEVERITIES = ("info", "warning", "high", "critical")
-SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+SEVERITIES = tuple(s.value for s in sorted(Severity, key=lambda s: s.rank))
+SEV_RANK = {s.value: s.rank for s in Severity}
 GRADE_SEV = {1: "info", 2: "warning", 3: "high", 4: "critical"}
 FORMATS = ("json", "fhir", "hl7")
 IV = "onasemnogene-abeparvovec-iv"

@@ -9,17 +9,13 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from .kafka_config import kafka_python_config
-from .settings import Settings
+from .settings import SERVICE_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
 
 def service_topics(s: Settings) -> list[str]:
-    return [
-        s.topic_lab_results, s.topic_vital_signs, s.topic_liver_function, s.topic_treatments,
-        s.topic_observations, s.topic_dead_letter, s.topic_findings, s.topic_alerts,
-        s.topic_alert_actions, s.topic_ticks, s.topic_deliveries,
-    ]
+    return [getattr(s, field) for field in SERVICE_TOPICS.values()]
 
 
 class KafkaUnreachable(RuntimeError):
@@ -74,18 +70,34 @@ def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
         f"{why}; check the bootstrap servers, TLS files and SASL credentials")
 
 
+def changelog_topic(s: Settings) -> str:
+    """The clinical stage's patient store changelog (compacted; one partition per
+    partition of the patient stream ``observations``)."""
+    return s.topic_patient_changelog or f"{s.app_id}-patients-changelog"
+
+
+def compacted_topics(s: Settings) -> set[str]:
+    return {s.topic_deliveries, changelog_topic(s)}
+
+
 def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
-    """Create missing topics; returns the names created."""
-    names = names or service_topics(s)
+    """Create missing topics (the service topics and the patient changelog); returns the
+    names created. The changelog gets as many partitions as the patient stream has."""
+    names = names or [*service_topics(s), changelog_topic(s)]
     admin = admin_client(s, timeout)
     try:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
+            stream_partitions = s.topic_partitions
+            if s.topic_observations in existing:
+                (desc,) = admin.describe_topics([s.topic_observations])
+                stream_partitions = len(desc["partitions"]) or stream_partitions
             try:
                 admin.create_topics([
-                    NewTopic(n, s.topic_partitions, s.topic_replication_factor,
-                             topic_configs=({"cleanup.policy": "compact"} if n == s.topic_deliveries else {}))
+                    NewTopic(n, stream_partitions if n == changelog_topic(s) else s.topic_partitions,
+                             s.topic_replication_factor,
+                             topic_configs=({"cleanup.policy": "compact"} if n in compacted_topics(s) else {}))
                     for n in missing
                 ])
             except TopicAlreadyExistsError:

@@ -11,19 +11,12 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE_TOPICS = {
-    "TOPIC_LAB_RESULTS": "lab-results",
-    "TOPIC_VITAL_SIGNS": "vital-signs",
-    "TOPIC_LIVER_FUNCTION": "liver-function",
-    "TOPIC_TREATMENTS": "treatments",
-    "TOPIC_OBSERVATIONS": "observations",
-    "TOPIC_DEAD_LETTER": "dead-letter",
-    "TOPIC_FINDINGS": "findings",
-    "TOPIC_ALERTS": "alerts",
-    "TOPIC_ALERT_ACTIONS": "alert-actions",
-    "TOPIC_TICKS": "patient-ticks",
-    "TOPIC_DELIVERIES": "alert-deliveries",
-}
+sys.path.insert(0, str(ROOT))
+
+from monitor.settings import SERVICE_TOPICS as _SETTINGS_TOPICS  # noqa: E402
+
+#: environment variable -> default topic name, from the service's one list of topics
+SERVICE_TOPICS = {field.upper(): short for short, field in _SETTINGS_TOPICS.items()}
 
 
 def free_port() -> int:

@@ -94,6 +94,8 @@ class KafkaBridge:
             for tp in sorted(batch, key=lambda tp: tp.topic == s.topic_alerts):
                 h = handlers.get(tp.topic)
                 for msg in batch[tp]:
+                    if tp.topic == s.topic_observations and msg.headers:
+                        continue  # a treatment or action routed into the patient stream (read at its source)
                     try:
                         h(msg.value)
                     except Exception:  # never let one bad record stop the view

@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from schemas.alert import OPEN_STATUSES, Alert, AlertAction
 from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
-from schemas.findings import Severity
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,6 @@ TIMELINE_PANELS: list[dict[str, Any]] = [
 ]
 #: ULN used when an ALT/AST result carries no reference range (shown as "assumed" on the page)
 DEFAULT_ULN = {"alt": 40.0, "ast": 50.0}
-SEVERITY_RANK = {s.value: s.rank for s in Severity}
-
-
 def patient_ref(secret: bytes, patient_id: str) -> str:
     return "p-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
 

@@ -20,14 +20,16 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from monitor.settings import INPUT_TOPICS, SERVICE_TOPICS
+from schemas.findings import Severity
 from workers import service_env
 
 pytestmark = pytest.mark.integration
 
-INPUTS = ("lab-results", "vital-signs", "liver-function", "treatments")
-OUTPUTS = ("observations", "dead-letter", "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
+INPUTS = tuple(INPUT_TOPICS)
+OUTPUTS = tuple(t for t in SERVICE_TOPICS if t not in INPUT_TOPICS)
 CLOCK_RULES = {"schedule.overdue", "monitoring.complete"}
-SEV = {"info": 0, "warning": 1, "high": 2, "critical": 3}
+SEV = {s.value: s.rank for s in Severity}
 
 LOINC = {  # analyte: (LOINC, unit)
     "alt": ("1742-6", "U/L"), "ast": ("1920-8", "U/L"), "bilirubin_total": ("1975-2", "mg/dL"),

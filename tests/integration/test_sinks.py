@@ -25,7 +25,7 @@ from aiohttp import web
 
 from alerts.lifecycle import AlertBook, LifecycleConfig, apply_action, apply_finding, tick
 from alerts.routing import RouteSpec
-from alerts.sinks import (
+from monitor.notify.sinks import (
     AlertmanagerSink,
     Backoff,
     DeliveryHooks,

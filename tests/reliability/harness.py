@@ -30,9 +30,12 @@ if str(TESTS) not in sys.path:
 
 from workers import SERVICE_TOPICS, WorkerProcess  # noqa: E402
 
+from monitor.settings import INPUT_TOPICS as SETTINGS_INPUT_TOPICS  # noqa: E402
+from schemas.findings import Severity  # noqa: E402
+
 ALL_TOPICS = tuple(SERVICE_TOPICS.values())
-INPUT_TOPICS = ("lab-results", "vital-signs", "liver-function", "treatments")
-SEV_RANK = {"info": 0, "warning": 1, "high": 2, "critical": 3}
+INPUT_TOPICS = tuple(SETTINGS_INPUT_TOPICS)
+SEV_RANK = {s.value: s.rank for s in Severity}
 
 
 def kills_default(ci: int = 3) -> int:
@@ -186,6 +189,8 @@ class TopicReader:
             for tp, msgs in batch.items():
                 short = self._short[tp.topic]
                 for m in msgs:
+                    if short == "observations" and m.headers:
+                        continue  # a treatment or action routed into the patient stream
                     self.out.counts[short] += 1
                     if short == "observations":
                         self.out.observations[json.loads(m.value)["observation_id"]] += 1

@@ -180,7 +180,7 @@ def _alert():
 
 
 def payloads() -> dict[str, bytes]:
-    from alerts.sinks import WebhookSink
+    from monitor.notify.sinks import WebhookSink
     from schemas.alert import AlertAction
     from schemas.events import Observation
     from schemas.findings import Finding, ProtocolRef

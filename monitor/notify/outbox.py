@@ -21,12 +21,12 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from alerts.sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
+from .sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
-from .kafka_config import aiokafka_config
-from .metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
-from .settings import Settings
+from ..kafka_config import aiokafka_config
+from ..metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class KafkaLedger:
         if self._producer is not None and self._topic:
             return self._producer.send_and_wait(self._topic, key=k.encode(), value=b"1")
         return None
+
+    def attach(self, producer: AIOKafkaProducer, topic: str) -> None:
+        """From now on every delivery is also written to ``topic``."""
+        self._producer, self._topic = producer, topic
 
     def add_raw(self, key: bytes) -> None:
         self._keys.add(key.decode())
@@ -106,7 +110,7 @@ class DeliveryService:
                                                  auto_offset_reset="earliest", group_id=None, **cfg)
         await self._ledger_consumer.start()
         await self._catch_up_ledger()
-        self.ledger._producer, self.ledger._topic = self._producer, s.topic_deliveries
+        self.ledger.attach(self._producer, s.topic_deliveries)
         log.info("delivery ledger loaded: %d delivered versions", len(self.ledger))
         await self.dispatcher.start()
         self._outbox = AIOKafkaConsumer(

@@ -39,9 +39,10 @@ Dispatcher guarantees
   delivered; already-delivered or already-pending keys are skipped at enqueue and checked
   again before each attempt. The key is marked after a successful delivery, so a crash
   between delivery and mark can repeat one delivery: receivers dedupe on the
-  ``Idempotency-Key`` / ``alert_ref``+version. Back the ledger with a changelog table to
-  survive restarts; after a restart the worker re-enqueues the latest version of each
-  alert and the ledger suppresses what was already delivered.
+  ``Idempotency-Key`` / ``alert_ref``+version. The worker's ledger
+  (``monitor.notify.outbox.KafkaLedger``) lives on the compacted ``alert-deliveries``
+  topic; after a restart the outbox replays the ``alerts`` topic from its commit and the
+  ledger suppresses what was already delivered.
 * Metrics hooks: :class:`DeliveryHooks` callbacks (all optional, exceptions swallowed).
 """
 from __future__ import annotations
@@ -236,7 +237,7 @@ class DeliveryKey(NamedTuple):
 
 
 class DeliveryLedger(Protocol):
-    """Which (sink, alert_id, version) were delivered. Back it with a changelog table."""
+    """Which (sink, alert_id, version) were delivered (the worker's: ``KafkaLedger``)."""
 
     def seen(self, key: DeliveryKey) -> bool: ...
 

@@ -1,0 +1,268 @@
+"""The clinical step without any framework: records of the patient stream in, records to
+produce out.
+
+The clinical stage reads ONE keyed stream (``observations``): canonical observations,
+plus the treatment events and alert actions that ingest routes into it keyed by patient
+(header ``kind``: ``treatment`` or ``action``; no header = observation). A patient's
+events are therefore in one partition, in the order they were written: no cross-topic
+ordering to reconstruct, and no producer key or partitioner can put a dose on another
+partition than the patient's labs.
+
+For each record the processor runs the rule engine and the alert lifecycle over the
+patient's state from the :class:`~monitor.clinical.store.PatientStore`, marks the patient
+changed, and returns what must be produced: findings, alert versions and dead letters.
+Bad input is a dead letter (original bytes, a reason, the source coordinates), never an
+exception. The clock (overdue samples, escalation, silence expiry) is :meth:`tick` over
+the patients the caller owns.
+
+No Kafka import: the runner (``runner.py``) does the I/O; unit tests call this directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+from pydantic import ValidationError
+
+from alerts.engine import Engine
+from alerts.lifecycle import ActionError, AlertBook, Forbidden, LifecycleConfig, UnknownAlert, apply_action, apply_finding, tick
+from schemas.alert import Alert, AlertAction
+from schemas.errors import Reason, Rejected
+from schemas.events import Observation
+from schemas.findings import Finding
+from schemas.ingest import Limits, decode
+
+from ..dlq import dead_letter_headers
+from ..metrics import (
+    ALERT_ESCALATIONS,
+    ALERT_TRANSITIONS,
+    ALERTS_OPENED,
+    DEAD_LETTERS,
+    EFFECTIVE_TO_ALERT,
+    EVENTS_CONSUMED,
+    FINDINGS,
+    PROCESSING_SECONDS,
+    RECEIPT_TO_ALERT,
+    TIME_TO_ACK,
+)
+from .store import PatientStore
+
+log = logging.getLogger(__name__)
+
+#: header naming what a record of the patient stream is (absent: an observation)
+KIND_HEADER = "kind"
+KIND_TREATMENT = b"treatment"
+KIND_ACTION = b"action"
+#: where a routed record came from (its dead letter points back there)
+SRC_TOPIC, SRC_PARTITION, SRC_OFFSET = "src.topic", "src.partition", "src.offset"
+
+
+@dataclass(slots=True, frozen=True)
+class Output:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list | None = None
+
+
+def routed_headers(kind: bytes, topic: str, partition: int | None, offset: int | None) -> list[tuple[str, bytes]]:
+    """Headers of a treatment or action that ingest routes into the patient stream."""
+    return [(KIND_HEADER, kind), (SRC_TOPIC, topic.encode()),
+            (SRC_PARTITION, b"" if partition is None else str(partition).encode()),
+            (SRC_OFFSET, b"" if offset is None else str(offset).encode())]
+
+
+def _headers(rec: Any) -> dict[str, bytes]:
+    h = getattr(rec, "headers", None)
+    return {k: v for k, v in h} if h else {}
+
+
+class _Labels:
+    """Metric children cached by label values (``labels()`` costs more than the increment)."""
+
+    def __init__(self) -> None:
+        self._c: dict[tuple, Any] = {}
+
+    def get(self, metric, *values):
+        k = (id(metric), *values)
+        c = self._c.get(k)
+        if c is None:
+            c = self._c[k] = metric.labels(*values)
+        return c
+
+
+class ClinicalProcessor:
+    """Engine + lifecycle over a batch of records of the partitions the caller owns."""
+
+    def __init__(self, engine: Engine, lifecycle: LifecycleConfig, store: PatientStore, *, findings_topic: str,
+                 alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None,
+                 clock_settle_seconds: float = 2.0, monotonic=time.monotonic) -> None:
+        self.engine = engine
+        self.lifecycle = lifecycle
+        self.store = store
+        self.findings_topic = findings_topic
+        self.alerts_topic = alerts_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.limits = limits or Limits()
+        self._m = _Labels()
+        #: patients with an open ``schedule.overdue`` alert (a gauge)
+        self.overdue: set[str] = set()
+        #: the clock skips a patient whose records were processed this recently: a dose and
+        #: the samples written right after it are judged together, not the dose alone
+        self.clock_settle_seconds = clock_settle_seconds
+        self._monotonic = monotonic
+        self._last_input: dict[str, float] = {}
+
+    # -- batches -------------------------------------------------------------------------
+    def process(self, records: Iterable[Any], now: datetime | None = None) -> list[Output]:
+        """Records (``topic, partition, offset, key, value, headers``) -> outputs, in order."""
+        now = now or datetime.now(timezone.utc)
+        out: list[Output] = []
+        for rec in records:
+            self.process_one(rec, now, out)
+        return out
+
+    def process_one(self, rec: Any, now: datetime, out: list[Output]) -> None:
+        headers = _headers(rec)
+        kind = headers.get(KIND_HEADER)
+        started = time.perf_counter()
+        try:
+            if kind is None:
+                self._observation(rec, now, out)
+                stage = "evaluate"
+            elif kind == KIND_TREATMENT:
+                self._treatment(rec, now, out)
+                stage = "treatment"
+            elif kind == KIND_ACTION:
+                self._action(rec, now, out)
+                stage = "action"
+            else:
+                raise Rejected(Reason.SCHEMA_INVALID, f"unknown record kind {kind[:40]!r} on the patient stream")
+            self._m.get(PROCESSING_SECONDS, stage).observe(time.perf_counter() - started)
+        except Rejected as rej:
+            self._dead(rec, headers, rej.reason, rej.message, now, out)
+        except ValidationError as exc:
+            self._dead(rec, headers, Reason.SCHEMA_INVALID,
+                       str(exc.errors(include_url=False, include_input=False)[:1]), now, out)
+        except Exception as exc:  # the worker never crashes on input
+            log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, rec.topic, rec.partition, rec.offset,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            if rec.key:  # a half-updated patient goes back to its durable version
+                self.store.discard(rec.key.decode(errors="replace"))
+            self._dead(rec, headers, Reason.INTERNAL_ERROR, f"{type(exc).__name__} while processing", now, out)
+
+    # -- one record ----------------------------------------------------------------------
+    def _observation(self, rec: Any, now: datetime, out: list[Output]) -> None:
+        obs = Observation.model_validate_json(rec.value)
+        self._last_input[obs.patient_id] = self._monotonic()
+        state, book = self.store.load(obs.patient_id, rec.partition)
+        findings = self.engine.evaluate_observation(state, obs, now)
+        self.store.mark_changed(obs.patient_id)
+        self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
+
+    def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> None:
+        event = decode("treatments", rec.value, received_at=now, limits=self.limits)
+        self._last_input[event.patient_id] = self._monotonic()
+        state, book = self.store.load(event.patient_id, rec.partition)
+        findings = self.engine.apply_treatment(state, event, now)
+        self.store.mark_changed(event.patient_id)
+        self._emit(self._findings(findings, book, now, out), now, None, out)
+
+    def _action(self, rec: Any, now: datetime, out: list[Output]) -> None:
+        action = AlertAction.model_validate_json(rec.value)
+        patient_id = action.patient_id or (rec.key.decode() if rec.key else None)
+        if not patient_id:
+            raise Rejected(Reason.ACTION_INVALID, "action names no patient (set patient_id or the message key)")
+        _state, book = self.store.load(patient_id, rec.partition)
+        try:
+            alerts = apply_action(book, action, now, self.lifecycle)
+        except UnknownAlert as exc:
+            raise Rejected(Reason.ACTION_UNKNOWN_ALERT, str(exc)) from None
+        except Forbidden as exc:
+            raise Rejected(Reason.ACTION_FORBIDDEN, str(exc)) from None
+        except ActionError as exc:
+            raise Rejected(Reason.ACTION_INVALID, str(exc)) from None
+        self.store.mark_changed(patient_id)
+        self._emit(alerts, now, None, out)
+
+    # -- the clock -----------------------------------------------------------------------
+    def tick(self, patient_ids: Sequence[str], now: datetime | None = None) -> list[Output]:
+        """Overdue samples, escalation and silence expiry for these (owned) patients."""
+        now = now or datetime.now(timezone.utc)
+        out: list[Output] = []
+        settled_before = self._monotonic() - self.clock_settle_seconds
+        for pid in patient_ids:
+            partition = self.store.partition_of(pid)
+            if partition is None:
+                continue
+            if self._last_input.get(pid, settled_before) > settled_before:
+                continue  # inputs of this patient are arriving now: the next tick judges them
+            self._last_input.pop(pid, None)
+            try:
+                state, book = self.store.load(pid, partition)
+                findings = self.engine.check_schedule(state, now)
+                alerts = self._findings(findings, book, now, out)
+                alerts.extend(tick(book, now, self.lifecycle))
+            except Exception as exc:  # one patient's clock never stops the others
+                log.warning("clock tick failed: %s", type(exc).__name__)
+                self.store.discard(pid)
+                continue
+            if findings or alerts:
+                self.store.mark_changed(pid)
+            if any(a.rule_id == "schedule.overdue" for a in book.open_alerts()):
+                self.overdue.add(pid)
+            else:
+                self.overdue.discard(pid)
+            self._emit(alerts, now, None, out)
+        return out
+
+    # -- outputs -------------------------------------------------------------------------
+    def _findings(self, findings: list[Finding], book: AlertBook, now: datetime, out: list[Output]) -> list[Alert]:
+        changed: list[Alert] = []
+        for f in findings:
+            self._m.get(FINDINGS, f.rule_id, f.severity.value if f.severity else "none", f.state).inc()
+            out.append(Output(self.findings_topic, f.patient_id.encode(), f.model_dump_json().encode()))
+            changed.extend(apply_finding(book, f, now, self.lifecycle))
+        return changed
+
+    def _emit(self, alerts: list[Alert], now: datetime, received_at: datetime | None, out: list[Output]) -> None:
+        for a in alerts:
+            out.append(Output(self.alerts_topic, a.patient_id.encode(), a.model_dump_json().encode()))
+            sev = a.severity.value if a.severity else "critical"
+            if a.version == 1:
+                self._m.get(ALERTS_OPENED, a.rule_id, sev).inc()
+                if a.effective_at is not None:
+                    EFFECTIVE_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - a.effective_at).total_seconds()))
+                if received_at is not None:
+                    RECEIPT_TO_ALERT.labels(severity=sev).observe(max(0.0, (now - received_at).total_seconds()))
+            if a.status_changed:
+                ALERT_TRANSITIONS.labels(rule_id=a.rule_id, from_status=a.previous_status.value,
+                                         to_status=a.status.value).inc()
+                if a.status.value == "acknowledged":
+                    TIME_TO_ACK.labels(severity=sev).observe(max(0.0, (now - a.opened_at).total_seconds()))
+            if "escalated" in (a.changes or []):
+                ALERT_ESCALATIONS.labels(rule_id=a.rule_id, severity=sev).inc()
+
+    def _dead(self, rec: Any, headers: dict[str, bytes], reason: Reason, message: str, now: datetime,
+              out: list[Output]) -> None:
+        """The original bytes to the dead-letter topic, pointing at where they came from
+        (for a routed treatment or action: its source topic, not the patient stream)."""
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        if SRC_TOPIC in headers:
+            topic = headers[SRC_TOPIC].decode(errors="replace")
+            partition = int(headers[SRC_PARTITION]) if headers.get(SRC_PARTITION) else None
+            offset = int(headers[SRC_OFFSET]) if headers.get(SRC_OFFSET) else None
+        kind = "treatments" if headers.get(KIND_HEADER) == KIND_TREATMENT else topic
+        self._m.get(EVENTS_CONSUMED, kind, "invalid").inc()
+        self._m.get(DEAD_LETTERS, topic, reason.value).inc()
+        log.info("dead-lettered %s[%s]@%s: %s", topic, partition, offset, reason.value)
+        out.append(Output(self.dead_letter_topic, rec.key, rec.value if rec.value is not None else b"",
+                          dead_letter_headers(reason, message, topic, partition, offset, now)))
+
+
+__all__ = ["ClinicalProcessor", "Output", "routed_headers", "KIND_HEADER", "KIND_TREATMENT", "KIND_ACTION"]

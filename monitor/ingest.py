@@ -1,0 +1,273 @@
+"""Ingest: raw input bytes -> the patient stream ``observations``, or dead-letter.
+
+Lab results, vital signs and liver panels become canonical observations. Treatment
+events (validated here) and alert actions are routed into the same stream, keyed by
+their patient id (header ``kind``; original bytes and source coordinates kept), so the
+clinical stage reads one keyed stream in which a patient's events are in one partition
+in write order: a dose sent without a key, or by a client whose partitioner is not
+murmur2, still lands on the patient's partition (aiokafka's default partitioner is
+murmur2, as Kafka's Java client).
+
+Ingest is stateless, so it runs as a batched consume -> decode -> produce -> commit loop
+on aiokafka inside the worker process rather than as a per-message faust agent: the
+profile of the faust agent showed the time going to per-message stream, conductor and
+producer overhead, not to decoding (see README, "Performance"). Guarantees:
+
+- at least once: a batch's offsets are committed only after the broker acknowledged
+  every observation and dead letter produced from it; on a failed write the consumer
+  rewinds to the last commit and the batch is processed again (ids are stable, so
+  downstream stages see the same observation ids);
+- nothing lost: every input ends as observations or as a dead letter with its original
+  bytes, source topic/partition/offset and a reason; nothing raised by decoding can stop
+  the loop;
+- keyed by patient: observations are produced with ``patient_id`` as key.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.structs import TopicPartition
+from pydantic import ValidationError
+
+from schemas.analytes import catalogue
+from schemas.errors import Reason, Rejected
+from schemas.ingest import Limits, decode
+
+from schemas.alert import AlertAction
+
+from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
+from .dlq import dead_letter_headers
+from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind
+from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
+
+from .settings import Settings, get_settings
+from .write_order import WriteOrderMerge
+
+log = logging.getLogger(__name__)
+
+
+def limits_of(s: Settings) -> Limits:
+    return Limits(max_bytes=s.max_payload_bytes, max_depth=s.max_json_depth,
+                  max_future=timedelta(seconds=s.max_future_skew_seconds))
+
+
+_MONITORED = {a.key: str(a.monitored).lower() for a in catalogue().by_key.values()}
+
+
+class _Counters:
+    """Metric children cached by label values: ``labels()`` costs more than the increment."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple, object] = {}
+        self._obs: dict[str, object] = {}
+        self._dead: dict[tuple, object] = {}
+
+    def event(self, kind: str, fmt: str) -> None:
+        c = self._events.get((kind, fmt))
+        if c is None:
+            c = self._events[(kind, fmt)] = EVENTS_CONSUMED.labels(topic=kind, format=fmt)
+        c.inc()
+
+    def observation(self, analyte: str) -> None:
+        c = self._obs.get(analyte)
+        if c is None:
+            c = self._obs[analyte] = OBSERVATIONS.labels(analyte=analyte, monitored=_MONITORED.get(analyte, "false"))
+        c.inc()
+
+    def dead(self, topic: str, reason: str) -> None:
+        c = self._dead.get((topic, reason))
+        if c is None:
+            c = self._dead[(topic, reason)] = DEAD_LETTERS.labels(topic=topic, reason=reason)
+        c.inc()
+
+
+COUNTERS = _Counters()
+
+
+class Ingest:
+    """The pure step of ingest for one worker's settings: one input message -> the records
+    to produce ``(topic, key, value, headers)``."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.limits = limits_of(s)
+        self.kinds = {s.topic_lab_results: "lab-results", s.topic_vital_signs: "vital-signs",
+                      s.topic_liver_function: "liver-function", s.topic_treatments: "treatments"}
+        self.topics = [*self.kinds, s.topic_alert_actions]
+
+    def record(self, topic: str, partition: int | None, offset: int | None, key: bytes | None, raw: bytes | None,
+               received_at: datetime) -> list[tuple[str, bytes | None, bytes, list | None]]:
+        s = self.s
+        kind = self.kinds.get(topic, topic)
+        try:
+            if topic == s.topic_alert_actions:
+                return [self._action(topic, partition, offset, key, raw)]
+            decoded = decode(kind, raw, received_at=received_at, limits=self.limits)
+        except Rejected as rej:
+            reason, message = rej.reason, rej.message
+        except ValidationError as exc:
+            reason, message = Reason.SCHEMA_INVALID, str(exc.errors(include_url=False, include_input=False)[:1])
+        except Exception as exc:  # never crash on input
+            log.warning("unexpected %s decoding input from %s[%s]@%s", type(exc).__name__, topic, partition, offset)
+            reason, message = Reason.INTERNAL_ERROR, f"{type(exc).__name__} while decoding"
+        else:
+            if not isinstance(decoded, list):  # a treatment: to the patient's partition of the stream
+                COUNTERS.event(kind, "json")
+                return [(s.topic_observations, decoded.patient_id.encode(), raw,
+                         routed_headers(KIND_TREATMENT, topic, partition, offset))]
+            COUNTERS.event(kind, decoded[0].format if decoded else "json")
+            out = []
+            for obs in decoded:
+                COUNTERS.observation(obs.analyte)
+                out.append((s.topic_observations, obs.patient_id.encode(), obs.model_dump_json().encode(), None))
+            if decoded:
+                SOURCE_LAST_EVENT.labels(source=source_label(decoded[0].source)).set(received_at.timestamp())
+            return out
+        COUNTERS.event(kind, "invalid")
+        COUNTERS.dead(topic, reason.value)
+        log.info("dead-lettered input from %s[%s]@%s: %s", topic, partition, offset, reason.value)
+        return [(s.topic_dead_letter, key, raw if raw is not None else b"",
+                 dead_letter_headers(reason, message, topic, partition, offset, received_at))]
+
+    def _action(self, topic, partition, offset, key, raw) -> tuple:
+        """An action goes to its patient's partition of the stream; the lifecycle decides on
+        it (unknown alert, role, state) and dead-letters it there if refused."""
+        action = AlertAction.model_validate_json(raw or b"")
+        patient_id = action.patient_id or (key.decode(errors="replace") if key else None)
+        if not patient_id:
+            raise Rejected(Reason.ACTION_INVALID, "action names no patient (set patient_id or the message key)")
+        return (self.s.topic_observations, patient_id.encode(), raw,
+                routed_headers(KIND_ACTION, topic, partition, offset))
+
+
+def ingest_record(topic: str, partition: int | None, offset: int | None, key: bytes | None, raw: bytes | None,
+                  received_at: datetime) -> list[tuple[str, bytes | None, bytes, list | None]]:
+    """``Ingest.record`` with the environment's settings (tests and benchmarks)."""
+    return Ingest(get_settings()).record(topic, partition, offset, key, raw, received_at)
+
+
+class IngestService(ConsumerRebalanceListener):
+    """The batched ingest loop; one consumer group ``<app id>-ingest`` across workers.
+
+    Records are produced in the order they were written across the input topics (record
+    timestamps, see ``monitor.write_order``): a dose published before a lab result stands
+    ahead of it in the patient stream, also when a backlog is read after a restart. The
+    range assignor gives one worker the same partition number of every input topic, so a
+    patient whose producers key by patient id has all inputs merged by one worker."""
+
+    MAX_BATCH = 2000
+    #: pause fetching a partition whose buffer holds this many records (resume at a quarter)
+    MAX_BUFFERED = 20_000
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.step = Ingest(s)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.ready = asyncio.Event()
+        self.processed = 0
+        self.positions = Positions()
+        # within one timestamp, treatments first (see monitor.write_order)
+        self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.producer = new_producer(self.s, linger_ms=1)
+        await self.producer.start()
+        self.consumer = new_consumer(self.s, group_id=f"{self.s.app_id}-ingest",
+                                     partition_assignment_strategy=(RangePartitionAssignor,))
+        self.consumer.subscribe(self.step.topics, listener=self)
+        await self.consumer.start()
+        self.ready.set()
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self._lock:  # the batch in flight finishes (and commits) first
+            self.merge.clear()  # the positions start again at the commits after the assignment
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+    async def _caught_up(self, consumer: AIOKafkaConsumer, tps) -> set:
+        out = set()
+        for tp in tps:
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                if await consumer.position(tp) >= end:
+                    out.add(tp)
+            except Exception:  # revoked meanwhile
+                continue
+        return out
+
+    def _flow_control(self, consumer: AIOKafkaConsumer) -> None:
+        paused = consumer.paused()
+        for tp, n in self.merge.sizes().items():
+            if n >= self.MAX_BUFFERED and tp not in paused:
+                consumer.pause(tp)
+            elif n <= self.MAX_BUFFERED // 4 and tp in paused:
+                consumer.resume(tp)
+
+    async def run(self) -> None:
+        await self.start()
+        consumer, producer = self.consumer, self.producer
+        assert consumer is not None and producer is not None
+        record = self.step.record
+        while True:
+            batch = await consumer.getmany(timeout_ms=50 if len(self.merge) else 200, max_records=self.MAX_BATCH)
+            async with self._lock:
+                assigned = consumer.assignment()
+                self.merge.add({tp: rs for tp, rs in batch.items() if tp in assigned})
+                if not len(self.merge):
+                    continue
+                self._flow_control(consumer)
+                ordered = self.merge.take(assigned, await self._caught_up(consumer, assigned), self.MAX_BATCH)
+                if not ordered:
+                    continue
+                started = time.perf_counter()
+                received_at = datetime.now(timezone.utc)
+                out = []
+                last: dict = {}
+                for r in ordered:
+                    last[(r.topic, r.partition)] = r.offset
+                    for topic, key, value, headers in record(r.topic, r.partition, r.offset, r.key, r.value,
+                                                             received_at):
+                        out.append((topic, key, value, headers, None))
+                try:
+                    await produce_all(producer, out)
+                    offsets = {TopicPartition(t, p): off + 1 for (t, p), off in last.items()}
+                    await consumer.commit(offsets)
+                    self.positions.committed.update(offsets)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # not acknowledged: forget what is buffered, rewind every partition to its
+                    # last commit and process from there again
+                    log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
+                    self.merge.clear()
+                    await asyncio.sleep(1.0)
+                    await rewind(consumer, list(consumer.assignment()), "ingest")
+                    continue
+                self.processed += len(ordered)
+                PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return self.positions.lag(self.consumer)
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        self.merge.clear()
+        for c in (self.consumer, self.producer):
+            if c is not None:
+                try:
+                    await c.stop()
+                except Exception:
+                    pass
+        self.consumer = self.producer = None
+
+

@@ -1,0 +1,170 @@
+"""The composition root of a worker: everything that runs, built and wired in one place.
+
+One faust app per worker is the service runtime (web server, timers, services). It hosts:
+
+- ``ingest``: the batched aiokafka loop raw inputs -> the patient stream ``observations``
+  (observations, plus treatments and actions routed there keyed by patient);
+- ``clinical``: the clinical runner (engine + lifecycle over the patient store, restored
+  from its changelog topic) on the patient stream;
+- ``delivery``: the outbox consumer that pages the sinks;
+- timers: the clinical clock (overdue samples, escalation) and the consumer-lag gauge;
+- web: ``/healthz``, ``/readyz``, ``/metrics`` and the actions API.
+
+Each loop is a :class:`Hosted` service: started with the app, restarted after a failure
+(its clients closed and opened again; the loops resume from their committed offsets),
+stopped cleanly with the worker (leaving the consumer groups, so partitions move at once).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from mode import Service
+
+from alerts.engine import Engine
+from alerts.lifecycle import LifecycleConfig
+from alerts.protocol import default_protocols, load_protocol
+from alerts.routing import RouteSpec
+
+from .actions_api import ActionsAPI, register_actions_api
+from .app import create_app
+from .clinical.processor import ClinicalProcessor
+from .clinical.runner import ClinicalRunner
+from .clinical.store import InMemoryPatientStore
+from .notify.outbox import DeliveryService
+from .ingest import IngestService, limits_of
+from .metrics import PROTOCOL_INFO
+from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
+from .settings import Settings, get_settings
+from .web import register_web
+
+log = logging.getLogger(__name__)
+
+
+class Hosted(Service):
+    """A loop (``run()`` / ``stop()``) as a faust service, restarted when it fails."""
+
+    restart_delay = 2.0
+
+    def __init__(self, component: Any, name: str, **kwargs: Any) -> None:
+        self.component = component
+        self.component_name = name
+        super().__init__(**kwargs)
+
+    @Service.task
+    async def _supervise(self) -> None:
+        while not self.should_stop:
+            try:
+                await self.component.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self.should_stop:
+                    break  # its clients were closed by on_stop
+                log.exception("%s loop stopped; restarting in %.0f s", self.component_name, self.restart_delay)
+            await self.component.stop()
+            await self.sleep(self.restart_delay)
+
+    async def on_stop(self) -> None:
+        await self.component.stop()
+
+
+class _DeliveryLoop:
+    """``DeliveryService`` (start/stop, tasks of its own) shaped as a loop."""
+
+    def __init__(self, delivery: DeliveryService) -> None:
+        self.delivery = delivery
+
+    async def run(self) -> None:
+        await self.delivery.start()
+        await asyncio.Event().wait()  # its tasks run until stop()
+
+    async def stop(self) -> None:
+        await self.delivery.stop()
+
+
+def load_protocols(s: Settings):
+    if s.protocol_files.strip():
+        return [load_protocol(p.strip()) for p in s.protocol_files.split(",") if p.strip()]
+    return default_protocols()
+
+
+def lifecycle_config(protocols, s: Settings) -> LifecycleConfig:
+    routes = {}
+    for p in protocols:
+        for r in p.routes:
+            routes.setdefault(r.id, RouteSpec.model_validate(r.model_dump()))
+    return LifecycleConfig(routes=routes, pseudonym_secret=s.pseudonym_secret)
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    app: faust.App
+    ingest: IngestService
+    runner: ClinicalRunner
+    delivery: DeliveryService
+    api: ActionsAPI
+
+    def ready(self) -> bool:
+        return self.ingest.ready.is_set() and self.runner.ready.is_set()
+
+
+def build_worker(s: Settings | None = None) -> Worker:
+    s = s or get_settings()
+    protocols = load_protocols(s)
+    for p in protocols:
+        PROTOCOL_INFO.labels(protocol_id=p.id, version=p.version).set(1)
+    lifecycle = lifecycle_config(protocols, s)
+    store = InMemoryPatientStore()
+    engine = Engine(protocols, id_key=s.pseudonym_secret.encode("utf-8"))  # keyed finding ids (review H2)
+    processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
+                                  alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
+                                  limits=limits_of(s))
+    runner = ClinicalRunner(s, processor, store)
+    ingest = IngestService(s)
+    delivery = DeliveryService(s)
+
+    async def publish_action(key: bytes, value: bytes):
+        producer = runner.producer
+        if producer is None:
+            raise RuntimeError("producer not started")
+        return await producer.send_and_wait(s.topic_alert_actions, value=value, key=key)
+
+    api = ActionsAPI(s.inbox_users_file, find_alert=store.find_alert, publish=publish_action,
+                     max_silence=lifecycle.max_silence)
+
+    app = create_app(s)
+    w = Worker(s, app, ingest, runner, delivery, api)
+    for component, name in ((ingest, "ingest"), (runner, "clinical"), (_DeliveryLoop(delivery), "delivery")):
+        app.service(Hosted(component, name, loop=None))
+
+    @app.timer(interval=s.tick_interval_seconds)
+    async def clinical_clock() -> None:
+        """Overdue samples, escalation and silence expiry over the patients this worker owns."""
+        try:
+            await runner.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the clock never stops the worker
+            log.warning("clinical clock failed: %s", type(exc).__name__)
+
+    @app.timer(interval=LAG_INTERVAL_SECONDS)
+    async def consumer_lag() -> None:
+        await update_consumer_lag([ingest, runner])
+
+    @app.task
+    async def quiet_library_loggers() -> None:
+        """Client libraries log per message at DEBUG; never let that reach a production worker."""
+        level = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+        for name in ("aiokafka", "kafka", "faust.transport", "mode"):
+            logging.getLogger(name).setLevel(max(level, logging.INFO))
+
+    register_web(app, w.ready)
+    register_actions_api(app, api)
+    attach_prometheus_sensor(app)
+    set_build_info()
+    return w

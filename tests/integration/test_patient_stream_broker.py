@@ -1,0 +1,49 @@
+"""Per-patient order by construction (issue 13): ingest routes treatments and actions into
+the patient stream ``observations`` keyed by patient, so a dose sent WITHOUT a key (or by a
+client with another partitioner) still lands on the partition of the patient's labs, and
+the clinical stage evaluates post-dose labs against the dose, not as pre-dose baselines."""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from test_clinical_broker import INPUTS, OUTPUTS, Reader, dose, result
+from workers import service_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_dose_without_key_reaches_the_patients_partition(kafka_bootstrap, topic_factory, worker_factory):
+    prefix = f"pst{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    worker_factory(service_env(topics, app_id=prefix), name="w1")
+    now = datetime.now(timezone.utc)
+    pid = "ps-nokey"
+    p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    # the dose first, with no key at all: the client spreads it over partitions
+    p.send(topics["treatments"], key=None, value=json.dumps(dose(pid, now - timedelta(days=5))).encode()).get(30)
+    for eid, value, day in (("nk-plt0", 320, 6), ("nk-plt", 40, 1)):
+        p.send(topics["lab-results"], key=pid.encode(),
+               value=json.dumps(result(pid, eid, "platelets", value, now - timedelta(days=day), 150, 450)).encode())
+    p.flush()
+    p.close()
+    alerts = Reader(kafka_bootstrap, topics["alerts"])
+    try:
+        (a,) = alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "heme.platelets_decreased"
+                               and x["status"] == "firing")[:1]
+        assert a["grade"] == 3 and "nk-plt" in {e["observation_id"] for e in a["evidence"]}
+    finally:
+        alerts.close()
+    # on the patient stream the routed dose sits on the same partition as the labs, before them
+    c = KafkaConsumer(topics["observations"], bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                      enable_auto_commit=False, group_id=None, consumer_timeout_ms=2000)
+    seen = [(m.partition, m.offset, dict(m.headers or []).get("kind"), m.key) for m in c]
+    c.close()
+    mine = [s for s in seen if s[3] == pid.encode()]
+    assert {s[0] for s in mine} and len({s[0] for s in mine}) == 1, mine
+    kinds = [s[2] for s in sorted(mine, key=lambda s: s[1])]
+    assert kinds[0] == b"treatment" and kinds.count(None) == 2, kinds

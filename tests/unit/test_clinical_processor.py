@@ -1,0 +1,214 @@
+"""The clinical processor and the patient store without a broker: records in, records out.
+
+- a patient's dose, results and an action on one stream give findings, alert versions and
+  dead letters (with the source coordinates of a routed record);
+- the store's changelog bytes rebuild the same state in a fresh store (restore), and a
+  replay of the same records on the restored state emits nothing new (at-least-once);
+- the clock runs over the owned patients only;
+- an internal error rolls an untouched patient back to its durable version.
+"""
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import pytest
+
+from alerts.engine import Engine
+from alerts.protocol import default_protocols
+from alerts.testkit import at, dose, obs
+from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, ClinicalProcessor, routed_headers
+from monitor.clinical.store import InMemoryPatientStore, decode
+from monitor.worker import lifecycle_config
+from monitor.settings import Settings
+
+Rec = namedtuple("Rec", "topic partition offset key value headers")
+STREAM = "observations"
+
+
+class Stream:
+    """Records of one patient-stream partition with consecutive offsets."""
+
+    def __init__(self, partition: int = 0) -> None:
+        self.partition = partition
+        self.offset = 0
+
+    def _rec(self, key: str, value: bytes, headers=None) -> Rec:
+        r = Rec(STREAM, self.partition, self.offset, key.encode(), value, headers)
+        self.offset += 1
+        return r
+
+    def observation(self, o) -> Rec:
+        return self._rec(o.patient_id, o.model_dump_json().encode())
+
+    def treatment(self, event, src_offset: int = 7) -> Rec:
+        return self._rec(event.patient_id, event.model_dump_json().encode(),
+                         routed_headers(KIND_TREATMENT, "treatments", 2, src_offset))
+
+    def action(self, patient: str, body: dict, src_offset: int = 3) -> Rec:
+        return self._rec(patient, json.dumps(body).encode(), routed_headers(KIND_ACTION, "alert-actions", 1, src_offset))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(default_protocols())
+
+
+@pytest.fixture(scope="module")
+def lifecycle():
+    return lifecycle_config(default_protocols(), Settings())
+
+
+def processor(engine, lifecycle, store=None, **kw):
+    kw.setdefault("clock_settle_seconds", 0.0)
+    return ClinicalProcessor(engine, lifecycle, store if store is not None else InMemoryPatientStore(),
+                             findings_topic="findings", alerts_topic="alerts", dead_letter_topic="dead-letter", **kw)
+
+
+def by_topic(outputs, topic):
+    return [json.loads(o.value) for o in outputs if o.topic == topic]
+
+
+def test_dose_results_and_action_on_one_stream(engine, lifecycle):
+    p = processor(engine, lifecycle)
+    s = Stream()
+    now = at(8)
+    out = p.process([s.treatment(dose(patient="p1")), s.observation(obs("alt", 30, -1, high=40, patient="p1")),
+                     s.observation(obs("alt", 250, 7, high=40, patient="p1"))], now)
+    findings = by_topic(out, "findings")
+    alerts = by_topic(out, "alerts")
+    assert [(f["rule_id"], f["state"], f["grade"]) for f in findings if f["rule_id"] == "liver.alt_increased"] == [
+        ("liver.alt_increased", "present", 3)]
+    (alert,) = [a for a in alerts if a["rule_id"] == "liver.alt_increased"]
+    assert alert["status"] == "firing" and alert["version"] == 1
+    assert all(o.key == b"p1" for o in out)
+    # the action arrives on the same stream and changes the alert
+    out2 = p.process([s.action("p1", {"action": "acknowledge", "alert_id": alert["alert_id"], "by": "n1",
+                                      "role": "nurse", "at": now.isoformat(), "action_id": "a-1"})], now)
+    (acked,) = by_topic(out2, "alerts")
+    assert acked["status"] == "acknowledged" and acked["version"] == 2
+    # the same action again (a replay) is applied once
+    assert p.process([Rec(STREAM, 0, 3, b"p1", json.dumps({"action": "acknowledge", "alert_id": alert["alert_id"],
+                     "by": "n1", "role": "nurse", "at": now.isoformat(), "action_id": "a-1"}).encode(),
+                     routed_headers(KIND_ACTION, "alert-actions", 1, 3))], now) == []
+
+
+def test_refused_and_bad_records_are_dead_letters_pointing_at_their_source(engine, lifecycle):
+    p = processor(engine, lifecycle)
+    s = Stream(partition=1)
+    now = at(8)
+    out = p.process([
+        s.action("p2", {"action": "acknowledge", "alert_id": "nope", "by": "n1", "role": "nurse",
+                        "at": now.isoformat()}, src_offset=11),
+        s._rec("p2", b"not json"),
+        s._rec("p2", b"{}", [("kind", b"treatment"), ("src.topic", b"treatments"), ("src.partition", b"0"),
+                             ("src.offset", b"5")]),
+    ], now)
+    dead = [o for o in out if o.topic == "dead-letter"]
+    assert len(dead) == 3 and len(out) == 3
+    h = [{k: v.decode() for k, v in d.headers} for d in dead]
+    assert (h[0]["dlq.reason"], h[0]["dlq.source.topic"], h[0]["dlq.source.partition"], h[0]["dlq.source.offset"]) == (
+        "action_unknown_alert", "alert-actions", "1", "11")
+    assert (h[1]["dlq.reason"], h[1]["dlq.source.topic"], h[1]["dlq.source.offset"]) == ("schema_invalid", STREAM, "1")
+    assert (h[2]["dlq.source.topic"], h[2]["dlq.source.offset"]) == ("treatments", "5")
+    assert dead[1].value == b"not json"  # the original bytes
+
+
+def test_changelog_bytes_restore_the_same_state_and_a_replay_emits_nothing(engine, lifecycle):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream(partition=2)
+    recs = [s.treatment(dose(patient="p3")), s.observation(obs("platelets", 320, -1, low=150, high=450, patient="p3")),
+            s.observation(obs("platelets", 40, 5, low=150, high=450, patient="p3"))]
+    out = p.process(recs, at(6))
+    assert any(a["rule_id"] == "heme.platelets_decreased" for a in by_topic(out, "alerts"))
+    changed = store.take_changed()
+    assert [(pid, part) for pid, part, _ in changed] == [("p3", 2)]
+    assert store.take_changed() == []  # marks cleared
+
+    fresh = InMemoryPatientStore()
+    for pid, part, value in changed:
+        fresh.restore_record(part, pid.encode(), value)
+    assert len(fresh) == 1 and fresh.partitions() == {2}
+    state, book = fresh.load("p3", 2)
+    orig_state, orig_book = store.load("p3", 2)
+    assert state.to_dict() == orig_state.to_dict() and book.to_dict() == orig_book.to_dict()
+    # the uncommitted batch is read again after a crash: nothing new to emit
+    assert processor(engine, lifecycle, fresh).process(recs, at(6)) == []
+    # an alert is found in a restored (still undecoded) patient
+    alert_id = next(a["alert_id"] for a in by_topic(out, "alerts"))
+    other = InMemoryPatientStore()
+    other.restore_record(2, b"p3", changed[0][2])
+    assert other.find_alert(alert_id).alert_id == alert_id
+    assert other.find_alert("missing") is None
+
+
+def test_a_changelog_written_by_the_faust_table_restores(engine, lifecycle):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    p.process([Stream().treatment(dose(patient="p6"))], at(1))
+    (_, _, value), = store.take_changed()
+    d = json.loads(value)
+    faust_value = json.dumps({"state": d["state"], "alerts": d["alerts"]}).encode()  # no "v"
+    fresh = InMemoryPatientStore()
+    fresh.restore_record(0, b'"p6"', faust_value)  # faust's JSON key serializer
+    assert fresh.patient_ids([0]) == ["p6"] and fresh.load("p6", 0)[0].dose_id == "dose-p6"
+
+
+def test_a_deleted_key_and_dropped_partitions_forget_patients():
+    store = InMemoryPatientStore()
+    store.restore_record(0, b"a", b'{"v":1}')
+    store.restore_record(1, b"b", b'{"v":1}')
+    store.restore_record(0, b"a", None)
+    assert store.patient_ids([0, 1]) == ["b"]
+    store.drop([1])
+    assert len(store) == 0 and store.partitions() == set()
+
+
+def test_clock_raises_overdue_only_for_owned_patients(engine, lifecycle):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    for part, pid in ((0, "own"), (1, "other")):
+        s = Stream(partition=part)
+        p.process([s.treatment(dose(patient=pid)),
+                   *[s.observation(obs(a, v, 0.5, high=h, patient=pid)) for a, v, h in
+                     (("alt", 30, 40), ("ast", 40, 60), ("bilirubin_total", 0.4, 1.2))]], at(1))
+    store.take_changed()
+    out = p.tick(store.patient_ids([0]), at(30))
+    overdue = [a for a in by_topic(out, "alerts") if a["rule_id"] == "schedule.overdue"]
+    assert overdue and {a["patient_id"] for a in overdue} == {"own"}
+    assert "own" in p.overdue and "other" not in p.overdue
+    assert [pid for pid, _, _ in store.take_changed()] == ["own"]
+    assert p.tick(store.patient_ids([0]), at(30)) == []  # same clock, nothing new
+
+
+def test_the_clock_waits_until_a_patients_inputs_settle(engine, lifecycle):
+    t = [100.0]
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store, clock_settle_seconds=2.0, monotonic=lambda: t[0])
+    s = Stream()
+    p.process([s.treatment(dose(patient="p5"))], at(30))  # a dose 30 days ago, its samples still coming
+    assert p.tick(["p5"], at(30)) == []
+    t[0] += 2.5
+    assert any(json.loads(o.value)["rule_id"] == "schedule.overdue" for o in p.tick(["p5"], at(30))
+               if o.topic == "alerts")
+
+
+def test_an_internal_error_rolls_an_untouched_patient_back(engine, lifecycle, monkeypatch):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    p.process([s.treatment(dose(patient="p4"))], at(1))
+    durable = store.take_changed()[0][2]
+
+    def boom(state, o, now):
+        state.ward = "half-updated"
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(p.engine, "evaluate_observation", boom)
+    out = p.process([s.observation(obs("alt", 30, 0.5, high=40, patient="p4"))], at(1))
+    (dead,) = out
+    assert dict(dead.headers)["dlq.reason"] == b"internal_error"
+    state, _ = store.load("p4", 0)
+    assert state.ward == decode(durable)[0].ward != "half-updated"
+    assert store.take_changed() == []

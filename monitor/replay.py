@@ -3,14 +3,15 @@ patient's course, and compare a candidate protocol with the baseline (``alerts.r
 
 Reading is off the service's hot path and read-only: the topic reader is a kafka-python
 consumer with no group (``group_id=None``, no offset commits), assigned to the partitions and
-seeked to the time range; it never produces. What it reads:
-
-- ``observations`` (canonical observations, corrections and withdrawals included; their
-  ``received_at`` is the clock they were processed at). Records with a ``kind`` header (the
-  patient stream layout: ``treatment`` carries the original treatment bytes, ``action`` a
-  clinician action) are handled by kind: treatments are decoded as the worker decodes them,
-  actions are skipped (they name alert ids of the deployed protocol);
-- ``treatments`` (dose and steroid events; the record timestamp is their processing clock).
+seeked to their beginning, reading up to the end offsets it saw when it started; it never
+produces. It reads the patient stream ``observations`` only, which is what the clinical
+runner evaluates (README, wire contract): canonical observations (corrections and
+withdrawals included; their ``received_at`` is the clock ingest received them at), and
+records with a ``kind`` header that ingest routed there keyed by patient: ``treatment``
+(the original treatment bytes, decoded as the runner decodes them; the record timestamp is
+their clock) and ``action`` (a clinician action: skipped, it names alert ids of the deployed
+protocol). The ``treatments`` input topic is not read: everything valid on it was routed to
+the patient stream, and reading both would count a treatment twice.
 
 From a file (``--from-file``): the format ``monitor publish`` accepts and ``monitor simulate``
 writes: one event per line (routed by shape), or ``{"topic", "value"[, "key"][, "received_at"]}``.
@@ -36,6 +37,7 @@ from schemas.errors import Rejected
 from schemas.events import DoseEvent, Observation, SteroidEvent
 from schemas.ingest import LAB_RESULTS, LIVER_FUNCTION, TREATMENTS, VITAL_SIGNS, Limits, decode
 
+from .clinical.processor import KIND_HEADER, KIND_TREATMENT
 from .settings import Settings
 
 #: the replay decodes recorded events long after they were received: no future-skew check
@@ -105,13 +107,13 @@ def interpret(out: Collected, s: Settings, topic: str, raw: bytes | None, header
               arrival: datetime | None, window: Window) -> None:
     """Add one recorded record to ``out`` (or count why it was skipped)."""
     out.records += 1
-    kind = headers.get("kind")
+    kind = headers.get(KIND_HEADER)
     try:
         if topic == s.topic_observations and kind is None:
             obs = Observation.model_validate_json(raw or b"")
             events = [obs]
             arrival = arrival or obs.received_at
-        elif topic == s.topic_observations and kind != b"treatment":
+        elif topic == s.topic_observations and kind != KIND_TREATMENT:
             out.skip(f"{topic} kind={kind.decode('utf-8', 'replace')}")
             return
         elif topic in (s.topic_observations, s.topic_treatments):
@@ -168,8 +170,8 @@ def read_file(path: str | Path, s: Settings, window: Window) -> Collected:
 # --------------------------------------------------------------------------- topics
 
 def replay_topics(s: Settings) -> list[str]:
-    """The topics the reader consumes (read-only)."""
-    return [s.topic_observations, s.topic_treatments]
+    """The topics the reader consumes (read-only): the patient stream."""
+    return [s.topic_observations]
 
 
 def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 10.0) -> Collected:
@@ -217,10 +219,12 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
                         continue
                     done += 1
                     if until_ms is not None and r.timestamp > until_ms:
+                        out.records += 1
+                        out.skip("after --until")
                         continue
                     headers = {k: v for k, v in (r.headers or [])}
                     ts = datetime.fromtimestamp(r.timestamp / 1000, tz=timezone.utc)
-                    arrival = None if (tp.topic == s.topic_observations and "kind" not in headers) else ts
+                    arrival = ts if KIND_HEADER in headers else None  # observations carry received_at
                     interpret(out, s, tp.topic, r.value, headers, arrival, window)
                 if consumer.position(tp) >= end[tp]:
                     todo.discard(tp)

@@ -1,5 +1,6 @@
 """``monitor protocol replay`` against a real broker: it reads the recorded patient courses from
-the service's topics (canonical observations with a correction and a withdrawal, treatments), finds
+the patient stream (canonical observations with a withdrawal, treatments routed there with a
+``kind: treatment`` header; actions skipped; the raw ``treatments`` input topic is not read), finds
 exactly the patients a lowered ALT grade-3 multiple changes, gives the same answer as the same
 records replayed from a file, and never writes: the end offsets of every service topic are
 unchanged and no consumer group is created (assign + seek, no commits).
@@ -57,20 +58,34 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
     secret = env["PSEUDONYM_SECRET"]
 
-    # the recorded inputs as the service holds them: canonical observations (keyed by patient,
-    # written when ingest received them) and the treatments (written when they were sent)
+    # the recorded inputs as the service holds them: the patient stream `observations` (keyed by
+    # patient), with the canonical observations (written when ingest received them) and the
+    # treatments ingest routed there (original bytes, `kind: treatment` and `src.*` headers)
+    from alerts.testkit import at, dose
+    from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
+
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     export = []
-    for pc in constructed_cohort():
+    for n, pc in enumerate(constructed_cohort()):
         for ev in pc.sorted_events():
             obj = ev.event
-            is_obs = type(obj).__name__ == "Observation"
-            topic = topics["observations"] if is_obs else topics["treatments"]
             raw = obj.model_dump_json().encode()
-            producer.send(topic, key=pc.patient_id.encode(), value=raw,
+            headers = None if type(obj).__name__ == "Observation" else \
+                routed_headers(KIND_TREATMENT, topics["treatments"], 0, n)
+            producer.send(topics["observations"], key=pc.patient_id.encode(), value=raw, headers=headers,
                           timestamp_ms=int(ev.arrival.timestamp() * 1000))
-            export.append({"topic": topic, "key": pc.patient_id, "value": json.loads(raw),
-                           "received_at": ev.arrival.isoformat()})
+            rec = {"topic": topics["observations"], "key": pc.patient_id, "value": json.loads(raw),
+                   "received_at": ev.arrival.isoformat()}
+            if headers:
+                rec["headers"] = {"kind": "treatment"}
+            export.append(rec)
+    # a clinician action routed to the stream is skipped (it names the deployed protocol's alerts)
+    producer.send(topics["observations"], key=b"pt-4.6x", value=b'{"action":"acknowledge","alert_id":"x"}',
+                  headers=routed_headers(KIND_ACTION, topics["alert-actions"], 0, 0),
+                  timestamp_ms=int(at(20).timestamp() * 1000))
+    # the raw `treatments` input topic is not read (ingest routes every valid treatment to the
+    # stream): a dose there that was never routed does not make a patient
+    producer.send(topics["treatments"], key=b"pt-unrouted", value=dose(patient="pt-unrouted").model_dump_json().encode())
     producer.flush()
     producer.close()
     export_file = tmp_path / "export.jsonl"
@@ -89,7 +104,7 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     assert "replay: read" in r.stderr and "replay: candidate" in r.stderr  # progress on stderr
     data = json.loads(out.read_text())
     assert data["patients"] == len(constructed_cohort())
-    assert data["window"]["skipped"] == {}
+    assert data["window"]["skipped"] == {f"{topics['observations']} kind=action": 1}
     assert {p["patient_id"] for p in data["patients_changed"]} == set(expected_changes())
     for p in data["patients_changed"]:
         assert [(c["rule"], c["baseline"], c["candidate"]) for c in p["changed"]] == \

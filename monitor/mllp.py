@@ -60,7 +60,7 @@ from schemas.ingest import DEFAULT_LIMITS, LAB_RESULTS, Limits, decode, detect_f
 from . import metrics as m
 from .dlq import dead_letter_headers
 from .kafka_config import aiokafka_config
-from .settings import get_settings
+from .settings import get_settings, is_loopback
 
 log = logging.getLogger("monitor.mllp")
 
@@ -596,20 +596,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(host: str, tls: bool, allowed_peers) -> str | None:
     """Why the listener must not start (None = fine): a non-loopback bind accepts
     results for any patient from anything that reaches the port, so it needs TLS
     (``MLLP_TLS_CERT``) or an allow-list (``MLLP_ALLOWED_PEERS``)."""
-    if _is_loopback(host) or tls or allowed_peers:
+    if is_loopback(host) or tls or allowed_peers:
         return None
     return (f"refusing to listen on {host}: set MLLP_TLS_CERT (with MLLP_TLS_CLIENT_CA for mutual TLS) "
             "or MLLP_ALLOWED_PEERS, or bind to 127.0.0.1")

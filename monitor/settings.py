@@ -112,6 +112,18 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # --------------------------------------------------------------------------- secrets
 #
 # No silent secrets (security review H2/H3): a component refuses to start, naming the

@@ -38,7 +38,7 @@ from .notify.outbox import DeliveryService
 from .ingest import IngestService, limits_of
 from .metrics import PROTOCOL_INFO
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
-from .settings import Settings, get_settings
+from .settings import Settings, get_settings, is_loopback
 from .web import register_web
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def build_worker(s: Settings | None = None) -> Worker:
         return await producer.send_and_wait(s.topic_alert_actions, value=value, key=key)
 
     api = ActionsAPI(s.inbox_users_file, find_alert=store.find_alert, publish=publish_action,
-                     max_silence=lifecycle.max_silence)
+                     max_silence=lifecycle.max_silence,
+                     exposed=not (is_loopback(s.web_host) or s.actions_api_allow_exposed))
 
     app = create_app(s)
     w = Worker(s, app, ingest, runner, delivery, api)

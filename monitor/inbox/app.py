@@ -29,7 +29,7 @@ from aiohttp import web
 
 from schemas.alert import AlertAction
 
-from ..settings import Settings
+from ..settings import Settings, is_loopback
 from .auth import (
     AUTH_KEY, AuthConfig, LoginThrottle, ReloadingUserDirectory, SessionStore, UserDirectory, auth_middleware,
     hash_password, load_users,
@@ -121,17 +121,6 @@ class KafkaBridge:
                     await c.stop()
                 except Exception:  # pragma: no cover
                     pass
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _env_bool(name: str, default: bool | None) -> bool | None:
@@ -252,7 +241,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cert, key)
     secure = _env_bool("INBOX_SECURE_COOKIES", None)
-    if not _loopback(host):
+    if not is_loopback(host):
         # exposed: TLS here, or a TLS-terminating proxy (then cookies are Secure/__Host- and HSTS is sent)
         if not cert and secure is not True:
             print(f"inbox: refusing to listen on {host} without TLS: set INBOX_TLS_CERT/INBOX_TLS_KEY, or "

@@ -147,3 +147,46 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     # read-only: nothing was written to any service topic, and no consumer group appeared
     assert end_offsets(kafka_bootstrap, service_topics) == before
     assert groups(kafka_bootstrap) == groups_before
+
+
+def test_replay_of_the_stream_a_real_worker_recorded(kafka_bootstrap, topic_factory, worker_factory, tmp_path):
+    """A simulated cohort published as raw inputs (JSON, FHIR and HL7 v2 lab results, treatments)
+    goes through a real worker's ingest onto the patient stream; the replay reads that stream
+    and replays the deployed protocol against itself: every patient is there, nothing is
+    skipped, the cohort raises alerts, and there are 0 differences."""
+    import time
+
+    from monitor.simulate import generate_cohort, records
+
+    prefix = f"rpw{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    worker_factory(service_env(topics, app_id=prefix))
+    cohort = generate_cohort(12, 21, days=60, formats=("json", "fhir", "hl7"))
+    short = {"lab-results": topics["lab-results"], "vital-signs": topics["vital-signs"],
+             "liver-function": topics["liver-function"], "treatments": topics["treatments"]}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for rec in records(cohort, "mixed", short):
+        v = rec["value"]
+        producer.send(rec["topic"], key=rec["key"].encode(),
+                      value=v.encode() if isinstance(v, str) else json.dumps(v).encode())
+    producer.flush()
+    producer.close()
+    # wait until ingest has written the stream (its end offsets stop moving)
+    stream = [topics["observations"]]
+    last, stable, deadline = None, 0, time.monotonic() + 120
+    while time.monotonic() < deadline and stable < 3:
+        time.sleep(2)
+        now = sum(end_offsets(kafka_bootstrap, stream).values())
+        stable = stable + 1 if now == last and now > 0 else 0
+        last = now
+    assert last and last >= len(cohort.events), (last, len(cohort.events))
+    cand = ROOT / "alerts/protocols/onasemnogene-abeparvovec-iv.yaml"
+    out = tmp_path / "self.json"
+    r = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["patients"] == len(cohort.patients)
+    assert data["window"]["skipped"] == {}
+    assert sum(v["opened"]["baseline"] for v in data["rules"].values()) >= len(cohort.patients)
+    assert data["differences"] == 0 and data["patients_changed"] == []

@@ -43,11 +43,9 @@ from schemas.errors import Rejected
 from schemas.events import DoseEvent, Observation, ReferenceRange, ResultStatus, SteroidEvent
 from schemas.ingest import LAB_RESULTS, LIVER_FUNCTION, TREATMENTS, VITAL_SIGNS, build_observation, decode
 
+from .course import Course, lifecycle_for
 from .engine import Engine
-from .lifecycle import AlertEngine, LifecycleConfig
 from .protocol import Protocol, ProtocolError, default_protocols, load_protocol
-from .routing import RouteSpec
-from .state import PatientState
 
 __all__ = [
     "T0", "ScenarioError", "Failure", "ScenarioResult", "shipped_suite", "scenario_files",
@@ -184,14 +182,6 @@ def _protocols_for(spec: Any, base: Path) -> tuple[list[Protocol], Protocol]:
                         "nor a protocol file")
 
 
-def _lifecycle_for(protocols: list[Protocol]) -> AlertEngine:
-    routes: dict[str, RouteSpec] = {}
-    for p in protocols:
-        for r in p.routes:
-            routes.setdefault(r.id, RouteSpec.model_validate(r.model_dump()))
-    return AlertEngine(LifecycleConfig(routes=routes, pseudonym_secret="protocol-test"))
-
-
 def _raw_topic(obj: Any) -> str:
     """The input topic a raw JSON object would be published to, by its shape."""
     if not isinstance(obj, dict):
@@ -262,16 +252,12 @@ class _Run:
         self.data = data
         self.base = path.parent
         self.protocols, self.protocol = _protocols_for(data.get("protocol"), self.base)
-        self.engine = Engine(self.protocols)
-        self.life = _lifecycle_for(self.protocols)
         patient = data.get("patient") or {}
         if not isinstance(patient, dict) or "birth_date" not in patient:
             raise ScenarioError("patient: needs birth_date (YYYY-MM-DD)")
         self.patient_id = str(patient.get("id", PATIENT))
         self.birth = _date(patient["birth_date"], "patient.birth_date")
         self.weight = _num(patient.get("weight_kg", 7.5), "patient.weight_kg")
-        self.state = PatientState(self.patient_id)
-        self.book = self.life.new_book(self.patient_id)
         self.dead: list[str] = []
         self.dead_messages: list[str] = []
         #: scenario event id -> (analyte, unit) of the typed event, for corrections
@@ -281,6 +267,13 @@ class _Run:
         if tick <= 0:
             raise ScenarioError("tick_hours must be > 0")
         self.tick = timedelta(hours=tick)
+        # the engine, lifecycle and clock shared with the protocol replay (alerts.course)
+        self.course = Course(Engine(self.protocols), lifecycle_for(self.protocols), self.patient_id,
+                             anchor=T0, step=self.tick)
+        self.engine = self.course.engine
+        self.life = self.course.life
+        self.state = self.course.state
+        self.book = self.course.book
 
     # -- building events -----------------------------------------------------------
     def _next_id(self, prefix: str) -> str:
@@ -461,18 +454,14 @@ class _Run:
                 if o.patient_id != self.patient_id:
                     raise ScenarioError(f"an event is for patient {o.patient_id!r}; scenarios have one patient "
                                         f"({self.patient_id!r}: set patient.id or use it in raw events)")
-                self._apply(self.engine.evaluate_observation(self.state, o, now), now)
+                self.course.observe(o, now)
             else:
                 if o.patient_id != self.patient_id:
                     raise ScenarioError(f"a treatment event is for patient {o.patient_id!r}, not {self.patient_id!r}")
                 self._treat(o, now)
 
     def _treat(self, event, now: datetime) -> None:
-        self._apply(self.engine.apply_treatment(self.state, event, now), now)
-
-    def _apply(self, findings, now: datetime) -> None:
-        for f in findings:
-            self.life.apply_finding(self.book, f, now)
+        self.course.treat(event, now)
 
     def _action(self, spec: Any, now: datetime) -> None:
         if not isinstance(spec, dict) or "kind" not in spec or "rule" not in spec:
@@ -488,11 +477,7 @@ class _Run:
                                  until=None if until is None else at_day(_num(until, "action.until_day")))
         except ValueError as exc:
             raise ScenarioError(f"action: {exc}") from None
-        self.life.apply_action(self.book, action, now)
-
-    def clock(self, now: datetime) -> None:
-        self._apply(self.engine.check_schedule(self.state, now), now)
-        self.life.tick(self.book, now)
+        self.course.act(action, now)
 
 
 def _expand(ev: dict, i: int) -> list[dict]:
@@ -532,16 +517,6 @@ def _expand(ev: dict, i: int) -> list[dict]:
     return rows
 
 
-def _tick_times(start: datetime, end: datetime, step: timedelta) -> Iterable[datetime]:
-    """Clock ticks on the grid T0 + k*step, strictly after ``start`` and up to ``end``."""
-    k = math.floor((start - T0) / step) + 1
-    t = T0 + k * step
-    while t <= end:
-        yield t
-        k += 1
-        t = T0 + k * step
-
-
 def run_scenario(data: dict, path: str | Path = "<scenario>") -> ScenarioResult:
     path = Path(path)
     res = ScenarioResult(path=str(path), name=str(data.get("name") or path.stem),
@@ -571,24 +546,20 @@ def _run(data: dict, path: Path, res: ScenarioResult) -> None:
     order = sorted(range(len(expects)), key=lambda i: (_num(expects[i]["at"], f"expect[{i}].at"), i))
     items = run.timeline()
     start = at_day(min([x[0] for x in items] + [_num(expects[i]["at"], "at") for i in order]))
-    clock = start - run.tick  # the first tick lands at or after the first event
+    course = run.course
+    course.start(start)  # the first tick lands at or after the first event
     pos = 0
     for i in order:
         e = expects[i]
         until = at_day(float(e["at"]))
         while pos < len(items) and at_day(items[pos][0]) <= until:
             arr, _, ev = items[pos]
-            when = at_day(arr)
-            for t in _tick_times(clock, when - timedelta(microseconds=1), run.tick):
-                run.clock(t)
-                clock = t
+            course.advance(at_day(arr), inclusive=False)
             run.feed(ev, arr)
             pos += 1
-        for t in _tick_times(clock, until, run.tick):
-            run.clock(t)
-            clock = t
-        run.clock(until)  # the check itself sees the clock at `at`
-        clock = max(clock, until)
+        course.advance(until)
+        course.clock(until)  # the check itself sees the clock at `at`
+        course.last_tick = max(course.last_tick, until)
         _check(run, e, res)
 
 

@@ -87,6 +87,13 @@ def cmd_protocol_test(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def cmd_protocol_replay(args: argparse.Namespace) -> int:
+    """Compare a candidate protocol with the baseline over recorded patients (issue 17)."""
+    from .replay import run
+
+    return run(args, _settings())
+
+
 def cmd_mllp(args: argparse.Namespace) -> int:
     from .mllp import main as mllp_main
 
@@ -135,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     tst.add_argument("paths", nargs="*", metavar="PATH",
                      help="scenario files or folders (default: the shipped suite in alerts/protocols/tests)")
     tst.set_defaults(func=cmd_protocol_test)
+    rp = prs.add_parser("replay", help="replay recorded patients through a candidate protocol and compare its alerts "
+                                       "with the baseline (read-only; never writes to the service's topics)")
+    rp.add_argument("--candidate", action="append", required=True, metavar="FILE",
+                    help="candidate protocol YAML (repeatable; products it does not cover keep the baseline) "
+                         "(required, no default)")
+    rp.add_argument("--baseline", action="append", default=None, metavar="FILE",
+                    help="baseline protocol YAML (repeatable) (default: the deployed protocols: PROTOCOL_FILES, "
+                         "else the shipped ones)")
+    rp.add_argument("--since", default=None, metavar="ISO",
+                    help="first arrival time to read, ISO 8601 (default: the start of the topics / file)")
+    rp.add_argument("--until", default=None, metavar="ISO",
+                    help="last arrival time to read; the clock runs up to it (default: the newest record read)")
+    rp.add_argument("--patients", type=int, default=None, metavar="N",
+                    help="replay only the first N patients in recorded order (default: all)")
+    rp.add_argument("--json", default=None, metavar="OUT",
+                    help="write the comparison as JSON to OUT (default: none)")
+    rp.add_argument("--html", default=None, metavar="OUT",
+                    help="write a self-contained HTML report with the alert-burden chart to OUT (default: none)")
+    rp.add_argument("--from-file", default=None, metavar="JSONL",
+                    help="read a JSON-lines export (the format of 'monitor publish' / 'monitor simulate') instead "
+                         "of the topics (default: read the topics at KAFKA_BOOTSTRAP_SERVERS)")
+    rp.add_argument("--identify", action="store_true",
+                    help="list changed patients by id, for clinical reviewers (default: off, pseudonymous "
+                         "references keyed with PSEUDONYM_SECRET)")
+    rp.add_argument("--quiet", action="store_true", help="no progress lines on stderr (default: off)")
+    rp.set_defaults(func=cmd_protocol_replay)
     m = sub.add_parser("mllp", help="HL7 v2 MLLP listener publishing to Kafka")
     m.add_argument("rest", nargs=argparse.REMAINDER, help="options of the listener: see 'monitor mllp --help'")
     m.set_defaults(func=cmd_mllp)
@@ -264,6 +297,10 @@ def _user_error(exc: BaseException) -> str | None:
     if isinstance(exc, ValidationError):
         errors = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'value'}: {e['msg']}" for e in exc.errors())
         return f"invalid configuration: {errors}"
+    from .replay import ReplayError
+
+    if isinstance(exc, ReplayError):
+        return str(exc)
     if isinstance(exc, ValueError) and str(exc).startswith("LOG_FORMAT="):
         return str(exc)
     return None

@@ -946,7 +946,9 @@ def records(cohort: Cohort, fmt: str | None = None, topics: dict | None = None) 
             e_fmt = f
         else:
             e_fmt = e.fmt
-        yield {"topic": topic, "key": e.patient_id, "value": encode(e, e_fmt)}
+        # received_at: when the record is sent (``monitor protocol replay --from-file`` uses it as
+        # the arrival clock; ``monitor publish`` ignores it)
+        yield {"topic": topic, "key": e.patient_id, "value": encode(e, e_fmt), "received_at": e.at.isoformat()}
 
 
 def write_cohort(cohort: Cohort, path: str | Path, format: str | None = None, topics: dict | None = None) -> dict:

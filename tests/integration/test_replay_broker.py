@@ -1,0 +1,192 @@
+"""``monitor protocol replay`` against a real broker: it reads the recorded patient courses from
+the patient stream (canonical observations with a withdrawal, treatments routed there with a
+``kind: treatment`` header; actions skipped; the raw ``treatments`` input topic is not read), finds
+exactly the patients a lowered ALT grade-3 multiple changes, gives the same answer as the same
+records replayed from a file, and never writes: the end offsets of every service topic are
+unchanged and no consumer group is created (assign + seek, no commits).
+
+The real ``monitor`` command line runs in a subprocess with the service's environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+
+from workers import ROOT, service_env
+
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+from test_replay import constructed_cohort, expected_changes, lowered_alt  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter",
+       "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
+
+
+def monitor(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        return {f"{tp.topic}:{tp.partition}": off for tp, off in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+
+
+def groups(bootstrap: str) -> set[str]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        listed = admin.list_groups()
+        return {g["group_id"] if isinstance(g, dict) else g[0] for g in listed}
+    finally:
+        admin.close()
+
+
+def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory, tmp_path):
+    prefix = f"rpl{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    secret = env["PSEUDONYM_SECRET"]
+
+    # the recorded inputs as the service holds them: the patient stream `observations` (keyed by
+    # patient), with the canonical observations (written when ingest received them) and the
+    # treatments ingest routed there (original bytes, `kind: treatment` and `src.*` headers)
+    from alerts.testkit import at, dose
+    from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    export = []
+    for n, pc in enumerate(constructed_cohort()):
+        for ev in pc.sorted_events():
+            obj = ev.event
+            raw = obj.model_dump_json().encode()
+            headers = None if type(obj).__name__ == "Observation" else \
+                routed_headers(KIND_TREATMENT, topics["treatments"], 0, n)
+            producer.send(topics["observations"], key=pc.patient_id.encode(), value=raw, headers=headers,
+                          timestamp_ms=int(ev.arrival.timestamp() * 1000))
+            rec = {"topic": topics["observations"], "key": pc.patient_id, "value": json.loads(raw),
+                   "received_at": ev.arrival.isoformat()}
+            if headers:
+                rec["headers"] = {"kind": "treatment"}
+            export.append(rec)
+    # a clinician action routed to the stream is skipped (it names the deployed protocol's alerts)
+    producer.send(topics["observations"], key=b"pt-4.6x", value=b'{"action":"acknowledge","alert_id":"x"}',
+                  headers=routed_headers(KIND_ACTION, topics["alert-actions"], 0, 0),
+                  timestamp_ms=int(at(20).timestamp() * 1000))
+    # the raw `treatments` input topic is not read (ingest routes every valid treatment to the
+    # stream): a dose there that was never routed does not make a patient
+    producer.send(topics["treatments"], key=b"pt-unrouted", value=dose(patient="pt-unrouted").model_dump_json().encode())
+    producer.flush()
+    producer.close()
+    export_file = tmp_path / "export.jsonl"
+    export_file.write_text("".join(json.dumps(r) + "\n" for r in export), encoding="utf-8")
+
+    service_topics = sorted(topics.values())
+    before = end_offsets(kafka_bootstrap, service_topics)
+    groups_before = groups(kafka_bootstrap)
+    cand = lowered_alt(tmp_path)
+    until = "2025-05-02T08:00:00+00:00"  # day 60 of the constructed cohort
+
+    out = tmp_path / "topics.json"
+    r = monitor(env, "protocol", "replay", "--candidate", str(cand), "--until", until, "--json", str(out),
+                "--identify")
+    assert r.returncode == 0, r.stderr
+    assert "replay: read" in r.stderr and "replay: candidate" in r.stderr  # progress on stderr
+    data = json.loads(out.read_text())
+    assert data["patients"] == len(constructed_cohort())
+    assert data["window"]["skipped"] == {f"{topics['observations']} kind=action": 1}
+    assert {p["patient_id"] for p in data["patients_changed"]} == set(expected_changes())
+    for p in data["patients_changed"]:
+        assert [(c["rule"], c["baseline"], c["candidate"]) for c in p["changed"]] == \
+            [("liver.alt_increased",) + expected_changes()[p["patient_id"]]]
+
+    # the same records from a file give the same comparison
+    out_file = tmp_path / "file.json"
+    r2 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until,
+                 "--from-file", str(export_file), "--json", str(out_file), "--identify")
+    assert r2.returncode == 0, r2.stderr
+    from_file = json.loads(out_file.read_text())
+    for k in ("patients", "patient_days", "differences", "rules", "patients_changed"):
+        assert from_file[k] == data[k], k
+
+    # pseudonymous by default: the service's keyed references, no patient id in the output
+    out_p = tmp_path / "pseudo.json"
+    r3 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until,
+                 "--json", str(out_p))
+    assert r3.returncode == 0, r3.stderr
+    from alerts.replay import patient_ref
+
+    pseudo = json.loads(out_p.read_text())
+    assert {p["patient"] for p in pseudo["patients_changed"]} == {patient_ref(secret, p) for p in expected_changes()}
+    assert "pt-" not in out_p.read_text() and "pt-" not in r3.stdout
+
+    # --since (day 13.7): every course is still fed from its dose, but only the patients with a
+    # record in the window are compared (pt-withdrawn's last records are on days 10-11)
+    since_at = "2025-03-17T00:00:00+00:00"
+    r4 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--since", since_at,
+                 "--until", until, "--json", str(tmp_path / "since.json"), "--identify")
+    assert r4.returncode == 0, r4.stderr
+    since = json.loads((tmp_path / "since.json").read_text())
+    from datetime import datetime
+
+    t_since = datetime.fromisoformat(since_at)
+    in_window = {pc.patient_id for pc in constructed_cohort() if any(e.arrival >= t_since for e in pc.events)}
+    assert "pt-withdrawn" not in in_window and since["patients"] == len(in_window)
+    assert {p["patient_id"] for p in since["patients_changed"]} == set(expected_changes()) & in_window
+
+    # read-only: nothing was written to any service topic, and no consumer group appeared
+    assert end_offsets(kafka_bootstrap, service_topics) == before
+    assert groups(kafka_bootstrap) == groups_before
+
+
+def test_replay_of_the_stream_a_real_worker_recorded(kafka_bootstrap, topic_factory, worker_factory, tmp_path):
+    """A simulated cohort published as raw inputs (JSON, FHIR and HL7 v2 lab results, treatments)
+    goes through a real worker's ingest onto the patient stream; the replay reads that stream
+    and replays the deployed protocol against itself: every patient is there, nothing is
+    skipped, the cohort raises alerts, and there are 0 differences."""
+    import time
+
+    from monitor.simulate import generate_cohort, records
+
+    prefix = f"rpw{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    worker_factory(service_env(topics, app_id=prefix))
+    cohort = generate_cohort(12, 21, days=60, formats=("json", "fhir", "hl7"))
+    short = {"lab-results": topics["lab-results"], "vital-signs": topics["vital-signs"],
+             "liver-function": topics["liver-function"], "treatments": topics["treatments"]}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for rec in records(cohort, "mixed", short):
+        v = rec["value"]
+        producer.send(rec["topic"], key=rec["key"].encode(),
+                      value=v.encode() if isinstance(v, str) else json.dumps(v).encode())
+    producer.flush()
+    producer.close()
+    # wait until ingest has written the stream (its end offsets stop moving)
+    stream = [topics["observations"]]
+    last, stable, deadline = None, 0, time.monotonic() + 120
+    while time.monotonic() < deadline and stable < 3:
+        time.sleep(2)
+        now = sum(end_offsets(kafka_bootstrap, stream).values())
+        stable = stable + 1 if now == last and now > 0 else 0
+        last = now
+    assert last and last >= len(cohort.events), (last, len(cohort.events))
+    cand = ROOT / "alerts/protocols/onasemnogene-abeparvovec-iv.yaml"
+    out = tmp_path / "self.json"
+    r = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["patients"] == len(cohort.patients)
+    assert data["window"]["skipped"] == {}
+    assert sum(v["opened"]["baseline"] for v in data["rules"].values()) >= len(cohort.patients)
+    assert data["differences"] == 0 and data["patients_changed"] == []

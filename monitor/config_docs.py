@@ -24,7 +24,10 @@ DESCRIPTIONS: dict[str, str] = {
     "topic_findings": "Rule findings (internal, per patient).",
     "topic_alerts": "Alert versions published by the lifecycle (read by the inbox and the sinks).",
     "topic_alert_actions": "Acknowledge / resolve / silence actions from the inbox and the actions API.",
-    "topic_ticks": "Retired: clock ticks now run in-process over the owned patients; the topic is no longer written.",
+    "topic_patients": "Patient demographics (name, MRN, date of birth, ward, bed), compacted by patient id; "
+                      "written by the MLLP listener (ADT) and `monitor patients load` (JSON, FHIR Patient).",
+    "observations_retention_days": "Retention of the patient stream `observations` in days (at least 180); "
+                                   "alerts, actions, treatments and patients never expire.",
     "topic_patient_changelog": "Compacted changelog of the clinical stage's patient store (empty: "
                                "`<app id>-patients-changelog`), one partition per partition of the patient stream.",
     "topic_deliveries": "Compacted ledger of delivered alert versions per sink (restart-safe idempotency).",

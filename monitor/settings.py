@@ -25,8 +25,12 @@ class Settings(BaseSettings):
     topic_findings: str = "findings"
     topic_alerts: str = "alerts"
     topic_alert_actions: str = "alert-actions"
-    #: retired: the clock runs in-process (kept until deploy/k8s drops the topic)
-    topic_ticks: str = "patient-ticks"
+    #: patient demographics (compacted, keyed by patient id; JSON, FHIR Patient or HL7 ADT in,
+    #: canonical ``schemas/patients.PatientRecord`` out); shown to signed-in clinical users only
+    topic_patients: str = "patients"
+    #: retention of the patient stream ``observations`` in days (the timeline rebuilds from it;
+    #: the clinical record topics never expire)
+    observations_retention_days: int = Field(default=400, ge=180)
     #: compacted changelog of the clinical stage's patient store (empty: ``<app id>-patients-changelog``)
     topic_patient_changelog: str = ""
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
@@ -102,7 +106,7 @@ SERVICE_TOPICS = {
     "findings": "topic_findings",
     "alerts": "topic_alerts",
     "alert-actions": "topic_alert_actions",
-    "patient-ticks": "topic_ticks",
+    "patients": "topic_patients",
     "alert-deliveries": "topic_deliveries",
 }
 

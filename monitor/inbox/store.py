@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from schemas.alert import OPEN_STATUSES, Alert, AlertAction
 from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
+from schemas.patients import PatientRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class PatientView:
     order: deque = field(default_factory=deque)
     dose: DoseEvent | None = None
     steroids: dict[str, SteroidEvent] = field(default_factory=dict)
+    #: demographics from the ``patients`` topic (None: unregistered)
+    record: PatientRecord | None = None
 
 
 class InboxStore:
@@ -103,7 +106,9 @@ class InboxStore:
             pend[:] = [p for p in pend if p["version"] >= alert.version]
             if not pend:
                 del self.pending[alert.alert_id]
-        self.publish({"type": "alert", "alert": self.summary(alert)})
+        summary = self.summary(alert)
+        summary.pop("patient", None)  # the live message carries no identity; pages fetch it
+        self.publish({"type": "alert", "alert": summary})
         return alert
 
     def apply_observation_bytes(self, raw: bytes | None) -> Observation | None:
@@ -130,6 +135,41 @@ class InboxStore:
             pv.observations.pop(pv.order.popleft(), None)
         if len(pv.order) > 2 * self.max_obs:
             pv.order = deque(k for k in pv.order if k in pv.observations)
+
+    def apply_patient_bytes(self, raw: bytes | None) -> PatientRecord | None:
+        try:
+            rec = PatientRecord.model_validate_json(raw or b"")
+        except (ValidationError, ValueError):
+            self.counts["invalid"] += 1
+            return None
+        self.apply_patient(rec)
+        return rec
+
+    def apply_patient(self, rec: PatientRecord) -> None:
+        pv = self.patient(rec.patient_id)
+        pv.record = rec
+        self.counts["patients"] = self.counts.get("patients", 0) + 1
+        self.publish({"type": "resync"})  # names on open rows may change
+
+    def identity(self, patient_id: str) -> dict[str, Any]:
+        """What a signed-in clinical user sees of who the patient is (PHI: never logged or sent out)."""
+        pv = self.patients.get(patient_id)
+        rec = pv.record if pv else None
+        if rec is None:
+            return {"registered": False, "display_name": None, "mrn": None, "birth_date": None,
+                    "patient_id": patient_id, "label": f"unregistered patient {patient_id}"}
+        return {"registered": True, "display_name": rec.display_name, "mrn": rec.mrn,
+                "mrn_authority": rec.mrn_authority, "birth_date": rec.birth_date.isoformat(),
+                "patient_id": patient_id, "bed": rec.bed,
+                "label": f"{rec.display_name} (MRN {rec.mrn}, born {rec.birth_date.isoformat()})"}
+
+    def patient_ward(self, patient_id: str) -> str | None:
+        pv = self.patients.get(patient_id)
+        if pv is None:
+            return None
+        if pv.record is not None and pv.record.ward:
+            return pv.record.ward
+        return pv.dose.ward if pv.dose else None
 
     def apply_treatment_bytes(self, raw: bytes | None) -> Any:
         try:
@@ -182,7 +222,9 @@ class InboxStore:
     def ward_team(self, alert: Alert) -> tuple[str | None, str | None]:
         pv = self.patients.get(alert.patient_id)
         dose = pv.dose if pv else None
-        return (alert.ward or (dose.ward if dose else None), alert.care_team or (dose.care_team if dose else None))
+        rec = pv.record if pv else None
+        return (alert.ward or (dose.ward if dose else None) or (rec.ward if rec else None),
+                alert.care_team or (dose.care_team if dose else None) or (rec.care_team if rec else None))
 
     def summary(self, alert: Alert) -> dict[str, Any]:
         ward, team = self.ward_team(alert)
@@ -194,14 +236,19 @@ class InboxStore:
             "escalation_tier": alert.escalation_tier, "inhibited_by": alert.inhibited_by,
             "silenced_until": alert.silenced_until.isoformat() if alert.silenced_until else None,
             "open": alert.is_open, "pending": list(self.pending.get(alert.alert_id, [])),
+            "patient": self.identity(alert.patient_id),
         }
 
-    def open_alerts(self, *, ward: str | None = None, team: str | None = None) -> list[Alert]:
+    def open_alerts(self, *, ward: str | None = None, team: str | None = None,
+                    visible: Any = None) -> list[Alert]:
+        """Open alerts; ``visible(ward) -> bool`` scopes them to a user's wards."""
         out = []
         for a in self.alerts.values():
             if a.status not in OPEN_STATUSES:
                 continue
             w, t = self.ward_team(a)
+            if visible is not None and not visible(w):
+                continue
             if ward and w != ward:
                 continue
             if team and t != team:
@@ -211,11 +258,13 @@ class InboxStore:
         out.sort(key=lambda a: (-a.severity.rank, a.status != "firing", a.opened_at))
         return out
 
-    def facets(self) -> dict[str, list[str]]:
+    def facets(self, visible: Any = None) -> dict[str, list[str]]:
         wards, teams = set(), set()
         for a in self.alerts.values():
             if a.is_open:
                 w, t = self.ward_team(a)
+                if visible is not None and not visible(w):
+                    continue
                 if w:
                     wards.add(w)
                 if t:
@@ -292,7 +341,8 @@ class InboxStore:
                                     "last_day": day(e.effective_at) if e.effective_at else None,
                                     "note": e.note, "alert_id": a.alert_id})
         return {
-            "patient_ref": pv.ref, "dose_day0": t0.isoformat(), "has_dose": pv.dose is not None,
+            "patient_ref": pv.ref, "patient": self.identity(patient_id),
+            "dose_day0": t0.isoformat(), "has_dose": pv.dose is not None,
             "product": pv.dose.product.value if pv.dose else None,
             "ward": pv.dose.ward if pv.dose else None, "care_team": pv.dose.care_team if pv.dose else None,
             "today": day(now), "series": series, "steroid_phases": phases, "alerts": alerts,

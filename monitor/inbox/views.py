@@ -41,6 +41,23 @@ ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "
                  "silence": "Silence"}
 
 
+ALL_WARDS = "*"
+
+
+def ward_scope(request: web.Request) -> Callable[[str | None], bool]:
+    """``visible(ward)`` for the signed-in user (review M5): admins and users granted ``"*"`` see
+    every ward (also patients with none); others only the wards listed for them in the users file
+    (read live, so a changed file applies at once)."""
+    sess = current_session(request)
+    if sess.role == Role.ADMIN:
+        return lambda ward: True
+    user = request.app[AUTH_KEY].users.get(sess.username)
+    wards = frozenset(user.wards) if user is not None else frozenset()
+    if ALL_WARDS in wards:
+        return lambda ward: True
+    return lambda ward: ward is not None and ward in wards
+
+
 def _e(v: Any) -> str:
     return escape("" if v is None else str(v), quote=True)
 
@@ -51,6 +68,19 @@ def _fmt_time(v: datetime | str | None) -> str:
     if isinstance(v, str):
         v = datetime.fromisoformat(v)
     return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def patient_banner(ident: dict) -> str:
+    """Who the patient is (two identifiers: name and date of birth, plus the MRN); an unregistered
+    patient is said so plainly, with the id. Shown to signed-in clinical users only."""
+    if not ident.get("registered"):
+        return (f'<p class="patient-banner unregistered" id="patient-banner"><strong>Unregistered patient</strong> '
+                f'&middot; id <span class="pid">{_e(ident.get("patient_id"))}</span> &middot; no demographic record '
+                f'on the patients feed</p>')
+    bed = f' &middot; bed {_e(ident["bed"])}' if ident.get("bed") else ""
+    return (f'<p class="patient-banner" id="patient-banner"><strong class="patient-name">{_e(ident["display_name"])}'
+            f'</strong> &middot; MRN <span class="mrn">{_e(ident["mrn"])}</span> &middot; born '
+            f'<span class="dob">{_e(ident["birth_date"])}</span>{bed}</p>')
 
 
 def _num(v: float | None) -> str:
@@ -208,9 +238,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <p class="count" id="alert-count" aria-live="polite"></p>
 <div class="table-wrap"><table class="alerts" id="alert-table">
 <caption class="sr-only">Open alerts, most severe first, then oldest first</caption>
-<thead><tr><th scope="col">Severity</th><th scope="col">Alert</th><th scope="col">Ward / team</th>
+<thead><tr><th scope="col">Severity</th><th scope="col">Patient</th><th scope="col">Alert</th><th scope="col">Ward / team</th>
 <th scope="col">Age</th><th scope="col">Status</th></tr></thead>
-<tbody id="alert-rows"><tr><td colspan="5">Loading...</td></tr></tbody></table></div>
+<tbody id="alert-rows"><tr><td colspan="6">Loading...</td></tr></tbody></table></div>
 <p class="empty hidden" id="no-alerts">No open alerts.</p>"""
     return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox"))
 
@@ -219,8 +249,9 @@ def _alert_or_404(request: web.Request) -> Alert:
     alert_id = request.match_info["alert_id"]
     if not _ID_RE.match(alert_id):
         raise web.HTTPNotFound(text="no such alert")
-    alert = request.app[STORE_KEY].alerts.get(alert_id)
-    if alert is None:
+    store = request.app[STORE_KEY]
+    alert = store.alerts.get(alert_id)
+    if alert is None or not ward_scope(request)(store.ward_team(alert)[0]):  # out of scope: as if absent
         raise web.HTTPNotFound(text="no such alert")
     return alert
 
@@ -296,6 +327,7 @@ async def alert_page(request: web.Request) -> web.Response:
     notice = (f'<p class="notice" role="status">{_e(ACTION_LABELS.get(sent, sent))} sent.</p>'
               if sent in ACTION_LABELS else "")
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
+{patient_banner(d['patient'])}
 <article class="alert-detail sev-{_e(d['severity'])}" data-alert-id="{_e(d['alert_id'])}">
 <header class="alert-head">
 <span class="badge sev-{_e(d['severity'])}">{_e(d['severity'])}{' grade ' + _e(d['grade']) if d['grade'] else ''}</span>
@@ -337,8 +369,9 @@ opened {_e(_fmt_time(d['opened_at']))} &middot; updated {_e(_fmt_time(d['updated
 
 def _patient_or_404(request: web.Request) -> str:
     ref = request.match_info["ref"]
-    pid = request.app[STORE_KEY].by_ref.get(ref) if _REF_RE.match(ref) else None
-    if pid is None:
+    store = request.app[STORE_KEY]
+    pid = store.by_ref.get(ref) if _REF_RE.match(ref) else None
+    if pid is None or not ward_scope(request)(store.patient_ward(pid)):
         raise web.HTTPNotFound(text="no such patient")
     return pid
 
@@ -352,7 +385,7 @@ async def patient_page(request: web.Request) -> web.Response:
     info = (f"{_e(dose.product.value)} dosed {_e(_fmt_time(dose.administered_at))} &middot; "
             f"{_e(dose.ward or 'no ward')} / {_e(dose.care_team or 'no team')}") if dose else "No dose recorded."
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
-<h1>Patient timeline</h1><p class="meta">{info}</p>
+<h1>Patient timeline</h1>{patient_banner(store.identity(pid))}<p class="meta">{info}</p>
 <section class="card" aria-labelledby="h-sched"><h2 id="h-sched">Samples due</h2><div id="schedule">Loading...</div></section>
 <section class="card" aria-labelledby="h-alerts"><h2 id="h-alerts">Alerts</h2><ul id="patient-alerts" class="plain"></ul></section>
 <div class="charts" id="charts" data-patient-ref="{_e(pv.ref)}" data-panels="all"></div>"""
@@ -373,8 +406,9 @@ async def api_alerts(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     ward = request.query.get("ward") or None
     team = request.query.get("team") or None
-    alerts = [store.summary(a) for a in store.open_alerts(ward=ward, team=team)]
-    return web.json_response({"alerts": alerts, "facets": store.facets(), "count": len(alerts),
+    visible = ward_scope(request)
+    alerts = [store.summary(a) for a in store.open_alerts(ward=ward, team=team, visible=visible)]
+    return web.json_response({"alerts": alerts, "facets": store.facets(visible), "count": len(alerts),
                               "now": datetime.now(timezone.utc).isoformat()})
 
 
@@ -477,7 +511,7 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
                                  headers={"Retry-After": "5"})
     streams[key] = streams.get(key, 0) + 1
     try:
-        return await _stream(request, cfg, token, store)
+        return await _stream(request, cfg, token, store, ward_scope(request))
     finally:
         left = streams.get(key, 1) - 1
         if left > 0:
@@ -491,7 +525,7 @@ MAX_STREAMS_PER_SESSION = 4
 STREAMS_KEY = web.AppKey("inbox_streams", dict)
 
 
-async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamResponse:
+async def _stream(request: web.Request, cfg, token: str, store, visible=None) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
     await resp.prepare(request)
@@ -512,6 +546,11 @@ async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamRes
             if cfg.valid_session(token, touch=False) is None:
                 await resp.write(b"event: logout\ndata: {}\n\n")
                 break
+            if msg.get("type") == "alert" and visible is not None and not visible(msg["alert"].get("ward")):
+                continue  # another ward's alert: not for this user (review M5)
+            if msg.get("type") == "pending" and msg.get("alert_id") in store.alerts and visible is not None \
+                    and not visible(store.ward_team(store.alerts[msg["alert_id"]])[0]):
+                continue
             data = json.dumps(msg, separators=(",", ":"))
             await resp.write(f"event: {msg.get('type', 'message')}\ndata: {data}\n\n".encode())
     except (ConnectionResetError, asyncio.CancelledError):

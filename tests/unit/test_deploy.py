@@ -347,11 +347,20 @@ def test_compose_binds_loopback_without_default_credentials():
 
 def test_a_kafka_topic_for_every_service_topic(k8s_docs):
     from monitor.settings import Settings
-    from monitor.topics_admin import service_topics
+    from monitor.topics_admin import changelog_topic, service_topics, topic_configs
 
+    s = Settings.model_construct()
     topics = _by_kind(k8s_docs, "KafkaTopic")
     names = {t["metadata"]["name"] for t in topics}
-    assert names == set(service_topics(Settings.model_construct()))
+    assert names == {*service_topics(s), changelog_topic(s)} and "patient-ticks" not in names
+    # clinical records never expire (issue 14): same retention as `monitor topics` creates
+    by_name = {t["metadata"]["name"]: t["spec"]["config"] for t in topics}
+    for name in ("alerts", "alert-actions", "treatments"):
+        assert str(by_name[name]["retention.ms"]) == "-1", name
+    for name in ("patients", "alert-deliveries", changelog_topic(s)):
+        assert by_name[name]["cleanup.policy"] == "compact", name
+    assert all({k: str(v) for k, v in topic_configs(s, n).items()}.items() <= {k: str(v) for k, v in c.items()}.items()
+               for n, c in by_name.items())
     (kafka,) = _by_kind(k8s_docs, "Kafka")
     assert all(t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"] for t in topics)
 

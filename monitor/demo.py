@@ -48,8 +48,10 @@ def _write_users(path: Path) -> dict[str, str]:
     for role in DEMO_USERS:
         password = f"{role}-{secrets.token_hex(3)}"
         creds[role] = password
+        # ward scoping (review M5): the demo nurse sees the simulator's two wards, the physician all
+        wards = ["*"] if role != "nurse" else ["paediatric-neurology", "adult-neurology"]
         users.append({"username": role, "role": role, "display_name": f"Demo {role}",
-                      "password_hash": hash_password(password)})
+                      "password_hash": hash_password(password), "wards": wards})
     path.write_text(json.dumps({"users": users}, indent=2))
     path.chmod(0o600)
     return creds

@@ -74,7 +74,7 @@ class InboxProcess:
         users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse", "wards": ["picu"],
                   "password_hash": hash_password(PASSWORDS["nurse1"], n=2**14)},
                  {"username": "nurse2", "role": "nurse", "display_name": "Walter Ward", "wards": ["W2"],
-                  "password_hash": hash_password(PASSWORDS["nurse2"], n=2**12)},
+                  "password_hash": hash_password(PASSWORDS["nurse2"], n=2**14)},
                  {"username": "admin1", "role": "admin", "password_hash": hash_password(PASSWORDS["admin1"], n=2**12)}]
         users_file = tmp / "users.json"
         users_file.write_text(json.dumps({"users": users}))

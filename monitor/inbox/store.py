@@ -374,3 +374,81 @@ class InboxStore:
             out.append({"group": sch.group, "analytes": sch.analytes, "due_day": round(due, 2),
                         "overdue": today > due + sch.grace_hours / 24.0, "every_days": period.every_days})
         return out
+
+    # ------------------------------------------------------------------ census and handover
+    def census(self, *, visible: Any = None, ward: str | None = None,
+               now: datetime | None = None) -> list[dict[str, Any]]:
+        """Monitored patients (those with a dose) the user may see: who, where, day since dose,
+        product, steroid phase now, samples overdue and next due, open alerts by severity."""
+        now = now or datetime.now(timezone.utc)
+        open_by: dict[str, dict[str, int]] = {}
+        for a in self.alerts.values():
+            if a.is_open:
+                counts = open_by.setdefault(a.patient_id, {})
+                counts[a.severity.value] = counts.get(a.severity.value, 0) + 1
+        rows = []
+        for pid, pv in self.patients.items():
+            if pv.dose is None:
+                continue
+            w = self.patient_ward(pid)
+            if visible is not None and not visible(w):
+                continue
+            if ward and w != ward:
+                continue
+            tl = self.timeline(pid, now)
+            past = [e for e in pv.steroids.values() if e.at <= now]
+            phase = max(past, key=lambda e: e.at).phase.value if past else None
+            upcoming = sorted(tl["upcoming"], key=lambda u: u["due_day"])
+            rows.append({
+                "patient_ref": pv.ref, "patient": self.identity(pid), "ward": w,
+                "care_team": pv.dose.care_team, "product": pv.dose.product.value,
+                "dosed_at": pv.dose.administered_at.isoformat(), "day": int(tl["today"]) if tl["today"] >= 0 else 0,
+                "steroid_phase": phase,
+                "overdue": [u for u in upcoming if u["overdue"]] + tl["overdue"],
+                "next_due": [u for u in upcoming if not u["overdue"]][:3],
+                "open_alerts": open_by.get(pid, {}),
+            })
+        rank = {"critical": 0, "high": 1, "warning": 2, "info": 3}
+        rows.sort(key=lambda r: (min((rank.get(k, 9) for k in r["open_alerts"]), default=9), r["ward"] or "",
+                                 r["patient"]["display_name"] or r["patient"]["patient_id"]))
+        return rows
+
+    def handover(self, *, visible: Any = None, ward: str | None = None, hours: float = 12.0,
+                 now: datetime | None = None) -> dict[str, Any]:
+        """A shift handover: open alerts, alerts closed in the last ``hours``, who acknowledged /
+        escalated / resolved what in that window, and samples due in the next 24 h."""
+        from datetime import timedelta
+
+        now = now or datetime.now(timezone.utc)
+        since = now - timedelta(hours=hours)
+        open_, closed, actions = [], [], []
+        for a in self.alerts.values():
+            w, _ = self.ward_team(a)
+            if (visible is not None and not visible(w)) or (ward and w != ward):
+                continue
+            row = {**self.summary(a), "closed_at": a.closed_at.isoformat() if a.closed_at else None}
+            if a.is_open:
+                open_.append(row)
+            elif a.closed_at and a.closed_at >= since:
+                closed.append(row)
+            for h in a.history:
+                if h.at >= since and h.by and h.by != "system":
+                    actions.append({"at": h.at.isoformat(), "by": h.by, "role": h.role, "action": h.action,
+                                    "alert_id": a.alert_id, "what": a.text.what, "patient": row["patient"],
+                                    "note": h.note})
+        rank = {"critical": 0, "high": 1, "warning": 2, "info": 3}
+        open_.sort(key=lambda r: (rank.get(r["severity"], 9), r["opened_at"]))
+        closed.sort(key=lambda r: r["closed_at"] or "", reverse=True)
+        actions.sort(key=lambda r: r["at"])
+        due = []
+        for row in self.census(visible=visible, ward=ward, now=now):
+            for u in row["overdue"] + row["next_due"]:
+                if "due_day" in u and u["due_day"] > row["day"] + 1 and not u.get("overdue"):
+                    continue
+                due.append({"patient": row["patient"], "patient_ref": row["patient_ref"], "ward": row["ward"],
+                            "what": ", ".join(u.get("analytes") or [u.get("analyte") or ""]),
+                            "group": u.get("group"), "due_day": u.get("due_day"),
+                            "overdue": bool(u.get("overdue", True)), "day": row["day"]})
+        return {"open": open_, "closed": closed, "actions": actions, "due": due, "since": since.isoformat(),
+                "now": now.isoformat(), "hours": hours}
+

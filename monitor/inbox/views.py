@@ -62,12 +62,38 @@ def _e(v: Any) -> str:
     return escape("" if v is None else str(v), quote=True)
 
 
+def site_zone():
+    """The site's time zone (``INBOX_TIMEZONE``, an IANA name; default UTC): every time shown in it,
+    with its offset; the UTC time on hover."""
+    import os
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = os.environ.get("INBOX_TIMEZONE", "").strip() or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return timezone.utc
+
+
 def _fmt_time(v: datetime | str | None) -> str:
     if v is None:
         return ""
     if isinstance(v, str):
         v = datetime.fromisoformat(v)
-    return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    local = v.astimezone(site_zone())
+    off = local.strftime("%z")
+    return local.strftime("%Y-%m-%d %H:%M ") + (f"{off[:3]}:{off[3:]}" if off else "UTC")
+
+
+def _time(v: datetime | str | None) -> str:
+    """A ``<time>`` in the site zone with the UTC time as its title (hover)."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v)
+    utc = v.astimezone(timezone.utc)
+    return (f'<time datetime="{_e(utc.isoformat())}" title="{_e(utc.strftime("%Y-%m-%d %H:%M UTC"))}">'
+            f'{_e(_fmt_time(v))}</time>')
 
 
 def patient_banner(ident: dict) -> str:
@@ -106,7 +132,9 @@ def page(title: str, body: str, *, sess: Session | None = None, scripts: tuple[s
     attrs = " ".join(f'data-{_e(k)}="{_e(v)}"' for k, v in (data or {}).items())
     tags = "".join(f'<script src="/static/{_e(s)}" defer></script>' for s in scripts)
     nav = ('<nav aria-label="Main"><a href="/" class="brand">SMA gene therapy monitor '
-           '<span class="sub">nurse inbox</span></a></nav>') if sess else '<span class="brand">SMA gene therapy monitor</span>'
+           '<span class="sub">nurse inbox</span></a> <a href="/" class="nav-link">Inbox</a> '
+           '<a href="/census" class="nav-link" id="nav-census">Census</a> '
+           '<a href="/handover" class="nav-link" id="nav-handover">Handover</a></nav>') if sess else '<span class="brand">SMA gene therapy monitor</span>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -309,7 +337,7 @@ def _action_forms(d: dict, sess: Session) -> str:
     elif d["open"]:
         parts.append('<p class="hint">Resolving a high or critical alert needs a physician.</p>')
     if "silence" in allowed:
-        parts.append(form("silence", '<label for="silence-until">Silence until (UTC)</label>'
+        parts.append(form("silence", '<label for="silence-until">Silence until (site time)</label>'
                                      '<input id="silence-until" name="until" type="datetime-local" required>'
                                      '<label for="silence-reason">Reason</label>'
                                      '<input id="silence-reason" name="reason" required maxlength="500">'))
@@ -393,6 +421,98 @@ async def patient_page(request: web.Request) -> web.Response:
                               scripts=("uPlot.iife.min.js", "inbox.js", "timeline.js"), page_id="page-patient"))
 
 
+def _who(ident: dict) -> str:
+    if not ident.get("registered"):
+        return f'<span class="unregistered">Unregistered</span> <span class="pid">id {_e(ident.get("patient_id"))}</span>'
+    return (f'<span class="patient-name">{_e(ident["display_name"])}</span><br><span class="patient-ids">MRN '
+            f'{_e(ident["mrn"])} &middot; born {_e(ident["birth_date"])}</span>')
+
+
+def _ward_filter(request: web.Request, action: str, wards: list[str]) -> str:
+    cur = request.query.get("ward", "")
+    opts = "".join(f'<option value="{_e(w)}"{" selected" if w == cur else ""}>{_e(w)}</option>' for w in wards)
+    return (f'<form class="filters no-print" method="get" action="{action}" role="search">'
+            f'<label for="f-ward">Ward</label><select id="f-ward" name="ward"><option value="">All my wards</option>'
+            f'{opts}</select><button type="submit" class="btn">Show</button></form>')
+
+
+def _my_wards(request: web.Request) -> list[str]:
+    store = request.app[STORE_KEY]
+    visible = ward_scope(request)
+    return sorted({w for pid in store.patients if (w := store.patient_ward(pid)) and visible(w)})
+
+
+async def census_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    ward = request.query.get("ward") or None
+    rows = store.census(visible=ward_scope(request), ward=ward)
+    sev_order = ("critical", "high", "warning", "info")
+    out = []
+    for r in rows:
+        alerts = " ".join(f'<span class="badge sev-{s}">{r["open_alerts"][s]} {s}</span>'
+                          for s in sev_order if r["open_alerts"].get(s)) or "none"
+        overdue = "; ".join(_e(", ".join(u.get("analytes") or [u.get("analyte") or ""])) for u in r["overdue"])
+        nxt = "; ".join(f'{_e(", ".join(u["analytes"]))} day {_e(u["due_day"])}' for u in r["next_due"])
+        bed = f' bed {_e(r["patient"]["bed"])}' if r["patient"].get("bed") else ""
+        out.append(f'<tr data-patient-ref="{_e(r["patient_ref"])}"><td><a href="/patients/{_e(r["patient_ref"])}">'
+                   f'{_who(r["patient"])}</a></td><td>{_e(r["ward"] or "no ward")}{bed}</td>'
+                   f'<td class="num day">{_e(r["day"])}</td><td>{_e(r["product"])}<br>{_time(r["dosed_at"])}</td>'
+                   f'<td>{_e(r["steroid_phase"] or "none")}</td>'
+                   f'<td class="overdue">{overdue or "none"}</td><td>{nxt or "-"}</td><td>{alerts}</td></tr>')
+    body = f"""<h1>Census</h1>{_ward_filter(request, "/census", _my_wards(request))}
+<p class="count" id="census-count">{len(rows)} monitored patient{'' if len(rows) == 1 else 's'}</p>
+<div class="table-wrap"><table class="census" id="census-table">
+<caption class="sr-only">Monitored patients: open alerts first</caption>
+<thead><tr><th scope="col">Patient</th><th scope="col">Ward</th><th scope="col">Day since dose</th>
+<th scope="col">Product / dosed</th><th scope="col">Steroid phase</th><th scope="col">Samples overdue</th>
+<th scope="col">Next samples due</th><th scope="col">Open alerts</th></tr></thead>
+<tbody>{''.join(out) or '<tr><td colspan="8">No monitored patients on your wards.</td></tr>'}</tbody></table></div>"""
+    return html_response(page("Census", body, sess=sess, page_id="page-census"))
+
+
+async def handover_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    ward = request.query.get("ward") or None
+    try:
+        hours = min(max(float(request.query.get("hours", "12")), 1.0), 72.0)
+    except ValueError:
+        hours = 12.0
+    h = store.handover(visible=ward_scope(request), ward=ward, hours=hours)
+
+    def alert_rows(rows: list[dict], closed: bool) -> str:
+        return "".join(
+            f'<tr><td><span class="badge sev-{_e(a["severity"])}">{_e(a["severity"])}</span></td>'
+            f'<td>{_who(a["patient"])}</td><td><a href="/alerts/{_e(a["alert_id"])}">{_e(a["what"])}</a></td>'
+            f'<td>{_e(a["ward"] or "")}</td><td>{_e(a["status"])}</td>'
+            f'<td>{_time(a["closed_at"] if closed else a["opened_at"])}</td></tr>' for a in rows
+        ) or f'<tr><td colspan="6">None.</td></tr>'
+
+    acts = "".join(f'<tr><td>{_time(x["at"])}</td><td>{_e(x["by"])}{" (" + _e(x["role"]) + ")" if x["role"] else ""}'
+                   f'</td><td>{_e(x["action"])}</td><td>{_who(x["patient"])}</td><td>{_e(x["what"])}</td>'
+                   f'<td>{_e(x["note"])}</td></tr>' for x in h["actions"]) or '<tr><td colspan="6">None.</td></tr>'
+    due = "".join(f'<tr><td>{_who(d["patient"])}</td><td>{_e(d["ward"] or "")}</td><td>{_e(d["what"])}</td>'
+                  f'<td>{"OVERDUE" if d["overdue"] else "day " + _e(d["due_day"])}</td></tr>' for d in h["due"]) \
+        or '<tr><td colspan="4">None.</td></tr>'
+    head = '<thead><tr><th scope="col">Severity</th><th scope="col">Patient</th><th scope="col">Alert</th>' \
+           '<th scope="col">Ward</th><th scope="col">Status</th><th scope="col">{}</th></tr></thead>'
+    body = f"""<h1>Shift handover</h1>{_ward_filter(request, "/handover", _my_wards(request))}
+<p class="meta">{_e(ward or "All my wards")} &middot; prepared {_time(h["now"])} by {_e(sess.display_name)} &middot;
+changes since {_time(h["since"])} ({_e(int(hours))} h). Print with the browser (Ctrl+P).</p>
+<section class="card"><h2>Open alerts ({len(h["open"])})</h2><table class="handover" id="handover-open">
+{head.format("Opened")}<tbody>{alert_rows(h["open"], False)}</tbody></table></section>
+<section class="card"><h2>Closed in the last {_e(int(hours))} h ({len(h["closed"])})</h2>
+<table class="handover" id="handover-closed">{head.format("Closed")}<tbody>{alert_rows(h["closed"], True)}</tbody></table></section>
+<section class="card"><h2>Who acknowledged, escalated or resolved what</h2><table class="handover" id="handover-actions">
+<thead><tr><th scope="col">When</th><th scope="col">By</th><th scope="col">Action</th><th scope="col">Patient</th>
+<th scope="col">Alert</th><th scope="col">Note</th></tr></thead><tbody>{acts}</tbody></table></section>
+<section class="card"><h2>Samples due in the next 24 h</h2><table class="handover" id="handover-due">
+<thead><tr><th scope="col">Patient</th><th scope="col">Ward</th><th scope="col">Samples</th><th scope="col">Due</th></tr>
+</thead><tbody>{due}</tbody></table></section>"""
+    return html_response(page("Shift handover", body, sess=sess, page_id="page-handover"))
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -435,7 +555,7 @@ def _parse_until(raw: Any) -> datetime | None:
     if raw in (None, ""):
         return None
     t = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=site_zone())  # entered in the site's zone
 
 
 async def api_action(request: web.Request) -> web.StreamResponse:
@@ -573,6 +693,8 @@ def add_routes(app: web.Application, static_dir: str) -> None:
     r.add_get("/", inbox_page)
     r.add_get("/alerts/{alert_id}", alert_page)
     r.add_get("/patients/{ref}", patient_page)
+    r.add_get("/census", census_page)
+    r.add_get("/handover", handover_page)
     r.add_get("/api/me", api_me)
     r.add_get("/api/alerts", api_alerts)
     r.add_get("/api/alerts/{alert_id}", api_alert)
@@ -585,7 +707,8 @@ def add_routes(app: web.Application, static_dir: str) -> None:
 
 #: every route that needs a session, for tests: (method, path)
 PROTECTED_ROUTES = [
-    ("GET", "/"), ("GET", "/alerts/{alert_id}"), ("GET", "/patients/{ref}"), ("POST", "/logout"),
+    ("GET", "/"), ("GET", "/alerts/{alert_id}"), ("GET", "/patients/{ref}"), ("GET", "/census"), ("GET", "/handover"),
+    ("POST", "/logout"),
     ("GET", "/api/me"), ("GET", "/api/alerts"), ("GET", "/api/alerts/{alert_id}"),
     ("POST", "/api/alerts/{alert_id}/actions"), ("GET", "/api/patients/{ref}/timeline"), ("GET", "/api/stream"),
     ("GET", "/api/admin/status"),

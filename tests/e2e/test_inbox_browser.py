@@ -362,6 +362,14 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         page.screenshot(path=str(SHOTS / "05-patient-timeline-portrait.png"), full_page=True)
         timeline_url = page.url
 
+        # the census: the patient by name and MRN, day since dose, open alerts
+        page.set_viewport_size({"width": 1024, "height": 768})
+        page.click("#nav-census")
+        page.wait_for_selector("#census-table")
+        census_row = page.inner_text(f'#census-table tr[data-patient-ref="{timeline_url.rsplit("/", 1)[1]}"]')
+        assert "Ada Okafor" in census_row and "MRN-E2E-7" in census_row and "picu" in census_row, census_row
+        page.screenshot(path=str(SHOTS / "06-census.png"), full_page=True)
+
         # ward scoping (review M5): a nurse of another ward sees neither the row nor the pages
         other = browser.new_context(viewport={"width": 1024, "height": 768})
         page2 = other.new_page()
@@ -372,6 +380,8 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         assert "Ada Okafor" not in page2.content()
         assert page2.goto(f"{proc.base}/alerts/{alert_id}").status == 404
         assert page2.goto(timeline_url).status == 404
+        page2.goto(f"{proc.base}/census")
+        assert "Ada Okafor" not in page2.content() and "No monitored patients" in page2.inner_text("#census-table")
         other.close()
         assert not errors, errors
         browser.close()

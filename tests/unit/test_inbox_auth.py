@@ -461,3 +461,38 @@ async def test_sse_skips_other_wards(ctx):
     msg = await r.content.readuntil(b"\n\n")
     assert b"g" * 32 in msg and b"f" * 32 not in msg
     r.close()
+
+
+async def test_census_and_handover_are_ward_scoped_and_show_identity(ctx, monkeypatch):
+    from schemas.alert import HistoryEntry
+    from schemas.patients import PatientRecord
+
+    monkeypatch.setenv("INBOX_TIMEZONE", "Europe/Berlin")
+    client, _, store = ctx
+    store.apply_patient(PatientRecord(patient_id="MRN-0001", display_name="Ada Okafor", mrn="H-1",
+                                      birth_date="2024-09-01", ward="W1"))
+    store.apply_treatment(DoseEvent(type="dose", event_id="d2", patient_id="MRN-0002", product="onasemnogene-abeparvovec-iv",
+                                    administered_at=NOW - timedelta(days=3), birth_date="2024-01-01", weight_kg=9,
+                                    ward="W2", care_team="T2"))
+    acked = _alert("a" * 32, "MRN-0001", "high", status="acknowledged", version=5)
+    acked = acked.model_copy(update={"history": [HistoryEntry(at=datetime.now(timezone.utc) - timedelta(hours=1),
+                                                              by="nurse1", action="acknowledged", role="nurse")]})
+    store.apply_alert(acked)
+    await login(client, "nurse1")
+    census = await (await client.get("/census")).text()
+    assert "Ada Okafor" in census and "H-1" in census and "1 monitored patient" in census
+    assert "MRN-0002" not in census  # W2: not on nurse1's wards
+    assert "+01:00" in census or "+02:00" in census  # site zone with its offset
+    assert 'title="' in census and "UTC" in census  # UTC on hover
+    hand = await (await client.get("/handover")).text()
+    assert "Ada Okafor" in hand and "nurse1" in hand and "acknowledged" in hand
+    assert (await client.get("/census", params={"ward": "W2"})).status == 200
+    assert "Ada Okafor" not in await (await client.get("/census", params={"ward": "W2"})).text()
+
+
+def test_silence_time_is_entered_in_the_site_zone(monkeypatch):
+    from monitor.inbox.views import _parse_until
+
+    monkeypatch.setenv("INBOX_TIMEZONE", "America/New_York")
+    assert _parse_until("2026-01-15T09:00:00").isoformat() == "2026-01-15T09:00:00-05:00"
+    assert _parse_until("2026-01-15T09:00:00Z").utcoffset() == timedelta(0)

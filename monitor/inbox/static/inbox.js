@@ -153,7 +153,7 @@
         var reason = form.querySelector('[name="reason"]');
         var until = form.querySelector('[name="until"]');
         if (reason && reason.value.trim()) payload.reason = reason.value.trim();
-        if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00Z" : until.value;
+        if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00" : until.value;  // site time: the server applies INBOX_TIMEZONE
         var btn = form.querySelector("button");
         btn.disabled = true;
         shownAtSubmit = version;

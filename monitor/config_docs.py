@@ -26,6 +26,10 @@ DESCRIPTIONS: dict[str, str] = {
     "topic_alert_actions": "Acknowledge / resolve / silence actions from the inbox and the actions API.",
     "topic_patients": "Patient demographics (name, MRN, date of birth, ward, bed), compacted by patient id; "
                       "written by the MLLP listener (ADT) and `monitor patients load` (JSON, FHIR Patient).",
+    "alertmanager_refresh_seconds": "Open alerts are re-pushed to Alertmanager this often, with a rolling "
+                                    "endsAt of four intervals, so a restarted Alertmanager has them back.",
+    "inbox_public_url": "Public base URL of the inbox: Alertmanager's generatorURL links to "
+                        "`<url>/alerts/<alert id>` (opaque id; sign-in required). Empty: no link.",
     "observations_retention_days": "Retention of the patient stream `observations` in days (at least 180); "
                                    "alerts, actions, treatments and patients never expire.",
     "topic_patient_changelog": "Compacted changelog of the clinical stage's patient store (empty: "

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
 
     # alert delivery sinks (empty URL = sink off)
     alertmanager_url: str = ""
+    #: open alerts are re-pushed to Alertmanager this often, with endsAt = now + 4 intervals (a
+    #: restarted Alertmanager, which keeps no alerts, has them back within one interval)
+    alertmanager_refresh_seconds: float = Field(default=60.0, gt=0)
+    #: public base URL of the inbox: Alertmanager's generatorURL links to <url>/alerts/<alert id>
+    #: (an opaque id; the page needs a sign-in). Empty: no link
+    inbox_public_url: str = ""
     webhook_url: str = ""
     webhook_secret: str = Field(default="", repr=False, exclude=True)
     #: key of the alert ids and pseudonymous alert references (HMAC); required, >= 32 characters,

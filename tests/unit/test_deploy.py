@@ -118,6 +118,13 @@ def test_amtool_check_config():
     (["alertname=x", "rule_id=x", "severity=critical", "team=neuromuscular"], "clinical-neuromuscular-pager"),
     (["alertname=x", "rule_id=x", "severity=warning", "team=unassigned"], "clinical-unassigned"),
     (["alertname=x", "rule_id=x", "severity=warning", "team=some-new-team"], "clinical-unassigned"),
+    # escalation tiers are labels (issue 14): the failsafe pages the on-call physician, tier 0 the
+    # nurse in charge as well as the team
+    (["alertname=x", "rule_id=x", "severity=high", "team=hepatology", "escalation_tier=failsafe"],
+     "clinical-oncall-physician"),
+    (["alertname=x", "rule_id=x", "severity=high", "team=hepatology", "escalation_tier=0"],
+     "clinical-nurse-in-charge,clinical-hepatology-pager"),
+    (["alertname=x", "rule_id=x", "severity=warning", "team=hepatology", "escalation_tier=1"], "clinical-hepatology"),
 ])
 def test_alertmanager_routes(labels, receiver):
     out = ok(run(tool("amtool"), "config", "routes", "test", f"--config.file={AM_CONFIG}", *labels))

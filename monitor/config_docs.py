@@ -103,6 +103,8 @@ EXTRA: list[tuple[str, str, str, str]] = [
      "INBOX_TRUST_PROXY.", "inbox"),
     ("INBOX_TLS_CERT", "(empty)", "Certificate (PEM) to serve the inbox over HTTPS.", "inbox"),
     ("INBOX_TLS_KEY", "(empty)", "Private key (PEM) of INBOX_TLS_CERT.", "inbox"),
+    ("INBOX_TIMEZONE", "UTC", "The site's IANA time zone (e.g. `Europe/London`): every time in the inbox is shown "
+     "in it with its offset (UTC on hover), and silence expiries are entered in it.", "inbox"),
 ]
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "webhook_secret", "pseudonym_secret"})

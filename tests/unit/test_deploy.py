@@ -264,7 +264,15 @@ def test_k8s_structure(k8s_docs):
         assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), d
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "sma-monitor", d["metadata"]
-    (dep,) = _by_kind(k8s_docs, "Deployment")
+    deps = {d["metadata"]["name"]: d for d in _by_kind(k8s_docs, "Deployment")}
+    assert set(deps) == {"sma-monitor", "sma-monitor-inbox", "sma-monitor-mllp"}  # issue 14: the whole stack
+    for d in deps.values():
+        spec = d["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["livenessProbe"]
+            assert c["readinessProbe"] and c["resources"]["limits"]["memory"]
+    dep = deps["sma-monitor"]
     pod = dep["spec"]["template"]
     selector = dep["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
@@ -283,8 +291,7 @@ def test_k8s_structure(k8s_docs):
     assert any(e["name"] == "KAFKA_SASL_PASSWORD" and "secretKeyRef" in e["valueFrom"] for e in c["env"])
     assert not any(k.endswith("PASSWORD") for k in cm), "secrets belong in a Secret"
     # Service, ServiceMonitor and PDB select the pods
-    (svc,) = _by_kind(k8s_docs, "Service")
-    assert svc["metadata"]["name"] == "sma-monitor"  # the job label the rules select on
+    svc = next(d for d in _by_kind(k8s_docs, "Service") if d["metadata"]["name"] == "sma-monitor")
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
     (sm,) = _by_kind(k8s_docs, "ServiceMonitor")
@@ -311,8 +318,11 @@ def test_network_policies_and_secrets(k8s_docs):
     pols = {d["metadata"]["name"]: d["spec"] for d in _by_kind(k8s_docs, "NetworkPolicy")}
     deny = pols["default-deny-ingress"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
-    (dep,) = _by_kind(k8s_docs, "Deployment")
+    dep = next(d for d in _by_kind(k8s_docs, "Deployment") if d["metadata"]["name"] == "sma-monitor")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    # the inbox and the listener: each its own policy with ingress on its own ports only
+    assert [p["port"] for r in pols["sma-monitor-inbox"]["ingress"] for p in r["ports"]] == [8443]
+    assert sorted(p["port"] for r in pols["sma-monitor-mllp"]["ingress"] for p in r["ports"]) == [2575, 9464]
     worker = pols["sma-monitor-worker"]
     assert worker["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert set(worker["policyTypes"]) == {"Ingress", "Egress"}

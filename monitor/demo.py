@@ -147,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         raw = value.encode() if isinstance(value, str) else json.dumps(value, separators=(",", ":")).encode()
         producer.send(rec["topic"], key=rec["key"].encode(), value=raw)
         n += 1
+    # synthetic demographics (fictional names) on the patients feed, so the inbox shows who each is
+    from schemas.patients import PatientRecord
+
+    given = ["Ada", "Ben", "Cara", "Dev", "Ema", "Finn", "Gia", "Hugo", "Isla", "Jon", "Kai", "Lena"]
+    family = ["Okafor", "Novak", "Silva", "Tanaka", "Moreau", "Kowalski", "Haddad", "Lindqvist", "Reyes"]
+    for i, pt in enumerate(cohort.patients):
+        rec = PatientRecord(patient_id=pt.patient_id, display_name=f"{given[i % len(given)]} {family[i % len(family)]}",
+                            mrn=f"DEMO-{run}-{i:04d}", birth_date=pt.birth_date, bed=str(i % 20 + 1), source="json",
+                            ward="paediatric-neurology" if pt.age_months < 192 else "adult-neurology")
+        producer.send(s.topic_patients, key=pt.patient_id.encode(), value=rec.model_dump_json().encode())
     producer.flush()
     producer.close()
     print(f"demo: published {n} events for {args.patients} patients ({args.format}) in {time.monotonic() - t_pub:.1f}s")

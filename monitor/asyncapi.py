@@ -124,8 +124,11 @@ def build(s: Settings | None = None, version: str = "0.1.0", schema_dir: str = "
                       "resolved...): the outbox the delivery service and the inbox read.", _ref("alert")),
         "AlertAction": _msg("alert-action", "Alert action", "Acknowledge, resolve, silence, unsilence or "
                             "comment, from the inbox, the actions API or another system.", _ref("alert-action")),
-        "Tick": _msg("tick", "Clock tick", "Internal: wakes a patient's schedule checks.",
-                     {"type": "string", "const": "tick"}, content_type="text/plain"),
+        "Patient": _msg("patient", "Patient demographics", "The canonical demographic record (name, MRN, "
+                        "date of birth, ward, bed), written by the MLLP listener (ADT^A01/A04/A08/A31) and "
+                        "`monitor patients load` (JSON, FHIR R4 Patient). PHI: the inbox shows it to signed-in "
+                        "clinical users only.", _ref("patient"),
+                        key={"type": "string", "description": "The patient id."}),
         "Delivery": _msg("alert-delivery", "Delivered alert version", "Internal idempotency ledger of the "
                          "delivery service (compacted).", {"type": "string", "const": "1"},
                          content_type="text/plain",
@@ -150,7 +153,8 @@ def build(s: Settings | None = None, version: str = "0.1.0", schema_dir: str = "
         ("alerts", s.topic_alerts, "Alert versions: the outbox for delivery and the inbox.", ["Alert"], "send", None),
         ("alert-actions", s.topic_alert_actions, "Actions on alerts. Must be keyed by patient id.",
          ["AlertAction"], "receive", None),
-        ("patient-ticks", s.topic_ticks, "Internal clock ticks per patient.", ["Tick"], "send", None),
+        ("patients", s.topic_patients, "Patient demographics, compacted by patient id (never expire).",
+         ["Patient"], "send", "compact"),
         ("alert-deliveries", s.topic_deliveries, "Internal delivery ledger (compacted).", ["Delivery"], "send",
          "compact"),
     ]

@@ -106,6 +106,12 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     return inbox_main(args.rest)
 
 
+def cmd_patients(args: argparse.Namespace) -> int:
+    from .patients import main as patients_main
+
+    return patients_main(args.rest)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import main as simulate_main
 
@@ -174,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     ib = sub.add_parser("inbox", help="the nurse web inbox (serve | hash-password)")
     ib.add_argument("rest", nargs=argparse.REMAINDER, help="sub-command and options: see 'monitor inbox --help'")
     ib.set_defaults(func=cmd_inbox)
+    pa = sub.add_parser("patients", help="patient demographics feed (load JSON, FHIR Patient or HL7 ADT files)")
+    pa.add_argument("rest", nargs=argparse.REMAINDER, help="sub-command and options: see 'monitor patients --help'")
+    pa.set_defaults(func=cmd_patients)
     si = sub.add_parser("simulate", help="generate (and publish) a synthetic post-dose cohort with ground truth")
     si.add_argument("rest", nargs=argparse.REMAINDER, help="options of the simulator: see 'monitor simulate --help'")
     si.set_defaults(func=cmd_simulate)
@@ -182,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: sub-commands with their own argument parsers
-_DELEGATED = {"inbox": cmd_inbox, "simulate": cmd_simulate, "mllp": cmd_mllp}
+_DELEGATED = {"inbox": cmd_inbox, "simulate": cmd_simulate, "mllp": cmd_mllp, "patients": cmd_patients}
 
 #: long-running commands keep the Kafka clients' logs; the others are one-shot tools
 _SERVERS = frozenset({"worker"})

@@ -24,7 +24,14 @@ DESCRIPTIONS: dict[str, str] = {
     "topic_findings": "Rule findings (internal, per patient).",
     "topic_alerts": "Alert versions published by the lifecycle (read by the inbox and the sinks).",
     "topic_alert_actions": "Acknowledge / resolve / silence actions from the inbox and the actions API.",
-    "topic_ticks": "Retired: clock ticks now run in-process over the owned patients; the topic is no longer written.",
+    "topic_patients": "Patient demographics (name, MRN, date of birth, ward, bed), compacted by patient id; "
+                      "written by the MLLP listener (ADT) and `monitor patients load` (JSON, FHIR Patient).",
+    "alertmanager_refresh_seconds": "Open alerts are re-pushed to Alertmanager this often, with a rolling "
+                                    "endsAt of four intervals, so a restarted Alertmanager has them back.",
+    "inbox_public_url": "Public base URL of the inbox: Alertmanager's generatorURL links to "
+                        "`<url>/alerts/<alert id>` (opaque id; sign-in required). Empty: no link.",
+    "observations_retention_days": "Retention of the patient stream `observations` in days (at least 180); "
+                                   "alerts, actions, treatments and patients never expire.",
     "topic_patient_changelog": "Compacted changelog of the clinical stage's patient store (empty: "
                                "`<app id>-patients-changelog`), one partition per partition of the patient stream.",
     "topic_deliveries": "Compacted ledger of delivered alert versions per sink (restart-safe idempotency).",
@@ -96,6 +103,8 @@ EXTRA: list[tuple[str, str, str, str]] = [
      "INBOX_TRUST_PROXY.", "inbox"),
     ("INBOX_TLS_CERT", "(empty)", "Certificate (PEM) to serve the inbox over HTTPS.", "inbox"),
     ("INBOX_TLS_KEY", "(empty)", "Private key (PEM) of INBOX_TLS_CERT.", "inbox"),
+    ("INBOX_TIMEZONE", "UTC", "The site's IANA time zone (e.g. `Europe/London`): every time in the inbox is shown "
+     "in it with its offset (UTC on hover), and silence expiries are entered in it.", "inbox"),
 ]
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "webhook_secret", "pseudonym_secret"})

@@ -48,8 +48,10 @@ def _write_users(path: Path) -> dict[str, str]:
     for role in DEMO_USERS:
         password = f"{role}-{secrets.token_hex(3)}"
         creds[role] = password
+        # ward scoping (review M5): the demo nurse sees the simulator's two wards, the physician all
+        wards = ["*"] if role != "nurse" else ["paediatric-neurology", "adult-neurology"]
         users.append({"username": role, "role": role, "display_name": f"Demo {role}",
-                      "password_hash": hash_password(password)})
+                      "password_hash": hash_password(password), "wards": wards})
     path.write_text(json.dumps({"users": users}, indent=2))
     path.chmod(0o600)
     return creds
@@ -145,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         raw = value.encode() if isinstance(value, str) else json.dumps(value, separators=(",", ":")).encode()
         producer.send(rec["topic"], key=rec["key"].encode(), value=raw)
         n += 1
+    # synthetic demographics (fictional names) on the patients feed, so the inbox shows who each is
+    from schemas.patients import PatientRecord
+
+    given = ["Ada", "Ben", "Cara", "Dev", "Ema", "Finn", "Gia", "Hugo", "Isla", "Jon", "Kai", "Lena"]
+    family = ["Okafor", "Novak", "Silva", "Tanaka", "Moreau", "Kowalski", "Haddad", "Lindqvist", "Reyes"]
+    for i, pt in enumerate(cohort.patients):
+        rec = PatientRecord(patient_id=pt.patient_id, display_name=f"{given[i % len(given)]} {family[i % len(family)]}",
+                            mrn=f"DEMO-{run}-{i:04d}", birth_date=pt.birth_date, bed=str(i % 20 + 1), source="json",
+                            ward="paediatric-neurology" if pt.age_months < 192 else "adult-neurology")
+        producer.send(s.topic_patients, key=pt.patient_id.encode(), value=rec.model_dump_json().encode())
     producer.flush()
     producer.close()
     print(f"demo: published {n} events for {args.patients} patients ({args.format}) in {time.monotonic() - t_pub:.1f}s")

@@ -446,7 +446,8 @@ class MllpServer:
                 raise Rejected(Reason.EMPTY_PAYLOAD, "empty message")
             if detect_format(raw) != "hl7":
                 raise Rejected(Reason.HL7_INVALID, "not an HL7 v2 message (no MSH segment)")
-            observations = self._decode(raw, received_at)
+            patient = self._adt(raw)  # ADT goes to the patients feed (schemas/patients.py)
+            observations = self._decode(raw, received_at) if patient is None else []
         except Rejected as rej:
             return await self._dead_letter(raw, rej, received_at)
         except Exception as exc:  # a bug: still keep the bytes
@@ -457,7 +458,8 @@ class MllpServer:
         records = [
             (self.observations_topic, o.patient_id.encode(), o.model_dump_json().encode(), None)
             for o in observations
-        ]
+        ] if patient is None else [
+            (self.patients_topic or get_settings().topic_patients, patient.patient_id.encode(), patient.model_dump_json().encode(), None)]
         try:
             await self.sink.send_all(records)
         except BrokerUnavailable as exc:
@@ -468,6 +470,16 @@ class MllpServer:
         self.stats.observations += len(observations)
         log.debug("mllp: accepted a message with %d observations", len(observations))
         return build_ack(raw, "AA")
+
+    #: where ADT^A01/A04/A08/A31 demographics go (canonical ``PatientRecord``, keyed by patient id)
+    patients_topic: str | None = None
+
+    def _adt(self, raw: bytes):
+        """An ADT message -> its PatientRecord (raises ``Rejected`` if invalid); None for others."""
+        from schemas.patients import is_adt, patient_from_adt
+
+        text = raw.decode("utf-8", "replace")
+        return patient_from_adt(text) if is_adt(text) else None
 
     def _decode(self, raw: bytes, received_at: datetime):
         if self.default_tz is None:

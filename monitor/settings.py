@@ -25,8 +25,12 @@ class Settings(BaseSettings):
     topic_findings: str = "findings"
     topic_alerts: str = "alerts"
     topic_alert_actions: str = "alert-actions"
-    #: retired: the clock runs in-process (kept until deploy/k8s drops the topic)
-    topic_ticks: str = "patient-ticks"
+    #: patient demographics (compacted, keyed by patient id; JSON, FHIR Patient or HL7 ADT in,
+    #: canonical ``schemas/patients.PatientRecord`` out); shown to signed-in clinical users only
+    topic_patients: str = "patients"
+    #: retention of the patient stream ``observations`` in days (the timeline rebuilds from it;
+    #: the clinical record topics never expire)
+    observations_retention_days: int = Field(default=400, ge=180)
     #: compacted changelog of the clinical stage's patient store (empty: ``<app id>-patients-changelog``)
     topic_patient_changelog: str = ""
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
@@ -68,6 +72,12 @@ class Settings(BaseSettings):
 
     # alert delivery sinks (empty URL = sink off)
     alertmanager_url: str = ""
+    #: open alerts are re-pushed to Alertmanager this often, with endsAt = now + 4 intervals (a
+    #: restarted Alertmanager, which keeps no alerts, has them back within one interval)
+    alertmanager_refresh_seconds: float = Field(default=60.0, gt=0)
+    #: public base URL of the inbox: Alertmanager's generatorURL links to <url>/alerts/<alert id>
+    #: (an opaque id; the page needs a sign-in). Empty: no link
+    inbox_public_url: str = ""
     webhook_url: str = ""
     webhook_secret: str = Field(default="", repr=False, exclude=True)
     #: key of the alert ids and pseudonymous alert references (HMAC); required, >= 32 characters,
@@ -102,7 +112,7 @@ SERVICE_TOPICS = {
     "findings": "topic_findings",
     "alerts": "topic_alerts",
     "alert-actions": "topic_alert_actions",
-    "patient-ticks": "topic_ticks",
+    "patients": "topic_patients",
     "alert-deliveries": "topic_deliveries",
 }
 

@@ -77,7 +77,26 @@ def changelog_topic(s: Settings) -> str:
 
 
 def compacted_topics(s: Settings) -> set[str]:
-    return {s.topic_deliveries, changelog_topic(s)}
+    return {s.topic_deliveries, changelog_topic(s), s.topic_patients}
+
+
+def topic_configs(s: Settings, name: str) -> dict[str, str]:
+    """Retention per topic (README "Retention"): clinical records never expire.
+
+    * compacted (latest value per key, kept for ever): the patient demographics, the delivery
+      ledger, the patient store changelog;
+    * no time- or size-based deletion (``retention.ms=-1``): ``alerts`` (every version: the
+      history), ``alert-actions`` (who did what), ``treatments`` (the dose: ward, team, day 0);
+    * ``observations``: ``OBSERVATIONS_RETENTION_DAYS`` (at least 180);
+    * the rest (raw inputs, findings, dead letters): the broker's default.
+    """
+    if name in compacted_topics(s):
+        return {"cleanup.policy": "compact", "retention.ms": "-1"}
+    if name in (s.topic_alerts, s.topic_alert_actions, s.topic_treatments):
+        return {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    if name == s.topic_observations:
+        return {"retention.ms": str(s.observations_retention_days * 86_400_000)}
+    return {}
 
 
 def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
@@ -97,7 +116,7 @@ def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float = 
                 admin.create_topics([
                     NewTopic(n, stream_partitions if n == changelog_topic(s) else s.topic_partitions,
                              s.topic_replication_factor,
-                             topic_configs=({"cleanup.policy": "compact"} if n in compacted_topics(s) else {}))
+                             topic_configs=topic_configs(s, n))
                     for n in missing
                 ])
             except TopicAlreadyExistsError:

@@ -22,6 +22,7 @@ from .alert import Alert, AlertAction
 from .events import DoseEvent, LabResult, LiverFunctionPanel, Observation, SteroidEvent, TreatmentEvent, VitalSign
 from .findings import Finding
 from .replay import ReplayLedgerEntry
+from .patients import PatientRecord
 
 BASE_ID = "https://sma-monitor.example/schemas/"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -80,6 +81,7 @@ SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {
     "alert-action": _model(AlertAction),
     "webhook-alert": _webhook,
     "dlq-replay": _model(ReplayLedgerEntry),
+    "patient": _model(PatientRecord),
 }
 
 

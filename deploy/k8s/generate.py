@@ -45,19 +45,24 @@ def service_topics() -> list[str]:
 
 
 def kafka_topics() -> str:
-    defaults = __import__("monitor.settings", fromlist=["Settings"]).Settings.model_construct()
+    """Every service topic and the patient store changelog, with the retention the service itself
+    creates them with (``monitor.topics_admin.topic_configs``: clinical records never expire)."""
+    sys.path.insert(0, str(ROOT))
+    from monitor.settings import Settings
+    from monitor.topics_admin import changelog_topic, topic_configs
+
+    defaults = Settings.model_construct()
     docs = []
-    for name in service_topics():
-        config: dict = {"min.insync.replicas": 2, "max.message.bytes": 16777216}
-        if name == getattr(defaults, "topic_deliveries", None):
-            config["cleanup.policy"] = "compact"
+    for name in [*service_topics(), changelog_topic(defaults)]:
+        config: dict = {"min.insync.replicas": 2, "max.message.bytes": 16777216, **topic_configs(defaults, name)}
         docs.append({
             "apiVersion": "kafka.strimzi.io/v1beta2",
             "kind": "KafkaTopic",
             "metadata": {"name": name, "labels": {"strimzi.io/cluster": CLUSTER}},
             "spec": {"partitions": PARTITIONS, "replicas": REPLICAS, "config": config},
         })
-    return HEADER.format(src="monitor/settings.py (topic names)") + yaml.safe_dump_all(docs, sort_keys=False)
+    return HEADER.format(src="monitor/settings.py (topic names) and monitor/topics_admin.py (retention)") + \
+        yaml.safe_dump_all(docs, sort_keys=False)
 
 
 OUTPUTS = {BASE / "prometheusrule.yaml": prometheus_rule, BASE / "kafka-topics.yaml": kafka_topics}

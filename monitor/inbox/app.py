@@ -66,7 +66,7 @@ class KafkaBridge:
                                          request_timeout_ms=15000, **cfg)
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
-            s.topic_alerts, s.topic_observations, s.topic_treatments, group_id=None,
+            s.topic_alerts, s.topic_observations, s.topic_treatments, s.topic_patients, group_id=None,
             auto_offset_reset="earliest", enable_auto_commit=False, metadata_max_age_ms=10_000,
             max_partition_fetch_bytes=s.max_message_bytes, fetch_max_bytes=max(s.max_message_bytes, 52_428_800),
             **cfg)
@@ -76,7 +76,7 @@ class KafkaBridge:
     async def _run(self) -> None:
         s, store = self.settings, self.store
         handlers = {s.topic_alerts: store.apply_alert_bytes, s.topic_observations: store.apply_observation_bytes,
-                    s.topic_treatments: store.apply_treatment_bytes}
+                    s.topic_treatments: store.apply_treatment_bytes, s.topic_patients: store.apply_patient_bytes}
         while True:
             try:
                 batch = await self.consumer.getmany(timeout_ms=500, max_records=5000)

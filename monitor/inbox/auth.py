@@ -140,7 +140,8 @@ class User:
     role: Role
     password_hash: str = field(repr=False)
     display_name: str = ""
-    #: wards this user sees by default (empty: all)
+    #: wards this user sees and acts on (review M5); ``"*"`` = every ward (an explicit grant);
+    #: empty = none (admins see every ward regardless)
     wards: tuple[str, ...] = ()
 
     @property

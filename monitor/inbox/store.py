@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from schemas.alert import OPEN_STATUSES, Alert, AlertAction
 from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
+from schemas.patients import PatientRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class PatientView:
     order: deque = field(default_factory=deque)
     dose: DoseEvent | None = None
     steroids: dict[str, SteroidEvent] = field(default_factory=dict)
+    #: demographics from the ``patients`` topic (None: unregistered)
+    record: PatientRecord | None = None
 
 
 class InboxStore:
@@ -103,7 +106,9 @@ class InboxStore:
             pend[:] = [p for p in pend if p["version"] >= alert.version]
             if not pend:
                 del self.pending[alert.alert_id]
-        self.publish({"type": "alert", "alert": self.summary(alert)})
+        summary = self.summary(alert)
+        summary.pop("patient", None)  # the live message carries no identity; pages fetch it
+        self.publish({"type": "alert", "alert": summary})
         return alert
 
     def apply_observation_bytes(self, raw: bytes | None) -> Observation | None:
@@ -130,6 +135,41 @@ class InboxStore:
             pv.observations.pop(pv.order.popleft(), None)
         if len(pv.order) > 2 * self.max_obs:
             pv.order = deque(k for k in pv.order if k in pv.observations)
+
+    def apply_patient_bytes(self, raw: bytes | None) -> PatientRecord | None:
+        try:
+            rec = PatientRecord.model_validate_json(raw or b"")
+        except (ValidationError, ValueError):
+            self.counts["invalid"] += 1
+            return None
+        self.apply_patient(rec)
+        return rec
+
+    def apply_patient(self, rec: PatientRecord) -> None:
+        pv = self.patient(rec.patient_id)
+        pv.record = rec
+        self.counts["patients"] = self.counts.get("patients", 0) + 1
+        self.publish({"type": "resync"})  # names on open rows may change
+
+    def identity(self, patient_id: str) -> dict[str, Any]:
+        """What a signed-in clinical user sees of who the patient is (PHI: never logged or sent out)."""
+        pv = self.patients.get(patient_id)
+        rec = pv.record if pv else None
+        if rec is None:
+            return {"registered": False, "display_name": None, "mrn": None, "birth_date": None,
+                    "patient_id": patient_id, "label": f"unregistered patient {patient_id}"}
+        return {"registered": True, "display_name": rec.display_name, "mrn": rec.mrn,
+                "mrn_authority": rec.mrn_authority, "birth_date": rec.birth_date.isoformat(),
+                "patient_id": patient_id, "bed": rec.bed,
+                "label": f"{rec.display_name} (MRN {rec.mrn}, born {rec.birth_date.isoformat()})"}
+
+    def patient_ward(self, patient_id: str) -> str | None:
+        pv = self.patients.get(patient_id)
+        if pv is None:
+            return None
+        if pv.record is not None and pv.record.ward:
+            return pv.record.ward
+        return pv.dose.ward if pv.dose else None
 
     def apply_treatment_bytes(self, raw: bytes | None) -> Any:
         try:
@@ -182,7 +222,9 @@ class InboxStore:
     def ward_team(self, alert: Alert) -> tuple[str | None, str | None]:
         pv = self.patients.get(alert.patient_id)
         dose = pv.dose if pv else None
-        return (alert.ward or (dose.ward if dose else None), alert.care_team or (dose.care_team if dose else None))
+        rec = pv.record if pv else None
+        return (alert.ward or (dose.ward if dose else None) or (rec.ward if rec else None),
+                alert.care_team or (dose.care_team if dose else None) or (rec.care_team if rec else None))
 
     def summary(self, alert: Alert) -> dict[str, Any]:
         ward, team = self.ward_team(alert)
@@ -194,14 +236,19 @@ class InboxStore:
             "escalation_tier": alert.escalation_tier, "inhibited_by": alert.inhibited_by,
             "silenced_until": alert.silenced_until.isoformat() if alert.silenced_until else None,
             "open": alert.is_open, "pending": list(self.pending.get(alert.alert_id, [])),
+            "patient": self.identity(alert.patient_id),
         }
 
-    def open_alerts(self, *, ward: str | None = None, team: str | None = None) -> list[Alert]:
+    def open_alerts(self, *, ward: str | None = None, team: str | None = None,
+                    visible: Any = None) -> list[Alert]:
+        """Open alerts; ``visible(ward) -> bool`` scopes them to a user's wards."""
         out = []
         for a in self.alerts.values():
             if a.status not in OPEN_STATUSES:
                 continue
             w, t = self.ward_team(a)
+            if visible is not None and not visible(w):
+                continue
             if ward and w != ward:
                 continue
             if team and t != team:
@@ -211,11 +258,13 @@ class InboxStore:
         out.sort(key=lambda a: (-a.severity.rank, a.status != "firing", a.opened_at))
         return out
 
-    def facets(self) -> dict[str, list[str]]:
+    def facets(self, visible: Any = None) -> dict[str, list[str]]:
         wards, teams = set(), set()
         for a in self.alerts.values():
             if a.is_open:
                 w, t = self.ward_team(a)
+                if visible is not None and not visible(w):
+                    continue
                 if w:
                     wards.add(w)
                 if t:
@@ -292,7 +341,8 @@ class InboxStore:
                                     "last_day": day(e.effective_at) if e.effective_at else None,
                                     "note": e.note, "alert_id": a.alert_id})
         return {
-            "patient_ref": pv.ref, "dose_day0": t0.isoformat(), "has_dose": pv.dose is not None,
+            "patient_ref": pv.ref, "patient": self.identity(patient_id),
+            "dose_day0": t0.isoformat(), "has_dose": pv.dose is not None,
             "product": pv.dose.product.value if pv.dose else None,
             "ward": pv.dose.ward if pv.dose else None, "care_team": pv.dose.care_team if pv.dose else None,
             "today": day(now), "series": series, "steroid_phases": phases, "alerts": alerts,
@@ -324,3 +374,81 @@ class InboxStore:
             out.append({"group": sch.group, "analytes": sch.analytes, "due_day": round(due, 2),
                         "overdue": today > due + sch.grace_hours / 24.0, "every_days": period.every_days})
         return out
+
+    # ------------------------------------------------------------------ census and handover
+    def census(self, *, visible: Any = None, ward: str | None = None,
+               now: datetime | None = None) -> list[dict[str, Any]]:
+        """Monitored patients (those with a dose) the user may see: who, where, day since dose,
+        product, steroid phase now, samples overdue and next due, open alerts by severity."""
+        now = now or datetime.now(timezone.utc)
+        open_by: dict[str, dict[str, int]] = {}
+        for a in self.alerts.values():
+            if a.is_open:
+                counts = open_by.setdefault(a.patient_id, {})
+                counts[a.severity.value] = counts.get(a.severity.value, 0) + 1
+        rows = []
+        for pid, pv in self.patients.items():
+            if pv.dose is None:
+                continue
+            w = self.patient_ward(pid)
+            if visible is not None and not visible(w):
+                continue
+            if ward and w != ward:
+                continue
+            tl = self.timeline(pid, now)
+            past = [e for e in pv.steroids.values() if e.at <= now]
+            phase = max(past, key=lambda e: e.at).phase.value if past else None
+            upcoming = sorted(tl["upcoming"], key=lambda u: u["due_day"])
+            rows.append({
+                "patient_ref": pv.ref, "patient": self.identity(pid), "ward": w,
+                "care_team": pv.dose.care_team, "product": pv.dose.product.value,
+                "dosed_at": pv.dose.administered_at.isoformat(), "day": int(tl["today"]) if tl["today"] >= 0 else 0,
+                "steroid_phase": phase,
+                "overdue": [u for u in upcoming if u["overdue"]] + tl["overdue"],
+                "next_due": [u for u in upcoming if not u["overdue"]][:3],
+                "open_alerts": open_by.get(pid, {}),
+            })
+        rank = {"critical": 0, "high": 1, "warning": 2, "info": 3}
+        rows.sort(key=lambda r: (min((rank.get(k, 9) for k in r["open_alerts"]), default=9), r["ward"] or "",
+                                 r["patient"]["display_name"] or r["patient"]["patient_id"]))
+        return rows
+
+    def handover(self, *, visible: Any = None, ward: str | None = None, hours: float = 12.0,
+                 now: datetime | None = None) -> dict[str, Any]:
+        """A shift handover: open alerts, alerts closed in the last ``hours``, who acknowledged /
+        escalated / resolved what in that window, and samples due in the next 24 h."""
+        from datetime import timedelta
+
+        now = now or datetime.now(timezone.utc)
+        since = now - timedelta(hours=hours)
+        open_, closed, actions = [], [], []
+        for a in self.alerts.values():
+            w, _ = self.ward_team(a)
+            if (visible is not None and not visible(w)) or (ward and w != ward):
+                continue
+            row = {**self.summary(a), "closed_at": a.closed_at.isoformat() if a.closed_at else None}
+            if a.is_open:
+                open_.append(row)
+            elif a.closed_at and a.closed_at >= since:
+                closed.append(row)
+            for h in a.history:
+                if h.at >= since and h.by and h.by != "system":
+                    actions.append({"at": h.at.isoformat(), "by": h.by, "role": h.role, "action": h.action,
+                                    "alert_id": a.alert_id, "what": a.text.what, "patient": row["patient"],
+                                    "note": h.note})
+        rank = {"critical": 0, "high": 1, "warning": 2, "info": 3}
+        open_.sort(key=lambda r: (rank.get(r["severity"], 9), r["opened_at"]))
+        closed.sort(key=lambda r: r["closed_at"] or "", reverse=True)
+        actions.sort(key=lambda r: r["at"])
+        due = []
+        for row in self.census(visible=visible, ward=ward, now=now):
+            for u in row["overdue"] + row["next_due"]:
+                if "due_day" in u and u["due_day"] > row["day"] + 1 and not u.get("overdue"):
+                    continue
+                due.append({"patient": row["patient"], "patient_ref": row["patient_ref"], "ward": row["ward"],
+                            "what": ", ".join(u.get("analytes") or [u.get("analyte") or ""]),
+                            "group": u.get("group"), "due_day": u.get("due_day"),
+                            "overdue": bool(u.get("overdue", True)), "day": row["day"]})
+        return {"open": open_, "closed": closed, "actions": actions, "due": due, "since": since.isoformat(),
+                "now": now.isoformat(), "hours": hours}
+

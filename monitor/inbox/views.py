@@ -41,8 +41,38 @@ ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "
                  "silence": "Silence"}
 
 
+ALL_WARDS = "*"
+
+
+def ward_scope(request: web.Request) -> Callable[[str | None], bool]:
+    """``visible(ward)`` for the signed-in user (review M5): admins and users granted ``"*"`` see
+    every ward (also patients with none); others only the wards listed for them in the users file
+    (read live, so a changed file applies at once)."""
+    sess = current_session(request)
+    if sess.role == Role.ADMIN:
+        return lambda ward: True
+    user = request.app[AUTH_KEY].users.get(sess.username)
+    wards = frozenset(user.wards) if user is not None else frozenset()
+    if ALL_WARDS in wards:
+        return lambda ward: True
+    return lambda ward: ward is not None and ward in wards
+
+
 def _e(v: Any) -> str:
     return escape("" if v is None else str(v), quote=True)
+
+
+def site_zone():
+    """The site's time zone (``INBOX_TIMEZONE``, an IANA name; default UTC): every time shown in it,
+    with its offset; the UTC time on hover."""
+    import os
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = os.environ.get("INBOX_TIMEZONE", "").strip() or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return timezone.utc
 
 
 def _fmt_time(v: datetime | str | None) -> str:
@@ -50,7 +80,33 @@ def _fmt_time(v: datetime | str | None) -> str:
         return ""
     if isinstance(v, str):
         v = datetime.fromisoformat(v)
-    return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    local = v.astimezone(site_zone())
+    off = local.strftime("%z")
+    return local.strftime("%Y-%m-%d %H:%M ") + (f"{off[:3]}:{off[3:]}" if off else "UTC")
+
+
+def _time(v: datetime | str | None) -> str:
+    """A ``<time>`` in the site zone with the UTC time as its title (hover)."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v)
+    utc = v.astimezone(timezone.utc)
+    return (f'<time datetime="{_e(utc.isoformat())}" title="{_e(utc.strftime("%Y-%m-%d %H:%M UTC"))}">'
+            f'{_e(_fmt_time(v))}</time>')
+
+
+def patient_banner(ident: dict) -> str:
+    """Who the patient is (two identifiers: name and date of birth, plus the MRN); an unregistered
+    patient is said so plainly, with the id. Shown to signed-in clinical users only."""
+    if not ident.get("registered"):
+        return (f'<p class="patient-banner unregistered" id="patient-banner"><strong>Unregistered patient</strong> '
+                f'&middot; id <span class="pid">{_e(ident.get("patient_id"))}</span> &middot; no demographic record '
+                f'on the patients feed</p>')
+    bed = f' &middot; bed {_e(ident["bed"])}' if ident.get("bed") else ""
+    return (f'<p class="patient-banner" id="patient-banner"><strong class="patient-name">{_e(ident["display_name"])}'
+            f'</strong> &middot; MRN <span class="mrn">{_e(ident["mrn"])}</span> &middot; born '
+            f'<span class="dob">{_e(ident["birth_date"])}</span>{bed}</p>')
 
 
 def _num(v: float | None) -> str:
@@ -76,7 +132,9 @@ def page(title: str, body: str, *, sess: Session | None = None, scripts: tuple[s
     attrs = " ".join(f'data-{_e(k)}="{_e(v)}"' for k, v in (data or {}).items())
     tags = "".join(f'<script src="/static/{_e(s)}" defer></script>' for s in scripts)
     nav = ('<nav aria-label="Main"><a href="/" class="brand">SMA gene therapy monitor '
-           '<span class="sub">nurse inbox</span></a></nav>') if sess else '<span class="brand">SMA gene therapy monitor</span>'
+           '<span class="sub">nurse inbox</span></a> <a href="/" class="nav-link">Inbox</a> '
+           '<a href="/census" class="nav-link" id="nav-census">Census</a> '
+           '<a href="/handover" class="nav-link" id="nav-handover">Handover</a></nav>') if sess else '<span class="brand">SMA gene therapy monitor</span>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -208,9 +266,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <p class="count" id="alert-count" aria-live="polite"></p>
 <div class="table-wrap"><table class="alerts" id="alert-table">
 <caption class="sr-only">Open alerts, most severe first, then oldest first</caption>
-<thead><tr><th scope="col">Severity</th><th scope="col">Alert</th><th scope="col">Ward / team</th>
+<thead><tr><th scope="col">Severity</th><th scope="col">Patient</th><th scope="col">Alert</th><th scope="col">Ward / team</th>
 <th scope="col">Age</th><th scope="col">Status</th></tr></thead>
-<tbody id="alert-rows"><tr><td colspan="5">Loading...</td></tr></tbody></table></div>
+<tbody id="alert-rows"><tr><td colspan="6">Loading...</td></tr></tbody></table></div>
 <p class="empty hidden" id="no-alerts">No open alerts.</p>"""
     return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox"))
 
@@ -219,8 +277,9 @@ def _alert_or_404(request: web.Request) -> Alert:
     alert_id = request.match_info["alert_id"]
     if not _ID_RE.match(alert_id):
         raise web.HTTPNotFound(text="no such alert")
-    alert = request.app[STORE_KEY].alerts.get(alert_id)
-    if alert is None:
+    store = request.app[STORE_KEY]
+    alert = store.alerts.get(alert_id)
+    if alert is None or not ward_scope(request)(store.ward_team(alert)[0]):  # out of scope: as if absent
         raise web.HTTPNotFound(text="no such alert")
     return alert
 
@@ -278,7 +337,7 @@ def _action_forms(d: dict, sess: Session) -> str:
     elif d["open"]:
         parts.append('<p class="hint">Resolving a high or critical alert needs a physician.</p>')
     if "silence" in allowed:
-        parts.append(form("silence", '<label for="silence-until">Silence until (UTC)</label>'
+        parts.append(form("silence", '<label for="silence-until">Silence until (site time)</label>'
                                      '<input id="silence-until" name="until" type="datetime-local" required>'
                                      '<label for="silence-reason">Reason</label>'
                                      '<input id="silence-reason" name="reason" required maxlength="500">'))
@@ -296,6 +355,7 @@ async def alert_page(request: web.Request) -> web.Response:
     notice = (f'<p class="notice" role="status">{_e(ACTION_LABELS.get(sent, sent))} sent.</p>'
               if sent in ACTION_LABELS else "")
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
+{patient_banner(d['patient'])}
 <article class="alert-detail sev-{_e(d['severity'])}" data-alert-id="{_e(d['alert_id'])}">
 <header class="alert-head">
 <span class="badge sev-{_e(d['severity'])}">{_e(d['severity'])}{' grade ' + _e(d['grade']) if d['grade'] else ''}</span>
@@ -337,8 +397,9 @@ opened {_e(_fmt_time(d['opened_at']))} &middot; updated {_e(_fmt_time(d['updated
 
 def _patient_or_404(request: web.Request) -> str:
     ref = request.match_info["ref"]
-    pid = request.app[STORE_KEY].by_ref.get(ref) if _REF_RE.match(ref) else None
-    if pid is None:
+    store = request.app[STORE_KEY]
+    pid = store.by_ref.get(ref) if _REF_RE.match(ref) else None
+    if pid is None or not ward_scope(request)(store.patient_ward(pid)):
         raise web.HTTPNotFound(text="no such patient")
     return pid
 
@@ -352,12 +413,104 @@ async def patient_page(request: web.Request) -> web.Response:
     info = (f"{_e(dose.product.value)} dosed {_e(_fmt_time(dose.administered_at))} &middot; "
             f"{_e(dose.ward or 'no ward')} / {_e(dose.care_team or 'no team')}") if dose else "No dose recorded."
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
-<h1>Patient timeline</h1><p class="meta">{info}</p>
+<h1>Patient timeline</h1>{patient_banner(store.identity(pid))}<p class="meta">{info}</p>
 <section class="card" aria-labelledby="h-sched"><h2 id="h-sched">Samples due</h2><div id="schedule">Loading...</div></section>
 <section class="card" aria-labelledby="h-alerts"><h2 id="h-alerts">Alerts</h2><ul id="patient-alerts" class="plain"></ul></section>
 <div class="charts" id="charts" data-patient-ref="{_e(pv.ref)}" data-panels="all"></div>"""
     return html_response(page("Patient timeline", body, sess=sess,
                               scripts=("uPlot.iife.min.js", "inbox.js", "timeline.js"), page_id="page-patient"))
+
+
+def _who(ident: dict) -> str:
+    if not ident.get("registered"):
+        return f'<span class="unregistered">Unregistered</span> <span class="pid">id {_e(ident.get("patient_id"))}</span>'
+    return (f'<span class="patient-name">{_e(ident["display_name"])}</span><br><span class="patient-ids">MRN '
+            f'{_e(ident["mrn"])} &middot; born {_e(ident["birth_date"])}</span>')
+
+
+def _ward_filter(request: web.Request, action: str, wards: list[str]) -> str:
+    cur = request.query.get("ward", "")
+    opts = "".join(f'<option value="{_e(w)}"{" selected" if w == cur else ""}>{_e(w)}</option>' for w in wards)
+    return (f'<form class="filters no-print" method="get" action="{action}" role="search">'
+            f'<label for="f-ward">Ward</label><select id="f-ward" name="ward"><option value="">All my wards</option>'
+            f'{opts}</select><button type="submit" class="btn">Show</button></form>')
+
+
+def _my_wards(request: web.Request) -> list[str]:
+    store = request.app[STORE_KEY]
+    visible = ward_scope(request)
+    return sorted({w for pid in store.patients if (w := store.patient_ward(pid)) and visible(w)})
+
+
+async def census_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    ward = request.query.get("ward") or None
+    rows = store.census(visible=ward_scope(request), ward=ward)
+    sev_order = ("critical", "high", "warning", "info")
+    out = []
+    for r in rows:
+        alerts = " ".join(f'<span class="badge sev-{s}">{r["open_alerts"][s]} {s}</span>'
+                          for s in sev_order if r["open_alerts"].get(s)) or "none"
+        overdue = "; ".join(_e(", ".join(u.get("analytes") or [u.get("analyte") or ""])) for u in r["overdue"])
+        nxt = "; ".join(f'{_e(", ".join(u["analytes"]))} day {_e(u["due_day"])}' for u in r["next_due"])
+        bed = f' bed {_e(r["patient"]["bed"])}' if r["patient"].get("bed") else ""
+        out.append(f'<tr data-patient-ref="{_e(r["patient_ref"])}"><td><a href="/patients/{_e(r["patient_ref"])}">'
+                   f'{_who(r["patient"])}</a></td><td>{_e(r["ward"] or "no ward")}{bed}</td>'
+                   f'<td class="num day">{_e(r["day"])}</td><td>{_e(r["product"])}<br>{_time(r["dosed_at"])}</td>'
+                   f'<td>{_e(r["steroid_phase"] or "none")}</td>'
+                   f'<td class="overdue">{overdue or "none"}</td><td>{nxt or "-"}</td><td>{alerts}</td></tr>')
+    body = f"""<h1>Census</h1>{_ward_filter(request, "/census", _my_wards(request))}
+<p class="count" id="census-count">{len(rows)} monitored patient{'' if len(rows) == 1 else 's'}</p>
+<div class="table-wrap"><table class="census" id="census-table">
+<caption class="sr-only">Monitored patients: open alerts first</caption>
+<thead><tr><th scope="col">Patient</th><th scope="col">Ward</th><th scope="col">Day since dose</th>
+<th scope="col">Product / dosed</th><th scope="col">Steroid phase</th><th scope="col">Samples overdue</th>
+<th scope="col">Next samples due</th><th scope="col">Open alerts</th></tr></thead>
+<tbody>{''.join(out) or '<tr><td colspan="8">No monitored patients on your wards.</td></tr>'}</tbody></table></div>"""
+    return html_response(page("Census", body, sess=sess, page_id="page-census"))
+
+
+async def handover_page(request: web.Request) -> web.Response:
+    sess = current_session(request)
+    store = request.app[STORE_KEY]
+    ward = request.query.get("ward") or None
+    try:
+        hours = min(max(float(request.query.get("hours", "12")), 1.0), 72.0)
+    except ValueError:
+        hours = 12.0
+    h = store.handover(visible=ward_scope(request), ward=ward, hours=hours)
+
+    def alert_rows(rows: list[dict], closed: bool) -> str:
+        return "".join(
+            f'<tr><td><span class="badge sev-{_e(a["severity"])}">{_e(a["severity"])}</span></td>'
+            f'<td>{_who(a["patient"])}</td><td><a href="/alerts/{_e(a["alert_id"])}">{_e(a["what"])}</a></td>'
+            f'<td>{_e(a["ward"] or "")}</td><td>{_e(a["status"])}</td>'
+            f'<td>{_time(a["closed_at"] if closed else a["opened_at"])}</td></tr>' for a in rows
+        ) or f'<tr><td colspan="6">None.</td></tr>'
+
+    acts = "".join(f'<tr><td>{_time(x["at"])}</td><td>{_e(x["by"])}{" (" + _e(x["role"]) + ")" if x["role"] else ""}'
+                   f'</td><td>{_e(x["action"])}</td><td>{_who(x["patient"])}</td><td>{_e(x["what"])}</td>'
+                   f'<td>{_e(x["note"])}</td></tr>' for x in h["actions"]) or '<tr><td colspan="6">None.</td></tr>'
+    due = "".join(f'<tr><td>{_who(d["patient"])}</td><td>{_e(d["ward"] or "")}</td><td>{_e(d["what"])}</td>'
+                  f'<td>{"OVERDUE" if d["overdue"] else "day " + _e(d["due_day"])}</td></tr>' for d in h["due"]) \
+        or '<tr><td colspan="4">None.</td></tr>'
+    head = '<thead><tr><th scope="col">Severity</th><th scope="col">Patient</th><th scope="col">Alert</th>' \
+           '<th scope="col">Ward</th><th scope="col">Status</th><th scope="col">{}</th></tr></thead>'
+    body = f"""<h1>Shift handover</h1>{_ward_filter(request, "/handover", _my_wards(request))}
+<p class="meta">{_e(ward or "All my wards")} &middot; prepared {_time(h["now"])} by {_e(sess.display_name)} &middot;
+changes since {_time(h["since"])} ({_e(int(hours))} h). Print with the browser (Ctrl+P).</p>
+<section class="card"><h2>Open alerts ({len(h["open"])})</h2><table class="handover" id="handover-open">
+{head.format("Opened")}<tbody>{alert_rows(h["open"], False)}</tbody></table></section>
+<section class="card"><h2>Closed in the last {_e(int(hours))} h ({len(h["closed"])})</h2>
+<table class="handover" id="handover-closed">{head.format("Closed")}<tbody>{alert_rows(h["closed"], True)}</tbody></table></section>
+<section class="card"><h2>Who acknowledged, escalated or resolved what</h2><table class="handover" id="handover-actions">
+<thead><tr><th scope="col">When</th><th scope="col">By</th><th scope="col">Action</th><th scope="col">Patient</th>
+<th scope="col">Alert</th><th scope="col">Note</th></tr></thead><tbody>{acts}</tbody></table></section>
+<section class="card"><h2>Samples due in the next 24 h</h2><table class="handover" id="handover-due">
+<thead><tr><th scope="col">Patient</th><th scope="col">Ward</th><th scope="col">Samples</th><th scope="col">Due</th></tr>
+</thead><tbody>{due}</tbody></table></section>"""
+    return html_response(page("Shift handover", body, sess=sess, page_id="page-handover"))
 
 
 # --------------------------------------------------------------------------- API
@@ -373,8 +526,9 @@ async def api_alerts(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     ward = request.query.get("ward") or None
     team = request.query.get("team") or None
-    alerts = [store.summary(a) for a in store.open_alerts(ward=ward, team=team)]
-    return web.json_response({"alerts": alerts, "facets": store.facets(), "count": len(alerts),
+    visible = ward_scope(request)
+    alerts = [store.summary(a) for a in store.open_alerts(ward=ward, team=team, visible=visible)]
+    return web.json_response({"alerts": alerts, "facets": store.facets(visible), "count": len(alerts),
                               "now": datetime.now(timezone.utc).isoformat()})
 
 
@@ -401,7 +555,7 @@ def _parse_until(raw: Any) -> datetime | None:
     if raw in (None, ""):
         return None
     t = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=site_zone())  # entered in the site's zone
 
 
 async def api_action(request: web.Request) -> web.StreamResponse:
@@ -477,7 +631,7 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
                                  headers={"Retry-After": "5"})
     streams[key] = streams.get(key, 0) + 1
     try:
-        return await _stream(request, cfg, token, store)
+        return await _stream(request, cfg, token, store, ward_scope(request))
     finally:
         left = streams.get(key, 1) - 1
         if left > 0:
@@ -491,7 +645,7 @@ MAX_STREAMS_PER_SESSION = 4
 STREAMS_KEY = web.AppKey("inbox_streams", dict)
 
 
-async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamResponse:
+async def _stream(request: web.Request, cfg, token: str, store, visible=None) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
     await resp.prepare(request)
@@ -512,6 +666,11 @@ async def _stream(request: web.Request, cfg, token: str, store) -> web.StreamRes
             if cfg.valid_session(token, touch=False) is None:
                 await resp.write(b"event: logout\ndata: {}\n\n")
                 break
+            if msg.get("type") == "alert" and visible is not None and not visible(msg["alert"].get("ward")):
+                continue  # another ward's alert: not for this user (review M5)
+            if msg.get("type") == "pending" and msg.get("alert_id") in store.alerts and visible is not None \
+                    and not visible(store.ward_team(store.alerts[msg["alert_id"]])[0]):
+                continue
             data = json.dumps(msg, separators=(",", ":"))
             await resp.write(f"event: {msg.get('type', 'message')}\ndata: {data}\n\n".encode())
     except (ConnectionResetError, asyncio.CancelledError):
@@ -534,6 +693,8 @@ def add_routes(app: web.Application, static_dir: str) -> None:
     r.add_get("/", inbox_page)
     r.add_get("/alerts/{alert_id}", alert_page)
     r.add_get("/patients/{ref}", patient_page)
+    r.add_get("/census", census_page)
+    r.add_get("/handover", handover_page)
     r.add_get("/api/me", api_me)
     r.add_get("/api/alerts", api_alerts)
     r.add_get("/api/alerts/{alert_id}", api_alert)
@@ -546,7 +707,8 @@ def add_routes(app: web.Application, static_dir: str) -> None:
 
 #: every route that needs a session, for tests: (method, path)
 PROTECTED_ROUTES = [
-    ("GET", "/"), ("GET", "/alerts/{alert_id}"), ("GET", "/patients/{ref}"), ("POST", "/logout"),
+    ("GET", "/"), ("GET", "/alerts/{alert_id}"), ("GET", "/patients/{ref}"), ("GET", "/census"), ("GET", "/handover"),
+    ("POST", "/logout"),
     ("GET", "/api/me"), ("GET", "/api/alerts"), ("GET", "/api/alerts/{alert_id}"),
     ("POST", "/api/alerts/{alert_id}/actions"), ("GET", "/api/patients/{ref}/timeline"), ("GET", "/api/stream"),
     ("GET", "/api/admin/status"),

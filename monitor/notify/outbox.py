@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -80,11 +81,17 @@ class DeliveryService:
         #: per outbox partition: offsets read and the delivery keys each record waits for
         self._pending: dict[TopicPartition, dict[int, list[DeliveryKey]]] = {}
         self._next: dict[TopicPartition, int] = {}
+        #: the latest version of each open alert this worker's outbox partitions hold that
+        #: Alertmanager knows of: re-pushed every ALERTMANAGER_REFRESH_SECONDS
+        self._open: dict[TopicPartition, dict[str, Alert]] = {}
+        self._built: set[TopicPartition] = set()
 
     @staticmethod
     def _sinks(s: Settings) -> Iterable:
         if s.alertmanager_url:
-            yield AlertmanagerSink(s.alertmanager_url, include_patient_id=s.notify_include_patient_id)
+            yield AlertmanagerSink(s.alertmanager_url, include_patient_id=s.notify_include_patient_id,
+                                   active_ttl=timedelta(seconds=4 * s.alertmanager_refresh_seconds),
+                                   generator_url=s.inbox_public_url or None)
         if s.webhook_url:
             yield WebhookSink(s.webhook_url, s.webhook_secret,
                               include_patient_id=s.notify_include_patient_id)
@@ -119,6 +126,8 @@ class DeliveryService:
         await self._outbox.start()
         self._tasks = [asyncio.create_task(self._tail_ledger()), asyncio.create_task(self._read_outbox()),
                        asyncio.create_task(self._commit_loop())]
+        if any(isinstance(sk, AlertmanagerSink) for sk in self.sinks):
+            self._tasks.append(asyncio.create_task(self._refresh_loop()))
         self.ready.set()
 
     async def _catch_up_ledger(self) -> None:
@@ -177,6 +186,7 @@ class DeliveryService:
                             continue
                         keys = [DeliveryKey(sink.name, alert.alert_id, alert.version)
                                 for sink in self.sinks if should_deliver(sink, alert)]
+                        self._track_open(tp, alert, bool(keys))
                         if keys:
                             pend[r.offset] = keys
                             self.dispatcher.enqueue(alert)
@@ -185,6 +195,69 @@ class DeliveryService:
             except Exception as exc:
                 log.warning("outbox read error: %s", type(exc).__name__)
                 await asyncio.sleep(1)
+
+    def _track_open(self, tp: TopicPartition, alert: Alert, delivered: bool) -> None:
+        opened = self._open.setdefault(tp, {})
+        known = opened.get(alert.alert_id)
+        if known is not None and known.version >= alert.version:
+            return
+        if not alert.is_open:
+            opened.pop(alert.alert_id, None)
+        elif known is not None or delivered:
+            opened[alert.alert_id] = alert
+
+    async def _rebuild(self, tp: TopicPartition) -> None:
+        """The open alerts of a newly assigned outbox partition, read from its beginning (the
+        outbox consumer resumes from its commit, past alerts opened long ago)."""
+        c = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, **aiokafka_config(self.settings))
+        await c.start()
+        try:
+            c.assign([tp])
+            await c.seek_to_beginning(tp)
+            end = (await c.end_offsets([tp]))[tp]
+            while await c.position(tp) < end:
+                batch = await c.getmany(tp, timeout_ms=500, max_records=5000)
+                for r in batch.get(tp, []):
+                    if r.offset >= end:
+                        break
+                    try:
+                        alert = Alert.model_validate_json(r.value)
+                    except Exception:
+                        continue
+                    self._track_open(tp, alert, any(should_deliver(sk, alert) for sk in self.sinks
+                                                    if isinstance(sk, AlertmanagerSink)))
+        finally:
+            await c.stop()
+        self._built.add(tp)
+
+    async def refresh_once(self) -> int:
+        """Re-push every open alert of this worker's outbox partitions to the Alertmanager sinks
+        (rolling endsAt). Returns how many pushes were made."""
+        sinks = [sk for sk in self.sinks if isinstance(sk, AlertmanagerSink)]
+        assigned = self._outbox.assignment() if self._outbox is not None else set()
+        for tp in sorted(assigned - self._built):
+            await self._rebuild(tp)
+        alerts = [a for tp, opened in self._open.items() if tp in assigned for a in opened.values()]
+        n = 0
+        for sink in sinks:
+            for a in alerts:
+                try:
+                    await sink.deliver(a)
+                    n += 1
+                except Exception as exc:  # the next round retries; the normal path has its own retries
+                    log.warning("alertmanager refresh failed: %s", type(exc).__name__)
+                    break
+        return n
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alertmanager_refresh_seconds)
+            try:
+                await self.refresh_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # pragma: no cover - never stop refreshing
+                log.warning("alertmanager refresh error: %s", type(exc).__name__)
 
     def committable(self) -> dict[TopicPartition, int]:
         """Per partition, the offset below which every record has been delivered."""
@@ -211,6 +284,8 @@ class DeliveryService:
                         revoked = self._pending.pop(tp, None) or {}
                         self._next.pop(tp, None)
                         self.dispatcher.forget({k.alert_id for keys in revoked.values() for k in keys})
+                        self._open.pop(tp, None)
+                        self._built.discard(tp)
                 offsets = {tp: off for tp, off in self.committable().items()
                            if tp in assigned and off > 0 and committed.get(tp) != off}
                 if offsets:

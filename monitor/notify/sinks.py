@@ -143,11 +143,20 @@ class AlertmanagerSink(_HttpSink):
         self.generator_url = generator_url
         self._clock = clock
 
-    def labels(self, alert: Alert, severity: str | None = None) -> dict[str, str]:
+    @staticmethod
+    def tier_label(alert: Alert, tier: int | None = None) -> str:
+        """The escalation tier as a label value: ``"0"``, ``"1"``... or ``"failsafe"`` past the last
+        tier. A LABEL (Alertmanager routes and re-notifies on labels only), so an escalation
+        reaches the receiver its tier is routed to (deploy/alertmanager/alertmanager.yml)."""
+        t = alert.escalation_tier if tier is None else tier
+        return "failsafe" if t >= len(alert.route.get("tiers", [])) else str(t)
+
+    def labels(self, alert: Alert, severity: str | None = None, tier: int | None = None) -> dict[str, str]:
         labels = {
             "alertname": alert.rule_id,
             "rule_id": alert.rule_id,
             "severity": severity or alert.severity.value,
+            "escalation_tier": self.tier_label(alert, tier),
             "team": alert.care_team or "unassigned",
             "alert_ref": alert.pseudonym,
         }
@@ -165,6 +174,13 @@ class AlertmanagerSink(_HttpSink):
         }
         if alert.inhibited_by:
             annotations["inhibited"] = "true"
+        link = f"{self.generator_url.rstrip('/')}/alerts/{alert.alert_id}" if self.generator_url else None
+        # a short non-identifying summary (rule, severity, tier, opaque reference); the nurse text
+        # only when configured (NOTIFY_INCLUDE_TEXT-style opt-in)
+        annotations["summary"] = (f"{alert.severity.value} {alert.rule_id} alert {alert.pseudonym} "
+                                  f"({alert.status.value}, escalation tier {self.tier_label(alert)})")
+        annotations["description"] = ("Open the alert in the SMA monitor inbox" + (f": {link}" if link else "")
+                                      + ". No patient details are sent here.")
         if self.include_text:
             annotations.update(summary=alert.text.what, description=alert.text.why, action=alert.text.action)
         if alert.status in CLOSED_STATUSES:
@@ -176,13 +192,22 @@ class AlertmanagerSink(_HttpSink):
             "labels": self.labels(alert), "annotations": annotations,
             "startsAt": _iso(alert.opened_at), "endsAt": _iso(ends),
         }
-        if self.generator_url:
-            item["generatorURL"] = self.generator_url
+        if link:
+            item["generatorURL"] = link  # the inbox alert page: the opaque alert id only
         out = [item]
-        # earlier severities had other label sets: end them
-        for sev in sorted({h.severity.value for h in alert.history if h.severity is not None} - {alert.severity.value}):
-            out.append({"labels": self.labels(alert, sev), "annotations": {"status": "superseded"},
-                        "startsAt": _iso(alert.opened_at), "endsAt": _iso(min(now, alert.updated_at))})
+        # earlier severities and tiers had other label sets: end them
+        sevs = {h.severity.value for h in alert.history if h.severity is not None} | {alert.severity.value}
+        tiers = {h.tier for h in alert.history if h.tier is not None} | {0, alert.escalation_tier}
+        current = (alert.severity.value, self.tier_label(alert))
+        seen = {current}
+        for sev in sorted(sevs):
+            for tier in sorted(tiers):
+                combo = (sev, self.tier_label(alert, tier))
+                if combo in seen:
+                    continue
+                seen.add(combo)
+                out.append({"labels": self.labels(alert, sev, tier), "annotations": {"status": "superseded"},
+                            "startsAt": _iso(alert.opened_at), "endsAt": _iso(min(now, alert.updated_at))})
         return out
 
     async def deliver(self, alert: Alert) -> None:

@@ -36,13 +36,13 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PASSWORDS = {"nurse1": "nurse-pass-e2e", "admin1": "admin-pass-e2e"}
+PASSWORDS = {"nurse1": "nurse-pass-e2e", "admin1": "admin-pass-e2e", "nurse2": "nurse2-pass-e2e"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 #: every service topic: the main flow runs a real worker over them
 ALL_TOPICS = ("lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter",
-              "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
+              "findings", "alerts", "alert-actions", "patients", "alert-deliveries")
 
 
 def _need_browser():
@@ -71,8 +71,10 @@ class InboxProcess:
     def __init__(self, bootstrap: str, topics: dict[str, str], tmp: Path):
         from monitor.inbox.auth import hash_password
 
-        users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse",
+        users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse", "wards": ["picu"],
                   "password_hash": hash_password(PASSWORDS["nurse1"], n=2**14)},
+                 {"username": "nurse2", "role": "nurse", "display_name": "Walter Ward", "wards": ["W2"],
+                  "password_hash": hash_password(PASSWORDS["nurse2"], n=2**14)},
                  {"username": "admin1", "role": "admin", "password_hash": hash_password(PASSWORDS["admin1"], n=2**12)}]
         users_file = tmp / "users.json"
         users_file.write_text(json.dumps({"users": users}))
@@ -80,7 +82,8 @@ class InboxProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, TOPIC_ALERTS=topics["alerts"],
                    TOPIC_ALERT_ACTIONS=topics["alert-actions"], TOPIC_OBSERVATIONS=topics["observations"],
-                   TOPIC_TREATMENTS=topics["treatments"], INBOX_USERS_FILE=str(users_file),
+                   TOPIC_TREATMENTS=topics["treatments"], TOPIC_PATIENTS=topics["patients"],
+                   INBOX_USERS_FILE=str(users_file),
                    INBOX_SECRET=uuid.uuid4().hex, INBOX_PORT=str(self.port), INBOX_HOST="127.0.0.1",
                    PYTHONPATH=str(ROOT))
         self.log = open(tmp / "inbox.log", "wb")
@@ -260,6 +263,16 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         page.screenshot(path=str(SHOTS / "01-inbox-empty.png"))
         page.evaluate("window.__noReload = 'still-here'")
 
+        # who the patient is: an ADT^A01 through the patients feed (as `monitor patients load` does)
+        from monitor.patients import route
+        from monitor.settings import Settings
+
+        adt = (f"MSH|^~\\&|ADT|HOSP|MON|HOSP|20260101120000||ADT^A01|1|P|2.5\r"
+               f"PID|1||{patient}^^^HOSP^PI~MRN-E2E-7^^^HOSP^MR||Okafor^Ada||20240901|F\rPV1|1|I|picu^1^B4\r")
+        _, key, value, headers, rec = route(adt.encode(), Settings())
+        assert rec is not None and headers is None
+        _send(producer, topics["patients"], patient, value.decode())
+
         # raw inputs while the page is open: the dose first (the worker must know it before the
         # labs are judged against days since dose), then lab results and vitals
         _send_all(producer, [(topics["treatments"], patient, ev.model_dump_json()) for ev in treatments])
@@ -286,6 +299,8 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         assert page.evaluate("window.__noReload") == "still-here"  # live, no reload
         assert alert["text"]["what"].split(".")[0] in row.inner_text()
         assert patient not in page.content()
+        row_text = page.inner_text(f'tr[data-alert-id="{alert_id}"]')  # issue 14: who it is, on the row
+        assert "Ada Okafor" in row_text and "MRN-E2E-7" in row_text and "2024-09-01" in row_text, row_text
         page.screenshot(path=str(SHOTS / "02-inbox-live-alert.png"))
 
         # a second tab keeps the inbox list open, to see the acknowledgement arrive live
@@ -310,6 +325,8 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         assert page.locator("table.evidence tbody tr").count() == len(alert["evidence"])
         assert page.locator('[data-action="silence"]').count() == 0  # nurse: no admin action
         assert page.inner_text("#alert-status") == "firing"
+        banner = page.inner_text("#patient-banner")
+        assert "Ada Okafor" in banner and "MRN-E2E-7" in banner and "2024-09-01" in banner, banner
         page.screenshot(path=str(SHOTS / "03-alert-detail.png"), full_page=True)
 
         page.click("#btn-acknowledge")
@@ -340,7 +357,32 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
         assert int(page.get_attribute("#charts", "data-rendered")) >= 7
         assert _canvas_ink(page, '#charts [data-panel="liver"]') > 2000
         assert patient not in page.url and patient not in page.content()
+        banner = page.inner_text("#patient-banner")
+        assert "Ada Okafor" in banner and "MRN-E2E-7" in banner and "2024-09-01" in banner, banner
         page.screenshot(path=str(SHOTS / "05-patient-timeline-portrait.png"), full_page=True)
+        timeline_url = page.url
+
+        # the census: the patient by name and MRN, day since dose, open alerts
+        page.set_viewport_size({"width": 1024, "height": 768})
+        page.click("#nav-census")
+        page.wait_for_selector("#census-table")
+        census_row = page.inner_text(f'#census-table tr[data-patient-ref="{timeline_url.rsplit("/", 1)[1]}"]')
+        assert "Ada Okafor" in census_row and "MRN-E2E-7" in census_row and "picu" in census_row, census_row
+        page.screenshot(path=str(SHOTS / "06-census.png"), full_page=True)
+
+        # ward scoping (review M5): a nurse of another ward sees neither the row nor the pages
+        other = browser.new_context(viewport={"width": 1024, "height": 768})
+        page2 = other.new_page()
+        _login(page2, proc.base, "nurse2")
+        page2.wait_for_selector("#live-state.on", timeout=15_000)
+        page2.wait_for_selector("#no-alerts:not(.hidden)")
+        assert page2.locator(f'tr[data-alert-id="{alert_id}"]').count() == 0
+        assert "Ada Okafor" not in page2.content()
+        assert page2.goto(f"{proc.base}/alerts/{alert_id}").status == 404
+        assert page2.goto(timeline_url).status == 404
+        page2.goto(f"{proc.base}/census")
+        assert "Ada Okafor" not in page2.content() and "No monitored patients" in page2.inner_text("#census-table")
+        other.close()
         assert not errors, errors
         browser.close()
     producer.close()

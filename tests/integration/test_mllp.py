@@ -103,7 +103,8 @@ async def test_rejected_and_unparseable_go_to_dead_letter(kafka_bootstrap, topic
     records = read_all(kafka_bootstrap, topics["dead-letter"], 4)
     assert len(records) == 4
     by_reason = {dict(r.headers)["dlq.reason"].decode(): r for r in records}
-    assert set(by_reason) == {"unit_not_convertible", "hl7_invalid", "hl7_unsupported_message", "naive_timestamp"}
+    # an ORU relabelled ADT^A01 is now read by the patients feed (issue 14): no PID-5 name -> hl7_bad_value
+    assert set(by_reason) == {"unit_not_convertible", "hl7_invalid", "hl7_bad_value", "naive_timestamp"}
     assert by_reason["hl7_invalid"].value == b"this is not HL7"  # original bytes
     assert by_reason["unit_not_convertible"].value == nist.encode()
     for r in records:

@@ -186,3 +186,73 @@ def test_no_patient_identifier_in_metrics_or_logs(kafka_bootstrap, topic_factory
     log_text = worker.log_path.read_text(errors="replace")
     assert "dead-lettered" in log_text or "[INFO]" in log_text, "the worker log is empty: the scan proves nothing"
     assert_no_identifiers(log_text, patients, f"worker log {worker.log_path}")
+
+
+def test_no_demographics_in_feed_logs_or_listener_metrics(kafka_bootstrap, topic_factory, tmp_path):
+    """Issue 14: names, MRNs and dates of birth from the patients feed (``monitor patients load`` and
+    ADT over the MLLP listener, both at INFO) appear in no log line and no metric."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hl7.client import MLLPClient
+
+    root = Path(__file__).resolve().parents[2]
+    topics = topic_factory("patients", "dead-letter", "observations", prefix=f"npd{uuid.uuid4().hex[:8]}")
+    tag = uuid.uuid4().hex[:8].upper()
+    people = [(f"PID{tag}{i}", f"Zebedee{tag}{i}", f"Quux{tag}{i}", f"MRN{tag}{i}") for i in range(3)]
+    secrets_ = [s for p in people for s in p] + ["20240917"]
+    records = [{"patient_id": p, "display_name": f"{g} {f}", "mrn": m, "birth_date": "2024-09-17", "ward": "W1"}
+               for p, g, f, m in people]
+    records.append({"patient_id": people[0][0], "display_name": "X", "mrn": people[0][3], "birth_date": "2999-01-01"})
+    src = tmp_path / "patients.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records))
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, TOPIC_PATIENTS=topics["patients"],
+               TOPIC_DEAD_LETTER=topics["dead-letter"], LOG_LEVEL="INFO", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-m", "monitor.cli", "patients", "load", str(src)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert "3 records published, 1 dead-lettered" in out.stdout, out.stdout + out.stderr
+    assert_no_identifiers(out.stdout + out.stderr, secrets_, "monitor patients load output")
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, mport = free(), free()
+    log_path = tmp_path / "mllp.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "mllp", "--port", str(port), "--metrics-port",
+                                 str(mport), "--observations-topic", topics["observations"], "--dead-letter-topic",
+                                 topics["dead-letter"], "--log-level", "INFO"],
+                                env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.2)
+            acks = []
+            with MLLPClient("127.0.0.1", port) as client:
+                for i, (p, g, f, m) in enumerate(people):
+                    mr = f"~{m}^^^HOSP^MR" if i else ""  # the first has no MRN: dead-lettered (AE)
+                    acks.append(client.send_message(
+                        f"MSH|^~\\&|PAS|H|MON|H|20260101120000||ADT^A08|C{i}|P|2.5\r"
+                        f"PID|1||{p}^^^H^PI{mr}||{f}^{g}||20240917\rPV1|1|I|W1^1^2\r"))
+            assert [b"MSA|AE" in a for a in acks] == [True, False, False], acks
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                metrics_text = r.read().decode()
+            assert "mllp" in metrics_text
+            assert_no_identifiers(metrics_text, secrets_, "MLLP /metrics")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    log_text = log_path.read_text(errors="replace")
+    assert "dead-lettered" in log_text, "the listener log is empty: the scan proves nothing"
+    assert_no_identifiers(log_text, secrets_, "MLLP listener log")
+    assert _drain_count(kafka_bootstrap, topics["patients"], 5) >= 5  # 3 loaded + 2 over MLLP

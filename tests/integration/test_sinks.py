@@ -178,11 +178,14 @@ async def test_alertmanager_receives_push_without_patient_identifiers(alertmanag
     assert set(by_ref) == {alt.pseudonym, ggt.pseudonym}  # the resolved one is not active
     got = by_ref[alt.pseudonym]
     assert got["labels"] == {"alertname": "liver.alt_increased", "rule_id": "liver.alt_increased",
-                             "severity": "high", "team": "neuro-picu", "alert_ref": alt.pseudonym}
+                             "severity": "high", "escalation_tier": "1", "team": "neuro-picu",
+                             "alert_ref": alt.pseudonym}
     assert got["status"]["state"] == "active"
     assert got["annotations"]["status"] == "acknowledged"
     assert got["annotations"]["escalation_level"] == "1"
-    assert "summary" not in got["annotations"]  # nurse text only when configured
+    # a non-identifying summary always (issue 14); the nurse text only when configured
+    assert got["annotations"]["summary"].startswith(f"high liver.alt_increased alert {alt.pseudonym}")
+    assert alt.text.what not in raw and alt.text.why not in raw
     assert by_ref[ggt.pseudonym]["labels"]["severity"] == "critical"
     assert temp.pseudonym not in raw or all(a["labels"]["alert_ref"] != temp.pseudonym for a in active)
 

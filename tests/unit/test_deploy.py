@@ -118,6 +118,13 @@ def test_amtool_check_config():
     (["alertname=x", "rule_id=x", "severity=critical", "team=neuromuscular"], "clinical-neuromuscular-pager"),
     (["alertname=x", "rule_id=x", "severity=warning", "team=unassigned"], "clinical-unassigned"),
     (["alertname=x", "rule_id=x", "severity=warning", "team=some-new-team"], "clinical-unassigned"),
+    # escalation tiers are labels (issue 14): the failsafe pages the on-call physician, tier 0 the
+    # nurse in charge as well as the team
+    (["alertname=x", "rule_id=x", "severity=high", "team=hepatology", "escalation_tier=failsafe"],
+     "clinical-oncall-physician"),
+    (["alertname=x", "rule_id=x", "severity=high", "team=hepatology", "escalation_tier=0"],
+     "clinical-nurse-in-charge,clinical-hepatology-pager"),
+    (["alertname=x", "rule_id=x", "severity=warning", "team=hepatology", "escalation_tier=1"], "clinical-hepatology"),
 ])
 def test_alertmanager_routes(labels, receiver):
     out = ok(run(tool("amtool"), "config", "routes", "test", f"--config.file={AM_CONFIG}", *labels))
@@ -257,7 +264,15 @@ def test_k8s_structure(k8s_docs):
         assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), d
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "sma-monitor", d["metadata"]
-    (dep,) = _by_kind(k8s_docs, "Deployment")
+    deps = {d["metadata"]["name"]: d for d in _by_kind(k8s_docs, "Deployment")}
+    assert set(deps) == {"sma-monitor", "sma-monitor-inbox", "sma-monitor-mllp"}  # issue 14: the whole stack
+    for d in deps.values():
+        spec = d["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["livenessProbe"]
+            assert c["readinessProbe"] and c["resources"]["limits"]["memory"]
+    dep = deps["sma-monitor"]
     pod = dep["spec"]["template"]
     selector = dep["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
@@ -276,8 +291,7 @@ def test_k8s_structure(k8s_docs):
     assert any(e["name"] == "KAFKA_SASL_PASSWORD" and "secretKeyRef" in e["valueFrom"] for e in c["env"])
     assert not any(k.endswith("PASSWORD") for k in cm), "secrets belong in a Secret"
     # Service, ServiceMonitor and PDB select the pods
-    (svc,) = _by_kind(k8s_docs, "Service")
-    assert svc["metadata"]["name"] == "sma-monitor"  # the job label the rules select on
+    svc = next(d for d in _by_kind(k8s_docs, "Service") if d["metadata"]["name"] == "sma-monitor")
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
     (sm,) = _by_kind(k8s_docs, "ServiceMonitor")
@@ -304,8 +318,11 @@ def test_network_policies_and_secrets(k8s_docs):
     pols = {d["metadata"]["name"]: d["spec"] for d in _by_kind(k8s_docs, "NetworkPolicy")}
     deny = pols["default-deny-ingress"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
-    (dep,) = _by_kind(k8s_docs, "Deployment")
+    dep = next(d for d in _by_kind(k8s_docs, "Deployment") if d["metadata"]["name"] == "sma-monitor")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    # the inbox and the listener: each its own policy with ingress on its own ports only
+    assert [p["port"] for r in pols["sma-monitor-inbox"]["ingress"] for p in r["ports"]] == [8443]
+    assert sorted(p["port"] for r in pols["sma-monitor-mllp"]["ingress"] for p in r["ports"]) == [2575, 9464]
     worker = pols["sma-monitor-worker"]
     assert worker["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert set(worker["policyTypes"]) == {"Ingress", "Egress"}
@@ -347,11 +364,20 @@ def test_compose_binds_loopback_without_default_credentials():
 
 def test_a_kafka_topic_for_every_service_topic(k8s_docs):
     from monitor.settings import Settings
-    from monitor.topics_admin import service_topics
+    from monitor.topics_admin import changelog_topic, service_topics, topic_configs
 
+    s = Settings.model_construct()
     topics = _by_kind(k8s_docs, "KafkaTopic")
     names = {t["metadata"]["name"] for t in topics}
-    assert names == set(service_topics(Settings.model_construct()))
+    assert names == {*service_topics(s), changelog_topic(s)} and "patient-ticks" not in names
+    # clinical records never expire (issue 14): same retention as `monitor topics` creates
+    by_name = {t["metadata"]["name"]: t["spec"]["config"] for t in topics}
+    for name in ("alerts", "alert-actions", "treatments"):
+        assert str(by_name[name]["retention.ms"]) == "-1", name
+    for name in ("patients", "alert-deliveries", changelog_topic(s)):
+        assert by_name[name]["cleanup.policy"] == "compact", name
+    assert all({k: str(v) for k, v in topic_configs(s, n).items()}.items() <= {k: str(v) for k, v in c.items()}.items()
+               for n, c in by_name.items())
     (kafka,) = _by_kind(k8s_docs, "Kafka")
     assert all(t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"] for t in topics)
 

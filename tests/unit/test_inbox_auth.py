@@ -21,7 +21,8 @@ from schemas.events import DoseEvent
 from schemas.findings import Evidence, ProtocolRef
 
 FAST = dict(n=2**14)  # the floor verify_password accepts (the default is 2**17, OWASP)
-PW = {"nurse1": "nurse-pass-1", "doc1": "doctor-pass-1", "admin1": "admin-pass-1"}
+PW = {"nurse1": "nurse-pass-1", "doc1": "doctor-pass-1", "admin1": "admin-pass-1", "nurse2": "nurse-pass-1",
+      "nobody": "nurse-pass-1"}
 SECRET = b"test-secret"
 NOW = datetime.now(timezone.utc)
 
@@ -57,9 +58,11 @@ async def ctx(store):
     async def publish(action: AlertAction) -> None:
         sent.append(action)
 
-    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(PW["nurse1"], **FAST)),
-                           User("doc1", Role.PHYSICIAN, hash_password(PW["doc1"], **FAST)),
-                           User("admin1", Role.ADMIN, hash_password(PW["admin1"], **FAST))])
+    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(PW["nurse1"], **FAST), wards=("W1",)),
+                           User("doc1", Role.PHYSICIAN, hash_password(PW["doc1"], **FAST), wards=("*",)),
+                           User("admin1", Role.ADMIN, hash_password(PW["admin1"], **FAST)),
+                           User("nurse2", Role.NURSE, hash_password(PW["nurse1"], **FAST), wards=("W2",)),
+                           User("nobody", Role.NURSE, hash_password(PW["nurse1"], **FAST))])
     app = await create_inbox_app(Settings(), users=users, store=store, publish=publish, secret=SECRET,
                                  start_kafka=False, throttle=LoginThrottle(max_failures=3))
     client = TestClient(TestServer(app), cookie_jar=aiohttp.CookieJar(unsafe=True))
@@ -255,19 +258,22 @@ async def test_inbox_api_lists_without_patient_ids(ctx):
     await login(client, "nurse1")
     data = await (await client.get("/api/alerts")).json()
     assert [a["severity"] for a in data["alerts"]] == ["critical", "high", "warning"]
-    raw = json.dumps(data)
-    assert "MRN-000" not in raw
+    # the raw patient id is never a URL part; an unregistered patient is named as such, with its id,
+    # in the signed-in user's view only (issue 14: the nurse must be able to tell who it is)
+    for a in data["alerts"]:
+        assert "MRN-000" not in a["patient_ref"] and "MRN-000" not in a["alert_id"]
+        assert a["patient"]["registered"] is False and a["patient"]["label"].startswith("unregistered patient MRN-000")
     assert data["alerts"][1]["patient_ref"] == store.ref_of("MRN-0001")
     only = await (await client.get("/api/alerts", params={"ward": "W1", "team": "T1"})).json()
     assert only["count"] == 3
     none = await (await client.get("/api/alerts", params={"ward": "W9"})).json()
     assert none["count"] == 0
     page = await (await client.get(f"/alerts/{'a' * 32}")).text()
-    assert "MRN-000" not in page
+    assert "Unregistered patient" in page and 'href="/patients/MRN' not in page
     assert "&lt;b&gt;6.5x&lt;/b&gt;" in page and "<b>6.5x" not in page  # escaped
     assert "onasemnogene-abeparvovec-iv version 1.0.0" in page
     tl = await (await client.get(f"/api/patients/{store.ref_of('MRN-0001')}/timeline")).json()
-    assert "MRN-000" not in json.dumps(tl) and tl["has_dose"]
+    assert tl["patient"]["registered"] is False and tl["has_dose"]
     assert (await client.get("/patients/MRN-0001")).status == 404  # raw ids do not resolve
 
 
@@ -391,3 +397,102 @@ async def test_security_headers(ctx):
     r = await client.get("/login")
     assert "default-src 'self'" in r.headers["Content-Security-Policy"]
     assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
+
+
+# --------------------------------------------------------------------------- issue 14: identity, ward scoping
+
+
+async def test_registered_patient_shows_name_mrn_and_birth_date(ctx):
+    from schemas.patients import PatientRecord
+
+    client, _, store = ctx
+    store.apply_patient(PatientRecord(patient_id="MRN-0001", display_name="Ada <Lovelace>", mrn="H-77",
+                                      birth_date="2024-09-01", ward="W1", bed="3"))
+    await login(client, "nurse1")
+    data = await (await client.get("/api/alerts")).json()
+    mine = [a for a in data["alerts"] if a["patient_ref"] == store.ref_of("MRN-0001")]
+    assert mine and all(a["patient"]["display_name"] == "Ada <Lovelace>" and a["patient"]["mrn"] == "H-77"
+                        and a["patient"]["birth_date"] == "2024-09-01" for a in mine)
+    other = [a for a in data["alerts"] if a["patient_ref"] == store.ref_of("MRN-0002")]
+    assert other[0]["patient"]["registered"] is False
+    page = await (await client.get(f"/alerts/{'a' * 32}")).text()
+    assert "Ada &lt;Lovelace&gt;" in page and "H-77" in page and "2024-09-01" in page and "<Lovelace>" not in page
+    tl_page = await (await client.get(f"/patients/{store.ref_of('MRN-0001')}")).text()
+    assert "Ada &lt;Lovelace&gt;" in tl_page and "H-77" in tl_page and "bed 3" in tl_page
+    tl = await (await client.get(f"/api/patients/{store.ref_of('MRN-0001')}/timeline")).json()
+    assert tl["patient"]["mrn"] == "H-77"
+
+
+async def test_ward_scoping_lists_pages_timeline_and_actions(ctx):
+    client, sent, store = ctx
+    store.apply_alert(_alert("e" * 32, "MRN-0009", "high").model_copy(update={"ward": "W2"}))
+    csrf = await login(client, "nurse2")  # W2 only
+    data = await (await client.get("/api/alerts")).json()
+    assert [a["alert_id"] for a in data["alerts"]] == ["e" * 32] and data["facets"]["wards"] == ["W2"]
+    assert (await client.get(f"/alerts/{'a' * 32}")).status == 404  # W1: as if absent
+    assert (await client.get(f"/api/alerts/{'a' * 32}")).status == 404
+    assert (await client.get(f"/patients/{store.ref_of('MRN-0001')}")).status == 404
+    assert (await client.get(f"/api/patients/{store.ref_of('MRN-0001')}/timeline")).status == 404
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 404 and sent == []
+    r = await client.post(f"/api/alerts/{'e' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202 and sent[-1].alert_id == "e" * 32
+
+
+async def test_no_wards_sees_nothing_admin_and_star_see_all(ctx):
+    client, _, store = ctx
+    await login(client, "nobody")
+    assert (await (await client.get("/api/alerts")).json())["count"] == 0
+    await client.post("/logout", headers={"X-CSRF-Token": (await (await client.get("/api/me")).json())["csrf_token"]})
+    client.session.cookie_jar.clear()
+    await login(client, "doc1")
+    assert (await (await client.get("/api/alerts")).json())["count"] == 3
+
+
+async def test_sse_skips_other_wards(ctx):
+    client, _, store = ctx
+    await login(client, "nurse2")
+    r = await client.get("/api/stream")
+    await r.content.readuntil(b"\n\n")
+    store.apply_alert(_alert("f" * 32, "MRN-0005", "critical"))  # W1: not for nurse2
+    store.apply_alert(_alert("g" * 32, "MRN-0006", "critical").model_copy(update={"ward": "W2"}))
+    msg = await r.content.readuntil(b"\n\n")
+    assert b"g" * 32 in msg and b"f" * 32 not in msg
+    r.close()
+
+
+async def test_census_and_handover_are_ward_scoped_and_show_identity(ctx, monkeypatch):
+    from schemas.alert import HistoryEntry
+    from schemas.patients import PatientRecord
+
+    monkeypatch.setenv("INBOX_TIMEZONE", "Europe/Berlin")
+    client, _, store = ctx
+    store.apply_patient(PatientRecord(patient_id="MRN-0001", display_name="Ada Okafor", mrn="H-1",
+                                      birth_date="2024-09-01", ward="W1"))
+    store.apply_treatment(DoseEvent(type="dose", event_id="d2", patient_id="MRN-0002", product="onasemnogene-abeparvovec-iv",
+                                    administered_at=NOW - timedelta(days=3), birth_date="2024-01-01", weight_kg=9,
+                                    ward="W2", care_team="T2"))
+    acked = _alert("a" * 32, "MRN-0001", "high", status="acknowledged", version=5)
+    acked = acked.model_copy(update={"history": [HistoryEntry(at=datetime.now(timezone.utc) - timedelta(hours=1),
+                                                              by="nurse1", action="acknowledged", role="nurse")]})
+    store.apply_alert(acked)
+    await login(client, "nurse1")
+    census = await (await client.get("/census")).text()
+    assert "Ada Okafor" in census and "H-1" in census and "1 monitored patient" in census
+    assert "MRN-0002" not in census  # W2: not on nurse1's wards
+    assert "+01:00" in census or "+02:00" in census  # site zone with its offset
+    assert 'title="' in census and "UTC" in census  # UTC on hover
+    hand = await (await client.get("/handover")).text()
+    assert "Ada Okafor" in hand and "nurse1" in hand and "acknowledged" in hand
+    assert (await client.get("/census", params={"ward": "W2"})).status == 200
+    assert "Ada Okafor" not in await (await client.get("/census", params={"ward": "W2"})).text()
+
+
+def test_silence_time_is_entered_in_the_site_zone(monkeypatch):
+    from monitor.inbox.views import _parse_until
+
+    monkeypatch.setenv("INBOX_TIMEZONE", "America/New_York")
+    assert _parse_until("2026-01-15T09:00:00").isoformat() == "2026-01-15T09:00:00-05:00"
+    assert _parse_until("2026-01-15T09:00:00Z").utcoffset() == timedelta(0)

@@ -78,11 +78,20 @@
       fillSelect(fWard, data.facets.wards);
       fillSelect(fTeam, data.facets.teams);
       var frag = document.createDocumentFragment();
+      function patientCell(p) {
+        if (!p || !p.registered) {
+          return [el("span", { "class": "patient-name unregistered", text: "Unregistered" }),
+                  el("span", { "class": "patient-ids", text: "id " + (p ? p.patient_id : "?") })];
+        }
+        return [el("span", { "class": "patient-name", text: p.display_name }),
+                el("span", { "class": "patient-ids", text: "MRN " + p.mrn + " \u00b7 born " + p.birth_date })];
+      }
       data.alerts.forEach(function (a) {
         var href = "/alerts/" + encodeURIComponent(a.alert_id);
         var status = a.pending && a.pending.length ? a.status + " (" + a.pending[a.pending.length - 1].action + " sent)" : a.status;
         var tr = el("tr", { "class": "sev-" + a.severity + (fresh[a.alert_id] ? " fresh" : ""), "data-alert-id": a.alert_id }, [
           el("td", { "class": "sev" }, [el("span", { "class": "badge sev-" + a.severity, text: SEV_LABEL[a.severity] || a.severity })]),
+          el("td", { "class": "patient-cell" }, patientCell(a.patient)),
           el("td", { "class": "what-cell" }, [el("a", { "class": "what", href: href, text: a.what }),
                                                el("span", { "class": "rule", text: a.rule_id + " \u00b7 " + a.pseudonym })]),
           el("td", { text: (a.ward || "\u2013") + " / " + (a.care_team || "\u2013") }),
@@ -144,7 +153,7 @@
         var reason = form.querySelector('[name="reason"]');
         var until = form.querySelector('[name="until"]');
         if (reason && reason.value.trim()) payload.reason = reason.value.trim();
-        if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00Z" : until.value;
+        if (until && until.value) payload.until = until.value.length === 16 ? until.value + ":00" : until.value;  // site time: the server applies INBOX_TIMEZONE
         var btn = form.querySelector("button");
         btn.disabled = true;
         shownAtSubmit = version;

@@ -57,7 +57,9 @@ from pydantic import ValidationError
 from schemas.alert import ActionKind, Alert, AlertAction
 from schemas.findings import Severity
 
-from .inbox.auth import LoginThrottle, User, UserDirectory, allowed_actions, load_users, may
+from alerts.policy import allowed_actions, may
+
+from .inbox.auth import LoginThrottle, User, UserDirectory, load_users
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,10 @@ ALERT_TRANSITIONS = Counter(
 ALERT_ESCALATIONS = Counter(
     "monitor_alert_escalations_total", "Escalations to the next tier (or the failsafe)",
     ["rule_id", "severity"], registry=REGISTRY)
+ACTIONS_REFUSED = Counter(
+    "monitor_actions_refused_total",
+    "Alert actions refused by the worker (dead-lettered), by reason code (action_unknown_user, action_forbidden, ...)",
+    ["reason"], registry=REGISTRY)
 TIME_TO_ACK = Histogram(
     "monitor_time_to_acknowledge_seconds", "From alert opened to acknowledged",
     ["severity"], buckets=ACK_BUCKETS, registry=REGISTRY)

@@ -29,6 +29,7 @@ from alerts.lifecycle import LifecycleConfig
 from alerts.protocol import default_protocols, load_protocol
 from alerts.routing import RouteSpec
 
+from .actions_auth import ActionAuthority
 from .actions_api import ActionsAPI, register_actions_api
 from .app import create_app
 from .clinical.processor import ClinicalProcessor
@@ -122,7 +123,8 @@ def build_worker(s: Settings | None = None) -> Worker:
     store = InMemoryPatientStore()
     processor = ClinicalProcessor(Engine(protocols), lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
-                                  limits=limits_of(s))
+                                  limits=limits_of(s),
+                                  authority=ActionAuthority.from_file(s.inbox_users_file))
     runner = ClinicalRunner(s, processor, store)
     ingest = IngestService(s)
     delivery = DeliveryService(s)

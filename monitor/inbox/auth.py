@@ -415,27 +415,8 @@ class LoginThrottle:
 # --------------------------------------------------------------------------- roles
 
 
-def may(role: Role | str, action: ActionKind | str, severity: Severity | str | None = None) -> bool:
-    """Mirror of the lifecycle's role rules: silence is admin only; resolving a high or critical
-    alert needs a physician or admin; everyone may acknowledge, note and escalate."""
-    role = Role(role)
-    action = ActionKind(action)
-    if action == ActionKind.SILENCE:
-        return role == Role.ADMIN
-    if action == ActionKind.RESOLVE:
-        sev = Severity(severity) if severity is not None else Severity.CRITICAL
-        if sev in (Severity.HIGH, Severity.CRITICAL):
-            return role in (Role.PHYSICIAN, Role.ADMIN)
-    return True
-
-
-def allowed_actions(role: Role | str, severity: Severity | str | None, is_open: bool) -> list[str]:
-    kinds = [ActionKind.NOTE] if not is_open else [ActionKind.ACKNOWLEDGE, ActionKind.NOTE, ActionKind.ESCALATE,
-                                                    ActionKind.RESOLVE, ActionKind.SILENCE]
-    out = [k.value for k in kinds if may(role, k, severity)]
-    if is_open and Severity(severity or "critical") == Severity.CRITICAL and "silence" in out:
-        out.remove("silence")  # critical alerts cannot be silenced
-    return out
+# the one action policy lives in alerts/policy.py (shared with the lifecycle and the actions API)
+from alerts.policy import allowed_actions, may  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- aiohttp glue

@@ -161,7 +161,16 @@ class ActionsAPI:
 
     def __init__(self, users_file: str, *, find_alert: FindAlert, publish: Publish, max_silence,
                  throttle: LoginThrottle | None = None, cache_seconds: float = 60.0,
-                 max_concurrent_verifications: int = 4):
+                 max_concurrent_verifications: int = 4, web_host: str | None = None,
+                 allow_exposed: bool | None = None):
+        if web_host is None or allow_exposed is None:
+            from .settings import get_settings
+
+            s = get_settings()
+            web_host = s.web_host if web_host is None else web_host
+            allow_exposed = s.actions_api_allow_exposed if allow_exposed is None else allow_exposed
+        #: Basic auth only on a loopback bind unless explicitly allowed (behind TLS; review M7)
+        self.exposure_ok = _loopback(web_host) or bool(allow_exposed)
         self.users = _Users(users_file)
         self.find_alert = find_alert
         self.publish = publish
@@ -178,7 +187,7 @@ class ActionsAPI:
     async def authenticate(self, request: Request) -> User:
         if not self.users.configured:
             raise ApiError(503, DISABLED)
-        if not (_loopback(settings.web_host) or settings.actions_api_allow_exposed):
+        if not self.exposure_ok:
             raise ApiError(503, EXPOSED)
         directory = self.users.directory()
         creds = _basic_credentials(request.headers.get("Authorization"))

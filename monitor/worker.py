@@ -136,7 +136,8 @@ def build_worker(s: Settings | None = None) -> Worker:
         return await producer.send_and_wait(s.topic_alert_actions, value=value, key=key)
 
     api = ActionsAPI(s.inbox_users_file, find_alert=store.find_alert, publish=publish_action,
-                     max_silence=lifecycle.max_silence)
+                     max_silence=lifecycle.max_silence, web_host=s.web_host,
+                     allow_exposed=s.actions_api_allow_exposed)
 
     app = create_app(s)
     w = Worker(s, app, ingest, runner, delivery, api)

@@ -339,7 +339,9 @@ class ActionsAPI:
         except Exception as exc:
             log.warning("actions API: publishing failed: %s", type(exc).__name__)
             raise ApiError(503, "the action could not be sent; try again") from None
-        log.info("actions API: %s on alert %s by a %s accepted", kind.value, alert_id, user.role.value)
+        # no alert id at INFO (review L6): the action and role are enough to follow traffic
+        log.info("actions API: %s by a %s accepted", kind.value, user.role.value)
+        log.debug("actions API: %s on alert %s accepted", kind.value, alert_id)
         return 202, {"status": "accepted", "action_id": action.action_id, "alert_id": alert_id,
                      "action": kind.value, "by": user.username, "role": user.role.value,
                      "at": now.isoformat()}
@@ -351,6 +353,7 @@ class ActionsAPI:
         if alert is None:
             raise ApiError(404, "alert not held by this worker")
         out = alert.model_dump(mode="json")
+        out.pop("patient_id", None)  # like the inbox: no raw patient id in responses (review L6)
         out["allowed_actions"] = allowed_actions(user.role, alert.severity, alert.is_open)
         return 200, out
 

@@ -37,7 +37,7 @@ from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
 from .notify.outbox import DeliveryService
 from .ingest import IngestService, limits_of
-from .metrics import PROTOCOL_INFO
+from .metrics import PROTOCOL_INFO, configure_sources
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings
 from .web import register_web
@@ -120,6 +120,7 @@ def build_worker(s: Settings | None = None) -> Worker:
     for p in protocols:
         PROTOCOL_INFO.labels(protocol_id=p.id, version=p.version).set(1)
     lifecycle = lifecycle_config(protocols, s)
+    configure_sources(s.metrics_sources)  # bounded `source` label (review L2)
     store = InMemoryPatientStore()
     processor = ClinicalProcessor(Engine(protocols), lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,

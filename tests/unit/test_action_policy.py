@@ -45,3 +45,17 @@ def test_faust_web_environment_cannot_reopen_tables_router_or_bind(monkeypatch):
     monkeypatch.setenv("APP_WEB_BIND", "0.0.0.0")
     app = create_app(Settings(web_host="127.0.0.1"))
     assert (app.conf.web_tables_enabled, app.conf.web_router_enabled, app.conf.web_bind) == (False, False, "127.0.0.1")
+
+
+def test_source_label_allow_list():
+    """Security review L2: with METRICS_SOURCES set, sender-chosen names beyond it are 'other'."""
+    from monitor import metrics
+
+    try:
+        metrics.configure_sources(" lab-a , lab-b ")
+        assert [metrics.source_label(n) for n in ("lab-a", "lab-b", "req-123", "lab-c")] == [
+            "lab-a", "lab-b", "other", "other"]
+        metrics.configure_sources("")
+        assert metrics.source_label("req-456") == "req-456"  # unconfigured: first come, bounded
+    finally:
+        metrics.configure_sources(None)

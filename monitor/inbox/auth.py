@@ -46,8 +46,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from aiohttp import web
 
-from schemas.alert import ActionKind, Role
-from schemas.findings import Severity
+# the one action policy (shared with the lifecycle and the actions API); re-exported here
+from alerts.policy import allowed_actions, may
+from schemas.alert import Role
 
 __all__ = [
     "hash_password", "verify_password", "needs_rehash", "User", "UserDirectory", "ReloadingUserDirectory",
@@ -410,13 +411,6 @@ class LoginThrottle:
         if len(self._known) > self.max_keys:
             for k in sorted(self._known, key=self._known.get)[: len(self._known) // 2]:
                 del self._known[k]
-
-
-# --------------------------------------------------------------------------- roles
-
-
-# the one action policy lives in alerts/policy.py (shared with the lifecycle and the actions API)
-from alerts.policy import allowed_actions, may  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- aiohttp glue

@@ -12,11 +12,12 @@ Routes (JSON in and out; every response ``Cache-Control: no-store``)::
   user name at that address) with :class:`monitor.inbox.auth.LoginThrottle`: 429 + Retry-After.
 * The role is the user's role from the users file and ``by`` is the user name; ``role``,
   ``by`` or ``at`` fields in the body are ignored.
-* Role pre-checks mirror the lifecycle (nurse: acknowledge, note, escalate, resolve only
+* Role pre-checks use the lifecycle's own policy, :mod:`alerts.policy` (nurse: acknowledge, note, escalate, resolve only
   info/warning; physician/admin: resolve anything; admin: silence, never a critical alert).
   When the alert is not held by this worker its severity is unknown and it is treated as
   critical (as the lifecycle treats a missing severity). The authoritative check stays in the
-  lifecycle (:func:`alerts.lifecycle.apply_action`): a refused action is dead-lettered there.
+  lifecycle (:func:`alerts.lifecycle.apply_action`), with the role the worker resolves from the
+  users file again (never the published ``role``): a refused action is dead-lettered there.
 * The action is published to ``alert-actions`` keyed by patient id; the answer (202) means the
   broker has it, not that the lifecycle applied it: watch the ``alerts`` topic (or GET the
   alert) for the new version. A client that retries after a 503 or a lost answer should send

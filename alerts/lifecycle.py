@@ -71,6 +71,7 @@ from typing import Any, Mapping
 
 from pydantic import AwareDatetime, BaseModel, Field
 
+from alerts import policy
 from alerts.routing import FALLBACK_ROUTE, RouteSpec, copy_route, route_from_alert
 from schemas.alert import (
     ActionKind,
@@ -489,16 +490,18 @@ def _update(alert: Alert, finding: Finding, severity: Severity, now: datetime, t
 
 # --------------------------------------------------------------------------- actions
 
-_RESOLVE_NEEDS_PHYSICIAN = frozenset({Severity.HIGH, Severity.CRITICAL})
-
-
 def _who(action: AlertAction) -> str:
     return action.by
 
 
 def apply_action(book: AlertBook, action: AlertAction, now: datetime,
-                 config: LifecycleConfig | None = None) -> list[Alert]:
+                 config: LifecycleConfig | None = None, *, role: Role | None = None) -> list[Alert]:
     """Apply a person's action; raises :class:`ActionError` (book unchanged) if refused.
+
+    ``role`` is the sender's role as resolved by the caller from a trusted source (the user
+    directory; security review H4). Without it the action's own ``role`` field is used,
+    which only in-process callers that built the action themselves may rely on; an action
+    with neither is refused. Who may do what is decided by :mod:`alerts.policy`.
 
     A repeated action (same ``action_id``, or acknowledging an acknowledged alert,
     resolving a resolved one) is a no-op returning ``[]``.
@@ -512,7 +515,10 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
                            alert_id=action.alert_id)
     if action.action_id and action.action_id in book.applied_actions:
         return []
-    role, kind = action.role, action.action
+    role = role if role is not None else action.role
+    kind = action.action
+    if role is None:
+        raise Forbidden(f"no role for {kind}", alert_id=alert.alert_id)
     txn = _Txn(book, now)
     before = alert.status
     common = dict(by=_who(action), role=role.value, at=action.at)
@@ -546,9 +552,9 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
         if alert.status == AlertStatus.RESOLVED:
             return []
         need_open()
-        if alert.severity in _RESOLVE_NEEDS_PHYSICIAN and role not in (Role.PHYSICIAN, Role.ADMIN):
-            raise Forbidden(f"only a physician or admin may resolve a {alert.severity} alert",
-                            alert_id=alert.alert_id)
+        why = policy.refusal(role, kind, alert.severity)
+        if why:
+            raise Forbidden(why, alert_id=alert.alert_id)
         if not (action.reason and action.reason.strip()):
             raise InvalidAction("a manual resolution needs a reason", alert_id=alert.alert_id)
         _close(alert, AlertStatus.RESOLVED, now)
@@ -558,8 +564,9 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
         txn.record(alert, "resolved", from_status=before, note=f"manual: {action.reason}", **common)
 
     elif kind == ActionKind.SILENCE:
-        if role != Role.ADMIN:
-            raise Forbidden("only an admin may silence an alert", alert_id=alert.alert_id)
+        why = policy.refusal(role, kind, alert.severity)
+        if why:
+            raise Forbidden(why, alert_id=alert.alert_id)
         need_open()
         if alert.severity == Severity.CRITICAL:
             raise InvalidAction("critical alerts cannot be silenced", alert_id=alert.alert_id)

@@ -12,11 +12,12 @@ Routes (JSON in and out; every response ``Cache-Control: no-store``)::
   user name at that address) with :class:`monitor.inbox.auth.LoginThrottle`: 429 + Retry-After.
 * The role is the user's role from the users file and ``by`` is the user name; ``role``,
   ``by`` or ``at`` fields in the body are ignored.
-* Role pre-checks mirror the lifecycle (nurse: acknowledge, note, escalate, resolve only
+* Role pre-checks use the lifecycle's own policy, :mod:`alerts.policy` (nurse: acknowledge, note, escalate, resolve only
   info/warning; physician/admin: resolve anything; admin: silence, never a critical alert).
   When the alert is not held by this worker its severity is unknown and it is treated as
   critical (as the lifecycle treats a missing severity). The authoritative check stays in the
-  lifecycle (:func:`alerts.lifecycle.apply_action`): a refused action is dead-lettered there.
+  lifecycle (:func:`alerts.lifecycle.apply_action`), with the role the worker resolves from the
+  users file again (never the published ``role``): a refused action is dead-lettered there.
 * The action is published to ``alert-actions`` keyed by patient id; the answer (202) means the
   broker has it, not that the lifecycle applied it: watch the ``alerts`` topic (or GET the
   alert) for the new version. A client that retries after a 503 or a lost answer should send
@@ -57,7 +58,9 @@ from pydantic import ValidationError
 from schemas.alert import ActionKind, Alert, AlertAction
 from schemas.findings import Severity
 
-from .inbox.auth import LoginThrottle, User, UserDirectory, allowed_actions, load_users, may
+from alerts.policy import allowed_actions, may
+
+from .inbox.auth import LoginThrottle, User, UserDirectory, load_users
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +324,9 @@ class ActionsAPI:
         except Exception as exc:
             log.warning("actions API: publishing failed: %s", type(exc).__name__)
             raise ApiError(503, "the action could not be sent; try again") from None
-        log.info("actions API: %s on alert %s by a %s accepted", kind.value, alert_id, user.role.value)
+        # no alert id at INFO (review L6): the action and role are enough to follow traffic
+        log.info("actions API: %s by a %s accepted", kind.value, user.role.value)
+        log.debug("actions API: %s on alert %s accepted", kind.value, alert_id)
         return 202, {"status": "accepted", "action_id": action.action_id, "alert_id": alert_id,
                      "action": kind.value, "by": user.username, "role": user.role.value,
                      "at": now.isoformat()}
@@ -333,6 +338,7 @@ class ActionsAPI:
         if alert is None:
             raise ApiError(404, "alert not held by this worker")
         out = alert.model_dump(mode="json")
+        out.pop("patient_id", None)  # like the inbox: no raw patient id in responses (review L6)
         out["allowed_actions"] = allowed_actions(user.role, alert.severity, alert.is_open)
         return 200, out
 

@@ -35,9 +35,18 @@ def faust_app_kwargs(s: Settings) -> dict[str, Any]:
         web_port=s.web_port,
         web_bind=s.web_host,
         web_tables_enabled=False,
+        web_router_enabled=False,
         web_in_thread=False,
     )
 
 
 def create_app(s: Settings) -> faust.App:
-    return ServiceApp(s.app_id, **faust_app_kwargs(s))
+    kwargs = faust_app_kwargs(s)
+    app = ServiceApp(s.app_id, **kwargs)
+    # faust lets APP_WEB_* environment variables override explicit arguments (security review
+    # L3: APP_WEB_TABLES_ENABLED=true would bring back /table, APP_WEB_BIND another bind):
+    # the web settings are pinned to ours after construction.
+    for key, value in kwargs.items():
+        if key.startswith("web_"):
+            setattr(app.conf, key, value)
+    return app

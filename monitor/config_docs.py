@@ -62,7 +62,13 @@ DESCRIPTIONS: dict[str, str] = {
     "pseudonym_secret": "Secret for pseudonymous patient references in third-party notifications (secret; "
                         "change the default).",
     "notify_include_patient_id": "Put the patient id into third-party notifications (off by default).",
-    "inbox_users_file": "YAML users file (username -> password_hash, role) for the inbox and the actions API.",
+    "metrics_sources": ("Comma-separated lab source names (MSH-4, FHIR meta.source, JSON source) kept as the `source` "
+                        "label of `monitor_source_last_event_timestamp_seconds`; any other name is counted as "
+                        "`other`. Empty: the first 200 names seen by the process (sender-chosen: set this in "
+                        "production so a sender cannot fill the label and blind `MonitorLabSourceSilent`)."),
+    "inbox_users_file": ("YAML users file (username -> password_hash, role) for the inbox and the actions API; the "
+                         "worker resolves the role of every alert action from it (by the action's `by`; without it "
+                         "every action is dead-lettered `action_unknown_user`)."),
     "tick_interval_seconds": "Seconds between in-process clock runs over the owned patients (overdue samples, escalation, missing dose records).",
     "log_level": "Log level: DEBUG, INFO, WARNING or ERROR.",
     "actions_api_allow_exposed": "Serve the worker's actions API on a non-loopback WEB_HOST (off: it answers 503 "

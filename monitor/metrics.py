@@ -34,6 +34,10 @@ ALERT_TRANSITIONS = Counter(
 ALERT_ESCALATIONS = Counter(
     "monitor_alert_escalations_total", "Escalations to the next tier (or the failsafe)",
     ["rule_id", "severity"], registry=REGISTRY)
+ACTIONS_REFUSED = Counter(
+    "monitor_actions_refused_total",
+    "Alert actions refused by the worker (dead-lettered), by reason code (action_unknown_user, action_forbidden, ...)",
+    ["reason"], registry=REGISTRY)
 TIME_TO_ACK = Histogram(
     "monitor_time_to_acknowledge_seconds", "From alert opened to acknowledged",
     ["severity"], buckets=ACK_BUCKETS, registry=REGISTRY)
@@ -96,9 +100,21 @@ PROTOCOL_INFO = Gauge(
 #: source label cardinality guard: lab source names beyond this many share "other"
 MAX_SOURCES = 200
 _sources: set[str] = set()
+#: configured allow-list (``METRICS_SOURCES``); None: first come, up to MAX_SOURCES
+_allowed: frozenset[str] | None = None
+
+
+def configure_sources(names: str | None) -> None:
+    """Keep only these lab source names as label values (review L2: the names are chosen by
+    the sender, and FHIR servers often put a per-request id in ``meta.source``)."""
+    global _allowed
+    listed = frozenset(n.strip() for n in (names or "").split(",") if n.strip())
+    _allowed = listed or None
 
 
 def source_label(source: str) -> str:
+    if _allowed is not None:
+        return source if source in _allowed else "other"
     if source in _sources:
         return source
     if len(_sources) < MAX_SOURCES:

@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     pseudonym_secret: str = Field(default="", repr=False, exclude=True)
     #: include the patient id in third-party notifications (off by default)
     notify_include_patient_id: bool = False
-    #: users for the actions API and the inbox (YAML: username -> {password_hash, role})
+    #: lab source names kept as the ``source`` metric label (comma-separated); others: "other"
+    metrics_sources: str = ""
+    #: users for the actions API and the inbox, and the directory action roles come from (H4)
     inbox_users_file: str = ""
     #: serve the worker's actions API (HTTP Basic) on a non-loopback WEB_HOST: only behind TLS
     #: (review M7); by default it answers 503 there and people act through the inbox

@@ -29,6 +29,7 @@ from alerts.lifecycle import LifecycleConfig
 from alerts.protocol import default_protocols, load_protocol
 from alerts.routing import RouteSpec
 
+from .actions_auth import ActionAuthority
 from .actions_api import ActionsAPI, register_actions_api
 from .app import create_app
 from .clinical.processor import ClinicalProcessor
@@ -36,7 +37,7 @@ from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
 from .notify.outbox import DeliveryService
 from .ingest import IngestService, limits_of
-from .metrics import PROTOCOL_INFO
+from .metrics import PROTOCOL_INFO, configure_sources
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings, is_loopback
 from .web import register_web
@@ -119,11 +120,13 @@ def build_worker(s: Settings | None = None) -> Worker:
     for p in protocols:
         PROTOCOL_INFO.labels(protocol_id=p.id, version=p.version).set(1)
     lifecycle = lifecycle_config(protocols, s)
+    configure_sources(s.metrics_sources)  # bounded `source` label (review L2)
     store = InMemoryPatientStore()
     engine = Engine(protocols, id_key=s.pseudonym_secret.encode("utf-8"))  # keyed finding ids (review H2)
     processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
-                                  limits=limits_of(s))
+                                  limits=limits_of(s),
+                                  authority=ActionAuthority.from_file(s.inbox_users_file))
     runner = ClinicalRunner(s, processor, store)
     ingest = IngestService(s)
     delivery = DeliveryService(s)

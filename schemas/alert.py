@@ -194,8 +194,10 @@ class AlertAction(BaseModel):
     action: ActionKind
     alert_id: str = Field(min_length=1)
     patient_id: str | None = None
+    #: the sender's user name: the worker resolves the role from the user directory by it
     by: str = Field(min_length=1)
-    role: Role
+    #: informational only: the worker never authorises by it (security review H4)
+    role: Role | None = None
     at: AwareDatetime
     reason: str | None = None
     #: required for ``silence``: when the silence expires

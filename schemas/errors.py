@@ -37,6 +37,7 @@ class Reason(StrEnum):
     ACTION_INVALID = "action_invalid"
     ACTION_FORBIDDEN = "action_forbidden"
     ACTION_UNKNOWN_ALERT = "action_unknown_alert"
+    ACTION_UNKNOWN_USER = "action_unknown_user"
     INTERNAL_ERROR = "internal_error"
 
 

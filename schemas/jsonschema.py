@@ -61,8 +61,10 @@ def _webhook() -> dict[str, Any]:
     schema["$defs"]["Evidence"]["additionalProperties"] = False
     schema["title"] = "WebhookAlert"
     schema["description"] = (
-        "Body of the signed webhook POST (header X-Signature-SHA256 = hex HMAC-SHA256 of the body with "
-        "WEBHOOK_SECRET; Idempotency-Key = <alert_id>:<version>). An alert version without the patient id, "
+        "Body of the signed webhook POST (headers: Idempotency-Key = <alert_id>:<version>; "
+        "X-Signature-Timestamp = unix seconds; X-Signature-SHA256 = hex HMAC-SHA256 with WEBHOOK_SECRET of "
+        "'<timestamp>.<Idempotency-Key>.' followed by the body; receivers reject timestamps older than "
+        "5 minutes and dedupe on Idempotency-Key). An alert version without the patient id, "
         "finding ids and observation ids; history notes read '[note withheld]'. With "
         "NOTIFY_INCLUDE_PATIENT_ID=true the withheld fields are present as in alert.json.")
     return schema

@@ -397,3 +397,40 @@ def drop_test_topics(bootstrap: str, names: Iterable[str], prefixes: Iterable[st
         delete_topics(bootstrap, sorted(set(names) | set(extra)))
     except Exception as exc:
         print(f"topic cleanup failed: {exc}", file=sys.stderr)
+
+
+# -- SASL/SCRAM with an enforcing authorizer ------------------------------------------------
+
+def scram_acl_broker(sasl_port: int | None = None, **kwargs: object) -> Broker:
+    """A dedicated broker (not started) whose extra SASL_PLAINTEXT listener authenticates
+    SCRAM-SHA-512 users and whose StandardAuthorizer enforces ACLs: a principal without an
+    ACL may do nothing (``allow.everyone.if.no.acl.found=false``). The PLAINTEXT listener
+    (readiness check, admin helpers, the controller) runs as ``User:ANONYMOUS``, a super
+    user. The SASL bootstrap is ``broker.sasl_bootstrap``."""
+    sasl_port = sasl_port or free_port()
+    props = {
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": "User:ANONYMOUS",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+    }
+    broker = Broker(extra_properties=props, extra_listeners=[f"SASL_PLAINTEXT://{LOOPBACK}:{sasl_port}"], **kwargs)
+    broker.sasl_bootstrap = f"{LOOPBACK}:{sasl_port}"  # type: ignore[attr-defined]
+    return broker
+
+
+def add_scram_users(bootstrap: str, users: Mapping[str, str]) -> None:
+    """Create SCRAM-SHA-512 credentials (user -> password) through the admin API."""
+    from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
+
+    admin = admin_client(bootstrap)
+    try:
+        res = admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(u, ScramMechanism.SCRAM_SHA_512, pw) for u, pw in users.items()])
+        if any(res.values()):
+            raise BrokerError(f"SCRAM credentials refused: {res}")
+    finally:
+        admin.close()

@@ -31,9 +31,14 @@ class WebhookReceiver:
                         return
                     sig_ok = None
                     if receiver.secret:
-                        want = hmac.new(receiver.secret, body, hashlib.sha256).hexdigest()
+                        # what a receiver checks: HMAC over timestamp, idempotency key and body,
+                        # and a fresh timestamp (written out here, not imported from the sink)
+                        ts = self.headers.get("X-Signature-Timestamp") or ""
+                        key = self.headers.get("Idempotency-Key") or ""
+                        want = hmac.new(receiver.secret, f"{ts}.{key}.".encode() + body, hashlib.sha256).hexdigest()
                         got = (self.headers.get("X-Signature-SHA256") or "").removeprefix("sha256=")
-                        sig_ok = hmac.compare_digest(want, got)
+                        sig_ok = (ts.isdigit() and abs(time.time() - int(ts)) <= 300
+                                  and hmac.compare_digest(want, got))
                     receiver.received.append({
                         "at": time.time(),
                         "key": self.headers.get("Idempotency-Key"),

@@ -35,8 +35,10 @@ from schemas.events import Observation
 from schemas.findings import Finding
 from schemas.ingest import Limits, decode
 
+from ..actions_auth import ActionAuthority
 from ..dlq import dead_letter_headers
 from ..metrics import (
+    ACTIONS_REFUSED,
     ALERT_ESCALATIONS,
     ALERT_TRANSITIONS,
     ALERTS_OPENED,
@@ -101,8 +103,11 @@ class ClinicalProcessor:
 
     def __init__(self, engine: Engine, lifecycle: LifecycleConfig, store: PatientStore, *, findings_topic: str,
                  alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None,
-                 clock_settle_seconds: float = 2.0, monotonic=time.monotonic) -> None:
+                 clock_settle_seconds: float = 2.0, monotonic=time.monotonic,
+                 authority: ActionAuthority | None = None) -> None:
         self.engine = engine
+        #: resolves an action's role from who sent it (review H4); None: every action is refused
+        self.authority = authority
         self.lifecycle = lifecycle
         self.store = store
         self.findings_topic = findings_topic
@@ -178,15 +183,23 @@ class ClinicalProcessor:
         patient_id = action.patient_id or (rec.key.decode() if rec.key else None)
         if not patient_id:
             raise Rejected(Reason.ACTION_INVALID, "action names no patient (set patient_id or the message key)")
-        _state, book = self.store.load(patient_id, rec.partition)
         try:
-            alerts = apply_action(book, action, now, self.lifecycle)
-        except UnknownAlert as exc:
-            raise Rejected(Reason.ACTION_UNKNOWN_ALERT, str(exc)) from None
-        except Forbidden as exc:
-            raise Rejected(Reason.ACTION_FORBIDDEN, str(exc)) from None
-        except ActionError as exc:
-            raise Rejected(Reason.ACTION_INVALID, str(exc)) from None
+            if self.authority is None:
+                raise Rejected(Reason.ACTION_UNKNOWN_USER, "no user directory configured (INBOX_USERS_FILE): "
+                                                           "actions cannot be authorised")
+            role = self.authority.role_of(action)  # never the message's own role field
+            _state, book = self.store.load(patient_id, rec.partition)
+            try:
+                alerts = apply_action(book, action, now, self.lifecycle, role=role)
+            except UnknownAlert as exc:
+                raise Rejected(Reason.ACTION_UNKNOWN_ALERT, str(exc)) from None
+            except Forbidden as exc:
+                raise Rejected(Reason.ACTION_FORBIDDEN, str(exc)) from None
+            except ActionError as exc:
+                raise Rejected(Reason.ACTION_INVALID, str(exc)) from None
+        except Rejected as rej:
+            self._m.get(ACTIONS_REFUSED, rej.reason.value).inc()
+            raise
         self.store.mark_changed(patient_id)
         self._emit(alerts, now, None, out)
 

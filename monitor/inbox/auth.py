@@ -46,8 +46,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from aiohttp import web
 
-from schemas.alert import ActionKind, Role
-from schemas.findings import Severity
+# the one action policy (shared with the lifecycle and the actions API); re-exported here
+from alerts.policy import allowed_actions, may
+from schemas.alert import Role
 
 __all__ = [
     "hash_password", "verify_password", "needs_rehash", "User", "UserDirectory", "ReloadingUserDirectory",
@@ -411,32 +412,6 @@ class LoginThrottle:
         if len(self._known) > self.max_keys:
             for k in sorted(self._known, key=self._known.get)[: len(self._known) // 2]:
                 del self._known[k]
-
-
-# --------------------------------------------------------------------------- roles
-
-
-def may(role: Role | str, action: ActionKind | str, severity: Severity | str | None = None) -> bool:
-    """Mirror of the lifecycle's role rules: silence is admin only; resolving a high or critical
-    alert needs a physician or admin; everyone may acknowledge, note and escalate."""
-    role = Role(role)
-    action = ActionKind(action)
-    if action == ActionKind.SILENCE:
-        return role == Role.ADMIN
-    if action == ActionKind.RESOLVE:
-        sev = Severity(severity) if severity is not None else Severity.CRITICAL
-        if sev in (Severity.HIGH, Severity.CRITICAL):
-            return role in (Role.PHYSICIAN, Role.ADMIN)
-    return True
-
-
-def allowed_actions(role: Role | str, severity: Severity | str | None, is_open: bool) -> list[str]:
-    kinds = [ActionKind.NOTE] if not is_open else [ActionKind.ACKNOWLEDGE, ActionKind.NOTE, ActionKind.ESCALATE,
-                                                    ActionKind.RESOLVE, ActionKind.SILENCE]
-    out = [k.value for k in kinds if may(role, k, severity)]
-    if is_open and Severity(severity or "critical") == Severity.CRITICAL and "silence" in out:
-        out.remove("silence")  # critical alerts cannot be silenced
-    return out
 
 
 # --------------------------------------------------------------------------- aiohttp glue

@@ -16,8 +16,14 @@ Sinks
   should re-push open alerts well within that window). When the severity label changed,
   the label sets of earlier severities are pushed as resolved so they do not linger.
 * :class:`WebhookSink` - POSTs the alert JSON (without ``patient_id`` unless
-  ``include_patient_id=True``) with ``X-Signature-SHA256: <hex HMAC-SHA256(secret, body)>``
-  and ``Idempotency-Key: <alert_id>:<version>``. Success = any 2xx.
+  ``include_patient_id=True``) with ``Idempotency-Key: <alert_id>:<version>``,
+  ``X-Signature-Timestamp: <unix seconds>`` and
+  ``X-Signature-SHA256: <hex HMAC-SHA256(secret, "<timestamp>.<idempotency key>." + body)>``:
+  the timestamp and the key are signed, so a receiver that checks the signature
+  (:func:`verify_signature`), rejects timestamps older than a few minutes and dedupes on the
+  key cannot be replayed to (security review L4). Success = any 2xx; redirects are not
+  followed (a 3xx is a failed attempt: the body and signature never go to another host),
+  and receivers' error bodies are never logged.
 
 Delivery policy (:func:`should_deliver`)
 ----------------------------------------
@@ -58,14 +64,14 @@ import time
 from bisect import insort
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol, runtime_checkable
 
 import aiohttp
 
 from schemas.alert import Alert, CLOSED_STATUSES
 
 __all__ = [
-    "DeliveryError", "Sink", "AlertmanagerSink", "WebhookSink", "sign_body", "DeliveryKey",
+    "DeliveryError", "Sink", "AlertmanagerSink", "WebhookSink", "sign_body", "verify_signature", "DeliveryKey",
     "DeliveryLedger", "InMemoryLedger", "Backoff", "DeliveryHooks", "should_deliver", "Dispatcher",
 ]
 
@@ -113,14 +119,17 @@ class _HttpSink:
 
     async def _post(self, url: str, data: bytes, headers: dict[str, str]) -> None:
         try:
-            async with self._get_session().post(url, data=data, headers=headers, timeout=self._timeout) as resp:
+            async with self._get_session().post(url, data=data, headers=headers, timeout=self._timeout,
+                                                allow_redirects=False) as resp:
                 if not 200 <= resp.status < 300:
-                    body = (await resp.text())[:200]
-                    raise DeliveryError(f"{self.name}: HTTP {resp.status}: {body}", status=resp.status)
+                    # the receiver's body is not read into the message: it may echo the
+                    # alert or carry anything (review L4); status code only
+                    raise DeliveryError(f"{self.name}: HTTP {resp.status}", status=resp.status)
         except DeliveryError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise DeliveryError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            # the type only: aiohttp's messages carry the URL (which may hold a token)
+            raise DeliveryError(f"{self.name}: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         if self._own_session and self._session is not None and not self._session.closed:
@@ -215,9 +224,29 @@ class AlertmanagerSink(_HttpSink):
         await self._post(f"{self.url}/api/v2/alerts", body, {"Content-Type": "application/json"})
 
 
-def sign_body(secret: bytes | str, body: bytes) -> str:
+#: how old a webhook timestamp a receiver should accept (seconds; :func:`verify_signature`)
+SIGNATURE_TOLERANCE_SECONDS = 300
+
+
+def sign_body(secret: bytes | str, body: bytes, timestamp: int | str, idempotency_key: str) -> str:
+    """hex HMAC-SHA256(secret, "<timestamp>.<idempotency key>." + body)."""
     key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.new(key, f"{timestamp}.{idempotency_key}.".encode("utf-8") + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes | str, body: bytes, headers: Mapping[str, str], *, now: float | None = None,
+                     tolerance: float = SIGNATURE_TOLERANCE_SECONDS) -> bool:
+    """What a receiver checks: the signature over timestamp, idempotency key and body, and
+    a timestamp within ``tolerance`` of ``now`` (a captured request cannot be replayed
+    later; within the window the receiver dedupes on ``Idempotency-Key``)."""
+    ts = headers.get("X-Signature-Timestamp") or ""
+    key = headers.get("Idempotency-Key") or ""
+    got = (headers.get("X-Signature-SHA256") or "").removeprefix("sha256=")
+    if not ts.isdigit() or not key:
+        return False
+    if abs((time.time() if now is None else now) - int(ts)) > tolerance:
+        return False
+    return hmac.compare_digest(sign_body(secret, body, ts, key), got)
 
 
 class WebhookSink(_HttpSink):
@@ -236,11 +265,13 @@ class WebhookSink(_HttpSink):
         return json.dumps(alert.public_dict(self.include_patient_id), sort_keys=True,
                           separators=(",", ":")).encode("utf-8")
 
-    def headers(self, alert: Alert, body: bytes) -> dict[str, str]:
+    def headers(self, alert: Alert, body: bytes, now: float | None = None) -> dict[str, str]:
+        ts = str(int(time.time() if now is None else now))  # per attempt: a retry is signed afresh
         return {
             "Content-Type": "application/json",
-            "X-Signature-SHA256": sign_body(self.secret, body),
             "Idempotency-Key": alert.idempotency_key,
+            "X-Signature-Timestamp": ts,
+            "X-Signature-SHA256": sign_body(self.secret, body, ts, alert.idempotency_key),
         }
 
     async def deliver(self, alert: Alert) -> None:
@@ -520,7 +551,7 @@ class Dispatcher:
                 delay = self.backoff.delay(item.attempts)
                 item.next_attempt_at = self._clock() + delay
                 log.warning("delivery to %s failed (attempt %d, retry in %.2fs): %s",
-                            name, item.attempts, delay, exc)
+                            name, item.attempts, delay, exc if isinstance(exc, DeliveryError) else type(exc).__name__)
                 self.hooks.call("on_failure", name, item.alert, item.attempts, exc, delay)
                 return
             marked = self.ledger.mark(item.key)

@@ -67,17 +67,24 @@ def _scenario(patient: str, days: int):
                     care_team="sma-gene-therapy", vitals_every_hours=12)
 
 
-class InboxProcess:
-    def __init__(self, bootstrap: str, topics: dict[str, str], tmp: Path):
-        from monitor.inbox.auth import hash_password
+def _write_users(tmp: Path) -> Path:
+    """The users file of the inbox and the worker (written once per test directory)."""
+    from monitor.inbox.auth import hash_password
 
+    users_file = tmp / "users.json"
+    if not users_file.exists():
         users = [{"username": "nurse1", "role": "nurse", "display_name": "Nina Nurse", "wards": ["picu"],
                   "password_hash": hash_password(PASSWORDS["nurse1"], n=2**14)},
                  {"username": "nurse2", "role": "nurse", "display_name": "Walter Ward", "wards": ["W2"],
                   "password_hash": hash_password(PASSWORDS["nurse2"], n=2**14)},
                  {"username": "admin1", "role": "admin", "password_hash": hash_password(PASSWORDS["admin1"], n=2**12)}]
-        users_file = tmp / "users.json"
         users_file.write_text(json.dumps({"users": users}))
+    return users_file
+
+
+class InboxProcess:
+    def __init__(self, bootstrap: str, topics: dict[str, str], tmp: Path):
+        users_file = _write_users(tmp)
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, TOPIC_ALERTS=topics["alerts"],
@@ -235,16 +242,18 @@ def _canvas_ink(page, selector: str) -> int:
         return n; }""", selector)
 
 
-def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstrap, worker_factory):
+def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstrap, worker_factory, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from workers import service_env
 
     topics, start = inbox
     SHOTS.mkdir(parents=True, exist_ok=True)
-    # the worker: a long clock tick keeps escalation and schedule versions out of this flow
+    # the worker: a long clock tick keeps escalation and schedule versions out of this flow; it
+    # resolves the roles of actions from the same users file as the inbox (security review H4)
     worker = worker_factory(service_env(topics, app_id=topics["alerts"].split(".")[0],
-                                        TICK_INTERVAL_SECONDS="600"))
+                                        TICK_INTERVAL_SECONDS="600",
+                                        INBOX_USERS_FILE=str(_write_users(tmp_path))))
     patient = f"e2e-{uuid.uuid4().hex[:8]}"
     treatments, observations, expected = _scenario(patient, 30)
     assert any(a.is_open and a.rule_id.startswith("liver.") for a in expected), [a.rule_id for a in expected]

@@ -164,6 +164,7 @@ def test_actions_api_roles_and_acknowledgement_through_the_broker(kafka_bootstra
         # --- GET: the alert this worker holds, with the caller's allowed actions
         status, _, got = call(base, "GET", f"/api/alerts/{aid}", user="nurse1")
         assert status == 200 and got["alert_id"] == aid and got["status"] == "firing"
+        assert "patient_id" not in got  # review L6 (observation ids in evidence are the sender's, here made from it)
         assert "silence" not in got["allowed_actions"] and "resolve" not in got["allowed_actions"]
         assert call(base, "GET", "/api/alerts/" + "0" * 32, user="nurse1")[0] == 404
 
@@ -244,6 +245,7 @@ def test_actions_api_roles_and_acknowledgement_through_the_broker(kafka_bootstra
     for secret in list(PW.values()) + ["guess-guess", "wrong-password"]:
         assert secret not in log
     assert patient not in log, "patient id logged by the worker"
+    assert aid not in log, "alert id logged at INFO (review L6)"
 
 
 def test_actions_api_disabled_without_users(kafka_bootstrap, topic_factory, worker_factory):

@@ -76,11 +76,37 @@ def send(bootstrap, records):
     p.close()
 
 
+def users_file(tmp_path: Path) -> str:
+    """The user directory the worker resolves an action's role from (never the message's own role)."""
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps({"users": [
+        {"username": "nurse.jones", "role": "nurse", "password_hash": "scrypt$16384$8$1$AAAA$AAAA"}]}))
+    return str(path)
+
+
+def dead_letter_reasons(bootstrap, topic, want: int, timeout=60.0) -> list[tuple[str, dict]]:
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
+    got: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < want and time.monotonic() < deadline:
+            for m in c:
+                got.append((dict(m.headers)["dlq.reason"].decode(), json.loads(m.value)))
+    finally:
+        c.close()
+    return got
+
+
 def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker_factory, tmp_path):
+    """Also security review H4: actions forging ``admin`` (from a user the directory does not
+    know, and from a nurse) cannot resolve a critical alert and are dead-lettered with their
+    reason; the nurse's acknowledgement without any role field is applied as a nurse."""
     prefix = f"ack{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*ALL, prefix=prefix)
     with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
         worker_factory(service_env(topics, app_id=prefix, PROTOCOL_FILES=fast_protocol(tmp_path),
+                                   INBOX_USERS_FILE=users_file(tmp_path),
                                    TICK_INTERVAL_SECONDS="1", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET))
         now = datetime.now(timezone.utc)
         d0 = now - timedelta(days=20)
@@ -96,11 +122,19 @@ def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker
                 lambda a: a["rule_id"] == "liver.alt_increased" and a["severity"] == "critical" and a["status"] == "firing")}
             assert set(firing) >= {"pat-acked", "pat-ignored"}
             acked = firing["pat-acked"]
+            ignored = firing["pat-ignored"]
+            forged = {"action": "resolve", "alert_id": ignored["alert_id"], "patient_id": "pat-ignored",
+                      "role": "admin", "reason": "forged", "at": datetime.now(timezone.utc).isoformat()}
+            send(kafka_bootstrap, [(topics["alert-actions"], "pat-ignored", {**forged, "by": "mallory"}),
+                                   (topics["alert-actions"], "pat-ignored", {**forged, "by": "nurse.jones"})])
+            dead = dead_letter_reasons(kafka_bootstrap, topics["dead-letter"], want=2)
+            assert sorted((r, v["by"]) for r, v in dead) == [("action_forbidden", "nurse.jones"),
+                                                            ("action_unknown_user", "mallory")], dead
             send(kafka_bootstrap, [(topics["alert-actions"], "pat-acked", {
                 "action": "acknowledge", "alert_id": acked["alert_id"], "patient_id": "pat-acked",
-                "by": "nurse.jones", "role": "nurse", "at": datetime.now(timezone.utc).isoformat()})])
+                "by": "nurse.jones", "at": datetime.now(timezone.utc).isoformat()})])  # no role field
             ack = reader.wait_for(lambda a: a["alert_id"] == acked["alert_id"] and a["status"] == "acknowledged")[0]
-            assert any(h.get("by") == "nurse.jones" for h in ack["history"])
+            assert any(h.get("by") == "nurse.jones" and h.get("role") == "nurse" for h in ack["history"])
             # the ignored alert climbs the route; the acknowledged one stays at its tier
             reader.wait_for(lambda a: a["patient_id"] == "pat-ignored" and a.get("escalation_tier", 0) >= 1, timeout=45)
             time.sleep(6)
@@ -109,6 +143,8 @@ def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker
             after_ack = [a for a in acked_versions if a["version"] > ack["version"]]
             assert all(a.get("escalation_tier", 0) == ack.get("escalation_tier", 0) for a in after_ack)
             assert ack["status"] == "acknowledged"
+            # the forged resolves changed nothing: the critical alert was never resolved
+            assert not any(a["alert_id"] == ignored["alert_id"] and a["status"] == "resolved" for a in reader.versions)
         finally:
             reader.close()
         # the webhook saw pages, each version once, signed, without the patient id

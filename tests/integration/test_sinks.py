@@ -240,8 +240,10 @@ class FlakyReceiver:
             if self.requests == self.fail_first:
                 self.first_500s.set()
             return web.Response(status=500, text="boom")
-        expected = hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, request.headers.get("X-Signature-SHA256", "")):
+        ts, key = request.headers.get("X-Signature-Timestamp", ""), request.headers.get("Idempotency-Key", "")
+        expected = hmac.new(SECRET, f"{ts}.{key}.".encode() + body, hashlib.sha256).hexdigest()
+        if not (ts.isdigit() and abs(time.time() - int(ts)) <= 300
+                and hmac.compare_digest(expected, request.headers.get("X-Signature-SHA256", ""))):
             self.bad_signatures += 1
             return web.Response(status=401)
         self.received.append((request.headers["Idempotency-Key"], json.loads(body), time.monotonic()))

@@ -17,9 +17,12 @@ import pytest
 from alerts.engine import Engine
 from alerts.protocol import default_protocols
 from alerts.testkit import at, dose, obs
+from monitor.actions_auth import ActionAuthority
 from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, ClinicalProcessor, routed_headers
 from monitor.clinical.store import InMemoryPatientStore, decode
+from monitor.inbox.auth import User, UserDirectory
 from monitor.worker import lifecycle_config
+from schemas.alert import Role
 from monitor.settings import Settings
 
 Rec = namedtuple("Rec", "topic partition offset key value headers")
@@ -59,8 +62,13 @@ def lifecycle():
     return lifecycle_config(default_protocols(), Settings())
 
 
+#: the user directory actions are authorised against (the role comes from here, never the message)
+DIRECTORY = UserDirectory([User("n1", Role.NURSE, "x"), User("doc1", Role.PHYSICIAN, "x")])
+
+
 def processor(engine, lifecycle, store=None, **kw):
     kw.setdefault("clock_settle_seconds", 0.0)
+    kw.setdefault("authority", ActionAuthority(DIRECTORY))
     return ClinicalProcessor(engine, lifecycle, store if store is not None else InMemoryPatientStore(),
                              findings_topic="findings", alerts_topic="alerts", dead_letter_topic="dead-letter", **kw)
 
@@ -212,3 +220,56 @@ def test_an_internal_error_rolls_an_untouched_patient_back(engine, lifecycle, mo
     state, _ = store.load("p4", 0)
     assert state.ward == decode(durable)[0].ward != "half-updated"
     assert store.take_changed() == []
+
+
+def _critical_alert(p, s, patient, now):
+    out = p.process([s.treatment(dose(patient=patient)),
+                     s.observation(obs("alt", 30, -1, high=40, patient=patient)),
+                     s.observation(obs("alt", 1000, 7, high=40, patient=patient))], now)
+    (alert,) = [a for a in by_topic(out, "alerts") if a["rule_id"] == "liver.alt_increased"]
+    assert alert["severity"] == "critical" and alert["status"] == "firing"
+    return alert
+
+
+def _reasons(out):
+    return [dict(o.headers)["dlq.reason"].decode() for o in out if o.topic == "dead-letter"]
+
+
+def test_an_actions_role_comes_from_the_directory_never_the_message(engine, lifecycle):
+    """Security review H4: a forged ``admin`` from an unknown user or from a nurse cannot
+    resolve a critical alert; a nurse's acknowledgement without any role field works."""
+    from monitor.metrics import ACTIONS_REFUSED
+
+    def refused(reason):
+        return ACTIONS_REFUSED.labels(reason)._value.get()
+
+    p = processor(engine, lifecycle)
+    s = Stream()
+    now = at(8)
+    alert = _critical_alert(p, s, "p9", now)
+    resolve = {"action": "resolve", "alert_id": alert["alert_id"], "role": "admin", "reason": "forged",
+               "at": now.isoformat()}
+    before = (refused("action_unknown_user"), refused("action_forbidden"))
+    out = p.process([s.action("p9", {**resolve, "by": "mallory"}), s.action("p9", {**resolve, "by": "n1"})], now)
+    assert by_topic(out, "alerts") == [] and _reasons(out) == ["action_unknown_user", "action_forbidden"]
+    assert (refused("action_unknown_user"), refused("action_forbidden")) == (before[0] + 1, before[1] + 1)
+    # the nurse acknowledges without a role field: applied, recorded with the directory's role
+    out = p.process([s.action("p9", {"action": "acknowledge", "alert_id": alert["alert_id"], "by": "n1",
+                                     "at": now.isoformat()})], now)
+    (acked,) = by_topic(out, "alerts")
+    assert acked["status"] == "acknowledged"
+    assert acked["history"][-1]["by"] == "n1" and acked["history"][-1]["role"] == "nurse"
+    # a physician from the directory may resolve it, whatever role the message claims
+    out = p.process([s.action("p9", {**resolve, "by": "doc1", "role": "nurse", "reason": "reviewed"})], now)
+    (resolved,) = by_topic(out, "alerts")
+    assert resolved["status"] == "resolved" and resolved["history"][-1]["role"] == "physician"
+
+
+def test_without_a_user_directory_every_action_is_refused(engine, lifecycle):
+    p = processor(engine, lifecycle, authority=None)
+    s = Stream()
+    now = at(8)
+    alert = _critical_alert(p, s, "p8", now)
+    out = p.process([s.action("p8", {"action": "acknowledge", "alert_id": alert["alert_id"], "by": "n1",
+                                     "role": "admin", "at": now.isoformat()})], now)
+    assert by_topic(out, "alerts") == [] and _reasons(out) == ["action_unknown_user"]

@@ -307,9 +307,41 @@ def test_k8s_structure(k8s_docs):
     pools = _by_kind(k8s_docs, "KafkaNodePool")
     assert pools and all(p["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"] for p in pools)
     assert {"controller", "broker"} <= {r for p in pools for r in p["spec"]["roles"]}
-    (user,) = _by_kind(k8s_docs, "KafkaUser")
-    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
-    assert cm["KAFKA_SASL_USERNAME"] == user["metadata"]["name"]
+    users = {u["metadata"]["name"]: u for u in _by_kind(k8s_docs, "KafkaUser")}
+    assert all(u["spec"]["authentication"]["type"] == "scram-sha-512" for u in users.values())
+    assert cm["KAFKA_SASL_USERNAME"] == "sma-monitor" and "sma-monitor" in users
+
+
+def _acl_topics(user: dict, op: str) -> set[str]:
+    out = set()
+    for acl in user["spec"]["authorization"]["acls"]:
+        res = acl["resource"]
+        if res["type"] == "topic" and (op in acl["operations"] or "All" in acl["operations"]):
+            out.add(res["name"] + ("*" if res.get("patternType") == "prefix" else ""))
+    return out
+
+
+def test_kafka_identities_are_least_privilege(k8s_docs):
+    """Security review H4: one KafkaUser per component; the inbox writes alert-actions only,
+    MLLP only its inputs, and only the worker writes findings, alerts, the delivery ledger
+    and its changelog. No prefix grant other than the worker's own app-id prefix (a prefix
+    "alert" would also grant alert-actions and alert-deliveries)."""
+    users = {u["metadata"]["name"]: u for u in _by_kind(k8s_docs, "KafkaUser")}
+    assert set(users) == {"sma-monitor", "sma-monitor-inbox", "sma-monitor-mllp"}
+    writes = {name: _acl_topics(u, "Write") for name, u in users.items()}
+    assert writes["sma-monitor-inbox"] == {"alert-actions"}
+    assert writes["sma-monitor-mllp"] == {"observations", "dead-letter"}
+    assert {"findings", "alerts", "alert-deliveries", "sma-monitor*", "observations"} <= writes["sma-monitor"]
+    assert not {"alert-actions", "lab-results", "vital-signs", "liver-function", "treatments"} & writes["sma-monitor"]
+    for name, u in users.items():
+        for acl in u["spec"]["authorization"]["acls"]:
+            assert "All" not in acl["operations"], (name, acl)
+            if acl["resource"].get("patternType") == "prefix":
+                assert name == "sma-monitor" and acl["resource"]["name"] == "sma-monitor", (name, acl)
+            if acl["resource"]["type"] == "topic" and acl["resource"]["name"] == "*":
+                assert set(acl["operations"]) <= {"Describe", "DescribeConfigs"}, (name, acl)
+    assert _acl_topics(users["sma-monitor-mllp"], "Read") == set()
+    assert _acl_topics(users["sma-monitor-inbox"], "Read") >= {"alerts"}
 
 
 def test_network_policies_and_secrets(k8s_docs):

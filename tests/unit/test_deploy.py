@@ -330,7 +330,7 @@ def test_kafka_identities_are_least_privilege(k8s_docs):
     assert set(users) == {"sma-monitor", "sma-monitor-inbox", "sma-monitor-mllp"}
     writes = {name: _acl_topics(u, "Write") for name, u in users.items()}
     assert writes["sma-monitor-inbox"] == {"alert-actions"}
-    assert writes["sma-monitor-mllp"] == {"observations", "dead-letter"}
+    assert writes["sma-monitor-mllp"] == {"observations", "dead-letter", "patients"}  # results, rejects, ADT records
     assert {"findings", "alerts", "alert-deliveries", "sma-monitor*", "observations"} <= writes["sma-monitor"]
     assert not {"alert-actions", "lab-results", "vital-signs", "liver-function", "treatments"} & writes["sma-monitor"]
     for name, u in users.items():

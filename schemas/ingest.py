@@ -49,6 +49,10 @@ class Limits:
     max_bundle_entries: int = 250
     #: structural bounds for HL7 v2 (byte cap, segments, fields, repetitions...)
     hl7: Hl7Limits = DEFAULT_HL7_LIMITS
+    #: the HL7 v2 processing id (MSH-11) accepted; another is ``hl7_processing_id``
+    hl7_processing_id: str = "P"
+    #: per-source code and unit maps (``schemas.codemaps.CodeMaps``); None = none
+    code_maps: object | None = None
 
 
 DEFAULT_LIMITS = Limits()

@@ -437,3 +437,9 @@ def test_maps_check_reports_unknown_loinc_and_unconvertible_units(tmp_path):
     f.write_text("source: X\ncodes:\n  A: not-a-loinc\n", encoding="utf-8")
     with pytest.raises(CodeMapError, match="not a LOINC"):
         load_code_map(f)
+
+
+def test_test_message_on_an_input_topic_is_dead_lettered_with_a_reason():
+    with pytest.raises(Rejected) as ei:
+        decode("lab-results", msg().replace("|P|2.5.1", "|T|2.5.1").encode(), received_at=NOW)
+    assert ei.value.reason is Reason.HL7_PROCESSING_ID and "'T'" in ei.value.message

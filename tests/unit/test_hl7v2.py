@@ -443,3 +443,16 @@ def test_test_message_on_an_input_topic_is_dead_lettered_with_a_reason():
     with pytest.raises(Rejected) as ei:
         decode("lab-results", msg().replace("|P|2.5.1", "|T|2.5.1").encode(), received_at=NOW)
     assert ei.value.reason is Reason.HL7_PROCESSING_ID and "'T'" in ei.value.message
+
+
+def test_maps_check_command_exit_codes(tmp_path, capsys):
+    from monitor.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("source: LAB\ncodes:\n  ALT: 1742-6\nunits:\n  U/l: U/L\n", encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: LAB2\ncodes:\n  XX: 9999-9\n", encoding="utf-8")
+    assert main(["maps", "check", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["maps", "check", str(good), str(bad)]) == 1
+    assert "9999-9" in capsys.readouterr().out

@@ -82,7 +82,8 @@ def main() -> int:
                 published[pid] = time.time()
                 p.send(topics["lab-results"], key=pid.encode(), value=json.dumps({
                     "event_id": f"alt-{pid}", "patient_id": pid, "loinc": "1742-6", "value": 900, "unit": "U/L",
-                    "reference_range": {"low": 0, "high": 40}, "effective_at": now.isoformat(), "source": "bench"}).encode())
+                    "reference_range": {"low": 0, "high": 40}, "effective_at": now.isoformat(), "source": "bench",
+                    "status": "final"}).encode())
                 p.flush()
                 time.sleep(0.02)
             p.close()

@@ -165,7 +165,7 @@ def part3(bootstrap: str, rounds: int = 5) -> None:
         def benign(i: int) -> bytes:
             return json.dumps({"event_id": f"b{prefix}-{i}", "patient_id": "P-1", "loinc": "1742-6", "value": 30 + i,
                                "unit": "U/L", "effective_at": datetime.now(timezone.utc).isoformat(),
-                               "source": "bench"}).encode()
+                               "source": "bench", "status": "final"}).encode()
 
         def wait_for(event_id: str, timeout: float = 60.0) -> float:
             deadline = time.monotonic() + timeout

@@ -36,13 +36,15 @@ def make_events(n: int, patients: int = 500):
         if kind == 0:
             yield "lab-results", pid, {"event_id": f"e{i}", "patient_id": pid, "loinc": "1742-6",
                                        "value": rnd.uniform(10, 400), "unit": "U/L",
-                                       "reference_range": {"low": 0, "high": 40}, "effective_at": t, "source": "bench"}
+                                       "reference_range": {"low": 0, "high": 40}, "effective_at": t, "source": "bench",
+                                       "status": "final"}
         elif kind == 1:
             yield "vital-signs", pid, {"event_id": f"e{i}", "patient_id": pid, "loinc": "8867-4",
                                        "value": rnd.uniform(60, 180), "unit": "/min", "effective_at": t, "source": "bench"}
         else:
             yield "lab-results", pid, {"event_id": f"e{i}", "patient_id": pid, "loinc": "777-3",
-                                       "value": rnd.uniform(20, 400), "unit": "10*3/uL", "effective_at": t, "source": "bench"}
+                                       "value": rnd.uniform(20, 400), "unit": "10*3/uL", "effective_at": t, "source": "bench",
+                                       "status": "final"}
 
 
 def main() -> int:

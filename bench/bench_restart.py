@@ -41,7 +41,8 @@ def dose(pid: str, at: datetime) -> dict:
 
 def lab(pid: str, eid: str, value: float, at: datetime) -> dict:
     return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
-            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "bench"}
+            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "bench",
+            "status": "final"}
 
 
 def main(argv=None) -> int:

@@ -231,6 +231,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maps_check(args: argparse.Namespace) -> int:
+    from schemas.codemaps import CodeMapError, check_code_map, load_code_map
+
+    failed = 0
+    for path in args.files:
+        try:
+            cmap = load_code_map(path)
+        except CodeMapError as exc:
+            print(f"FAIL {exc}")
+            failed += 1
+            continue
+        problems = check_code_map(cmap)
+        for problem in problems:
+            print(f"FAIL {path}: {problem}")
+        if problems:
+            failed += 1
+        else:
+            print(f"ok   {path}: source {cmap.source!r}, {len(cmap.codes)} codes, {len(cmap.units)} units")
+    return 1 if failed else 0
+
+
 def _add_tool_commands(sub) -> None:
     """Operator tools: ``dlq`` (dead letters) and ``config`` (environment reference)."""
     from .dlq_tool import add_parser as add_dlq_parser
@@ -244,6 +265,11 @@ def _add_tool_commands(sub) -> None:
     doc.set_defaults(func=cmd_config_docs)
     show = cfs.add_parser("show", help="print the effective configuration as JSON (secrets masked)")
     show.set_defaults(func=cmd_config_show)
+    mp = sub.add_parser("maps", help="per-source code and unit maps (CODE_MAPS_DIR; docs/integration.md)")
+    mps = mp.add_subparsers(dest="maps_command", required=True)
+    mchk = mps.add_parser("check", help="validate code maps against the analyte catalogue (exit 1 on a problem)")
+    mchk.add_argument("files", nargs="+", metavar="FILE", help="code map YAML file(s)")
+    mchk.set_defaults(func=cmd_maps_check)
 
 
 def _delegated_log_level(rest: list[str]) -> str | None:

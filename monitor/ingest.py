@@ -52,8 +52,11 @@ log = logging.getLogger(__name__)
 
 
 def limits_of(s: Settings) -> Limits:
+    from schemas.codemaps import load_code_maps
+
     return Limits(max_bytes=s.max_payload_bytes, max_depth=s.max_json_depth,
-                  max_future=timedelta(seconds=s.max_future_skew_seconds))
+                  max_future=timedelta(seconds=s.max_future_skew_seconds),
+                  hl7_processing_id=s.hl7_processing_id, code_maps=load_code_maps(s.code_maps_dir))
 
 
 _MONITORED = {a.key: str(a.monitored).lower() for a in catalogue().by_key.values()}

@@ -12,8 +12,14 @@ For every framed message (``\\x0b`` ... ``\\x1c\\x0d``):
 4. if the broker write fails or times out (either topic), answer **AR** -- and never
    AA -- so the sender keeps the message and retries.
 
+Before that, the MSH alone is screened: a processing id (MSH-11) other than the
+configured one (``HL7_PROCESSING_ID``, default ``P``) is answered **AR** with ERR code
+202, a message type no handler takes (see ``MllpServer.handlers``; today ORU^R01) **AR**
+with ERR code 200; neither is stored anywhere.
+
 Acknowledgement codes, as used here: **AA** = stored; **AE** = stored in dead-letter,
-do not resend unchanged; **AR** = NOT stored, resend. Delivery is at-least-once: if
+do not resend unchanged; **AR** = NOT stored: with ERR 207 (broker unavailable) resend,
+with ERR 200/202 (refused by the MSH screen) do not resend to this link. Delivery is at-least-once: if
 a message with several observations fails half-way, the retry writes the earlier
 ones again (same observation ids; consumers de-duplicate by id).
 
@@ -54,7 +60,7 @@ from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable
 
 from schemas.errors import Reason, Rejected
-from schemas.hl7v2 import build_ack
+from schemas.hl7v2 import build_ack, check_processing_id, message_kind, read_msh, unsupported
 from schemas.ingest import DEFAULT_LIMITS, LAB_RESULTS, Limits, decode, detect_format
 
 from . import metrics as m
@@ -215,6 +221,8 @@ class Stats:
     broker_failures: int = 0
     observations: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    #: answered AR from the MSH (processing id, message type), nothing stored
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- server
@@ -446,8 +454,18 @@ class MllpServer:
                 raise Rejected(Reason.EMPTY_PAYLOAD, "empty message")
             if detect_format(raw) != "hl7":
                 raise Rejected(Reason.HL7_INVALID, "not an HL7 v2 message (no MSH segment)")
-            patient = self._adt(raw)  # ADT goes to the patients feed (schemas/patients.py)
-            observations = self._decode(raw, received_at) if patient is None else []
+            handler = self._oru
+            msh = read_msh(raw)
+            if msh is not None:  # (no readable MSH: the ORU parser dead-letters it as hl7_invalid)
+                # MSH screening: answered AR from the MSH alone, NOTHING stored (the sender keeps it)
+                try:
+                    check_processing_id(msh, getattr(self.limits, "hl7_processing_id", "P"))
+                    handler = self.handlers.get(message_kind(msh))
+                    if handler is None:
+                        raise unsupported(msh, "/".join(k.upper() for k in self.handlers))
+                except Rejected as rej:
+                    return self._refuse_message(raw, rej)
+            return await handler(raw, received_at)
         except Rejected as rej:
             return await self._dead_letter(raw, rej, received_at)
         except Exception as exc:  # a bug: still keep the bytes
@@ -455,11 +473,34 @@ class MllpServer:
             return await self._dead_letter(
                 raw, Rejected(Reason.INTERNAL_ERROR, f"internal error {type(exc).__name__}"), received_at
             )
+
+    @property
+    def handlers(self) -> dict[str, Callable]:
+        """Message kind (``schemas.hl7v2.message_kind``) -> ``async handler(raw, received_at)``
+        returning the ACK bytes (a ``Rejected`` it raises is dead-lettered, AE): the ONE
+        dispatch table. A kind not listed is answered AR / ERR 200 and not stored."""
+        return {"oru": self._oru, "adt": self._adt}
+
+    async def _oru(self, raw: bytes, received_at: datetime) -> bytes:
+        """ORU^R01: observations to ``observations``, then AA (AR if the broker fails)."""
+        observations = self._decode(raw, received_at)
         records = [
             (self.observations_topic, o.patient_id.encode(), o.model_dump_json().encode(), None)
             for o in observations
-        ] if patient is None else [
-            (self.patients_topic or get_settings().topic_patients, patient.patient_id.encode(), patient.model_dump_json().encode(), None)]
+        ]
+        return await self._store(raw, records, observations=len(observations))
+
+    async def _adt(self, raw: bytes, received_at: datetime) -> bytes:
+        """ADT^A01/A04/A08/A31: the canonical ``PatientRecord`` to ``patients`` (keyed by patient
+        id), then AA; an invalid one raises ``Rejected`` (dead-lettered, AE)."""
+        from schemas.patients import patient_from_adt
+
+        patient = patient_from_adt(raw.decode("utf-8", "replace"))
+        topic = self.patients_topic or get_settings().topic_patients
+        return await self._store(raw, [(topic, patient.patient_id.encode(), patient.model_dump_json().encode(), None)])
+
+    async def _store(self, raw: bytes, records: list, *, observations: int = 0) -> bytes:
+        """Write ``records``; AA once the broker acknowledged them, AR (resend) if it cannot."""
         try:
             await self.sink.send_all(records)
         except BrokerUnavailable as exc:
@@ -467,19 +508,18 @@ class MllpServer:
             log.warning("mllp: broker write failed, answering AR: %s", exc)
             return build_ack(raw, "AR", "results not stored (broker unavailable); please resend")
         self.stats.accepted += 1
-        self.stats.observations += len(observations)
-        log.debug("mllp: accepted a message with %d observations", len(observations))
+        self.stats.observations += observations
+        log.debug("mllp: accepted a message with %d observations", observations)
         return build_ack(raw, "AA")
 
     #: where ADT^A01/A04/A08/A31 demographics go (canonical ``PatientRecord``, keyed by patient id)
     patients_topic: str | None = None
 
-    def _adt(self, raw: bytes):
-        """An ADT message -> its PatientRecord (raises ``Rejected`` if invalid); None for others."""
-        from schemas.patients import is_adt, patient_from_adt
-
-        text = raw.decode("utf-8", "replace")
-        return patient_from_adt(text) if is_adt(text) else None
+    def _refuse_message(self, raw: bytes, rej: Rejected) -> bytes:
+        """AR from the MSH alone: wrong processing id (202) or unsupported type (200)."""
+        self.stats.refused_by_reason[rej.reason.value] = self.stats.refused_by_reason.get(rej.reason.value, 0) + 1
+        log.info("mllp: message refused (AR), reason %s", rej.reason.value)
+        return build_ack(raw, "AR", f"{rej.reason.value}: {rej.message}", reason=rej.reason, location=rej.location)
 
     def _decode(self, raw: bytes, received_at: datetime):
         if self.default_tz is None:
@@ -512,7 +552,8 @@ class MllpServer:
         self.stats.dead_lettered += 1
         self.stats.rejected_by_reason[rej.reason.value] = self.stats.rejected_by_reason.get(rej.reason.value, 0) + 1
         log.info("mllp: message dead-lettered, reason %s", rej.reason.value)
-        return build_ack(raw, "AE", f"{rej.reason.value}: {rej.message}", reason=rej.reason)
+        return build_ack(raw, "AE", f"{rej.reason.value}: {rej.message}", reason=rej.reason,
+                         location=rej.location)
 
 
 async def serve_mllp(
@@ -560,6 +601,16 @@ async def serve_mllp(
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def mllp_limits(settings) -> Limits:
+    """The parsing options of the listener: processing id and code maps from the settings."""
+    from dataclasses import replace
+
+    from schemas.codemaps import load_code_maps
+
+    return replace(DEFAULT_LIMITS, hl7_processing_id=settings.hl7_processing_id,
+                   code_maps=load_code_maps(settings.code_maps_dir))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -647,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             args.host, args.port, bootstrap=args.bootstrap, observations_topic=args.observations_topic,
             dead_letter_topic=args.dead_letter_topic, max_message_bytes=args.max_message_bytes,
             send_timeout=args.send_timeout, default_tz=tz, client_config=aiokafka_config(get_settings()),
+            limits=mllp_limits(get_settings()),
             frame_timeout=args.frame_timeout or None, idle_timeout=args.idle_timeout or None,
             max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
             allowed_peers=allowed, ssl_context=ctx,

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     max_json_depth: int = 32
     max_future_skew_seconds: float = 86_400.0
 
+    # integrator conventions (docs/integration.md)
+    hl7_processing_id: str = Field(default="P", pattern=r"^[PTD]$", description=(
+        "HL7 v2 processing id (MSH-11) accepted: P (production), T (test/training) or D (debugging); "
+        "another is answered AR with ERR 202 over MLLP and dead-lettered (hl7_processing_id) on the input topics"))
+    code_maps_dir: str = Field(default="", description=(
+        "directory of per-source code maps (*.yaml: local observation code -> LOINC, local unit -> UCUM), "
+        "selected by MSH-4 (HL7) or Observation.meta.source (FHIR); empty = no maps (docs/integration.md)"))
+
     # protocol files: empty means the shipped defaults
     protocol_files: str = ""
 

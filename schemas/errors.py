@@ -39,12 +39,18 @@ class Reason(StrEnum):
     ACTION_UNKNOWN_ALERT = "action_unknown_alert"
     ACTION_UNKNOWN_USER = "action_unknown_user"
     INTERNAL_ERROR = "internal_error"
+    # integrator conventions (issue 16): HL7 processing id, per-source code maps, strict JSON
+    HL7_PROCESSING_ID = "hl7_processing_id"
+    UNKNOWN_LOCAL_CODE = "unknown_local_code"
+    UNKNOWN_FIELD = "unknown_field"
 
 
 class Rejected(Exception):
     """Raised by parsers and validators; the ingest edge dead-letters the input."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, location: str | None = None) -> None:
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+        #: where in the input the error is, when known (HL7 ERR-2 style ``OBX^1^5``)
+        self.location = location

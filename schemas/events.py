@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -41,7 +41,16 @@ def _finite(v: float | None) -> float | None:
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    """Strict wire contract (issue 16): an unknown field is rejected (``unknown_field``), never
+    dropped -- a misspelt ``refrence_range`` must not silently lose the lab's range. Free
+    additional data goes under ``extensions`` (top-level events only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: free additional data of the sender, carried but not read (bounded by the JSON limits)
+Extensions = Annotated[dict[str, Any] | None, Field(
+    default=None, description="free additional data of the sender; not interpreted")]
 
 
 class ReferenceRange(_Wire):
@@ -61,10 +70,12 @@ class LabResult(_Wire):
     unit: str | None = Field(default=None, max_length=64)
     reference_range: ReferenceRange | None = None
     effective_at: AwareDatetime
-    status: ResultStatus = ResultStatus.FINAL
+    #: required: a missing status is not guessed to be final (issue 16)
+    status: ResultStatus
     corrects: NonEmptyId | None = None
     source: str = Field(default="unknown", min_length=1, max_length=128)
     abnormal_flag: str | None = Field(default=None, max_length=8)
+    extensions: Extensions = None
 
 
 class VitalSign(_Wire):
@@ -82,6 +93,7 @@ class VitalSign(_Wire):
     corrects: NonEmptyId | None = None
     source: str = Field(default="unknown", min_length=1, max_length=128)
     on_oxygen: bool | None = None
+    extensions: Extensions = None
 
 
 class PanelResult(_Wire):
@@ -101,9 +113,11 @@ class LiverFunctionPanel(_Wire):
     patient_id: NonEmptyId
     effective_at: AwareDatetime
     source: str = Field(default="unknown", min_length=1, max_length=128)
-    status: ResultStatus = ResultStatus.FINAL
+    #: required: a missing status is not guessed to be final (issue 16); a result may override it
+    status: ResultStatus
     corrects: NonEmptyId | None = None
     results: list[PanelResult] = Field(min_length=1, max_length=64)
+    extensions: Extensions = None
 
 
 class Product(StrEnum):
@@ -128,6 +142,7 @@ class DoseEvent(_Wire):
     #: 88-92 % (hypercapnic respiratory failure, e.g. on NIV); absent or 1: scale 1. To change
     #: it later, send the dose event again (same event_id) with the new value.
     spo2_scale: Literal[1, 2] | None = None
+    extensions: Extensions = None
 
 
 class SteroidPhase(StrEnum):
@@ -147,6 +162,7 @@ class SteroidEvent(_Wire):
     phase: SteroidPhase
     at: AwareDatetime
     source: str = Field(default="unknown", min_length=1, max_length=128)
+    extensions: Extensions = None
 
 
 TreatmentEvent = Annotated[Union[DoseEvent, SteroidEvent], Field(discriminator="type")]

@@ -254,8 +254,10 @@ def _observation(
     effective_at = _effective(res, oid)
     src = source or _source(res)
     cat = catalogue()
+    cmap = _code_map(limits, res, src)
 
-    loinc = _loinc(res.code, f"Observation {oid}")
+    loinc = _loinc(res.code, f"Observation {oid}") or _mapped_loinc(res.code, cmap, res.valueQuantity,
+                                                                   f"Observation {oid}", src)
     has_value = res.valueQuantity is not None or _other_value(res) is not None
     components = list(res.component or [])
 
@@ -283,7 +285,7 @@ def _observation(
             cat.analyte_for_loinc(loinc)  # raises UNKNOWN_LOINC
     else:
         if not (not has_value and components):
-            value, unit = _quantity(res.valueQuantity, _other_value(res), oid)
+            value, unit = _quantity(res.valueQuantity, _other_value(res), oid, cmap)
             out.observations.append(
                 build_observation(
                     observation_id=oid, event_id=oid, patient_id=patient_id, loinc=loinc,
@@ -299,7 +301,8 @@ def _observation(
     # --- components (e.g. systolic / diastolic of the blood-pressure panel)
     seen: set[str] = set()
     for i, comp in enumerate(components):
-        c_loinc = _loinc(comp.code, f"Observation {oid} component[{i}]")
+        c_loinc = _loinc(comp.code, f"Observation {oid} component[{i}]") or _mapped_loinc(
+            comp.code, cmap, comp.valueQuantity, f"Observation {oid} component[{i}]", src)
         ref = f"{oid}:component[{i}]"
         c_value = _other_value(comp)
         if c_loinc is None:
@@ -316,7 +319,7 @@ def _observation(
         if analyte.key in seen:
             raise Rejected(Reason.FHIR_INVALID, f"Observation {oid} lists component {analyte.key} twice")
         seen.add(analyte.key)
-        value, unit = _quantity(comp.valueQuantity, c_value, f"{oid} component[{i}]")
+        value, unit = _quantity(comp.valueQuantity, c_value, f"{oid} component[{i}]", cmap)
         from .ingest import panel_observation_id
 
         out.observations.append(
@@ -386,7 +389,44 @@ def _comparator(q) -> str | None:
     return None if q is None or q.comparator is None else str(q.comparator)
 
 
-def _quantity(q, other, where: str) -> tuple[float | None, str | None]:
+def _code_map(limits, res, src: str):
+    """The per-source code map (``schemas.codemaps``): by ``Observation.meta.source``, else
+    the source given by the caller (e.g. the Bundle's ``meta.source``)."""
+    maps = getattr(limits, "code_maps", None)
+    if maps is None:
+        return None
+    meta = getattr(res, "meta", None)
+    if meta is not None and meta.source:
+        found = maps.for_source(str(meta.source))
+        if found is not None:
+            return found
+    return maps.for_source(src)
+
+
+def _mapped_loinc(concept, cmap, quantity, where: str, src: str) -> str | None:
+    """No LOINC coding: the first local coding found in the source's code map. A numeric
+    result whose local codes are in no map is ``unknown_local_code`` naming the code."""
+    if concept is None:
+        return None
+    local = [(str(c.code).strip(), str(c.system or "")) for c in (concept.coding or []) if c.code]
+    if cmap is not None:
+        for code, _ in local:
+            loinc = cmap.loinc_for(code)
+            if loinc is not None:
+                return loinc
+    if local and quantity is not None:
+        code, system = local[0]
+        from .hl7v2 import escape
+
+        raise Rejected(
+            Reason.UNKNOWN_LOCAL_CODE,
+            f"{where}: local code {escape(code[:40])!r} (system {escape(system[:60])!r}) from "
+            f"{escape(src[:60])!r} has no LOINC in " + ("its code map" if cmap is not None else "any code map"),
+        )
+    return None
+
+
+def _quantity(q, other, where: str, cmap=None) -> tuple[float | None, str | None]:
     if q is None:
         if other is not None:
             raise Rejected(Reason.FHIR_INVALID, f"Observation {where}: value is not a Quantity")
@@ -397,6 +437,11 @@ def _quantity(q, other, where: str) -> tuple[float | None, str | None]:
             f"Observation {where}: value has comparator {q.comparator!r} (not a bound the rules can grade)",
         )
     unit = q.code if q.code not in (None, "") else q.unit
+    if cmap is not None and unit not in (None, "") and str(q.system or "").rstrip("/") != UCUM_SYSTEM:
+        # a local unit spelling listed in the source's code map stands for its UCUM code
+        for local in (q.code, q.unit):
+            if local and cmap.ucum_for(str(local)) != local:
+                return _finite_value(q, where), cmap.ucum_for(str(local))
     if unit not in (None, ""):
         if str(q.system or "").rstrip("/") != UCUM_SYSTEM:
             raise Rejected(
@@ -405,12 +450,16 @@ def _quantity(q, other, where: str) -> tuple[float | None, str | None]:
             )
     else:
         unit = None
-    value = None
-    if q.value is not None:
-        value = float(q.value) if isinstance(q.value, Decimal) else float(q.value)
-        if not math.isfinite(value):
-            raise Rejected(Reason.NON_FINITE_VALUE, f"Observation {where}: value is not finite")
-    return value, unit
+    return _finite_value(q, where), unit
+
+
+def _finite_value(q, where: str) -> float | None:
+    if q is None or q.value is None:
+        return None
+    value = float(q.value) if isinstance(q.value, Decimal) else float(q.value)
+    if not math.isfinite(value):
+        raise Rejected(Reason.NON_FINITE_VALUE, f"Observation {where}: value is not finite")
+    return value
 
 
 def _range(ranges, unit: str | None, where: str) -> ReferenceRange | None:

@@ -7,13 +7,18 @@ reads a ``\\n``-separated message as ONE segment). Every observation is built wi
 
 Decisions:
 
+* **Processing id**: MSH-11 component 1 must equal the configured processing id
+  (``HL7_PROCESSING_ID``, default ``P``); a test (``T``) or debugging (``D``) message
+  on a production link is ``hl7_processing_id`` and stores nothing (MLLP: AR, ERR 202).
 * **Message**: MSH-9 must be ``ORU^R01`` (else ``hl7_unsupported_message``); one
   message per call (a second MSH, or FHS/BHS batch envelopes: ``hl7_invalid``).
   Several PID and OBR groups are fine: each OBX belongs to the PID and OBR above it.
 * **Patient**: PID-3, first repetition, component 1 (``hl7_no_patient`` if empty).
 * **Code**: OBX-3 with coding system ``LN`` in component 3, else the alternate code in
-  components 4-6. A numeric OBX (NM/SN) without any LN code is rejected
-  (``hl7_not_loinc``): it might be an analyte we monitor under a local code. A
+  components 4-6. Without LN, the local code (component 1, else 4) is looked up in the
+  sending facility's code map (``schemas.codemaps``, selected by MSH-4); a numeric OBX
+  (NM/SN) whose local code is in no map is rejected (``unknown_local_code`` naming the
+  code), one with no code at all ``hl7_not_loinc``: it might be an analyte we monitor. A
   *non-numeric* OBX (TX, FT, ST, CWE, CE...) without LN is skipped (comments,
   morphology text). An LN code in no value set is skipped (an identified analyte
   this service has no value set for, e.g. the erythrocyte count of a CBC) -- but a
@@ -368,6 +373,74 @@ def _loinc(obx) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- MSH screening and dispatch
+
+#: ADT trigger events of the patients feed (handled outside this module)
+ADT_TRIGGERS = frozenset({"A01", "A04", "A08", "A31"})
+
+
+def message_kind(msh: Segment) -> str:
+    """``'oru'`` (ORU^R01), ``'adt'`` (ADT^A01/A04/A08/A31) or ``'unsupported'``: the ONE
+    place that decides which handler a message goes to (MLLP and Kafka input alike)."""
+    mtype, trigger = _part(msh, 9, 1, 1).upper(), _part(msh, 9, 1, 2).upper()
+    if (mtype, trigger) == ("ORU", "R01"):
+        return "oru"
+    if mtype == "ADT" and trigger in ADT_TRIGGERS:
+        return "adt"
+    return "unsupported"
+
+
+def check_processing_id(msh: Segment, expected: str = "P") -> None:
+    """Raise ``hl7_processing_id`` unless MSH-11 component 1 is ``expected``."""
+    got = _part(msh, 11, 1, 1).upper()
+    if got != (expected or "P").upper():
+        raise Rejected(
+            Reason.HL7_PROCESSING_ID,
+            f"processing id MSH-11 {escape(got[:3])!r} is not this link's {expected[:3]!r}: not processed",
+            location="MSH^1^11",
+        )
+
+
+def unsupported(msh: Segment, handled: str = "ORU^R01") -> Rejected:
+    mtype, trigger = _part(msh, 9, 1, 1).upper(), _part(msh, 9, 1, 2).upper()
+    return Rejected(
+        Reason.HL7_UNSUPPORTED_MESSAGE,
+        f"message type {escape(mtype[:8])}^{escape(trigger[:8])} is not supported ({handled} only)",
+        location="MSH^1^9",
+    )
+
+
+def read_msh(message_text: str | bytes) -> Segment | None:
+    """The MSH segment alone, read from the first segment ONLY (the rest of the
+    message, however large or hostile, is never looked at); ``None`` if there is none."""
+    if isinstance(message_text, (bytes, bytearray)):
+        head = bytes(message_text[:_ACK_HEAD])
+        for term in (b"\r", b"\n"):  # the first segment only (never split a character)
+            i = head.find(term, 1)
+            if i != -1:
+                head = head[:i]
+        try:
+            message_text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            message_text = head.decode("latin-1")
+    t = message_text[:_ACK_HEAD].lstrip()
+    if t.startswith(START_BLOCK):
+        t = t[1:].lstrip()
+    end = len(t)
+    for term in ("\r", "\n", END_BLOCK):
+        i = t.find(term, 0, end)
+        if i != -1:
+            end = i
+    first = t[:end]
+    if not first.startswith("MSH") or len(first) < 8:
+        return None
+    try:
+        (msh,) = split_message(first + "\r", Hl7Limits(max_chars=len(first) + 1, max_segments=1))
+    except Rejected:
+        return None
+    return msh
+
+
 # ---------------------------------------------------------------- ORU^R01
 
 
@@ -410,13 +483,15 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
         raise Rejected(Reason.HL7_INVALID, "HL7 v2 message must be text")
     msg = parse_message(text, getattr(limits, "hl7", DEFAULT_HL7_LIMITS))
     msh = msg[0]
-    mtype, trigger = _part(msh, 9, 1, 1).upper(), _part(msh, 9, 1, 2).upper()
-    if (mtype, trigger) != ("ORU", "R01"):
-        raise Rejected(
-            Reason.HL7_UNSUPPORTED_MESSAGE, f"message type {mtype[:8]}^{trigger[:8]} is not supported (ORU^R01 only)"
-        )
+    check_processing_id(msh, getattr(limits, "hl7_processing_id", "P"))
+    if message_kind(msh) != "oru":
+        raise unsupported(msh)
     control_id = _part(msh, 10)
     src = source or _part(msh, 4) or _part(msh, 3) or "hl7"
+    code_map = None
+    maps = getattr(limits, "code_maps", None)
+    if maps is not None:
+        code_map = maps.for_source(_part(msh, 4) or _part(msh, 3))
     out = Hl7Result(control_id=control_id)
     cat = catalogue()
 
@@ -438,7 +513,7 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
             patient_id = _part(seg, 3, 1, 1) or None
             order_id, obr_time = None, ""
             if patient_id is None:
-                raise Rejected(Reason.HL7_NO_PATIENT, "PID-3 (patient identifier list) is empty")
+                raise Rejected(Reason.HL7_NO_PATIENT, "PID-3 (patient identifier list) is empty", location="PID^1^3")
         elif name == "OBR":
             order_id = _part(seg, 3, 1, 1) or _part(seg, 2, 1, 1) or None
             obr_time = _part(seg, 7, 1, 1)
@@ -456,60 +531,13 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
                 raise Rejected(Reason.HL7_INVALID, "OBX before any OBR segment")
             set_id = _part(seg, 1) or str(n_obx)
             where = f"OBX-{set_id}"
-            vtype = _part(seg, 2).upper()
-            loinc = _loinc(seg)
-            ref = f"{order_id}:{loinc or set_id}"
-
-            def skip(reason: Reason, message: str) -> None:
-                log.debug("hl7: skipped an OBX (%s)", reason.value)
-                out.skipped.append(Skipped(ref, reason, message))
-
-            status_code = _part(seg, 11).upper()
-            if status_code not in STATUS_MAP:
-                raise Rejected(
-                    Reason.HL7_BAD_VALUE, f"{where}: result status OBX-11 {status_code[:4]!r} is not supported"
-                )
-            status = STATUS_MAP[status_code]
-            if loinc is None:
-                if vtype in NUMERIC_TYPES:
-                    raise Rejected(
-                        Reason.HL7_NOT_LOINC,
-                        f"{where}: numeric result without a LOINC (LN) code in OBX-3 components 1-3 or 4-6",
-                    )
-                skip(Reason.HL7_NOT_LOINC, f"{where}: non-numeric result without a LOINC code")
-                continue
-            analyte = cat.by_loinc.get(loinc)
-            if analyte is None:
-                skip(Reason.UNKNOWN_LOINC, f"LOINC code {loinc!r} is not in any value set")
-                continue
-            if status is None:
-                skip(Reason.HL7_BAD_VALUE, f"{where}: status {status_code!r} carries no result")
-                continue
-            if vtype not in NUMERIC_TYPES:
-                raise Rejected(
-                    Reason.HL7_BAD_VALUE, f"{where}: value type {vtype[:4]!r} for {analyte.key}; NM or SN expected"
-                )
-            value, comparator = _value(seg, vtype, where)
-            unit = _part(seg, 6, 1, 1) or None
-            ts_raw = _part(seg, 14, 1, 1) or obr_time
-            if not ts_raw:
-                raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: no observation time in OBX-14 or OBR-7")
-            effective_at = parse_ts(ts_raw, default_tz, f"{where} time")
-            flag = _part(seg, 8, 1, 1) or None
-            if flag is not None and len(flag) > 8:
-                flag = None
-            oid = f"{order_id}:{loinc}"
-            if oid in ids:
-                raise Rejected(Reason.HL7_INVALID, f"{where}: LOINC {loinc} reported twice for the same order")
-            ids.add(oid)
-            out.observations.append(
-                build_observation(
-                    observation_id=oid, event_id=oid, patient_id=patient_id, loinc=loinc, value=value,
-                    unit=unit, reference_range=parse_range(_field(seg, 7)), effective_at=effective_at,
-                    status=status, corrects=None, source=src[:128], fmt="hl7", received_at=received_at,
-                    limits=limits, abnormal_flag=flag, comparator=comparator,
-                )
-            )
+            try:
+                _obx(seg, n_obx, where, set_id, patient_id, order_id, obr_time, src, code_map, cat, ids, out,
+                     received_at, limits, default_tz)
+            except Rejected as rej:
+                if rej.location is None:
+                    rej.location = f"OBX^{n_obx}"
+                raise
     if not seen_pid:
         raise Rejected(Reason.HL7_NO_PATIENT, "no PID segment")
     if n_obx == 0:
@@ -521,14 +549,126 @@ def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, so
     return out
 
 
+def _local_code(obx: Segment) -> tuple[str, str]:
+    """(code, coding system) of a non-LOINC OBX-3: components 1/3, else 4/6."""
+    if _part(obx, 3, 1, 1):
+        return _part(obx, 3, 1, 1), _part(obx, 3, 1, 3)
+    return _part(obx, 3, 1, 4), _part(obx, 3, 1, 6)
+
+
+def _obx(seg: Segment, n_obx: int, where: str, set_id: str, patient_id: str, order_id: str, obr_time: str,
+         src: str, code_map, cat, ids: set[str], out: Hl7Result, received_at: datetime, limits,
+         default_tz: tzinfo | None) -> None:
+    """One OBX -> an observation appended to ``out`` (or a skip). Raises ``Rejected``
+    with ``location`` = ``OBX^<n>^<field>`` of the failing field."""
+    from .ingest import build_observation
+
+    fno = 3
+    try:
+        vtype = _part(seg, 2).upper()
+        loinc = _loinc(seg)
+        local = None
+        if loinc is None:
+            local, local_system = _local_code(seg)
+            if local and code_map is not None:
+                loinc = code_map.loinc_for(local)
+        ref = f"{order_id}:{loinc or set_id}"
+
+        def skip(reason: Reason, message: str) -> None:
+            log.debug("hl7: skipped an OBX (%s)", reason.value)
+            out.skipped.append(Skipped(ref, reason, message))
+
+        fno = 11
+        status_code = _part(seg, 11).upper()
+        if status_code not in STATUS_MAP:
+            raise Rejected(
+                Reason.HL7_BAD_VALUE, f"{where}: result status OBX-11 {status_code[:4]!r} is not supported"
+            )
+        status = STATUS_MAP[status_code]
+        fno = 3
+        if loinc is None:
+            if vtype in NUMERIC_TYPES:
+                if local:
+                    facility = code_map.source if code_map is not None else src
+                    raise Rejected(
+                        Reason.UNKNOWN_LOCAL_CODE,
+                        f"{where}: local code {escape(local[:40])!r} (system {escape(local_system[:20])!r}) "
+                        f"from {escape(str(facility)[:60])!r} has no LOINC in "
+                        + ("its code map" if code_map is not None else "any code map (none for this source)"),
+                    )
+                raise Rejected(
+                    Reason.HL7_NOT_LOINC,
+                    f"{where}: numeric result without a LOINC (LN) code in OBX-3 components 1-3 or 4-6",
+                )
+            skip(Reason.HL7_NOT_LOINC, f"{where}: non-numeric result without a LOINC code")
+            return
+        analyte = cat.by_loinc.get(loinc)
+        if analyte is None:
+            skip(Reason.UNKNOWN_LOINC, f"LOINC code {loinc!r} is not in any value set")
+            return
+        if status is None:
+            skip(Reason.HL7_BAD_VALUE, f"{where}: status {status_code!r} carries no result")
+            return
+        fno = 2
+        if vtype not in NUMERIC_TYPES:
+            raise Rejected(
+                Reason.HL7_BAD_VALUE, f"{where}: value type {vtype[:4]!r} for {analyte.key}; NM or SN expected"
+            )
+        fno = 5
+        value, comparator = _value(seg, vtype, where)
+        fno = 6
+        unit = _part(seg, 6, 1, 1) or None
+        if code_map is not None:
+            unit = code_map.ucum_for(unit) if unit is not None else (code_map.default_unit(local) if local else None)
+        fno = 14
+        ts_raw = _part(seg, 14, 1, 1) or obr_time
+        if not ts_raw:
+            raise Rejected(Reason.HL7_BAD_VALUE, f"{where}: no observation time in OBX-14 or OBR-7")
+        effective_at = parse_ts(ts_raw, default_tz, f"{where} time")
+        flag = _part(seg, 8, 1, 1) or None
+        if flag is not None and len(flag) > 8:
+            flag = None
+        fno = 3
+        oid = f"{order_id}:{loinc}"
+        if oid in ids:
+            raise Rejected(Reason.HL7_INVALID, f"{where}: LOINC {loinc} reported twice for the same order")
+        ids.add(oid)
+        # a unit that cannot be converted is the unit's fault (OBX-6), anything else the value's
+        fno = 6
+        obs = build_observation(
+            observation_id=oid, event_id=oid, patient_id=patient_id, loinc=loinc, value=value,
+            unit=unit, reference_range=parse_range(_field(seg, 7)), effective_at=effective_at,
+            status=status, corrects=None, source=src[:128], fmt="hl7", received_at=received_at,
+            limits=limits, abnormal_flag=flag, comparator=comparator,
+        )
+        out.observations.append(obs)
+    except Rejected as rej:
+        if rej.location is None:
+            if fno == 6 and rej.reason in (Reason.FUTURE_TIMESTAMP, Reason.NAIVE_TIMESTAMP):
+                fno = 14
+            elif fno == 6 and rej.reason is not Reason.UNIT_NOT_CONVERTIBLE:
+                fno = 5 if rej.reason is not Reason.UNKNOWN_LOINC else 3
+            rej.location = f"OBX^{n_obx}^{fno}"
+        raise
+
+
 # ---------------------------------------------------------------- ACKs
 
-#: Rejection reason -> HL7 table 0357 message error condition code.
-_ERR_CODES = {
+#: Rejection reason -> HL7 table 0357 message error condition code (documented for
+#: integrators in docs/integration.md, "Acknowledgements").
+ERR_CODES: dict[Reason, tuple[str, str]] = {
     Reason.HL7_UNSUPPORTED_MESSAGE: ("200", "Unsupported message type"),
+    Reason.HL7_PROCESSING_ID: ("202", "Unsupported processing id"),
     Reason.HL7_NO_PATIENT: ("101", "Required field missing"),
     Reason.HL7_INVALID: ("100", "Segment sequence error"),
+    Reason.UNKNOWN_LOINC: ("103", "Table value not found"),
+    Reason.UNKNOWN_LOCAL_CODE: ("103", "Table value not found"),
+    Reason.HL7_NOT_LOINC: ("103", "Table value not found"),
+    Reason.UNIT_NOT_CONVERTIBLE: ("103", "Table value not found"),
+    Reason.PAYLOAD_TOO_LARGE: ("207", "Application internal error"),
+    Reason.INTERNAL_ERROR: ("207", "Application internal error"),
 }
+_ERR_CODES = ERR_CODES
 _DEFAULT_ERR = ("102", "Data type error")
 _INTERNAL_ERR = ("207", "Application internal error")
 
@@ -546,25 +686,19 @@ def escape(text: str) -> str:
 _ACK_COPY_MAX = 227
 #: the ACK reads the MSH from at most this many leading characters of the message
 _ACK_HEAD = 65_536
+_LOCATION = re.compile(r"^[A-Z][A-Z0-9]{2}(\^\d{1,4}){0,5}$")
 
 
-def _ack_msh(message_text: str, ts: str) -> tuple[str | None, str]:
-    """The ACK's MSH (with a ``{ts}`` placeholder) and the control id, read from the
-    first segment ONLY: the rest of the message, however large or hostile, is never
-    looked at (security review H1)."""
-    t = message_text[:_ACK_HEAD].lstrip()
-    if t.startswith(START_BLOCK):
-        t = t[1:].lstrip()
-    end = len(t)
-    for term in ("\r", "\n", END_BLOCK):
-        i = t.find(term, 0, end)
-        if i != -1:
-            end = i
-    first = t[:end]
-    if not first.startswith("MSH") or len(first) < 8:
+def _version(msh: Segment | None) -> tuple[int, int]:
+    """MSH-12 as (major, minor); an absent or unreadable version counts as 2.5."""
+    m = re.match(r"^(\d)\.(\d+)", _part(msh, 12, 1, 1)) if msh is not None else None
+    return (int(m.group(1)), int(m.group(2))) if m else (2, 5)
+
+
+def _ack_msh(msh: Segment | None, ts: str) -> tuple[str | None, str]:
+    """The ACK's MSH and the control id, from the sender's MSH segment alone."""
+    if msh is None:
         return None, ""
-    (msh,) = split_message(first + "\r", Hl7Limits(max_chars=len(first) + 1, max_segments=1))
-    fs, comp, _, _ = msh.seps
 
     def copy(n: int) -> str:
         raw = _field(msh, n)
@@ -580,49 +714,55 @@ def _ack_msh(message_text: str, ts: str) -> tuple[str | None, str]:
     return header, _part(msh, 10)[:_ACK_COPY_MAX]
 
 
+def err_segment(version: tuple[int, int], code: str, name: str, location: str | None, text: str) -> str:
+    """ERR for the sender's HL7 version.
+
+    * before v2.5: ``ERR-1`` (CM/ELD: segment ^ sequence ^ field ^ code&text&HL70357),
+      the only ERR field there is (required in v2.3/2.3.1/2.4);
+    * v2.5 and later: ``ERR-2`` location (ERL: segment ^ sequence ^ field), ``ERR-3``
+      code (CWE, table 0357), ``ERR-4`` severity ``E``, ``ERR-8`` the full text.
+    """
+    loc = location if location and _LOCATION.match(location) else ""
+    if version < (2, 5):
+        parts = (loc.split("^") + ["", "", ""])[:3]
+        return f"ERR|{parts[0]}^{parts[1]}^{parts[2]}^{code}&{name}&HL70357"
+    return f"ERR||{loc}|{code}^{name}^HL70357|E||||{escape(text[:250])}"
+
+
 def build_ack(
     message_text: str | bytes,
     code: str,
     error_text: str = "",
     *,
     reason: Reason | None = None,
+    location: str | None = None,
 ) -> bytes:
     """An ACK for ``message_text`` (``AA``/``AE``/``AR``), MLLP framing NOT included.
 
-    MSA-3 carries ``error_text`` (escaped, at most 80 characters as in v2.x); for AE/AR
-    an ERR segment carries the HL7 table 0357 code and the full text in ERR-8. When
-    the message cannot be parsed at all a minimal ACK with an empty MSA-2 is built.
+    Built from the sender's MSH segment alone (security review H1). MSH-7 is UTC with
+    its offset (``+0000``). MSA-3 carries ``error_text`` (escaped, at most 80
+    characters as in v2.x); for AE/AR an ERR segment laid out for the sender's version
+    (:func:`err_segment`) carries the HL7 table 0357 code, the location of the failing
+    field (``location``, e.g. ``OBX^2^6``) and, from v2.5, the full text in ERR-8.
+    When the message cannot be parsed at all a minimal v2.5 ACK with an empty MSA-2 is built.
     """
     if code not in ("AA", "AE", "AR"):
         raise ValueError(f"ack code {code!r}")
-    if isinstance(message_text, (bytes, bytearray)):
-        head = bytes(message_text[:_ACK_HEAD])
-        for term in (b"\r", b"\n"):  # the first segment only (never split a character)
-            i = head.find(term, 1)
-            if i != -1:
-                head = head[:i]
-        try:
-            message_text = head.decode("utf-8")
-        except UnicodeDecodeError:
-            message_text = head.decode("latin-1")
     plain = " ".join((error_text or "").split())
     ts = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
     try:
-        msh, control_id = _ack_msh(message_text, ts)
+        msh = read_msh(message_text)
+        header, control_id = _ack_msh(msh, ts)
     except Exception:
-        msh, control_id = None, ""
-    if msh is None:
-        ack_text = f"MSH|^~\\&|||||{ts}||ACK|{uuid.uuid4().hex[:20]}|P|2.5\rMSA|{code}|"
-    else:
-        ack_text = msh + f"\rMSA|{code}|"
-    segments = ack_text.split("\r")
-    msa_index = next(i for i, s in enumerate(segments) if s.startswith("MSA"))
+        msh, header, control_id = None, None, ""
+    if header is None:
+        msh = None
+        header = f"MSH|^~\\&|||||{ts}||ACK|{uuid.uuid4().hex[:20]}|P|2.5"
     msa = f"MSA|{code}|{escape(control_id)}"
     if plain:
         msa += f"|{escape(plain[:80])}"
-    segments[msa_index] = msa
+    segments = [header, msa]
     if code != "AA":
         err_code, err_name = _ERR_CODES.get(reason, _INTERNAL_ERR if reason is None else _DEFAULT_ERR)
-        severity = "E"
-        segments.append(f"ERR|||{err_code}^{err_name}^HL70357|{severity}||||{escape(plain[:250])}")
+        segments.append(err_segment(_version(msh), err_code, err_name, location, plain))
     return ("\r".join(segments) + "\r").encode("utf-8")

@@ -49,6 +49,10 @@ class Limits:
     max_bundle_entries: int = 250
     #: structural bounds for HL7 v2 (byte cap, segments, fields, repetitions...)
     hl7: Hl7Limits = DEFAULT_HL7_LIMITS
+    #: the HL7 v2 processing id (MSH-11) accepted; another is ``hl7_processing_id``
+    hl7_processing_id: str = "P"
+    #: per-source code and unit maps (``schemas.codemaps.CodeMaps``); None = none
+    code_maps: object | None = None
 
 
 DEFAULT_LIMITS = Limits()
@@ -93,6 +97,14 @@ def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
 def rejection_from_validation(exc: ValidationError) -> Rejected:
     """Map the first pydantic error onto a reason code with a readable message."""
     errors = exc.errors(include_url=False, include_input=False)
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:  # strict contract (issue 16): name every unknown field, bounded
+        locs = [tuple(e.get("loc", ())) for e in extra]
+        # a treatment is validated as {"event": <dose|steroid>}: name the field as sent
+        names = [".".join(map(str, loc[2:] if loc[:1] == ("event",) else loc)) for loc in locs]
+        shown = ", ".join(repr(n[:64]) for n in names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+        return Rejected(Reason.UNKNOWN_FIELD,
+                        f"unknown field(s) {shown}; free additional data goes under 'extensions'")
     first = errors[0] if errors else {"type": "unknown", "loc": (), "msg": str(exc)}
     loc = ".".join(str(p) for p in first.get("loc", ()))
     etype = first.get("type", "")

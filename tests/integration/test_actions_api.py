@@ -41,7 +41,8 @@ def dose(pid: str, at: datetime) -> dict:
 
 def alt(pid: str, eid: str, value: float, at: datetime) -> dict:
     return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
-            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x"}
+            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x",
+            "status": "final"}
 
 
 def send(bootstrap: str, records) -> None:

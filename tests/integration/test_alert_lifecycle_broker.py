@@ -42,7 +42,8 @@ def dose(pid, at):
 
 def alt(pid, eid, value, at):
     return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
-            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x"}
+            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x",
+            "status": "final"}
 
 
 class AlertReader:

@@ -82,7 +82,7 @@ def dose(pid: str, at: datetime) -> dict:
 def result(pid: str, eid: str, analyte: str, value: float, at: datetime, low=None, high=None) -> dict:
     loinc, unit = LOINC[analyte]
     d = {"event_id": eid, "patient_id": pid, "loinc": loinc, "value": value, "unit": unit,
-         "effective_at": at.isoformat(), "source": "lab-x"}
+         "effective_at": at.isoformat(), "source": "lab-x", "status": "final"}
     if low is not None or high is not None:
         d["reference_range"] = {"low": low, "high": high}
     return d

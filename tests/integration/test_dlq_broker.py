@@ -54,7 +54,7 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
 
     lab = {"event_id": "big-1", "patient_id": "p-dlq", "loinc": "1742-6", "value": 55, "unit": "U/L",
            "reference_range": {"low": 0, "high": 40}, "effective_at": T0, "status": "final", "source": "lab-a",
-           "comment": "x" * 600}
+           "extensions": {"comment": "x" * 600}}  # free data goes under extensions (strict contract)
     raw = json.dumps(lab).encode()
     assert len(raw) > 400
 

@@ -57,14 +57,14 @@ def test_valid_and_hostile_events_are_accounted_for(kafka_bootstrap, topic_facto
         ("lab-results", lab("p-2", "e4", "2951-2", 139, "mmol/L"), 1),  # known, unmonitored: passes
         ("vital-signs", {"event_id": "v1", "patient_id": "p-1", "loinc": "8310-5", "value": 101.3,
                          "unit": "[degF]", "effective_at": T0, "source": "ward"}, 1),
-        ("liver-function", {"event_id": "lf1", "patient_id": "p-3", "effective_at": T0, "source": "lab-b",
+        ("liver-function", {"event_id": "lf1", "patient_id": "p-3", "effective_at": T0, "source": "lab-b", "status": "final",
                             "results": [{"loinc": "1742-6", "value": 88, "unit": "U/L"},
                                         {"loinc": "1920-8", "value": 70, "unit": "[IU]/L"},
                                         {"loinc": "1975-2", "value": 0.6, "unit": "mg/dL"},
                                         {"loinc": "6301-6", "value": 1.1, "unit": "{INR}"}]}, 4),
     ]
-    nan_raw = b'{"event_id":"n1","patient_id":"p-1","loinc":"1742-6","value":NaN,"unit":"U/L","effective_at":"' + T0.encode() + b'"}'
-    inf_raw = b'{"event_id":"n2","patient_id":"p-1","loinc":"1742-6","value":1e999,"unit":"U/L","effective_at":"' + T0.encode() + b'"}'
+    nan_raw = b'{"event_id":"n1","patient_id":"p-1","loinc":"1742-6","value":NaN,"unit":"U/L","status":"final","effective_at":"' + T0.encode() + b'"}'
+    inf_raw = b'{"event_id":"n2","patient_id":"p-1","loinc":"1742-6","value":1e999,"unit":"U/L","status":"final","effective_at":"' + T0.encode() + b'"}'
     hostile: list[tuple[str, bytes, str]] = [
         ("lab-results", b'{"event_id": "x1", "patient_id": ', "malformed_json"),
         ("lab-results", json.dumps(lab("p-1", "x2", "1742-6", "high", "U/L")).encode(), "schema_invalid"),
@@ -82,6 +82,15 @@ def test_valid_and_hostile_events_are_accounted_for(kafka_bootstrap, topic_facto
         ("treatments", json.dumps({"type": "dose", "event_id": "d1", "patient_id": "p-1", "product": "unknown-product",
                                    "administered_at": T0, "birth_date": "2026-01-01", "weight_kg": 5}).encode(), "schema_invalid"),
         ("treatments", b"[1, 2, 3]", "schema_invalid"),
+        # strict contract (issue 16): a misspelt field is not dropped, a missing status not guessed
+        ("lab-results", json.dumps({**lab("p-1", "x8", "1742-6", 30, "U/L"), "refrence_range": {"high": 40}}).encode(),
+         "unknown_field"),
+        ("lab-results", json.dumps({k: v for k, v in lab("p-1", "x9", "1742-6", 30, "U/L").items() if k != "status"}).encode(),
+         "schema_invalid"),
+        # a test message (MSH-11 T) on the production input topic is dead-lettered, not processed
+        ("lab-results", ("MSH|^~\\&|LIS|LAB|MON|GTX|20261030080000+0000||ORU^R01|T1|T|2.5.1\r"
+                         "PID|1||p-1\rOBR|1|P1|F1\rOBX|1|NM|1742-6^ALT^LN||30|U/L|||||F|||20261030080000+0000\r").encode(),
+         "hl7_processing_id"),
     ]
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=16 * 1024 * 1024)
     for short, value, _ in valid:

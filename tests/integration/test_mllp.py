@@ -91,20 +91,20 @@ async def test_rejected_and_unparseable_go_to_dead_letter(kafka_bootstrap, topic
     topics = topic_factory("observations", "dead-letter")
     server = await serve_mllp("127.0.0.1", 0, bootstrap=kafka_bootstrap,
                               observations_topic=topics["observations"], dead_letter_topic=topics["dead-letter"])
-    nist = (DATA / "nist-lri-gu-002-cbc.hl7").read_bytes().decode()  # g/mL: unit_not_convertible
-    bad = [nist, "this is not HL7", batch(1)[0].replace("ORU^R01", "ADT^A01"),
-           batch(1)[0].replace("|F|||20240502080000+0200\r", "|F|||202405020800\r")]
+    # g/mL: unit_not_convertible (the NIST message is a test message, MSH-11 T: sent here as P;
+    # T and unsupported types are refused from the MSH, see test_test_message_is_refused_and_not_stored)
+    nist = (DATA / "nist-lri-gu-002-cbc.hl7").read_bytes().decode().replace("|T|2.5.1|", "|P|2.5.1|", 1)
+    bad = [nist, "this is not HL7", batch(1)[0].replace("|F|||20240502080000+0200\r", "|F|||202405020800\r")]
     try:
         acks = await asyncio.to_thread(send_batch, server.port, bad)
     finally:
         await server.stop()
-    assert [ack_code(a)[0] for a in acks] == ["AE"] * 4
+    assert [ack_code(a)[0] for a in acks] == ["AE"] * 3
     assert all(b"ERR|" in a for a in acks)
-    records = read_all(kafka_bootstrap, topics["dead-letter"], 4)
-    assert len(records) == 4
+    records = read_all(kafka_bootstrap, topics["dead-letter"], 3)
+    assert len(records) == 3
     by_reason = {dict(r.headers)["dlq.reason"].decode(): r for r in records}
-    # an ORU relabelled ADT^A01 is now read by the patients feed (issue 14): no PID-5 name -> hl7_bad_value
-    assert set(by_reason) == {"unit_not_convertible", "hl7_invalid", "hl7_bad_value", "naive_timestamp"}
+    assert set(by_reason) == {"unit_not_convertible", "hl7_invalid", "naive_timestamp"}
     assert by_reason["hl7_invalid"].value == b"this is not HL7"  # original bytes
     assert by_reason["unit_not_convertible"].value == nist.encode()
     for r in records:
@@ -112,6 +112,43 @@ async def test_rejected_and_unparseable_go_to_dead_letter(kafka_bootstrap, topic
         assert h["dlq.source.topic"] == b"mllp"
         assert h["dlq.message"] and h["dlq.received_at"]
     assert read_all(kafka_bootstrap, topics["observations"], 1, timeout_s=3) == []
+
+
+def err_segment(raw: bytes):
+    return hl7.parse(raw.strip(b"\x0b\x1c\r\n").decode()).segment("ERR")
+
+
+async def test_test_message_is_refused_and_not_stored(kafka_bootstrap, topic_factory):
+    """Issue 16: MSH-11 T on a production link -> AR / ERR 202, and nothing on any topic;
+    an unsupported type (ORM, or an ADT event the patients feed does not take, A03) -> AR / ERR 200."""
+    topics = topic_factory("observations", "dead-letter")
+    server = await serve_mllp("127.0.0.1", 0, bootstrap=kafka_bootstrap,
+                              observations_topic=topics["observations"], dead_letter_topic=topics["dead-letter"])
+    test_msg = ORU.format(ctl="T-1", mrn="MRN-T", n=900, alt=400, ast=300).replace("|P|2.5.1", "|T|2.5.1")
+    old_test_msg = test_msg.replace("|T|2.5.1", "|T|2.3")
+    orm = batch(1)[0].replace("ORU^R01^ORU_R01|CTL-0", "ORM^O01^ORM_O01|ORM-1")
+    adt = batch(1)[0].replace("ORU^R01^ORU_R01|CTL-0", "ADT^A03^ADT_A03|ADT-1")
+    good = ORU.format(ctl="AFTER", mrn="MRN-G", n=901, alt=41, ast=31)
+    try:
+        acks = await asyncio.to_thread(send_batch, server.port, [test_msg, old_test_msg, orm, adt, good])
+    finally:
+        await server.stop()
+    assert [ack_code(a) for a in acks] == [("AR", "T-1"), ("AR", "T-1"), ("AR", "ORM-1"), ("AR", "ADT-1"),
+                                           ("AA", "AFTER")]
+    err = err_segment(acks[0])  # v2.5.1 sender: ERR-2 location, ERR-3 code, ERR-4 severity
+    assert str(err(2)) == "MSH^1^11" and str(err(3)(1)(1)) == "202" and str(err(4)) == "E"
+    old = err_segment(acks[1])  # v2.3 sender: ERR-1 only
+    assert len(old) == 2 and str(old(1)) == "MSH^1^11^202&Unsupported processing id&HL70357"
+    for a in acks[2:4]:
+        assert str(err_segment(a)(3)(1)(1)) == "200" and str(err_segment(a)(2)) == "MSH^1^9"
+    msh7 = str(hl7.parse(acks[0].strip(b"\x0b\x1c\r\n").decode()).segment("MSH")(7))
+    assert msh7.endswith("+0000") and len(msh7) == 19
+    # stored: only the good message's two observations; nothing dead-lettered
+    records = read_all(kafka_bootstrap, topics["observations"], 3, timeout_s=8)
+    assert sorted(json.loads(r.value)["observation_id"] for r in records) == ["FL-901:1742-6", "FL-901:1920-8"]
+    assert read_all(kafka_bootstrap, topics["dead-letter"], 1, timeout_s=3) == []
+    assert server.stats.dead_lettered == 0 and server.stats.accepted == 1
+    assert server.stats.refused_by_reason == {"hl7_processing_id": 2, "hl7_unsupported_message": 2}
 
 
 async def test_broker_unreachable_answers_ar_never_aa():

@@ -129,7 +129,7 @@ def test_no_patient_identifier_in_metrics_or_logs(kafka_bootstrap, topic_factory
                                   "status": "final", "source": "lab-a"}),
             ("vital-signs", pid, {"event_id": f"v{i}", "patient_id": pid, "loinc": "8310-5", "value": 39.4,
                                   "unit": "Cel", "effective_at": T0, "source": "ward"}),
-            ("liver-function", pid, {"event_id": f"lf{i}", "patient_id": pid, "effective_at": T0, "source": "lab-b",
+            ("liver-function", pid, {"event_id": f"lf{i}", "patient_id": pid, "effective_at": T0, "source": "lab-b", "status": "final",
                                      "results": [{"loinc": "1920-8", "value": 300, "unit": "U/L"},
                                                  {"loinc": "1975-2", "value": 3.1, "unit": "mg/dL"}]}),
         ]
@@ -137,9 +137,9 @@ def test_no_patient_identifier_in_metrics_or_logs(kafka_bootstrap, topic_factory
     for i, pid in enumerate(patients):
         invalid += [
             ("lab-results", pid, json.dumps({"event_id": f"x{i}", "patient_id": pid, "loinc": "99999-9", "value": 1,
-                                             "unit": "U/L", "effective_at": T0}).encode()),
+                                             "unit": "U/L", "effective_at": T0, "status": "final"}).encode()),
             ("lab-results", pid, json.dumps({"event_id": f"y{i}", "patient_id": pid, "loinc": "1742-6",
-                                             "value": "very high", "unit": "U/L", "effective_at": T0}).encode()),
+                                             "value": "very high", "unit": "U/L", "effective_at": T0, "status": "final"}).encode()),
             ("vital-signs", pid, f'{{"patient_id": "{pid}", '.encode()),
             ("treatments", pid, json.dumps({"type": "dose", "event_id": f"bd{i}", "patient_id": pid,
                                             "product": "unknown", "administered_at": T0}).encode()),

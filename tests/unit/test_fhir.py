@@ -216,7 +216,9 @@ def _mut(fn):
 
 
 @pytest.mark.parametrize("mutate, reason", [
-    (lambda o: o["code"]["coding"][0].update(system="http://snomed.info/sct"), Reason.FHIR_NOT_LOINC),
+    # a numeric result under another code system is a local code in no code map (issue 16)
+    (lambda o: o["code"]["coding"][0].update(system="http://snomed.info/sct"), Reason.UNKNOWN_LOCAL_CODE),
+    (lambda o: o["code"].update(coding=[{"display": "ALT"}]), Reason.FHIR_NOT_LOINC),
     (lambda o: o["valueQuantity"].update(system="http://snomed.info/sct"), Reason.FHIR_NOT_UCUM),
     (lambda o: o["valueQuantity"].pop("system"), Reason.FHIR_NOT_UCUM),
     (lambda o: o["valueQuantity"].update(code="furlong"), Reason.UNIT_NOT_CONVERTIBLE),
@@ -284,3 +286,28 @@ def test_decode_routes_fhir_json():
     with pytest.raises(Rejected) as ei:
         decode("treatments", raw, received_at=NOW)
     assert ei.value.reason is Reason.UNKNOWN_FORMAT
+
+
+def test_local_code_observation_maps_through_the_source_map(tmp_path):
+    """Issue 16: selected by Observation.meta.source; local code -> LOINC, local unit -> UCUM."""
+    from dataclasses import replace
+
+    from schemas.codemaps import load_code_maps
+    from schemas.ingest import DEFAULT_LIMITS
+
+    (tmp_path / "lis.yaml").write_text(
+        "source: https://lis.example.org/fhir\ncodes:\n  ALAT: 1742-6\nunits:\n  U/l: U/L\n", encoding="utf-8")
+    limits = replace(DEFAULT_LIMITS, code_maps=load_code_maps(str(tmp_path)))
+    obs = {
+        "resourceType": "Observation", "id": "alat-1", "status": "final",
+        "meta": {"source": "https://lis.example.org/fhir"},
+        "code": {"coding": [{"system": "https://lis.example.org/codes", "code": "ALAT", "display": "ALAT"}]},
+        "subject": {"reference": "Patient/p-1"}, "effectiveDateTime": "2024-05-02T08:00:00+02:00",
+        "valueQuantity": {"value": 95, "unit": "U/l"},
+    }
+    (o,) = observations_from_fhir(obs, received_at=NOW, limits=limits)
+    assert o.loinc == "1742-6" and o.analyte == "alt" and o.value == 95.0 and o.unit == "U/L"
+    other = {**obs, "meta": {"source": "https://other.example.org"}}
+    with pytest.raises(Rejected) as ei:
+        observations_from_fhir(other, received_at=NOW, limits=limits)
+    assert ei.value.reason is Reason.UNKNOWN_LOCAL_CODE and "'ALAT'" in ei.value.message

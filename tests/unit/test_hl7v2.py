@@ -1,6 +1,7 @@
 """HL7 v2 ORU^R01 -> canonical observations, and ACKs (schemas.hl7v2)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -11,7 +12,7 @@ import pytest
 from schemas.errors import Reason, Rejected
 from schemas.events import ResultStatus
 from schemas.hl7v2 import build_ack, normalise, observations_from_hl7, parse_oru, parse_range
-from schemas.ingest import decode
+from schemas.ingest import DEFAULT_LIMITS, decode
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hl7"
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -35,8 +36,11 @@ def rejected(text: str, **kw) -> Rejected:
 
 
 def test_python_hl7_sample_as_published_has_no_loinc():
-    # OBX-3 "1554-5^GLUCOSE^POST 12H CFST:MCNC:PT:SER/PLAS:QN": the coding system is not LN
-    assert rejected(load("python-hl7-sample-glucose.hl7")).reason is Reason.HL7_NOT_LOINC
+    # OBX-3 "1554-5^GLUCOSE^POST 12H CFST:MCNC:PT:SER/PLAS:QN": the coding system is not LN, so
+    # 1554-5 is a local code, and the sending facility ELAB-3 has no code map (issue 16)
+    rej = rejected(load("python-hl7-sample-glucose.hl7"))
+    assert rej.reason is Reason.UNKNOWN_LOCAL_CODE
+    assert "'1554-5'" in rej.message and rej.location == "OBX^1^3"
 
 
 def test_python_hl7_sample_adapted():
@@ -57,9 +61,19 @@ def test_python_hl7_sample_adapted():
     assert [s.reason for s in res.skipped] == [Reason.HL7_NOT_LOINC]
 
 
+#: the NIST conformance message is a test message (MSH-11 "T"): read as on a test link
+TEST_LINK = replace(DEFAULT_LIMITS, hl7_processing_id="T")
+
+
+def test_nist_cbc_as_published_is_a_test_message():
+    assert rejected(load("nist-lri-gu-002-cbc.hl7")).reason is Reason.HL7_PROCESSING_ID
+
+
 def test_nist_cbc_as_published_has_an_unconvertible_unit():
     # NIST LRI GU-002 reports haemoglobin 12.5 "g/mL" (sic): we never guess units
-    assert rejected(load("nist-lri-gu-002-cbc.hl7")).reason is Reason.UNIT_NOT_CONVERTIBLE
+    rej = rejected(load("nist-lri-gu-002-cbc.hl7"), limits=TEST_LINK)
+    assert rej.reason is Reason.UNIT_NOT_CONVERTIBLE
+    assert rej.location is not None and rej.location.startswith("OBX^") and rej.location.endswith("^6")
 
 
 def nist_adapted() -> str:
@@ -75,7 +89,7 @@ def nist_adapted() -> str:
 def test_nist_cbc_adapted():
     text = nist_adapted()
     assert "\n" in text  # the file uses \n separators: normalised before parsing
-    res = parse_oru(text, received_at=NOW)
+    res = parse_oru(text, received_at=NOW, limits=TEST_LINK)
     by = {o.analyte: o for o in res.observations}
     assert set(by) == {"hemoglobin", "platelets"}
     hb, plt = by["hemoglobin"], by["platelets"]
@@ -244,7 +258,8 @@ def test_normalise():
     (lambda m: m.replace("PID|1||MRN-1^^^H^MR~ALT-ID^^^X||DOE^JANE\r", ""), Reason.HL7_NO_PATIENT),
     (lambda m: m.replace("OBR|1|P1|F1|24325-3^Hepatic^LN|||20240502080000+0200\r", ""), Reason.HL7_INVALID),
     (lambda m: m.split("OBX")[0], Reason.HL7_INVALID),
-    (lambda m: m.replace("1742-6^ALT^LN", "ALT^ALT^L"), Reason.HL7_NOT_LOINC),
+    (lambda m: m.replace("1742-6^ALT^LN", "ALT^ALT^L"), Reason.UNKNOWN_LOCAL_CODE),
+    (lambda m: m.replace("1742-6^ALT^LN", "^ALT"), Reason.HL7_NOT_LOINC),
     (lambda m: m.replace("1742-6^ALT^LN", "99999-9^X^LN"), Reason.UNKNOWN_LOINC),
     (lambda m: m.replace("U/L", "mg/dL"), Reason.UNIT_NOT_CONVERTIBLE),
     (lambda m: m + m.split("\r", 1)[1].split("OBX")[0].replace("PID", "XXX") + m[m.index("OBX"):],
@@ -313,3 +328,131 @@ def test_ack_for_unreadable_message_is_minimal():
     assert str(ack.segment("MSA")(1)) == "AR" and str(ack.segment("MSA")(2)) == ""
     with pytest.raises(ValueError):
         build_ack(msg(), "XX")
+
+
+# ---------------------------------------------------------------- conventions (issue 16)
+
+
+def test_ack_msh7_is_utc_with_an_offset():
+    ts = str(hl7.parse(build_ack(msg(), "AA").decode()).segment("MSH")(7))
+    assert len(ts) == 19 and ts.endswith("+0000")
+    sent = datetime.strptime(ts, "%Y%m%d%H%M%S%z")
+    assert abs((sent - datetime.now(timezone.utc)).total_seconds()) < 60
+
+
+def test_err_v25_layout_names_the_failing_field():
+    text = msg().replace("|U/L|", "|furlongs|")
+    rej = rejected(text)
+    assert rej.reason is Reason.UNIT_NOT_CONVERTIBLE and rej.location == "OBX^1^6"
+    err = hl7.parse(build_ack(text, "AE", rej.message, reason=rej.reason, location=rej.location).decode()).segment("ERR")
+    assert str(err(1)) == ""                                   # ERR-1 is withdrawn from v2.5 on
+    assert str(err(2)) == "OBX^1^6"                            # ERR-2 error location
+    assert str(err(3)(1)(1)) == "103" and str(err(3)(1)(3)) == "HL70357"  # ERR-3 table 0357
+    assert str(err(4)) == "E"                                  # ERR-4 severity
+
+
+@pytest.mark.parametrize("version", ["2.3", "2.3.1", "2.2", "2.4"])
+def test_err_for_an_old_version_sender_is_err1(version):
+    text = msg().replace("|P|2.5.1", f"|P|{version}").replace("|U/L|", "|furlongs|")
+    rej = rejected(text)
+    raw = build_ack(text, "AE", rej.message, reason=rej.reason, location=rej.location).decode()
+    err = hl7.parse(raw).segment("ERR")
+    assert len(err) == 2  # ERR-1 only: ERR-2.. do not exist before v2.5
+    assert str(err(1)) == "OBX^1^6^103&Table value not found&HL70357"
+    assert str(hl7.parse(raw).segment("MSH")(12)) == version
+
+
+def test_test_message_is_refused_with_the_processing_id_reason():
+    text = msg().replace("|P|2.5.1", "|T|2.5.1")
+    rej = rejected(text)
+    assert rej.reason is Reason.HL7_PROCESSING_ID and rej.location == "MSH^1^11"
+    err = hl7.parse(build_ack(text, "AR", rej.message, reason=rej.reason, location=rej.location).decode()).segment("ERR")
+    assert str(err(3)(1)(1)) == "202" and str(err(2)) == "MSH^1^11"
+    # a test link (HL7_PROCESSING_ID=T) takes it, and refuses production traffic
+    assert parse(text, limits=replace(DEFAULT_LIMITS, hl7_processing_id="T"))
+    assert rejected(msg(), limits=replace(DEFAULT_LIMITS, hl7_processing_id="T")).reason is Reason.HL7_PROCESSING_ID
+
+
+@pytest.mark.parametrize("mtype,kind", [
+    ("ORU^R01", "oru"), ("ORU^R01^ORU_R01", "oru"), ("ADT^A01", "adt"), ("ADT^A04^ADT_A01", "adt"),
+    ("ADT^A08", "adt"), ("ADT^A31", "adt"), ("ADT^A03", "unsupported"), ("ORM^O01", "unsupported"),
+    ("ORU^R30", "unsupported"), ("", "unsupported"),
+])
+def test_message_kind_is_the_one_dispatch_decision(mtype, kind):
+    from schemas.hl7v2 import message_kind, read_msh
+
+    assert message_kind(read_msh(msg().replace("ORU^R01", mtype, 1))) == kind
+
+
+def test_unsupported_type_gets_err_200_at_msh9():
+    text = msg().replace("ORU^R01", "ORM^O01", 1)
+    rej = rejected(text)
+    assert rej.reason is Reason.HL7_UNSUPPORTED_MESSAGE and rej.location == "MSH^1^9"
+    err = hl7.parse(build_ack(text, "AR", rej.message, reason=rej.reason, location=rej.location).decode()).segment("ERR")
+    assert str(err(3)(1)(1)) == "200"
+
+
+def test_local_code_oru_maps_through_the_source_map(tmp_path):
+    from schemas.codemaps import check_code_map, load_code_map, load_code_maps
+
+    (tmp_path / "lab.yaml").write_text(
+        "source: LAB\ncodes:\n  ALT: 1742-6\n  TBIL: {loinc: 1975-2, unit: umol/l}\n  PLT: 777-3\n"
+        "units:\n  U/l: U/L\n  umol/l: umol/L\n  G/l: 10*9/L\n", encoding="utf-8")
+    maps = load_code_maps(str(tmp_path))
+    assert check_code_map(load_code_map(tmp_path / "lab.yaml")) == []
+    text = (
+        "MSH|^~\\&|LIS|LAB|MON|GTX|20240502091500+0200||ORU^R01|C1|P|2.5.1\r"
+        "PID|1||MRN-1\r"
+        "OBR|1|P1|F1|HEP^Hepatic^L|||20240502080000+0200\r"
+        "OBX|1|NM|ALT^ALT (GPT)^L||80|U/l|10-40|H|||F\r"
+        "OBX|2|NM|TBIL^Bilirubin^L||34.2||<21||||F\r"
+        "OBX|3|NM|PLT^Platelets^L||150|G/l|||||F\r"
+        "OBX|4|TX|COMMENT^Comment^L||haemolysed||||||F\r"
+    )
+    limits = replace(DEFAULT_LIMITS, code_maps=maps)
+    by = {o.analyte: o for o in parse(text, limits=limits)}
+    assert set(by) == {"alt", "bilirubin_total", "platelets"}
+    assert by["alt"].loinc == "1742-6" and by["alt"].value == 80.0 and by["alt"].unit == "U/L"
+    assert by["alt"].observation_id == "F1:1742-6"
+    assert by["bilirubin_total"].loinc == "1975-2" and by["bilirubin_total"].value == pytest.approx(2.0, rel=1e-3)
+    assert by["platelets"].value == 150.0
+    # another facility's message with the same local code is not mapped
+    rej = rejected(text.replace("|LIS|LAB|", "|LIS|OTHER LAB|"), limits=limits)
+    assert rej.reason is Reason.UNKNOWN_LOCAL_CODE and "'ALT'" in rej.message
+    # a local code the map does not know names the code
+    rej = rejected(text.replace("ALT^ALT (GPT)^L", "GGT^GGT^L"), limits=limits)
+    assert rej.reason is Reason.UNKNOWN_LOCAL_CODE and "'GGT'" in rej.message and rej.location == "OBX^1^3"
+
+
+def test_maps_check_reports_unknown_loinc_and_unconvertible_units(tmp_path):
+    from schemas.codemaps import CodeMapError, check_code_map, load_code_map
+
+    f = tmp_path / "bad.yaml"
+    f.write_text("source: X\ncodes:\n  A: 9999-9\n  B: {loinc: 1742-6, unit: mg}\n  C: 777-3\n"
+                 "units:\n  parsec: pc\n", encoding="utf-8")
+    problems = check_code_map(load_code_map(f))
+    assert any("9999-9" in p for p in problems)
+    assert any("'B'" in p and "mg" in p for p in problems)
+    assert any("parsec" in p for p in problems)
+    f.write_text("source: X\ncodes:\n  A: not-a-loinc\n", encoding="utf-8")
+    with pytest.raises(CodeMapError, match="not a LOINC"):
+        load_code_map(f)
+
+
+def test_test_message_on_an_input_topic_is_dead_lettered_with_a_reason():
+    with pytest.raises(Rejected) as ei:
+        decode("lab-results", msg().replace("|P|2.5.1", "|T|2.5.1").encode(), received_at=NOW)
+    assert ei.value.reason is Reason.HL7_PROCESSING_ID and "'T'" in ei.value.message
+
+
+def test_maps_check_command_exit_codes(tmp_path, capsys):
+    from monitor.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("source: LAB\ncodes:\n  ALT: 1742-6\nunits:\n  U/l: U/L\n", encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: LAB2\ncodes:\n  XX: 9999-9\n", encoding="utf-8")
+    assert main(["maps", "check", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["maps", "check", str(good), str(bad)]) == 1
+    assert "9999-9" in capsys.readouterr().out

@@ -110,3 +110,66 @@ def test_a_json_comparator_is_kept_not_ignored(comparator):
 
 def test_an_unknown_json_comparator_is_rejected():
     assert reason_of("lab-results", lab(comparator="~")) is Reason.SCHEMA_INVALID
+
+
+# ---------------------------------------------------------------- strict contract (issue 16)
+
+
+def rejection(kind, raw) -> Rejected:
+    with pytest.raises(Rejected) as ei:
+        decode(kind, raw, received_at=NOW)
+    return ei.value
+
+
+def test_misspelt_field_is_unknown_field_naming_it():
+    raw = json.loads(lab())
+    raw["refrence_range"] = raw.pop("reference_range")  # used to be dropped silently
+    rej = rejection("lab-results", json.dumps(raw).encode())
+    assert rej.reason is Reason.UNKNOWN_FIELD and "'refrence_range'" in rej.message and "extensions" in rej.message
+
+
+@pytest.mark.parametrize("kind,raw,name", [
+    ("lab-results", lab(reference_range={"low": 0, "hihg": 40}), "'reference_range.hihg'"),
+    ("vital-signs", json.dumps({"event_id": "v", "patient_id": "p1", "loinc": "8867-4", "value": 80, "unit": "/min",
+                                "effective_at": T, "bed": "3"}).encode(), "'bed'"),
+    ("treatments", json.dumps({"type": "steroid", "event_id": "s1", "patient_id": "p1", "dose_mg_per_kg_day": 1,
+                               "phase": "full", "at": T, "dose_mg": 5}).encode(), "'dose_mg'"),
+    ("liver-function", json.dumps({"event_id": "lf", "patient_id": "p1", "effective_at": T, "status": "final",
+                                   "results": [{"loinc": "1742-6", "value": 5, "unit": "U/L", "flag": "H"}]}).encode(),
+     "'results.0.flag'"),
+])
+def test_unknown_fields_everywhere_are_named(kind, raw, name):
+    rej = rejection(kind, raw)
+    assert rej.reason is Reason.UNKNOWN_FIELD and name in rej.message
+
+
+def test_many_unknown_fields_are_named_in_bounded_text():
+    raw = json.loads(lab())
+    raw.update({f"x{i}" * 40: i for i in range(500)})
+    rej = rejection("lab-results", json.dumps(raw).encode())
+    assert rej.reason is Reason.UNKNOWN_FIELD and "(+490 more)" in rej.message and len(rej.message) < 1000
+
+
+def test_extensions_carry_free_data():
+    [obs] = decode("lab-results", lab(extensions={"lis": {"bed": "3", "analyser": "c702"}}), received_at=NOW)
+    assert obs.analyte == "alt"
+
+
+@pytest.mark.parametrize("kind,raw", [
+    ("lab-results", json.dumps({k: v for k, v in json.loads(lab()).items() if k != "status"}).encode()),
+    ("liver-function", json.dumps({"event_id": "lf", "patient_id": "p1", "effective_at": T,
+                                   "results": [{"loinc": "1742-6", "value": 5, "unit": "U/L"}]}).encode()),
+])
+def test_status_is_required_on_lab_results(kind, raw):
+    rej = rejection(kind, raw)
+    assert rej.reason is Reason.SCHEMA_INVALID and "status" in rej.message
+
+
+def test_json_schemas_forbid_unknown_fields():
+    from schemas.jsonschema import _model
+    from schemas.events import LabResult, LiverFunctionPanel
+
+    for model in (LabResult, LiverFunctionPanel):
+        schema = _model(model)()
+        assert schema["additionalProperties"] is False and "status" in schema["required"]
+        assert "extensions" in schema["properties"]

@@ -226,11 +226,15 @@ class Engine:
                 if rule.kind == "graded":
                     self._surface(state, cp, rule, [(analyte, late)], note, now, out)
         # a plain new result (no retraction) cannot raise a composite rule that is not present:
-        # hits rest on results that meet a condition, and a plain result only adds freshness
+        # hits rest on results that meet a condition, and a plain result only adds freshness;
+        # except on the rule's ``plain_raisers`` (an ``unless`` analyte, or a marker no condition
+        # names: ALF's bilirubin rising above ULN holds an earlier episode open). Skipping those
+        # made the final alerts depend on arrival order (the marker rise arriving after the
+        # results that resolved the episode left it resolved; in event order it stayed open).
         skip = plain and late is None and not retract_ids and len(analytes) == 1
         active = state.active
         for rule in rules:
-            if skip and rule.kind == "composite" and rule.id not in active and analyte not in rule.unless_analytes:
+            if skip and rule.kind == "composite" and rule.id not in active and analyte not in rule.plain_raisers:
                 continue
             hit = rule.evaluate(state, cp)
             if late is not None and hit is not None and hit is not KEEP and not hit.note and any(

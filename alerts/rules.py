@@ -536,7 +536,7 @@ class CompositeRuleC(CRule):
     the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
 
     __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
-                 "conds_by_analyte", "need", "unless_analytes")
+                 "conds_by_analyte", "need", "unless_analytes", "plain_raisers")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
@@ -564,6 +564,15 @@ class CompositeRuleC(CRule):
         for c in _expr_conds(self.when, []):
             self.directions.setdefault(c.analyte, c.direction)
             self.conds_by_analyte.setdefault(c.analyte, []).append(c)
+        #: analytes whose "plain" results (meeting no composite condition) can still turn the
+        #: rule from absent to present, so the engine must not skip it for them: those of
+        #: ``unless`` (a newer normal ALP lifts the exclusion) and the markers no condition
+        #: names (ALF: bilirubin above ULN and rising holds an episode open although it meets
+        #: no ALF condition). A plain result of an analyte with conditions only adds
+        #: freshness, or a newest value that fails ``use: newest`` (never a worsening marker:
+        #: that must still meet a condition).
+        self.plain_raisers = self.unless_analytes | frozenset(m for m in self.markers
+                                                              if m not in self.conds_by_analyte)
 
     def eval_at(self, st: PatientState, cp: "CompiledProtocol", t: float) -> Hit | None:
         dose = st.dose_at

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from alerts.engine import Engine
@@ -92,6 +93,19 @@ def _final(events_in_order):
 
 @SETTINGS
 @given(rs=results(), seed=st.randoms(use_true_random=False))
+# found by hypothesis: the ALF episode (INR 2.0 with AST 3x ULN on day 1) is held open by the
+# bilirubin rise of day 4 (1.0 -> 2.0, above ULN); random.Random(2) makes the rise arrive after
+# the INR/AST results that resolve the episode, and the engine used to skip the ALF rule for
+# that "plain" bilirubin (it meets no composite condition), so the finding vanished
+@example(rs=[("creatinine", 0.0, 1.0, 0.4, "r1"), ("bilirubin_total", 0.0, 1.0, 1.2, "r2"),
+             ("bilirubin_total", 1.0, 1.0, 1.2, "r3"), ("bilirubin_total", 4.0, 2.0, 1.2, "r4"),
+             ("bilirubin_total", 2.0, 1.0, 1.2, "r5"), ("bilirubin_total", 3.0, 1.0, 1.2, "r6"),
+             ("inr", 0.0, 1.0, None, "r7"), ("inr", 2.0, 1.0, None, "r8"), ("inr", 1.0, 2.0, None, "r9"),
+             ("alt", 0.0, 10.0, 40, "r10"), ("alt", 1.0, 10.0, 40, "r11"), ("platelets", 0.0, 10.0, None, "r12"),
+             ("platelets", 21.0, 14.0, None, "r13"), ("platelets", -1.0, 69.0, None, "r14"),
+             ("platelets", 11.0, 18.0, None, "r15"), ("platelets", 5.5, 389.0, None, "r16"),
+             ("ast", 60.0, 37.0, 60, "r17"), ("ast", 1.0, 180.0, 60, "r18")],
+         seed=random.Random(2))
 def test_arrival_order_invariance(rs, seed):
     ordered = [_obs(r) for r in sorted(rs, key=lambda r: r[1])]
     shuffled = list(ordered)
@@ -124,6 +138,30 @@ def test_order_invariance_catches_a_real_difference():
     x = _final([obs("alt", 250, 7, high=40, oid="x")])
     y = _final([obs("alt", 30, 7, high=40, oid="x")])
     assert x.present() != y.present()
+
+
+def test_alf_marker_rise_holds_the_episode_open_in_any_arrival_order():
+    # ALF signature on day 1 (newest INR 2.0 with AST 3x ULN); INR and AST are back to normal
+    # on day 2 (fresh results of everything it rested on), but bilirubin rises above ULN on
+    # day 4 (1.0 -> 2.0, 1.7x ULN: no composite condition, a marker of the ALF rule): falling
+    # transaminases with a rising bilirubin keep the finding open, whether the rise arrives
+    # before or after the results that would otherwise resolve it
+    from itertools import permutations
+    episode = [obs("inr", 2.0, 1, oid="i1"), obs("ast", 180, 1, high=60, oid="a1"),
+               obs("bilirubin_total", 1.0, 1, high=1.2, oid="b1")]
+    after = [obs("inr", 1.0, 2, oid="i2"), obs("ast", 40, 2, high=60, oid="a2"),
+             obs("bilirubin_total", 1.0, 2, high=1.2, oid="b2"), obs("bilirubin_total", 2.0, 4, high=1.2, oid="b3")]
+    seen = set()
+    for perm in permutations(after):
+        sim = _final(episode + list(perm))
+        f = sim.present().get("liver.acute_liver_failure_signature")
+        assert f is not None, [e.observation_id for e in perm]
+        assert "bilirubin_total 1 -> 2 still worsening" in f.text.what, f.text.what
+        seen.add((json.dumps(sim.state.to_dict(), sort_keys=True), f.finding_id))
+    assert len(seen) == 1
+    # without the rise the same results resolve it (the test can fail)
+    sim = _final(episode + after[:3])
+    assert "liver.acute_liver_failure_signature" not in sim.present()
 
 
 def _fever(events):

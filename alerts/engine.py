@@ -236,7 +236,7 @@ class Engine:
         for rule in rules:
             if skip and rule.kind == "composite" and rule.id not in active and analyte not in rule.plain_raisers:
                 continue
-            hit = rule.evaluate(state, cp)
+            hit = self._settle_steroid(state, rule, rule.evaluate(state, cp), now)
             if late is not None and hit is not None and hit is not KEEP and not hit.note and any(
                     ev[1] is not None and ev[1][2] == late[2] for ev in hit.evidence):
                 hit.note = f"Includes a result taken {_day(late[0])} that arrived late (after newer results)."
@@ -299,6 +299,14 @@ class Engine:
         else:
             fresh = [epoch(event.at), event.phase.value] not in state.steroid
             state.add_steroid(epoch(event.at), event.phase.value)
+            # the taper gate settles from the arrival of the record of the taper in force
+            # (processing time); kept only while that taper is the newest change, so the state
+            # does not depend on the order older records arrived in
+            t_last, p_last = state.steroid[-1]
+            if fresh and p_last == "taper" and t_last == epoch(event.at):
+                state.srx = [t_last, int((now or event.at).timestamp())]
+            elif state.srx is not None and state.srx[0] != t_last:
+                state.srx = None
             when = event.at
             cp = self.protocol_for(state)
             note = "Re-evaluated when a steroid phase change recorded late (after this result) arrived."
@@ -320,7 +328,7 @@ class Engine:
             return []
         out: list[Finding] = []
         for rule in cp.obs_rules:
-            hit = rule.evaluate(state, cp)
+            hit = self._settle_steroid(state, rule, rule.evaluate(state, cp), now)
             if note and hit is not None and hit is not KEEP and not hit.note:
                 hit.note = note
             self._diff(state, cp, rule, rule.id, hit, now, frozenset(), out)
@@ -470,6 +478,22 @@ class Engine:
                 any_overdue = True
         if comp is not None:
             self._diff(state, cp, comp, comp.id, None if any_overdue else comp_hit, now, retract_ids, out)
+        if state.srx is not None:
+            for rule in cp.settling:  # a taper gate whose settling time has passed is judged now
+                if rule.id not in state.active:
+                    self._diff(state, cp, rule, rule.id,
+                               self._settle_steroid(state, rule, rule.evaluate(state, cp), now), now, _EMPTY, out)
+
+    @staticmethod
+    def _settle_steroid(state: PatientState, rule: CRule, hit, now: datetime):
+        """A taper gate not raised yet stays silent until its record has settled
+        (``SteroidRuleC.unsettled``): results drawn before the taper may still be on their
+        way, and judging it on an older result would raise an alert that depends on arrival
+        order. The clock (``_clock``) raises it once settled."""
+        if (hit is None or hit is KEEP or rule.kind != "steroid" or rule.id in state.active
+                or not rule.unsettled(state, now.timestamp())):
+            return hit
+        return None
 
     def _no_dose(self, state: PatientState, now: datetime, out: list) -> None:
         """Results held, no usable dose record, grace passed: ``monitoring.no_dose_record``."""

@@ -266,6 +266,11 @@ class SteroidRule(_RuleBase, Sourced):
     * ``taper_gate``: when the current taper began, the newest post-dose results at or before
       that time met ``when`` (e.g. ALT or AST >= 2x ULN): the taper started on results that
       the label says forbid it. Cleared when the taper is abandoned (back to full dose) or ends.
+      ``settle_hours``: the judgement waits this long (processing time) after the taper record
+      arrives, so results drawn before the taper that are still on their way (a lab feed is
+      slower than the pharmacy feed) land first; otherwise the taper would be judged on an older
+      result and raise a transient alert that depends on arrival order. Once settled, a late
+      result re-evaluates it as usual (it is raised or cleared at once).
     * ``early_taper``: a taper began before the regimen's full-dose period ended
       (``steroid_regimen``: start_days_before_dose + full_dose_days, minus ``tolerance_days``).
     * ``abrupt_stop``: the corticosteroid was stopped straight from the full dose, with no taper.
@@ -275,6 +280,7 @@ class SteroidRule(_RuleBase, Sourced):
     check: Literal["taper_gate", "early_taper", "abrupt_stop"]
     when: Expr | None = None
     tolerance_days: float = Field(default=0, ge=0)
+    settle_hours: float = Field(default=0, ge=0)
     severity: Severity = Severity.WARNING
 
 

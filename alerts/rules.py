@@ -1005,7 +1005,7 @@ class SteroidRuleC(CRule):
     """``SteroidRule``: the corticosteroid course against the label (see its docstring).
     Evidence for steroid events is a pseudo entry ``(t, None, "steroid-<phase>@<t>")``."""
 
-    __slots__ = ("check", "when", "rank", "earliest_s", "tolerance_s")
+    __slots__ = ("check", "when", "rank", "earliest_s", "tolerance_s", "settle_s")
 
     def __init__(self, r: SteroidRule, protocol: Protocol) -> None:
         super().__init__(r)
@@ -1014,6 +1014,7 @@ class SteroidRuleC(CRule):
         self.analytes = tuple(sorted(_expr_analytes(self.when, set()))) if self.when is not None else ()
         self.rank = r.severity.rank
         self.tolerance_s = r.tolerance_days * DAY
+        self.settle_s = r.settle_hours * 3600.0
         sr = protocol.steroid_regimen
         self.earliest_s = None
         if r.check == "early_taper" and sr is not None and sr.full_dose_days is not None:
@@ -1023,6 +1024,15 @@ class SteroidRuleC(CRule):
     def _ev(t: int, phase: str) -> tuple:
         return ("steroid", (t, None, f"steroid-{phase}@{t}", None, None), None, None, None, None,
                 f"corticosteroid {phase}")
+
+    def unsettled(self, st, now: float) -> bool:
+        """The taper gate is not judged yet: its taper record arrived less than ``settle_s``
+        (processing time) before ``now``, so results drawn before the taper may still be on
+        their way. A finding already raised is not affected (see ``Engine._settle_steroid``)."""
+        if self.check != "taper_gate" or not self.settle_s or st.srx is None or not st.steroid:
+            return False
+        t, phase = st.steroid[-1]
+        return phase == "taper" and st.srx[0] == t and now < st.srx[1] + self.settle_s
 
     def evaluate(self, st, cp):
         course = st.steroid
@@ -1151,6 +1161,8 @@ class CompiledProtocol:
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
         self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
         self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
+        #: steroid checks that wait for a settling time after their record arrives (the clock raises them)
+        self.settling = tuple(c for c in self.rules if isinstance(c, SteroidRuleC) and c.settle_s)
         #: analyte -> (direction, conditions of composite rules on it): a post-dose result that
         #: meets one is an episode result (``PatientState.ev``)
         self.episode: dict[str, tuple[int, tuple[CCond, ...]]] = {}

@@ -76,6 +76,7 @@ class PatientState:
     __slots__ = (
         "patient_id", "product", "dose_at", "dose_id", "birth", "weight", "ward", "care_team",
         "steroid", "hist", "base", "o2", "active", "runs", "sus", "spo2_scale", "ev", "first",
+        "srx",
     )
 
     def __init__(self, patient_id: str) -> None:
@@ -98,6 +99,9 @@ class PatientState:
         self.spo2_scale: int | None = None
         self.ev: dict[str, list[Entry]] = {}
         self.first: int | None = None
+        #: ``[t, received]``: the newest steroid change recorded (effective time) and the
+        #: processing time its record arrived (the taper gate settles from it)
+        self.srx: list | None = None
 
     # -- history -----------------------------------------------------------------
     def insert(self, analyte: str, entry: Entry, limit: int) -> None:
@@ -300,6 +304,8 @@ class PatientState:
             d["sc"] = self.spo2_scale
         if self.steroid:
             d["s"] = [[s[0] - t0, s[1]] for s in self.steroid]
+        if self.srx is not None:
+            d["sr"] = [self.srx[0] - t0, self.srx[1] - t0]
         ranges: dict[str, list] = {}
         for a, h in self.hist.items():
             e = h[-1]
@@ -342,6 +348,8 @@ class PatientState:
         s.care_team = d.get("ct")
         s.spo2_scale = d.get("sc")
         s.steroid = [[x[0] + t0, x[1]] for x in d.get("s", ())]
+        sr = d.get("sr")
+        s.srx = [sr[0] + t0, sr[1] + t0] if sr is not None else None
         ranges = {_name(a): r for a, r in d.get("r", {}).items()}
         s.hist = {_name(a): [_unpack(e, t0, ranges.get(_name(a))) for e in h] for a, h in d.get("h", {}).items()}
         s.base = {_name(a): _unpack(e, t0, ranges.get(_name(a))) for a, e in d.get("bl", {}).items()}

@@ -80,10 +80,10 @@
       var frag = document.createDocumentFragment();
       function patientCell(p) {
         if (!p || !p.registered) {
-          return [el("span", { "class": "patient-name unregistered", text: "Unregistered" }),
+          return [el("span", { "class": "patient-name unregistered", text: "Unregistered" }), el("br"),
                   el("span", { "class": "patient-ids", text: "id " + (p ? p.patient_id : "?") })];
         }
-        return [el("span", { "class": "patient-name", text: p.display_name }),
+        return [el("span", { "class": "patient-name", text: p.display_name }), el("br"),
                 el("span", { "class": "patient-ids", text: "MRN " + p.mrn + " \u00b7 born " + p.birth_date })];
       }
       data.alerts.forEach(function (a) {

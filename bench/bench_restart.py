@@ -29,20 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SERVICE_TOPICS, Child, Kafka, free_port, http_ok, publish  # noqa: E402
+from workers import raw_alt, raw_dose  # noqa: E402
 
 PY = sys.executable
 
 
 def dose(pid: str, at: datetime) -> dict:
-    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
-            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
-            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
+    return raw_dose(pid, at)
 
 
 def lab(pid: str, eid: str, value: float, at: datetime) -> dict:
-    return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
-            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "bench",
-            "status": "final"}
+    return raw_alt(pid, eid, value, at, source="bench")
 
 
 def main(argv=None) -> int:

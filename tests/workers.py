@@ -19,6 +19,22 @@ from monitor.settings import SERVICE_TOPICS as _SETTINGS_TOPICS  # noqa: E402
 SERVICE_TOPICS = {field.upper(): short for short, field in _SETTINGS_TOPICS.items()}
 
 
+def raw_dose(pid: str, at) -> dict:
+    """A JSON dose record for the treatments topic (IV product, a 200-day-old infant)."""
+    from datetime import timedelta
+
+    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
+            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
+            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
+
+
+def raw_alt(pid: str, eid: str, value: float, at, source: str) -> dict:
+    """A JSON ALT result (U/L, reference 0-40) for the lab-results topic."""
+    return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
+            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": source,
+            "status": "final"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

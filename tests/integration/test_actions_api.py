@@ -21,7 +21,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from monitor.inbox.auth import hash_password
-from workers import service_env
+from workers import raw_alt, raw_dose, service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -34,15 +34,11 @@ ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observatio
 
 
 def dose(pid: str, at: datetime) -> dict:
-    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
-            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
-            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
+    return raw_dose(pid, at)
 
 
 def alt(pid: str, eid: str, value: float, at: datetime) -> dict:
-    return {"event_id": eid, "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
-            "reference_range": {"low": 0, "high": 40}, "effective_at": at.isoformat(), "source": "lab-x",
-            "status": "final"}
+    return raw_alt(pid, eid, value, at, source="lab-x")
 
 
 def send(bootstrap: str, records) -> None:

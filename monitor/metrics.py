@@ -79,12 +79,6 @@ PATIENTS_MONITORED = Gauge(
 CONSUMER_LAG = Gauge(
     "monitor_consumer_lag_messages", "End offset minus committed offset per input partition",
     ["topic", "partition"], registry=REGISTRY)
-#: retired with the faust agent (the aiokafka runner cannot skip offsets): stays 0; kept
-#: while deploy/METRICS.md and the dashboards still list it
-STREAM_OFFSET_GAPS = Counter(
-    "monitor_stream_offset_gaps_total",
-    "Messages the stream framework skipped (an offset jump on a topic without compaction); each is re-read",
-    ["topic"], registry=REGISTRY)
 SOURCE_LAST_EVENT = Gauge(
     "monitor_source_last_event_timestamp_seconds", "Unix time of the last event received from a lab source",
     ["source"], registry=REGISTRY)

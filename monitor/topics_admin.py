@@ -22,6 +22,9 @@ class KafkaUnreachable(RuntimeError):
     """The brokers could not be reached or refused our credentials within the deadline."""
 
 
+SASL_DROPS_MEAN_AUTH_FAILURE = 3
+
+
 def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
     """A connected admin client, or ``KafkaUnreachable`` after ``timeout`` seconds.
 
@@ -37,13 +40,27 @@ def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
         except Exception as exc:  # reported below
             result["error"] = exc
 
+    sasl = s.kafka_security_protocol.startswith("SASL")
+
     class _AuthWatch(logging.Handler):
-        """kafka-python logs, then retries, an authentication failure: notice it."""
+        """kafka-python logs, then retries, an authentication failure: notice it.
+
+        A Kafka 4 broker answers a wrong SCRAM password either with an authentication
+        error or (about half the time, seen on 4.1) by closing the socket after the
+        client's final SASL message. On a SASL listener, a TCP connection that is
+        accepted and then closed by the broker three times in a row is reported as a
+        failed authentication too (an unreachable broker refuses the connection instead).
+        """
 
         def emit(self, record: logging.LogRecord) -> None:
             text = record.getMessage()
             if "SaslAuthenticationFailed" in text or "Authentication failed" in text or "AuthenticationFailed" in text:
-                result.setdefault("auth_failed", True)
+                result.setdefault("auth_failed", "authentication failed")
+            elif sasl and "Bootstrap connection to" in text and "socket disconnected" in text:
+                result["dropped"] = result.get("dropped", 0) + 1
+                if result["dropped"] >= SASL_DROPS_MEAN_AUTH_FAILURE:
+                    result.setdefault("auth_failed", "the broker closed the connection during SASL authentication "
+                                                     f"{result['dropped']} times")
 
     watch = _AuthWatch(level=logging.WARNING)
     kafka_log = logging.getLogger("kafka")
@@ -59,7 +76,7 @@ def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
     if "admin" in result:
         return result["admin"]
     if "auth_failed" in result:
-        why = "authentication failed (wrong SASL user name, password or mechanism?)"
+        why = f"{result['auth_failed']} (wrong SASL user name, password or mechanism?)"
     elif "error" in result:
         why = type(result["error"]).__name__
     else:

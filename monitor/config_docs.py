@@ -47,6 +47,8 @@ DESCRIPTIONS: dict[str, str] = {
     "kafka_sasl_username": "SASL user name.",
     "kafka_sasl_password": "SASL password (secret).",
     "kafka_session_timeout_seconds": "Consumer-group session timeout: how soon a crashed worker's partitions move.",
+    "kafka_connect_timeout_seconds": "How long a command or the worker's start-up waits for a first broker connection "
+                                     "before failing with a one-line error (unreachable broker, wrong credentials).",
     "data_dir": "Directory for the worker's local data (table store files).",
     "web_host": "Address of the worker's web server (/healthz, /readyz, /metrics, actions API).",
     "web_port": "Port of the worker's web server.",

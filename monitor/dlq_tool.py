@@ -209,9 +209,9 @@ def _consumer(s: Settings, timeout: float):
     try:
         return KafkaConsumer(
             group_id=None, enable_auto_commit=False, allow_auto_create_topics=False,
-            bootstrap_timeout_ms=int(timeout * 1000), request_timeout_ms=max(int(timeout * 1000), 5000) + 1000,
+            request_timeout_ms=max(int(timeout * 1000), 5000) + 1000,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=s.max_message_bytes + 1024,
-            client_id=f"{s.app_id}-dlq-tool", **kafka_python_config(s),
+            client_id=f"{s.app_id}-dlq-tool", **kafka_python_config(s, connect_timeout=timeout),
         )
     except KafkaError as exc:
         raise _unreachable(s, exc) from None
@@ -391,7 +391,7 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
         return counts
     try:
         producer = KafkaProducer(acks="all", max_request_size=s.max_message_bytes,
-                                 bootstrap_timeout_ms=int(timeout * 1000), **kafka_python_config(s))
+                                 **kafka_python_config(s, connect_timeout=timeout))
     except KafkaError as exc:
         raise _unreachable(s, exc) from None
     ledger = replay_ledger_topic(s)

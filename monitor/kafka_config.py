@@ -16,11 +16,14 @@ def ssl_context(s: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def kafka_python_config(s: Settings) -> dict[str, Any]:
-    """Keyword arguments for kafka-python clients (producer, consumer, admin)."""
+def kafka_python_config(s: Settings, connect_timeout: float | None = None) -> dict[str, Any]:
+    """Keyword arguments for kafka-python clients (producer, consumer, admin); the first
+    connection is given up after ``connect_timeout`` seconds (default
+    ``KAFKA_CONNECT_TIMEOUT_SECONDS``)."""
     cfg: dict[str, Any] = {
         "bootstrap_servers": s.kafka_bootstrap_servers.split(","),
         "security_protocol": s.kafka_security_protocol,
+        "bootstrap_timeout_ms": int((connect_timeout or s.kafka_connect_timeout_seconds) * 1000),
     }
     if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
         cfg.update(ssl_cafile=s.kafka_ssl_cafile, ssl_certfile=s.kafka_ssl_certfile, ssl_keyfile=s.kafka_ssl_keyfile)

@@ -186,9 +186,9 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
     try:
         consumer = KafkaConsumer(
             group_id=None, enable_auto_commit=False, allow_auto_create_topics=False,
-            bootstrap_timeout_ms=int(timeout * 1000), request_timeout_ms=max(int(timeout * 1000), 5000) + 1000,
+            request_timeout_ms=max(int(timeout * 1000), 5000) + 1000,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=s.max_message_bytes + 1024,
-            client_id=f"{s.app_id}-protocol-replay", **kafka_python_config(s),
+            client_id=f"{s.app_id}-protocol-replay", **kafka_python_config(s, connect_timeout=timeout),
         )
     except KafkaError as exc:
         raise KafkaUnreachable(f"cannot use Kafka at {s.kafka_bootstrap_servers}: {type(exc).__name__}; "

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
 
     #: consumer-group session timeout: how soon a crashed worker's partitions move
     kafka_session_timeout_seconds: float = 10.0
+    #: how long a command or the worker's start-up waits for a first broker connection
+    #: before it fails with a one-line error (unreachable broker, wrong credentials)
+    kafka_connect_timeout_seconds: float = Field(default=30.0, gt=0)
 
     #: faust's data directory (faust keeps no tables here any more; the patient store is in
     #: memory, rebuilt from its changelog topic)

@@ -25,13 +25,15 @@ class KafkaUnreachable(RuntimeError):
 SASL_DROPS_MEAN_AUTH_FAILURE = 3
 
 
-def admin_client(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
-    """A connected admin client, or ``KafkaUnreachable`` after ``timeout`` seconds.
+def admin_client(s: Settings, timeout: float | None = None) -> KafkaAdminClient:
+    """A connected admin client, or ``KafkaUnreachable`` after ``timeout`` seconds
+    (default ``KAFKA_CONNECT_TIMEOUT_SECONDS``).
 
     kafka-python retries the bootstrap for ever, also after an authentication failure
     (a wrong SASL password): bound it, so a misconfigured worker fails with a clear
     message instead of hanging.
     """
+    timeout = timeout or s.kafka_connect_timeout_seconds
     result: dict = {}
 
     def connect() -> None:
@@ -116,7 +118,7 @@ def topic_configs(s: Settings, name: str) -> dict[str, str]:
     return {}
 
 
-def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
+def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float | None = None) -> list[str]:
     """Create missing topics (the service topics and the patient changelog); returns the
     names created. The changelog gets as many partitions as the patient stream has."""
     names = names or [*service_topics(s), changelog_topic(s)]

@@ -149,7 +149,8 @@ def test_worker_and_clients_over_tls_and_sasl(secure_broker, tmp_path):
 
 def test_wrong_password_is_a_clear_error_not_a_hang(secure_broker):
     env = {**os.environ, **sec_env("SASL", secure_broker, password="not-the-password-42"),
-           "MONITOR_APP_ID": "wrongpw"}
+           "MONITOR_APP_ID": "wrongpw",
+           "KAFKA_CONNECT_TIMEOUT_SECONDS": "20"}  # gives up (with its message) before this test's 30 s
     t0 = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "monitor.cli", "topics"], cwd=ROOT, env=env,

@@ -141,6 +141,68 @@ def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float | 
             except TopicAlreadyExistsError:
                 pass
             log.info("created %d topics", len(missing))
+        align_retention(admin, s, [n for n in names if n in existing])
         return missing
     finally:
         admin.close()
+
+
+def retention_changes(s: Settings, name: str, current: dict[str, str]) -> dict[str, str]:
+    """The settings of an existing topic that must change so its records last as long as
+    ``topic_configs`` says (an upgrade from a release that created them with the broker's
+    7-day default). Never shortens what an operator lengthened: a retention already
+    unlimited or longer than wanted is kept."""
+    changes: dict[str, str] = {}
+    for key, want in topic_configs(s, name).items():
+        have = current.get(key)
+        if have is None or have == want:
+            continue
+        if key == "cleanup.policy":
+            if want not in have.split(","):
+                changes[key] = want
+        elif int(have) != -1 and (int(want) == -1 or int(have) < int(want)):
+            changes[key] = want
+    return changes
+
+
+def align_retention(admin: KafkaAdminClient, s: Settings, names: list[str]) -> dict[str, dict[str, str]]:
+    """Bring existing topics' retention up to ``topic_configs`` (incremental alter, SET only
+    the keys that differ). Without the right to alter topic configs (the worker's Kafka
+    identity has none: Strimzi's KafkaTopic resources own them) it logs a warning naming
+    the topics and keys and carries on; ``monitor topics`` run as an administrator fixes it."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+    from kafka.errors import KafkaError
+
+    names = [n for n in names if topic_configs(s, n)]
+    if not names:
+        return {}
+    try:
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names],
+                                           config_filter="all")
+    except KafkaError as exc:
+        log.warning("cannot read the retention of existing topics (%s): not checked", type(exc).__name__)
+        return {}
+    todo: dict[str, dict[str, str]] = {}
+    for by_name in described.values():
+        for name, entries in by_name.items():
+            current = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}
+            changes = retention_changes(s, name, {k: str(v) for k, v in current.items() if v is not None})
+            if changes:
+                todo[name] = changes
+    if not todo:
+        return {}
+    try:
+        result = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, c) for n, c in todo.items()])
+        # kafka-python 3: {resource type: {topic: "OK" or the error's text}}
+        failed = [f"{n}: {r}" for by_name in result.values() for n, r in by_name.items() if r != "OK"]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+    except (KafkaError, RuntimeError, ValueError) as exc:
+        log.warning("topics keep a shorter retention than the service needs (%s), and altering them failed (%s): "
+                    "run `monitor topics` with a Kafka identity allowed to alter topic configs",
+                    ", ".join(f"{n}: {', '.join(sorted(c))}" for n, c in sorted(todo.items())),
+                    str(exc)[:200])
+        return {}
+    for name, changes in sorted(todo.items()):
+        log.info("topic %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+    return todo

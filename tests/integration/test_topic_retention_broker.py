@@ -2,6 +2,7 @@
 compacted or without time-based deletion; checked with the admin client on a real broker."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -50,5 +51,65 @@ def test_record_topics_never_expire(kafka_bootstrap):
         # a raw input keeps the broker default (time-based deletion)
         assert cfg[f"{prefix}.lab-results"]["retention.ms"] != "-1"
         assert ensure_topics(s) == []  # idempotent
+    finally:
+        drop_test_topics(kafka_bootstrap, names, [prefix])
+
+
+def test_upgrade_lengthens_the_retention_of_existing_record_topics(kafka_bootstrap):
+    """Topics created by an older release with the broker's 7-day default are brought up to
+    the retention the service needs; a retention an operator lengthened is kept."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka_broker import drop_test_topics
+
+    from monitor.settings import SERVICE_TOPICS, Settings
+    from monitor.topics_admin import changelog_topic, ensure_topics, service_topics
+
+    prefix = f"upg{uuid.uuid4().hex[:8]}"
+    s = Settings(kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
+                 **{field: f"{prefix}.{short}" for short, field in SERVICE_TOPICS.items()})
+    week = str(7 * 86_400_000)
+    old = {f"{prefix}.alerts": {"retention.ms": week}, f"{prefix}.treatments": {},
+           f"{prefix}.patients": {"cleanup.policy": "delete", "retention.ms": week},
+           f"{prefix}.observations": {"retention.ms": week},
+           f"{prefix}.alert-actions": {"retention.ms": str(400 * 86_400_000)}}  # lengthened by hand, still finite
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(n, 1, 1, topic_configs=c) for n, c in old.items()])
+    finally:
+        admin.close()
+    names = [*service_topics(s), changelog_topic(s)]
+    try:
+        created = ensure_topics(s)
+        assert sorted(created) == sorted(n for n in names if n not in old), (created, names)
+        # an alteration is applied through the broker's metadata log: read until it shows (at most 15 s)
+        deadline = time.monotonic() + 15
+        while True:
+            cfg = _configs(kafka_bootstrap, list(old))
+            if cfg[f"{prefix}.patients"]["cleanup.policy"] == "compact" and all(
+                    cfg[n]["retention.ms"] != week for n in old) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert cfg[f"{prefix}.alerts"]["retention.ms"] == "-1"
+        assert cfg[f"{prefix}.treatments"]["retention.ms"] == "-1"
+        assert cfg[f"{prefix}.alert-actions"]["retention.ms"] == "-1"  # finite -> unlimited: records never expire
+        assert cfg[f"{prefix}.patients"]["cleanup.policy"] == "compact"
+        assert int(cfg[f"{prefix}.observations"]["retention.ms"]) == s.observations_retention_days * 86_400_000
+        # an operator's longer observation retention is kept on the next start
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            from kafka.admin import ConfigResource, ConfigResourceType
+
+            longer = str(3 * s.observations_retention_days * 86_400_000)
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, f"{prefix}.observations",
+                                                {"retention.ms": longer})])
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 15
+        while _configs(kafka_bootstrap, [f"{prefix}.observations"])[f"{prefix}.observations"]["retention.ms"] != longer:
+            assert time.monotonic() < deadline, "the operator's alteration never showed"
+            time.sleep(0.3)
+        assert ensure_topics(s) == []
+        time.sleep(1)  # an alteration (there must be none) would show within this
+        assert _configs(kafka_bootstrap, [f"{prefix}.observations"])[f"{prefix}.observations"]["retention.ms"] == longer
     finally:
         drop_test_topics(kafka_bootstrap, names, [prefix])

@@ -1,0 +1,32 @@
+"""Retention on upgrade: which settings of an existing topic ``monitor topics`` changes."""
+from __future__ import annotations
+
+from monitor.settings import Settings
+from monitor.topics_admin import retention_changes
+
+S = Settings()
+WEEK = str(7 * 86_400_000)
+
+
+def test_a_week_on_a_record_topic_becomes_unlimited():
+    assert retention_changes(S, S.topic_alerts, {"cleanup.policy": "delete", "retention.ms": WEEK,
+                                                 "retention.bytes": "-1"}) == {"retention.ms": "-1"}
+    assert retention_changes(S, S.topic_treatments, {"retention.ms": "-1", "retention.bytes": "1073741824",
+                                                     "cleanup.policy": "delete"}) == {"retention.bytes": "-1"}
+
+
+def test_compacted_topics_get_compaction_added_and_kept():
+    assert retention_changes(S, S.topic_patients, {"cleanup.policy": "delete", "retention.ms": WEEK}) == {
+        "cleanup.policy": "compact", "retention.ms": "-1"}
+    assert retention_changes(S, S.topic_patients, {"cleanup.policy": "compact,delete", "retention.ms": "-1"}) == {}
+
+
+def test_never_shortens_what_an_operator_lengthened():
+    want = S.observations_retention_days * 86_400_000
+    assert retention_changes(S, S.topic_observations, {"retention.ms": WEEK}) == {"retention.ms": str(want)}
+    assert retention_changes(S, S.topic_observations, {"retention.ms": str(2 * want)}) == {}
+    assert retention_changes(S, S.topic_observations, {"retention.ms": "-1"}) == {}
+
+
+def test_raw_inputs_keep_the_broker_default():
+    assert retention_changes(S, S.topic_lab_results, {"retention.ms": WEEK}) == {}

@@ -25,8 +25,8 @@ from schemas.alert import ActionKind, Alert, AlertAction, Role
 from schemas.findings import Severity
 
 from .auth import (
-    AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
-    require_role,
+    ALL_WARDS, AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
+    require_role, ward_visibility,
 )
 from .store import InboxStore
 
@@ -41,21 +41,14 @@ ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "
                  "silence": "Silence"}
 
 
-ALL_WARDS = "*"
-
-
 def ward_scope(request: web.Request) -> Callable[[str | None], bool]:
-    """``visible(ward)`` for the signed-in user (review M5): admins and users granted ``"*"`` see
-    every ward (also patients with none); others only the wards listed for them in the users file
-    (read live, so a changed file applies at once)."""
+    """``visible(ward)`` for the signed-in user (review M5; :func:`monitor.inbox.auth.ward_visibility`,
+    the one ward policy): admins and users granted ``"*"`` see every ward (also patients with none);
+    others only the wards listed for them in the users file (read live, so a changed file applies
+    at once)."""
     sess = current_session(request)
-    if sess.role == Role.ADMIN:
-        return lambda ward: True
     user = request.app[AUTH_KEY].users.get(sess.username)
-    wards = frozenset(user.wards) if user is not None else frozenset()
-    if ALL_WARDS in wards:
-        return lambda ward: True
-    return lambda ward: ward is not None and ward in wards
+    return ward_visibility(sess.role, user.wards if user is not None else ())
 
 
 def _e(v: Any) -> str:

@@ -496,3 +496,16 @@ def test_silence_time_is_entered_in_the_site_zone(monkeypatch):
     monkeypatch.setenv("INBOX_TIMEZONE", "America/New_York")
     assert _parse_until("2026-01-15T09:00:00").isoformat() == "2026-01-15T09:00:00-05:00"
     assert _parse_until("2026-01-15T09:00:00Z").utcoffset() == timedelta(0)
+
+
+def test_ward_visibility_is_the_one_ward_policy():
+    """The inbox and the worker's actions API share this function (review M5)."""
+    from monitor.inbox.auth import ward_visibility
+
+    nurse = ward_visibility(Role.NURSE, ("W1", "W3"))
+    assert nurse("W1") and nurse("W3") and not nurse("W2") and not nurse(None)
+    assert not ward_visibility(Role.NURSE, ())("W1")  # no grant: nothing
+    everyone = ward_visibility("physician", ("*",))
+    assert everyone("W2") and everyone(None)
+    admin = ward_visibility(Role.ADMIN, ())
+    assert admin("anything") and admin(None)

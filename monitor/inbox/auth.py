@@ -448,7 +448,7 @@ class AuthConfig:
     #: networks of the reverse proxies whose forwarded headers are believed
     trusted_proxies: tuple = ()
     #: paths reachable without a session (exact match, or prefix when ending with "/")
-    public: tuple[str, ...] = ("/login", "/healthz", "/static/")
+    public: tuple[str, ...] = ("/login", "/healthz", "/readyz", "/static/")
 
     def __post_init__(self) -> None:
         nets = tuple(ipaddress.ip_network(str(n).strip(), strict=False) if not isinstance(

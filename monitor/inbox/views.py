@@ -28,6 +28,7 @@ from .auth import (
     ALL_WARDS, AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
     require_role, ward_visibility,
 )
+from .metrics import METRICS_KEY
 from .store import InboxStore
 
 STORE_KEY = web.AppKey("inbox_store", InboxStore)
@@ -173,6 +174,18 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _count_login(request: web.Request, outcome: str) -> None:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.login(outcome)
+
+
+def _count_action(request: web.Request, action: str, outcome: str) -> None:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.action(action, outcome)
+
+
 def _client_address(request: web.Request) -> str:
     return request.app[AUTH_KEY].client_address(request)
 
@@ -200,15 +213,18 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     sent = str(form.get(CSRF_FIELD, ""))
     cookie = request.cookies.get(cfg.login_csrf_cookie, "")
     if not sent or not cookie or not secrets.compare_digest(sent.encode("utf-8"), cookie.encode("utf-8")):
+        _count_login(request, "expired_form")
         return html_response(page("Sign in", "<p class='error' role='alert'>Your sign-in form expired. "
                                   "<a href='/login'>Try again</a>.</p>", page_id="page-login"), status=403)
     addr = _client_address(request)
     slots = _verify_slots(request.app)
     if slots["waiting"] >= MAX_WAITING:
+        _count_login(request, "busy")
         return web.Response(status=503, text="Too many sign-ins at once; try again in a moment.",
                             headers={"Retry-After": "2"})
     wait = cfg.throttle.begin(username, addr)  # counted now, before the (slow) verification
     if wait > 0:
+        _count_login(request, "throttled")
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, f"Too many failed attempts. Try again in "
                                                            f"{int(wait) + 1} seconds.", username),
@@ -223,12 +239,14 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     finally:
         slots["waiting"] -= 1
     if user is None:  # the failure was counted by begin()
+        _count_login(request, "failed")
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, "User name or password is wrong.", username),
                                   page_id="page-login"), status=401)
         cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
     cfg.throttle.success(username, addr)
+    _count_login(request, "succeeded")
     cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))  # no session fixation
     token, _ = cfg.sessions.create(user)
     resp = web.Response(status=303, headers={"Location": "/"})
@@ -567,6 +585,7 @@ async def api_action(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return _bad(request, 400, "unknown action", is_form)
     if not may(sess.role, kind, alert.severity):
+        _count_action(request, kind.value, "refused")
         return _bad(request, 403, f"a {sess.role.value} may not {kind.value} a {alert.severity.value} alert", is_form)
     if kind == ActionKind.SILENCE and alert.severity == Severity.CRITICAL:
         return _bad(request, 409, "critical alerts cannot be silenced", is_form)
@@ -594,8 +613,10 @@ async def api_action(request: web.Request) -> web.StreamResponse:
     try:
         await publish(action)
     except Exception:
+        _count_action(request, kind.value, "failed")
         return _bad(request, 503, "the action could not be sent; try again", is_form)
     store.note_pending(alert, action)
+    _count_action(request, kind.value, "sent")
     if is_form:
         raise web.HTTPSeeOther(f"/alerts/{alert.alert_id}?sent={kind.value}")
     out = action.model_dump(mode="json")
@@ -674,7 +695,18 @@ async def _stream(request: web.Request, cfg, token: str, store, visible=None) ->
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers (whatever the broker does)."""
     return web.json_response({"ok": True, **request.app[STATUS_KEY]})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 once the store has read its topics to the end (``caught_up``), 503 before,
+    so a restarting inbox is not shown half-filled (an alert missing from a list looks like no
+    alert). A broker outage later does NOT make it unready: the store keeps what it has, and
+    staleness is an ops alert (``InboxStoreStale``), not an empty page."""
+    status = request.app[STATUS_KEY]
+    ready = bool(status.get("caught_up"))
+    return web.json_response({"ready": ready, **status}, status=200 if ready else 503)
 
 
 def add_routes(app: web.Application, static_dir: str) -> None:
@@ -683,6 +715,7 @@ def add_routes(app: web.Application, static_dir: str) -> None:
     r.add_post("/login", login_submit)
     r.add_post("/logout", logout)
     r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
     r.add_get("/", inbox_page)
     r.add_get("/alerts/{alert_id}", alert_page)
     r.add_get("/patients/{ref}", patient_page)

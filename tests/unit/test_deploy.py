@@ -84,10 +84,19 @@ def test_every_rule_has_a_firing_and_a_quiet_unit_test():
     assert names - quiet == set(), "rules never tested not firing"
 
 
+def _inbox_metric_names() -> set[str]:
+    """The inbox's own registry (issue 14: its metrics are served on its own port)."""
+    from monitor.inbox.metrics import InboxMetrics
+
+    return {m.name + ("_total" if m.type == "counter" else "_info" if m.type == "info" else "")
+            for m in InboxMetrics().registry.collect()}
+
+
 def test_rules_are_labelled_for_routing_and_name_only_known_metrics():
     from monitor.metrics import REGISTRY
 
-    known = {m.name for m in REGISTRY.collect()} | {"up"}
+    known = {m.name for m in REGISTRY.collect()} | {"up"} | {
+        re.sub(r"_(total|info)$", "", n) for n in _inbox_metric_names()}
     for rule in shipped_rules():
         assert rule["labels"]["category"] == "ops" and rule["labels"]["severity"] in {"critical", "warning"}, rule
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
@@ -501,6 +510,7 @@ def test_metrics_note_lists_every_metric():
     exposed = set()
     for m in REGISTRY.collect():
         exposed.add(m.name + ("_total" if m.type == "counter" else "_info" if m.type == "info" else ""))
+    exposed |= _inbox_metric_names()
     missing = sorted(n for n in exposed if f"`{n}`" not in doc)
     assert not missing, f"deploy/METRICS.md misses {missing}"
     listed = set(re.findall(r"`(monitor_[a-z_]*[a-z])`", doc))

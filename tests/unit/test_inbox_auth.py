@@ -509,3 +509,70 @@ def test_ward_visibility_is_the_one_ward_policy():
     assert everyone("W2") and everyone(None)
     admin = ward_visibility(Role.ADMIN, ())
     assert admin("anything") and admin(None)
+
+
+# --------------------------------------------------------------------------- issue 14 item 7: metrics, readiness
+
+
+def _samples(app, name: str) -> dict[tuple, float]:
+    from monitor.inbox.metrics import METRICS_KEY
+
+    return {tuple(sorted(s.labels.items())): s.value for m in app[METRICS_KEY].registry.collect()
+            for s in m.samples if s.name == name}
+
+
+async def test_inbox_metrics_count_routes_logins_actions_and_store_state(ctx):
+    client, sent, store = ctx
+    app = client.server.app
+    r = await client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)
+    r = await client.post("/login", data={"username": "nurse1", "password": "wrong-password", "csrf_token": token},
+                          allow_redirects=False)
+    assert r.status == 401
+    csrf = await login(client, "nurse1")
+    assert (await client.get("/alerts/" + "a" * 32)).status == 200
+    assert (await client.get("/alerts/" + "d" * 32)).status == 404  # no such alert
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "resolve", "reason": "x"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 403
+    logins = _samples(app, "monitor_inbox_logins_total")
+    assert logins[(("outcome", "failed"),)] == 1 and logins[(("outcome", "succeeded"),)] == 1
+    assert logins[(("outcome", "throttled"),)] == 0
+    reqs = _samples(app, "monitor_inbox_http_requests_total")
+    # the route TEMPLATE, never the alert id
+    assert reqs[(("method", "GET"), ("route", "/alerts/{alert_id}"), ("status", "200"))] == 1
+    assert reqs[(("method", "GET"), ("route", "/alerts/{alert_id}"), ("status", "404"))] == 1
+    assert reqs[(("method", "POST"), ("route", "/login"), ("status", "401"))] == 1
+    assert not any("a" * 32 in v for k in reqs for _, v in k)
+    acts = _samples(app, "monitor_inbox_actions_total")
+    assert acts[(("action", "acknowledge"), ("outcome", "sent"))] == 1
+    assert acts[(("action", "resolve"), ("outcome", "refused"))] == 1
+    open_ = _samples(app, "monitor_inbox_alerts_open")
+    assert open_[(("severity", "critical"),)] == 1 and open_[(("severity", "high"),)] == 1
+    assert _samples(app, "monitor_inbox_alerts_held")[()] == 3
+    assert _samples(app, "monitor_inbox_sessions")[()] == 1
+    text = app[__import__("monitor.inbox.metrics", fromlist=["METRICS_KEY"]).METRICS_KEY].exposition().decode()
+    assert "MRN-0001" not in text and "nurse1" not in text and "W1" not in text
+    # no metrics on the user-facing port
+    assert (await client.get("/metrics", allow_redirects=False)).status in (302, 404)
+
+
+async def test_readyz_waits_for_the_store_to_catch_up(store):
+    from monitor.inbox.views import STATUS_KEY
+
+    app = await create_inbox_app(Settings(), users=UserDirectory([]), store=store, publish=None, secret=SECRET,
+                                 start_kafka=False)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        app[STATUS_KEY]["caught_up"] = False
+        r = await client.get("/readyz")
+        assert r.status == 503 and (await r.json())["ready"] is False
+        assert (await client.get("/healthz")).status == 200  # alive all the same
+        app[STATUS_KEY]["caught_up"] = True
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()

@@ -274,6 +274,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <label for="f-team">Care team</label><select id="f-team" name="team"><option value="">All teams</option></select>
 <span class="live" id="live-state" aria-live="polite">Connecting...</span>
 </form>
+<p class="notify"><label for="notify-opt"><input type="checkbox" id="notify-opt">
+Notify me of new critical and high alerts on my wards (browser notification and sound)</label>
+<span id="notify-state" class="hint" aria-live="polite"></span></p>
 <p class="count" id="alert-count" aria-live="polite"></p>
 <div class="table-wrap"><table class="alerts" id="alert-table">
 <caption class="sr-only">Open alerts, most severe first, then oldest first</caption>
@@ -281,7 +284,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <th scope="col">Age</th><th scope="col">Status</th></tr></thead>
 <tbody id="alert-rows"><tr><td colspan="6">Loading...</td></tr></tbody></table></div>
 <p class="empty hidden" id="no-alerts">No open alerts.</p>"""
-    return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox"))
+    # data-user keys the notification preference (localStorage, per user on a shared workstation)
+    return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox",
+                              data={"user": sess.username}))
 
 
 def _alert_or_404(request: web.Request) -> Alert:

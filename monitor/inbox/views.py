@@ -300,6 +300,11 @@ def _alert_or_404(request: web.Request) -> Alert:
     return alert
 
 
+def _dose_ward(d: dict) -> str:
+    """" (dose ward X)" when the patient has moved since the dose (ADT transfer)."""
+    return f' <span class="dose-ward">(dose ward {_e(d["dose_ward"])})</span>' if d.get("dose_ward") else ""
+
+
 def _evidence_rows(d: dict) -> str:
     rows = []
     for e in d["evidence"]:
@@ -379,7 +384,7 @@ async def alert_page(request: web.Request) -> web.Response:
 <h1 id="alert-title">{_e(d['text']['what'])}</h1>
 <p class="meta">Alert {_e(d['pseudonym'])} &middot; rule <code>{_e(d['rule_id'])}</code> &middot;
 opened {_e(_fmt_time(d['opened_at']))} &middot; updated {_e(_fmt_time(d['updated_at']))} &middot; version {_e(d['version'])}
-&middot; {_e(d['ward'] or 'no ward')} / {_e(d['care_team'] or 'no team')}</p>
+&middot; {_e(d['ward'] or 'no ward')} / {_e(d['care_team'] or 'no team')}{_dose_ward(d)}</p>
 </header>
 <div id="action-status" role="status" aria-live="polite">{notice}</div>
 <ul class="pending" id="pending">{pending}</ul>
@@ -426,8 +431,10 @@ async def patient_page(request: web.Request) -> web.Response:
     pid = _patient_or_404(request)
     pv = store.patient(pid)
     dose = pv.dose
+    ward = store.patient_ward(pid)  # where the patient is now (ADT), else the dose's ward
+    moved = f' <span class="dose-ward">(dose ward {_e(dose.ward)})</span>' if dose and dose.ward and dose.ward != ward else ""
     info = (f"{_e(dose.product.value)} dosed {_e(_fmt_time(dose.administered_at))} &middot; "
-            f"{_e(dose.ward or 'no ward')} / {_e(dose.care_team or 'no team')}") if dose else "No dose recorded."
+            f"{_e(ward or 'no ward')} / {_e(dose.care_team or 'no team')}{moved}") if dose else "No dose recorded."
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
 <h1>Patient timeline</h1>{patient_banner(store.identity(pid))}<p class="meta">{info}</p>
 <section class="card" aria-labelledby="h-sched"><h2 id="h-sched">Samples due</h2><div id="schedule">Loading...</div></section>
@@ -501,7 +508,7 @@ async def handover_page(request: web.Request) -> web.Response:
         return "".join(
             f'<tr><td><span class="badge sev-{_e(a["severity"])}">{_e(a["severity"])}</span></td>'
             f'<td>{_who(a["patient"])}</td><td><a href="/alerts/{_e(a["alert_id"])}">{_e(a["what"])}</a></td>'
-            f'<td>{_e(a["ward"] or "")}</td><td>{_e(a["status"])}</td>'
+            f'<td>{_e(a["ward"] or "")}{_dose_ward(a)}</td><td>{_e(a["status"])}</td>'
             f'<td>{_time(a["closed_at"] if closed else a["opened_at"])}</td></tr>' for a in rows
         ) or f'<tr><td colspan="6">None.</td></tr>'
 

@@ -576,3 +576,31 @@ async def test_readyz_waits_for_the_store_to_catch_up(store):
         assert (await client.get("/readyz")).status == 200
     finally:
         await client.close()
+
+
+async def test_transfer_scopes_and_shows_by_the_adt_ward_with_the_dose_ward_beside(ctx):
+    """Issue 14 item 4: the patient's ADT record (patients topic) says W2 while the dose and the
+    alert say W1: the alert belongs to W2's nurses now, shown with "dose ward W1"."""
+    from schemas.patients import PatientRecord
+
+    client, sent, store = ctx
+    store.apply_patient(PatientRecord(patient_id="MRN-0001", display_name="Ada Okafor", mrn="H-1",
+                                      birth_date="2024-09-01", ward="W2", bed="7"))
+    csrf = await login(client, "nurse2")  # W2 only
+    data = await (await client.get("/api/alerts")).json()
+    moved = {a["alert_id"]: a for a in data["alerts"]}
+    assert set(moved) == {"a" * 32, "b" * 32}  # MRN-0001's alerts; MRN-0002 (no ADT record) stays on W1
+    assert all(a["ward"] == "W2" and a["dose_ward"] == "W1" for a in moved.values())
+    page = await (await client.get(f"/alerts/{'a' * 32}")).text()
+    assert "W2 / T1" in page and "(dose ward W1)" in page
+    tl = await (await client.get(f"/patients/{store.ref_of('MRN-0001')}")).text()
+    assert "W2 / T1" in tl and "(dose ward W1)" in tl
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202 and sent[-1].alert_id == "a" * 32
+    await client.post("/logout", headers={"X-CSRF-Token": csrf})
+    client.session.cookie_jar.clear()
+    await login(client, "nurse1")  # W1: the patient has left
+    data = await (await client.get("/api/alerts")).json()
+    assert [a["alert_id"] for a in data["alerts"]] == ["c" * 32] and data["alerts"][0]["dose_ward"] is None
+    assert (await client.get(f"/alerts/{'a' * 32}")).status == 404

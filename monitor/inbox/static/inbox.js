@@ -191,7 +191,8 @@
           el("td", { "class": "patient-cell" }, patientCell(a.patient)),
           el("td", { "class": "what-cell" }, [el("a", { "class": "what", href: href, text: a.what }),
                                                el("span", { "class": "rule", text: a.rule_id + " \u00b7 " + a.pseudonym })]),
-          el("td", { text: (a.ward || "\u2013") + " / " + (a.care_team || "\u2013") }),
+          el("td", { "class": "ward-cell" }, [(a.ward || "\u2013") + " / " + (a.care_team || "\u2013"),
+            a.dose_ward ? el("span", { "class": "dose-ward", text: " (dose ward " + a.dose_ward + ")" }) : null]),
           el("td", { "class": "age", "data-opened": a.opened_at, title: a.opened_at, text: age(a.opened_at) }),
           el("td", {}, [el("span", { "class": "status status-" + a.status, text: status })])
         ]);

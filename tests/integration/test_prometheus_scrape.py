@@ -323,6 +323,9 @@ def test_prometheus_scrapes_inbox_and_mllp_listener_with_their_rules(kafka_boots
         assert firing[0]["labels"]["job"] == "sma-monitor-inbox" and firing[0]["labels"]["category"] == "ops"
         rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
         assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
+        # idle topics all along (a minute and more): the broker's fetch answers keep the store fresh
+        assert prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds{job="sma-monitor-inbox"} < 10'), \
+            prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds')
         for quiet in ("InboxDown", "InboxStoreStale", "MllpListenerDown", "MllpConnectionsNearCap"):
             assert rules[quiet]["state"] == "inactive", (quiet, rules[quiet])
 

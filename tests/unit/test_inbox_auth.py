@@ -604,3 +604,28 @@ async def test_transfer_scopes_and_shows_by_the_adt_ward_with_the_dose_ward_besi
     data = await (await client.get("/api/alerts")).json()
     assert [a["alert_id"] for a in data["alerts"]] == ["c" * 32] and data["alerts"][0]["dose_ward"] is None
     assert (await client.get(f"/alerts/{'a' * 32}")).status == 404
+
+
+def test_store_freshness_is_the_least_recently_fetched_partition():
+    """``last_fetch_at`` (metric monitor_inbox_last_fetch_timestamp_seconds, rule InboxStoreStale)
+    is the oldest partition's last fetch answer; a partition never fetched leaves it unset."""
+    from monitor.inbox.app import KafkaBridge
+
+    class Consumer:  # aiokafka's public assignment() / last_poll_timestamp(tp), nothing else
+        def __init__(self, stamps):
+            self.stamps = stamps
+
+        def assignment(self):
+            return set(self.stamps)
+
+        def last_poll_timestamp(self, tp):
+            return self.stamps[tp]
+
+    status: dict = {}
+    bridge = KafkaBridge(Settings(), InboxStore(SECRET), status)
+    bridge.consumer = Consumer({("alerts", 0): None, ("alerts", 1): 5_000})
+    bridge._note_fetch()
+    assert "last_fetch_at" not in status
+    bridge.consumer = Consumer({("alerts", 0): 9_000, ("alerts", 1): 5_000, ("patients", 0): 7_000})
+    bridge._note_fetch()
+    assert status["last_fetch_at"] == 5.0

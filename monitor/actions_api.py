@@ -22,6 +22,11 @@ Routes (JSON in and out; every response ``Cache-Control: no-store``)::
   broker has it, not that the lifecycle applied it: watch the ``alerts`` topic (or GET the
   alert) for the new version. A client that retries after a 503 or a lost answer should send
   its own ``action_id``: the lifecycle applies an action id once.
+* Ward scoping (review M5), the inbox's one ward policy
+  (:func:`monitor.inbox.auth.ward_visibility`): a user whose ``wards`` in the users file do not
+  include the alert's ward gets 403 on the alert (GET and actions); admins and users granted
+  ``"*"`` reach every ward. An alert this worker does not hold has no known ward, so only they
+  may act on it here. The refusal is logged (user, role, ward; never the patient or alert id).
 * ``patient_id`` may be left out when this worker holds the alert (its ``patients`` table);
   otherwise 400 asks for it.
 * Cross-site safety for a Basic-auth API: state changes need ``Content-Type: application/json``
@@ -30,7 +35,7 @@ Routes (JSON in and out; every response ``Cache-Control: no-store``)::
 * Nothing here logs credentials or patient ids at INFO or above.
 
 Status codes: 202 accepted, 400 invalid body, 401 unauthenticated (``WWW-Authenticate: Basic``),
-403 role or origin refused, 404 unknown alert (GET), 409 alert state forbids the action,
+403 role, ward or origin refused, 404 unknown alert (GET), 409 alert state forbids the action,
 413 body too large, 415 not JSON, 429 throttled, 503 disabled or the broker unreachable.
 """
 from __future__ import annotations
@@ -60,7 +65,7 @@ from schemas.findings import Severity
 
 from alerts.policy import allowed_actions, may
 
-from .inbox.auth import LoginThrottle, User, UserDirectory, load_users
+from .inbox.auth import LoginThrottle, User, UserDirectory, load_users, ward_visibility
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +270,21 @@ class ActionsAPI:
             raise ApiError(400, "'until' must be an ISO 8601 date-time") from None
         return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
+    @staticmethod
+    def _check_ward(user: User, alert: "Alert | None", what: str) -> None:
+        """403 unless the user's wards cover the alert's (the inbox's ward policy)."""
+        ward = alert.ward if alert is not None else None
+        if ward_visibility(user.role, user.wards)(ward):
+            return
+        # the reason, never the patient or alert id (review L6)
+        log.warning("actions API: %s refused: %s, user %s (%s), wards %s", what,
+                    f"ward {ward!r} is not among the user's wards" if alert is not None
+                    else "alert not held here, its ward is unknown", user.username[:64], user.role.value,
+                    ",".join(user.wards) or "none")
+        if alert is None:
+            raise ApiError(403, "this worker does not hold the alert: its ward cannot be checked against yours")
+        raise ApiError(403, "this alert is not on your wards")
+
     async def post_action(self, request: Request, alert_id: str) -> tuple[int, dict[str, Any]]:
         self._check_origin(request)
         user = await self.authenticate(request)
@@ -290,6 +310,7 @@ class ActionsAPI:
         elif patient_id is None:
             raise ApiError(400, "this worker does not hold the alert: give its patient_id in the body")
         severity = alert.severity if alert is not None else None
+        self._check_ward(user, alert, kind.value)
 
         # pre-checks mirroring the lifecycle; the lifecycle stays authoritative
         if not may(user.role, kind, severity):
@@ -337,6 +358,7 @@ class ActionsAPI:
         alert = self.find_alert(alert_id)
         if alert is None:
             raise ApiError(404, "alert not held by this worker")
+        self._check_ward(user, alert, "read")
         out = alert.model_dump(mode="json")
         out.pop("patient_id", None)  # like the inbox: no raw patient id in responses (review L6)
         out["allowed_actions"] = allowed_actions(user.role, alert.severity, alert.is_open)

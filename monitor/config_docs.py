@@ -102,6 +102,9 @@ EXTRA: list[tuple[str, str, str, str]] = [
      "its URLs (secret, at least 32 characters); the inbox refuses to start without it.", "inbox"),
     ("INBOX_SESSION_IDLE_MINUTES", "30", "Inbox session idle timeout, minutes.", "inbox"),
     ("INBOX_SESSION_MAX_HOURS", "12", "Inbox session absolute lifetime, hours.", "inbox"),
+    ("INBOX_METRICS_PORT", "0", "Port of the inbox's Prometheus metrics, apart from the user-facing port "
+     "(`monitor inbox --metrics-port`; 0 = off).", "inbox"),
+    ("INBOX_METRICS_HOST", "127.0.0.1", "Address of the inbox's metrics endpoint (`--metrics-host`).", "inbox"),
     ("INBOX_SECURE_COOKIES", "(on with TLS)", "Mark cookies Secure (`true`/`false`); set `true` behind a "
      "TLS-terminating proxy.", "inbox"),
     ("INBOX_TRUST_PROXY", "false", "Trust `X-Forwarded-For`/`-Proto` (only from INBOX_TRUSTED_PROXIES when that "

@@ -68,8 +68,9 @@ MLLP_CLOSED = Counter(
     "MLLP connections closed by the listener or the peer, by why (eof, idle_timeout, frame_timeout, error)",
     ["reason"], registry=REGISTRY)
 MLLP_MESSAGES = Counter(
-    "monitor_mllp_messages_total", "MLLP frames answered, by acknowledgement code (AA, AE, AR)",
-    ["ack"], registry=REGISTRY)
+    "monitor_mllp_messages_total",
+    "MLLP frames answered, by acknowledgement code (AA, AE, AR) and message type (ORU^R01, ADT, other, none)",
+    ["ack", "type"], registry=REGISTRY)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)
@@ -115,3 +116,35 @@ def source_label(source: str) -> str:
         _sources.add(source)
         return source
     return "other"
+
+
+# ---- issue 14 (the MLLP listener's own scrape): added at the end
+
+MLLP_PARSE_ERRORS = Counter(
+    "monitor_mllp_parse_errors_total",
+    "MLLP messages that could not be decoded (dead-lettered, answered AE), by reason code",
+    ["reason"], registry=REGISTRY)
+MLLP_MAX_CONNECTIONS = Gauge(
+    "monitor_mllp_max_connections", "Connection cap of this MLLP listener (MLLP_MAX_CONNECTIONS)",
+    registry=REGISTRY)
+
+
+class _Only:
+    """A collector yielding ``registry``'s families whose names start with ``prefixes``."""
+
+    def __init__(self, registry: CollectorRegistry, prefixes: tuple[str, ...]):
+        self.registry, self.prefixes = registry, prefixes
+
+    def collect(self):
+        for family in self.registry.collect():
+            if family.name.startswith(self.prefixes):
+                yield family
+
+
+def component_registry(*prefixes: str) -> CollectorRegistry:
+    """A view of the shared registry for a process that is not a worker (the MLLP listener): only
+    its own families, so its scrape carries no worker gauge at zero (``monitor_ready 0`` would
+    read as a worker that is not ready)."""
+    view = CollectorRegistry(auto_describe=False)
+    view.register(_Only(REGISTRY, tuple(prefixes)))
+    return view

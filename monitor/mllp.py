@@ -228,6 +228,22 @@ class Stats:
 # ---------------------------------------------------------------- server
 
 
+#: the ``type`` label of ``monitor_mllp_messages_total``: bounded, from MSH-9 only
+_TYPE_LABELS = {"oru": "ORU^R01", "adt": "ADT"}
+
+
+def message_type_label(raw: bytes) -> str:
+    """``ORU^R01``, ``ADT`` (A01/A04/A08/A31), ``other`` (any other MSH-9) or ``none`` (no
+    readable MSH): a bounded label whatever the sender writes (never a field's raw text)."""
+    try:
+        msh = read_msh(raw)
+    except Exception:
+        return "none"
+    if msh is None:
+        return "none"
+    return _TYPE_LABELS.get(message_kind(msh), "other")
+
+
 class MllpServer:
     """What :func:`serve_mllp` returns: ``await server.stop()`` to shut down."""
 
@@ -262,6 +278,7 @@ class MllpServer:
         self.allowed_peers = parse_networks(allowed_peers) if isinstance(allowed_peers, (str, list)) else allowed_peers
         self.ssl_context = ssl_context
         self.stats = Stats()
+        m.MLLP_MAX_CONNECTIONS.set(max_connections)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
         self._per_peer: dict[str, int] = {}
@@ -438,7 +455,7 @@ class MllpServer:
         """Process one message payload and return the ACK bytes (unframed)."""
         ack = await self._handle(raw, oversized_len=oversized_len)
         code = ack[ack.find(b"MSA|") + 4 : ack.find(b"MSA|") + 6].decode("ascii", "replace")
-        m.MLLP_MESSAGES.labels(ack=code if code in ("AA", "AE", "AR") else "other").inc()
+        m.MLLP_MESSAGES.labels(ack=code if code in ("AA", "AE", "AR") else "other", type=message_type_label(raw)).inc()
         return ack
 
     async def _handle(self, raw: bytes, *, oversized_len: int | None = None) -> bytes:
@@ -541,6 +558,7 @@ class MllpServer:
         return decoded
 
     async def _dead_letter(self, raw: bytes, rej: Rejected, received_at: datetime) -> bytes:
+        m.MLLP_PARSE_ERRORS.labels(reason=rej.reason.value).inc()  # a bounded reason code (schemas.errors)
         # no source partition/offset: the bytes came over TCP, not from a topic
         headers = dead_letter_headers(rej.reason, rej.message, SOURCE_TOPIC, None, None, received_at)
         try:
@@ -691,7 +709,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr=args.metrics_host, registry=m.REGISTRY)
+        import platform
+        from importlib import metadata
+
+        try:
+            version = metadata.version("sma-gene-therapy-monitor")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        m.BUILD_INFO.info({"version": version, "python": platform.python_version(), "component": "mllp"})
+        # its own families only (monitor_mllp_*, build info): no worker gauge at zero in this scrape
+        start_http_server(args.metrics_port, addr=args.metrics_host,
+                          registry=m.component_registry("monitor_mllp_", "monitor_build"))
 
     async def run() -> None:
         server = await serve_mllp(

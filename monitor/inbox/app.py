@@ -12,6 +12,11 @@ Environment (besides the worker's ``Settings``):
 * ``INBOX_TRUST_PROXY``: ``true`` to honour ``X-Forwarded-Proto`` / ``X-Forwarded-For``.
 * ``INBOX_TLS_CERT`` / ``INBOX_TLS_KEY``: serve https directly.
 * ``INBOX_SESSION_IDLE_MINUTES`` (30) / ``INBOX_SESSION_MAX_HOURS`` (12).
+* ``INBOX_METRICS_PORT`` (0 = off) / ``INBOX_METRICS_HOST`` (127.0.0.1): Prometheus metrics on a
+  port of their own (:mod:`monitor.inbox.metrics`), never on the user-facing one.
+
+Probes: ``/healthz`` (liveness: the process answers) and ``/readyz`` (503 until the consumer has
+read its topics to the end once, so a restarted inbox is not shown to nurses half-filled).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -35,6 +41,7 @@ from .auth import (
     hash_password, load_users,
     security_headers_middleware,
 )
+from .metrics import METRICS_KEY, InboxMetrics, metrics_app, metrics_middleware
 from .store import InboxStore
 from .views import PUBLISH_KEY, STATUS_KEY, STORE_KEY, add_routes
 
@@ -47,10 +54,11 @@ class KafkaBridge:
     """Consumes alerts, observations and treatments from the beginning (no consumer group) into the
     store; publishes actions to ``alert-actions`` (acks=all, idempotent, key = patient id)."""
 
-    def __init__(self, settings: Settings, store: InboxStore, status: dict):
+    def __init__(self, settings: Settings, store: InboxStore, status: dict, metrics: InboxMetrics | None = None):
         self.settings = settings
         self.store = store
         self.status = status
+        self.metrics = metrics
         self.consumer = None
         self.producer = None
         self._task: asyncio.Task | None = None
@@ -85,8 +93,11 @@ class KafkaBridge:
             except Exception as exc:  # keep serving what we have; retry
                 log.warning("inbox consumer error: %s", type(exc).__name__)
                 self.status["consumer_errors"] = self.status.get("consumer_errors", 0) + 1
+                if self.metrics is not None:
+                    self.metrics.consumer_errors.inc()
                 await asyncio.sleep(1.0)
                 continue
+            self._note_fetch()
             if not batch:
                 self.status["caught_up"] = True
                 continue
@@ -101,7 +112,22 @@ class KafkaBridge:
                     except Exception:  # never let one bad record stop the view
                         store.counts["invalid"] += 1
             self.status["records"] = self.status.get("records", 0) + sum(len(v) for v in batch.values())
+            self.status["last_record_at"] = time.time()
+            if self.metrics is not None:
+                for tp, msgs in batch.items():
+                    self.metrics.records.labels(topic=tp.topic).inc(len(msgs))
             await asyncio.sleep(0)
+
+    def _note_fetch(self) -> None:
+        """``last_fetch_at``: when the broker last answered a fetch for the LEAST recently
+        fetched partition (aiokafka's ``last_poll_timestamp``); stays put while the broker is
+        unreachable, so the store's staleness is visible (metric and rule InboxStoreStale)."""
+        try:
+            stamps = [self.consumer.last_poll_timestamp(tp) for tp in self.consumer.assignment()]
+        except Exception:  # pragma: no cover - an assignment changing under us
+            return
+        if stamps and all(t is not None for t in stamps):
+            self.status["last_fetch_at"] = min(stamps) / 1000.0
 
     async def publish_action(self, action: AlertAction) -> None:
         key = (action.patient_id or "").encode("utf-8") or None
@@ -137,10 +163,12 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
                            publish: Callable[[AlertAction], Awaitable[None]] | None = None,
                            secret: bytes | str | None = None, secure_cookies: bool | None = None,
                            trust_proxy: bool | None = None, sessions: SessionStore | None = None,
-                           throttle: LoginThrottle | None = None, start_kafka: bool = True) -> web.Application:
+                           throttle: LoginThrottle | None = None, start_kafka: bool = True,
+                           metrics_host: str = "127.0.0.1", metrics_port: int = 0) -> web.Application:
     """Build the inbox application.
 
     ``start_kafka=False`` (tests) skips the Kafka bridge; pass ``store`` and ``publish`` instead.
+    ``metrics_port`` (0: none) serves ``/metrics`` on ``metrics_host`` beside the app.
     Without ``publish`` the app publishes through its own aiokafka producer.
     """
     if users is None:
@@ -160,8 +188,11 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
                      trust_proxy=trust_proxy if trust_proxy is not None
                      else bool(_env_bool("INBOX_TRUST_PROXY", False)) or bool(proxies),
                      trusted_proxies=proxies)
-    app = web.Application(middlewares=[security_headers_middleware, auth_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[metrics_middleware, security_headers_middleware, auth_middleware],
+                          client_max_size=64 * 1024)
     app[AUTH_KEY] = cfg
+    metrics = InboxMetrics()
+    app[METRICS_KEY] = metrics
     from .views import STREAMS_KEY, VERIFY_KEY, verify_slots
 
     app[VERIFY_KEY] = verify_slots()
@@ -169,7 +200,8 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
     app[STORE_KEY] = store
     status: dict = {"caught_up": not start_kafka}
     app[STATUS_KEY] = status
-    bridge = KafkaBridge(settings, store, status) if start_kafka else None
+    metrics.bind(store=store, status=status, sessions=sessions, streams=app[STREAMS_KEY])
+    bridge = KafkaBridge(settings, store, status, metrics) if start_kafka else None
     app[BRIDGE_KEY] = bridge
 
     async def _publish_via_bridge(action: AlertAction) -> None:
@@ -191,6 +223,16 @@ async def create_inbox_app(settings: Settings, *, users: UserDirectory | None = 
 
     app.cleanup_ctx.append(kafka_ctx)
     app.on_shutdown.append(close_streams)
+    if metrics_port:
+        async def metrics_ctx(app: web.Application):
+            runner = web.AppRunner(metrics_app(metrics), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, metrics_host, metrics_port).start()
+            log.info("inbox: metrics on %s:%d/metrics", metrics_host, metrics_port)
+            yield
+            await runner.cleanup()
+
+        app.cleanup_ctx.append(metrics_ctx)
     add_routes(app, str(STATIC_DIR))
     return app
 
@@ -250,7 +292,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         secure = True if secure is None else secure
     if cert and secure is None:
         secure = True
-    web.run_app(create_inbox_app(s, users=users, secure_cookies=secure), host=host, port=port, ssl_context=ssl_ctx,
+    metrics_port = args.metrics_port if args.metrics_port is not None else int(os.environ.get("INBOX_METRICS_PORT") or 0)
+    metrics_host = args.metrics_host or os.environ.get("INBOX_METRICS_HOST") or "127.0.0.1"
+    web.run_app(create_inbox_app(s, users=users, secure_cookies=secure, metrics_host=metrics_host,
+                                 metrics_port=metrics_port), host=host, port=port, ssl_context=ssl_ctx,
                 print=lambda m: log.info("%s", m), access_log=None)
     return 0
 
@@ -269,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--users-file", default=d,
                        help="YAML users file with scrypt hashes and roles (env INBOX_USERS_FILE; default: none, "
                             "required)")
+        q.add_argument("--metrics-port", type=int, default=d,
+                       help="serve Prometheus metrics on this port, apart from the user-facing one "
+                            "(env INBOX_METRICS_PORT; default: 0 = off)")
+        q.add_argument("--metrics-host", default=d,
+                       help="address of the metrics endpoint (env INBOX_METRICS_HOST; default: 127.0.0.1)")
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
     if args.cmd == "hash-password":
         return _cmd_hash(args)

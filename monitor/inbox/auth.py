@@ -55,6 +55,7 @@ __all__ = [
     "load_users", "user_fingerprint", "Session", "SessionStore",
     "LoginThrottle", "AuthConfig", "allowed_actions", "may", "SESSION_COOKIE", "LOGIN_CSRF_COOKIE",
     "auth_middleware", "security_headers_middleware", "current_session", "require_role",
+    "ALL_WARDS", "ward_visibility",
 ]
 
 SESSION_COOKIE = "inbox_session"
@@ -148,6 +149,23 @@ class User:
     @property
     def label(self) -> str:
         return self.display_name or self.username
+
+
+#: a ``wards`` entry granting every ward (an explicit grant)
+ALL_WARDS = "*"
+
+
+def ward_visibility(role: Role | str | None, wards: Iterable[str] = ()) -> Callable[[str | None], bool]:
+    """The one ward policy (review M5), used by the inbox and the worker's actions API:
+    ``visible(ward) -> bool`` for a user of ``role`` granted ``wards`` (the users file). Admins
+    and users granted ``"*"`` see and act on every ward, also alerts and patients with no ward;
+    others only the wards listed for them (an alert whose ward is unknown is refused)."""
+    if role is not None and Role(role) == Role.ADMIN:
+        return lambda ward: True
+    granted = frozenset(str(w) for w in wards)
+    if ALL_WARDS in granted:
+        return lambda ward: True
+    return lambda ward: ward is not None and ward in granted
 
 
 class UserDirectory:
@@ -430,7 +448,7 @@ class AuthConfig:
     #: networks of the reverse proxies whose forwarded headers are believed
     trusted_proxies: tuple = ()
     #: paths reachable without a session (exact match, or prefix when ending with "/")
-    public: tuple[str, ...] = ("/login", "/healthz", "/static/")
+    public: tuple[str, ...] = ("/login", "/healthz", "/readyz", "/static/")
 
     def __post_init__(self) -> None:
         nets = tuple(ipaddress.ip_network(str(n).strip(), strict=False) if not isinstance(

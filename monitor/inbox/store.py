@@ -220,11 +220,20 @@ class InboxStore:
 
     # ------------------------------------------------------------------ views
     def ward_team(self, alert: Alert) -> tuple[str | None, str | None]:
+        """Where the patient is now: the ward of the ADT record (``patients``: a transfer moves the
+        alert to the new ward's nurses), else the alert's ward (from the dose record), else the
+        dose's. Ward scoping, lists, filters and the live stream all use this ward."""
         pv = self.patients.get(alert.patient_id)
         dose = pv.dose if pv else None
         rec = pv.record if pv else None
-        return (alert.ward or (dose.ward if dose else None) or (rec.ward if rec else None),
+        return ((rec.ward if rec else None) or self.dose_ward(alert),
                 alert.care_team or (dose.care_team if dose else None) or (rec.care_team if rec else None))
+
+    def dose_ward(self, alert: Alert) -> str | None:
+        """The ward on the alert (the dose record's): shown as "dose ward" when the patient has
+        since moved (ADT transfer)."""
+        pv = self.patients.get(alert.patient_id)
+        return alert.ward or (pv.dose.ward if pv and pv.dose else None)
 
     def summary(self, alert: Alert) -> dict[str, Any]:
         ward, team = self.ward_team(alert)
@@ -233,6 +242,7 @@ class InboxStore:
             "rule_id": alert.rule_id, "severity": alert.severity.value, "grade": alert.grade,
             "status": alert.status.value, "what": alert.text.what, "opened_at": alert.opened_at.isoformat(),
             "updated_at": alert.updated_at.isoformat(), "version": alert.version, "ward": ward, "care_team": team,
+            "dose_ward": dw if (dw := self.dose_ward(alert)) != ward else None,
             "escalation_tier": alert.escalation_tier, "inhibited_by": alert.inhibited_by,
             "silenced_until": alert.silenced_until.isoformat() if alert.silenced_until else None,
             "open": alert.is_open, "pending": list(self.pending.get(alert.alert_id, [])),

@@ -25,9 +25,10 @@ from schemas.alert import ActionKind, Alert, AlertAction, Role
 from schemas.findings import Severity
 
 from .auth import (
-    AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
-    require_role,
+    ALL_WARDS, AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
+    require_role, ward_visibility,
 )
+from .metrics import METRICS_KEY
 from .store import InboxStore
 
 STORE_KEY = web.AppKey("inbox_store", InboxStore)
@@ -41,21 +42,14 @@ ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "
                  "silence": "Silence"}
 
 
-ALL_WARDS = "*"
-
-
 def ward_scope(request: web.Request) -> Callable[[str | None], bool]:
-    """``visible(ward)`` for the signed-in user (review M5): admins and users granted ``"*"`` see
-    every ward (also patients with none); others only the wards listed for them in the users file
-    (read live, so a changed file applies at once)."""
+    """``visible(ward)`` for the signed-in user (review M5; :func:`monitor.inbox.auth.ward_visibility`,
+    the one ward policy): admins and users granted ``"*"`` see every ward (also patients with none);
+    others only the wards listed for them in the users file (read live, so a changed file applies
+    at once)."""
     sess = current_session(request)
-    if sess.role == Role.ADMIN:
-        return lambda ward: True
     user = request.app[AUTH_KEY].users.get(sess.username)
-    wards = frozenset(user.wards) if user is not None else frozenset()
-    if ALL_WARDS in wards:
-        return lambda ward: True
-    return lambda ward: ward is not None and ward in wards
+    return ward_visibility(sess.role, user.wards if user is not None else ())
 
 
 def _e(v: Any) -> str:
@@ -180,6 +174,18 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _count_login(request: web.Request, outcome: str) -> None:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.login(outcome)
+
+
+def _count_action(request: web.Request, action: str, outcome: str) -> None:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.action(action, outcome)
+
+
 def _client_address(request: web.Request) -> str:
     return request.app[AUTH_KEY].client_address(request)
 
@@ -207,15 +213,18 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     sent = str(form.get(CSRF_FIELD, ""))
     cookie = request.cookies.get(cfg.login_csrf_cookie, "")
     if not sent or not cookie or not secrets.compare_digest(sent.encode("utf-8"), cookie.encode("utf-8")):
+        _count_login(request, "expired_form")
         return html_response(page("Sign in", "<p class='error' role='alert'>Your sign-in form expired. "
                                   "<a href='/login'>Try again</a>.</p>", page_id="page-login"), status=403)
     addr = _client_address(request)
     slots = _verify_slots(request.app)
     if slots["waiting"] >= MAX_WAITING:
+        _count_login(request, "busy")
         return web.Response(status=503, text="Too many sign-ins at once; try again in a moment.",
                             headers={"Retry-After": "2"})
     wait = cfg.throttle.begin(username, addr)  # counted now, before the (slow) verification
     if wait > 0:
+        _count_login(request, "throttled")
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, f"Too many failed attempts. Try again in "
                                                            f"{int(wait) + 1} seconds.", username),
@@ -230,12 +239,14 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     finally:
         slots["waiting"] -= 1
     if user is None:  # the failure was counted by begin()
+        _count_login(request, "failed")
         csrf = secrets.token_urlsafe(24)
         resp = html_response(page("Sign in", _login_form(csrf, "User name or password is wrong.", username),
                                   page_id="page-login"), status=401)
         cfg.set_cookie(request, resp, cfg.login_csrf_cookie, csrf, max_age=3600)
         return resp
     cfg.throttle.success(username, addr)
+    _count_login(request, "succeeded")
     cfg.sessions.destroy(request.cookies.get(cfg.session_cookie))  # no session fixation
     token, _ = cfg.sessions.create(user)
     resp = web.Response(status=303, headers={"Location": "/"})
@@ -263,6 +274,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <label for="f-team">Care team</label><select id="f-team" name="team"><option value="">All teams</option></select>
 <span class="live" id="live-state" aria-live="polite">Connecting...</span>
 </form>
+<p class="notify"><label for="notify-opt"><input type="checkbox" id="notify-opt">
+Notify me of new critical and high alerts on my wards (browser notification and sound)</label>
+<span id="notify-state" class="hint" aria-live="polite"></span></p>
 <p class="count" id="alert-count" aria-live="polite"></p>
 <div class="table-wrap"><table class="alerts" id="alert-table">
 <caption class="sr-only">Open alerts, most severe first, then oldest first</caption>
@@ -270,7 +284,9 @@ async def inbox_page(request: web.Request) -> web.Response:
 <th scope="col">Age</th><th scope="col">Status</th></tr></thead>
 <tbody id="alert-rows"><tr><td colspan="6">Loading...</td></tr></tbody></table></div>
 <p class="empty hidden" id="no-alerts">No open alerts.</p>"""
-    return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox"))
+    # data-user keys the notification preference (localStorage, per user on a shared workstation)
+    return html_response(page("Inbox", body, sess=sess, scripts=("inbox.js",), page_id="page-inbox",
+                              data={"user": sess.username}))
 
 
 def _alert_or_404(request: web.Request) -> Alert:
@@ -282,6 +298,11 @@ def _alert_or_404(request: web.Request) -> Alert:
     if alert is None or not ward_scope(request)(store.ward_team(alert)[0]):  # out of scope: as if absent
         raise web.HTTPNotFound(text="no such alert")
     return alert
+
+
+def _dose_ward(d: dict) -> str:
+    """" (dose ward X)" when the patient has moved since the dose (ADT transfer)."""
+    return f' <span class="dose-ward">(dose ward {_e(d["dose_ward"])})</span>' if d.get("dose_ward") else ""
 
 
 def _evidence_rows(d: dict) -> str:
@@ -363,7 +384,7 @@ async def alert_page(request: web.Request) -> web.Response:
 <h1 id="alert-title">{_e(d['text']['what'])}</h1>
 <p class="meta">Alert {_e(d['pseudonym'])} &middot; rule <code>{_e(d['rule_id'])}</code> &middot;
 opened {_e(_fmt_time(d['opened_at']))} &middot; updated {_e(_fmt_time(d['updated_at']))} &middot; version {_e(d['version'])}
-&middot; {_e(d['ward'] or 'no ward')} / {_e(d['care_team'] or 'no team')}</p>
+&middot; {_e(d['ward'] or 'no ward')} / {_e(d['care_team'] or 'no team')}{_dose_ward(d)}</p>
 </header>
 <div id="action-status" role="status" aria-live="polite">{notice}</div>
 <ul class="pending" id="pending">{pending}</ul>
@@ -410,8 +431,10 @@ async def patient_page(request: web.Request) -> web.Response:
     pid = _patient_or_404(request)
     pv = store.patient(pid)
     dose = pv.dose
+    ward = store.patient_ward(pid)  # where the patient is now (ADT), else the dose's ward
+    moved = f' <span class="dose-ward">(dose ward {_e(dose.ward)})</span>' if dose and dose.ward and dose.ward != ward else ""
     info = (f"{_e(dose.product.value)} dosed {_e(_fmt_time(dose.administered_at))} &middot; "
-            f"{_e(dose.ward or 'no ward')} / {_e(dose.care_team or 'no team')}") if dose else "No dose recorded."
+            f"{_e(ward or 'no ward')} / {_e(dose.care_team or 'no team')}{moved}") if dose else "No dose recorded."
     body = f"""<p class="crumbs"><a href="/">&larr; Inbox</a></p>
 <h1>Patient timeline</h1>{patient_banner(store.identity(pid))}<p class="meta">{info}</p>
 <section class="card" aria-labelledby="h-sched"><h2 id="h-sched">Samples due</h2><div id="schedule">Loading...</div></section>
@@ -485,7 +508,7 @@ async def handover_page(request: web.Request) -> web.Response:
         return "".join(
             f'<tr><td><span class="badge sev-{_e(a["severity"])}">{_e(a["severity"])}</span></td>'
             f'<td>{_who(a["patient"])}</td><td><a href="/alerts/{_e(a["alert_id"])}">{_e(a["what"])}</a></td>'
-            f'<td>{_e(a["ward"] or "")}</td><td>{_e(a["status"])}</td>'
+            f'<td>{_e(a["ward"] or "")}{_dose_ward(a)}</td><td>{_e(a["status"])}</td>'
             f'<td>{_time(a["closed_at"] if closed else a["opened_at"])}</td></tr>' for a in rows
         ) or f'<tr><td colspan="6">None.</td></tr>'
 
@@ -574,6 +597,7 @@ async def api_action(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return _bad(request, 400, "unknown action", is_form)
     if not may(sess.role, kind, alert.severity):
+        _count_action(request, kind.value, "refused")
         return _bad(request, 403, f"a {sess.role.value} may not {kind.value} a {alert.severity.value} alert", is_form)
     if kind == ActionKind.SILENCE and alert.severity == Severity.CRITICAL:
         return _bad(request, 409, "critical alerts cannot be silenced", is_form)
@@ -601,8 +625,10 @@ async def api_action(request: web.Request) -> web.StreamResponse:
     try:
         await publish(action)
     except Exception:
+        _count_action(request, kind.value, "failed")
         return _bad(request, 503, "the action could not be sent; try again", is_form)
     store.note_pending(alert, action)
+    _count_action(request, kind.value, "sent")
     if is_form:
         raise web.HTTPSeeOther(f"/alerts/{alert.alert_id}?sent={kind.value}")
     out = action.model_dump(mode="json")
@@ -681,7 +707,18 @@ async def _stream(request: web.Request, cfg, token: str, store, visible=None) ->
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers (whatever the broker does)."""
     return web.json_response({"ok": True, **request.app[STATUS_KEY]})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 once the store has read its topics to the end (``caught_up``), 503 before,
+    so a restarting inbox is not shown half-filled (an alert missing from a list looks like no
+    alert). A broker outage later does NOT make it unready: the store keeps what it has, and
+    staleness is an ops alert (``InboxStoreStale``), not an empty page."""
+    status = request.app[STATUS_KEY]
+    ready = bool(status.get("caught_up"))
+    return web.json_response({"ready": ready, **status}, status=200 if ready else 503)
 
 
 def add_routes(app: web.Application, static_dir: str) -> None:
@@ -690,6 +727,7 @@ def add_routes(app: web.Application, static_dir: str) -> None:
     r.add_post("/login", login_submit)
     r.add_post("/logout", logout)
     r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
     r.add_get("/", inbox_page)
     r.add_get("/alerts/{alert_id}", alert_page)
     r.add_get("/patients/{ref}", patient_page)

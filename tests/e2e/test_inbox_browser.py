@@ -474,3 +474,118 @@ def test_routes_refuse_anonymous_nurse_refused_admin_and_forged_post(inbox, kafk
         assert page.locator('[data-action="silence"]').count() == 0
         browser.close()
     assert _actions(kafka_bootstrap, topics["alert-actions"], timeout=3) == []
+
+
+#: records what the page's own code does with the Notification and Web Audio APIs (it still
+#: calls the real ones): injected before any page script runs (DevTools, unaffected by the CSP)
+NOTIFY_PROBE = """(() => {
+  window.__notes = []; window.__permAsks = 0; window.__tones = 0;
+  const Real = window.Notification;
+  if (Real) {
+    function Probe(title, options) {
+      window.__notes.push({title: String(title), body: String((options || {}).body || ''), tag: (options || {}).tag});
+      return new Real(title, options);
+    }
+    Object.defineProperty(Probe, 'permission', {get: () => Real.permission});
+    Probe.requestPermission = function () { window.__permAsks += 1; return Real.requestPermission.apply(Real, arguments); };
+    window.Notification = Probe;
+  }
+  const AC = window.AudioContext || window.webkitAudioContext;
+  if (AC) {
+    const make = AC.prototype.createOscillator;
+    AC.prototype.createOscillator = function () { window.__tones += 1; return make.call(this); };
+  }
+})();"""
+
+
+def test_new_critical_alert_notifies_opted_in_user_of_its_ward_only(inbox, kafka_bootstrap):
+    """Issue 14 item 8: after a real sign-in a nurse opts in (the only moment permission is asked);
+    a critical alert for her ward published on the alerts topic through the real broker raises a
+    notification (rule, severity, ward and bed; no name, MRN or patient id) and a tone, and the
+    title count goes from "(1) Inbox" to "(2) Inbox". A nurse of another ward, also opted in, gets
+    neither. The preference survives a reload (localStorage, per user) without asking again."""
+    from playwright.sync_api import sync_playwright
+
+    from monitor.patients import route
+    from monitor.settings import Settings
+    from schemas.alert import Alert
+
+    topics, start = inbox
+    patient = f"e2e-{uuid.uuid4().hex[:8]}"
+    treatments, _observations, alerts = _scenario(patient, 21)
+    existing = [a for a in alerts if a.is_open][-1]
+    assert existing.ward == "picu"
+    producer = _producer(kafka_bootstrap)
+    adt = (f"MSH|^~\\&|ADT|HOSP|MON|HOSP|20260101120000||ADT^A01|1|P|2.5\r"
+           f"PID|1||{patient}^^^HOSP^PI~MRN-NOTE-4^^^HOSP^MR||Okafor^Ada||20240901|F\rPV1|1|I|picu^1^B4\r")
+    _, _, value, _, rec = route(adt.encode(), Settings())
+    assert rec is not None
+    _send(producer, topics["patients"], patient, value.decode())
+    for ev in treatments:
+        _send(producer, topics["treatments"], patient, ev.model_dump_json())
+    _send(producer, topics["alerts"], patient, existing.model_dump_json())
+    proc = start()
+
+    def new_alert(severity: str) -> Alert:
+        return Alert.model_validate({**existing.model_dump(mode="json"), "alert_id": uuid.uuid4().hex,
+                                     "severity": severity, "status": "firing", "version": 1, "ward": "picu"})
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pages = {}
+        for user in ("nurse1", "nurse2"):
+            ctx = browser.new_context(permissions=["notifications"])
+            ctx.add_init_script(NOTIFY_PROBE)
+            page = ctx.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+            _login(page, proc.base, user)
+            page.wait_for_selector("#live-state.on", timeout=15_000)
+            assert page.evaluate("window.__permAsks") == 0, "permission asked before the user opted in"
+            assert not page.is_checked("#notify-opt")
+            page.check("#notify-opt")
+            page.wait_for_function("() => document.getElementById('notify-state').textContent === 'On.'")
+            assert page.evaluate("window.__permAsks") == 1
+            pages[user] = (page, errors)
+        nina, nina_errors = pages["nurse1"]
+        walter, walter_errors = pages["nurse2"]
+        nina.wait_for_function("() => document.title === '(1) Inbox - SMA monitor'", timeout=15_000)
+        assert walter.title() == "Inbox - SMA monitor"  # nothing open on his ward
+        assert nina.evaluate("window.__notes") == []  # open at page load: no ring
+        tones = {u: pg.evaluate("window.__tones") for u, (pg, _) in pages.items()}
+
+        critical = new_alert("critical")
+        _send(producer, topics["alerts"], patient, critical.model_dump_json())
+        nina.wait_for_function("() => window.__notes.length >= 1", timeout=20_000)
+        nina.wait_for_function("() => document.title === '(2) Inbox - SMA monitor'", timeout=10_000)
+        notes = nina.evaluate("window.__notes")
+        assert len(notes) == 1, notes
+        note = notes[0]
+        assert note["tag"] == critical.alert_id
+        assert note["title"] == "Critical alert \u00b7 picu, bed B4", note
+        assert critical.rule_id in note["body"] and critical.pseudonym in note["body"], note
+        for secret in ("Ada", "Okafor", "MRN-NOTE-4", patient, "2024-09-01"):
+            assert secret not in note["title"] + note["body"], (secret, note)
+        assert nina.evaluate("window.__tones") >= tones["nurse1"] + 3  # critical: three pips
+        nina.wait_for_selector(f'tr[data-alert-id="{critical.alert_id}"]')
+        # the other ward's nurse: no notification, no tone, no count (the server never sends it to her page)
+        nina.wait_for_timeout(2_000)
+        assert walter.evaluate("window.__notes") == []
+        assert walter.evaluate("window.__tones") == tones["nurse2"]
+        assert walter.title() == "Inbox - SMA monitor"
+
+        # the preference is kept for this user across a reload; permission is not asked again
+        nina.reload()
+        nina.wait_for_selector("#live-state.on", timeout=15_000)
+        assert nina.is_checked("#notify-opt") and nina.evaluate("window.__permAsks") == 0
+        nina.wait_for_function("() => document.title === '(2) Inbox - SMA monitor'", timeout=10_000)
+        high = new_alert("high")
+        _send(producer, topics["alerts"], patient, high.model_dump_json())
+        nina.wait_for_function("() => window.__notes.length >= 1", timeout=20_000)
+        assert [n["tag"] for n in nina.evaluate("window.__notes")] == [high.alert_id]
+        assert nina.evaluate("window.__notes")[0]["title"].startswith("High alert \u00b7 picu")
+        nina.wait_for_function("() => document.title === '(3) Inbox - SMA monitor'", timeout=10_000)
+        nina.screenshot(path=str(SHOTS / "07-inbox-notifications-opt-in.png"))
+        assert not nina_errors and not walter_errors, (nina_errors, walter_errors)
+        browser.close()
+    producer.close()

@@ -4,7 +4,9 @@ A dose and ALT results open a critical ``liver.alt_increased`` alert; then, over
 against a users file hashed with the inbox's helpers: anonymous and wrong-password requests
 get 401, a nurse cannot silence or resolve the critical alert (403, nothing published), a nurse's
 acknowledgement (with a forged ``role``/``by`` in the body) is applied as that nurse, and a
-physician's resolution with a reason resolves it; all seen on the ``alerts`` topic.
+physician's resolution with a reason resolves it; all seen on the ``alerts`` topic. Ward
+scoping (review M5, the inbox's ward policy): a nurse of another ward gets 403 on the alert
+(read and act), nothing is published, and the refusal is logged without the patient id.
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ from workers import raw_alt, raw_dose, service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-PW = {"nurse1": "nurse-pass-api", "doc1": "doctor-pass-api", "admin1": "admin-pass-api", "nurse2": "nurse2-pass-api"}
-ROLES = {"nurse1": "nurse", "doc1": "physician", "admin1": "admin", "nurse2": "nurse"}
+PW = {"nurse1": "nurse-pass-api", "doc1": "doctor-pass-api", "admin1": "admin-pass-api", "nurse2": "nurse2-pass-api",
+      "nurse3": "nurse3-pass-api"}
+ROLES = {"nurse1": "nurse", "doc1": "physician", "admin1": "admin", "nurse2": "nurse", "nurse3": "nurse"}
+#: the dose (tests/workers.raw_dose) puts the patient on ward-a; nurse3 works on ward-b only,
+#: the physician is granted every ward ("*"), the admin needs no grant
+WARDS = {"nurse1": ["ward-a"], "doc1": ["*"], "admin1": [], "nurse2": ["ward-a"], "nurse3": ["ward-b"]}
 
 
 ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter",
@@ -78,7 +84,8 @@ class AlertReader:
 
 
 def users_file(tmp_path: Path) -> Path:
-    users = [{"username": u, "role": ROLES[u], "password_hash": hash_password(pw, n=2**14)} for u, pw in PW.items()]
+    users = [{"username": u, "role": ROLES[u], "wards": WARDS[u], "password_hash": hash_password(pw, n=2**14)}
+             for u, pw in PW.items()]
     path = tmp_path / "users.json"
     path.write_text(json.dumps({"users": users}))
     return path
@@ -191,6 +198,18 @@ def test_actions_api_roles_and_acknowledgement_through_the_broker(kafka_bootstra
         # an admin may silence, but never a critical alert
         assert call(base, "POST", actions, {"action": "silence", "until": until, "reason": "night"},
                     user="admin1")[0] == 409
+        # --- another ward's nurse: 403 on the alert, to read or to act (review M5)
+        status, _, err = call(base, "GET", f"/api/alerts/{aid}", user="nurse3")
+        assert status == 403 and "ward" in err["error"], err
+        status, _, err = call(base, "POST", actions, ack, user="nurse3")
+        assert status == 403 and "not on your wards" in err["error"], err
+        status, _, err = call(base, "POST", actions, {"action": "note", "reason": "x", "patient_id": patient},
+                              user="nurse3")
+        assert status == 403, err
+        # an alert this worker does not hold has no known ward: a ward-scoped nurse cannot act on it
+        status, _, err = call(base, "POST", "/api/alerts/" + "f" * 32 + "/actions",
+                              {"action": "acknowledge", "patient_id": patient}, user="nurse1")
+        assert status == 403 and "ward" in err["error"], err
         assert read_actions(kafka_bootstrap, topics["alert-actions"]) == [], "a refused action was published"
 
         # --- nurse acknowledges (body forges role and by: ignored) -> 202, then the alerts topic shows it
@@ -242,6 +261,7 @@ def test_actions_api_roles_and_acknowledgement_through_the_broker(kafka_bootstra
     for secret in list(PW.values()) + ["guess-guess", "wrong-password"]:
         assert secret not in log
     assert patient not in log, "patient id logged by the worker"
+    assert "acknowledge refused: ward 'ward-a' is not among the user's wards, user nurse3" in log, log[-3000:]
     assert aid not in log, "alert id logged at INFO (review L6)"
 
 

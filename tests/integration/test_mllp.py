@@ -175,3 +175,63 @@ async def test_oversized_frame_is_dead_lettered_and_connection_survives(kafka_bo
     (dl,) = read_all(kafka_bootstrap, topics["dead-letter"], 1)
     assert dict(dl.headers)["dlq.reason"] == b"payload_too_large"
     assert len(dl.value) == 4096 and big.encode().startswith(dl.value)
+
+
+def test_listener_process_metrics_carry_ack_type_and_parse_errors(kafka_bootstrap, topic_factory, tmp_path):
+    """Issue 14 item 7: ``monitor mllp --metrics-port`` as its own process. Its scrape has the
+    messages by ACK code and message type, parse errors by reason, the connection cap, and only
+    the listener's own families (no worker gauge at zero such as ``monitor_ready 0``); no MRN."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from workers import TEST_PSEUDONYM_SECRET, free_port
+
+    topics = topic_factory("observations", "dead-letter")
+    port, mport = free_port(), free_port()
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), PSEUDONYM_SECRET=TEST_PSEUDONYM_SECRET)
+    log = open(tmp_path / "mllp.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "mllp", "--port", str(port), "--metrics-port", str(mport),
+         "--bootstrap", kafka_bootstrap, "--observations-topic", topics["observations"],
+         "--dead-letter-topic", topics["dead-letter"], "--max-connections", "12"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=3) as r:
+            return r.read().decode()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                scrape()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((tmp_path / "mllp.log").read_text()[-3000:])
+                time.sleep(0.3)
+        good = ORU.format(ctl="M-1", mrn="MRN-METRICS-77", n=1, alt=41, ast=31)
+        orm = good.replace("ORU^R01^ORU_R01|M-1", "ORM^O01^ORM_O01|M-2")
+        acks = send_batch(port, [good, "this is not HL7", orm])
+        assert [ack_code(a)[0] for a in acks] == ["AA", "AE", "AR"]
+        text = scrape()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['monitor_mllp_messages_total{ack="AA",type="ORU^R01"}'] == 1
+    assert samples['monitor_mllp_messages_total{ack="AE",type="none"}'] == 1
+    assert samples['monitor_mllp_messages_total{ack="AR",type="other"}'] == 1
+    assert samples['monitor_mllp_parse_errors_total{reason="hl7_invalid"}'] == 1
+    assert samples["monitor_mllp_max_connections"] == 12
+    assert any(k.startswith("monitor_build_info{") for k in samples)
+    names = {k.split("{")[0] for k in samples}
+    assert all(n.startswith(("monitor_mllp_", "monitor_build")) for n in names), names
+    assert "MRN-METRICS-77" not in text

@@ -1,4 +1,5 @@
-"""A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker.
+"""A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker (and, in
+the second test, a real inbox and MLLP listener on their own metrics ports).
 
 The worker runs on isolated topics against the real broker. Prometheus loads the shipped
 ``deploy/prometheus/rules.yml`` unchanged, scrapes ``/metrics`` every second, and the
@@ -14,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -37,7 +39,7 @@ BURST = 150
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, targets: list[str]) -> None:
+    def __init__(self, workdir: Path, targets: list[str] | dict[str, list[str]]) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -47,8 +49,10 @@ class Prometheus:
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "sma-monitor", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": targets}]}],
+            # a list: the workers (job sma-monitor); a dict: job name -> targets
+            "scrape_configs": [{"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": t}]}
+                               for job, t in (targets.items() if isinstance(targets, dict)
+                                              else [("sma-monitor", targets)])],
         }))
         self.proc: subprocess.Popen | None = None
 
@@ -108,7 +112,7 @@ def prometheus_factory(tmp_path):
         pytest.fail(f"{PROMETHEUS} missing: run `make debs` (Debian package prometheus)")
     started: list[Prometheus] = []
 
-    def make(targets: list[str]) -> Prometheus:
+    def make(targets: list[str] | dict[str, list[str]]) -> Prometheus:
         p = Prometheus(tmp_path / f"prom{len(started)}", targets)
         started.append(p)
         p.start()
@@ -225,3 +229,119 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(kafka_bootstrap, topic
     text = json.dumps(series) + json.dumps(prom.api("alerts"))
     for pid in patients:
         assert pid not in text
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, "-m", "monitor.cli", *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _failed_login(opener, base: str, username: str) -> int:
+    """One sign-in with a wrong password through the real login form (CSRF double-submit)."""
+    import re
+    import urllib.error
+
+    html = opener.open(base + "/login", timeout=5).read().decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    data = urllib.parse.urlencode({"username": username, "password": "not-the-password", "csrf_token": token})
+    try:
+        return opener.open(base + "/login", data=data.encode(), timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_prometheus_scrapes_inbox_and_mllp_listener_with_their_rules(kafka_bootstrap, topic_factory,
+                                                                      prometheus_factory, tmp_path):
+    """Issue 14 item 7: a real inbox (metrics on its own port) and a real MLLP listener scraped
+    as jobs sma-monitor-inbox / sma-monitor-mllp with the shipped rules: both up, the inbox caught
+    up (InboxStoreStale inactive), MLLP messages by ack and type; a burst of failed sign-ins fires
+    InboxLoginFailuresSpike; stopping the listener makes MllpListenerDown pending (for: 2m)."""
+    import http.cookiejar
+    import sys as _sys
+
+    from monitor.inbox.auth import hash_password
+    from workers import TEST_INBOX_SECRET, TEST_PSEUDONYM_SECRET
+
+    prefix = f"promfe{uuid.uuid4().hex[:8]}"
+    topics = topic_factory("observations", "dead-letter", "alerts", "alert-actions", "treatments", "patients",
+                           prefix=prefix)
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({"users": [{"username": "nurse1", "role": "nurse", "wards": ["picu"],
+                                            "password_hash": hash_password("right-password-1", n=2**14)}]}))
+    inbox_port, inbox_metrics, mllp_port, mllp_metrics = free_port(), free_port(), free_port(), free_port()
+    common = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PSEUDONYM_SECRET": TEST_PSEUDONYM_SECRET,
+              "TOPIC_OBSERVATIONS": topics["observations"], "TOPIC_DEAD_LETTER": topics["dead-letter"],
+              "TOPIC_ALERTS": topics["alerts"], "TOPIC_ALERT_ACTIONS": topics["alert-actions"],
+              "TOPIC_TREATMENTS": topics["treatments"], "TOPIC_PATIENTS": topics["patients"]}
+    procs = [
+        _start(["inbox", "serve", "--host", "127.0.0.1", "--port", str(inbox_port), "--metrics-port",
+                str(inbox_metrics)], {**common, "INBOX_USERS_FILE": str(users), "INBOX_SECRET": TEST_INBOX_SECRET},
+               tmp_path / "inbox.log"),
+        _start(["mllp", "--port", str(mllp_port), "--metrics-port", str(mllp_metrics)], common, tmp_path / "mllp.log"),
+    ]
+    inbox_base = f"http://127.0.0.1:{inbox_port}"
+    try:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(inbox_base + "/readyz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(ready, 60, "inbox ready (store caught up)", interval=0.3)
+        prom = prometheus_factory({"sma-monitor-inbox": [f"127.0.0.1:{inbox_metrics}"],
+                                   "sma-monitor-mllp": [f"127.0.0.1:{mllp_metrics}"]})
+        wait_for(lambda: len(prom.query('up{job=~"sma-monitor-inbox|sma-monitor-mllp"} == 1')) == 2, 30,
+                 "inbox and listener targets up")
+        assert prom.query('monitor_inbox_caught_up{job="sma-monitor-inbox"} == 1')
+        # the user-facing port has no metrics; the metrics port nothing else
+        assert urllib.request.urlopen(inbox_base + "/metrics", timeout=5).url.endswith("/login")
+
+        # MLLP: one result stored (AA), one unreadable (AE)
+        sys_path = str(ROOT / "tests" / "integration")
+        if sys_path not in _sys.path:
+            _sys.path.insert(0, sys_path)
+        from test_mllp import ORU, send_batch
+
+        acks = send_batch(mllp_port, [ORU.format(ctl="P-1", mrn="MRN-PROM-1", n=1, alt=41, ast=31), "not HL7"])
+        assert len(acks) == 2
+        wait_for(lambda: prom.query('sum(monitor_mllp_messages_total{job="sma-monitor-mllp",ack="AA",'
+                                    'type="ORU^R01"}) == 1'), 30, "MLLP AA scraped")
+        assert prom.query('monitor_mllp_parse_errors_total{job="sma-monitor-mllp",reason="hl7_invalid"} == 1')
+        assert prom.query('monitor_mllp_max_connections{job="sma-monitor-mllp"} == 64')
+        assert not prom.query('monitor_ready{job="sma-monitor-mllp"}'), "a worker gauge in the listener's scrape"
+
+        # a burst of failed sign-ins (wrong passwords, then throttled) fires the shipped rule
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        codes = [_failed_login(opener, inbox_base, "nurse1" if i % 2 else f"guess{i}") for i in range(24)]
+        assert set(codes) <= {401, 429} and 401 in codes, codes
+        wait_for(lambda: prom.query('sum(monitor_inbox_logins_total{job="sma-monitor-inbox",'
+                                    'outcome=~"failed|throttled"}) >= 24'), 30, "failed sign-ins scraped")
+        firing = wait_for(lambda: [a for a in alerts_named(prom, "InboxLoginFailuresSpike") if a["state"] == "firing"],
+                          120, "InboxLoginFailuresSpike firing")
+        assert firing[0]["labels"]["job"] == "sma-monitor-inbox" and firing[0]["labels"]["category"] == "ops"
+        rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+        assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
+        # idle topics all along (a minute and more): the broker's fetch answers keep the store fresh
+        assert prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds{job="sma-monitor-inbox"} < 10'), \
+            prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds')
+        for quiet in ("InboxDown", "InboxStoreStale", "MllpListenerDown", "MllpConnectionsNearCap"):
+            assert rules[quiet]["state"] == "inactive", (quiet, rules[quiet])
+
+        # the listener stops: its job's down rule goes pending (for: 2m), the inbox's does not
+        os.killpg(procs[1].pid, signal.SIGTERM)
+        procs[1].wait(15)
+        wait_for(lambda: alerts_named(prom, "MllpListenerDown"), 30, "MllpListenerDown pending")
+        assert not alerts_named(prom, "InboxDown")
+        text = json.dumps(prom.api("series", **{"match[]": '{job=~"sma-monitor-inbox|sma-monitor-mllp"}'}))
+        assert "MRN-PROM-1" not in text and "nurse1" not in text
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(5)

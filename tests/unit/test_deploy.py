@@ -84,10 +84,19 @@ def test_every_rule_has_a_firing_and_a_quiet_unit_test():
     assert names - quiet == set(), "rules never tested not firing"
 
 
+def _inbox_metric_names() -> set[str]:
+    """The inbox's own registry (issue 14: its metrics are served on its own port)."""
+    from monitor.inbox.metrics import InboxMetrics
+
+    return {m.name + ("_total" if m.type == "counter" else "_info" if m.type == "info" else "")
+            for m in InboxMetrics().registry.collect()}
+
+
 def test_rules_are_labelled_for_routing_and_name_only_known_metrics():
     from monitor.metrics import REGISTRY
 
-    known = {m.name for m in REGISTRY.collect()} | {"up"}
+    known = {m.name for m in REGISTRY.collect()} | {"up"} | {
+        re.sub(r"_(total|info)$", "", n) for n in _inbox_metric_names()}
     for rule in shipped_rules():
         assert rule["labels"]["category"] == "ops" and rule["labels"]["severity"] in {"critical", "warning"}, rule
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
@@ -201,6 +210,11 @@ def test_compose_structure():
     targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert {t.split(":")[0] for t in targets} == {"worker-1", "worker-2"}
     assert prom["scrape_configs"][0]["job_name"] == "sma-monitor"
+    # issue 14: the inbox and the listener, each on its metrics port, under the job names the rules use
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
+    assert jobs["sma-monitor-inbox"] == ["inbox:9465"] and jobs["sma-monitor-mllp"] == ["mllp:9464"]
+    assert "9465" in services["inbox"]["command"] and "9464" in services["mllp"]["command"]
+    assert "/readyz" in " ".join(services["inbox"]["healthcheck"]["test"])
 
 
 def test_dockerfile_runs_as_non_root():
@@ -294,10 +308,29 @@ def test_k8s_structure(k8s_docs):
     svc = next(d for d in _by_kind(k8s_docs, "Service") if d["metadata"]["name"] == "sma-monitor")
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
-    (sm,) = _by_kind(k8s_docs, "ServiceMonitor")
+    monitors = {d["metadata"]["name"]: d for d in _by_kind(k8s_docs, "ServiceMonitor")}
+    assert set(monitors) == {"sma-monitor", "sma-monitor-frontends"}
+    sm = monitors["sma-monitor"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     assert svc["metadata"]["labels"][sm["spec"]["jobLabel"]] == "sma-monitor"
+    # issue 14: the inbox and the listener scraped on their metrics ports; job = the Service name
+    # (no jobLabel), which the rules select on; the inbox is ready once its store caught up
+    front = monitors["sma-monitor-frontends"]["spec"]
+    assert "jobLabel" not in front and [e["port"] for e in front["endpoints"]] == ["metrics"]
+    (expr,) = front["selector"]["matchExpressions"]
+    services = {d["metadata"]["name"]: d for d in _by_kind(k8s_docs, "Service")}
+    rules_text = RULES.read_text()
+    for name in ("sma-monitor-inbox", "sma-monitor-mllp"):
+        assert services[name]["metadata"]["labels"][expr["key"]] in expr["values"]
+        assert "metrics" in {p["name"] for p in services[name]["spec"]["ports"]}
+        assert f'job="{name}"' in rules_text
+    assert services["sma-monitor"]["metadata"]["labels"][expr["key"]] not in expr["values"]
+    (inbox_c,) = deps["sma-monitor-inbox"]["spec"]["template"]["spec"]["containers"]
+    assert inbox_c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert inbox_c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--metrics-port" in inbox_c["args"] and {"name": "metrics", "containerPort": 9465, "protocol": "TCP"} \
+        in inbox_c["ports"]
     (pdb,) = _by_kind(k8s_docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     # Strimzi: KRaft with a node pool
@@ -353,7 +386,11 @@ def test_network_policies_and_secrets(k8s_docs):
     dep = next(d for d in _by_kind(k8s_docs, "Deployment") if d["metadata"]["name"] == "sma-monitor")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     # the inbox and the listener: each its own policy with ingress on its own ports only
-    assert [p["port"] for r in pols["sma-monitor-inbox"]["ingress"] for p in r["ports"]] == [8443]
+    assert [p["port"] for r in pols["sma-monitor-inbox"]["ingress"] for p in r["ports"]] == [8443, 9465]
+    # the metrics port from Prometheus only, the user-facing one from the ingress controller only
+    by_port = {p["port"]: r["from"] for r in pols["sma-monitor-inbox"]["ingress"] for p in r["ports"]}
+    assert by_port[9465][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert "podSelector" not in by_port[8443][0]
     assert sorted(p["port"] for r in pols["sma-monitor-mllp"]["ingress"] for p in r["ports"]) == [2575, 9464]
     worker = pols["sma-monitor-worker"]
     assert worker["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -501,6 +538,7 @@ def test_metrics_note_lists_every_metric():
     exposed = set()
     for m in REGISTRY.collect():
         exposed.add(m.name + ("_total" if m.type == "counter" else "_info" if m.type == "info" else ""))
+    exposed |= _inbox_metric_names()
     missing = sorted(n for n in exposed if f"`{n}`" not in doc)
     assert not missing, f"deploy/METRICS.md misses {missing}"
     listed = set(re.findall(r"`(monitor_[a-z_]*[a-z])`", doc))

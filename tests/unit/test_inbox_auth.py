@@ -496,3 +496,136 @@ def test_silence_time_is_entered_in_the_site_zone(monkeypatch):
     monkeypatch.setenv("INBOX_TIMEZONE", "America/New_York")
     assert _parse_until("2026-01-15T09:00:00").isoformat() == "2026-01-15T09:00:00-05:00"
     assert _parse_until("2026-01-15T09:00:00Z").utcoffset() == timedelta(0)
+
+
+def test_ward_visibility_is_the_one_ward_policy():
+    """The inbox and the worker's actions API share this function (review M5)."""
+    from monitor.inbox.auth import ward_visibility
+
+    nurse = ward_visibility(Role.NURSE, ("W1", "W3"))
+    assert nurse("W1") and nurse("W3") and not nurse("W2") and not nurse(None)
+    assert not ward_visibility(Role.NURSE, ())("W1")  # no grant: nothing
+    everyone = ward_visibility("physician", ("*",))
+    assert everyone("W2") and everyone(None)
+    admin = ward_visibility(Role.ADMIN, ())
+    assert admin("anything") and admin(None)
+
+
+# --------------------------------------------------------------------------- issue 14 item 7: metrics, readiness
+
+
+def _samples(app, name: str) -> dict[tuple, float]:
+    from monitor.inbox.metrics import METRICS_KEY
+
+    return {tuple(sorted(s.labels.items())): s.value for m in app[METRICS_KEY].registry.collect()
+            for s in m.samples if s.name == name}
+
+
+async def test_inbox_metrics_count_routes_logins_actions_and_store_state(ctx):
+    client, sent, store = ctx
+    app = client.server.app
+    r = await client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)
+    r = await client.post("/login", data={"username": "nurse1", "password": "wrong-password", "csrf_token": token},
+                          allow_redirects=False)
+    assert r.status == 401
+    csrf = await login(client, "nurse1")
+    assert (await client.get("/alerts/" + "a" * 32)).status == 200
+    assert (await client.get("/alerts/" + "d" * 32)).status == 404  # no such alert
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "resolve", "reason": "x"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 403
+    logins = _samples(app, "monitor_inbox_logins_total")
+    assert logins[(("outcome", "failed"),)] == 1 and logins[(("outcome", "succeeded"),)] == 1
+    assert logins[(("outcome", "throttled"),)] == 0
+    reqs = _samples(app, "monitor_inbox_http_requests_total")
+    # the route TEMPLATE, never the alert id
+    assert reqs[(("method", "GET"), ("route", "/alerts/{alert_id}"), ("status", "200"))] == 1
+    assert reqs[(("method", "GET"), ("route", "/alerts/{alert_id}"), ("status", "404"))] == 1
+    assert reqs[(("method", "POST"), ("route", "/login"), ("status", "401"))] == 1
+    assert not any("a" * 32 in v for k in reqs for _, v in k)
+    acts = _samples(app, "monitor_inbox_actions_total")
+    assert acts[(("action", "acknowledge"), ("outcome", "sent"))] == 1
+    assert acts[(("action", "resolve"), ("outcome", "refused"))] == 1
+    open_ = _samples(app, "monitor_inbox_alerts_open")
+    assert open_[(("severity", "critical"),)] == 1 and open_[(("severity", "high"),)] == 1
+    assert _samples(app, "monitor_inbox_alerts_held")[()] == 3
+    assert _samples(app, "monitor_inbox_sessions")[()] == 1
+    text = app[__import__("monitor.inbox.metrics", fromlist=["METRICS_KEY"]).METRICS_KEY].exposition().decode()
+    assert "MRN-0001" not in text and "nurse1" not in text and "W1" not in text
+    # no metrics on the user-facing port
+    assert (await client.get("/metrics", allow_redirects=False)).status in (302, 404)
+
+
+async def test_readyz_waits_for_the_store_to_catch_up(store):
+    from monitor.inbox.views import STATUS_KEY
+
+    app = await create_inbox_app(Settings(), users=UserDirectory([]), store=store, publish=None, secret=SECRET,
+                                 start_kafka=False)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        app[STATUS_KEY]["caught_up"] = False
+        r = await client.get("/readyz")
+        assert r.status == 503 and (await r.json())["ready"] is False
+        assert (await client.get("/healthz")).status == 200  # alive all the same
+        app[STATUS_KEY]["caught_up"] = True
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+
+
+async def test_transfer_scopes_and_shows_by_the_adt_ward_with_the_dose_ward_beside(ctx):
+    """Issue 14 item 4: the patient's ADT record (patients topic) says W2 while the dose and the
+    alert say W1: the alert belongs to W2's nurses now, shown with "dose ward W1"."""
+    from schemas.patients import PatientRecord
+
+    client, sent, store = ctx
+    store.apply_patient(PatientRecord(patient_id="MRN-0001", display_name="Ada Okafor", mrn="H-1",
+                                      birth_date="2024-09-01", ward="W2", bed="7"))
+    csrf = await login(client, "nurse2")  # W2 only
+    data = await (await client.get("/api/alerts")).json()
+    moved = {a["alert_id"]: a for a in data["alerts"]}
+    assert set(moved) == {"a" * 32, "b" * 32}  # MRN-0001's alerts; MRN-0002 (no ADT record) stays on W1
+    assert all(a["ward"] == "W2" and a["dose_ward"] == "W1" for a in moved.values())
+    page = await (await client.get(f"/alerts/{'a' * 32}")).text()
+    assert "W2 / T1" in page and "(dose ward W1)" in page
+    tl = await (await client.get(f"/patients/{store.ref_of('MRN-0001')}")).text()
+    assert "W2 / T1" in tl and "(dose ward W1)" in tl
+    r = await client.post(f"/api/alerts/{'a' * 32}/actions", json={"action": "acknowledge"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 202 and sent[-1].alert_id == "a" * 32
+    await client.post("/logout", headers={"X-CSRF-Token": csrf})
+    client.session.cookie_jar.clear()
+    await login(client, "nurse1")  # W1: the patient has left
+    data = await (await client.get("/api/alerts")).json()
+    assert [a["alert_id"] for a in data["alerts"]] == ["c" * 32] and data["alerts"][0]["dose_ward"] is None
+    assert (await client.get(f"/alerts/{'a' * 32}")).status == 404
+
+
+def test_store_freshness_is_the_least_recently_fetched_partition():
+    """``last_fetch_at`` (metric monitor_inbox_last_fetch_timestamp_seconds, rule InboxStoreStale)
+    is the oldest partition's last fetch answer; a partition never fetched leaves it unset."""
+    from monitor.inbox.app import KafkaBridge
+
+    class Consumer:  # aiokafka's public assignment() / last_poll_timestamp(tp), nothing else
+        def __init__(self, stamps):
+            self.stamps = stamps
+
+        def assignment(self):
+            return set(self.stamps)
+
+        def last_poll_timestamp(self, tp):
+            return self.stamps[tp]
+
+    status: dict = {}
+    bridge = KafkaBridge(Settings(), InboxStore(SECRET), status)
+    bridge.consumer = Consumer({("alerts", 0): None, ("alerts", 1): 5_000})
+    bridge._note_fetch()
+    assert "last_fetch_at" not in status
+    bridge.consumer = Consumer({("alerts", 0): 9_000, ("alerts", 1): 5_000, ("patients", 0): 7_000})
+    bridge._note_fetch()
+    assert status["last_fetch_at"] == 5.0

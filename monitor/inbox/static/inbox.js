@@ -4,6 +4,7 @@
   var meta = document.querySelector('meta[name="csrf-token"]');
   var CSRF = meta ? meta.getAttribute("content") : "";
   var SEV_LABEL = { critical: "Critical", high: "High", warning: "Warning", info: "Info" };
+  var SEV_RANK = { info: 1, warning: 2, high: 3, critical: 4 };
 
   function el(tag, attrs, children) {
     var n = document.createElement(tag);
@@ -55,6 +56,100 @@
     return es;
   }
 
+  /* ------------------------------------------------------------------ notifications (opt-in, per user) */
+  /* A new critical or high alert on the user's wards (the server scopes /api/alerts and the live
+     stream to them) raises a browser notification and a short WebAudio tone, if the user opted in.
+     The preference lives in localStorage keyed by the user name (a shared ward workstation keeps
+     one per user); permission is asked only when the user ticks the opt-in box. The notification
+     names the rule, severity and ward/bed, never the patient's name, MRN or date of birth
+     (lock screens). The page title carries the open count: "(3) Inbox". */
+  function makeNotifier(user, box, stateEl) {
+    var KEY = "sma-inbox.notify:" + user;
+    var baseTitle = document.title;
+    var seen = null, audio = null;
+
+    function on() { try { return window.localStorage.getItem(KEY) === "on"; } catch (e) { return false; } }
+    function save(v) {
+      try { if (v) window.localStorage.setItem(KEY, "on"); else window.localStorage.removeItem(KEY); } catch (e) { /* private mode */ }
+    }
+    function permission() { return window.Notification ? window.Notification.permission : "unsupported"; }
+    function showState() {
+      if (!stateEl) return;
+      var p = permission();
+      stateEl.textContent = !on() ? "" : p === "granted" ? "On." : p === "denied"
+        ? "Sound only: notifications are blocked for this site in the browser settings."
+        : p === "unsupported" ? "Sound only: this browser has no notifications." : "Waiting for the browser's permission...";
+    }
+    function tone(critical) {
+      var AC = window.AudioContext || window.webkitAudioContext;
+      if (!AC) return;
+      try {
+        if (!audio) audio = new AC();
+        if (audio.state === "suspended" && audio.resume) audio.resume();
+        var t0 = audio.currentTime + 0.02;
+        for (var i = 0; i < (critical ? 3 : 2); i++) {  // critical: three pips, high: two
+          var osc = audio.createOscillator(), gain = audio.createGain(), t = t0 + i * 0.25;
+          osc.type = "sine";
+          osc.frequency.value = i % 2 ? 660 : 880;
+          gain.gain.setValueAtTime(0.0001, t);
+          gain.gain.exponentialRampToValueAtTime(0.25, t + 0.02);
+          gain.gain.exponentialRampToValueAtTime(0.0001, t + 0.2);
+          osc.connect(gain);
+          gain.connect(audio.destination);
+          osc.start(t);
+          osc.stop(t + 0.22);
+        }
+      } catch (e) { /* no sound device */ }
+    }
+    function text(a) {
+      var bed = a.patient && a.patient.bed ? ", bed " + a.patient.bed : "";
+      return { title: (SEV_LABEL[a.severity] || a.severity) + " alert \u00b7 " + (a.ward || "no ward") + bed,
+               body: a.rule_id + " \u00b7 " + a.pseudonym + " \u00b7 open the inbox to see the patient" };
+    }
+    function announce(a) {
+      tone(a.severity === "critical");
+      if (permission() !== "granted") return;
+      var t = text(a);
+      try {
+        var n = new window.Notification(t.title, { body: t.body, tag: a.alert_id, requireInteraction: a.severity === "critical" });
+        n.onclick = function () { window.focus(); window.location.assign("/alerts/" + encodeURIComponent(a.alert_id)); };
+      } catch (e) { /* some platforms allow notifications from a service worker only */ }
+    }
+    if (box) {
+      box.checked = on();
+      box.addEventListener("change", function () {
+        save(box.checked);
+        if (box.checked) {
+          // the explicit opt-in: the only place permission is asked; the click also unlocks audio
+          tone(false);
+          if (window.Notification && window.Notification.requestPermission && permission() !== "denied") {
+            try {
+              var p = window.Notification.requestPermission();
+              if (p && p.then) p.then(showState, showState);
+            } catch (e) { /* old callback-only API */ }
+          }
+        }
+        showState();
+      });
+    }
+    showState();
+    return {
+      /* data: the user's open alerts, unfiltered (all of their wards) */
+      watch: function (data) {
+        document.title = data.count > 0 ? "(" + data.count + ") " + baseTitle : baseTitle;
+        var next = {};
+        data.alerts.forEach(function (a) {
+          next[a.alert_id] = a.severity;
+          var before = seen ? (SEV_RANK[seen[a.alert_id]] || 0) : null;
+          // new (or newly raised to) critical/high and firing; alerts open at page load do not ring
+          if (before !== null && on() && a.status === "firing" && SEV_RANK[a.severity] >= SEV_RANK.high &&
+              before < SEV_RANK[a.severity]) announce(a);
+        });
+        seen = next;
+      }
+    };
+  }
+
   /* ------------------------------------------------------------------ inbox list */
   function initInbox() {
     var rows = document.getElementById("alert-rows");
@@ -64,6 +159,8 @@
     var fTeam = document.getElementById("f-team");
     var live = document.getElementById("live-state");
     var known = null, fresh = {}, last = null, timer = null;
+    var notifier = makeNotifier(document.body.getAttribute("data-user") || "", document.getElementById("notify-opt"),
+                                document.getElementById("notify-state"));
 
     function fillSelect(sel, values) {
       var cur = sel.value;
@@ -94,7 +191,8 @@
           el("td", { "class": "patient-cell" }, patientCell(a.patient)),
           el("td", { "class": "what-cell" }, [el("a", { "class": "what", href: href, text: a.what }),
                                                el("span", { "class": "rule", text: a.rule_id + " \u00b7 " + a.pseudonym })]),
-          el("td", { text: (a.ward || "\u2013") + " / " + (a.care_team || "\u2013") }),
+          el("td", { "class": "ward-cell" }, [(a.ward || "\u2013") + " / " + (a.care_team || "\u2013"),
+            a.dose_ward ? el("span", { "class": "dose-ward", text: " (dose ward " + a.dose_ward + ")" }) : null]),
           el("td", { "class": "age", "data-opened": a.opened_at, title: a.opened_at, text: age(a.opened_at) }),
           el("td", {}, [el("span", { "class": "status status-" + a.status, text: status })])
         ]);
@@ -117,6 +215,8 @@
         known = {};
         data.alerts.forEach(function (a) { known[a.alert_id + ""] = a.version; });
         render(data);
+        if (!fWard.value && !fTeam.value) notifier.watch(data);  // the same list: no second request
+        else getJSON("/api/alerts", true).then(notifier.watch).catch(function () { /* next event retries */ });
       }).catch(function () { /* next event retries */ });
     }
     function soon() { if (timer) clearTimeout(timer); timer = setTimeout(function () { load(true); }, 150); }

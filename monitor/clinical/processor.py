@@ -167,16 +167,19 @@ class ClinicalProcessor:
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         findings = self.engine.evaluate_observation(state, obs, now)
-        self.store.mark_changed(obs.patient_id)
-        self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
+        # no finding: the lifecycle never saw the book, only the state changed
+        self.store.mark_changed(obs.patient_id, book=bool(findings))
+        if findings:
+            self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
 
     def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> None:
         event = decode("treatments", rec.value, received_at=now, limits=self.limits)
         self._last_input[event.patient_id] = self._monotonic()
         state, book = self.store.load(event.patient_id, rec.partition)
         findings = self.engine.apply_treatment(state, event, now)
-        self.store.mark_changed(event.patient_id)
-        self._emit(self._findings(findings, book, now, out), now, None, out)
+        self.store.mark_changed(event.patient_id, book=bool(findings))
+        if findings:
+            self._emit(self._findings(findings, book, now, out), now, None, out)
 
     def _action(self, rec: Any, now: datetime, out: list[Output]) -> None:
         action = AlertAction.model_validate_json(rec.value)

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from schemas.analytes import catalogue
 from schemas.errors import Reason, Rejected
+from schemas.events import Observation
 from schemas.ingest import Limits, decode
 
 from schemas.alert import AlertAction
@@ -58,6 +59,9 @@ def limits_of(s: Settings) -> Limits:
                   max_future=timedelta(seconds=s.max_future_skew_seconds),
                   hl7_processing_id=s.hl7_processing_id, code_maps=load_code_maps(s.code_maps_dir))
 
+
+#: the model's own JSON serializer: the bytes of ``model_dump_json().encode()`` without the str round trip
+_OBS_JSON = Observation.__pydantic_serializer__.to_json
 
 _MONITORED = {a.key: str(a.monitored).lower() for a in catalogue().by_key.values()}
 
@@ -127,7 +131,7 @@ class Ingest:
             out = []
             for obs in decoded:
                 COUNTERS.observation(obs.analyte)
-                out.append((s.topic_observations, obs.patient_id.encode(), obs.model_dump_json().encode(), None))
+                out.append((s.topic_observations, obs.patient_id.encode(), _OBS_JSON(obs), None))
             if decoded:
                 SOURCE_LAST_EVENT.labels(source=source_label(decoded[0].source)).set(received_at.timestamp())
             return out

@@ -1,7 +1,7 @@
 """The alert reader of ``run_all.py``'s latency test, as its own process.
 
-Run by ``run_all.AlertReader``: ``python bench/alert_reader.py BOOTSTRAP TOPIC``. Reads
-every partition of TOPIC from the start (aiokafka, no group) and prints, per latency event
+Run by ``run_all.AlertReader``: ``python bench/alert_reader.py BOOTSTRAP TOPIC PARTITIONS``.
+Reads partitions 0..PARTITIONS-1 of TOPIC from the start (aiokafka, no group) and prints, per latency event
 id seen for the first time in an alert's evidence, ``seq receive_latency_s
 record_time_latency_s``; and ``A <alerts read>`` after each fetch with alerts. The
 publish time is the nanosecond stamp in the event id (``lat-<seq>-<publish ns>``).
@@ -24,17 +24,13 @@ from aiokafka.structs import TopicPartition
 LAT_ID = re.compile(rb'"observation_id":"(lat-(\d+)-(\d+))"')
 
 
-async def main(bootstrap: str, topic: str) -> None:
+async def main(bootstrap: str, topic: str, partitions: int) -> None:
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                          fetch_max_wait_ms=5, client_id="bench-alerts")
     await c.start()
     try:
-        parts = c.partitions_for_topic(topic)
-        while not parts:
-            await asyncio.sleep(0.1)
-            await c.topics()
-            parts = c.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        # the topic exists (run_all created it); its partitions are given, not looked up
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         print("READY", flush=True)
@@ -64,6 +60,6 @@ async def main(bootstrap: str, topic: str) -> None:
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(sys.argv[1], sys.argv[2]))
+        asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
     except (KeyboardInterrupt, BrokenPipeError):
         pass

@@ -319,11 +319,11 @@ class AlertReader(threading.Thread):
     thread only collects its lines. A kafka-python reader thread in this process shared the
     interpreter lock with the publisher and fell behind at 2,000 alerts/s (see there)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
         super().__init__(daemon=True)
         import subprocess
 
-        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic],
+        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic, str(partitions)],
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         first = self.proc.stdout.readline()
         if first.strip() != "READY":
@@ -372,7 +372,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
     out: dict = {"patients": patients, "phases": []}
     try:
         out["ready_s"] = wait_ready([child], [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"], 120)
-        reader = AlertReader(run.args.bootstrap, topics["alerts"])
+        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions)
         reader.start()
         now = datetime.now(timezone.utc)
         pids = [f"LAT-{i:04d}" for i in range(patients)]

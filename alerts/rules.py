@@ -19,6 +19,7 @@ An evaluation returns ``None`` (condition absent) or a ``Hit``:
 from __future__ import annotations
 
 import operator
+from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -607,6 +608,68 @@ class CompositeRuleC(CRule):
                 return None
         return Hit(self.rank, None, uniq, max(ev[1][0] for ev in uniq))
 
+    def _possible(self, st: PatientState, cp: "CompiledProtocol", dose: float) -> Callable[[float], bool] | None:
+        """A necessary condition for ``eval_at(t)`` to hit, cheap per ``t``: the ``when``
+        expression with each condition replaced by "some post-dose result held meets it
+        within the window [max(t - window, dose), t]" (and False where ``eval_window``'s
+        leaf is False: ``only_without_baseline`` with a baseline held). ``eval_window``'s
+        leaf can only be True when such a result exists (``use: newest`` and ``min_count``
+        ask more), ``all`` needs every member True and ``any`` one, so a time for which this
+        is False cannot hit and the episode search skips it without changing its outcome.
+        Which results meet a condition does not depend on the window, so they are judged
+        once per evaluation instead of once per candidate time (the search was quadratic in
+        the episode results held). None: no time can hit (no member of an ``all`` has a
+        meeting result at all, or no member of an ``any``)."""
+        held_by: dict[str, list] = {}
+
+        def simplify(expr):
+            if isinstance(expr, CCond):
+                if expr.no_base and expr.analyte in st.base:
+                    return None
+                es = held_by.get(expr.analyte)
+                if es is None:
+                    es = held_by[expr.analyte] = held(st, expr.analyte, dose, 1e18)
+                ts = []
+                for e in es:  # oldest first
+                    lr = expr.limit(st, cp, e)
+                    if lr is not None and meets(expr.op, e[1], lr[0], lr[1]):
+                        ts.append(e[0])
+                return ts or None
+            parts = []
+            for m in expr[1]:
+                r = simplify(m)
+                if r is None:
+                    if expr[0] == "all":
+                        return None
+                    continue
+                parts.append(r)
+            return (expr[0], parts) if parts else None
+
+        tree = simplify(self.when)
+        if tree is None:
+            return None
+        window = self.window
+
+        def test(x, lo: float, hi: float) -> bool:
+            if isinstance(x, list):  # times of the results meeting one condition, sorted
+                i = bisect_left(x, lo)
+                return i < len(x) and x[i] <= hi
+            if x[0] == "all":
+                for m in x[1]:
+                    if not test(m, lo, hi):
+                        return False
+                return True
+            for m in x[1]:
+                if test(m, lo, hi):
+                    return True
+            return False
+
+        def possible(t: float) -> bool:
+            lo = t - window
+            return test(tree, lo if lo > dose else dose, t)
+
+        return possible
+
     def _worsening(self, st: PatientState, cp: "CompiledProtocol", dose: float) -> list[str]:
         """Markers whose newest result is worse than the previous one and still abnormal:
         meeting one of the rule's conditions on that analyte, or beyond its reference limit
@@ -663,10 +726,14 @@ class CompositeRuleC(CRule):
                 if dose <= e[0] < t:
                     cands.add(e[0])
         ep = None
-        for ti in sorted(cands, reverse=True):
-            ep = self.eval_at(st, cp, ti)
-            if ep is not None:
-                break
+        possible = self._possible(st, cp, dose) if len(cands) > 1 else (lambda ti: True)
+        if possible is not None:  # None: no candidate time can hit
+            for ti in sorted(cands, reverse=True):
+                if not possible(ti):
+                    continue  # no result in that window meets what the condition needs: no hit there
+                ep = self.eval_at(st, cp, ti)
+                if ep is not None:
+                    break
         if ep is None:
             prev = st.active.get(self.id)
             ids = [i for i in prev[2].split(" ") if not i.startswith("stale")] if prev is not None and prev[2] else []

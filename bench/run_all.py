@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -302,50 +301,56 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
 
 
 # ------------------------------------------------------------------ latency
-LAT_ID = re.compile(rb'"observation_id":"(lat-(\d+)-(\d+))"')
 ULN = 40.0
 
 
-def _lat_event(i: int, pid: str, value: float, pub_ns: int) -> bytes:
+def _lat_event(i: int, pid: str, value: float, pub_ns: int, effective_at: datetime) -> bytes:
     return json.dumps({
         "event_id": f"lat-{i}-{pub_ns}", "patient_id": pid, "loinc": "1742-6", "value": value, "unit": "U/L",
         "reference_range": {"low": 0, "high": ULN}, "status": "final", "source": "bench",
-        "effective_at": datetime.fromtimestamp(pub_ns / 1e9, timezone.utc).isoformat(),
+        "effective_at": effective_at.isoformat(),
     }, separators=(",", ":")).encode()
 
 
 class AlertReader(threading.Thread):
-    """Reads the alerts topic; per latency event id, the first alert whose evidence names it."""
+    """Reads the alerts topic; per latency event id, the first alert whose evidence names it.
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    The reading runs in a process of its own (``bench/alert_reader.py``, aiokafka); this
+    thread only collects its lines. A kafka-python reader thread in this process shared the
+    interpreter lock with the publisher and fell behind at 2,000 alerts/s (see there)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
         super().__init__(daemon=True)
-        from kafka import KafkaConsumer, TopicPartition
+        import subprocess
 
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                      fetch_max_wait_ms=5, fetch_min_bytes=1, client_id="bench-alerts")
-        parts = self.consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        self.consumer.assign(tps)
-        self.consumer.seek_to_beginning(*tps)
+        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic, str(partitions)],
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        first = self.proc.stdout.readline()
+        if first.strip() != "READY":
+            self.proc.kill()
+            raise RuntimeError(f"alert reader did not start: {first!r}")
         self.seen: dict[int, tuple[float, float]] = {}  # seq -> (receive latency s, record-timestamp latency s)
         self.alerts = 0
         self.last_new = time.monotonic()
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            batch = self.consumer.poll(timeout_ms=50)
-            now = time.time()
-            for recs in batch.values():
-                for r in recs:
-                    self.alerts += 1
-                    for m in LAT_ID.finditer(r.value or b""):
-                        seq = int(m.group(2))
-                        if seq not in self.seen:
-                            pub = int(m.group(3)) / 1e9
-                            self.seen[seq] = (now - pub, r.timestamp / 1000.0 - pub)
-                            self.last_new = time.monotonic()
-        self.consumer.close()
+        for line in self.proc.stdout:
+            if line.startswith("A "):
+                self.alerts = int(line[2:])
+                continue
+            seq, recv, ts = line.split()
+            self.seen[int(seq)] = (float(recv), float(ts))
+            self.last_new = time.monotonic()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+        super().join(timeout)
 
     def count(self, lo: int, hi: int) -> int:
         return sum(1 for s in list(self.seen) if lo <= s < hi)
@@ -367,7 +372,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
     out: dict = {"patients": patients, "phases": []}
     try:
         out["ready_s"] = wait_ready([child], [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"], 120)
-        reader = AlertReader(run.args.bootstrap, topics["alerts"])
+        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions)
         reader.start()
         now = datetime.now(timezone.utc)
         pids = [f"LAT-{i:04d}" for i in range(patients)]
@@ -383,10 +388,19 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
         # patient's ALT alert (new evidence; severity raised or lowered) -> one alert version per event
         grade3 = dict.fromkeys(pids, False)
 
+        # each patient's results one second apart from the day after the dose: the engine keeps
+        # times in whole seconds and orders results of one second by observation id, so with
+        # the publish time as effective time (two events per patient per second at 2,000/s)
+        # ~1.6 % of the events were judged older than their predecessor and changed no alert
+        t_first = now - timedelta(days=9)
+        n_sent = dict.fromkeys(pids, 0)
+
         def send(seq: int, pid: str) -> None:
             grade3[pid] = not grade3[pid]
+            n_sent[pid] += 1
             value = (8 if grade3[pid] else 4) * ULN
-            producer.send(topics["lab-results"], key=pid.encode(), value=_lat_event(seq, pid, value, time.time_ns()))
+            producer.send(topics["lab-results"], key=pid.encode(), value=_lat_event(seq, pid, value, time.time_ns(),
+                                                                                  t_first + timedelta(seconds=n_sent[pid])))
 
         seq = 10_000_000  # warm-up ids: not counted
         for i, pid in enumerate(pids):

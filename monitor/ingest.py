@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from schemas.analytes import catalogue
 from schemas.errors import Reason, Rejected
+from schemas.events import Observation
 from schemas.ingest import Limits, decode
 
 from schemas.alert import AlertAction
@@ -43,6 +44,7 @@ from schemas.alert import AlertAction
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
 from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind
+from . import metrics
 from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
 
 from .settings import Settings, get_settings
@@ -59,6 +61,9 @@ def limits_of(s: Settings) -> Limits:
                   hl7_processing_id=s.hl7_processing_id, code_maps=load_code_maps(s.code_maps_dir))
 
 
+#: the model's own JSON serializer: the bytes of ``model_dump_json().encode()`` without the str round trip
+_OBS_JSON = Observation.__pydantic_serializer__.to_json
+
 _MONITORED = {a.key: str(a.monitored).lower() for a in catalogue().by_key.values()}
 
 
@@ -69,6 +74,7 @@ class _Counters:
         self._events: dict[tuple, object] = {}
         self._obs: dict[str, object] = {}
         self._dead: dict[tuple, object] = {}
+        self._src: dict[str, object] = {}
 
     def event(self, kind: str, fmt: str) -> None:
         c = self._events.get((kind, fmt))
@@ -81,6 +87,15 @@ class _Counters:
         if c is None:
             c = self._obs[analyte] = OBSERVATIONS.labels(analyte=analyte, monitored=_MONITORED.get(analyte, "false"))
         c.inc()
+
+    def source_seen(self, source: str, received_at: datetime) -> None:
+        key = (source, metrics._allowed)  # the label of a source depends on the configured allow-list
+        g = self._src.get(key)
+        if g is None:
+            if len(self._src) >= 1000:  # bounded (source_label caps the label values)
+                self._src.clear()
+            g = self._src[key] = SOURCE_LAST_EVENT.labels(source=source_label(source))
+        g.set(received_at.timestamp())
 
     def dead(self, topic: str, reason: str) -> None:
         c = self._dead.get((topic, reason))
@@ -127,9 +142,9 @@ class Ingest:
             out = []
             for obs in decoded:
                 COUNTERS.observation(obs.analyte)
-                out.append((s.topic_observations, obs.patient_id.encode(), obs.model_dump_json().encode(), None))
+                out.append((s.topic_observations, obs.patient_id.encode(), _OBS_JSON(obs), None))
             if decoded:
-                SOURCE_LAST_EVENT.labels(source=source_label(decoded[0].source)).set(received_at.timestamp())
+                COUNTERS.source_seen(decoded[0].source, received_at)
             return out
         COUNTERS.event(kind, "invalid")
         COUNTERS.dead(topic, reason.value)

@@ -17,6 +17,7 @@ import logging
 from typing import Any, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
 from .kafka_config import aiokafka_config
@@ -44,13 +45,79 @@ def new_consumer(s: Settings, *topics: str, group_id: str | None, **extra: Any) 
     return AIOKafkaConsumer(*topics, **opts, **aiokafka_config(s))
 
 
+#: a record above this many bytes goes through ``send()`` alone (its size is checked against
+#: ``max_request_size`` there, with the error it always had)
+_BATCH_VALUE_LIMIT = 256 * 1024
+#: murmur2 of a key (masked to 31 bits), by key: patient ids repeat in every batch
+_HASHES: dict[bytes, int] = {}
+_HASHES_MAX = 200_000
+
+
+def key_partition(key: bytes, partitions: list[int]) -> int:
+    """The partition aiokafka's (and Kafka's Java client's) default partitioner gives
+    ``key`` among ``partitions`` (sorted): ``murmur2(key) & 0x7fffffff`` modulo their number."""
+    h = _HASHES.get(key)
+    if h is None:
+        if len(_HASHES) >= _HASHES_MAX:
+            _HASHES.clear()
+        h = _HASHES[key] = murmur2(key) & 0x7FFFFFFF
+    return partitions[h % len(partitions)]
+
+
 async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]]
                       ) -> list:
     """Send ``(topic, key, value, headers, partition)`` records in order; return their
-    metadata once the broker acknowledged every one (raises if any write failed)."""
-    futures = [await producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-               for topic, key, value, headers, partition in records]
-    return list(await asyncio.gather(*futures)) if futures else []
+    metadata once the broker acknowledged every one (raises if any write failed).
+
+    Records go out as one record batch per partition (``create_batch`` / ``send_batch``)
+    rather than one ``send()`` each: one future per batch instead of one per record. The
+    partition of a keyed record without an explicit one is the default partitioner's
+    (:func:`key_partition`), so every record lands where ``send()`` put it; a record
+    without a key, or a large one, goes through ``send()``, after the records queued
+    before it (for its partition; every partition for an unkeyed one). Order per partition is the order of ``records``. The
+    metadata of a batch is that of its LAST record (offset = base offset + count - 1)."""
+    parts: dict[str, list[int]] = {}
+    open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
+    futures: list = []  # (future, records in the batch or 0 for a single send)
+
+    async def flush(tp: tuple[str, int]) -> None:
+        b = open_.pop(tp, None)
+        if b is not None and b[1]:
+            b[0].close()  # nothing a later send() queues can join it
+            futures.append((await producer.send_batch(b[0], tp[0], partition=tp[1]), b[1]))
+
+    for topic, key, value, headers, partition in records:
+        if partition is None and key is not None:
+            ps = parts.get(topic)
+            if ps is None:
+                ps = parts[topic] = sorted(await producer.partitions_for(topic))
+            partition = key_partition(key, ps)
+        if partition is None or (value is not None and len(value) > _BATCH_VALUE_LIMIT):
+            # after everything queued for its partition (unkeyed: the partitioner's pick is
+            # not known before, so after everything queued)
+            for tp in ([(topic, partition)] if partition is not None else list(open_)):
+                await flush(tp)
+            futures.append((await producer.send(topic, value=value, key=key, headers=headers, partition=partition),
+                            0))
+            continue
+        tp = (topic, partition)
+        b = open_.get(tp)
+        if b is None:
+            b = open_[tp] = [producer.create_batch(), 0]
+        if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+            await flush(tp)  # full: send it, start the next one
+            b = open_[tp] = [producer.create_batch(), 0]
+            if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                raise ValueError(f"record of {len(value or b'')} bytes does not fit an empty batch")
+        b[1] += 1
+    for tp in list(open_):
+        await flush(tp)
+    if not futures:
+        return []
+    out = []
+    for md, n in zip(await asyncio.gather(*(f for f, _ in futures)), (n for _, n in futures)):
+        out.append(md._replace(offset=md.offset + n - 1) if n and md is not None else md)
+    return out
 
 
 def next_offsets(batch: Mapping[TopicPartition, list]) -> dict[TopicPartition, int]:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Iterable, Union
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from .analytes import catalogue
 from .errors import Reason, Rejected
@@ -83,14 +84,23 @@ def parse_json(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
     except UnicodeDecodeError as exc:
         raise Rejected(Reason.NOT_UTF8, f"payload is not UTF-8 (byte {exc.start}: {exc.reason})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except Rejected:
-        raise
-    except RecursionError:
-        raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limits.max_depth} levels") from None
-    except ValueError as exc:
-        raise Rejected(Reason.MALFORMED_JSON, f"malformed JSON: {exc}") from None
-    _depth(obj, limits.max_depth, budget=[limits.max_json_values, limits.max_json_values])
+        # pydantic-core's parser first (2-3x faster); it refuses everything json.loads
+        # treats specially (NaN/Infinity, lone surrogate escapes, a BOM, bad syntax), and
+        # then json.loads decides, so the outcome and reason are json.loads's
+        obj = from_json(text, allow_inf_nan=False)
+    except ValueError:
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except Rejected:
+            raise
+        except RecursionError:
+            raise Rejected(Reason.TOO_DEEP, f"JSON nested deeper than {limits.max_depth} levels") from None
+        except ValueError as exc:
+            raise Rejected(Reason.MALFORMED_JSON, f"malformed JSON: {exc}") from None
+    # the walk is needed only when the text could break a limit: every JSON value takes at
+    # least one character, and every level of nesting an opening bracket
+    if len(text) > limits.max_json_values or text.count("{") + text.count("[") > limits.max_depth:
+        _depth(obj, limits.max_depth, budget=[limits.max_json_values, limits.max_json_values])
     return obj
 
 

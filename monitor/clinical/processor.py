@@ -54,6 +54,10 @@ from .store import PatientStore
 
 log = logging.getLogger(__name__)
 
+#: the models' own JSON serializers: the bytes of ``model_dump_json().encode()``
+_FINDING_JSON = Finding.__pydantic_serializer__.to_json
+_ALERT_JSON = Alert.__pydantic_serializer__.to_json
+
 #: header naming what a record of the patient stream is (absent: an observation)
 KIND_HEADER = "kind"
 KIND_TREATMENT = b"treatment"
@@ -167,16 +171,19 @@ class ClinicalProcessor:
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         findings = self.engine.evaluate_observation(state, obs, now)
-        self.store.mark_changed(obs.patient_id)
-        self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
+        # no finding: the lifecycle never saw the book, only the state changed
+        self.store.mark_changed(obs.patient_id, book=bool(findings))
+        if findings:
+            self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
 
     def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> None:
         event = decode("treatments", rec.value, received_at=now, limits=self.limits)
         self._last_input[event.patient_id] = self._monotonic()
         state, book = self.store.load(event.patient_id, rec.partition)
         findings = self.engine.apply_treatment(state, event, now)
-        self.store.mark_changed(event.patient_id)
-        self._emit(self._findings(findings, book, now, out), now, None, out)
+        self.store.mark_changed(event.patient_id, book=bool(findings))
+        if findings:
+            self._emit(self._findings(findings, book, now, out), now, None, out)
 
     def _action(self, rec: Any, now: datetime, out: list[Output]) -> None:
         action = AlertAction.model_validate_json(rec.value)
@@ -239,14 +246,14 @@ class ClinicalProcessor:
         changed: list[Alert] = []
         for f in findings:
             self._m.get(FINDINGS, f.rule_id, f.severity.value if f.severity else "none", f.state).inc()
-            out.append(Output(self.findings_topic, f.patient_id.encode(), f.model_dump_json().encode()))
+            out.append(Output(self.findings_topic, f.patient_id.encode(), _FINDING_JSON(f)))
             changed.extend(apply_finding(book, f, now, self.lifecycle))
         return changed
 
     def _emit(self, alerts: list[Alert], now: datetime, received_at: datetime | None, out: list[Output]) -> None:
         m = self._m.get
         for a in alerts:
-            out.append(Output(self.alerts_topic, a.patient_id.encode(), a.model_dump_json().encode()))
+            out.append(Output(self.alerts_topic, a.patient_id.encode(), _ALERT_JSON(a)))
             sev = a.severity.value if a.severity else "critical"
             if a.version == 1:
                 m(ALERTS_OPENED, a.rule_id, sev).inc()

@@ -29,9 +29,20 @@ from schemas.alert import Alert
 FORMAT_VERSION = 1
 
 
-def encode(state: PatientState, book: AlertBook) -> bytes:
+_BOOK_JSON = AlertBook.__pydantic_serializer__.to_json
+
+
+def encode_book(book: AlertBook) -> bytes:
+    """The alert book's JSON (pydantic-core's serializer straight from the model: the same
+    JSON as ``to_json(book.to_dict())`` without building the dict)."""
+    return _BOOK_JSON(book)
+
+
+def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None) -> bytes:
+    """``{"v": 1, "state": ..., "alerts": ...}``; ``book_json``: the book's JSON, if known."""
     # pydantic-core's JSON writer: the same JSON as json.dumps, several times faster
-    return to_json({"v": FORMAT_VERSION, "state": state.to_dict(), "alerts": book.to_dict()})
+    return b"".join((b'{"v":%d,"state":' % FORMAT_VERSION, to_json(state.to_dict()), b',"alerts":',
+                     encode_book(book) if book_json is None else book_json, b"}"))
 
 
 def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
@@ -45,8 +56,9 @@ class PatientStore(Protocol):
     def load(self, patient_id: str, partition: int) -> tuple[PatientState, AlertBook]:
         """The patient's state and alert book (new and empty for an unknown patient)."""
 
-    def mark_changed(self, patient_id: str) -> None:
-        """The patient must be written to the changelog at the end of the batch."""
+    def mark_changed(self, patient_id: str, book: bool = True) -> None:
+        """The patient must be written to the changelog at the end of the batch.
+        ``book=False``: only the state changed, the alert book is as last written."""
 
     def is_changed(self, patient_id: str) -> bool: ...
 
@@ -75,13 +87,15 @@ class PatientStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("partition", "raw", "state", "book")
+    __slots__ = ("partition", "raw", "state", "book", "book_json")
 
     def __init__(self, partition: int, raw: bytes | None) -> None:
         self.partition = partition
         self.raw = raw          # last durable bytes (None: never written)
         self.state: PatientState | None = None
         self.book: AlertBook | None = None
+        #: the JSON of ``book`` as last written (None: not known, encode it)
+        self.book_json: bytes | None = None
 
 
 class InMemoryPatientStore:
@@ -90,7 +104,8 @@ class InMemoryPatientStore:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._by_partition: dict[int, set[str]] = {}
-        self._changed: dict[str, None] = {}
+        #: changed patients -> whether their alert book changed too
+        self._changed: dict[str, bool] = {}
 
     # -- processing ---------------------------------------------------------------------
     def load(self, patient_id: str, partition: int) -> tuple[PatientState, AlertBook]:
@@ -99,14 +114,15 @@ class InMemoryPatientStore:
             e = self._entries[patient_id] = _Entry(partition, None)
             self._by_partition.setdefault(partition, set()).add(patient_id)
         if e.state is None or e.book is None:
+            e.book_json = None
             if e.raw is not None:
                 e.state, e.book = decode(e.raw)
             else:
                 e.state, e.book = PatientState(patient_id), AlertBook(patient_id=patient_id)
         return e.state, e.book
 
-    def mark_changed(self, patient_id: str) -> None:
-        self._changed[patient_id] = None
+    def mark_changed(self, patient_id: str, book: bool = True) -> None:
+        self._changed[patient_id] = book or self._changed.get(patient_id, False)
 
     def is_changed(self, patient_id: str) -> bool:
         return patient_id in self._changed
@@ -118,14 +134,16 @@ class InMemoryPatientStore:
         if e.raw is None:
             self._remove(patient_id)
         else:
-            e.state = e.book = None
+            e.state = e.book = e.book_json = None
 
     def take_changed(self) -> list[tuple[str, int, bytes]]:
         out = []
-        for pid in self._changed:
+        for pid, book_changed in self._changed.items():
             e = self._entries[pid]
             assert e.state is not None and e.book is not None
-            e.raw = encode(e.state, e.book)
+            if book_changed or e.book_json is None:
+                e.book_json = encode_book(e.book)
+            e.raw = encode(e.state, e.book, e.book_json)
             out.append((pid, e.partition, e.raw))
         self._changed.clear()
         return out
@@ -160,7 +178,7 @@ class InMemoryPatientStore:
             e = self._entries[pid] = _Entry(partition, value)
             self._by_partition.setdefault(partition, set()).add(pid)
         else:
-            e.raw, e.state, e.book = value, None, None
+            e.raw, e.state, e.book, e.book_json = value, None, None, None
 
     def drop(self, partitions: Iterable[int]) -> None:
         for p in list(partitions):

@@ -19,7 +19,7 @@ from alerts.protocol import default_protocols
 from alerts.testkit import at, dose, obs
 from monitor.actions_auth import ActionAuthority
 from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, ClinicalProcessor, routed_headers
-from monitor.clinical.store import InMemoryPatientStore, decode
+from monitor.clinical.store import InMemoryPatientStore, decode, encode
 from monitor.inbox.auth import User, UserDirectory
 from monitor.worker import lifecycle_config
 from schemas.alert import Role
@@ -149,6 +149,41 @@ def test_changelog_bytes_restore_the_same_state_and_a_replay_emits_nothing(engin
     other.restore_record(2, b"p3", changed[0][2])
     assert other.find_alert(alert_id).alert_id == alert_id
     assert other.find_alert("missing") is None
+
+
+def test_every_changelog_value_is_the_full_encoding_of_the_patient(engine, lifecycle):
+    """The alert book's JSON is reused when a batch changed only the state (no finding): the
+    value written must still be exactly the encoding of the state and book held, batch
+    after batch (quiet results, a finding, an action, the clock), and after a rollback."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream(partition=1)
+    now = at(9)
+    batches = [[s.treatment(dose(patient="p9"))],
+               [s.observation(obs("alt", 30, -1, high=40, patient="p9"))],      # baseline: no finding
+               [s.observation(obs("alt", 32, 1, high=40, patient="p9"))],       # quiet: state only
+               [s.observation(obs("alt", 250, 3, high=40, patient="p9"))],      # a finding: book changes
+               [s.observation(obs("platelets", 300, 4, low=150, high=450, patient="p9"))]]  # state only
+    alert_id = None
+    for recs in batches:
+        out = p.process(recs, now)
+        alert_id = alert_id or next((a["alert_id"] for a in by_topic(out, "alerts")), None)
+        (pid, _part, value), = store.take_changed()
+        state, book = store.load(pid, 1)
+        assert value == encode(state, book)  # the book encoded afresh
+        assert decode(value)[1].to_dict() == book.to_dict()
+    assert alert_id is not None
+    p.process([s.action("p9", {"action": "acknowledge", "alert_id": alert_id, "by": "n1", "role": "nurse",
+                               "at": now.isoformat(), "action_id": "a-9"})], now)
+    p.process([s.observation(obs("alt", 240, 5, high=40, patient="p9"))], now)
+    (_, _, value), = store.take_changed()
+    state, book = store.load("p9", 1)
+    assert value == encode(state, book) and decode(value)[1].alerts[alert_id].status.value == "acknowledged"
+    # rolled back to the durable bytes, then a quiet result: still the full encoding
+    store.discard("p9")
+    p.process([s.observation(obs("platelets", 310, 6, low=150, high=450, patient="p9"))], now)
+    (_, _, value), = store.take_changed()
+    assert value == encode(*store.load("p9", 1))
 
 
 def test_a_changelog_written_by_the_faust_table_restores(engine, lifecycle):

@@ -118,7 +118,7 @@ def source_label(source: str) -> str:
     return "other"
 
 
-# ---- issue 14 (the MLLP listener's own scrape): added at the end
+# ---- the MLLP listener's own families (its scrape shows only these: component_registry)
 
 MLLP_PARSE_ERRORS = Counter(
     "monitor_mllp_parse_errors_total",

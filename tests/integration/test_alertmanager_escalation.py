@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
-import urllib.request
 from datetime import timedelta
 
 import pytest
 
 from receivers import WebhookReceiver
 from schemas.alert import HistoryEntry
-from test_sinks import AM_BIN, PID, _free_port, _scenario
+from test_sinks import AM_BIN, PID, Alertmanager, _scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -38,48 +36,6 @@ receivers:
   - name: failsafe
     webhook_configs: [{{url: "{failsafe_url}", send_resolved: true}}]
 """
-
-
-class Alertmanager:
-    def __init__(self, tmp, config: str):
-        self.cfg = tmp / "am.yml"
-        self.cfg.write_text(config)
-        self.data = tmp / "am-data"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / "am.log", "ab")
-        self.proc = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [AM_BIN, f"--config.file={self.cfg}", f"--storage.path={self.data}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.proc.poll() is None, "alertmanager exited"
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "alertmanager not ready"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-            self.proc = None
-
-    def alerts(self) -> list[dict]:
-        with urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=2) as r:
-            return json.loads(r.read())
 
 
 async def _until(pred, timeout: float, what: str):

@@ -98,6 +98,65 @@ def _free_port() -> int:
 # ------------------------------------------------------------------ (a) Alertmanager
 
 
+class Alertmanager:
+    """A real Alertmanager process on a free loopback port. ``stop()`` then ``start()`` is a
+    restart (Alertmanager keeps no alerts across one); config, data directory and log stay."""
+
+    def __init__(self, tmp: Path, config: str):
+        self.cfg = tmp / "am.yml"
+        self.cfg.write_text(config)
+        self.data = tmp / "am-data"
+        self.log_path = tmp / "am.log"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        import urllib.request
+
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [AM_BIN, f"--config.file={self.cfg}", f"--storage.path={self.data}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"alertmanager exited: {self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"alertmanager not ready within {timeout:.0f} s: {self.tail()}")
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def alerts(self) -> list[dict]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=2) as r:
+            return json.loads(r.read())
+
+
 @pytest.fixture
 def alertmanager(tmp_path):
     if not os.path.exists(AM_BIN):
@@ -107,40 +166,12 @@ def alertmanager(tmp_path):
                              capture_output=True, text=True, timeout=600)
         if res.returncode != 0 or not os.path.exists(AM_BIN):
             pytest.skip(f"could not install prometheus-alertmanager: {res.stderr[-500:]}")
-    cfg = tmp_path / "alertmanager.yml"
-    cfg.write_text('route:\n  receiver: "null"\n  group_wait: 1h\nreceivers:\n  - name: "null"\n')
-    port = _free_port()
-    log = open(tmp_path / "alertmanager.log", "wb")
-    proc = subprocess.Popen(
-        [AM_BIN, f"--config.file={cfg}", f"--storage.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    am = Alertmanager(tmp_path, 'route:\n  receiver: "null"\n  group_wait: 1h\nreceivers:\n  - name: "null"\n')
     try:
-        deadline = time.monotonic() + 20
-        import urllib.request
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"alertmanager exited: {(tmp_path / 'alertmanager.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("alertmanager not ready within 20 s")
-            time.sleep(0.1)
-        yield url
+        am.start()
+        yield am.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+        am.stop()
 
 
 async def _am_alerts(url: str) -> tuple[str, list[dict]]:

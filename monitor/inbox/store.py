@@ -86,13 +86,17 @@ class InboxStore:
             self.by_ref[pv.ref] = patient_id
         return pv
 
-    def apply_alert_bytes(self, raw: bytes | None) -> Alert | None:
+    def _decoded(self, model: Any, raw: bytes | None) -> Any:
+        """``raw`` as a ``model``, or None (counted as invalid: the store skips it)."""
         try:
-            alert = Alert.model_validate_json(raw or b"")
+            return model.model_validate_json(raw or b"")
         except (ValidationError, ValueError):
             self.counts["invalid"] += 1
             return None
-        return self.apply_alert(alert)
+
+    def apply_alert_bytes(self, raw: bytes | None) -> Alert | None:
+        alert = self._decoded(Alert, raw)
+        return self.apply_alert(alert) if alert is not None else None
 
     def apply_alert(self, alert: Alert) -> Alert | None:
         cur = self.alerts.get(alert.alert_id)
@@ -112,12 +116,9 @@ class InboxStore:
         return alert
 
     def apply_observation_bytes(self, raw: bytes | None) -> Observation | None:
-        try:
-            obs = Observation.model_validate_json(raw or b"")
-        except (ValidationError, ValueError):
-            self.counts["invalid"] += 1
-            return None
-        self.apply_observation(obs)
+        obs = self._decoded(Observation, raw)
+        if obs is not None:
+            self.apply_observation(obs)
         return obs
 
     def apply_observation(self, obs: Observation) -> None:
@@ -137,12 +138,9 @@ class InboxStore:
             pv.order = deque(k for k in pv.order if k in pv.observations)
 
     def apply_patient_bytes(self, raw: bytes | None) -> PatientRecord | None:
-        try:
-            rec = PatientRecord.model_validate_json(raw or b"")
-        except (ValidationError, ValueError):
-            self.counts["invalid"] += 1
-            return None
-        self.apply_patient(rec)
+        rec = self._decoded(PatientRecord, raw)
+        if rec is not None:
+            self.apply_patient(rec)
         return rec
 
     def apply_patient(self, rec: PatientRecord) -> None:

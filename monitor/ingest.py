@@ -43,7 +43,7 @@ from schemas.alert import AlertAction
 
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
-from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind
+from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind, stop_clients
 from . import metrics
 from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
 
@@ -280,12 +280,7 @@ class IngestService(ConsumerRebalanceListener):
     async def stop(self) -> None:
         self.ready.clear()
         self.merge.clear()
-        for c in (self.consumer, self.producer):
-            if c is not None:
-                try:
-                    await c.stop()
-                except Exception:
-                    pass
+        await stop_clients(self.consumer, self.producer)
         self.consumer = self.producer = None
 
 

@@ -53,6 +53,17 @@ _HASHES: dict[bytes, int] = {}
 _HASHES_MAX = 200_000
 
 
+async def stop_clients(*clients: AIOKafkaConsumer | AIOKafkaProducer | None) -> None:
+    """Stop each started client in turn; one that fails to stop does not keep the others
+    running (a shutdown path: its error is of no further use)."""
+    for c in clients:
+        if c is not None:
+            try:
+                await c.stop()
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def key_partition(key: bytes, partitions: list[int]) -> int:
     """The partition aiokafka's (and Kafka's Java client's) default partitioner gives
     ``key`` among ``partitions`` (sorted): ``murmur2(key) & 0x7fffffff`` modulo their number."""

@@ -45,7 +45,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from ..kafka_batch import Positions, new_consumer, new_producer, next_offsets, produce_all, rewind
+from ..kafka_batch import Positions, new_consumer, new_producer, next_offsets, produce_all, rewind, stop_clients
 from ..metrics import PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
 from ..settings import Settings
 from ..topics_admin import changelog_topic
@@ -105,12 +105,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def stop(self) -> None:
         self.ready.clear()
-        for c in (self.consumer, self._restorer, self.producer):
-            if c is not None:
-                try:
-                    await c.stop()
-                except Exception:
-                    pass
+        await stop_clients(self.consumer, self._restorer, self.producer)
         self.consumer = self._restorer = self.producer = None
 
     # -- one batch -----------------------------------------------------------------------

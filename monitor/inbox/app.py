@@ -141,12 +141,9 @@ class KafkaBridge:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        for c in (self.consumer, self.producer):
-            if c is not None:
-                try:
-                    await c.stop()
-                except Exception:  # pragma: no cover
-                    pass
+        from ..kafka_batch import stop_clients
+
+        await stop_clients(self.consumer, self.producer)
 
 
 def _env_bool(name: str, default: bool | None) -> bool | None:

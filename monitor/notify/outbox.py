@@ -25,6 +25,7 @@ from aiokafka.structs import OffsetAndMetadata
 from .sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
+from ..kafka_batch import stop_clients
 from ..kafka_config import aiokafka_config
 from ..metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
 from ..settings import Settings
@@ -146,11 +147,14 @@ class DeliveryService:
             positions = [await c.position(tp) for tp in parts]
             if all(pos >= ends[tp] for pos, tp in zip(positions, parts)):
                 return
-            batch = await c.getmany(timeout_ms=500, max_records=5000)
-            for records in batch.values():
-                for r in records:
-                    if r.key:
-                        self.ledger.add_raw(r.key)
+            self._learn_deliveries(await c.getmany(timeout_ms=500, max_records=5000))
+
+    def _learn_deliveries(self, batch: dict) -> None:
+        """Ledger records (keyed by delivery) read at start-up or while tailing."""
+        for records in batch.values():
+            for r in records:
+                if r.key:
+                    self.ledger.add_raw(r.key)
 
     async def _tail_ledger(self) -> None:
         """Keep learning deliveries made by other workers (after a rebalance they may be ours)."""
@@ -158,11 +162,7 @@ class DeliveryService:
         assert c is not None
         while True:
             try:
-                batch = await c.getmany(timeout_ms=1000, max_records=5000)
-                for records in batch.values():
-                    for r in records:
-                        if r.key:
-                            self.ledger.add_raw(r.key)
+                self._learn_deliveries(await c.getmany(timeout_ms=1000, max_records=5000))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -300,9 +300,4 @@ class DeliveryService:
         for t in self._tasks:
             t.cancel()
         await self.dispatcher.stop(drain_timeout=2.0)
-        for c in (self._outbox, self._ledger_consumer, self._producer):
-            if c is not None:
-                try:
-                    await c.stop()
-                except Exception:
-                    pass
+        await stop_clients(self._outbox, self._ledger_consumer, self._producer)

@@ -1,9 +1,12 @@
 """The alert reader of ``run_all.py``'s latency test, as its own process.
 
-Run by ``run_all.AlertReader``: ``python bench/alert_reader.py BOOTSTRAP TOPIC PARTITIONS``.
+Run by ``run_all.AlertReader``: ``python bench/alert_reader.py BOOTSTRAP TOPIC PARTITIONS [OBSERVATIONS]``.
 Reads partitions 0..PARTITIONS-1 of TOPIC from the start (aiokafka, no group) and prints, per latency event
 id seen for the first time in an alert's evidence, ``seq receive_latency_s
-record_time_latency_s``; and ``A <alerts read>`` after each fetch with alerts. The
+record_time_latency_s``; and ``A <alerts read>`` after each fetch with alerts. With
+OBSERVATIONS (the service's patient stream) it also prints ``O seq record_time_latency_s`` per
+latency observation written by ingest: publish -> ingest's write, so the publish -> alert
+time splits into the ingest stage and the clinical stage. The
 publish time is the nanosecond stamp in the event id (``lat-<seq>-<publish ns>``).
 
 A process of its own, not a thread beside the publisher: in one process the kafka-python
@@ -24,24 +27,32 @@ from aiokafka.structs import TopicPartition
 LAT_ID = re.compile(rb'"observation_id":"(lat-(\d+)-(\d+))"')
 
 
-async def main(bootstrap: str, topic: str, partitions: int) -> None:
+async def main(bootstrap: str, topic: str, partitions: int, observations: str = "") -> None:
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                          fetch_max_wait_ms=5, client_id="bench-alerts")
     await c.start()
     try:
         # the topic exists (run_all created it); its partitions are given, not looked up
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        tps = [TopicPartition(t, p) for t in filter(None, (topic, observations)) for p in range(partitions)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         print("READY", flush=True)
         seen: set[int] = set()
+        seen_obs: set[int] = set()
         alerts = 0
         out = sys.stdout
         while True:
             batch = await c.getmany(timeout_ms=50)
             now = time.time()
             lines = []
-            for recs in batch.values():
+            for tp, recs in batch.items():
+                if tp.topic != topic:  # the patient stream: when ingest wrote each observation
+                    for r in recs:
+                        m = LAT_ID.search(r.value or b"")
+                        if m and int(m.group(2)) not in seen_obs:
+                            seen_obs.add(int(m.group(2)))
+                            lines.append(f"O {m.group(2).decode()} {r.timestamp / 1000.0 - int(m.group(3)) / 1e9:.6f}\n")
+                    continue
                 for r in recs:
                     alerts += 1
                     for m in LAT_ID.finditer(r.value or b""):
@@ -50,7 +61,7 @@ async def main(bootstrap: str, topic: str, partitions: int) -> None:
                             seen.add(seq)
                             pub = int(m.group(3)) / 1e9
                             lines.append(f"{seq} {now - pub:.6f} {r.timestamp / 1000.0 - pub:.6f}\n")
-            if batch:
+            if lines or batch:
                 lines.append(f"A {alerts}\n")
                 out.write("".join(lines))
                 out.flush()
@@ -60,6 +71,6 @@ async def main(bootstrap: str, topic: str, partitions: int) -> None:
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+        asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))
     except (KeyboardInterrupt, BrokenPipeError):
         pass

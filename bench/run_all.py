@@ -319,17 +319,19 @@ class AlertReader(threading.Thread):
     thread only collects its lines. A kafka-python reader thread in this process shared the
     interpreter lock with the publisher and fell behind at 2,000 alerts/s (see there)."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, observations: str = "") -> None:
         super().__init__(daemon=True)
         import subprocess
 
-        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic, str(partitions)],
+        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic, str(partitions),
+                                      *([observations] if observations else [])],
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         first = self.proc.stdout.readline()
         if first.strip() != "READY":
             self.proc.kill()
             raise RuntimeError(f"alert reader did not start: {first!r}")
         self.seen: dict[int, tuple[float, float]] = {}  # seq -> (receive latency s, record-timestamp latency s)
+        self.ingested: dict[int, float] = {}  # seq -> publish -> observation record timestamp, s
         self.alerts = 0
         self.last_new = time.monotonic()
         self.stopping = threading.Event()
@@ -338,6 +340,10 @@ class AlertReader(threading.Thread):
         for line in self.proc.stdout:
             if line.startswith("A "):
                 self.alerts = int(line[2:])
+                continue
+            if line.startswith("O "):
+                _, seq, ts = line.split()
+                self.ingested[int(seq)] = float(ts)
                 continue
             seq, recv, ts = line.split()
             self.seen[int(seq)] = (float(recv), float(ts))
@@ -372,7 +378,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
     out: dict = {"patients": patients, "phases": []}
     try:
         out["ready_s"] = wait_ready([child], [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"], 120)
-        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions)
+        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions, topics["observations"])
         reader.start()
         now = datetime.now(timezone.utc)
         pids = [f"LAT-{i:04d}" for i in range(patients)]
@@ -434,6 +440,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
             lat_ts = sorted(v[1] for v in seen) + [float("inf")] * (total - len(seen))
             seen_sorted = sorted(v[0] for v in seen)
+            ingested = sorted(v for s, v in list(reader.ingested.items()) if base <= s < base + total)
             pct = lambda xs, q: round(percentile(xs, q) * 1000, 1) if xs else None  # noqa: E731
             out["phases"].append({
                 "offered_rate": rate, "seconds": seconds, "published": total, "publish_s": round(pub_s, 2),
@@ -441,6 +448,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "max_ms": pct(lat, 100),
                 "ts_p50_ms": pct(lat_ts, 50), "ts_p99_ms": pct(lat_ts, 99),
                 "seen_p50_ms": pct(seen_sorted, 50), "seen_p99_ms": pct(seen_sorted, 99),
+                "ingest_p50_ms": pct(ingested, 50), "ingest_p99_ms": pct(ingested, 99),
                 "alert_rate": len(seen) / waited if waited else None,
             })
             base += total
@@ -533,8 +541,9 @@ def report(run: Run, meta: dict) -> str:
                      f"(warm-up alerts {lat['warmup_alerts']}):")
         lines.append("")
         lines.append("| offered rate | achieved | events | alerts seen | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) "
-                     "| p50 / p99 by alert record time (ms) | p50 / p99 of alerts seen (ms) | peak RSS (MiB) |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| p50 / p99 by alert record time (ms) | p50 / p99 of alerts seen (ms) "
+                     "| of which ingest, p50 / p99 (ms) | peak RSS (MiB) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for ph in lat["phases"]:
             if ph["offered_rate"] == run.args.rate:
                 main_phase = ph
@@ -542,7 +551,8 @@ def report(run: Run, meta: dict) -> str:
                 f"| {fmt(ph['offered_rate'])}/s for {ph['seconds']:g} s | {fmt(ph['achieved_rate'])}/s "
                 f"| {ph['published']:,} | {ph['matched']:,} | {fmt(ph['p50_ms'], 1)} | {fmt(ph['p95_ms'], 1)} "
                 f"| {fmt(ph['p99_ms'], 1)} | {fmt(ph['max_ms'], 1)} | {fmt(ph['ts_p50_ms'], 1)} / {fmt(ph['ts_p99_ms'], 1)} "
-                f"| {fmt(ph['seen_p50_ms'], 1)} / {fmt(ph['seen_p99_ms'], 1)} | {fmt(lat['peak_rss_mb'][0], 0)} |")
+                f"| {fmt(ph['seen_p50_ms'], 1)} / {fmt(ph['seen_p99_ms'], 1)} "
+                f"| {fmt(ph.get('ingest_p50_ms'), 1)} / {fmt(ph.get('ingest_p99_ms'), 1)} | {fmt(lat['peak_rss_mb'][0], 0)} |")
         for ph in lat["phases"]:
             if ph["matched"] < ph["published"]:
                 lines.append("")

@@ -14,7 +14,8 @@ profile of the faust agent showed the time going to per-message stream, conducto
 producer overhead, not to decoding (see README, "Performance"). Guarantees:
 
 - at least once: a batch's offsets are committed only after the broker acknowledged
-  every observation and dead letter produced from it; on a failed write the consumer
+  every observation and dead letter produced from it (the commit runs while the next
+  batch is read; commits stay in order); on a failed write the consumer
   rewinds to the last commit and the batch is processed again (ids are stable, so
   downstream stages see the same observation ids);
 - nothing lost: every input ends as observations or as a dead letter with its original
@@ -41,6 +42,7 @@ from schemas.ingest import Limits, decode
 
 from schemas.alert import AlertAction
 
+from .clinical.handoff import DecodedObservations
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
 from .kafka_batch import Positions, new_consumer, new_producer, produce_all, rewind, stop_clients
@@ -119,7 +121,9 @@ class Ingest:
         self.topics = [*self.kinds, s.topic_alert_actions]
 
     def record(self, topic: str, partition: int | None, offset: int | None, key: bytes | None, raw: bytes | None,
-               received_at: datetime) -> list[tuple[str, bytes | None, bytes, list | None]]:
+               received_at: datetime, decoded_out: list | None = None) -> list[tuple[str, bytes | None, bytes, list | None]]:
+        """``decoded_out``: if given, gets the :class:`Observation` of every observation
+        record returned (in order; nothing for other records)."""
         s = self.s
         kind = self.kinds.get(topic, topic)
         try:
@@ -143,6 +147,8 @@ class Ingest:
             for obs in decoded:
                 COUNTERS.observation(obs.analyte)
                 out.append((s.topic_observations, obs.patient_id.encode(), _OBS_JSON(obs), None))
+            if decoded_out is not None:
+                decoded_out.extend(decoded)
             if decoded:
                 COUNTERS.source_seen(decoded[0].source, received_at)
             return out
@@ -182,9 +188,11 @@ class IngestService(ConsumerRebalanceListener):
     #: pause fetching a partition whose buffer holds this many records (resume at a quarter)
     MAX_BUFFERED = 20_000
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, handoff: DecodedObservations | None = None) -> None:
         self.s = s
         self.step = Ingest(s)
+        #: where the observations written go to this worker's clinical stage, decoded
+        self.handoff = handoff
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()
@@ -193,6 +201,7 @@ class IngestService(ConsumerRebalanceListener):
         # within one timestamp, treatments first (see monitor.write_order)
         self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
+        self._commit_task: asyncio.Future | None = None
 
     async def start(self) -> None:
         self.producer = new_producer(self.s, linger_ms=1)
@@ -205,6 +214,7 @@ class IngestService(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self._lock:  # the batch in flight finishes (and commits) first
+            await self._drain_commit()
             self.merge.clear()  # the positions start again at the commits after the assignment
 
     async def on_partitions_assigned(self, assigned) -> None:
@@ -251,16 +261,21 @@ class IngestService(ConsumerRebalanceListener):
                 received_at = datetime.now(timezone.utc)
                 out = []
                 last: dict = {}
+                handoff = self.handoff
+                decoded: list | None = [] if handoff is not None else None
+                observations: list = []  # (index in out, observation)
                 for r in ordered:
                     last[(r.topic, r.partition)] = r.offset
+                    n = len(decoded) if decoded is not None else 0
                     for topic, key, value, headers in record(r.topic, r.partition, r.offset, r.key, r.value,
-                                                             received_at):
+                                                             received_at, decoded):
                         out.append((topic, key, value, headers, None))
+                    if decoded is not None and len(decoded) > n:  # the last records are its observations
+                        first = len(out) - (len(decoded) - n)
+                        observations.extend(zip(range(first, len(out)), decoded[n:]))
+                offsets: list | None = [] if observations else None
                 try:
-                    await produce_all(producer, out)
-                    offsets = {TopicPartition(t, p): off + 1 for (t, p), off in last.items()}
-                    await consumer.commit(offsets)
-                    self.positions.committed.update(offsets)
+                    await produce_all(producer, out, offsets=offsets)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -268,11 +283,40 @@ class IngestService(ConsumerRebalanceListener):
                     # last commit and process from there again
                     log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
                     self.merge.clear()
+                    await self._drain_commit()
                     await asyncio.sleep(1.0)
                     await rewind(consumer, list(consumer.assignment()), "ingest")
                     continue
+                # every output is on the broker: commit while the next batch is read and
+                # processed (commits stay in order: the previous one finishes first; a
+                # revocation waits for the one in flight)
+                await self._drain_commit()
+                self._commit_task = asyncio.ensure_future(
+                    self._commit({TopicPartition(t, p): off + 1 for (t, p), off in last.items()}))
+                if offsets:
+                    for i, obs in observations:
+                        where = offsets[i]
+                        if where is not None:
+                            handoff.put(where[0], where[1], out[i][2], obs)
                 self.processed += len(ordered)
                 PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+
+    async def _commit(self, offsets: dict) -> None:
+        assert self.consumer is not None
+        try:
+            await self.consumer.commit(offsets)
+            self.positions.committed.update(offsets)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # the batch is on the broker: a later commit covers it, or after a rebalance the
+            # new owner reads it again (at least once; the observation ids are stable)
+            log.warning("ingest commit failed (%s)", type(exc).__name__)
+
+    async def _drain_commit(self) -> None:
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await asyncio.shield(task)
 
     def lag(self) -> dict[tuple[str, int], int]:
         return self.positions.lag(self.consumer)
@@ -280,6 +324,10 @@ class IngestService(ConsumerRebalanceListener):
     async def stop(self) -> None:
         self.ready.clear()
         self.merge.clear()
+        try:
+            await asyncio.wait_for(self._drain_commit(), 5.0)
+        except Exception:  # noqa: BLE001 - stopping: the next owner resumes from the last commit
+            pass
         await stop_clients(self.consumer, self.producer)
         self.consumer = self.producer = None
 

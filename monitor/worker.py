@@ -32,6 +32,7 @@ from alerts.routing import RouteSpec
 from .actions_auth import ActionAuthority
 from .actions_api import ActionsAPI, register_actions_api
 from .app import create_app
+from .clinical.handoff import DecodedObservations
 from .clinical.processor import ClinicalProcessor
 from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
@@ -122,13 +123,14 @@ def build_worker(s: Settings | None = None) -> Worker:
     lifecycle = lifecycle_config(protocols, s)
     configure_sources(s.metrics_sources)  # bounded `source` label (review L2)
     store = InMemoryPatientStore()
+    handoff = DecodedObservations(owned=lambda p: p in runner.owned)
     engine = Engine(protocols, id_key=s.pseudonym_secret.encode("utf-8"))  # keyed finding ids (review H2)
     processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
                                   limits=limits_of(s),
-                                  authority=ActionAuthority.from_file(s.inbox_users_file))
+                                  authority=ActionAuthority.from_file(s.inbox_users_file), handoff=handoff)
     runner = ClinicalRunner(s, processor, store)
-    ingest = IngestService(s)
+    ingest = IngestService(s, handoff)
     delivery = DeliveryService(s)
 
     async def publish_action(key: bytes, value: bytes):

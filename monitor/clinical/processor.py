@@ -50,6 +50,7 @@ from ..metrics import (
     RECEIPT_TO_ALERT,
     TIME_TO_ACK,
 )
+from .handoff import DecodedObservations
 from .store import PatientStore
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,10 @@ class ClinicalProcessor:
     def __init__(self, engine: Engine, lifecycle: LifecycleConfig, store: PatientStore, *, findings_topic: str,
                  alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None,
                  clock_settle_seconds: float = 2.0, monotonic=time.monotonic,
-                 authority: ActionAuthority | None = None) -> None:
+                 authority: ActionAuthority | None = None, handoff: DecodedObservations | None = None) -> None:
         self.engine = engine
+        #: observations this worker's ingest wrote, already decoded (taken only if the bytes match)
+        self.handoff = handoff
         #: resolves an action's role from who sent it (review H4); None: every action is refused
         self.authority = authority
         self.lifecycle = lifecycle
@@ -167,7 +170,9 @@ class ClinicalProcessor:
 
     # -- one record ----------------------------------------------------------------------
     def _observation(self, rec: Any, now: datetime, out: list[Output]) -> None:
-        obs = Observation.model_validate_json(rec.value)
+        handoff = self.handoff
+        obs = (Observation.model_validate_json(rec.value) if handoff is None
+               else handoff.decode(rec.partition, rec.offset, rec.value))
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         findings = self.engine.evaluate_observation(state, obs, now)

@@ -105,6 +105,10 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def stop(self) -> None:
         self.ready.clear()
+        h = self.processor.handoff
+        if h is not None:
+            log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
+                        h.taken, h.decoded, len(h))
         await stop_clients(self.consumer, self._restorer, self.producer)
         self.consumer = self._restorer = self.producer = None
 
@@ -236,6 +240,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
             await self._restore_retrying(parts - keep)
             self._next = {p: self._held.get(p, (0, None))[1] for p in parts}
             self.owned = frozenset(parts)
+            if self.processor.handoff is not None:
+                self.processor.handoff.retain(parts)
             self.ready.set()
 
     async def _restore_retrying(self, partitions: set[int]) -> None:

@@ -593,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--quick: none; 0 = none)")
     ap.add_argument("--json", default="", help="also write the results as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep worker logs (printed path)")
+    ap.add_argument("--stages", default="a,b,c1,c2,lat",
+                    help="which stages to run (comma-separated of a, b, c1, c2, lat; default all); "
+                         "a partial run is for A/B comparisons, not for the README table")
     args = ap.parse_args(argv)
     quick = args.quick
     args.events = args.events or (20_000 if quick else 100_000)
@@ -645,7 +648,10 @@ def main(argv: list[str] | None = None) -> int:
             ("c2", "(c) service, 2 workers", lambda: stage_service(run, shared, n, expected_obs, 2, caps["c2"], n_routed)),
             ("lat", "latency", lambda: stage_latency(run, phases, args.latency_patients, caps["warmup"], caps["drain"])),
         ]
+        wanted = {x.strip() for x in args.stages.split(",") if x.strip()}
         for key, label, fn in stages:
+            if key not in wanted:
+                continue
             t = time.monotonic()
             log(f"{label} ...")
             try:

@@ -75,8 +75,8 @@ def key_partition(key: bytes, partitions: list[int]) -> int:
     return partitions[h % len(partitions)]
 
 
-async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]],
-                      offsets: list | None = None) -> list:
+async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]]
+                      ) -> list:
     """Send ``(topic, key, value, headers, partition)`` records in order; return their
     metadata once the broker acknowledged every one (raises if any write failed).
 
@@ -86,21 +86,15 @@ async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, b
     (:func:`key_partition`), so every record lands where ``send()`` put it; a record
     without a key, or a large one, goes through ``send()``, after the records queued
     before it (for its partition; every partition for an unkeyed one). Order per partition is the order of ``records``. The
-    metadata of a batch is that of its LAST record (offset = base offset + count - 1).
-
-    ``offsets``: if given, filled with ``(partition, offset)`` of every record, in the order
-    of ``records``, once all are acknowledged."""
+    metadata of a batch is that of its LAST record (offset = base offset + count - 1)."""
     parts: dict[str, list[int]] = {}
-    open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count, slot]
+    open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
     futures: list = []  # (future, records in the batch or 0 for a single send)
-    #: per record: (slot, index in its batch); a slot is [index into futures] once sent
-    where: list[tuple[list, int]] | None = [] if offsets is not None else None
 
     async def flush(tp: tuple[str, int]) -> None:
         b = open_.pop(tp, None)
         if b is not None and b[1]:
             b[0].close()  # nothing a later send() queues can join it
-            b[2].append(len(futures))
             futures.append((await producer.send_batch(b[0], tp[0], partition=tp[1]), b[1]))
 
     for topic, key, value, headers, partition in records:
@@ -114,34 +108,25 @@ async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, b
             # not known before, so after everything queued)
             for tp in ([(topic, partition)] if partition is not None else list(open_)):
                 await flush(tp)
-            if where is not None:
-                where.append(([len(futures)], 0))
             futures.append((await producer.send(topic, value=value, key=key, headers=headers, partition=partition),
                             0))
             continue
         tp = (topic, partition)
         b = open_.get(tp)
         if b is None:
-            b = open_[tp] = [producer.create_batch(), 0, []]
+            b = open_[tp] = [producer.create_batch(), 0]
         if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
             await flush(tp)  # full: send it, start the next one
-            b = open_[tp] = [producer.create_batch(), 0, []]
+            b = open_[tp] = [producer.create_batch(), 0]
             if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
                 raise ValueError(f"record of {len(value or b'')} bytes does not fit an empty batch")
-        if where is not None:
-            where.append((b[2], b[1]))
         b[1] += 1
     for tp in list(open_):
         await flush(tp)
     if not futures:
         return []
-    acked = await asyncio.gather(*(f for f, _ in futures))
-    if where is not None and offsets is not None:  # a batch's metadata carries its base offset
-        for slot, i in where:
-            md = acked[slot[0]]
-            offsets.append(None if md is None else (md.partition, md.offset + i))
     out = []
-    for md, n in zip(acked, (n for _, n in futures)):
+    for md, n in zip(await asyncio.gather(*(f for f, _ in futures)), (n for _, n in futures)):
         out.append(md._replace(offset=md.offset + n - 1) if n and md is not None else md)
     return out
 

@@ -172,7 +172,7 @@ class ClinicalProcessor:
     def _observation(self, rec: Any, now: datetime, out: list[Output]) -> None:
         handoff = self.handoff
         obs = (Observation.model_validate_json(rec.value) if handoff is None
-               else handoff.decode(rec.partition, rec.offset, rec.value))
+               else handoff.decode(rec.value))
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         findings = self.engine.evaluate_observation(state, obs, now)

@@ -3,7 +3,7 @@
 every keyed record lands on the partition ``send()`` (aiokafka's default murmur2
 partitioner) gives the same key, records keep their order per partition, headers and
 explicit partitions are kept, unkeyed and large records still go out, and the returned
-metadata names each batch's last offset; ``offsets=`` gives every record's partition and offset."""
+metadata names each batch's last offset."""
 from __future__ import annotations
 
 import asyncio
@@ -48,15 +48,14 @@ def test_batches_land_where_send_puts_them_in_order(kafka_bootstrap, topic_facto
             recs.append((topics["batched"], b"patient-3", b"L" * 300_000, None, None))  # large: send()
             recs.append((topics["batched"], b"patient-3", b"after the large one", None, None))
             recs.append((topics["batched"], b"patient-5", b"explicit", None, 4))
-            offsets: list = []
-            metas = await produce_all(p, recs, offsets=offsets)
+            metas = await produce_all(p, recs)
             futs = [await p.send(topics["sent"], key=k, value=b"") for k in keys]
             sent = [f.partition for f in await asyncio.gather(*futs)]
         finally:
             await p.stop()
-        return recs, metas, sent, offsets
+        return recs, metas, sent
 
-    recs, metas, sent, offsets = asyncio.run(go())
+    recs, metas, sent = asyncio.run(go())
     got = asyncio.run(_read_all(kafka_bootstrap, topics["batched"], len(recs)))
     assert len(got) == len(recs)
     where = {r.value: r for r in got}
@@ -78,5 +77,3 @@ def test_batches_land_where_send_puts_them_in_order(kafka_bootstrap, topic_facto
     for md in metas:
         ends[md.partition] = max(ends.get(md.partition, -1), md.offset)
     assert ends == {part: max(r.offset for r in got if r.partition == part) for part in {r.partition for r in got}}
-    # per-record offsets (the clinical stage's hand-off relies on them): exactly where each record is
-    assert offsets == [(where[v].partition, where[v].offset) for _t, _k, v, _h, _p in recs]

@@ -37,8 +37,8 @@ def _cohort_stream(n_patients: int = 12, days: int = 40):
         decoded: list = []
         out = step.record(r["topic"], 0, i, r["key"].encode(), raw, now, decoded)
         obs_out = [o for o in out if o[0] == s.topic_observations and o[3] is None]
-        assert len(obs_out) == len(decoded)
-        it = iter(decoded)
+        assert [o[2] for o in obs_out] == [v for v, _obs in decoded]
+        it = (obs for _v, obs in decoded)
         for topic, key, value, headers in out:
             if topic != s.topic_observations:
                 continue
@@ -66,28 +66,19 @@ def test_an_observation_decoded_by_ingest_equals_the_one_decoded_from_its_bytes(
 def test_taken_only_for_the_bytes_ingest_wrote_and_bounded():
     recs, decoded_of = _cohort_stream(3, 10)
     rec, obs = next((r, o) for r, o in zip(recs, decoded_of) if o is not None)
-    h = DecodedObservations(capacity=3)
-    h.put(rec.partition, rec.offset, rec.value, obs)
-    assert h.take(rec.partition, rec.offset, rec.value + b" ") is None  # other bytes: decode them
-    assert h.take(rec.partition, rec.offset, rec.value) is None  # an entry is taken once
-    h.put(rec.partition, rec.offset, rec.value, obs)
-    assert h.take(rec.partition, rec.offset, rec.value) is obs
-    for off in range(5):  # full: nothing more is put
-        h.put(0, off, b"x", obs)
-    assert len(h) == 3 and h.take(0, 3, b"x") is None
-    assert len(h) == 0  # offsets 0-2 were skipped past: dropped
-    for off in (7, 8):
-        h.put(0, off, b"x", obs)
-    h.put(0, 4, b"x", obs)  # written again from an earlier offset: the later entries go
-    assert len(h) == 1 and h.take(0, 4, b"x") is obs
-    h.put(0, 9, b"x", obs)
-    h.put(1, 9, b"x", obs)
-    h.retain([1])
-    assert len(h) == 1 and h.take(0, 9, b"x") is None and h.take(1, 9, b"x") is obs
+    h = DecodedObservations(capacity=2)
+    h.put(rec.partition, rec.value, obs)
+    assert h.take(rec.value + b" ") is None  # other bytes: decode them
+    assert h.take(bytes(bytearray(rec.value))) is obs  # equal bytes (another object, as read from the broker)
+    assert h.take(rec.value) is None  # an entry is taken once
+    for v in (b"1", b"2", b"3"):  # the oldest is evicted first
+        h.put(0, v, obs)
+    assert len(h) == 2 and h.take(b"1") is None and h.take(b"3") is obs
+    assert h.decode(rec.value) == obs and h.decoded == 4 and h.taken == 2  # not held: decoded
     mine = DecodedObservations(owned=lambda p: p == 1)  # only partitions the runner owns
-    mine.put(0, 5, b"x", obs)
-    mine.put(1, 5, b"x", obs)
-    assert len(mine) == 1 and mine.take(1, 5, b"x") is obs
+    mine.put(0, b"x", obs)
+    mine.put(1, b"y", obs)
+    assert len(mine) == 1 and mine.take(b"y") is obs
 
 
 def test_a_processor_with_the_hand_off_emits_exactly_what_one_without_it_emits():
@@ -106,7 +97,7 @@ def test_a_processor_with_the_hand_off_emits_exactly_what_one_without_it_emits()
             if handoff is not None:  # as ingest does once the broker acknowledged the batch
                 for rec, obs in zip(batch, decoded_of[i:i + 50]):
                     if obs is not None:
-                        handoff.put(rec.partition, rec.offset, rec.value, obs)
+                        handoff.put(rec.partition, rec.value, obs)
             out.extend((o.topic, o.key, o.value) for o in p.process(batch, now))
         return out
 

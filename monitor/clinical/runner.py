@@ -7,21 +7,24 @@ patient stream ``observations``):
 1. ``getmany`` a batch; keep only records of partitions still assigned and restored;
 2. the processor turns it into findings, alert versions and dead letters, and marks the
    patients it changed;
-3. produce those outputs and wait until the broker acknowledged every one;
-4. produce each changed patient once to the changelog (partition = the patient's
-   partition) and wait for the acknowledgements;
-5. commit ``last offset + 1`` per partition.
+3. wait until the previous batch's changelog and commit (step 5) are done;
+4. produce the outputs and wait until the broker acknowledged every one;
+5. in the background, while the next batch is read and processed: produce each changed
+   patient once to the changelog (partition = the patient's partition), wait for the
+   acknowledgements, then commit ``last offset + 1`` per partition.
 
 Outputs before state: the changelog never records an alert as emitted that the broker
-does not hold. A crash anywhere replays at most the uncommitted batch on the state of the
-changelog; the engine and the lifecycle are replay-idempotent (observation ids, finding
-ids, action ids), and a re-emitted alert version carries the same ``alert_id:version``,
-which the delivery ledger drops. That is the guarantee: at least once, with downstream
-deduplication (no Kafka transactions: aiokafka 0.14 sends no group generation with
-transactional offsets, see README "Reliability").
+does not hold. Writing it in the background takes one broker round trip out of each
+batch's path from input to alert. A crash anywhere replays at most the uncommitted
+batches on the state of the changelog; the engine and the lifecycle are replay-idempotent
+(observation ids, finding ids, action ids), and a re-emitted alert version carries the
+same ``alert_id:version``, which the delivery ledger drops. That is the guarantee: at
+least once, with downstream deduplication (no Kafka transactions: aiokafka 0.14 sends no
+group generation with transactional offsets, see README "Reliability").
 
-A failed write or commit rolls back: the partitions of the batch are restored again from
-the changelog and the consumer seeks to the committed offsets, so the batch is processed
+A failed output or changelog write rolls back: the partitions of the batch (and of the
+batch processed meanwhile, whose outputs are then not written) are restored again from
+the changelog and the consumer seeks to the committed offsets, so they are processed
 again from the durable state (never from a state whose outputs were not written).
 
 Rebalances (``ConsumerRebalanceListener``): a revocation takes the batch lock, so it
@@ -79,7 +82,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: worker resumed from, then the end of each batch it committed)
         self._next: dict[int, int | None] = {}
         self.positions = Positions()
-        self._commit_task: asyncio.Future | None = None
+        #: the changelog write and commit of the last batch, in flight (see ``_settle``)
+        self._persist_task: asyncio.Future | None = None
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -103,8 +107,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
             if batch:
                 await self.process_batch(batch)
 
+    def _forget(self, partitions: set[int]) -> None:
+        """Partitions whose changelog was not acknowledged: restored at the next assignment."""
+        self.store.drop(partitions)
+        for p in partitions:
+            self._held.pop(p, None)
+
     async def stop(self) -> None:
         self.ready.clear()
+        try:
+            self._forget(await asyncio.wait_for(self._settle(), 10.0))
+        except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
+            self._forget(self.store.partitions() | set(self._held))
         h = self.processor.handoff
         if h is not None:
             log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
@@ -125,8 +139,15 @@ class ClinicalRunner(ConsumerRebalanceListener):
             started = time.perf_counter()
             records = [r for rs in batch.values() for r in rs]
             outputs = self.processor.process(records)
+            # the previous batch's changelog was written while this one was read and
+            # processed; this batch's outputs go out only once that state is on the broker
+            failed = await self._settle()
+            if failed:
+                await self._roll_back(failed | {tp.partition for tp in batch})
+                return
             try:
-                await self._write(outputs)
+                assert self.producer is not None
+                await produce_all(self.producer, ((o.topic, o.key, o.value, o.headers, None) for o in outputs))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -134,37 +155,55 @@ class ClinicalRunner(ConsumerRebalanceListener):
                             "it again", type(exc).__name__)
                 await self._roll_back({tp.partition for tp in batch})
                 return
-            # outputs and state are on the broker: commit while the next batch is processed
-            # (commits stay in order; a revocation or rollback waits for the one in flight)
+            # outputs are on the broker: the changed patients to the changelog, then the
+            # commit, while the next batch is read and processed (_settle waits for both)
             offsets = next_offsets(batch)
-            await self._drain_commit()
-            self._commit_task = asyncio.ensure_future(self._commit(offsets))
             for tp, off in offsets.items():
-                end, _ = self._held.get(tp.partition, (0, None))
-                self._held[tp.partition] = (end, off)
                 self._next[tp.partition] = off
+            self._persist_task = asyncio.ensure_future(self._persist(self.store.take_changed(), offsets))
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
 
-    async def _commit(self, offsets: dict) -> None:
+    async def _persist(self, changed: list[tuple[str, int, bytes]], offsets: dict) -> set[int]:
+        """The changelog of a batch whose outputs are acknowledged, then its commit. Returns
+        the partitions to restore (their changelog was not acknowledged), else nothing."""
+        assert self.producer is not None
+        try:
+            metas = await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
+                                                      for pid, partition, value in changed))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("clinical changelog not acknowledged (%s); restoring its partitions and processing "
+                        "them again", type(exc).__name__)
+            return {p for _pid, p, _v in changed} | {tp.partition for tp in offsets}
+        self._changelog_written(metas)
+        committed = await self._commit(offsets)
+        for tp, off in offsets.items():
+            end, _ = self._held.get(tp.partition, (0, None))
+            self._held[tp.partition] = (end, off if committed else None)  # None: restored at the next assignment
+        return set()
+
+    async def _settle(self) -> set[int]:
+        """Wait for the changelog and commit in flight; the partitions to restore, if any."""
+        task, self._persist_task = self._persist_task, None
+        if task is None:
+            return set()
+        return await asyncio.shield(task)
+
+    async def _commit(self, offsets: dict) -> bool:
         assert self.consumer is not None
         try:
             await self.consumer.commit(offsets)
             self.positions.committed.update(offsets)
+            return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # the batch is durable (outputs and changelog acknowledged): a later commit covers
             # it, or after a rebalance the new owner replays it idempotently
             log.warning("clinical commit failed (%s)", type(exc).__name__)
-            for tp in offsets:
-                end, _ = self._held.get(tp.partition, (0, None))
-                self._held[tp.partition] = (end, None)  # unknown: restored at the next assignment
-
-    async def _drain_commit(self) -> None:
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await asyncio.shield(task)
+            return False
 
     def _from_position(self, tp: TopicPartition, records: list) -> list:
         """Drop records before the position this worker resumed from (fetched before a
@@ -175,19 +214,21 @@ class ClinicalRunner(ConsumerRebalanceListener):
         return [r for r in records if r.offset >= start]
 
     async def _write(self, outputs: list[Output]) -> None:
-        """Outputs, acknowledged; then every changed patient, acknowledged."""
+        """Outputs, acknowledged; then every changed patient, acknowledged (the clock)."""
         assert self.producer is not None
         await produce_all(self.producer, ((o.topic, o.key, o.value, o.headers, None) for o in outputs))
         changed = self.store.take_changed()
-        metas = await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
-                                                  for pid, partition, value in changed))
+        self._changelog_written(await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
+                                                                  for pid, partition, value in changed)))
+
+    def _changelog_written(self, metas: list) -> None:
         for md in metas:
             end, committed = self._held.get(md.partition, (0, None))
             self._held[md.partition] = (max(end, md.offset + 1), committed)
 
     async def _roll_back(self, partitions: set[int]) -> None:
         """Back to the durable state of these partitions: restore, then re-read from the commit."""
-        await self._drain_commit()
+        partitions = set(partitions) | await self._settle()
         await asyncio.sleep(1.0)
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
@@ -205,6 +246,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         PATIENTS_MONITORED.set(len(pids))
         for i in range(0, len(pids), self.TICK_CHUNK):
             async with self._lock:
+                failed = await self._settle()
+                if failed:
+                    await self._roll_back(failed)
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
                 outputs = self.processor.tick(chunk, now)
@@ -223,7 +267,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         # waits for the batch in flight (its outputs, changelog and commit) to finish
         async with self._lock:
-            await self._drain_commit()
+            self._forget(await self._settle())
             self.owned = frozenset()
             self.ready.clear()
 

@@ -321,7 +321,7 @@ def _trim_history(alert: Alert, keep_recent: int, fresh: int = 0) -> None:
         pair = (h.severity, h.tier)
         first_of_pair = pair not in seen
         seen.add(pair)
-        if i == 0 or i >= recent_from or h.by != SYSTEM or first_of_pair:
+        if i == 0 or i >= recent_from or h.by != SYSTEM or first_of_pair:  # (i == 0 is first of its pair)
             kept.append(h)
     dropped = len(hist) - len(kept)
     if dropped:

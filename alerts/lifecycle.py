@@ -311,21 +311,31 @@ def _trim_history(alert: Alert, keep_recent: int, fresh: int = 0) -> None:
     n = len(hist)
     if n <= keep_recent + 1 or n <= fresh + 1:  # nothing droppable beyond what is kept anyway
         return
-    system = [i for i, h in enumerate(hist) if h.by == SYSTEM]
-    if len(system) <= keep_recent:
-        return
-    recent_from = min(system[len(system) - keep_recent] if keep_recent else n, n - fresh)
+    # entries from ``recent_from`` on are kept: the newest keep_recent system ones, this version's
+    recent_from = n - fresh
+    if keep_recent:
+        left = keep_recent
+        i = n
+        while left and i > 0:
+            i -= 1
+            if hist[i].by == SYSTEM:
+                left -= 1
+        if left:  # fewer system entries than keep_recent
+            return
+        recent_from = min(recent_from, i)
     seen: set[tuple[Any, Any]] = set()
     kept: list[HistoryEntry] = []
-    for i, h in enumerate(hist):
+    for h in hist[:recent_from]:
         pair = (h.severity, h.tier)
-        first_of_pair = pair not in seen
-        seen.add(pair)
-        if i == 0 or i >= recent_from or h.by != SYSTEM or first_of_pair:  # (i == 0 is first of its pair)
+        if pair not in seen:  # the first entry of its pair (the alert's first entry is one)
+            seen.add(pair)
             kept.append(h)
-    dropped = len(hist) - len(kept)
+        elif h.by != SYSTEM:
+            kept.append(h)
+    dropped = recent_from - len(kept)
     if dropped:
-        alert.history = kept
+        kept += hist[recent_from:]
+        hist[:] = kept  # in place: snapshots already emitted hold their own lists
         alert.history_omitted += dropped
 
 

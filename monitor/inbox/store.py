@@ -54,15 +54,23 @@ def merged_history(held: Alert, new: Alert) -> Alert:
     history already merged) that ``new`` no longer lists: the lifecycle bounds the history a
     version carries (``history_omitted``), the inbox shows every entry it has seen.
 
-    History is append-only, so every entry ``new`` lists that ``held`` does not was added
-    after all of ``held``'s: the full known timeline is ``held``'s entries followed by those.
-    ``history_omitted`` of the result counts the automatic entries neither version lists
-    (versions that left the topic before the inbox read them)."""
-    known = {_entry_key(h) for h in held.history}
-    added = [h for h in new.history if _entry_key(h) not in known]
+    History is append-only, so the entries added since ``held`` come after all of ``held``'s:
+    the full known timeline is ``held``'s entries followed by those. A version always lists
+    the entries it added (``changes`` names them), so for the next version they are its last
+    ``len(changes)`` entries; after a gap (versions the inbox never read) the added entries
+    are told apart by identity. ``history_omitted`` of the result counts the automatic
+    entries no version read lists (versions that left the topic before the inbox read them).
+    """
+    total = len(new.history) + new.history_omitted  # entries of the whole timeline at ``new``
+    k = len(new.changes)
+    if 0 < k <= len(new.history) and total - (len(held.history) + held.history_omitted) == k \
+            and new.version == held.version + 1:
+        added = new.history[-k:]
+    else:
+        known = {_entry_key(h) for h in held.history}
+        added = [h for h in new.history if _entry_key(h) not in known]
     history = [*held.history, *added]
-    omitted = max(0, len(new.history) + new.history_omitted - len(history))
-    return new.model_copy(update={"history": history, "history_omitted": omitted})
+    return new.model_copy(update={"history": history, "history_omitted": max(0, total - len(history))})
 
 
 def patient_ref(secret: bytes, patient_id: str) -> str:

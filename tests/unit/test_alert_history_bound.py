@@ -291,3 +291,19 @@ def test_inbox_ignores_an_older_version_after_a_merge():
     merged = store.alerts[run.alert_id]
     assert store.apply_alert(run.versions[-2]) is None
     assert store.alerts[run.alert_id] is merged and len(merged.history) == 31
+
+
+def test_inbox_that_missed_versions_in_the_middle_keeps_what_it_read():
+    bounded, full = Run(BOUNDED), Run(FULL)
+    for run in (bounded, full):
+        _alternating(run, 40, start=T0, ack_at=3, note_at=20)
+    store = _store()
+    for i, v in enumerate(bounded.versions):
+        if not 10 <= i < 30:  # twenty versions never read
+            store.apply_alert(v)
+    held = store.alerts[bounded.alert_id]
+    assert _is_subsequence(held.history, full.last.history)
+    assert held.history_omitted == len(full.last.history) - len(held.history) > 0
+    assert [h for h in held.history if h.by != "system"] == [h for h in full.last.history if h.by != "system"]
+    seen = {_key(h) for v in bounded.versions if not 10 <= bounded.versions.index(v) < 30 for h in v.history}
+    assert {_key(h) for h in held.history} == seen  # every entry of every version read, nothing else

@@ -44,6 +44,11 @@ Semantics
 * Every transition is appended to ``history`` with who (a person, or ``system``) and when.
   ``version`` increments once per call that changes the alert; ``changes`` lists what
   changed in that version, ``previous_status`` the status of the version before.
+* History is bounded (:func:`_trim_history`): a version keeps every entry made by a person
+  (the audit trail), the first entry (opened), the first entry of each (severity, tier) the
+  alert had (sinks end earlier label sets from them), and the newest
+  ``history_recent_system_entries`` system entries; the other system entries are dropped
+  and counted in ``history_omitted``. The inbox, which reads every version, merges them back.
 
 Role rules (:func:`apply_action`)
 ---------------------------------
@@ -116,6 +121,16 @@ class LifecycleConfig:
     max_silence: timedelta = timedelta(days=7)
     #: finding / action ids remembered for replay dedupe
     max_remembered_ids: int = 64
+    #: automatic ("system") history entries an alert version keeps beyond its first entry and
+    #: the first entry of each (severity, tier) it had: the newest this many. A record-keeping
+    #: bound (issue #13: a version carried its whole history), not a clinical threshold.
+    #: Entries made by a person are never dropped; dropped ones are counted in
+    #: ``Alert.history_omitted``.
+    history_recent_system_entries: int = 10
+
+    def __post_init__(self) -> None:
+        if self.history_recent_system_entries < 0:
+            raise ValueError("history_recent_system_entries must be >= 0")
 
     def route_for(self, route_id: str | None) -> tuple[RouteSpec, str | None]:
         """(route, note) - note explains a fallback."""
@@ -233,9 +248,10 @@ _UNSET: Any = object()
 class _Txn:
     """Collects the changes of one call; ``finish`` bumps versions and returns copies."""
 
-    def __init__(self, book: AlertBook, now: datetime):
+    def __init__(self, book: AlertBook, now: datetime, config: LifecycleConfig | None = None):
         self.book = book
         self.now = now
+        self.keep_recent = (config or DEFAULT_CONFIG).history_recent_system_entries
         self._touched: dict[str, dict[str, Any]] = {}
 
     def _slot(self, alert: Alert, new: bool = False, before: Any = _UNSET) -> dict[str, Any]:
@@ -274,8 +290,53 @@ class _Txn:
             alert.changes = list(slot["changes"])
             alert.notify = bool(slot["force"] or (slot["page"] and _escalatable(alert, self.now)))
             alert.updated_at = self.now
+            _trim_history(alert, self.keep_recent, fresh=len(slot["changes"]))
             out.append(_snapshot(alert))
         return out
+
+
+def _trim_history(alert: Alert, keep_recent: int, fresh: int = 0) -> None:
+    """Drop the system entries a version need not carry; count them in ``history_omitted``.
+
+    Kept, in their order: every entry by a person; the first entry; the first entry of each
+    (severity, tier) pair; the newest ``keep_recent`` system entries; and the ``fresh``
+    entries this version appended (so every entry is on at least one version: a reader of
+    every version misses none, even with ``keep_recent`` 0). Whether an entry is kept
+    depends only on the entries before it (first of a pair) and how many system entries
+    follow it (newest), and an entry kept as "first" never stops being first: trimming
+    once per version (``_Txn.finish``) is enough, a "first" entry is kept for good, and
+    ``history_omitted`` only grows.
+    """
+    hist = alert.history
+    n = len(hist)
+    if n <= keep_recent + 1 or n <= fresh + 1:  # nothing droppable beyond what is kept anyway
+        return
+    # entries from ``recent_from`` on are kept: the newest keep_recent system ones, this version's
+    recent_from = n - fresh
+    if keep_recent:
+        left = keep_recent
+        i = n
+        while left and i > 0:
+            i -= 1
+            if hist[i].by == SYSTEM:
+                left -= 1
+        if left:  # fewer system entries than keep_recent
+            return
+        recent_from = min(recent_from, i)
+    seen: set[tuple[Any, Any]] = set()
+    kept: list[HistoryEntry] = []
+    for h in hist[:recent_from]:
+        pair = (h.severity, h.tier)
+        if pair not in seen:  # the first entry of its pair (the alert's first entry is one)
+            seen.add(pair)
+            kept.append(h)
+        elif h.by != SYSTEM:
+            kept.append(h)
+    dropped = recent_from - len(kept)
+    if dropped:
+        kept += hist[recent_from:]
+        hist[:] = kept  # in place: snapshots already emitted hold their own lists
+        alert.history_omitted += dropped
 
 
 def _snapshot(alert: Alert) -> Alert:
@@ -349,7 +410,7 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
         if a is not None and finding.finding_id in a.finding_ids:
             return []
 
-    txn = _Txn(book, now)
+    txn = _Txn(book, now, config)
     note = f"finding {finding.finding_id}"
 
     if finding.state == "retracted":
@@ -519,7 +580,7 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
     kind = action.action
     if role is None:
         raise Forbidden(f"no role for {kind}", alert_id=alert.alert_id)
-    txn = _Txn(book, now)
+    txn = _Txn(book, now, config)
     before = alert.status
     common = dict(by=_who(action), role=role.value, at=action.at)
 
@@ -594,7 +655,7 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
 def tick(book: AlertBook, now: datetime, config: LifecycleConfig | None = None) -> list[Alert]:
     """Fire due timers: silence expiry, then escalation (catching up missed deadlines)."""
     config = config or DEFAULT_CONFIG
-    txn = _Txn(book, now)
+    txn = _Txn(book, now, config)
     for alert in sorted(book.open_alerts(), key=lambda a: (a.opened_at, a.alert_id)):
         if alert.silenced_until is not None and alert.silenced_until <= now:
             until = alert.silenced_until

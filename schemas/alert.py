@@ -115,7 +115,13 @@ class Alert(BaseModel):
     #: when the current level is entered: the base of its timeout
     tier_entered_at: AwareDatetime | None = None
     next_escalation_at: AwareDatetime | None = None
+    #: bounded (issue #13): every entry by a person, the first entry, the first entry of each
+    #: (severity, tier) the alert had and the newest automatic entries; see ``history_omitted``
     history: list[HistoryEntry] = Field(default_factory=list)
+    #: how many automatic ("system") entries of this alert's full history ``history`` no longer
+    #: lists (0: it is complete). Every version carries its new entries, so a reader of every
+    #: version (the inbox) can rebuild the full timeline.
+    history_omitted: int = Field(default=0, ge=0)
     text: AlertText
     version: int = Field(default=1, ge=1)
     #: whether this version should page (a paging sink delivers ``notify`` versions and

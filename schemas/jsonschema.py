@@ -65,7 +65,10 @@ def _webhook() -> dict[str, Any]:
         "X-Signature-Timestamp = unix seconds; X-Signature-SHA256 = hex HMAC-SHA256 with WEBHOOK_SECRET of "
         "'<timestamp>.<Idempotency-Key>.' followed by the body; receivers reject timestamps older than "
         "5 minutes and dedupe on Idempotency-Key). An alert version without the patient id, "
-        "finding ids and observation ids; history notes read '[note withheld]'. With "
+        "finding ids and observation ids; history notes read '[note withheld]'. The history is "
+        "bounded (every entry by a person, the first entry, the first entry of each severity and tier, the "
+        "newest automatic entries; history_omitted counts the automatic entries left out); each version "
+        "lists the entries it added, so a receiver keeping every version has the whole timeline. With "
         "NOTIFY_INCLUDE_PATIENT_ID=true the withheld fields are present as in alert.json.")
     return schema
 

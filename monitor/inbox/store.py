@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.alert import OPEN_STATUSES, Alert, AlertAction
+from schemas.alert import OPEN_STATUSES, Alert, AlertAction, HistoryEntry
 from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
 from schemas.patients import PatientRecord
 
@@ -43,6 +43,36 @@ TIMELINE_PANELS: list[dict[str, Any]] = [
 ]
 #: ULN used when an ALT/AST result carries no reference range (shown as "assumed" on the page)
 DEFAULT_ULN = {"alt": 40.0, "ast": 50.0}
+
+
+def _entry_key(h: HistoryEntry) -> tuple:
+    return (h.at, h.by, h.action, h.from_status, h.to_status, h.severity, h.tier, h.note)
+
+
+def merged_history(held: Alert, new: Alert) -> Alert:
+    """``new`` with the history entries of ``held`` (an earlier version of the same alert, its
+    history already merged) that ``new`` no longer lists: the lifecycle bounds the history a
+    version carries (``history_omitted``), the inbox shows every entry it has seen.
+
+    History is append-only, so the entries added since ``held`` come after all of ``held``'s:
+    the full known timeline is ``held``'s entries followed by those. A version always lists
+    the entries it added (``changes`` names them), so for the next version they are its last
+    ``len(changes)`` entries; after a gap (versions the inbox never read) the added entries
+    are told apart by identity. ``history_omitted`` of the result counts the automatic
+    entries no version read lists (versions that left the topic before the inbox read them).
+    """
+    total = len(new.history) + new.history_omitted  # entries of the whole timeline at ``new``
+    k = len(new.changes)
+    if 0 < k <= len(new.history) and total - (len(held.history) + held.history_omitted) == k \
+            and new.version == held.version + 1:
+        added = new.history[-k:]
+    else:
+        known = {_entry_key(h) for h in held.history}
+        added = [h for h in new.history if _entry_key(h) not in known]
+    history = [*held.history, *added]
+    return new.model_copy(update={"history": history, "history_omitted": max(0, total - len(history))})
+
+
 def patient_ref(secret: bytes, patient_id: str) -> str:
     return "p-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
 
@@ -102,6 +132,8 @@ class InboxStore:
         cur = self.alerts.get(alert.alert_id)
         if cur is not None and cur.version >= alert.version:
             return None
+        if cur is not None and alert.history_omitted:
+            alert = merged_history(cur, alert)
         self.alerts[alert.alert_id] = alert
         self.counts["alerts"] += 1
         self.patient(alert.patient_id)
@@ -285,6 +317,7 @@ class InboxStore:
             "text": alert.text.model_dump(), "protocol": alert.protocol.model_dump(),
             "evidence": [e.model_dump(mode="json") for e in alert.evidence],
             "history": [h.model_dump(mode="json") for h in alert.history],
+            "history_omitted": alert.history_omitted,
             "closed_at": alert.closed_at.isoformat() if alert.closed_at else None,
             "recipients": alert.current_recipients(),
             "route_id": alert.route.get("id"),

@@ -329,6 +329,12 @@ def _history_rows(d: dict) -> str:
         rows.append(f"<tr><td>{_e(_fmt_time(h['at']))}</td><td>{_e(h['action'])}</td><td>{_e(h['by'])}"
                     f"{' (' + _e(h['role']) + ')' if h.get('role') else ''}</td><td>{change}</td>"
                     f"<td>{_e(h.get('severity'))}</td><td>{_e(h.get('note'))}</td></tr>")
+    omitted = int(d.get("history_omitted") or 0)
+    if omitted:
+        # the inbox merges every version it reads; these were on versions no longer on the topic
+        rows.append(f"<tr class='history-omitted'><td colspan='6'>{omitted} earlier automatic "
+                    f"{'entry is' if omitted == 1 else 'entries are'} not shown (alert versions no longer "
+                    "on the alerts topic). Every action by a person is listed.</td></tr>")
     return "".join(rows) or "<tr><td colspan='6'>No history.</td></tr>"
 
 

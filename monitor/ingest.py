@@ -282,7 +282,10 @@ class IngestService(ConsumerRebalanceListener):
         consumer, producer = self.consumer, self.producer
         assert consumer is not None and producer is not None
         record = self.step.record
+        handoff = self.handoff
         while True:
+            if handoff is not None and handoff.full():
+                await self._wait_for_clinical(handoff)
             batch = await consumer.getmany(timeout_ms=50 if len(self.merge) else 200, max_records=self.MAX_BATCH)
             async with self._lock:
                 assigned = consumer.assignment()
@@ -297,7 +300,6 @@ class IngestService(ConsumerRebalanceListener):
                 received_at = datetime.now(timezone.utc)
                 out = []
                 last: dict = {}
-                handoff = self.handoff
                 decoded: list | None = [] if handoff is not None else None
                 for r in ordered:
                     last[(r.topic, r.partition)] = r.offset
@@ -330,6 +332,16 @@ class IngestService(ConsumerRebalanceListener):
                 COUNTERS.flush()
                 self.processed += len(ordered)
                 PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+
+    #: how long ingest waits for this worker's clinical stage to take the observations
+    #: handed over before it reads more (then it goes on, and the clinical stage decodes)
+    HANDOFF_WAIT_SECONDS = 2.0
+
+    async def _wait_for_clinical(self, handoff: DecodedObservations) -> None:
+        """The clinical stage is behind: give it the CPU instead of running further ahead."""
+        deadline = time.monotonic() + self.HANDOFF_WAIT_SECONDS
+        while handoff.full() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     async def _commit(self, offsets: dict) -> None:
         assert self.consumer is not None

@@ -8,17 +8,23 @@ fields, two timestamps) was about a tenth of the worker's CPU per observation.
 So ingest puts ``bytes -> observation`` here, before it writes them, for the partitions
 the runner owns; the processor takes the entry of the **bytes it read** (the key is the
 exact value: equal bytes or nothing), or decodes them as before when there is none
-(another worker wrote them, a replay after a restart or a rollback, an evicted entry).
+(another worker wrote them, a replay after a restart or a rollback, a full hand-off).
 The observation is immutable (``frozen``) and ``Observation`` JSON round-trips to an equal
 model (tests/unit/test_handoff.py), so the outcome is the same either way; only the cost
 differs.
 
-Bounded: at most ``capacity`` entries (~3 KB each), the oldest evicted first (entries
-whose write failed, or whose partition moved to another worker, leave that way).
+Bounded: at most ``capacity`` entries (~3 KB each). While it is full, ``put`` refuses and
+ingest waits a little before its next batch (``full``): on one worker the two stages share
+one CPU, so ingest running ahead of the clinical stage only moves work later (and, before
+this, made every hand-off miss). Per partition, entries are in write order; taking one
+drops the entries written before it (the clinical stage reads a partition in order, so it
+is past them: a failed write retried, records of a batch rolled back). A rebalance keeps
+only the partitions still owned (``retain``).
 Pure: no Kafka import.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterable
 
 from schemas.events import Observation
@@ -29,34 +35,51 @@ class DecodedObservations:
         self.capacity = capacity
         #: whether the clinical runner of this worker owns a partition of the patient stream
         self.owned = owned
-        self._entries: dict[bytes, Observation] = {}
+        #: per partition: the bytes of the entries, in write order
+        self._order: dict[int, deque] = {}
+        #: bytes -> (partition, observation)
+        self._entries: dict[bytes, tuple[int, Observation]] = {}
         self.taken = 0
         self.decoded = 0
 
+    def full(self) -> bool:
+        return len(self._entries) >= self.capacity
+
     def put(self, partition: int, value: bytes, observation: Observation) -> None:
-        if not self.owned(partition):
+        if len(self._entries) >= self.capacity or not self.owned(partition) or value in self._entries:
             return
-        entries = self._entries
-        if len(entries) >= self.capacity:
-            del entries[next(iter(entries))]
-        entries[value] = observation
+        q = self._order.get(partition)
+        if q is None:
+            q = self._order[partition] = deque()
+        q.append(value)
+        self._entries[value] = (partition, observation)
 
     def take(self, value: bytes | None) -> Observation | None:
         """The observation ingest decoded into exactly these bytes, if it is held."""
-        obs = self._entries.pop(value, None) if value is not None else None
-        if obs is None:
+        e = self._entries.get(value) if value is not None else None
+        if e is None:
             self.decoded += 1
-        else:
-            self.taken += 1
-        return obs
+            return None
+        q = self._order[e[0]]
+        while q:  # the entries written before it are passed
+            v = q.popleft()
+            del self._entries[v]
+            if v == value:
+                break
+        self.taken += 1
+        return e[1]
 
     def decode(self, value: bytes) -> Observation:
         """The observation of a record of the patient stream: handed over, or decoded."""
         obs = self.take(value)
         return obs if obs is not None else Observation.model_validate_json(value)
 
-    def clear(self) -> None:
-        self._entries.clear()
+    def retain(self, partitions: Iterable[int]) -> None:
+        """Forget the entries of every other partition (after a rebalance)."""
+        keep = set(partitions)
+        for p in [p for p in self._order if p not in keep]:
+            for v in self._order.pop(p):
+                self._entries.pop(v, None)
 
     def __len__(self) -> int:
         return len(self._entries)

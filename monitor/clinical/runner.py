@@ -284,6 +284,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
             await self._restore_retrying(parts - keep)
             self._next = {p: self._held.get(p, (0, None))[1] for p in parts}
             self.owned = frozenset(parts)
+            if self.processor.handoff is not None:
+                self.processor.handoff.retain(parts)
             self.ready.set()
 
     async def _restore_retrying(self, partitions: set[int]) -> None:

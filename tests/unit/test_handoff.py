@@ -66,15 +66,22 @@ def test_an_observation_decoded_by_ingest_equals_the_one_decoded_from_its_bytes(
 def test_taken_only_for_the_bytes_ingest_wrote_and_bounded():
     recs, decoded_of = _cohort_stream(3, 10)
     rec, obs = next((r, o) for r, o in zip(recs, decoded_of) if o is not None)
-    h = DecodedObservations(capacity=2)
+    h = DecodedObservations(capacity=3)
     h.put(rec.partition, rec.value, obs)
     assert h.take(rec.value + b" ") is None  # other bytes: decode them
     assert h.take(bytes(bytearray(rec.value))) is obs  # equal bytes (another object, as read from the broker)
     assert h.take(rec.value) is None  # an entry is taken once
-    for v in (b"1", b"2", b"3"):  # the oldest is evicted first
+    for v in (b"1", b"2", b"3", b"4"):  # full: nothing more is put
         h.put(0, v, obs)
-    assert len(h) == 2 and h.take(b"1") is None and h.take(b"3") is obs
-    assert h.decode(rec.value) == obs and h.decoded == 4 and h.taken == 2  # not held: decoded
+    assert h.full() and h.take(b"4") is None
+    assert h.take(b"2") is obs and len(h) == 1  # b"1" was written before it on that partition: passed
+    h.put(1, b"5", obs)  # another partition: its own order
+    assert h.take(b"3") is obs and h.take(b"5") is obs and len(h) == 0
+    assert h.decode(rec.value) == obs and h.decoded == 4 and h.taken == 4  # not held: decoded
+    h.put(0, b"6", obs)
+    h.put(2, b"7", obs)
+    h.retain([2])  # after a rebalance: only the partitions still owned
+    assert h.take(b"6") is None and h.take(b"7") is obs
     mine = DecodedObservations(owned=lambda p: p == 1)  # only partitions the runner owns
     mine.put(0, b"x", obs)
     mine.put(1, b"y", obs)

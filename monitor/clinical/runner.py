@@ -11,7 +11,8 @@ patient stream ``observations``):
 4. produce the outputs and wait until the broker acknowledged every one;
 5. in the background, while the next batch is read and processed: produce each changed
    patient once to the changelog (partition = the patient's partition), wait for the
-   acknowledgements, then commit ``last offset + 1`` per partition.
+   acknowledgements, then commit ``last offset + 1`` per partition (step 3 waits for the
+   changelog only; commits stay in order).
 
 Outputs before state: the changelog never records an alert as emitted that the broker
 does not hold. Writing it in the background takes one broker round trip out of each
@@ -82,8 +83,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: worker resumed from, then the end of each batch it committed)
         self._next: dict[int, int | None] = {}
         self.positions = Positions()
-        #: the changelog write and commit of the last batch, in flight (see ``_settle``)
+        #: the changelog write of the last batch, in flight (see ``_settle``), and its commit
         self._persist_task: asyncio.Future | None = None
+        self._commit_task: asyncio.Future | None = None
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -116,7 +118,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def stop(self) -> None:
         self.ready.clear()
         try:
-            self._forget(await asyncio.wait_for(self._settle(), 10.0))
+            self._forget(await asyncio.wait_for(self._drain(), 10.0))
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
             self._forget(self.store.partitions() | set(self._held))
         h = self.processor.handoff
@@ -178,18 +180,33 @@ class ClinicalRunner(ConsumerRebalanceListener):
                         "them again", type(exc).__name__)
             return {p for _pid, p, _v in changed} | {tp.partition for tp in offsets}
         self._changelog_written(metas)
+        # the commit is not waited for by the next batch: commits stay in order (each
+        # waits for the one before), a revocation or rollback waits for all (_drain)
+        self._commit_task = asyncio.ensure_future(self._commit_after(self._commit_task, offsets))
+        return set()
+
+    async def _commit_after(self, previous: asyncio.Future | None, offsets: dict) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
         committed = await self._commit(offsets)
         for tp, off in offsets.items():
             end, _ = self._held.get(tp.partition, (0, None))
             self._held[tp.partition] = (end, off if committed else None)  # None: restored at the next assignment
-        return set()
 
     async def _settle(self) -> set[int]:
-        """Wait for the changelog and commit in flight; the partitions to restore, if any."""
+        """Wait for the changelog in flight; the partitions to restore, if any."""
         task, self._persist_task = self._persist_task, None
         if task is None:
             return set()
         return await asyncio.shield(task)
+
+    async def _drain(self) -> set[int]:
+        """Wait for the changelog and every commit in flight; the partitions to restore."""
+        failed = await self._settle()
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await asyncio.shield(task)
+        return failed
 
     async def _commit(self, offsets: dict) -> bool:
         assert self.consumer is not None
@@ -228,7 +245,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def _roll_back(self, partitions: set[int]) -> None:
         """Back to the durable state of these partitions: restore, then re-read from the commit."""
-        partitions = set(partitions) | await self._settle()
+        partitions = set(partitions) | await self._drain()
         await asyncio.sleep(1.0)
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
@@ -267,7 +284,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         # waits for the batch in flight (its outputs, changelog and commit) to finish
         async with self._lock:
-            self._forget(await self._settle())
+            self._forget(await self._drain())
             self.owned = frozenset()
             self.ready.clear()
 

@@ -716,17 +716,22 @@ class CompositeRuleC(CRule):
                 t = h[-1][0]
         if t is None:
             return None
-        hit = self.eval_at(st, cp, t)
-        if hit is not None:
-            return hit
-        # the newest earlier episode among the held episode results
+        # the earlier episodes' times among the held episode results
         cands = set()
         for a in self.when_analytes:
             for e in st.ev.get(a, ()):
                 if dose <= e[0] < t:
                     cands.add(e[0])
-        ep = None
+        # with several, a necessary condition judged once (_possible): when no held result
+        # meets what the condition needs, no time can hit (e.g. ALF's "> 20x ULN" or "INR
+        # >= 1.5" for a patient whose ALT stays 4-8x ULN: every window was built and searched)
         possible = self._possible(st, cp, dose) if len(cands) > 1 else (lambda ti: True)
+        if possible is None and self.id not in st.active:
+            return None
+        hit = self.eval_at(st, cp, t) if possible is not None and possible(t) else None
+        if hit is not None:
+            return hit
+        ep = None
         if possible is not None:  # None: no candidate time can hit
             for ti in sorted(cands, reverse=True):
                 if not possible(ti):

@@ -788,7 +788,22 @@ class DeltaRuleC(CRule):
         h = st.hist.get(self.analyte)
         if not h or len(h) < 2:
             return None
-        e, p = h[-1], h[-2]
+        return self._judge(st, cp, h[-1], h[-2])
+
+    def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
+        """What the rule said when ``e`` was the newest result, against the result held just
+        before it: a dose record that arrives after the results re-judges them, so a fall
+        that an in-order stream alerted on (and that recovered since) is not lost."""
+        if st.dose_at is None or e[0] < st.dose_at:
+            return None
+        p = None
+        for x in st.hist.get(self.analyte, ()):  # oldest first, by time then observation id
+            if (x[0], x[2]) >= (e[0], e[2]):
+                break
+            p = x
+        return None if p is None else self._judge(st, cp, e, p)
+
+    def _judge(self, st, cp, e: Entry, p: Entry) -> Hit | None:
         if (st.dose_at is not None and e[0] < st.dose_at) or not self.active_at(st, e[0]):
             return None
         if e[0] - p[0] > self.lookback or p[1] <= 0:
@@ -1233,6 +1248,8 @@ class CompiledProtocol:
                 self.by_analyte[a] = self.by_analyte[a] + (c,)
         self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
         self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
+        #: rules that can say what they said of an earlier result (``evaluate_entry``)
+        self.rejudged = self.graded + tuple(c for c in self.rules if isinstance(c, DeltaRuleC))
         #: steroid checks that wait for a settling time after their record arrives (the clock raises them)
         self.settling = tuple(c for c in self.rules if isinstance(c, SteroidRuleC) and c.settle_s)
         #: analyte -> (direction, conditions of composite rules on it): a post-dose result that

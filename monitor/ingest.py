@@ -45,7 +45,8 @@ from schemas.alert import AlertAction
 from .clinical.handoff import DecodedObservations
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
-from .kafka_batch import Positions, key_partition, new_consumer, new_producer, produce_all, rewind, stop_clients
+from .kafka_batch import (OrderedCommits, Positions, key_partition, new_consumer, new_producer, produce_all, rewind,
+                          stop_clients)
 from . import metrics
 from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
 
@@ -236,7 +237,7 @@ class IngestService(ConsumerRebalanceListener):
         # within one timestamp, treatments first (see monitor.write_order)
         self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
-        self._commit_task: asyncio.Future | None = None
+        self.commits = OrderedCommits(self.positions, "ingest")
 
     async def start(self) -> None:
         COUNTERS.deferred = True  # applied once per batch (after its write)
@@ -250,7 +251,7 @@ class IngestService(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self._lock:  # the batch in flight finishes (and commits) first
-            await self._drain_commit()
+            await self.commits.drain()
             self.merge.clear()  # the positions start again at the commits after the assignment
 
     async def on_partitions_assigned(self, assigned) -> None:
@@ -319,16 +320,15 @@ class IngestService(ConsumerRebalanceListener):
                     # last commit and process from there again
                     log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
                     self.merge.clear()
-                    await self._drain_commit()
+                    await self.commits.drain()
                     await asyncio.sleep(1.0)
                     await rewind(consumer, list(consumer.assignment()), "ingest")
                     continue
                 # every output is on the broker: commit while the next batch is read and
                 # processed (commits stay in order: the previous one finishes first; a
                 # revocation waits for the one in flight)
-                await self._drain_commit()
-                self._commit_task = asyncio.ensure_future(
-                    self._commit({TopicPartition(t, p): off + 1 for (t, p), off in last.items()}))
+                await self.commits.drain()
+                self.commits.submit(consumer, {TopicPartition(t, p): off + 1 for (t, p), off in last.items()})
                 COUNTERS.flush()
                 self.processed += len(ordered)
                 PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
@@ -343,23 +343,6 @@ class IngestService(ConsumerRebalanceListener):
         while handoff.full() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
-    async def _commit(self, offsets: dict) -> None:
-        assert self.consumer is not None
-        try:
-            await self.consumer.commit(offsets)
-            self.positions.committed.update(offsets)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # the batch is on the broker: a later commit covers it, or after a rebalance the
-            # new owner reads it again (at least once; the observation ids are stable)
-            log.warning("ingest commit failed (%s)", type(exc).__name__)
-
-    async def _drain_commit(self) -> None:
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await asyncio.shield(task)
-
     def lag(self) -> dict[tuple[str, int], int]:
         return self.positions.lag(self.consumer)
 
@@ -367,7 +350,7 @@ class IngestService(ConsumerRebalanceListener):
         self.ready.clear()
         self.merge.clear()
         try:
-            await asyncio.wait_for(self._drain_commit(), 5.0)
+            await asyncio.wait_for(self.commits.drain(), 5.0)
         except Exception:  # noqa: BLE001 - stopping: the next owner resumes from the last commit
             pass
         await stop_clients(self.consumer, self.producer)

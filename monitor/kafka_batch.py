@@ -8,13 +8,14 @@ consume a batch -> process -> produce -> await the broker's acknowledgements -> 
 - ``rewind``: seek partitions back to their committed offsets after a failed write, so
   the batch is processed again (partitions revoked meanwhile are skipped: the new owner
   resumes from the commit);
+- ``OrderedCommits``: commits in the background, in order, while the next batch is processed;
 - ``Positions``: the committed offsets this process made, for the lag gauge.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import murmur2
@@ -129,6 +130,43 @@ async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, b
     for md, n in zip(await asyncio.gather(*(f for f, _ in futures)), (n for _, n in futures)):
         out.append(md._replace(offset=md.offset + n - 1) if n and md is not None else md)
     return out
+
+
+class OrderedCommits:
+    """Offset commits that run in the background, one after another in the order submitted
+    (each waits for the one before), so a loop reads and processes its next batch meanwhile;
+    ``drain`` waits for every commit submitted. A failed commit is logged and reported to
+    ``done``: its batch is already on the broker, so a later commit covers it or, after a
+    rebalance, the new owner reads it again (at least once)."""
+
+    def __init__(self, positions: "Positions", what: str) -> None:
+        self.positions = positions
+        self.what = what
+        self._last: asyncio.Future | None = None
+
+    def submit(self, consumer: AIOKafkaConsumer, offsets: dict, done: Callable[[bool], None] | None = None) -> None:
+        self._last = asyncio.ensure_future(self._commit(self._last, consumer, offsets, done))
+
+    async def _commit(self, previous: asyncio.Future | None, consumer: AIOKafkaConsumer, offsets: dict,
+                      done: Callable[[bool], None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            await consumer.commit(offsets)
+            self.positions.committed.update(offsets)
+            ok = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s commit failed (%s)", self.what, type(exc).__name__)
+            ok = False
+        if done is not None:
+            done(ok)
+
+    async def drain(self) -> None:
+        task, self._last = self._last, None
+        if task is not None:
+            await asyncio.shield(task)
 
 
 def next_offsets(batch: Mapping[TopicPartition, list]) -> dict[TopicPartition, int]:

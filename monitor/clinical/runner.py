@@ -49,7 +49,8 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from ..kafka_batch import Positions, new_consumer, new_producer, next_offsets, produce_all, rewind, stop_clients
+from ..kafka_batch import (OrderedCommits, Positions, new_consumer, new_producer, next_offsets, produce_all, rewind,
+                           stop_clients)
 from ..metrics import PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
 from ..settings import Settings
 from ..topics_admin import changelog_topic
@@ -83,9 +84,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: worker resumed from, then the end of each batch it committed)
         self._next: dict[int, int | None] = {}
         self.positions = Positions()
-        #: the changelog write of the last batch, in flight (see ``_settle``), and its commit
+        #: the changelog write of the last batch, in flight (see ``_settle``), then its commit
         self._persist_task: asyncio.Future | None = None
-        self._commit_task: asyncio.Future | None = None
+        self.commits = OrderedCommits(self.positions, "clinical")
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -148,8 +149,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 await self._roll_back(failed | {tp.partition for tp in batch})
                 return
             try:
-                assert self.producer is not None
-                await produce_all(self.producer, ((o.topic, o.key, o.value, o.headers, None) for o in outputs))
+                await self._write_outputs(outputs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -169,29 +169,24 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def _persist(self, changed: list[tuple[str, int, bytes]], offsets: dict) -> set[int]:
         """The changelog of a batch whose outputs are acknowledged, then its commit. Returns
         the partitions to restore (their changelog was not acknowledged), else nothing."""
-        assert self.producer is not None
         try:
-            metas = await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
-                                                      for pid, partition, value in changed))
+            await self._write_changelog(changed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("clinical changelog not acknowledged (%s); restoring its partitions and processing "
                         "them again", type(exc).__name__)
             return {p for _pid, p, _v in changed} | {tp.partition for tp in offsets}
-        self._changelog_written(metas)
-        # the commit is not waited for by the next batch: commits stay in order (each
-        # waits for the one before), a revocation or rollback waits for all (_drain)
-        self._commit_task = asyncio.ensure_future(self._commit_after(self._commit_task, offsets))
+        # the commit is not waited for by the next batch: commits stay in order, a
+        # revocation or rollback waits for all (_drain)
+        assert self.consumer is not None
+        self.commits.submit(self.consumer, offsets, done=lambda ok: self._committed(offsets, ok))
         return set()
 
-    async def _commit_after(self, previous: asyncio.Future | None, offsets: dict) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        committed = await self._commit(offsets)
+    def _committed(self, offsets: dict, ok: bool) -> None:
         for tp, off in offsets.items():
             end, _ = self._held.get(tp.partition, (0, None))
-            self._held[tp.partition] = (end, off if committed else None)  # None: restored at the next assignment
+            self._held[tp.partition] = (end, off if ok else None)  # None: restored at the next assignment
 
     async def _settle(self) -> set[int]:
         """Wait for the changelog in flight; the partitions to restore, if any."""
@@ -203,24 +198,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def _drain(self) -> set[int]:
         """Wait for the changelog and every commit in flight; the partitions to restore."""
         failed = await self._settle()
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await asyncio.shield(task)
+        await self.commits.drain()
         return failed
-
-    async def _commit(self, offsets: dict) -> bool:
-        assert self.consumer is not None
-        try:
-            await self.consumer.commit(offsets)
-            self.positions.committed.update(offsets)
-            return True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # the batch is durable (outputs and changelog acknowledged): a later commit covers
-            # it, or after a rebalance the new owner replays it idempotently
-            log.warning("clinical commit failed (%s)", type(exc).__name__)
-            return False
 
     def _from_position(self, tp: TopicPartition, records: list) -> list:
         """Drop records before the position this worker resumed from (fetched before a
@@ -232,13 +211,19 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def _write(self, outputs: list[Output]) -> None:
         """Outputs, acknowledged; then every changed patient, acknowledged (the clock)."""
+        await self._write_outputs(outputs)
+        await self._write_changelog(self.store.take_changed())
+
+    async def _write_outputs(self, outputs: list[Output]) -> None:
         assert self.producer is not None
         await produce_all(self.producer, ((o.topic, o.key, o.value, o.headers, None) for o in outputs))
-        changed = self.store.take_changed()
-        self._changelog_written(await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
-                                                                  for pid, partition, value in changed)))
 
-    def _changelog_written(self, metas: list) -> None:
+    async def _write_changelog(self, changed: list[tuple[str, int, bytes]]) -> None:
+        """Each changed patient to its partition of the changelog, acknowledged; the
+        changelog end per partition is remembered (see ``_unchanged``)."""
+        assert self.producer is not None
+        metas = await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
+                                                  for pid, partition, value in changed))
         for md in metas:
             end, committed = self._held.get(md.partition, (0, None))
             self._held[md.partition] = (max(end, md.offset + 1), committed)

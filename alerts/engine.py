@@ -223,7 +223,7 @@ class Engine:
             note = (f"This result (taken {_day(late[0])}) arrived after newer results; it is shown because "
                     f"it is worse than what the newest result shows.")
             for rule in rules:
-                if rule.kind in ("graded", "delta"):  # the rules that can re-judge one result
+                if rule in cp.rejudged:  # the rules that can re-judge one result
                     self._surface(state, cp, rule, [(analyte, late)], note, now, out)
         # a plain new result (no retraction) cannot raise a composite rule that is not present:
         # hits rest on results that meet a condition, and a plain result only adds freshness;

@@ -12,36 +12,13 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 
-from monitor.settings import INPUT_TOPICS, SERVICE_TOPICS
+from test_clinical_broker import INPUTS, OUTPUTS, dose, result, send
 from workers import service_env
 
 pytestmark = pytest.mark.integration
-
-INPUTS = tuple(INPUT_TOPICS)
-OUTPUTS = tuple(t for t in SERVICE_TOPICS if t not in INPUT_TOPICS)
-
-
-def _send(bootstrap: str, records) -> None:
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for topic, key, value in records:
-        p.send(topic, key=key.encode(), value=json.dumps(value).encode())
-    p.flush()
-    p.close()
-
-
-def _platelets(pid: str, eid: str, value: float, at: datetime) -> dict:
-    return {"event_id": eid, "patient_id": pid, "loinc": "777-3", "value": value, "unit": "10*3/uL",
-            "reference_range": {"low": 150, "high": 450}, "effective_at": at.isoformat(), "source": "lab-x",
-            "status": "final"}
-
-
-def _dose(pid: str, at: datetime) -> dict:
-    return {"type": "dose", "event_id": f"dose-{pid}", "patient_id": pid, "product": "onasemnogene-abeparvovec-iv",
-            "administered_at": at.isoformat(), "birth_date": (at - timedelta(days=200)).date().isoformat(),
-            "weight_kg": 7.5, "ward": "ward-a", "care_team": "team-a"}
 
 
 def _committed_and_ends(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
@@ -74,9 +51,11 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
         w = worker_factory(service_env(topics, app_id=prefix), name="w1")
         now = datetime.now(timezone.utc)
         d = now - timedelta(days=5)
-        _send(kafka_bootstrap, [(topics["treatments"], "clr-1", _dose("clr-1", d))])
-        _send(kafka_bootstrap, [(topics["lab-results"], "clr-1", _platelets("clr-1", "plt-0", 320, d - timedelta(days=1))),
-                                (topics["lab-results"], "clr-1", _platelets("clr-1", "plt-1", 40, now - timedelta(days=1)))])
+        send(kafka_bootstrap, [(topics["treatments"], "clr-1", dose("clr-1", d))])
+        send(kafka_bootstrap, [(topics["lab-results"], "clr-1", result("clr-1", "plt-0", "platelets", 320,
+                                                                      d - timedelta(days=1), 150, 450)),
+                               (topics["lab-results"], "clr-1", result("clr-1", "plt-1", "platelets", 40,
+                                                                      now - timedelta(days=1), 150, 450))])
         # every changelog write is refused: the worker says so, rolls back, and commits nothing
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and b"clinical changelog not acknowledged" not in w.log_path.read_bytes():
@@ -104,7 +83,7 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
     # a new worker process restores that state: the next result updates the same alert
     w.stop()
     worker_factory(service_env(topics, app_id=prefix), name="w2")
-    _send(kafka_bootstrap, [(topics["lab-results"], "clr-1", _platelets("clr-1", "plt-2", 30, now))])
+    send(kafka_bootstrap, [(topics["lab-results"], "clr-1", result("clr-1", "plt-2", "platelets", 30, now, 150, 450))])
     deadline = time.monotonic() + 60
     versions: set = set()
     while time.monotonic() < deadline:

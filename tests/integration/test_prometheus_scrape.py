@@ -1,12 +1,15 @@
-"""A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker (and, in
-the second test, a real inbox and MLLP listener on their own metrics ports).
+"""A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker, a real
+inbox and a real MLLP listener (each on its own metrics port), as jobs sma-monitor,
+sma-monitor-inbox and sma-monitor-mllp.
 
 The worker runs on isolated topics against the real broker. Prometheus loads the shipped
 ``deploy/prometheus/rules.yml`` unchanged, scrapes ``/metrics`` every second, and the
-test forces the shipped ``MonitorDeadLetterRateHigh`` rule (more than 0.1 dead letters/s
+first test forces the shipped ``MonitorDeadLetterRateHigh`` rule (more than 0.1 dead letters/s
 over 5 minutes, ``for: 1m``) by publishing a burst of malformed events, then waits for
 it to be ``firing`` in ``/api/v1/alerts``. ``MonitorWorkerDown`` is the control: it must
-stay inactive.
+stay inactive. The second forces ``InboxLoginFailuresSpike`` (also ``for: 1m``). One
+Prometheus serves both tests (module fixture ``stack``), and both rules are forced before
+either test waits, so the two minutes of ``for:`` overlap.
 """
 from __future__ import annotations
 
@@ -106,23 +109,6 @@ class Prometheus:
             self._log.close()
 
 
-@pytest.fixture
-def prometheus_factory(tmp_path):
-    if not os.access(PROMETHEUS, os.X_OK):
-        pytest.fail(f"{PROMETHEUS} missing: run `make debs` (Debian package prometheus)")
-    started: list[Prometheus] = []
-
-    def make(targets: list[str] | dict[str, list[str]]) -> Prometheus:
-        p = Prometheus(tmp_path / f"prom{len(started)}", targets)
-        started.append(p)
-        p.start()
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
-
-
 def wait_for(fn, timeout: float, what: str, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     last = None
@@ -143,56 +129,182 @@ def alerts_named(prom: Prometheus, name: str) -> list[dict]:
     return [a for a in prom.api("alerts")["alerts"] if a["labels"].get("alertname") == name]
 
 
-def test_prometheus_scrapes_worker_and_shipped_rule_fires(kafka_bootstrap, topic_factory, worker_factory,
-                                                          prometheus_factory):
-    prefix = f"prom{uuid.uuid4().hex[:8]}"
-    topics = topic_factory("lab-results", "vital-signs", "liver-function", "treatments", "observations",
-                           "dead-letter", "findings", "alerts", "alert-actions", "patient-ticks", prefix=prefix)
-    worker = worker_factory(service_env(topics, app_id=prefix, MONITOR_LAG_INTERVAL_SECONDS="2"))
-    prom = prometheus_factory([f"127.0.0.1:{worker.port}"])
 
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, "-m", "monitor.cli", *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def _failed_login(opener, base: str, username: str) -> int:
+    """One sign-in with a wrong password through the real login form (CSRF double-submit)."""
+    import re
+    import urllib.error
+
+    html = opener.open(base + "/login", timeout=5).read().decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    data = urllib.parse.urlencode({"username": username, "password": "not-the-password", "csrf_token": token})
     try:
-        wait_for(lambda: prom.query('up{job="sma-monitor"} == 1'), 30, "worker target up")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\ntargets: {prom.api('targets')}\n{prom.tail()}") from None
+        return opener.open(base + "/login", data=data.encode(), timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
-    patients = [f"PROMPAT-{uuid.uuid4().hex[:12]}" for _ in range(5)]
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+
+class Stack:
+    """What the module's one Prometheus scrapes, and what was done to it before the tests look."""
+    prom: Prometheus
+    worker: object
+    topics: dict[str, str]
+    patients: list[str]
+    inbox_base: str
+    procs: list[subprocess.Popen]
+    mllp_acks: list[bytes]
+    login_codes: list[int]
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_bootstrap, tmp_path_factory):
+    """One Prometheus (the shipped rules, 1 s scrapes) for both tests: job sma-monitor (a
+    worker), sma-monitor-inbox (an inbox's metrics port) and sma-monitor-mllp (an MLLP
+    listener's metrics port). Both shipped rules the tests force have ``for: 1m``; both are
+    forced here, one after the other, so their minutes run together instead of one test
+    after the other. The worker gets valid events and one dead letter first (every series
+    exists before the burst), then the burst of malformed events; the listener one stored
+    and one unreadable message; the inbox a burst of failed sign-ins. The tests then wait
+    for, and check, what Prometheus makes of each."""
+    from kafka_broker import create_topics, drop_test_topics
+    from monitor.inbox.auth import hash_password
+    from workers import TEST_INBOX_SECRET, TEST_PSEUDONYM_SECRET, WorkerProcess
+
+    if not os.access(PROMETHEUS, os.X_OK):
+        pytest.fail(f"{PROMETHEUS} missing: run `make debs` (Debian package prometheus)")
+    tmp = tmp_path_factory.mktemp("prom")
+    st = Stack()
+    prefix, fe_prefix = f"prom{uuid.uuid4().hex[:8]}", f"promfe{uuid.uuid4().hex[:8]}"
+    st.topics = {n: f"{prefix}.{n}" for n in ("lab-results", "vital-signs", "liver-function", "treatments",
+                                              "observations", "dead-letter", "findings", "alerts", "alert-actions",
+                                              "patient-ticks")}
+    fe_topics = {n: f"{fe_prefix}.{n}" for n in ("observations", "dead-letter", "alerts", "alert-actions",
+                                                 "treatments", "patients")}
+    all_topics = [*st.topics.values(), *fe_topics.values()]
+    create_topics(kafka_bootstrap, all_topics, partitions=3)
+    st.procs, st.worker, st.prom = [], None, None
     try:
-        # phase 1: valid events and one dead letter, so every series exists before the burst
-        for i, pid in enumerate(patients):
-            producer.send(topics["lab-results"], key=pid.encode(), value=json.dumps(lab(pid, f"ok-{i}")).encode())
-        producer.send(topics["lab-results"], key=patients[0].encode(), value=b'{"event_id": "bad-0", ')
-        producer.flush()
-        wait_for(lambda: prom.query('sum(monitor_dead_letters_total{job="sma-monitor"}) >= 1'), 60,
-                 "first dead letter scraped")
-        wait_for(lambda: prom.query('sum(monitor_events_consumed_total{format="json"}) >= 5'), 60,
-                 "valid events scraped")
+        # the inbox and the listener start while the worker does
+        users = tmp / "users.json"
+        users.write_text(json.dumps({"users": [{"username": "nurse1", "role": "nurse", "wards": ["picu"],
+                                                "password_hash": hash_password("right-password-1", n=2**14)}]}))
+        inbox_port, inbox_metrics, mllp_port, mllp_metrics = free_port(), free_port(), free_port(), free_port()
+        common = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PSEUDONYM_SECRET": TEST_PSEUDONYM_SECRET,
+                  "TOPIC_OBSERVATIONS": fe_topics["observations"], "TOPIC_DEAD_LETTER": fe_topics["dead-letter"],
+                  "TOPIC_ALERTS": fe_topics["alerts"], "TOPIC_ALERT_ACTIONS": fe_topics["alert-actions"],
+                  "TOPIC_TREATMENTS": fe_topics["treatments"], "TOPIC_PATIENTS": fe_topics["patients"]}
+        st.procs = [
+            _start(["inbox", "serve", "--host", "127.0.0.1", "--port", str(inbox_port), "--metrics-port",
+                    str(inbox_metrics)], {**common, "INBOX_USERS_FILE": str(users), "INBOX_SECRET": TEST_INBOX_SECRET},
+                   tmp / "inbox.log"),
+            _start(["mllp", "--port", str(mllp_port), "--metrics-port", str(mllp_metrics)], common, tmp / "mllp.log"),
+        ]
+        st.mllp_port = mllp_port
+        st.inbox_base = f"http://127.0.0.1:{inbox_port}"
+        st.worker = WorkerProcess(kafka_bootstrap, service_env(st.topics, app_id=prefix,
+                                                               MONITOR_LAG_INTERVAL_SECONDS="2"), tmp / "w")
+        st.worker.start()
 
-        # phase 2: force the dead-letter rate rule
-        for i in range(BURST):
-            pid = patients[i % len(patients)]
-            producer.send(topics["lab-results"], key=pid.encode(), value=f'{{"event_id": "bad-{i + 1}", "patient_id": "{pid}"'.encode())
-        producer.flush()
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(st.inbox_base + "/readyz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(ready, 60, "inbox ready (store caught up)", interval=0.3)
+        st.prom = Prometheus(tmp / "prometheus", {"sma-monitor": [f"127.0.0.1:{st.worker.port}"],
+                                                  "sma-monitor-inbox": [f"127.0.0.1:{inbox_metrics}"],
+                                                  "sma-monitor-mllp": [f"127.0.0.1:{mllp_metrics}"]})
+        st.prom.start()
+        prom = st.prom
+        try:
+            wait_for(lambda: len(prom.query('up{job=~"sma-monitor|sma-monitor-inbox|sma-monitor-mllp"} == 1')) == 3,
+                     30, "worker, inbox and listener targets up")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\ntargets: {prom.api('targets')}\n{prom.tail()}") from None
+
+        # the worker: valid events and one dead letter, so every series exists before the burst
+        st.patients = [f"PROMPAT-{uuid.uuid4().hex[:12]}" for _ in range(5)]
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        try:
+            for i, pid in enumerate(st.patients):
+                producer.send(st.topics["lab-results"], key=pid.encode(),
+                              value=json.dumps(lab(pid, f"ok-{i}")).encode())
+            producer.send(st.topics["lab-results"], key=st.patients[0].encode(), value=b'{"event_id": "bad-0", ')
+            producer.flush()
+            wait_for(lambda: prom.query('sum(monitor_dead_letters_total{job="sma-monitor"}) >= 1'), 60,
+                     "first dead letter scraped")
+            wait_for(lambda: prom.query('sum(monitor_events_consumed_total{job="sma-monitor",format="json"}) >= 5'), 60,
+                     "valid events scraped")
+            # ... then the burst that forces MonitorDeadLetterRateHigh
+            for i in range(BURST):
+                pid = st.patients[i % len(st.patients)]
+                producer.send(st.topics["lab-results"], key=pid.encode(),
+                              value=f'{{"event_id": "bad-{i + 1}", "patient_id": "{pid}"'.encode())
+            producer.flush()
+        finally:
+            producer.close()
+
+        # the listener: one result stored (AA), one unreadable (AE)
+        sys_path = str(ROOT / "tests" / "integration")
+        if sys_path not in sys.path:
+            sys.path.insert(0, sys_path)
+        from test_mllp import ORU, send_batch
+
+        st.mllp_acks = send_batch(mllp_port, [ORU.format(ctl="P-1", mrn="MRN-PROM-1", n=1, alt=41, ast=31),
+                                              "not HL7"])
+        # the inbox: a burst of failed sign-ins (wrong passwords, then throttled), which
+        # forces InboxLoginFailuresSpike
+        import http.cookiejar
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        st.login_codes = [_failed_login(opener, st.inbox_base, "nurse1" if i % 2 else f"guess{i}") for i in range(24)]
+        yield st
     finally:
-        producer.close()
+        if st.prom is not None:
+            st.prom.stop()
+        for p in st.procs:
+            _stop(p)
+        if st.worker is not None:
+            st.worker.stop()
+        drop_test_topics(kafka_bootstrap, all_topics, [prefix, fe_prefix])
 
-    wait_for(lambda: prom.query(f'sum(monitor_dead_letters_total{{reason="malformed_json"}}) >= {BURST + 1}'), 90,
+
+def test_prometheus_scrapes_worker_and_shipped_rule_fires(stack):
+    prom, topics, patients = stack.prom, stack.topics, stack.patients
+    wait_for(lambda: prom.query(f'sum(monitor_dead_letters_total{{job="sma-monitor",reason="malformed_json"}}) >= {BURST + 1}'), 90,
              "burst of dead letters scraped")
 
     # the service's own metrics, faust's sensor, lag, build info: all through the real scrape
-    consumed = prom.query("monitor_events_consumed_total")
+    consumed = prom.query('monitor_events_consumed_total{job="sma-monitor"}')
     assert {(r["metric"]["topic"], r["metric"]["format"]) for r in consumed} >= {("lab-results", "json"),
                                                                                  ("lab-results", "invalid")}
-    dead = prom.query("monitor_dead_letters_total")
+    dead = prom.query('monitor_dead_letters_total{job="sma-monitor"}')
     assert {r["metric"]["reason"] for r in dead} == {"malformed_json"}
     assert {r["metric"]["topic"] for r in dead} == {topics["lab-results"]}
-    assert prom.query('monitor_observations_total{analyte="alt"}')
-    assert prom.query('monitor_build_info{version!=""}')
-    assert prom.query("monitor_ready == 1")
+    assert prom.query('monitor_observations_total{job="sma-monitor",analyte="alt"}')
+    assert prom.query('monitor_build_info{job="sma-monitor",version!=""}')
+    assert prom.query('monitor_ready{job="sma-monitor"} == 1')
     # faust no longer reads Kafka here (the hot paths are aiokafka loops): its sensor counts
     # the web requests it serves, this scrape among them
-    assert prom.query("monitor_faust_http_status_codes_total > 0"), "faust's sensor is not in the shared registry"
+    assert prom.query('monitor_faust_http_status_codes_total{job="sma-monitor"} > 0'), "faust's sensor is not in the shared registry"
     lag = wait_for(lambda: prom.query(f'monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}'), 30,
                    "consumer lag series")
     assert {r["metric"]["partition"] for r in lag} == {"0", "1", "2"}
@@ -231,117 +343,47 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(kafka_bootstrap, topic
         assert pid not in text
 
 
-def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "monitor.cli", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _failed_login(opener, base: str, username: str) -> int:
-    """One sign-in with a wrong password through the real login form (CSRF double-submit)."""
-    import re
-    import urllib.error
-
-    html = opener.open(base + "/login", timeout=5).read().decode()
-    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-    data = urllib.parse.urlencode({"username": username, "password": "not-the-password", "csrf_token": token})
-    try:
-        return opener.open(base + "/login", data=data.encode(), timeout=10).status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def test_prometheus_scrapes_inbox_and_mllp_listener_with_their_rules(kafka_bootstrap, topic_factory,
-                                                                      prometheus_factory, tmp_path):
+def test_prometheus_scrapes_inbox_and_mllp_listener_with_their_rules(stack):
     """Issue 14 item 7: a real inbox (metrics on its own port) and a real MLLP listener scraped
     as jobs sma-monitor-inbox / sma-monitor-mllp with the shipped rules: both up, the inbox caught
     up (InboxStoreStale inactive), MLLP messages by ack and type; a burst of failed sign-ins fires
     InboxLoginFailuresSpike; stopping the listener makes MllpListenerDown pending (for: 2m)."""
-    import http.cookiejar
-    import sys as _sys
+    prom, inbox_base = stack.prom, stack.inbox_base
+    wait_for(lambda: len(prom.query('up{job=~"sma-monitor-inbox|sma-monitor-mllp"} == 1')) == 2, 30,
+             "inbox and listener targets up")
+    assert prom.query('monitor_inbox_caught_up{job="sma-monitor-inbox"} == 1')
+    # the user-facing port has no metrics; the metrics port nothing else
+    assert urllib.request.urlopen(inbox_base + "/metrics", timeout=5).url.endswith("/login")
 
-    from monitor.inbox.auth import hash_password
-    from workers import TEST_INBOX_SECRET, TEST_PSEUDONYM_SECRET
+    # MLLP: one result stored (AA), one unreadable (AE)
+    assert len(stack.mllp_acks) == 2
+    wait_for(lambda: prom.query('sum(monitor_mllp_messages_total{job="sma-monitor-mllp",ack="AA",'
+                                'type="ORU^R01"}) == 1'), 30, "MLLP AA scraped")
+    assert prom.query('monitor_mllp_parse_errors_total{job="sma-monitor-mllp",reason="hl7_invalid"} == 1')
+    assert prom.query('monitor_mllp_max_connections{job="sma-monitor-mllp"} == 64')
+    assert not prom.query('monitor_ready{job="sma-monitor-mllp"}'), "a worker gauge in the listener's scrape"
 
-    prefix = f"promfe{uuid.uuid4().hex[:8]}"
-    topics = topic_factory("observations", "dead-letter", "alerts", "alert-actions", "treatments", "patients",
-                           prefix=prefix)
-    users = tmp_path / "users.json"
-    users.write_text(json.dumps({"users": [{"username": "nurse1", "role": "nurse", "wards": ["picu"],
-                                            "password_hash": hash_password("right-password-1", n=2**14)}]}))
-    inbox_port, inbox_metrics, mllp_port, mllp_metrics = free_port(), free_port(), free_port(), free_port()
-    common = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PSEUDONYM_SECRET": TEST_PSEUDONYM_SECRET,
-              "TOPIC_OBSERVATIONS": topics["observations"], "TOPIC_DEAD_LETTER": topics["dead-letter"],
-              "TOPIC_ALERTS": topics["alerts"], "TOPIC_ALERT_ACTIONS": topics["alert-actions"],
-              "TOPIC_TREATMENTS": topics["treatments"], "TOPIC_PATIENTS": topics["patients"]}
-    procs = [
-        _start(["inbox", "serve", "--host", "127.0.0.1", "--port", str(inbox_port), "--metrics-port",
-                str(inbox_metrics)], {**common, "INBOX_USERS_FILE": str(users), "INBOX_SECRET": TEST_INBOX_SECRET},
-               tmp_path / "inbox.log"),
-        _start(["mllp", "--port", str(mllp_port), "--metrics-port", str(mllp_metrics)], common, tmp_path / "mllp.log"),
-    ]
-    inbox_base = f"http://127.0.0.1:{inbox_port}"
-    try:
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(inbox_base + "/readyz", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        wait_for(ready, 60, "inbox ready (store caught up)", interval=0.3)
-        prom = prometheus_factory({"sma-monitor-inbox": [f"127.0.0.1:{inbox_metrics}"],
-                                   "sma-monitor-mllp": [f"127.0.0.1:{mllp_metrics}"]})
-        wait_for(lambda: len(prom.query('up{job=~"sma-monitor-inbox|sma-monitor-mllp"} == 1')) == 2, 30,
-                 "inbox and listener targets up")
-        assert prom.query('monitor_inbox_caught_up{job="sma-monitor-inbox"} == 1')
-        # the user-facing port has no metrics; the metrics port nothing else
-        assert urllib.request.urlopen(inbox_base + "/metrics", timeout=5).url.endswith("/login")
+    # the burst of failed sign-ins (wrong passwords, then throttled) fires the shipped rule
+    codes = stack.login_codes
+    assert set(codes) <= {401, 429} and 401 in codes, codes
+    wait_for(lambda: prom.query('sum(monitor_inbox_logins_total{job="sma-monitor-inbox",'
+                                'outcome=~"failed|throttled"}) >= 24'), 30, "failed sign-ins scraped")
+    firing = wait_for(lambda: [a for a in alerts_named(prom, "InboxLoginFailuresSpike") if a["state"] == "firing"],
+                      120, "InboxLoginFailuresSpike firing")
+    assert firing[0]["labels"]["job"] == "sma-monitor-inbox" and firing[0]["labels"]["category"] == "ops"
+    rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+    assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
+    # idle topics all along (a minute and more): the broker's fetch answers keep the store fresh
+    assert prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds{job="sma-monitor-inbox"} < 10'), \
+        prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds')
+    for quiet in ("InboxDown", "InboxStoreStale", "MllpListenerDown", "MllpConnectionsNearCap"):
+        assert rules[quiet]["state"] == "inactive", (quiet, rules[quiet])
 
-        # MLLP: one result stored (AA), one unreadable (AE)
-        sys_path = str(ROOT / "tests" / "integration")
-        if sys_path not in _sys.path:
-            _sys.path.insert(0, sys_path)
-        from test_mllp import ORU, send_batch
-
-        acks = send_batch(mllp_port, [ORU.format(ctl="P-1", mrn="MRN-PROM-1", n=1, alt=41, ast=31), "not HL7"])
-        assert len(acks) == 2
-        wait_for(lambda: prom.query('sum(monitor_mllp_messages_total{job="sma-monitor-mllp",ack="AA",'
-                                    'type="ORU^R01"}) == 1'), 30, "MLLP AA scraped")
-        assert prom.query('monitor_mllp_parse_errors_total{job="sma-monitor-mllp",reason="hl7_invalid"} == 1')
-        assert prom.query('monitor_mllp_max_connections{job="sma-monitor-mllp"} == 64')
-        assert not prom.query('monitor_ready{job="sma-monitor-mllp"}'), "a worker gauge in the listener's scrape"
-
-        # a burst of failed sign-ins (wrong passwords, then throttled) fires the shipped rule
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-        codes = [_failed_login(opener, inbox_base, "nurse1" if i % 2 else f"guess{i}") for i in range(24)]
-        assert set(codes) <= {401, 429} and 401 in codes, codes
-        wait_for(lambda: prom.query('sum(monitor_inbox_logins_total{job="sma-monitor-inbox",'
-                                    'outcome=~"failed|throttled"}) >= 24'), 30, "failed sign-ins scraped")
-        firing = wait_for(lambda: [a for a in alerts_named(prom, "InboxLoginFailuresSpike") if a["state"] == "firing"],
-                          120, "InboxLoginFailuresSpike firing")
-        assert firing[0]["labels"]["job"] == "sma-monitor-inbox" and firing[0]["labels"]["category"] == "ops"
-        rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
-        assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
-        # idle topics all along (a minute and more): the broker's fetch answers keep the store fresh
-        assert prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds{job="sma-monitor-inbox"} < 10'), \
-            prom.query('time() - monitor_inbox_last_fetch_timestamp_seconds')
-        for quiet in ("InboxDown", "InboxStoreStale", "MllpListenerDown", "MllpConnectionsNearCap"):
-            assert rules[quiet]["state"] == "inactive", (quiet, rules[quiet])
-
-        # the listener stops: its job's down rule goes pending (for: 2m), the inbox's does not
-        os.killpg(procs[1].pid, signal.SIGTERM)
-        procs[1].wait(15)
-        wait_for(lambda: alerts_named(prom, "MllpListenerDown"), 30, "MllpListenerDown pending")
-        assert not alerts_named(prom, "InboxDown")
-        text = json.dumps(prom.api("series", **{"match[]": '{job=~"sma-monitor-inbox|sma-monitor-mllp"}'}))
-        assert "MRN-PROM-1" not in text and "nurse1" not in text
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(5)
+    # the listener stops: its job's down rule goes pending (for: 2m), the inbox's does not
+    listener = stack.procs[1]
+    os.killpg(listener.pid, signal.SIGTERM)
+    listener.wait(15)
+    wait_for(lambda: alerts_named(prom, "MllpListenerDown"), 30, "MllpListenerDown pending")
+    assert not alerts_named(prom, "InboxDown")
+    text = json.dumps(prom.api("series", **{"match[]": '{job=~"sma-monitor-inbox|sma-monitor-mllp"}'}))
+    assert "MRN-PROM-1" not in text and "nurse1" not in text

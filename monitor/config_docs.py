@@ -28,6 +28,8 @@ DESCRIPTIONS: dict[str, str] = {
                       "written by the MLLP listener (ADT) and `monitor patients load` (JSON, FHIR Patient).",
     "alertmanager_refresh_seconds": "Open alerts are re-pushed to Alertmanager this often, with a rolling "
                                     "endsAt of four intervals, so a restarted Alertmanager has them back.",
+    "delivery_retry_max_seconds": "Longest wait between two attempts to deliver an alert version to a sink that "
+                                  "fails (exponential backoff from 0.5 s, capped here; retried until delivered).",
     "inbox_public_url": "Public base URL of the inbox: Alertmanager's generatorURL links to "
                         "`<url>/alerts/<alert id>` (opaque id; sign-in required). Empty: no link.",
     "observations_retention_days": "Retention of the patient stream `observations` in days (at least 180); "

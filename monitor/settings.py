@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     #: (an opaque id; the page needs a sign-in). Empty: no link
     inbox_public_url: str = ""
     webhook_url: str = ""
+    #: a failed delivery to a sink is retried with exponential backoff (0.5 s, 1 s, 2 s ...)
+    #: capped at this many seconds between attempts
+    delivery_retry_max_seconds: float = Field(default=60.0, gt=0)
     webhook_secret: str = Field(default="", repr=False, exclude=True)
     #: key of the alert ids and pseudonymous alert references (HMAC); required, >= 32 characters,
     #: no default (``require_secrets`` refuses to start without it)

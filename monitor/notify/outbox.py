@@ -22,7 +22,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from .sinks import AlertmanagerSink, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
+from .sinks import AlertmanagerSink, Backoff, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
 from ..kafka_batch import stop_clients
@@ -73,7 +73,8 @@ class DeliveryService:
             on_failure=self._on_failure,
             on_enqueued=lambda sink, alert: SINK_PENDING.labels(sink=sink).inc(),
         )
-        self.dispatcher = Dispatcher(self.sinks, self.ledger, hooks=hooks)
+        self.dispatcher = Dispatcher(self.sinks, self.ledger, hooks=hooks,
+                                     backoff=Backoff(max_delay=settings.delivery_retry_max_seconds))
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._ledger_consumer: AIOKafkaConsumer | None = None

@@ -48,7 +48,10 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
     try:
         admin.create_topics([NewTopic(changelog, 3, 1, topic_configs={"cleanup.policy": "compact",
                                                                       "max.message.bytes": "200"})])
-        w = worker_factory(service_env(topics, app_id=prefix), name="w1")
+        # a refused changelog is noticed, and its batches rolled back and processed again, at
+        # the next batch or clock tick: ticks every 2 s (not the default 30 s) so that the
+        # retries below do not wait for a tick
+        w = worker_factory(service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2"), name="w1")
         now = datetime.now(timezone.utc)
         d = now - timedelta(days=5)
         send(kafka_bootstrap, [(topics["treatments"], "clr-1", dose("clr-1", d))])

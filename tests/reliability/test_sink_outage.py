@@ -70,8 +70,10 @@ class FlakyWebhook:
 
 
 def test_webhook_outage_does_not_stall_processing_and_loses_nothing(kafka_bootstrap, tmp_path):
-    refused_s = float(os.environ.get("RELIABILITY_OUTAGE_REFUSED_S", "20"))
-    failing_s = float(os.environ.get("RELIABILITY_OUTAGE_5XX_S", "15"))
+    # each phase is several retry intervals long (DELIVERY_RETRY_MAX_SECONDS caps the backoff
+    # at 2 s below): every waiting version is refused, then answered 503, several times over
+    refused_s = float(os.environ.get("RELIABILITY_OUTAGE_REFUSED_S", "10"))
+    failing_s = float(os.environ.get("RELIABILITY_OUTAGE_5XX_S", "10"))
     bs = kafka_bootstrap
     prefix = f"out{uuid.uuid4().hex[:8]}"
     topics = make_topics(bs, prefix)
@@ -79,7 +81,8 @@ def test_webhook_outage_does_not_stall_processing_and_loses_nothing(kafka_bootst
     workers: list = []
     hook = FlakyWebhook(free_port())
     try:
-        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
+        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET,
+                          DELIVERY_RETRY_MAX_SECONDS="2")
         w = start_worker(bs, env, tmp_path / "w", workers)
         reader = TopicReader(bs, topics)
         try:

@@ -39,7 +39,7 @@ async def test_adt_over_mllp_lands_on_patients_and_invalid_is_dead_lettered(kafk
     assert (first.display_name, first.mrn, first.mrn_authority, str(first.birth_date), first.ward, first.bed) == \
         ("Yui Nakamura", "MRN-9001", "HOSP", "2024-09-01", "PICU", "B7")
     assert second.ward == "W2"
-    assert read_all(kafka_bootstrap, topics["observations"], 0, timeout_s=2) == []
+    assert read_all(kafka_bootstrap, topics["observations"], 0) == []
     (dead,) = read_all(kafka_bootstrap, topics["dead-letter"], 1)
     assert dead.value.decode().startswith("MSH") and "P-101" in dead.value.decode()
     assert dict(dead.headers)["dlq.reason"] == b"hl7_bad_value"

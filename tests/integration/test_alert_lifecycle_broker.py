@@ -171,7 +171,10 @@ def test_restart_mid_stream_pages_nothing_twice_and_down_webhook_gets_everything
         return recs
 
     with WebhookReceiver(secret=TEST_WEBHOOK_SECRET, fail_first=8) as hook:
-        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TICK_INTERVAL_SECONDS="2")
+        # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s default):
+        # the restarted worker gets the SIGKILLed one's partitions 4 s sooner
+        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET,
+                          TICK_INTERVAL_SECONDS="2", KAFKA_SESSION_TIMEOUT_SECONDS="6")
         w1 = worker_factory(env, name="w1")
         send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
              + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients])

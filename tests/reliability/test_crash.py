@@ -53,9 +53,11 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
     kill_times: list[float] = []  # wall clock of each SIGKILL
     t0 = time.monotonic()
     with WebhookReceiver(secret=WEBHOOK_SECRET) as hook, WebhookReceiver() as am:
+        # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s default):
+        # each restarted worker gets the SIGKILLed one's partitions 4 s sooner; nothing else changes
         env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
                           WEBHOOK_SECRET=WEBHOOK_SECRET, ALERTMANAGER_URL=am.url.removesuffix("/hook"),
-                          PSEUDONYM_SECRET=PSEUDONYM_SECRET, LOG_LEVEL="INFO")
+                          PSEUDONYM_SECRET=PSEUDONYM_SECRET, LOG_LEVEL="INFO", KAFKA_SESSION_TIMEOUT_SECONDS="6")
         reader = TopicReader(kafka_bootstrap, topics)
         survived = 0
         try:

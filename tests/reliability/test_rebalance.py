@@ -28,8 +28,11 @@ def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
     t0 = time.monotonic()
     try:
         with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
+            # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s
+            # default): the survivor takes over 4 s sooner; nothing else changes
             env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4")
+                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4",
+                              KAFKA_SESSION_TIMEOUT_SECONDS="6")
             w1 = start_worker(bs, env, tmp_path / "w1", workers)
             w2 = start_worker(bs, env, tmp_path / "w2", workers)
             publish(bs, topics, sc.records[:half])

@@ -25,20 +25,51 @@ ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observatio
        "findings", "alerts", "alert-actions", "patient-ticks", "alert-deliveries")
 
 
-def read_all(bootstrap: str, topic: str, settle: float = 2.0, timeout: float = 60.0, expected: int = 0) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=500, group_id=None)
+def read_all(bootstrap: str, topic: str, timeout: float = 60.0, expected: int = 0) -> list:
+    """Every record of ``topic``, once at least ``expected`` are there (waiting up to
+    ``timeout``): read up to the partitions' end offsets. Complete when no writer is left, or
+    after ``ingested``: the worker's outputs of the inputs it committed are on the broker."""
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     out: list = []
     try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert tps, f"no partitions for {topic}"
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout
-        while len(out) < expected and time.monotonic() < deadline:
-            out.extend(consumer)
-        end = time.monotonic() + settle
-        while time.monotonic() < end:
-            out.extend(consumer)
+        while True:
+            ends = consumer.end_offsets(tps)
+            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    out.extend(records)
+            if len(out) >= expected or time.monotonic() >= deadline:
+                return out
+            time.sleep(0.2)
     finally:
         consumer.close()
-    return out
+
+
+def ingested(bootstrap: str, app_id: str, topic: str, timeout: float = 60.0) -> None:
+    """Wait until the worker's ingest group has committed every record of input ``topic``.
+    The worker commits a batch only once its outputs (observations, dead letters) are
+    acknowledged, so from then on those topics hold everything these inputs produce."""
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{app_id}-ingest", enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        deadline = time.monotonic() + timeout
+        while True:
+            ends = consumer.end_offsets(tps)
+            committed = {tp: consumer.committed(tp) or 0 for tp in tps}
+            if all(committed[tp] >= ends[tp] for tp in tps):
+                return
+            assert time.monotonic() < deadline, f"ingest not caught up on {topic}: {committed} < {ends}"
+            time.sleep(0.2)
+    finally:
+        consumer.close()
 
 
 def monitor(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -63,7 +94,8 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     producer.send(topics["lab-results"], key=b"p-dlq", value=raw).get(30)
     producer.close()
-    dead = read_all(kafka_bootstrap, topics["dead-letter"], expected=1)
+    ingested(kafka_bootstrap, prefix, topics["lab-results"])
+    dead = read_all(kafka_bootstrap, topics["dead-letter"])
     assert len(dead) == 1
     assert dict(dead[0].headers)["dlq.reason"] == b"payload_too_large"
     w1.stop()
@@ -95,7 +127,8 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     assert counts["matched"] == 1 and counts["replayed"] == 1 and counts["already_replayed"] == 0
     assert counts["to"] == {topics["lab-results"]: 1}
 
-    observations = read_all(kafka_bootstrap, topics["observations"], expected=1)
+    ingested(kafka_bootstrap, prefix, topics["lab-results"])
+    observations = read_all(kafka_bootstrap, topics["observations"])
     assert [json.loads(m.value)["event_id"] for m in observations] == ["big-1"]
 
     # 3. a second replay republishes nothing
@@ -104,12 +137,13 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     counts2 = json.loads(second.stdout)
     assert counts2["matched"] == 1 and counts2["replayed"] == 0 and counts2["already_replayed"] == 1
 
-    inputs = read_all(kafka_bootstrap, topics["lab-results"], expected=2)
+    inputs = read_all(kafka_bootstrap, topics["lab-results"], expected=2)  # the replay command has exited
     assert len(inputs) == 2  # the original and exactly one replay
     replayed = [m for m in inputs if "dlq.replay.of" in dict(m.headers)]
     assert len(replayed) == 1 and replayed[0].value == raw and replayed[0].key == b"p-dlq"
     assert dict(replayed[0].headers)["dlq.replay.of"].decode() == \
         f"{topics['dead-letter']}/{dead[0].partition}/{dead[0].offset}"
+    ingested(kafka_bootstrap, prefix, topics["lab-results"])
     assert len(read_all(kafka_bootstrap, topics["observations"])) == 1
     assert len(read_all(kafka_bootstrap, topics["dead-letter"])) == 1  # the replay was not rejected again
 

@@ -382,6 +382,35 @@ def delete_topics(
         admin.close()
 
 
+def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 30.0) -> list:
+    """Every record of ``topic`` (kafka-python ``ConsumerRecord``s, in order per partition),
+    once at least ``expected`` are there (waiting up to ``timeout``): read from the beginning
+    up to the partitions' end offsets. Complete when nothing writes to the topic any more (the
+    writer stopped, or answered only after the broker acknowledged): what a check must not
+    see is then either read here or never written, with no fixed wait for it."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    out: list = []
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            raise BrokerError(f"no partitions for {topic}")
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        while True:
+            ends = consumer.end_offsets(tps)
+            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    out.extend(records)
+            if len(out) >= expected or time.monotonic() >= deadline:
+                return out
+            time.sleep(0.2)
+    finally:
+        consumer.close()
+
+
 def drop_test_topics(bootstrap: str, names: Iterable[str], prefixes: Iterable[str]) -> None:
     """Delete ``names`` and every topic starting with one of ``prefixes`` (changelogs and
     other topics the service made for itself); never raises, so cleanup cannot mask a

@@ -26,29 +26,12 @@ ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observatio
 
 
 def read_all(bootstrap: str, topic: str, timeout: float = 60.0, expected: int = 0) -> list:
-    """Every record of ``topic``, once at least ``expected`` are there (waiting up to
-    ``timeout``): read up to the partitions' end offsets. Complete when no writer is left, or
-    after ``ingested``: the worker's outputs of the inputs it committed are on the broker."""
-    from kafka import TopicPartition
+    """Every record of ``topic`` once ``expected`` are there, read to the end offsets: complete
+    when no writer is left, or after ``ingested`` (the worker's outputs of the inputs it
+    committed are on the broker)."""
+    from kafka_broker import read_topic
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    out: list = []
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert tps, f"no partitions for {topic}"
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout
-        while True:
-            ends = consumer.end_offsets(tps)
-            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
-                    out.extend(records)
-            if len(out) >= expected or time.monotonic() >= deadline:
-                return out
-            time.sleep(0.2)
-    finally:
-        consumer.close()
+    return read_topic(bootstrap, topic, expected, timeout)
 
 
 def ingested(bootstrap: str, app_id: str, topic: str, timeout: float = 60.0) -> None:

@@ -37,32 +37,11 @@ def ack_code(raw: bytes) -> tuple[str, str]:
 
 
 def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    """Every record of ``topic``, once at least ``expected`` are there (waiting up to
-    ``timeout_s``): read up to the partitions' end offsets. Callers stop the listener first
-    (its producer flushed and closed), so those end offsets are final: a record a check
-    must not see is either read here or never written, with no fixed wait for it."""
-    import time
+    """Every record of ``topic`` once ``expected`` are there, read to the end offsets. Callers
+    stop the listener first (its producer flushed and closed), so the end offsets are final."""
+    from kafka_broker import read_topic
 
-    from kafka import TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    out: list = []
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert tps, f"no partitions for {topic}"
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ends = consumer.end_offsets(tps)
-            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
-                    out.extend(records)
-            if len(out) >= expected or time.monotonic() >= deadline:
-                return out
-            time.sleep(0.2)
-    finally:
-        consumer.close()
+    return read_topic(bootstrap, topic, expected, timeout_s)
 
 
 def closed_port() -> int:

@@ -57,6 +57,29 @@ def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, 
     return env
 
 
+def wait_ingested(bootstrap: str, app_id: str, topics: list[str], timeout: float = 60.0) -> None:
+    """Wait until the worker's ingest consumer group (``<app id>-ingest``) has committed every
+    record of the input ``topics``. Ingest commits a batch only once its outputs (the
+    observations stream, dead letters) are acknowledged, so from then on those topics hold
+    everything these inputs produce."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{app_id}-ingest", enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        deadline = time.monotonic() + timeout
+        while True:
+            ends = consumer.end_offsets(tps)
+            committed = {tp: consumer.committed(tp) or 0 for tp in tps}
+            if all(committed[tp] >= ends[tp] for tp in tps):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"ingest of {app_id} not caught up after {timeout}s: {committed} < {ends}")
+            time.sleep(0.2)
+    finally:
+        consumer.close()
+
+
 class WorkerProcess:
     def __init__(self, bootstrap: str, env: dict[str, str], workdir: Path) -> None:
         self.bootstrap = bootstrap

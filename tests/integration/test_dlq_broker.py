@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from workers import ROOT, service_env
+from workers import ROOT, service_env, wait_ingested
 
 pytestmark = pytest.mark.integration
 
@@ -27,32 +27,11 @@ ALL = ("lab-results", "vital-signs", "liver-function", "treatments", "observatio
 
 def read_all(bootstrap: str, topic: str, timeout: float = 60.0, expected: int = 0) -> list:
     """Every record of ``topic`` once ``expected`` are there, read to the end offsets: complete
-    when no writer is left, or after ``ingested`` (the worker's outputs of the inputs it
+    when no writer is left, or after ``wait_ingested`` (the worker's outputs of the inputs it
     committed are on the broker)."""
     from kafka_broker import read_topic
 
     return read_topic(bootstrap, topic, expected, timeout)
-
-
-def ingested(bootstrap: str, app_id: str, topic: str, timeout: float = 60.0) -> None:
-    """Wait until the worker's ingest group has committed every record of input ``topic``.
-    The worker commits a batch only once its outputs (observations, dead letters) are
-    acknowledged, so from then on those topics hold everything these inputs produce."""
-    from kafka import TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{app_id}-ingest", enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        deadline = time.monotonic() + timeout
-        while True:
-            ends = consumer.end_offsets(tps)
-            committed = {tp: consumer.committed(tp) or 0 for tp in tps}
-            if all(committed[tp] >= ends[tp] for tp in tps):
-                return
-            assert time.monotonic() < deadline, f"ingest not caught up on {topic}: {committed} < {ends}"
-            time.sleep(0.2)
-    finally:
-        consumer.close()
 
 
 def monitor(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -77,7 +56,7 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     producer.send(topics["lab-results"], key=b"p-dlq", value=raw).get(30)
     producer.close()
-    ingested(kafka_bootstrap, prefix, topics["lab-results"])
+    wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]])
     dead = read_all(kafka_bootstrap, topics["dead-letter"])
     assert len(dead) == 1
     assert dict(dead[0].headers)["dlq.reason"] == b"payload_too_large"
@@ -110,7 +89,7 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     assert counts["matched"] == 1 and counts["replayed"] == 1 and counts["already_replayed"] == 0
     assert counts["to"] == {topics["lab-results"]: 1}
 
-    ingested(kafka_bootstrap, prefix, topics["lab-results"])
+    wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]])
     observations = read_all(kafka_bootstrap, topics["observations"])
     assert [json.loads(m.value)["event_id"] for m in observations] == ["big-1"]
 
@@ -126,7 +105,7 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     assert len(replayed) == 1 and replayed[0].value == raw and replayed[0].key == b"p-dlq"
     assert dict(replayed[0].headers)["dlq.replay.of"].decode() == \
         f"{topics['dead-letter']}/{dead[0].partition}/{dead[0].offset}"
-    ingested(kafka_bootstrap, prefix, topics["lab-results"])
+    wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]])
     assert len(read_all(kafka_bootstrap, topics["observations"])) == 1
     assert len(read_all(kafka_bootstrap, topics["dead-letter"])) == 1  # the replay was not rejected again
 

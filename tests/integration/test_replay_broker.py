@@ -18,7 +18,7 @@ import uuid
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from workers import ROOT, service_env
+from workers import ROOT, service_env, wait_ingested
 
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from test_replay import constructed_cohort, expected_changes, lowered_alt  # noqa: E402
@@ -154,8 +154,6 @@ def test_replay_of_the_stream_a_real_worker_recorded(kafka_bootstrap, topic_fact
     goes through a real worker's ingest onto the patient stream; the replay reads that stream
     and replays the deployed protocol against itself: every patient is there, nothing is
     skipped, the cohort raises alerts, and there are 0 differences."""
-    import time
-
     from monitor.simulate import generate_cohort, records
 
     prefix = f"rpw{uuid.uuid4().hex[:8]}"
@@ -172,14 +170,10 @@ def test_replay_of_the_stream_a_real_worker_recorded(kafka_bootstrap, topic_fact
                       value=v.encode() if isinstance(v, str) else json.dumps(v).encode())
     producer.flush()
     producer.close()
-    # wait until ingest has written the stream (its end offsets stop moving)
-    stream = [topics["observations"]]
-    last, stable, deadline = None, 0, time.monotonic() + 120
-    while time.monotonic() < deadline and stable < 3:
-        time.sleep(2)
-        now = sum(end_offsets(kafka_bootstrap, stream).values())
-        stable = stable + 1 if now == last and now > 0 else 0
-        last = now
+    # wait until ingest has written the stream: it committed every input, and commits only
+    # once the observations of a batch are acknowledged
+    wait_ingested(kafka_bootstrap, prefix, list(short.values()), timeout=120)
+    last = sum(end_offsets(kafka_bootstrap, [topics["observations"]]).values())
     assert last and last >= len(cohort.events), (last, len(cohort.events))
     cand = ROOT / "alerts/protocols/onasemnogene-abeparvovec-iv.yaml"
     out = tmp_path / "self.json"

@@ -382,7 +382,7 @@ def delete_topics(
         admin.close()
 
 
-def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 30.0) -> list:
+def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 30.0, **consumer_config: object) -> list:
     """Every record of ``topic`` (kafka-python ``ConsumerRecord``s, in order per partition),
     once at least ``expected`` are there (waiting up to ``timeout``): read from the beginning
     up to the partitions' end offsets. Complete when nothing writes to the topic any more (the
@@ -390,7 +390,7 @@ def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 3
     see is then either read here or never written, with no fixed wait for it."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **consumer_config)
     out: list = []
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -57,14 +57,12 @@ def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, 
     return env
 
 
-def wait_ingested(bootstrap: str, app_id: str, topics: list[str], timeout: float = 60.0) -> None:
-    """Wait until the worker's ingest consumer group (``<app id>-ingest``) has committed every
-    record of the input ``topics``. Ingest commits a batch only once its outputs (the
-    observations stream, dead letters) are acknowledged, so from then on those topics hold
-    everything these inputs produce."""
+def wait_committed(bootstrap: str, group: str, topics: list[str], timeout: float = 60.0) -> None:
+    """Wait until consumer ``group`` has committed every record of ``topics`` (as their end
+    offsets stand on each check)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{app_id}-ingest", enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
         deadline = time.monotonic() + timeout
@@ -74,10 +72,29 @@ def wait_ingested(bootstrap: str, app_id: str, topics: list[str], timeout: float
             if all(committed[tp] >= ends[tp] for tp in tps):
                 return
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"ingest of {app_id} not caught up after {timeout}s: {committed} < {ends}")
+                raise TimeoutError(f"{group} not caught up after {timeout}s: {committed} < {ends}")
             time.sleep(0.2)
     finally:
         consumer.close()
+
+
+def wait_ingested(bootstrap: str, app_id: str, topics: list[str], timeout: float = 60.0) -> None:
+    """Wait until the worker's ingest consumer group (``<app id>-ingest``) has committed every
+    record of the input ``topics``. Ingest commits a batch only once its outputs (the
+    observations stream, dead letters) are acknowledged, so from then on those topics hold
+    everything these inputs produce."""
+    wait_committed(bootstrap, f"{app_id}-ingest", topics, timeout)
+
+
+def wait_processed(bootstrap: str, app_id: str, topics: dict[str, str], timeout: float = 60.0) -> None:
+    """``wait_ingested`` for the inputs of ``topics`` (short name -> real name), then until the
+    clinical stage (``<app id>-clinical``) has committed the whole patient stream: it commits
+    a batch only once its outputs (findings, alerts, dead letters of routed treatments and
+    actions) are acknowledged. Clock ticks may still add outputs later."""
+    from monitor.settings import INPUT_TOPICS
+
+    wait_ingested(bootstrap, app_id, [topics[t] for t in INPUT_TOPICS if t in topics], timeout)
+    wait_committed(bootstrap, f"{app_id}-clinical", [topics["observations"]], timeout)
 
 
 class WorkerProcess:

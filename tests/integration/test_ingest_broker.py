@@ -6,13 +6,12 @@ observations out plus dead letters.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
-from workers import service_env
+from workers import service_env, wait_processed
 
 pytestmark = pytest.mark.integration
 
@@ -24,24 +23,11 @@ def lab(pid, eid, loinc, value, unit, **kw):
             "reference_range": {"low": 0, "high": 40}, "effective_at": T0, "status": "final", "source": "lab-a", **kw}
 
 
-def drain(bootstrap, topic, expected, timeout=60.0):
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=1000, group_id=None,
-                             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=32 * 1024 * 1024)
-    out = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            for m in consumer:
-                out.append(m)
-        # linger briefly to catch extras that would break the count
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            for m in consumer:
-                out.append(m)
-    finally:
-        consumer.close()
-    return out
+def drain(bootstrap, topic):
+    """Every record of ``topic``, read to its end offsets (after ``wait_processed``: complete)."""
+    from kafka_broker import read_topic
+
+    return read_topic(bootstrap, topic, fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=32 * 1024 * 1024)
 
 
 def test_valid_and_hostile_events_are_accounted_for(kafka_bootstrap, topic_factory, worker_factory):
@@ -101,8 +87,11 @@ def test_valid_and_hostile_events_are_accounted_for(kafka_bootstrap, topic_facto
     producer.close()
 
     expected_obs = sum(n for *_, n in valid)
-    observations = drain(kafka_bootstrap, topics["observations"], expected_obs)
-    dead = drain(kafka_bootstrap, topics["dead-letter"], len(hostile))
+    # the worker committed every input and the whole patient stream: every output of these
+    # inputs is on the broker, so reading to the end catches a missing or an extra one
+    wait_processed(kafka_bootstrap, prefix, topics)
+    observations = drain(kafka_bootstrap, topics["observations"])
+    dead = drain(kafka_bootstrap, topics["dead-letter"])
 
     assert len(observations) == expected_obs
     assert len(dead) == len(hostile)

@@ -22,7 +22,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from monitor.settings import INPUT_TOPICS, SERVICE_TOPICS
 from schemas.findings import Severity
-from workers import service_env
+from workers import service_env, wait_processed
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,13 @@ class Reader:
                 return found
         raise AssertionError(f"nothing matched within {timeout}s; saw "
                              f"{[(x.get('patient_id'), x.get('rule_id'), x.get('state') or x.get('status')) for x in self.items]}")
+
+    def sync(self, bootstrap: str, topic: str) -> list[dict]:
+        """Every record of the topic, read to its end offsets (complete after ``wait_processed``)."""
+        from kafka_broker import read_topic
+
+        self.items = [json.loads(m.value) for m in read_topic(bootstrap, topic)]
+        return self.items
 
     def close(self) -> None:
         self.c.close()
@@ -168,10 +175,11 @@ def test_clinical_scenarios_and_replay_through_the_broker(kafka_bootstrap, topic
             (a,) = alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == rule
                                    and x["status"] == "firing" and x["severity"] == sev)[:1]
             assert a["grade"] == grade and ids <= {e["observation_id"] for e in a["evidence"]}
-        # the normal trajectory: every observation was evaluated, nothing above info
-        time.sleep(3)
-        findings.poll()
-        alerts.poll()
+        # the normal trajectory: every observation was evaluated, nothing above info (the
+        # worker committed every input and the whole patient stream: all their outputs are there)
+        wait_processed(kafka_bootstrap, prefix, topics)
+        findings.sync(kafka_bootstrap, topics["findings"])
+        alerts.sync(kafka_bootstrap, topics["alerts"])
         norm = [x for x in findings.items if x["patient_id"] == "cb-norm"]
         assert all(SEV[x["severity"]] == 0 for x in norm if x["state"] == "present"), norm
         assert not [x for x in alerts.items if x["patient_id"] == "cb-norm" and SEV[x["severity"]] > 0]
@@ -200,8 +208,8 @@ def test_clinical_scenarios_and_replay_through_the_broker(kafka_bootstrap, topic
             if {k: v["finding_id"] for k, v in second.items()} == {k: v["finding_id"] for k, v in first.items()}:
                 break
             time.sleep(0.5)
-        time.sleep(2)  # nothing more arrives afterwards
-        second = _final(findings2.poll(), patients)
+        wait_processed(kafka_bootstrap, prefix2, topics2)  # nothing more arrives afterwards
+        second = _final(findings2.sync(kafka_bootstrap, topics2["findings"]), patients)
         # the final outcome per patient and rule is identical, ids included
         assert {k: v["finding_id"] for k, v in second.items()} == {k: v["finding_id"] for k, v in first.items()}
         assert {k: (v["state"], v["severity"], v["grade"]) for k, v in second.items()} == {

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers import service_env
+from workers import service_env, wait_processed
 
 T0 = "2026-10-01T08:00:00+00:00"
 
@@ -167,7 +167,19 @@ def test_no_patient_identifier_in_metrics_or_logs(kafka_bootstrap, topic_factory
     deadline = time.monotonic() + 60
     while consumed() < len(valid) + len(invalid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(3)  # a few lag-timer ticks and commits
+    # ... and has committed them, and its lag timer (every 2 s) has measured every input
+    # partition at lag 0 since
+    def lag_zero() -> bool:
+        _, body = worker.get("/metrics")
+        lag = [(s.labels.get("topic"), s.value) for f in text_string_to_metric_families(body.decode())
+               if f.name == "monitor_consumer_lag_messages" for s in f.samples]
+        inputs = {topics[t] for t in ("lab-results", "vital-signs", "liver-function", "treatments")}
+        return {t for t, _ in lag} >= inputs and all(v == 0 for t, v in lag if t in inputs)
+
+    wait_processed(kafka_bootstrap, prefix, topics)
+    while not lag_zero() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert lag_zero(), "the lag gauge never showed the inputs consumed"
 
     status, body = worker.get("/metrics")
     assert status == 200

@@ -102,10 +102,29 @@ def can_write(broker, passwords, user: str, topic: str) -> bool:
         p.close(timeout=5)
 
 
+def describe_refused(broker, passwords, user: str, topic: str) -> bool:
+    """The broker refuses ``user`` Describe on ``topic`` (metadata answers
+    TOPIC_AUTHORIZATION_FAILED). Kafka's authorizer allows Describe to every principal allowed
+    Read (or Write), so a refused Describe is a refused Read, answered at once."""
+    from kafka import KafkaAdminClient
+    import kafka.errors as Errors
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
+                             sasl_mechanism="SCRAM-SHA-512", sasl_plain_username=user,
+                             sasl_plain_password=passwords[user], request_timeout_ms=10_000)
+    try:
+        (described,) = admin.describe_topics([topic])
+        return described["error_code"] == Errors.TopicAuthorizationFailedError.errno
+    finally:
+        admin.close()
+
+
 def can_read(broker, passwords, user: str, topic: str) -> bool:
     from kafka import KafkaConsumer, TopicPartition
     import kafka.errors as Errors
 
+    if describe_refused(broker, passwords, user, topic):
+        return False  # (a consumer fetches nothing then: kafka-python only logs the refusal)
     c = KafkaConsumer(bootstrap_servers=broker.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
                       sasl_mechanism="SCRAM-SHA-512", sasl_plain_username=user, sasl_plain_password=passwords[user],
                       group_id=None, enable_auto_commit=False, consumer_timeout_ms=3000, auto_offset_reset="earliest")

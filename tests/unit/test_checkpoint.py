@@ -72,7 +72,8 @@ def test_the_default_interval_and_zero_are_accepted_and_negative_is_not():
         pass
     else:
         raise AssertionError("a negative interval was accepted")
-    r = ClinicalRunner(Settings(clinical_checkpoint_interval_seconds=0.25), processor=None, store=InMemoryPatientStore())
+    r = ClinicalRunner(Settings(clinical_checkpoint_interval_seconds=0.25), processor=None,
+                       store=InMemoryPatientStore())
     assert r.pending.interval == 0.25 and r.pending.max_records == ClinicalRunner.CHECKPOINT_MAX_RECORDS
 
 

@@ -129,10 +129,10 @@ def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(k
         filler.start()
         time.sleep(2)
         d = now - timedelta(days=5)
-        send(kafka_bootstrap, [(trt, "rb-x", dose("rb-x", d)),
-                               (lab, "rb-x", result("rb-x", "rbx-0", "platelets", 320, d - timedelta(days=1), 150, 450)),
-                               (lab, "rb-x", result("rb-x", "rbx-1", "platelets", 40, now - timedelta(days=1), 150,
-                                                    450))])
+        send(kafka_bootstrap, [
+            (trt, "rb-x", dose("rb-x", d)),
+            (lab, "rb-x", result("rb-x", "rbx-0", "platelets", 320, d - timedelta(days=1), 150, 450)),
+            (lab, "rb-x", result("rb-x", "rbx-1", "platelets", 40, now - timedelta(days=1), 150, 450))])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and b"clinical batch not acknowledged" not in w.log_path.read_bytes():
             durable.check()  # asserts: no committed offset without its patients on the changelog

@@ -1,12 +1,13 @@
 """Benchmark the clinical processor and the patient store in-process (no broker).
 
 Run: .venv/bin/python bench/bench_clinical.py [--patients 1000] [--days 60] [--batch 1000]
-     [--restore-patients 10000] [--churn-rounds 6] [--churn-patients 1000]
+     [--restore-patients 10000] [--churn-rounds 6] [--churn-patients 1000] [--checkpoint-every 1]
 
 Builds a simulated cohort (``monitor.simulate``), turns every input into the records of
 the patient stream with the worker's own ingest step, then times
 ``ClinicalProcessor.process`` over batches of the stream as the runner takes them, plus
-``take_changed`` (the changelog encoding of each changed patient once per batch). Then
+``take_changed`` (the changelog encoding of each changed patient once per checkpoint:
+every ``--checkpoint-every`` batches, as the runner's coalesced checkpoint does). Then
 the restore: the changelog values of ``--restore-patients`` patients applied to a fresh
 store (``restore_record``) and every patient decoded once (the first tick). Prints
 microseconds per record and the restore times.
@@ -59,7 +60,7 @@ def stream_records(n_patients: int, days: int) -> list[Rec]:
     return out
 
 
-def churn(n_patients: int, rounds: int, batch: int) -> None:
+def churn(n_patients: int, rounds: int, batch: int, every: int = 1) -> None:
     """The latency test's workload (see the module docstring), CPU time per record."""
     s = Settings()
     step = Ingest(s)
@@ -104,7 +105,8 @@ def churn(n_patients: int, rounds: int, batch: int) -> None:
         t0 = time.process_time()
         out = proc.process(stream[i:i + batch])
         t1 = time.process_time()
-        changed = store.take_changed()
+        last = i + batch >= len(stream)
+        changed = store.take_changed() if last or (i // batch + 1) % every == 0 else []
         t2 = time.process_time()
         t_proc += t1 - t0
         t_enc += t2 - t1
@@ -116,7 +118,8 @@ def churn(n_patients: int, rounds: int, batch: int) -> None:
         n_changed += len(changed)
         c_bytes += sum(len(v) for _, _, v in changed)
     n = len(stream)
-    print(f"churn ({n_patients:,} patients x {rounds} alert-changing results, batches of {batch}): "
+    print(f"churn ({n_patients:,} patients x {rounds} alert-changing results, batches of {batch}, "
+          f"a checkpoint every {every}): "
           f"process {t_proc / n * 1e6:.0f} us/record CPU, changelog encode {t_enc / n * 1e6:.0f} us/record CPU "
           f"({n / (t_proc + t_enc):,.0f} records/s per CPU); {n_alerts:,} alert versions, mean "
           f"{a_bytes / max(n_alerts, 1):,.0f} bytes (last round {last_alert:,}); {n_changed:,} changelog writes, "
@@ -132,9 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--churn-rounds", type=int, default=6, help="0: skip the alert-churn workload")
     ap.add_argument("--churn-patients", type=int, default=1000)
     ap.add_argument("--churn-batch", type=int, default=200)
+    ap.add_argument("--checkpoint-every", type=int, default=1,
+                    help="batches per changelog checkpoint (the runner: CLINICAL_CHECKPOINT_INTERVAL_SECONDS)")
     a = ap.parse_args(argv)
     if a.churn_rounds > 0:
-        churn(a.churn_patients, a.churn_rounds, a.churn_batch)
+        churn(a.churn_patients, a.churn_rounds, a.churn_batch, a.checkpoint_every)
     protocols = default_protocols()
     t = time.perf_counter()
     recs = stream_records(a.patients, a.days)
@@ -148,14 +153,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         out = proc.process(recs[i:i + a.batch])
         t1 = time.perf_counter()
-        changed = store.take_changed()
+        last = i + a.batch >= len(recs)
+        changed = store.take_changed() if last or (i // a.batch + 1) % a.checkpoint_every == 0 else []
         t2 = time.perf_counter()
         t_proc += t1 - t0
         t_enc += t2 - t1
         n_out += len(out)
         n_changed += len(changed)
     n = len(recs)
-    print(f"process: {t_proc / n * 1e6:.1f} us/record; changelog encode: {t_enc / n * 1e6:.1f} us/record "
+    print(f"batches of {a.batch}, a checkpoint every {a.checkpoint_every}: "
+          f"process: {t_proc / n * 1e6:.1f} us/record; changelog encode: {t_enc / n * 1e6:.1f} us/record "
           f"({n_changed:,} patient writes, {t_enc / max(n_changed, 1) * 1e6:.0f} us each); "
           f"{n_out:,} outputs; {n / (t_proc + t_enc):,.0f} records/s in-process")
     # restore: the changelog of N patients (copies of this cohort's final values)

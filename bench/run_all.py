@@ -525,7 +525,8 @@ def report(run: Run, meta: dict) -> str:
         if w > 1 and r.get("event_rate"):
             note += f"; {r['event_rate'] / w:,.0f} events/s per worker"
         row(f"{label}: ingest", r, "event_rate", "obs_rate", r["obs_elapsed_s"], r["peak_rss_mb"], r["cpu_s"], note)
-        cnote = ("pipeline: until the clinical stage's group lag on `observations` is 0 (it commits every batch); "
+        cnote = ("pipeline: until the clinical stage's group lag on `observations` is 0 (it commits at each "
+                 "changelog checkpoint and when its input goes quiet); "
                  f"{r['findings']:,} findings, {r['alerts']:,} alert versions"
                  + (f", {r['dead_letters']:,} dead letters" if r["dead_letters"] else ""))
         if r["clinical_note"]:

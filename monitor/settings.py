@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     # clocks
     tick_interval_seconds: float = 30.0
 
+    # clinical stage
+    clinical_checkpoint_interval_seconds: float = Field(default=0.5, ge=0, description=(
+        "how long the clinical stage lets acknowledged batches accumulate before it writes the changed "
+        "patients to the changelog and commits their offsets (one write per patient per checkpoint, not per "
+        "batch); idle input, a revocation, a stop or a clock tick checkpoint at once; 0 = every batch. A crash "
+        "replays up to this much more input (idempotent; alert versions deduplicated downstream)"))
+
     log_level: str = "INFO"
 
 

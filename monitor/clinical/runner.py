@@ -6,37 +6,71 @@ patient stream ``observations``):
 
 1. ``getmany`` a batch; keep only records of partitions still assigned and restored;
 2. the processor turns it into findings, alert versions and dead letters, and marks the
-   patients it changed;
-3. wait until the previous batch's changelog and commit (step 5) are done;
-4. produce the outputs and wait until the broker acknowledged every one;
-5. in the background, while the next batch is read and processed: produce each changed
-   patient once to the changelog (partition = the patient's partition), wait for the
-   acknowledgements, then commit ``last offset + 1`` per partition (step 3 waits for the
-   changelog only; commits stay in order).
+   patients it changed in the store;
+3. wait until the changelog write of the last checkpoint (step 5), if one is in flight, is
+   acknowledged;
+4. produce the outputs and wait until the broker acknowledged every one; the batch's
+   offsets (``last offset + 1`` per partition) join the *pending* set, its changed patients
+   stay marked in the store;
+5. a *checkpoint*, when due: in the background, while the next batch is read and
+   processed, produce each marked patient once to the changelog (partition = the patient's
+   partition), wait for the acknowledgements, then commit the pending offsets (commits stay
+   in order, ``OrderedCommits``; step 3 waits for the changelog only).
 
-Outputs before state: the changelog never records an alert as emitted that the broker
-does not hold. Writing it in the background takes one broker round trip out of each
-batch's path from input to alert. A crash anywhere replays at most the uncommitted
-batches on the state of the changelog; the engine and the lifecycle are replay-idempotent
-(observation ids, finding ids, action ids), and a re-emitted alert version carries the
-same ``alert_id:version``, which the delivery ledger drops. That is the guarantee: at
-least once, with downstream deduplication (no Kafka transactions: aiokafka 0.14 sends no
-group generation with transactional offsets, see README "Reliability").
+A checkpoint is due when the oldest pending batch is older than
+``clinical_checkpoint_interval_seconds`` (0: after every batch), or the pending batches
+hold ``CHECKPOINT_MAX_RECORDS`` records. It is taken at once (and waited for) when the
+consumer returns no records (idle input: acknowledged work never stays uncommitted when
+input stops), before a clock chunk, at a revocation and at a stop. A patient changed by
+many batches in a row is encoded and written once per checkpoint, not once per batch.
 
-A failed output or changelog write rolls back: the partitions of the batch (and of the
-batch processed meanwhile, whose outputs are then not written) are restored again from
-the changelog and the consumer seeks to the committed offsets, so they are processed
-again from the durable state (never from a state whose outputs were not written).
+Guarantees, and why they hold:
 
-Rebalances (``ConsumerRebalanceListener``): a revocation takes the batch lock, so it
-waits for the batch in flight (and its commit) to finish; an assignment restores the
-changelog of every partition this worker did not hold with a known-current state before
-any record of it is processed. A partition held before is kept without re-reading when
-nobody else wrote its changelog or committed its offsets meanwhile (both checked with the
-broker), otherwise it is read again.
+- Outputs before state: the changelog never holds a state whose outputs were not
+  acknowledged. Marks are taken (``take_changed`` encodes) only synchronously right after
+  a batch's outputs were acknowledged, or under the batch lock when no batch is being
+  processed (idle, clock, revocation), so every marked patient belongs to batches whose
+  outputs are on the broker. A batch interrupted between processing and the acknowledgement
+  of its outputs (``_unacknowledged``: cancelled at a stop) is never checkpointed: ``stop``
+  forgets every partition with pending or marked work instead, and they are restored from
+  the changelog at the next start.
+- Committed offsets never run ahead of the changelog: a checkpoint commits its pending
+  offsets only after its changelog write was acknowledged (``_persist``), and it writes
+  every patient marked since the previous checkpoint, which covers every record below
+  those offsets.
+- Rollback: a failed output write, or a refused changelog, rolls back not only the
+  partitions of the batches concerned but every partition with pending work. A patient's
+  marked state mixes the acknowledged pending batches with the failed one, so the pending
+  part cannot be written alone; its offsets are dropped instead, those partitions are
+  restored from the changelog and read again from the commit (their outputs are produced
+  again with the same ``alert_id:version``; the delivery ledger drops them). A failed
+  checkpoint is handled the same way: nothing after it is committed.
+- A revocation takes the batch lock (so it waits for the batch in flight), checkpoints all
+  pending work and waits for the changelog and the commits before returning: the next owner
+  resumes from a committed offset on a current changelog, and ``_held`` records the
+  changelog end and commit this worker left (``_unchanged``). If that checkpoint fails, the
+  partitions concerned are forgotten and restored at the next assignment.
+- Crash: at least once. A crash replays the records since the last commit on the state of
+  the changelog: up to one checkpoint interval (plus the batch in flight) more records than
+  with a checkpoint per batch. The engine and the lifecycle are replay-idempotent
+  (observation ids, finding ids, action ids), and a re-emitted alert version carries the
+  same ``alert_id:version``, which the delivery ledger drops (no Kafka transactions:
+  aiokafka 0.14 sends no group generation with transactional offsets, see README
+  "Reliability").
+
+Writing the changelog in the background takes one broker round trip out of each batch's
+path from input to alert; coalescing it takes most changelog encodes and writes out of
+the worker's CPU and the broker's.
+
+Rebalances (``ConsumerRebalanceListener``): an assignment restores the changelog of every
+partition this worker did not hold with a known-current state before any record of it is
+processed. A partition held before is kept without re-reading when nobody else wrote its
+changelog or committed its offsets meanwhile (both checked with the broker), otherwise it
+is read again.
 
 The clock (``tick``) runs in-process under the same lock over the owned patients, in
-chunks, and writes outputs and changelog the same way (there are no offsets to commit).
+chunks: each chunk first checkpoints the pending work, then writes its outputs and its
+changed patients the same way (there are no offsets to commit).
 """
 from __future__ import annotations
 
@@ -44,7 +78,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
@@ -60,9 +94,55 @@ from .store import PatientStore
 log = logging.getLogger(__name__)
 
 
+class PendingCheckpoint:
+    """The offsets of batches whose outputs are acknowledged and whose changed patients are
+    still only marked in the store; a checkpoint writes those patients to the changelog,
+    then commits these offsets."""
+
+    def __init__(self, interval: float, max_records: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.max_records = max_records
+        self.clock = clock
+        self.offsets: dict[TopicPartition, int] = {}
+        #: when the oldest pending batch was acknowledged
+        self.since: float | None = None
+        self.records = 0
+        self.batches = 0
+
+    def add(self, offsets: dict[TopicPartition, int], records: int) -> None:
+        """One more acknowledged batch (``offsets``: its next offset per partition)."""
+        if self.since is None:
+            self.since = self.clock()
+        for tp, off in offsets.items():
+            if off > self.offsets.get(tp, -1):
+                self.offsets[tp] = off
+        self.records += records
+        self.batches += 1
+
+    def due(self) -> bool:
+        if not self.offsets:
+            return False
+        return (self.interval <= 0 or self.records >= self.max_records
+                or self.since is None or self.clock() - self.since >= self.interval)
+
+    def take(self) -> dict[TopicPartition, int]:
+        """The offsets to commit after the checkpoint; nothing is pending afterwards."""
+        offsets = self.offsets
+        self.offsets, self.since, self.records, self.batches = {}, None, 0, 0
+        return offsets
+
+    def partitions(self) -> set[int]:
+        return {tp.partition for tp in self.offsets}
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets)
+
+
 class ClinicalRunner(ConsumerRebalanceListener):
     MAX_BATCH = 1000
     TICK_CHUNK = 500
+    #: a checkpoint is due once the pending batches hold this many records (bounds the replay)
+    CHECKPOINT_MAX_RECORDS = 20_000
 
     def __init__(self, settings: Settings, processor: ClinicalProcessor, store: PatientStore) -> None:
         self.s = settings
@@ -81,12 +161,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: at the next assignment whether anyone else touched it meanwhile
         self._held: dict[int, tuple[int, int | None]] = {}
         #: per owned partition: the next offset to process (the committed offset this
-        #: worker resumed from, then the end of each batch it committed)
+        #: worker resumed from, then the end of each batch whose outputs are acknowledged)
         self._next: dict[int, int | None] = {}
         self.positions = Positions()
-        #: the changelog write of the last batch, in flight (see ``_settle``), then its commit
+        #: the changelog write of the last checkpoint, in flight (see ``_settle``), then its commit
         self._persist_task: asyncio.Future | None = None
         self.commits = OrderedCommits(self.positions, "clinical")
+        #: acknowledged batches not checkpointed yet (see the module docstring)
+        self.pending = PendingCheckpoint(settings.clinical_checkpoint_interval_seconds, self.CHECKPOINT_MAX_RECORDS)
+        #: a batch (or clock chunk) is processed and its outputs are not acknowledged yet:
+        #: its changes are marked in the store and must never be checkpointed
+        self._unacknowledged = False
+        self.checkpoints = 0
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -109,6 +195,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
             batch = await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
             if batch:
                 await self.process_batch(batch)
+            elif self.pending or self._persist_task is not None:
+                await self.checkpoint_idle()
 
     def _forget(self, partitions: set[int]) -> None:
         """Partitions whose changelog was not acknowledged: restored at the next assignment."""
@@ -119,9 +207,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def stop(self) -> None:
         self.ready.clear()
         try:
-            self._forget(await asyncio.wait_for(self._drain(), 10.0))
+            self._forget(await asyncio.wait_for(self._final_checkpoint(), 10.0))
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
             self._forget(self.store.partitions() | set(self._held))
+            self.pending.take()
+            self._unacknowledged = False
         h = self.processor.handoff
         if h is not None:
             log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
@@ -141,6 +231,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 return
             started = time.perf_counter()
             records = [r for rs in batch.values() for r in rs]
+            self._unacknowledged = True
             outputs = self.processor.process(records)
             # the previous batch's changelog was written while this one was read and
             # processed; this batch's outputs go out only once that state is on the broker
@@ -157,18 +248,71 @@ class ClinicalRunner(ConsumerRebalanceListener):
                             "it again", type(exc).__name__)
                 await self._roll_back({tp.partition for tp in batch})
                 return
-            # outputs are on the broker: the changed patients to the changelog, then the
-            # commit, while the next batch is read and processed (_settle waits for both)
+            # outputs are on the broker: the batch joins the pending checkpoint; when due,
+            # the changed patients go to the changelog, then the pending offsets are
+            # committed, while the next batch is read and processed (_settle waits)
+            self._unacknowledged = False
             offsets = next_offsets(batch)
             for tp, off in offsets.items():
                 self._next[tp.partition] = off
-            self._persist_task = asyncio.ensure_future(self._persist(self.store.take_changed(), offsets))
+            self.pending.add(offsets, len(records))
+            if self.pending.due():
+                self._checkpoint()
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
 
+    def _checkpoint(self) -> None:
+        """Start a checkpoint: every marked patient (all of batches whose outputs are
+        acknowledged) to the changelog, then the pending offsets committed, in the background."""
+        assert self._persist_task is None and not self._unacknowledged
+        changed, offsets = self.store.take_changed(), self.pending.take()
+        if changed or offsets:
+            self._persist_task = asyncio.ensure_future(self._persist(changed, offsets))
+            self.checkpoints += 1
+
+    async def _flush(self) -> set[int]:
+        """Checkpoint now and wait for its changelog (under the lock); the partitions to
+        restore, if any: on a failure, every partition with work that is not durable (its
+        pending offsets are dropped). A batch interrupted before its outputs were
+        acknowledged (cancelled) is never checkpointed: its partitions and the pending
+        ones are given up instead."""
+        failed = await self._settle()
+        if self._unacknowledged:
+            return failed | self._discard_pending()
+        if not failed and self.pending:
+            self._checkpoint()
+            failed = await self._settle()
+        if failed:
+            failed |= self._discard_pending()
+        return failed
+
+    async def checkpoint_idle(self) -> None:
+        """No input: checkpoint what is pending now rather than after the interval."""
+        async with self._lock:
+            failed = await self._flush()
+            if failed:
+                await self._roll_back(failed)
+
+    def _discard_pending(self) -> set[int]:
+        """Drop the pending offsets: the partitions with work that is not durable (pending
+        offsets or marked patients), to restore from the changelog."""
+        parts = self.pending.partitions() | self.store.changed_partitions()
+        self.pending.take()
+        self._unacknowledged = False  # every caller drops these partitions from the store
+        return parts
+
+    async def _final_checkpoint(self) -> set[int]:
+        """At a stop: checkpoint and commit everything acknowledged; the partitions that are
+        not durable (see ``_flush``)."""
+        async with self._lock:
+            failed = await self._flush()
+            await self.commits.drain()
+            return failed
+
     async def _persist(self, changed: list[tuple[str, int, bytes]], offsets: dict) -> set[int]:
-        """The changelog of a batch whose outputs are acknowledged, then its commit. Returns
-        the partitions to restore (their changelog was not acknowledged), else nothing."""
+        """A checkpoint: the changed patients of batches whose outputs are acknowledged to
+        the changelog, then (once acknowledged) the commit of their offsets. Returns the
+        partitions to restore (their changelog was not acknowledged), else nothing."""
         try:
             await self._write_changelog(changed)
         except asyncio.CancelledError:
@@ -179,8 +323,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
             return {p for _pid, p, _v in changed} | {tp.partition for tp in offsets}
         # the commit is not waited for by the next batch: commits stay in order, a
         # revocation or rollback waits for all (_drain)
-        assert self.consumer is not None
-        self.commits.submit(self.consumer, offsets, done=lambda ok: self._committed(offsets, ok))
+        if offsets:
+            assert self.consumer is not None
+            self.commits.submit(self.consumer, offsets, done=lambda ok: self._committed(offsets, ok))
         return set()
 
     def _committed(self, offsets: dict, ok: bool) -> None:
@@ -229,11 +374,14 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._held[md.partition] = (max(end, md.offset + 1), committed)
 
     async def _roll_back(self, partitions: set[int]) -> None:
-        """Back to the durable state of these partitions: restore, then re-read from the commit."""
+        """Back to the durable state of these partitions and of every partition with pending
+        (acknowledged, not checkpointed) work: restore, then re-read from the commit."""
         partitions = set(partitions) | await self._drain()
+        partitions |= self._discard_pending()
         await asyncio.sleep(1.0)
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
+        self._unacknowledged = False
         await self._restore_retrying(partitions)
         for p in partitions:
             self._next[p] = self._held.get(p, (0, None))[1]
@@ -248,14 +396,17 @@ class ClinicalRunner(ConsumerRebalanceListener):
         PATIENTS_MONITORED.set(len(pids))
         for i in range(0, len(pids), self.TICK_CHUNK):
             async with self._lock:
-                failed = await self._settle()
+                # the pending batches first: the chunk's changelog holds only its own changes
+                failed = await self._flush()
                 if failed:
                     await self._roll_back(failed)
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
+                self._unacknowledged = True
                 outputs = self.processor.tick(chunk, now)
                 try:
                     await self._write(outputs)
+                    self._unacknowledged = False
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -267,9 +418,12 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     # -- rebalances ----------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked) -> None:
-        # waits for the batch in flight (its outputs, changelog and commit) to finish
+        # waits for the batch in flight, then checkpoints every pending batch and waits for
+        # its changelog and commit: the next owner resumes from a current changelog
         async with self._lock:
-            self._forget(await self._drain())
+            failed = await self._flush()
+            await self.commits.drain()
+            self._forget(failed)
             self.owned = frozenset()
             self.ready.clear()
 
@@ -281,6 +435,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             except Exception as exc:
                 log.warning("could not check the held partitions (%s); restoring them", type(exc).__name__)
                 keep = set()
+            keep -= self._discard_pending()  # none after a revocation; never kept undurable
             self.store.drop(self.store.partitions() - keep)
             self._held = {p: v for p, v in self._held.items() if p in keep}
             await self._restore_retrying(parts - keep)

@@ -63,10 +63,14 @@ class PatientStore(Protocol):
     def is_changed(self, patient_id: str) -> bool: ...
 
     def discard(self, patient_id: str) -> None:
-        """Roll an unchanged-in-this-batch patient back to its last durable version."""
+        """Roll a patient with no change waiting for the changelog back to its last durable
+        version (a patient still marked changed keeps its state)."""
 
     def take_changed(self) -> list[tuple[str, int, bytes]]:
         """(patient id, partition, encoded value) of every changed patient; clears the marks."""
+
+    def changed_partitions(self) -> set[int]:
+        """Partitions of the patients marked changed (waiting for ``take_changed``)."""
 
     def patient_ids(self, partitions: Iterable[int]) -> list[str]: ...
 
@@ -147,6 +151,10 @@ class InMemoryPatientStore:
             out.append((pid, e.partition, e.raw))
         self._changed.clear()
         return out
+
+    def changed_partitions(self) -> set[int]:
+        entries = self._entries
+        return {entries[pid].partition for pid in self._changed}
 
     def patient_ids(self, partitions: Iterable[int]) -> list[str]:
         return sorted(pid for p in partitions for pid in self._by_partition.get(p, ()))

@@ -98,3 +98,69 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
     assert max(v for _i, v in versions) == 2, versions
     last = max(alerts, key=lambda a: a["version"])
     assert "plt-2" in {e["observation_id"] for e in last["evidence"]}
+
+
+def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(kafka_bootstrap, topic_factory,
+                                                                              worker_factory):
+    """Coalesced checkpoint (monitor/clinical/runner.py): batches of other partitions whose
+    outputs were acknowledged wait, uncheckpointed, when a later batch's outputs are refused.
+    Their changes are marked in the same store as the refused batch's, so they cannot be
+    written alone: they are rolled back too, and no offset is ever committed without its
+    patients on the changelog. The ``alerts`` topic refuses every alert version (its
+    ``max.message.bytes`` is smaller than any) until the limit is raised; meanwhile new
+    patients keep arriving on every partition."""
+    import threading
+
+    from test_clinical_broker import Durable, Reader, _send_steadily
+
+    prefix = f"rbo{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *[o for o in OUTPUTS if o != "alerts"], prefix=prefix)
+    topics["alerts"] = f"{prefix}.alerts"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    stop = threading.Event()
+    try:
+        admin.create_topics([NewTopic(topics["alerts"], 3, 1, topic_configs={"max.message.bytes": "300"})])
+        w = worker_factory(service_env(topics, app_id=prefix, CLINICAL_CHECKPOINT_INTERVAL_SECONDS="0.3",
+                                       TICK_INTERVAL_SECONDS="3600"), name="w1")
+        now = datetime.now(timezone.utc)
+        trt, lab = topics["treatments"], topics["lab-results"]
+        durable = Durable(kafka_bootstrap, topics, prefix)
+        # a new patient (a dose: no alert) every 20 ms, on every partition
+        filler = threading.Thread(target=_send_steadily, args=(
+            kafka_bootstrap, lambda i: [(trt, f"rb-{i}", dose(f"rb-{i}", now - timedelta(days=1)))],
+            lambda i: stop.is_set(), 0.02), daemon=True)
+        filler.start()
+        time.sleep(2)
+        d = now - timedelta(days=5)
+        send(kafka_bootstrap, [
+            (trt, "rb-x", dose("rb-x", d)),
+            (lab, "rb-x", result("rb-x", "rbx-0", "platelets", 320, d - timedelta(days=1), 150, 450)),
+            (lab, "rb-x", result("rb-x", "rbx-1", "platelets", 40, now - timedelta(days=1), 150, 450))])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and b"clinical batch not acknowledged" not in w.log_path.read_bytes():
+            durable.check()  # asserts: no committed offset without its patients on the changelog
+            time.sleep(0.2)
+        assert b"clinical batch not acknowledged" in w.log_path.read_bytes()
+        refused = time.monotonic()
+        while time.monotonic() < refused + 8:  # several refusals and rollbacks, the filler flowing
+            durable.check()
+            time.sleep(0.2)
+        # the broker takes the alert versions again: everything is processed, committed, durable
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics["alerts"],
+                                            {"max.message.bytes": "1048588"})])
+        stop.set()
+        filler.join(10)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and durable.check() != durable.stream_ends():
+            time.sleep(0.3)
+        assert durable.check() == durable.stream_ends()
+        alerts = Reader(kafka_bootstrap, topics["alerts"])
+        try:
+            alerts.wait_for(lambda x: x["patient_id"] == "rb-x" and x["rule_id"] == "heme.platelets_decreased",
+                            timeout=30)
+        finally:
+            alerts.close()
+        durable.close()
+    finally:
+        stop.set()
+        admin.close()

@@ -270,3 +270,246 @@ def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstr
     finally:
         alerts.close()
         findings.close()
+
+
+# --------------------------------------------------------------------------------------
+# The coalesced changelog checkpoint (monitor/clinical/runner.py): the changelog of all the
+# batches acknowledged within CLINICAL_CHECKPOINT_INTERVAL_SECONDS is written once, then
+# their offsets committed; idle input checkpoints at once; a crash between checkpoints
+# replays those batches and no alert version reaches a sink twice.
+
+def _metric(w, name: str, labels: str) -> float:
+    _status, body = w.get("/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+class Durable:
+    """What the clinical stage made durable: the group's committed offsets on the patient
+    stream, then (read after them) the patients on the changelog, per partition."""
+
+    def __init__(self, bootstrap: str, topics: dict[str, str], prefix: str) -> None:
+        from kafka import TopicPartition
+
+        self.group = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{prefix}-clinical",
+                                   enable_auto_commit=False)
+        self.obs_tps = [TopicPartition(topics["observations"], p) for p in range(3)]
+        self.cl_tps = [TopicPartition(f"{prefix}-patients-changelog", p) for p in range(3)]
+        self.cl = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.cl.assign(self.cl_tps)
+        self.cl.seek_to_beginning()
+        self.obs = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.obs.assign(self.obs_tps)
+        self.obs.seek_to_beginning()
+        self.on_changelog: dict[int, set[str]] = {p: set() for p in range(3)}
+        self.writes: dict[str, int] = {}  # patient -> changelog records
+        self.keys_at: dict[int, list[str]] = {p: [] for p in range(3)}  # stream partition -> key per offset
+
+    def committed(self) -> dict[int, int]:
+        return {tp.partition: self.group.committed(tp) or 0 for tp in self.obs_tps}
+
+    def stream_ends(self) -> dict[int, int]:
+        return {tp.partition: off for tp, off in self.obs.end_offsets(self.obs_tps).items()}
+
+    def _read(self, consumer, upto: dict, on_record) -> None:
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < upto[tp] for tp in upto):
+            assert time.monotonic() < deadline, "could not read up to the end"
+            for tp, recs in consumer.poll(timeout_ms=200).items():
+                for r in recs:
+                    on_record(tp.partition, r)
+
+    def read_changelog(self) -> None:
+        def on(p, r):
+            pid = r.key.decode()
+            self.on_changelog[p].add(pid)
+            self.writes[pid] = self.writes.get(pid, 0) + 1
+        self._read(self.cl, self.cl.end_offsets(self.cl_tps), on)
+
+    def check(self) -> dict[int, int]:
+        """Committed offsets, after checking that every record below them has its patient on
+        the changelog (the commit never runs ahead of the changelog)."""
+        committed = self.committed()
+        self.read_changelog()
+        self._read(self.obs, {tp: committed[tp.partition] for tp in self.obs_tps},
+                   lambda p, r: self.keys_at[p].append(r.key.decode()))
+        for p, off in committed.items():
+            missing = set(self.keys_at[p][:off]) - self.on_changelog[p]
+            assert not missing, f"partition {p} committed to {off} without the changelog of {sorted(missing)[:5]}"
+        return committed
+
+    def close(self) -> None:
+        for c in (self.group, self.cl, self.obs):
+            c.close()
+
+
+def _send_steadily(bootstrap: str, make, stop, every: float) -> int:
+    """Send ``make(i)`` -> [(topic, key, value)] every ``every`` seconds until ``stop(i)``."""
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    i = 0
+    try:
+        while not stop(i):
+            for topic, key, value in make(i):
+                p.send(topic, key=key.encode(), value=json.dumps(value).encode())
+            p.flush()
+            i += 1
+            time.sleep(every)
+    finally:
+        p.close()
+    return i
+
+
+def test_the_changelog_is_written_per_checkpoint_and_idle_input_checkpoints_at_once(kafka_bootstrap, topic_factory,
+                                                                                    worker_factory):
+    import threading
+
+    prefix = f"ckp{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    w = worker_factory(service_env(topics, app_id=prefix, CLINICAL_CHECKPOINT_INTERVAL_SECONDS="1.5",
+                                   TICK_INTERVAL_SECONDS="3600"))
+    now = datetime.now(timezone.utc)
+    lab, trt = topics["lab-results"], topics["treatments"]
+    hot, n = "ck-hot", 100
+    send(kafka_bootstrap, [(trt, hot, dose(hot, now - timedelta(days=5)))])
+    durable = Durable(kafka_bootstrap, topics, prefix)
+    try:
+        # (1) input flowing for ~4 s: a result of one patient and a dose of a new one every 40 ms
+        def make(i):
+            at_ = now - timedelta(hours=n - i)
+            return [(lab, hot, result(hot, f"hot-{i}", "platelets", 300 + i % 7, at_, 150, 450)),
+                    (trt, f"ck-{i}", dose(f"ck-{i}", now - timedelta(days=1)))]
+
+        sender = threading.Thread(target=_send_steadily, args=(kafka_bootstrap, make, lambda i: i >= n, 0.04))
+        sender.start()
+        seen = []
+        while sender.is_alive():
+            seen.append(sum(durable.check().values()))  # asserts the commit never runs ahead
+            time.sleep(0.2)
+        sender.join()
+        # committed while the input was still flowing (the interval), not only at the end
+        assert len({c for c in seen if c > 0}) >= 2, seen
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and durable.check() != durable.stream_ends():
+            time.sleep(0.2)
+        assert durable.check() == durable.stream_ends()
+        batches = _metric(w, "monitor_processing_seconds_count", 'stage="clinical_batch"')
+        hot_writes = durable.writes.get(hot, 0)
+        print(f"\n{batches:.0f} clinical batches, {n} results of one patient, its changelog written {hot_writes} times")
+        assert all(f"ck-{i}" in durable.on_changelog[p] or f"ck-{i}" not in durable.keys_at[p]
+                   for i in range(n) for p in range(3))
+        assert batches >= n / 2 and 1 <= hot_writes < batches / 4, (batches, hot_writes)
+
+        # (2) one more record after the input went quiet: checkpointed at once, not after the
+        # interval (the next batch that would find it due never comes; the clock is off)
+        send(kafka_bootstrap, [(trt, "ck-idle", dose("ck-idle", now - timedelta(days=1)))])
+        sent = time.monotonic()
+        deadline = sent + 30
+        while time.monotonic() < deadline:
+            durable.read_changelog()
+            if any("ck-idle" in v for v in durable.on_changelog.values()) and \
+                    durable.committed() == durable.stream_ends():
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - sent
+        print(f"idle input: group lag 0 and the changelog written {took:.2f} s after the last record was sent")
+        assert durable.check() == durable.stream_ends()
+        assert any("ck-idle" in v for v in durable.on_changelog.values())
+        assert took < 5.0, took  # the interval alone would never have written it
+    finally:
+        durable.close()
+
+
+def test_a_worker_killed_between_checkpoints_replays_without_a_repeat_reaching_a_sink(kafka_bootstrap, topic_factory,
+                                                                                       worker_factory):
+    import threading
+
+    from receivers import WebhookReceiver
+    from schemas.alert import Alert
+    from workers import TEST_WEBHOOK_SECRET
+
+    prefix = f"ckk{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    now = datetime.now(timezone.utc)
+    lab, trt = topics["lab-results"], topics["treatments"]
+    stop_filler = threading.Event()
+    with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
+        env = service_env(topics, app_id=prefix, CLINICAL_CHECKPOINT_INTERVAL_SECONDS="3600",
+                          TICK_INTERVAL_SECONDS="3600", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
+        w1 = worker_factory(env, name="w1")
+        send(kafka_bootstrap, [(trt, "ck-fill", dose("ck-fill", now - timedelta(days=5)))])
+        # input never goes quiet (one result every 20 ms): no idle checkpoint, and the
+        # interval is an hour: whatever the worker does now stays uncheckpointed
+        filler = threading.Thread(target=_send_steadily, args=(
+            kafka_bootstrap,
+            lambda i: [(lab, "ck-fill", result("ck-fill", f"fill-{i}", "platelets", 300,
+                                               now - timedelta(minutes=i % 5000), 150, 450))],
+            lambda i: stop_filler.is_set(), 0.02), daemon=True)
+        filler.start()
+        durable = Durable(kafka_bootstrap, topics, prefix)
+        alerts = Reader(kafka_bootstrap, topics["alerts"])
+        try:
+            time.sleep(3)
+            patients = [f"ck-a{i}" for i in range(3)]
+            recs = []
+            for pid in patients:
+                d = now - timedelta(days=5)
+                recs += [(trt, pid, dose(pid, d)),
+                         (lab, pid, result(pid, f"{pid}-0", "platelets", 320, d - timedelta(days=1), 150, 450)),
+                         (lab, pid, result(pid, f"{pid}-1", "platelets", 40, now - timedelta(days=1), 150, 450))]
+            send(kafka_bootstrap, recs)
+            first = [a for a in alerts.wait_for(lambda x: x["patient_id"] in patients
+                                                and x["rule_id"] == "heme.platelets_decreased", timeout=60)]
+            shown = [Alert.model_validate(a) for a in alerts.poll() if a["patient_id"] in patients]
+            pages = {a.idempotency_key for a in shown if a.notify or a.status_changed}
+            assert len({a["patient_id"] for a in first}) == 3 and pages
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not pages <= set(hook.keys()):
+                time.sleep(0.2)
+            assert pages <= set(hook.keys()), (pages, hook.keys())
+            time.sleep(2)  # the delivery ledger records them
+            durable.read_changelog()
+            on_changelog = {pid for v in durable.on_changelog.values() for pid in v}
+            # between checkpoints: the outputs are on the broker, the state is not
+            assert not set(patients) & on_changelog, "a checkpoint was taken: the kill would not test the replay"
+            committed = durable.check()
+            w1.kill()
+        finally:
+            stop_filler.set()
+            filler.join(10)
+
+        try:
+            w2 = worker_factory(env, name="w2")
+            # the replay re-emits the same versions (same alert_id:version) on the alerts topic
+            deadline = time.monotonic() + 90
+            replayed: list = []
+            while time.monotonic() < deadline:
+                keys = [Alert.model_validate(a).idempotency_key for a in alerts.poll()
+                        if a["patient_id"] in patients]
+                replayed = [k for k in set(keys) if keys.count(k) > 1]
+                if replayed and durable.check() == durable.stream_ends():
+                    break
+                time.sleep(0.5)
+            assert replayed, "the uncheckpointed batches were not processed again"
+            # the replay rebuilt the state: the next result updates the same alerts
+            send(kafka_bootstrap, [(lab, pid, result(pid, f"{pid}-2", "platelets", 30, now, 150, 450))
+                                   for pid in patients])
+            opened = {a["patient_id"]: a["alert_id"] for a in first}
+            for pid in patients:
+                (later,) = alerts.wait_for(lambda x: x["patient_id"] == pid and f"{pid}-2" in {
+                    e["observation_id"] for e in x["evidence"]}, timeout=60)[:1]
+                # the same alert, a later version: not a second alert opened on a lost state
+                assert later["alert_id"] == opened[pid] and later["version"] > 1, later
+            time.sleep(4)  # late repeats, if any, arrive
+            all_alerts = [Alert.model_validate(a) for a in alerts.poll() if a["patient_id"] in patients]
+            pages = {a.idempotency_key for a in all_alerts if a.notify or a.status_changed}
+            keys = hook.keys()
+            print(f"\nkilled with committed {committed}; {len(replayed)} versions re-emitted by the replay; "
+                  f"{len(keys)} webhook deliveries, {len(set(keys))} distinct")
+            assert pages <= set(keys), pages - set(keys)
+            assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+            assert w2.proc.poll() is None
+        finally:
+            durable.close()
+            alerts.close()

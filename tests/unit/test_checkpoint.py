@@ -1,0 +1,119 @@
+"""The clinical stage's coalesced changelog checkpoint, without a broker: when a checkpoint
+is due (``PendingCheckpoint``), and that the store keeps a patient's marks across batches
+until the checkpoint takes them, so a patient changed by many batches is encoded once with
+the state of all of them (monitor/clinical/runner.py, module docstring)."""
+from __future__ import annotations
+
+from aiokafka.structs import TopicPartition
+
+from alerts.testkit import at, dose, obs
+from monitor.clinical.runner import ClinicalRunner, PendingCheckpoint
+from monitor.clinical.store import InMemoryPatientStore, decode
+from monitor.settings import Settings
+from test_clinical_processor import Stream, by_topic, engine, lifecycle, processor  # noqa: F401 (fixtures)
+
+A, B = TopicPartition("observations", 0), TopicPartition("observations", 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_interval_zero_checkpoints_every_batch():
+    p = PendingCheckpoint(0.0, 1000)
+    assert not p.due() and not p  # nothing pending: nothing to checkpoint
+    p.add({A: 5}, 5)
+    assert p.due()
+    assert p.take() == {A: 5}
+    assert not p and not p.due() and p.partitions() == set()
+
+
+def test_a_checkpoint_is_due_once_the_oldest_pending_batch_is_older_than_the_interval():
+    clock = Clock()
+    p = PendingCheckpoint(0.5, 1000, clock=clock)
+    p.add({A: 10}, 10)
+    clock.t += 0.3
+    p.add({A: 20, B: 4}, 14)  # a newer batch does not restart the interval
+    assert not p.due()
+    clock.t += 0.19
+    assert not p.due()
+    clock.t += 0.02
+    assert p.due()
+    assert p.batches == 2 and p.records == 24 and p.partitions() == {0, 1}
+    assert p.take() == {A: 20, B: 4}  # the last offset + 1 of the newest batch per partition
+    # the next interval starts with the next batch, not with the take
+    clock.t += 5
+    p.add({A: 30}, 10)
+    assert not p.due()
+    clock.t += 0.5
+    assert p.due()
+
+
+def test_offsets_never_go_back_and_the_record_cap_makes_it_due():
+    clock = Clock()
+    p = PendingCheckpoint(60.0, 100, clock=clock)
+    p.add({A: 50}, 60)
+    p.add({A: 40}, 30)  # (cannot happen in order; never lowers what is committed)
+    assert p.offsets == {A: 50} and not p.due()
+    p.add({B: 7}, 10)
+    assert p.due()  # 100 records pending, long before the interval
+
+
+def test_the_default_interval_and_zero_are_accepted_and_negative_is_not():
+    assert Settings(_env_file=None).clinical_checkpoint_interval_seconds > 0
+    assert Settings(clinical_checkpoint_interval_seconds=0).clinical_checkpoint_interval_seconds == 0
+    try:
+        Settings(clinical_checkpoint_interval_seconds=-1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a negative interval was accepted")
+    r = ClinicalRunner(Settings(clinical_checkpoint_interval_seconds=0.25), processor=None,
+                       store=InMemoryPatientStore())
+    assert r.pending.interval == 0.25 and r.pending.max_records == ClinicalRunner.CHECKPOINT_MAX_RECORDS
+
+
+def test_marks_survive_batches_and_one_take_encodes_each_patient_once_with_every_batch(engine, lifecycle):
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s0, s1 = Stream(partition=0), Stream(partition=1)
+    # three batches, acknowledged one after another, no checkpoint between them
+    p.process([s0.treatment(dose(patient="c1")), s1.treatment(dose(patient="c2"))], at(1))
+    p.process([s0.observation(obs("platelets", 320, -1, low=150, high=450, patient="c1"))], at(2))
+    out = p.process([s0.observation(obs("platelets", 40, 5, low=150, high=450, patient="c1"))], at(6))
+    assert any(a["rule_id"] == "heme.platelets_decreased" for a in by_topic(out, "alerts"))
+    assert store.changed_partitions() == {0, 1}
+    changed = store.take_changed()
+    assert sorted((pid, part) for pid, part, _ in changed) == [("c1", 0), ("c2", 1)]  # once each
+    assert store.changed_partitions() == set() and store.take_changed() == []
+    state, book = decode(dict((pid, v) for pid, _, v in changed)["c1"])
+    # the one value holds every batch: the dose, both results, and the alert of the last batch
+    assert state.dose_at is not None
+    assert len([h for hs in state.hist.values() for h in hs]) == 2
+    assert "heme.platelets_decreased" in {a.rule_id for a in book.open_alerts()}
+
+
+def test_an_internal_error_keeps_a_patient_whose_changes_wait_for_the_checkpoint(engine, lifecycle, monkeypatch):
+    """A patient changed by an acknowledged batch that is not checkpointed yet is not rolled
+    back to its older durable bytes by a later record's internal error: that would lose
+    the acknowledged batch's change from the next checkpoint while its offset is committed."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    p.process([s.treatment(dose(patient="c3"))], at(1))
+    store.take_changed()  # checkpoint 1: the dose is durable
+    p.process([s.observation(obs("alt", 30, 0.5, high=40, patient="c3"))], at(1))  # pending
+
+    def boom(state, o, now):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(p.engine, "evaluate_observation", boom)
+    (dead,) = p.process([s.observation(obs("alt", 31, 0.6, high=40, patient="c3"))], at(1))
+    assert dict(dead.headers)["dlq.reason"] == b"internal_error"
+    (pid, _part, value), = store.take_changed()  # checkpoint 2 still holds the acknowledged result
+    state, _ = decode(value)
+    assert pid == "c3" and len([h for hs in state.hist.values() for h in hs]) == 1

@@ -14,10 +14,14 @@ profile of the faust agent showed the time going to per-message stream, conducto
 producer overhead, not to decoding (see README, "Performance"). Guarantees:
 
 - at least once: a batch's offsets are committed only after the broker acknowledged
-  every observation and dead letter produced from it (the commit runs while the next
-  batch is read; commits stay in order); on a failed write the consumer
-  rewinds to the last commit and the batch is processed again (ids are stable, so
-  downstream stages see the same observation ids);
+  every observation and dead letter produced from it and from every batch before it.
+  The loop does not wait for those acknowledgements: it reads and processes the next
+  batches meanwhile (up to ``MAX_UNACKNOWLEDGED`` batches unacknowledged; the producer
+  keeps each partition's records in order), and the commits follow in order. On a failed
+  write nothing after it is committed: the loop waits for the batches in flight, forgets
+  what is buffered, rewinds every partition to its last commit and processes from there
+  again (ids are stable, so downstream stages see the same observation ids; a batch
+  written after the failed one is written again, and the engine drops the repeats);
 - nothing lost: every input ends as observations or as a dead letter with its original
   bytes, source topic/partition/offset and a reason; nothing raised by decoding can stop
   the loop;
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from datetime import datetime, timedelta, timezone
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -45,8 +50,8 @@ from schemas.alert import AlertAction
 from .clinical.handoff import DecodedObservations
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
-from .kafka_batch import (OrderedCommits, Positions, key_partition, new_consumer, new_producer, produce_all, rewind,
-                          stop_clients)
+from .kafka_batch import (OrderedCommits, Positions, acknowledged, key_partition, new_consumer, new_producer, rewind,
+                          send_all, stop_clients)
 from . import metrics
 from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
 
@@ -238,6 +243,10 @@ class IngestService(ConsumerRebalanceListener):
         self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
         self.commits = OrderedCommits(self.positions, "ingest")
+        #: per batch written and not yet committed: its acknowledgement, then its commit
+        self._acks: deque[asyncio.Future] = deque()
+        #: the first write that failed since the last rewind (the loop rewinds)
+        self._failed: BaseException | None = None
 
     async def start(self) -> None:
         COUNTERS.deferred = True  # applied once per batch (after its write)
@@ -250,7 +259,9 @@ class IngestService(ConsumerRebalanceListener):
         self.ready.set()
 
     async def on_partitions_revoked(self, revoked) -> None:
-        async with self._lock:  # the batch in flight finishes (and commits) first
+        async with self._lock:  # the batches in flight are acknowledged (and committed) first
+            await self._settle_writes()
+            self._failed = None  # the assignment reads every partition again from its commit
             await self.commits.drain()
             self.merge.clear()  # the positions start again at the commits after the assignment
 
@@ -289,6 +300,10 @@ class IngestService(ConsumerRebalanceListener):
                 await self._wait_for_clinical(handoff)
             batch = await consumer.getmany(timeout_ms=50 if len(self.merge) else 200, max_records=self.MAX_BATCH)
             async with self._lock:
+                await self._settle_writes(self.MAX_UNACKNOWLEDGED - 1)
+                if self._failed is not None:
+                    await self._write_failed(consumer, self._failed)
+                    continue
                 assigned = consumer.assignment()
                 self.merge.add({tp: rs for tp, rs in batch.items() if tp in assigned})
                 if not len(self.merge):
@@ -312,26 +327,58 @@ class IngestService(ConsumerRebalanceListener):
                     for value, obs in decoded:
                         handoff.put(key_partition(obs.patient_id.encode(), parts), value, obs)
                 try:
-                    await produce_all(producer, out)
+                    sent = await send_all(producer, out)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    # not acknowledged: forget what is buffered, rewind every partition to its
-                    # last commit and process from there again
-                    log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
-                    self.merge.clear()
-                    await self.commits.drain()
-                    await asyncio.sleep(1.0)
-                    await rewind(consumer, list(consumer.assignment()), "ingest")
+                    await self._write_failed(consumer, exc)
                     continue
-                # every output is on the broker: commit while the next batch is read and
-                # processed (commits stay in order: the previous one finishes first; a
-                # revocation waits for the one in flight)
-                await self.commits.drain()
-                self.commits.submit(consumer, {TopicPartition(t, p): off + 1 for (t, p), off in last.items()})
+                # the acknowledgements are awaited in the background while the next batch is
+                # read and processed; once every output of this batch (and of every batch
+                # before it) is on the broker, its offsets are committed (in order)
+                self._acks.append(asyncio.ensure_future(self._acknowledge(
+                    self._acks[-1] if self._acks else None, sent,
+                    {TopicPartition(t, p): off + 1 for (t, p), off in last.items()})))
                 COUNTERS.flush()
                 self.processed += len(ordered)
                 PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
+
+    #: batches whose outputs may be unacknowledged at once (then the loop waits for the oldest)
+    MAX_UNACKNOWLEDGED = 4
+
+    async def _acknowledge(self, previous: asyncio.Future | None, sent: list, offsets: dict) -> bool:
+        """Wait for a batch's outputs, then (once every earlier batch's were acknowledged
+        and committed in order) submit its commit. False if this or an earlier batch's write
+        failed: nothing after a failure is committed (the loop rewinds to the last commit)."""
+        try:
+            await acknowledged(sent)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._failed is None:
+                self._failed = exc
+            return False
+        if previous is not None and not await asyncio.shield(previous):
+            return False
+        assert self.consumer is not None
+        self.commits.submit(self.consumer, offsets)
+        return True
+
+    async def _settle_writes(self, limit: int = 0) -> None:
+        """Wait until at most ``limit`` batches' outputs are unacknowledged."""
+        while self._acks and (self._acks[0].done() or len(self._acks) > limit):
+            await asyncio.wait([self._acks.popleft()])
+
+    async def _write_failed(self, consumer: AIOKafkaConsumer, exc: BaseException) -> None:
+        """An output was not acknowledged: forget what is buffered and every batch after
+        the failure, rewind every partition to its last commit and process from there again."""
+        log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
+        await self._settle_writes()
+        self._failed = None
+        self.merge.clear()
+        await self.commits.drain()
+        await asyncio.sleep(1.0)
+        await rewind(consumer, list(consumer.assignment()), "ingest")
 
     #: how long ingest waits for this worker's clinical stage to take the observations
     #: handed over before it reads more (then it goes on, and the clinical stage decodes)
@@ -350,6 +397,7 @@ class IngestService(ConsumerRebalanceListener):
         self.ready.clear()
         self.merge.clear()
         try:
+            await asyncio.wait_for(self._settle_writes(), 5.0)
             await asyncio.wait_for(self.commits.drain(), 5.0)
         except Exception:  # noqa: BLE001 - stopping: the next owner resumes from the last commit
             pass

@@ -80,14 +80,35 @@ async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, b
                       ) -> list:
     """Send ``(topic, key, value, headers, partition)`` records in order; return their
     metadata once the broker acknowledged every one (raises if any write failed).
+    ``send_all`` then ``acknowledged``."""
+    return await acknowledged(await send_all(producer, records))
+
+
+async def acknowledged(sent: list) -> list:
+    """The metadata of what ``send_all`` queued, once the broker acknowledged every record
+    (raises if any write failed). The metadata of a batch is that of its LAST record
+    (offset = base offset + count - 1)."""
+    if not sent:
+        return []
+    out = []
+    for md, n in zip(await asyncio.gather(*(f for f, _ in sent)), (n for _, n in sent)):
+        out.append(md._replace(offset=md.offset + n - 1) if n and md is not None else md)
+    return out
+
+
+async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]]
+                   ) -> list:
+    """Queue ``(topic, key, value, headers, partition)`` records in order on ``producer``
+    without waiting for the broker; returns what ``acknowledged`` waits for. Records queued
+    by a later call follow these on every partition (the producer keeps its queue per
+    partition in order; idempotence keeps it so across retries).
 
     Records go out as one record batch per partition (``create_batch`` / ``send_batch``)
     rather than one ``send()`` each: one future per batch instead of one per record. The
     partition of a keyed record without an explicit one is the default partitioner's
     (:func:`key_partition`), so every record lands where ``send()`` put it; a record
     without a key, or a large one, goes through ``send()``, after the records queued
-    before it (for its partition; every partition for an unkeyed one). Order per partition is the order of ``records``. The
-    metadata of a batch is that of its LAST record (offset = base offset + count - 1)."""
+    before it (for its partition; every partition for an unkeyed one). Order per partition is the order of ``records``."""
     parts: dict[str, list[int]] = {}
     open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
     futures: list = []  # (future, records in the batch or 0 for a single send)
@@ -124,12 +145,7 @@ async def produce_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, b
         b[1] += 1
     for tp in list(open_):
         await flush(tp)
-    if not futures:
-        return []
-    out = []
-    for md, n in zip(await asyncio.gather(*(f for f, _ in futures)), (n for _, n in futures)):
-        out.append(md._replace(offset=md.offset + n - 1) if n and md is not None else md)
-    return out
+    return futures
 
 
 class OrderedCommits:

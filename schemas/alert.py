@@ -65,12 +65,18 @@ def make_pseudonym(alert_id: str, secret: bytes | str, length: int = 12) -> str:
 class AlertText(BaseModel):
     """What the nurse reads: what happened, why it matters, what the protocol says to do."""
 
+    #: frozen, as every value an alert holds (``monitor.clinical.store.alert_fingerprint``)
+    model_config = ConfigDict(frozen=True)
+
     what: str
     why: str
     action: str
 
 
 class HistoryEntry(BaseModel):
+    #: frozen: versions already emitted share their entries with the book's alert
+    model_config = ConfigDict(frozen=True)
+
     at: AwareDatetime
     #: a person ("nurse:jdoe"), or "system" for automatic transitions
     by: str

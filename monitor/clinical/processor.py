@@ -257,8 +257,11 @@ class ClinicalProcessor:
 
     def _emit(self, alerts: list[Alert], now: datetime, received_at: datetime | None, out: list[Output]) -> None:
         m = self._m.get
+        remember = self.store.remember_alert_json
         for a in alerts:
-            out.append(Output(self.alerts_topic, a.patient_id.encode(), _ALERT_JSON(a)))
+            value = _ALERT_JSON(a)
+            out.append(Output(self.alerts_topic, a.patient_id.encode(), value))
+            remember(a, value)
             sev = a.severity.value if a.severity else "critical"
             if a.version == 1:
                 m(ALERTS_OPENED, a.rule_id, sev).inc()

@@ -18,11 +18,13 @@ records and writes what ``take_changed`` returns.
 from __future__ import annotations
 
 import json
+from operator import is_
 from typing import Iterable, Protocol
 
+from pydantic import TypeAdapter
 from pydantic_core import from_json, to_json
 
-from alerts.lifecycle import AlertBook
+from alerts.lifecycle import AlertBook, KeyState
 from alerts.state import PatientState
 from schemas.alert import Alert
 
@@ -30,12 +32,65 @@ FORMAT_VERSION = 1
 
 
 _BOOK_JSON = AlertBook.__pydantic_serializer__.to_json
+_ALERT_JSON = Alert.__pydantic_serializer__.to_json
+_KEYS_JSON = TypeAdapter(dict[str, KeyState]).serializer.to_json
 
 
-def encode_book(book: AlertBook) -> bytes:
+def encode_book(book: AlertBook, alert_json: dict[str, tuple[list, bytes]] | None = None) -> bytes:
     """The alert book's JSON (pydantic-core's serializer straight from the model: the same
-    JSON as ``to_json(book.to_dict())`` without building the dict)."""
-    return _BOOK_JSON(book)
+    JSON as ``to_json(book.to_dict())`` without building the dict).
+
+    ``alert_json``: the patient's cache of alert JSON (alert id -> (fingerprint, JSON)). An
+    alert whose fields are the very objects they were when its JSON was cached is not
+    serialized again (see :func:`alert_fingerprint`); the book is then assembled from the
+    alerts' JSON, byte for byte what the whole book's serializer writes
+    (``tests/unit/test_store_alert_json.py``). A patient's book holds every alert it ever
+    had, each a few KB; a record usually changes one of them, or none."""
+    if alert_json is None:
+        return _BOOK_JSON(book)
+    parts = []
+    for aid, alert in book.alerts.items():
+        fp = alert_fingerprint(alert)
+        hit = alert_json.get(aid)
+        if hit is not None and len(hit[0]) == len(fp) and all(map(is_, hit[0], fp)):
+            value = hit[1]
+        else:
+            value = _ALERT_JSON(alert)
+            alert_json[aid] = (fp, value)
+        parts.append(to_json(aid) + b":" + value)
+    if len(alert_json) > len(book.alerts):  # alerts no longer in the book
+        for aid in [a for a in alert_json if a not in book.alerts]:
+            del alert_json[aid]
+    return b"".join((b'{"patient_id":', to_json(book.patient_id), b',"alerts":{', b",".join(parts),
+                     b'},"keys":', _KEYS_JSON(book.keys), b',"applied_actions":', to_json(book.applied_actions),
+                     b"}"))
+
+
+def alert_fingerprint(alert: Alert) -> list:
+    """Every field value of ``alert``, lists and dicts flattened to their length and items.
+
+    Two fingerprints whose items are the *same objects* (``is``) describe alerts with the
+    same JSON: every value an alert holds is immutable (strings, numbers, datetimes, enums,
+    and frozen models: ``HistoryEntry``, ``Evidence``, ``AlertText``, ``ProtocolRef``) or
+    a list or dict flattened here, except the route's nested tiers, which nothing changes
+    after the alert opened (``alerts.lifecycle._snapshot`` relies on the same). A value
+    changed in place on a list (a history entry appended, the history trimmed) or replaced
+    changes the fingerprint. Identity is stricter than equality (``1 == 1.0 == True``, two
+    equal instants in different offsets): a difference it misses cannot exist, and a
+    match it misses only costs a serialization."""
+    fp: list = []
+    for v in alert.__dict__.values():
+        t = type(v)
+        if t is list:
+            fp.append(len(v))
+            fp.extend(v)
+        elif t is dict:
+            fp.append(len(v))
+            fp.extend(v)
+            fp.extend(v.values())
+        else:
+            fp.append(v)
+    return fp
 
 
 def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None) -> bytes:
@@ -66,6 +121,10 @@ class PatientStore(Protocol):
         """Roll a patient with no change waiting for the changelog back to its last durable
         version (a patient still marked changed keeps its state)."""
 
+    def remember_alert_json(self, alert: Alert, value: bytes) -> None:
+        """``value`` is the JSON just written for this version of ``alert`` (a hint: the
+        changelog may reuse it while the book's alert is unchanged)."""
+
     def take_changed(self) -> list[tuple[str, int, bytes]]:
         """(patient id, partition, encoded value) of every changed patient; clears the marks."""
 
@@ -91,7 +150,7 @@ class PatientStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("partition", "raw", "state", "book", "book_json")
+    __slots__ = ("partition", "raw", "state", "book", "book_json", "alert_json")
 
     def __init__(self, partition: int, raw: bytes | None) -> None:
         self.partition = partition
@@ -100,6 +159,8 @@ class _Entry:
         self.book: AlertBook | None = None
         #: the JSON of ``book`` as last written (None: not known, encode it)
         self.book_json: bytes | None = None
+        #: JSON of the book's alerts, by alert id, with their fingerprints (``encode_book``)
+        self.alert_json: dict[str, tuple[list, bytes]] = {}
 
 
 class InMemoryPatientStore:
@@ -119,6 +180,7 @@ class InMemoryPatientStore:
             self._by_partition.setdefault(partition, set()).add(patient_id)
         if e.state is None or e.book is None:
             e.book_json = None
+            e.alert_json = {}
             if e.raw is not None:
                 e.state, e.book = decode(e.raw)
             else:
@@ -139,6 +201,15 @@ class InMemoryPatientStore:
             self._remove(patient_id)
         else:
             e.state = e.book = e.book_json = None
+            e.alert_json = {}
+
+    def remember_alert_json(self, alert: Alert, value: bytes) -> None:
+        """``value`` is ``alert``'s JSON, just written for it (a version the lifecycle
+        returned: a copy of the book's alert, its fields the same objects). The changelog's
+        book reuses it while the book's alert still has those same fields."""
+        e = self._entries.get(alert.patient_id)
+        if e is not None and e.book is not None and alert.alert_id in e.book.alerts:
+            e.alert_json[alert.alert_id] = (alert_fingerprint(alert), value)
 
     def take_changed(self) -> list[tuple[str, int, bytes]]:
         out = []
@@ -146,7 +217,7 @@ class InMemoryPatientStore:
             e = self._entries[pid]
             assert e.state is not None and e.book is not None
             if book_changed or e.book_json is None:
-                e.book_json = encode_book(e.book)
+                e.book_json = encode_book(e.book, e.alert_json)
             e.raw = encode(e.state, e.book, e.book_json)
             out.append((pid, e.partition, e.raw))
         self._changed.clear()
@@ -187,6 +258,7 @@ class InMemoryPatientStore:
             self._by_partition.setdefault(partition, set()).add(pid)
         else:
             e.raw, e.state, e.book, e.book_json = value, None, None, None
+            e.alert_json = {}
 
     def drop(self, partitions: Iterable[int]) -> None:
         for p in list(partitions):

@@ -14,32 +14,18 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
+from kafka_broker import read_topic
+from test_changelog_refused_broker import _committed_and_ends
 from test_clinical_broker import INPUTS, OUTPUTS, result, send
 from workers import service_env
 
 pytestmark = pytest.mark.integration
 
 
-def _committed_and_ends(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        ends = c.end_offsets(tps)
-        return sum(c.committed(tp) or 0 for tp in tps), sum(ends.values())
-    finally:
-        c.close()
-
-
 def _observation_ids(bootstrap: str, topic: str) -> list[str]:
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      group_id=None, consumer_timeout_ms=1500)
-    try:
-        return [json.loads(m.value)["observation_id"] for m in c]
-    finally:
-        c.close()
+    return [json.loads(m.value)["observation_id"] for m in read_topic(bootstrap, topic)]
 
 
 def test_a_refused_write_commits_nothing_after_it_and_every_input_arrives(kafka_bootstrap, topic_factory,

@@ -127,6 +127,13 @@ class WorkerProcess:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def wait_logged(self, text: bytes, timeout: float = 60.0) -> None:
+        """Wait until the worker's log holds ``text``; an AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_bytes():
+            assert time.monotonic() < deadline, f"{text!r} not logged within {timeout}s:\n{self.tail()}"
+            time.sleep(0.5)
+
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

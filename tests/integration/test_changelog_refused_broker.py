@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 
 from test_clinical_broker import INPUTS, OUTPUTS, dose, result, send
-from workers import service_env
+from workers import service_env, wait_committed
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +60,7 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
                                (topics["lab-results"], "clr-1", result("clr-1", "plt-1", "platelets", 40,
                                                                       now - timedelta(days=1), 150, 450))])
         # every changelog write is refused: the worker says so, rolls back, and commits nothing
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and b"clinical changelog not acknowledged" not in w.log_path.read_bytes():
-            time.sleep(0.5)
-        assert b"clinical changelog not acknowledged" in w.log_path.read_bytes()
+        w.wait_logged(b"clinical changelog not acknowledged")
         time.sleep(3)  # several rollbacks and retries
         committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-clinical", topics["observations"])
         assert end >= 3 and committed == 0, (committed, end)
@@ -73,13 +70,7 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
 
         # the broker takes the changelog again: everything is committed, the state is durable
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, changelog, {"max.message.bytes": "1048588"})])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-clinical", topics["observations"])
-            if committed == end:
-                break
-            time.sleep(0.5)
-        assert committed == end, (committed, end)
+        wait_committed(kafka_bootstrap, f"{prefix}-clinical", [topics["observations"]], timeout=60)
     finally:
         admin.close()
 

@@ -19,7 +19,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka_broker import read_topic
 from test_changelog_refused_broker import _committed_and_ends
 from test_clinical_broker import INPUTS, OUTPUTS, result, send
-from workers import service_env
+from workers import service_env, wait_committed
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +50,7 @@ def test_a_refused_write_commits_nothing_after_it_and_every_input_arrives(kafka_
                                        150, 450)))
             send(kafka_bootstrap, records)
             time.sleep(0.3)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and b"ingest write failed" not in w.log_path.read_bytes():
-            time.sleep(0.5)
-        assert b"ingest write failed" in w.log_path.read_bytes()
+        w.wait_logged(b"ingest write failed")
         time.sleep(3)  # several rewinds and retries
         committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-ingest", topics["lab-results"])
         assert end == len(expected) and committed == 0, (committed, end)
@@ -61,13 +58,7 @@ def test_a_refused_write_commits_nothing_after_it_and_every_input_arrives(kafka_
 
         # the broker takes the stream again: every input arrives and everything is committed
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, stream, {"max.message.bytes": "1048588"})])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-ingest", topics["lab-results"])
-            if committed == end:
-                break
-            time.sleep(0.5)
-        assert committed == end, (committed, end)
+        wait_committed(kafka_bootstrap, f"{prefix}-ingest", [topics["lab-results"]], timeout=60)
     finally:
         admin.close()
     seen = _observation_ids(kafka_bootstrap, stream)

@@ -108,7 +108,8 @@ async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, byte
     partition of a keyed record without an explicit one is the default partitioner's
     (:func:`key_partition`), so every record lands where ``send()`` put it; a record
     without a key, or a large one, goes through ``send()``, after the records queued
-    before it (for its partition; every partition for an unkeyed one). Order per partition is the order of ``records``."""
+    before it (for its partition; every partition for an unkeyed one). Order per partition
+    is the order of ``records``."""
     parts: dict[str, list[int]] = {}
     open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
     futures: list = []  # (future, records in the batch or 0 for a single send)

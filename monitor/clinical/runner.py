@@ -35,21 +35,21 @@ Guarantees, and why they hold:
   acknowledged. Marks are taken (``take_changed`` encodes) only synchronously right after
   a batch's outputs were acknowledged, or under the batch lock when no batch is being
   processed (idle, clock, revocation), so every value kept for a checkpoint is the state
-  after batches whose outputs are on the broker. A batch interrupted between processing and the acknowledgement
-  of its outputs (``_unacknowledged``: cancelled at a stop) is never checkpointed: ``stop``
-  forgets every partition with pending or marked work instead, and they are restored from
-  the changelog at the next start.
+  after batches whose outputs are on the broker. A batch interrupted between processing
+  and the acknowledgement of its outputs (``_unacknowledged``: cancelled at a stop) is
+  never checkpointed: ``stop`` forgets every partition with pending or marked work
+  instead, and they are restored from the changelog at the next start.
 - Committed offsets never run ahead of the changelog: a checkpoint commits its pending
   offsets only after its changelog write was acknowledged (``_persist``), and it writes
-  every patient marked since the previous checkpoint, which covers every record below
-  those offsets.
+  the value kept for every patient changed since the previous checkpoint, which covers
+  every record below those offsets.
 - Rollback: a failed output write, or a refused changelog, rolls back not only the
-  partitions of the batches concerned but every partition with pending work. A patient's
-  marked state mixes the acknowledged pending batches with the failed one, so the pending
-  part cannot be written alone; its offsets are dropped instead, those partitions are
-  restored from the changelog and read again from the commit (their outputs are produced
-  again with the same ``alert_id:version``; the delivery ledger drops them). A failed
-  checkpoint is handled the same way: nothing after it is committed.
+  partitions of the batches concerned but every partition with pending work: its kept
+  values and offsets are dropped rather than written first (one path for every failure,
+  taken only when the broker refuses a write), those partitions are restored from the
+  changelog and read again from the commit (their outputs are produced again with the
+  same ``alert_id:version``; the delivery ledger drops them). A failed checkpoint is
+  handled the same way: nothing after it is committed.
 - A revocation takes the batch lock (so it waits for the batch in flight), checkpoints all
   pending work and waits for the changelog and the commits before returning: the next owner
   resumes from a committed offset on a current changelog, and ``_held`` records the
@@ -101,8 +101,8 @@ log = logging.getLogger(__name__)
 
 class PendingCheckpoint:
     """The offsets of batches whose outputs are acknowledged and whose changed patients are
-    still only marked in the store; a checkpoint writes those patients to the changelog,
-    then commits these offsets."""
+    not on the changelog yet; a checkpoint writes those patients to the changelog, then
+    commits these offsets."""
 
     def __init__(self, interval: float, max_records: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
@@ -112,7 +112,6 @@ class PendingCheckpoint:
         #: when the oldest pending batch was acknowledged
         self.since: float | None = None
         self.records = 0
-        self.batches = 0
 
     def add(self, offsets: dict[TopicPartition, int], records: int) -> None:
         """One more acknowledged batch (``offsets``: its next offset per partition)."""
@@ -122,7 +121,6 @@ class PendingCheckpoint:
             if off > self.offsets.get(tp, -1):
                 self.offsets[tp] = off
         self.records += records
-        self.batches += 1
 
     def due(self) -> bool:
         if not self.offsets:
@@ -133,7 +131,7 @@ class PendingCheckpoint:
     def take(self) -> dict[TopicPartition, int]:
         """The offsets to commit after the checkpoint; nothing is pending afterwards."""
         offsets = self.offsets
-        self.offsets, self.since, self.records, self.batches = {}, None, 0, 0
+        self.offsets, self.since, self.records = {}, None, 0
         return offsets
 
     def partitions(self) -> set[int]:
@@ -180,7 +178,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: patient id -> (partition, value) encoded after acknowledged batches, for the next
         #: checkpoint (the last value per patient)
         self._encoded: dict[str, tuple[int, bytes]] = {}
-        self.checkpoints = 0
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -281,7 +278,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
         offsets = self.pending.take()
         if changed or offsets:
             self._persist_task = asyncio.ensure_future(self._persist(changed, offsets))
-            self.checkpoints += 1
 
     async def _flush(self) -> set[int]:
         """Checkpoint now and wait for its changelog (under the lock); the partitions to

@@ -9,6 +9,8 @@ On the SAME pre-published input events (a realistic post-dose cohort from
 vital signs in effective-time order) it measures
 
   (a) a raw aiokafka consume -> json decode -> produce -> commit loop (bench/raw_aiokafka.py),
+  (a2) two such loops in one process, the first writing a keyed intermediate topic that the
+      second reads (the shape of the service: ingest -> patient stream -> clinical stage),
   (b) a bare faust passthrough with the service's faust settings (bench/bare_faust.py),
   (c) the full service (``python -m monitor.cli worker``) with one and with two workers:
       observations/s on ``observations`` until all are produced, and the time until the
@@ -201,11 +203,16 @@ def service_env(run: Run, app_id: str, topics: dict[str, str], workdir: Path) ->
 
 
 # ------------------------------------------------------------------ stages
-def stage_raw(run: Run, inputs: list[str], n: int, cap: float) -> dict:
-    out = run.topic("raw", "out")
-    run.kafka.create_topics([out], run.args.partitions)
-    child = run.start("raw-aiokafka", [PY, str(ROOT / "bench" / "raw_aiokafka.py"), "--bootstrap", run.args.bootstrap,
-                                       "--group", run.app_id("raw"), "--out", out, *inputs], {})
+def stage_raw(run: Run, inputs: list[str], n: int, cap: float, hops: int = 1) -> dict:
+    """(a): one raw loop; ``hops`` 2 = (a2): two loops in one process through a keyed
+    intermediate topic, the shape of the service's ingest -> patient stream -> clinical."""
+    name = "raw" if hops == 1 else "raw2"
+    out = run.topic(name, "out")
+    via = [run.topic(name, "via")] if hops == 2 else []
+    run.kafka.create_topics([out, *via], run.args.partitions)
+    child = run.start(f"{name}-aiokafka", [PY, str(ROOT / "bench" / "raw_aiokafka.py"), "--bootstrap", run.args.bootstrap,
+                                           "--group", run.app_id(name), "--out", out,
+                                           *(["--via", via[0]] if via else []), *inputs], {})
     try:
         res = measure_output(run, [child], out, n, cap)
     finally:
@@ -502,12 +509,15 @@ def report(run: Run, meta: dict) -> str:
                      f"| {fmt(el, 1)} | {' + '.join(fmt(x, 0) for x in rss) if rss else '—'} "
                      f"| {' + '.join(fmt(x, 1) for x in cpu) if cpu else '—'} | {note} |")
 
-    for key, label in (("a", "(a) raw aiokafka loop"), ("b", "(b) bare faust passthrough")):
+    for key, label in (("a", "(a) raw aiokafka loop"), ("a2", "(a2) two raw loops in one process, through a keyed topic"),
+                       ("b", "(b) bare faust passthrough")):
         r = st.get(key)
         if r:
             note = "" if r["complete"] else f"partial: {r['produced']:,}/{r['expected']:,} at the cap"
+            if key == "a2" and a and r.get("rate"):
+                note = (note + "; " if note else "") + f"{r['rate'] / a:.2f}x (a): the ceiling of two hops, no work"
             row(label, r, "rate", None, r["elapsed_s"], r["peak_rss_mb"], r["cpu_s"], note, cmp=False)
-        else:
+        elif key in errs or key != "a2":
             lines.append(f"| {label} | failed | | | | | | | {errs.get(key, '')[:80]} |")
     for key, w in (("c1", 1), ("c2", 2)):
         r = st.get(key)
@@ -565,7 +575,7 @@ def report(run: Run, meta: dict) -> str:
         lines.append(f"Latency: failed: {errs.get('lat', '')[:200]}")
     lines.append("")
     c1 = st.get("c1") or {}
-    lines.append("Targets (issue 8), service with 1 worker: "
+    lines.append("Targets (issue 13), service with 1 worker: "
                  f">= 20,000 observations/s per worker: {fmt(c1.get('obs_rate'))} ingest, "
                  f"{fmt(c1.get('clinical_obs_rate'))} through evaluate + lifecycle; "
                  f">= 0.5x of (a): {ratio(c1.get('event_rate'), a)} ingest, "
@@ -594,16 +604,16 @@ def main(argv: list[str] | None = None) -> int:
                          "--quick: none; 0 = none)")
     ap.add_argument("--json", default="", help="also write the results as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep worker logs (printed path)")
-    ap.add_argument("--stages", default="a,b,c1,c2,lat",
-                    help="which stages to run (comma-separated of a, b, c1, c2, lat; default all); "
+    ap.add_argument("--stages", default="a,a2,b,c1,c2,lat",
+                    help="which stages to run (comma-separated of a, a2, b, c1, c2, lat; default all); "
                          "a partial run is for A/B comparisons, not for the README table")
     args = ap.parse_args(argv)
     quick = args.quick
     args.events = args.events or (20_000 if quick else 100_000)
     args.latency_seconds = args.latency_seconds or (8.0 if quick else 20.0)
     # per-stage caps (seconds from process start): the run stays within ~2 / ~8 minutes
-    caps = ({"a": 20, "b": 25, "c1": 30, "c2": 30, "warmup": 20, "drain": 10} if quick
-            else {"a": 60, "b": 80, "c1": 150, "c2": 120, "warmup": 60, "drain": 30})
+    caps = ({"a": 20, "a2": 30, "b": 25, "c1": 30, "c2": 30, "warmup": 20, "drain": 10} if quick
+            else {"a": 60, "a2": 80, "b": 80, "c1": 150, "c2": 120, "warmup": 60, "drain": 30})
 
     if args.low_rate is None:
         args.low_rate = 0.0 if quick else 200.0
@@ -644,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = None  # free the events before the workers run
         stages = [
             ("a", "(a) raw aiokafka loop", lambda: stage_raw(run, inputs, n, caps["a"])),
+            ("a2", "(a2) two raw loops, one process", lambda: stage_raw(run, inputs, n, caps["a2"], hops=2)),
             ("b", "(b) bare faust passthrough", lambda: stage_bare_faust(run, inputs, n, caps["b"])),
             ("c1", "(c) service, 1 worker", lambda: stage_service(run, shared, n, expected_obs, 1, caps["c1"], n_routed)),
             ("c2", "(c) service, 2 workers", lambda: stage_service(run, shared, n, expected_obs, 2, caps["c2"], n_routed)),

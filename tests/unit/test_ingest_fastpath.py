@@ -144,3 +144,22 @@ def test_conversion_cache_is_bounded_and_refuses_as_before(monkeypatch):
         assert ei.value.message == "unit 'mg/dL' cannot be converted to 'U/L' for alt"
     with pytest.raises(AttributeError):  # not a str: as before (the worker dead-letters it)
         cat.conversion(alt, 7)
+
+
+def test_round_sig_cached_gives_round_sig_results(monkeypatch):
+    import math
+
+    import schemas.analytes as an
+
+    monkeypatch.setattr(an, "_ROUNDED", {})
+    monkeypatch.setattr(an, "MAX_ROUNDED", 4)
+    values = [0.1 + 0.2, 0.1 + 0.2, -0.0, 0.0, 5, 1234.56789012345, -7.25e-12, math.inf, -math.inf, 1e300, 3.3]
+    for v in values * 2:
+        got, want = an.round_sig_cached(v), an.round_sig(v)
+        assert type(got) is type(want) and repr(got) == repr(want), v
+    assert repr(an.round_sig_cached(-0.0)) == "-0.0"  # 0.0 is never a key
+    assert math.isnan(an.round_sig_cached(math.nan))
+    assert len(an._ROUNDED) <= 4 and all(k != 0 and math.isfinite(k) for k in an._ROUNDED)
+    for _ in range(2):  # the overflow (a dead letter, internal_error) is not hidden by the cache
+        with pytest.raises(OverflowError):
+            an.round_sig_cached(1.7976931348623157e308)

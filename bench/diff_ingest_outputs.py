@@ -17,7 +17,7 @@ Inputs (deterministic, fixed ``received_at``):
 - ``capture``: every payload the input tests hand to ``schemas.ingest.decode`` (unit tests
   of decoding, FHIR, HL7 v2, hostile input, units, censored values, the fuzz tests with their
   seeds and generated examples) and every file of tests/data;
-- seeded mutations of valid events (JSON, FHIR, HL7): dropped fields, wrong types, NaN and
+- 12,000 seeded mutations of valid events (JSON, FHIR, HL7): dropped fields, wrong types, NaN and
   Infinity text, huge numbers and conversions that overflow, naive / future / offset
   timestamps, unknown units and LOINC codes, extra fields, deep and wide nesting,
   non-UTF-8 bytes, lone surrogates, a BOM, duplicate keys, non-ASCII and control
@@ -84,11 +84,19 @@ def _mutations(rng: random.Random, events: list[tuple[str, dict]], texts: list[t
     """Seeded mutations of valid events: (kind, raw bytes)."""
     big = [1e308, -1e308, 1.7976931348623157e308, 1e300, 5e-324, 10 ** 30, 10 ** 400, 2 ** 63, -0.0, 0, 1,
            "5.2", "abc", True, None, [], {}, 1e-320, 123456789.123456789, 0.1 + 0.2]
-    raw_text_nums = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" * 400, "1e-400", "1.0e+308"]
+    raw_text_nums = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" * 400, "1e-400", "1.0e+308", "-0",
+                     "-0.0", "0e0", "1E5", "2.5E+3", "1.5e-7", "123456789012345678901234567890", "9" * 4400,
+                     "0.30000000000000004", "1.00000000000000011102230246251565404236316680908203125", "true",
+                     "null", '"12.5"', '" 7 "', "[1]", "{}", "4.9e-324", "2.2250738585072014e-308"]
     bad_times = ["2026-02-01T10:00:00", "2026-02-01", "2099-01-01T00:00:00+00:00", "2026-03-02T12:00:00Z",
                  "2026-03-03T07:00:00+00:00", "2026-03-03T05:59:59+00:00", "2026-02-01T10:00:00-14:00",
                  "2026-02-01T10:00:00+14:00", "2026-02-01T10:00:00.123456789+01:00", "not a time", 1767225600,
-                 "2026-02-01T10:00:00+0530", "2026-02-01 10:00:00+00:00", "2026-02-31T10:00:00+00:00"]
+                 "2026-02-01T10:00:00+0530", "2026-02-01 10:00:00+00:00", "2026-02-31T10:00:00+00:00",
+                 "2026-02-01T10:00:00.1234567+00:00", "2026-02-01T10:00+00:00", "2026-02-01T10:00:00+00",
+                 "2026-02-01t10:00:00z", "2026-02-01T23:59:60+00:00", "0001-01-01T00:00:00+14:00",
+                 "9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59.999999+00:00", "2026-02-01T10:00:00+23:59",
+                 "2026-02-01T10:00:00+24:00", "2026-02-01T10:00:00 +01:00", 1e20, -1, "1767225600",
+                 "2026-W05-1T10:00:00+00:00"]
     strings = ["", " ", "\t", "x" * 128, "x" * 129, "x" * 256, "x" * 257, "é", "患者", "a\x00b", "a\u2028b",
                "\ud800", "a\x7fb", "NaN", "0", "P-\u00e9", 5, None, ["a"]]
     units = ["mg/dL", "g/L", "U/L", "umol/L", "µmol/L", "  U/L  ", "u/l", "10*9/L", "%", "kg", "", None,
@@ -189,7 +197,7 @@ def _mutations(rng: random.Random, events: list[tuple[str, dict]], texts: list[t
     return out
 
 
-def inputs(corpus: str | None, n_mut: int = 6000) -> list[tuple[str, bytes]]:
+def inputs(corpus: str | None, n_mut: int = 12000) -> list[tuple[str, bytes]]:
     from monitor import simulate as sim
 
     res: list[tuple[str, bytes]] = []

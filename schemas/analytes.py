@@ -50,7 +50,7 @@ def round_sig(value: float, digits: int = SIGNIFICANT_DIGITS, _isfinite=math.isf
 #: ``round_sig`` of values seen (bounded): a pure function of the float, and values repeat
 #: (a heart rate, a lab's usual reporting steps); rounding is ~0.4 us, a hit ~0.05 us
 _ROUNDED: dict[float, float] = {}
-MAX_ROUNDED = 65_536
+MAX_ROUNDED = 16_384  # ~2 MB at most (the table and two floats an entry)
 
 
 def round_sig_cached(value: float) -> float:

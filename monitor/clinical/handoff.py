@@ -30,7 +30,7 @@ observations) with ~4,600 held, so most of each batch is refused, and its lead o
 clinical stage keeps growing (25 % -> 15 % taken during the run). A miss costs one
 ``Observation.model_validate_json`` (~4.6 us; ~3.4 % of the worker's CPU in that run).
 Tried: ingest waiting from half the capacity (woken by ``take``, no polling): 97 % taken, but
-the worker's CPU time did not go down over 7 alternated runs (12.0-13.2 s against 11.1-12.9 s),
+the worker's CPU time did not go down over 7 alternated runs (mean 12.5 s against 12.1 s),
 and the ingest rate fell to the clinical stage's; not kept. With a live input rate below
 the clinical stage's, ingest is never a batch ahead and the entries are taken.
 """

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Iterable, Union
+from datetime import datetime, timedelta, timezone
+from math import isfinite
+from typing import Iterable, Union, get_args
+from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from pydantic_core import from_json
+from pydantic_core import TzInfo, from_json
 
-from .analytes import catalogue
+from .analytes import catalogue, round_sig_cached
 from .errors import Reason, Rejected
 from .hl7v2 import DEFAULT_HL7_LIMITS, Hl7Limits
 from .events import (
     RETRACTING_STATUSES,
+    Comparator,
     DoseEvent,
     LabResult,
     LiverFunctionPanel,
@@ -164,20 +167,75 @@ def build_observation(
     Shared by the JSON, FHIR and HL7 adapters so one lab value gives one observation
     whichever way it arrived.
     """
+    return _observation(observation_id, event_id, patient_id, loinc, value, unit, reference_range, effective_at,
+                        status, corrects, source, fmt, received_at, limits, abnormal_flag, on_oxygen, comparator)
+
+
+# --- models made without running their validator, when that provably changes nothing --------
+#
+# ``Observation(...)`` and ``ReferenceRange(...)`` validated every field again (~4 us per
+# observation) although ``_observation`` hands them values of exactly the types the fields
+# hold: pydantic returns such a value as it is (an exact ``str``, ``float``, ``bool``,
+# ``ResultStatus``, ``ReferenceRange`` instance, or aware ``datetime``: checked in
+# tests/unit/test_ingest_fastpath.py). So when every value passes the exact-type checks of
+# ``_observation`` (a finite float, a known literal, a fixed-offset aware datetime), the
+# model is made as ``model_construct`` makes it (fields, fields set, no extra, no private);
+# any other value goes through the validator as before, with its error. Only for models
+# without a post-init hook or private attributes (checked here at import).
+
+_new = object.__new__
+_set = object.__setattr__
+#: the fields in the order of the model (the order of ``__dict__``; the dict made below lists them so)
+_OBS_ORDER = ("observation_id", "event_id", "patient_id", "analyte", "loinc", "kind", "value", "comparator", "unit",
+              "reference_range", "original_value", "original_unit", "effective_at", "status", "corrects", "source",
+              "format", "abnormal_flag", "on_oxygen", "received_at")
+_OBS_FIELDS = frozenset(_OBS_ORDER)
+_RR_FIELDS = frozenset(("low", "high"))
+_FAST_MODELS = all(
+    m.__pydantic_post_init__ is None and not m.__private_attributes__ and m.model_config.get("extra") != "allow"
+    and m.model_config.get("revalidate_instances", "never") == "never"
+    for m in (Observation, ReferenceRange)
+) and tuple(ReferenceRange.model_fields) == ("low", "high") and tuple(Observation.model_fields) == _OBS_ORDER
+#: tzinfo classes whose ``utcoffset`` is always a timedelta: a datetime with one is aware
+_AWARE_TZ = frozenset((timezone, TzInfo, ZoneInfo))
+_COMPARATORS = frozenset(get_args(Comparator))
+_KINDS = frozenset(get_args(Observation.model_fields["kind"].annotation))
+_FORMATS = frozenset(get_args(Observation.model_fields["format"].annotation))
+
+
+def _made(cls, values: dict, fields_set: frozenset):
+    m = _new(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(fields_set))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
+def _observation(observation_id, event_id, patient_id, loinc, value, unit, reference_range, effective_at, status,
+                 corrects, source, fmt, received_at, limits, abnormal_flag, on_oxygen, comparator) -> Observation:
+    """``build_observation`` with positional arguments: the checks and the outcome of each
+    (reason, message, the order they are made in) are the same as they always were."""
     if not patient_id or not patient_id.strip():
         raise Rejected(Reason.EMPTY_ID, "patient id is empty")
     if not event_id or not event_id.strip():
         raise Rejected(Reason.EMPTY_ID, "event id is empty")
     # bounded, printable identifiers whatever the wire format (review L5: an HL7 PID-3 of
     # 100 KB with NUL and unit separators used to be accepted)
-    for what, ident, cap in (("patient id", patient_id, 128), ("event id", event_id, 256),
-                             ("observation id", observation_id, 256)):
-        if len(ident) > cap or not ident.isprintable():
-            raise Rejected(Reason.SCHEMA_INVALID,
-                           f"{what} is longer than {cap} characters or holds control characters")
-    if effective_at.tzinfo is None or effective_at.utcoffset() is None:
+    if len(patient_id) > 128 or not patient_id.isprintable():
+        raise Rejected(Reason.SCHEMA_INVALID, "patient id is longer than 128 characters or holds control characters")
+    if len(event_id) > 256 or not event_id.isprintable():
+        raise Rejected(Reason.SCHEMA_INVALID, "event id is longer than 256 characters or holds control characters")
+    if len(observation_id) > 256 or not observation_id.isprintable():
+        raise Rejected(Reason.SCHEMA_INVALID,
+                       "observation id is longer than 256 characters or holds control characters")
+    tz = effective_at.tzinfo
+    # (a tzinfo of the classes in _AWARE_TZ always gives an offset: not asked, ~0.15 us)
+    if tz is None or ((type(tz) not in _AWARE_TZ or type(effective_at) is not datetime)
+                      and effective_at.utcoffset() is None):
         raise Rejected(Reason.NAIVE_TIMESTAMP, "effective time has no UTC offset")
-    check_not_future(effective_at, received_at, limits, "effective time")
+    if effective_at - received_at > limits.max_future:
+        check_not_future(effective_at, received_at, limits, "effective time")
     cat = catalogue()
     analyte = cat.analyte_for_loinc(loinc)
     canonical_value = None
@@ -187,28 +245,67 @@ def build_observation(
         # a withdrawal may omit the value; the unit still must make sense if given
         if unit:
             cat.convert(analyte, 0.0, unit)
+        conv = original_value = None
     else:
-        canonical_value = cat.convert(analyte, float(value), unit)
+        original_value = float(value)
+        conv = cat.conversion(analyte, unit)
+        canonical_value = round_sig_cached(original_value * conv.factor + conv.offset)
     rr = None
     if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
-        rr = ReferenceRange(
-            low=None if reference_range.low is None else cat.convert(analyte, reference_range.low, unit),
-            high=None if reference_range.high is None else cat.convert(analyte, reference_range.high, unit),
-        )
+        low, high = reference_range.low, reference_range.high
+        if conv is None:
+            conv = cat.conversion(analyte, unit)
+        if low is not None:
+            low = round_sig_cached(low * conv.factor + conv.offset)
+        if high is not None:
+            high = round_sig_cached(high * conv.factor + conv.offset)
+        if _FAST_MODELS and (low is None or (type(low) is float and isfinite(low))) \
+                and (high is None or (type(high) is float and isfinite(high))):
+            rr = _made(ReferenceRange, {"low": low, "high": high}, _RR_FIELDS)
+        else:
+            rr = ReferenceRange(low=low, high=high)
         if rr.low is not None and rr.high is not None and rr.low > rr.high:
             raise Rejected(Reason.SCHEMA_INVALID, f"reference range low {rr.low} > high {rr.high}")
+    kind = analyte.kind
+    canonical_unit = analyte.canonical_unit
+    key = analyte.key
+    comparator = None if canonical_value is None else comparator
+    if (
+        _FAST_MODELS
+        and type(observation_id) is str and type(event_id) is str and type(patient_id) is str
+        and type(key) is str and type(loinc) is str and type(canonical_unit) is str and type(source) is str
+        and type(kind) is str and kind in _KINDS and type(fmt) is str and fmt in _FORMATS
+        and (canonical_value is None or (type(canonical_value) is float and isfinite(canonical_value)))
+        and (original_value is None or isfinite(original_value))
+        and (comparator is None or (type(comparator) is str and comparator in _COMPARATORS))
+        and (unit is None or type(unit) is str)
+        and (corrects is None or type(corrects) is str)
+        and (abnormal_flag is None or type(abnormal_flag) is str)
+        and (on_oxygen is None or type(on_oxygen) is bool)
+        and type(status) is ResultStatus
+        and type(effective_at) is datetime and type(effective_at.tzinfo) in _AWARE_TZ
+        and (received_at is None or (type(received_at) is datetime and type(received_at.tzinfo) in _AWARE_TZ))
+    ):
+        return _made(Observation, {
+            "observation_id": observation_id, "event_id": event_id, "patient_id": patient_id, "analyte": key,
+            "loinc": loinc, "kind": kind, "value": canonical_value, "comparator": comparator,
+            "unit": canonical_unit, "reference_range": rr, "original_value": original_value,
+            "original_unit": unit, "effective_at": effective_at, "status": status, "corrects": corrects,
+            "source": source, "format": fmt, "abnormal_flag": abnormal_flag, "on_oxygen": on_oxygen,
+            "received_at": received_at,
+        }, _OBS_FIELDS)
     return Observation(
         observation_id=observation_id,
         event_id=event_id,
         patient_id=patient_id,
-        analyte=analyte.key,
+        analyte=key,
         loinc=loinc,
-        kind=analyte.kind,
+        kind=kind,
         value=canonical_value,
-        comparator=None if canonical_value is None else comparator,
-        unit=analyte.canonical_unit,
+        comparator=comparator,
+        unit=canonical_unit,
         reference_range=rr,
-        original_value=None if value is None else float(value),
+        original_value=original_value,
         original_unit=unit,
         effective_at=effective_at,
         status=status,
@@ -230,26 +327,17 @@ def _validate(model, obj: object):
 
 def _lab(obj: object, received_at: datetime, limits: Limits) -> list[Observation]:
     e: LabResult = _validate(LabResult, obj)
-    return [
-        build_observation(
-            observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
-            value=e.value, unit=e.unit, reference_range=e.reference_range, effective_at=e.effective_at,
-            status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
-            limits=limits, abnormal_flag=e.abnormal_flag, comparator=e.comparator,
-        )
-    ]
+    # build_observation's work, without its keyword arguments (the same function below)
+    return [_observation(e.event_id, e.event_id, e.patient_id, e.loinc, e.value, e.unit, e.reference_range,
+                         e.effective_at, e.status, e.corrects, e.source, "json", received_at, limits,
+                         e.abnormal_flag, None, e.comparator)]
 
 
 def _vital(obj: object, received_at: datetime, limits: Limits) -> list[Observation]:
     e: VitalSign = _validate(VitalSign, obj)
-    return [
-        build_observation(
-            observation_id=e.event_id, event_id=e.event_id, patient_id=e.patient_id, loinc=e.loinc,
-            value=e.value, unit=e.unit, reference_range=None, effective_at=e.effective_at,
-            status=e.status, corrects=e.corrects, source=e.source, fmt="json", received_at=received_at,
-            limits=limits, on_oxygen=e.on_oxygen, comparator=e.comparator,
-        )
-    ]
+    return [_observation(e.event_id, e.event_id, e.patient_id, e.loinc, e.value, e.unit, None, e.effective_at,
+                         e.status, e.corrects, e.source, "json", received_at, limits, None, e.on_oxygen,
+                         e.comparator)]
 
 
 def panel_observation_id(event_id: str, analyte: str) -> str:
@@ -267,13 +355,11 @@ def _panel(obj: object, received_at: datetime, limits: Limits) -> list[Observati
             raise Rejected(Reason.SCHEMA_INVALID, f"panel lists {analyte.key} twice")
         seen.add(analyte.key)
         out.append(
-            build_observation(
-                observation_id=panel_observation_id(e.event_id, analyte.key),
-                event_id=e.event_id, patient_id=e.patient_id, loinc=r.loinc, value=r.value, unit=r.unit,
-                reference_range=r.reference_range, effective_at=e.effective_at,
-                status=r.status or e.status,
-                corrects=panel_observation_id(e.corrects, analyte.key) if e.corrects else None,
-                source=e.source, fmt="json", received_at=received_at, limits=limits, comparator=r.comparator,
+            _observation(
+                panel_observation_id(e.event_id, analyte.key), e.event_id, e.patient_id, r.loinc, r.value, r.unit,
+                r.reference_range, e.effective_at, r.status or e.status,
+                panel_observation_id(e.corrects, analyte.key) if e.corrects else None,
+                e.source, "json", received_at, limits, None, None, r.comparator,
             )
         )
     return out

@@ -173,3 +173,25 @@ def test_json_schemas_forbid_unknown_fields():
         schema = _model(model)()
         assert schema["additionalProperties"] is False and "status" in schema["required"]
         assert "extensions" in schema["properties"]
+
+
+@pytest.mark.parametrize("kw,what", [
+    # rounding to 10 significant digits overflows next to the largest double
+    ({"value": 1.7976931348623157e308}, "value"),
+    # the conversion overflows: 1e308 ukat/L is 6e309 U/L
+    ({"value": 1e308, "unit": "ukat/L"}, "value"),
+    ({"reference_range": {"low": 0, "high": 1.7976931348623157e308}}, "reference range high"),
+    ({"unit": "ukat/L", "value": 1, "reference_range": {"low": -1e308, "high": 1}}, "reference range low"),
+])
+def test_a_finite_value_without_a_finite_canonical_value_is_rejected_as_non_finite(kw, what):
+    # a finite number whose conversion to the canonical unit overflows is refused with its
+    # reason (it used to end as internal_error: OverflowError, or schema_invalid)
+    with pytest.raises(Rejected) as ei:
+        decode("lab-results", lab(**kw), received_at=NOW)
+    assert ei.value.reason == Reason.NON_FINITE_VALUE
+    assert ei.value.message.startswith(what + " ") and "no finite value in U/L" in ei.value.message
+
+
+def test_the_largest_values_that_convert_are_kept():
+    [obs] = decode("lab-results", lab(value=1.7e308, reference_range={"low": 0, "high": 1e300}), received_at=NOW)
+    assert obs.value == 1.7e308 and obs.reference_range.high == 1e300

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydantic import ValidationError
 
 import schemas.ingest as si
 from monitor.ingest import _OBS_JSON
@@ -113,20 +112,21 @@ def test_other_values_go_through_the_validator(over, monkeypatch):
     assert obs.status is ResultStatus.FINAL and type(obs.source) is str
 
 
-def test_a_conversion_that_overflows_is_refused_by_the_validator_as_before():
-    # a finite value whose conversion is infinite: refused by the model's validator, as before
+def test_a_conversion_that_overflows_is_refused_as_non_finite():
+    # a finite value whose conversion is infinite: refused with non_finite_value (the model's
+    # validator refused it as schema_invalid before the fast path; now it never gets there)
     cat = catalogue()
     analyte, unit, conv = next((a, u, c) for a in cat.by_key.values() for u, c in a.units.items()
                                if c.factor > 1 and u.strip() == u and u)
     big = 1.7e308 / conv.factor * 2
     kw = _kw(loinc=analyte.loinc[0], unit=unit, value=big, reference_range=None)
-    with pytest.raises(ValidationError) as ei:
+    with pytest.raises(Rejected) as ei:
         build_observation(**kw)
-    assert ei.value.errors()[0]["type"] == "finite_number"
+    assert ei.value.reason == Reason.NON_FINITE_VALUE and ei.value.message.startswith("value ")
     kw["value"], kw["reference_range"] = 1.0, ReferenceRange(low=0.0, high=big)
-    with pytest.raises(ValidationError) as ei:
+    with pytest.raises(Rejected) as ei:
         build_observation(**kw)
-    assert ei.value.errors()[0]["loc"] == ("high",)
+    assert ei.value.reason == Reason.NON_FINITE_VALUE and ei.value.message.startswith("reference range high ")
 
 
 def test_conversion_cache_is_bounded_and_refuses_as_before(monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from schemas.findings import Evidence, ProtocolRef, Severity
+from schemas.findings import Evidence, ProtocolRef, Severity, fast_enum_value
 
 __all__ = [
     "AlertStatus", "OPEN_STATUSES", "CLOSED_STATUSES", "AlertText", "HistoryEntry", "Alert",
@@ -29,6 +29,8 @@ class AlertStatus(StrEnum):
     RESOLVED = "resolved"
     RETRACTED = "retracted"
 
+
+fast_enum_value(AlertStatus)
 
 OPEN_STATUSES = frozenset({AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED})
 CLOSED_STATUSES = frozenset({AlertStatus.RESOLVED, AlertStatus.RETRACTED})

@@ -380,10 +380,31 @@ def _snapshot(alert: Alert) -> Alert:
     So a shallow copy with fresh lists and a fresh route dict is as independent as a deep
     copy, at a fraction of its cost (the deep copy of a growing history was most of the
     clinical stage's time per alert-changing event)."""
-    return alert.model_copy(update={
-        "evidence": list(alert.evidence), "history": list(alert.history), "changes": list(alert.changes),
-        "finding_ids": list(alert.finding_ids), "route": dict(alert.route),
-    })
+    d = alert.__dict__
+    if type(alert) is not Alert or alert.__pydantic_extra__ is not None or alert.__pydantic_private__ is not None:
+        return alert.model_copy(update={
+            "evidence": list(alert.evidence), "history": list(alert.history), "changes": list(alert.changes),
+            "finding_ids": list(alert.finding_ids), "route": dict(alert.route),
+        })
+    # what model_copy(update=...) does for an Alert (no extra, no private attributes), inline
+    new = d.copy()
+    new["evidence"] = list(d["evidence"])
+    new["history"] = list(d["history"])
+    new["changes"] = list(d["changes"])
+    new["finding_ids"] = list(d["finding_ids"])
+    new["route"] = dict(d["route"])
+    m = Alert.__new__(Alert)
+    _object_setattr(m, "__dict__", new)
+    _object_setattr(m, "__pydantic_extra__", None)
+    fields_set = set(alert.__pydantic_fields_set__)
+    fields_set.update(_SNAPSHOT_FRESH)
+    _object_setattr(m, "__pydantic_fields_set__", fields_set)
+    _object_setattr(m, "__pydantic_private__", None)
+    return m
+
+
+_SNAPSHOT_FRESH = ("evidence", "history", "changes", "finding_ids", "route")
+_object_setattr = object.__setattr__
 
 
 def _reconcile_inhibition(book: AlertBook, txn: _Txn, config: LifecycleConfig, now: datetime) -> None:

@@ -572,16 +572,13 @@ def _update(alert: Alert, finding: Finding, severity: Severity, now: datetime, t
             config: LifecycleConfig) -> None:
     note = f"finding {finding.finding_id}"
     old = alert.severity
+    values = {"evidence": list(finding.evidence) or alert.evidence,
+              "grade": finding.grade if finding.grade is not None else alert.grade,
+              "effective_at": max(alert.effective_at, finding.effective_at),
+              "ward": finding.ward or alert.ward, "care_team": finding.care_team or alert.care_team}
     if finding.text is not None:
-        _set(alert, evidence=list(finding.evidence) or alert.evidence,
-             grade=finding.grade if finding.grade is not None else alert.grade,
-             effective_at=max(alert.effective_at, finding.effective_at), text=_text_of(finding),
-             ward=finding.ward or alert.ward, care_team=finding.care_team or alert.care_team)
-    else:
-        _set(alert, evidence=list(finding.evidence) or alert.evidence,
-             grade=finding.grade if finding.grade is not None else alert.grade,
-             effective_at=max(alert.effective_at, finding.effective_at),
-             ward=finding.ward or alert.ward, care_team=finding.care_team or alert.care_team)
+        values["text"] = _text_of(finding)
+    _set(alert, **values)
     _remember(alert.finding_ids, finding.finding_id, config.max_remembered_ids)
 
     if severity.rank > old.rank:

@@ -34,7 +34,6 @@ Clock-driven findings (``check_schedule``, called from a timer):
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 from datetime import datetime
 from typing import Iterable, Mapping
@@ -71,7 +70,8 @@ def finding_id(patient_id: str, rule_id: str, dedupe_key: str, state: str, rank:
     """Keyed (HMAC-SHA256 under ``key``, the deployment's pseudonym secret) so the id
     is no plain hash of the patient id (review H2); the worker builds its ``Engine`` with the key."""
     raw = f"{patient_id}\x1f{rule_id}\x1f{dedupe_key}\x1f{state}\x1f{rank}\x1f{grade}\x1f{ids}"
-    return hmac.new(key, raw.encode(), hashlib.sha256).hexdigest()[:32]
+    # the one-shot HMAC (the same bytes as hmac.new(...).hexdigest(), without its Python object)
+    return hmac.digest(key, raw.encode(), "sha256").hex()[:32]
 
 
 class Engine:

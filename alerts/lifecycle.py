@@ -75,6 +75,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping
 
 from pydantic import AwareDatetime, BaseModel, Field
+from pydantic_core import to_json
 
 from alerts import policy
 from alerts.routing import FALLBACK_ROUTE, RouteSpec, copy_route, route_from_alert
@@ -224,9 +225,42 @@ def _escalatable(alert: Alert, now: datetime) -> bool:
             and not _silenced(alert, now) and alert.severity != Severity.INFO)
 
 
+#: routes rebuilt from alerts, by the JSON of the route dict (``RouteSpec`` is frozen: one
+#: object can serve every alert with the same route); bounded
+_ROUTES: dict[bytes, RouteSpec] = {}
+_ROUTES_MAX = 256
+
+
+def _route(route: dict[str, Any]) -> RouteSpec:
+    """``route_from_alert(route)``, validated once per distinct route (the same JSON gives
+    the same model: JSON tells 5 from 5.0 and true from 1)."""
+    try:
+        key = to_json(route)
+    except Exception:  # not JSON (never the case for a route copied by copy_route): no cache
+        return route_from_alert(route)
+    spec = _ROUTES.get(key)
+    if spec is None:
+        spec = route_from_alert(route)
+        if len(_ROUTES) >= _ROUTES_MAX:
+            _ROUTES.clear()
+        _ROUTES[key] = spec
+    return spec
+
+
 def _timeout(alert: Alert) -> timedelta | None:
-    minutes = route_from_alert(alert.route).timeout_minutes(alert.escalation_tier, alert.severity)
+    minutes = _route(alert.route).timeout_minutes(alert.escalation_tier, alert.severity)
     return None if minutes is None else timedelta(minutes=minutes)
+
+
+# The lifecycle changes several fields of an alert at a time. ``_set`` does what pydantic's
+# ``__setattr__`` does for a field of a model without ``validate_assignment`` (store the value,
+# mark the field set), once for all of them.
+assert not Alert.model_config.get("validate_assignment") and not Alert.model_config.get("frozen")
+
+
+def _set(alert: Alert, **values: Any) -> None:
+    alert.__dict__.update(values)
+    alert.__pydantic_fields_set__.update(values)
 
 
 def _restart_timer(alert: Alert, now: datetime) -> None:
@@ -286,10 +320,9 @@ class _Txn:
             alert = self.book.alerts[alert_id]
             if not slot["new"]:
                 alert.version += 1
-            alert.previous_status = slot["before"]
-            alert.changes = list(slot["changes"])
-            alert.notify = bool(slot["force"] or (slot["page"] and _escalatable(alert, self.now)))
-            alert.updated_at = self.now
+            _set(alert, previous_status=slot["before"], changes=list(slot["changes"]),
+                 notify=bool(slot["force"] or (slot["page"] and _escalatable(alert, self.now))),
+                 updated_at=self.now)
             _trim_history(alert, self.keep_recent, fresh=len(slot["changes"]))
             out.append(_snapshot(alert))
         return out
@@ -347,13 +380,42 @@ def _snapshot(alert: Alert) -> Alert:
     So a shallow copy with fresh lists and a fresh route dict is as independent as a deep
     copy, at a fraction of its cost (the deep copy of a growing history was most of the
     clinical stage's time per alert-changing event)."""
-    return alert.model_copy(update={
-        "evidence": list(alert.evidence), "history": list(alert.history), "changes": list(alert.changes),
-        "finding_ids": list(alert.finding_ids), "route": dict(alert.route),
-    })
+    d = alert.__dict__
+    if type(alert) is not Alert or alert.__pydantic_extra__ is not None or alert.__pydantic_private__ is not None:
+        return alert.model_copy(update={
+            "evidence": list(alert.evidence), "history": list(alert.history), "changes": list(alert.changes),
+            "finding_ids": list(alert.finding_ids), "route": dict(alert.route),
+        })
+    # what model_copy(update=...) does for an Alert (no extra, no private attributes), inline
+    new = d.copy()
+    new["evidence"] = list(d["evidence"])
+    new["history"] = list(d["history"])
+    new["changes"] = list(d["changes"])
+    new["finding_ids"] = list(d["finding_ids"])
+    new["route"] = dict(d["route"])
+    m = Alert.__new__(Alert)
+    _object_setattr(m, "__dict__", new)
+    _object_setattr(m, "__pydantic_extra__", None)
+    fields_set = set(alert.__pydantic_fields_set__)
+    fields_set.update(_SNAPSHOT_FRESH)
+    _object_setattr(m, "__pydantic_fields_set__", fields_set)
+    _object_setattr(m, "__pydantic_private__", None)
+    return m
+
+
+_SNAPSHOT_FRESH = ("evidence", "history", "changes", "finding_ids", "route")
+_object_setattr = object.__setattr__
 
 
 def _reconcile_inhibition(book: AlertBook, txn: _Txn, config: LifecycleConfig, now: datetime) -> None:
+    inhibitions = config.inhibitions
+    for a in book.alerts.values():
+        if a.is_open and (a.inhibited_by is not None or a.rule_id in inhibitions):
+            break
+    else:
+        # no open alert is held back or can hold one back: every open alert keeps
+        # ``inhibited_by`` None (what the loop below would conclude for each)
+        return
     open_by_rule: dict[str, list[Alert]] = {}
     for a in book.alerts.values():
         if a.is_open:
@@ -385,10 +447,7 @@ def _reconcile_inhibition(book: AlertBook, txn: _Txn, config: LifecycleConfig, n
 def _close(alert: Alert, status: AlertStatus, now: datetime) -> AlertStatus:
     """Close ``alert`` with ``status`` (no more escalation or silence); returns the old status."""
     before = alert.status
-    alert.status = status
-    alert.closed_at = now
-    alert.next_escalation_at = None
-    alert.silenced_until = None
+    _set(alert, status=status, closed_at=now, next_escalation_at=None, silenced_until=None)
     return before
 
 
@@ -513,13 +572,13 @@ def _update(alert: Alert, finding: Finding, severity: Severity, now: datetime, t
             config: LifecycleConfig) -> None:
     note = f"finding {finding.finding_id}"
     old = alert.severity
-    alert.evidence = list(finding.evidence) or alert.evidence
-    alert.grade = finding.grade if finding.grade is not None else alert.grade
-    alert.effective_at = max(alert.effective_at, finding.effective_at)
+    values = {"evidence": list(finding.evidence) or alert.evidence,
+              "grade": finding.grade if finding.grade is not None else alert.grade,
+              "effective_at": max(alert.effective_at, finding.effective_at),
+              "ward": finding.ward or alert.ward, "care_team": finding.care_team or alert.care_team}
     if finding.text is not None:
-        alert.text = _text_of(finding)
-    alert.ward = finding.ward or alert.ward
-    alert.care_team = finding.care_team or alert.care_team
+        values["text"] = _text_of(finding)
+    _set(alert, **values)
     _remember(alert.finding_ids, finding.finding_id, config.max_remembered_ids)
 
     if severity.rank > old.rank:
@@ -601,7 +660,7 @@ def apply_action(book: AlertBook, action: AlertAction, now: datetime,
 
     elif kind == ActionKind.ESCALATE:
         need_open()
-        route = route_from_alert(alert.route)
+        route = _route(alert.route)
         if alert.escalation_tier >= route.last_index:
             raise InvalidAction("alert is already at the failsafe", alert_id=alert.alert_id)
         alert.escalation_tier += 1
@@ -665,7 +724,7 @@ def tick(book: AlertBook, now: datetime, config: LifecycleConfig | None = None) 
             txn.record(alert, "silence_expired", note=f"silence until {until.isoformat()} expired", page=True)
         if alert.next_escalation_at is None or alert.next_escalation_at > now or not _escalatable(alert, now):
             continue
-        route = route_from_alert(alert.route)
+        route = _route(alert.route)
         while (alert.next_escalation_at is not None and alert.next_escalation_at <= now
                and alert.escalation_tier < route.last_index):
             due = alert.next_escalation_at

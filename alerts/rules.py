@@ -357,6 +357,31 @@ class CCond:
         ref = reference(cp.ranges, st, self.analyte, e, self.basis)
         return None if ref is None else (self.value, ref)
 
+    def meeting_times(self, st: PatientState, cp: "CompiledProtocol", es: list) -> list:
+        """The times of the results ``es`` that meet the condition (``limit`` then ``meets``
+        on each, in order; a result that cannot be judged does not meet it). The common
+        case (a multiple of the ULN, no age bands) inlines both."""
+        if self.by_age is not None or self.basis != B_ULN:
+            out = []
+            for e in es:
+                lr = self.limit(st, cp, e)
+                if lr is not None and meets(self.op, e[1], lr[0], lr[1]):
+                    out.append(e[0])
+            return out
+        ranges, a, op, mult = cp.ranges, self.analyte, self.op, self.value
+        out = []
+        for e in es:
+            ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)  # uln()
+            if ref is None:
+                continue
+            v = e[1]
+            lim = mult * ref
+            d = v - lim
+            near = _NEAR * abs(lim) + 1e-300
+            if op(v, lim) if (d > near or -d > near) else meets(op, v, mult, ref):
+                out.append(e[0])
+        return out
+
     def holds(self, st: PatientState, cp: "CompiledProtocol", e: Entry):
         """True / False for one result; None when it cannot be judged."""
         if self.no_base and self.analyte in st.base:
@@ -537,7 +562,7 @@ class CompositeRuleC(CRule):
     the rule does not pair on (a lone ALP, a blood pressure on another day) never clears it."""
 
     __slots__ = ("when", "unless", "window", "rank", "when_analytes", "unless_at_onset", "markers", "directions",
-                 "conds_by_analyte", "need", "unless_analytes", "plain_raisers")
+                 "conds_by_analyte", "need", "unless_analytes", "plain_raisers", "member_analytes")
 
     def __init__(self, r: CompositeRule) -> None:
         super().__init__(r)
@@ -574,6 +599,15 @@ class CompositeRuleC(CRule):
         #: that must still meet a condition).
         self.plain_raisers = self.unless_analytes | frozenset(m for m in self.markers
                                                               if m not in self.conds_by_analyte)
+        #: id of every sub-expression of ``when`` -> the analytes it reads (``_possible``)
+        self.member_analytes: dict[int, frozenset] = {}
+
+        def index(x) -> None:
+            self.member_analytes[id(x)] = frozenset(_expr_analytes(x, set()))
+            if not isinstance(x, CCond):
+                for m in x[1]:
+                    index(m)
+        index(self.when)
 
     def eval_at(self, st: PatientState, cp: "CompiledProtocol", t: float) -> Hit | None:
         dose = st.dose_at
@@ -621,6 +655,8 @@ class CompositeRuleC(CRule):
         the episode results held). None: no time can hit (no member of an ``all`` has a
         meeting result at all, or no member of an ``any``)."""
         held_by: dict[str, list] = {}
+        hist, ev, base = st.hist, st.ev, st.base
+        member_analytes = self.member_analytes
 
         def simplify(expr):
             if isinstance(expr, CCond):
@@ -629,12 +665,13 @@ class CompositeRuleC(CRule):
                 es = held_by.get(expr.analyte)
                 if es is None:
                     es = held_by[expr.analyte] = held(st, expr.analyte, dose, 1e18)
-                ts = []
-                for e in es:  # oldest first
-                    lr = expr.limit(st, cp, e)
-                    if lr is not None and meets(expr.op, e[1], lr[0], lr[1]):
-                        ts.append(e[0])
-                return ts or None
+                return expr.meeting_times(st, cp, es) or None  # oldest first
+            if expr[0] == "all":
+                # a member none of whose analytes is held at all is None (every condition in
+                # it is), and so is the whole ``all``: decided before judging the others
+                for m in expr[1]:
+                    if not any(a in hist or a in ev or a in base for a in member_analytes[id(m)]):
+                        return None
             parts = []
             for m in expr[1]:
                 r = simplify(m)

@@ -314,7 +314,7 @@ class PatientState:
         if ranges:
             d["r"] = {_code(a): r for a, r in ranges.items()}
         if self.hist:
-            d["h"] = {_code(a): [_pack(e, t0, ranges.get(a)) for e in h] for a, h in self.hist.items()}
+            d["h"] = {_code(a): _pack_all(h, t0, ranges.get(a)) for a, h in self.hist.items()}
         if self.base:
             d["bl"] = {_code(a): _pack(e, t0, ranges.get(a)) for a, e in self.base.items()}
         if self.o2 is not None:
@@ -324,7 +324,7 @@ class PatientState:
         if self.sus:
             d["su"] = {_code(a): [[x[0] - t0, _num(x[1]), x[2]] for x in s] for a, s in self.sus.items() if s}
         if self.ev:
-            d["ev"] = {_code(a): [_pack(e, t0, ranges.get(a)) for e in lst] for a, lst in self.ev.items() if lst}
+            d["ev"] = {_code(a): _pack_all(lst, t0, ranges.get(a)) for a, lst in self.ev.items() if lst}
         if self.first is not None:
             d["f"] = self.first - t0
         if self.runs:
@@ -385,6 +385,8 @@ def _trim_episode(lst: list, direction: int) -> list:
 
 
 def _num(v: float | None):
+    if type(v) is float:  # the common case, without the float() and abs() calls
+        return int(v) if v.is_integer() and -1e15 < v < 1e15 else v
     if v is None:
         return None
     return int(v) if float(v).is_integer() and abs(v) < 1e15 else v
@@ -424,6 +426,21 @@ def _pack(e: Entry, t0: int, shared: list | None) -> list:
             out += [lo, hi]
     elif [lo, hi] != shared:
         out += [lo, hi]
+    return out
+
+
+def _pack_all(entries: list, t0: int, shared: list | None) -> list:
+    """``[_pack(e, t0, shared) for e in entries]``, the ``_num`` calls inlined for floats."""
+    out = []
+    for e in entries:
+        v, lo, hi = e[1], e[3], e[4]
+        v = (int(v) if v.is_integer() and -1e15 < v < 1e15 else v) if type(v) is float else _num(v)
+        lo = (int(lo) if lo.is_integer() and -1e15 < lo < 1e15 else lo) if type(lo) is float else _num(lo)
+        hi = (int(hi) if hi.is_integer() and -1e15 < hi < 1e15 else hi) if type(hi) is float else _num(hi)
+        if shared is None:
+            out.append([e[0] - t0, v, e[2], lo, hi] if lo is not None or hi is not None else [e[0] - t0, v, e[2]])
+        else:
+            out.append([e[0] - t0, v, e[2], lo, hi] if [lo, hi] != shared else [e[0] - t0, v, e[2]])
     return out
 
 

@@ -9,14 +9,13 @@ Alertmanager or a chat message refer to the alert without revealing the patient.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 from enum import StrEnum
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from schemas.findings import Evidence, ProtocolRef, Severity
+from schemas.findings import Evidence, ProtocolRef, Severity, fast_enum_value
 
 __all__ = [
     "AlertStatus", "OPEN_STATUSES", "CLOSED_STATUSES", "AlertText", "HistoryEntry", "Alert",
@@ -30,6 +29,8 @@ class AlertStatus(StrEnum):
     RESOLVED = "resolved"
     RETRACTED = "retracted"
 
+
+fast_enum_value(AlertStatus)
 
 OPEN_STATUSES = frozenset({AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED})
 CLOSED_STATUSES = frozenset({AlertStatus.RESOLVED, AlertStatus.RETRACTED})
@@ -49,7 +50,7 @@ def make_alert_id(patient_id: str, rule_id: str, dedupe_key: str, episode: int, 
     """
     k = key.encode("utf-8") if isinstance(key, str) else key
     raw = "\x1f".join(["alert-id", patient_id, rule_id, dedupe_key or "", str(int(episode))])
-    return hmac.new(k, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(k, raw.encode("utf-8"), "sha256").hex()[:32]
 
 
 def make_pseudonym(alert_id: str, secret: bytes | str, length: int = 12) -> str:
@@ -59,7 +60,7 @@ def make_pseudonym(alert_id: str, secret: bytes | str, length: int = 12) -> str:
     itself keyed (:func:`make_alert_id`), so neither reveals the patient id.
     """
     key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    return "a-" + hmac.new(key, alert_id.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+    return "a-" + hmac.digest(key, alert_id.encode("utf-8"), "sha256").hex()[:length]
 
 
 class AlertText(BaseModel):

@@ -18,8 +18,8 @@ records and writes what ``take_changed`` returns.
 from __future__ import annotations
 
 import json
-from operator import is_
-from typing import Iterable, Protocol
+from operator import is_, itemgetter
+from typing import Iterable, Protocol, get_origin
 
 from pydantic import TypeAdapter
 from pydantic_core import from_json, to_json
@@ -66,6 +66,23 @@ def encode_book(book: AlertBook, alert_json: dict[str, tuple[list, bytes]] | Non
                      b"}"))
 
 
+def _layout() -> tuple:
+    lists, scalars = [], []
+    for name, f in Alert.model_fields.items():
+        origin = get_origin(f.annotation) or f.annotation
+        if origin is dict:
+            assert name == "route", name
+        elif origin is list:
+            lists.append(name)
+        else:
+            scalars.append(name)
+    return len(Alert.model_fields), itemgetter(*scalars), itemgetter(*lists)
+
+
+#: the fingerprint's layout: number of fields, the scalar fields, the list fields
+_N_FIELDS, _SCALARS, _LISTS = _layout()
+
+
 def alert_fingerprint(alert: Alert) -> list:
     """Every field value of ``alert``, lists and dicts flattened to their length and items.
 
@@ -77,9 +94,30 @@ def alert_fingerprint(alert: Alert) -> list:
     changed in place on a list (a history entry appended, the history trimmed) or replaced
     changes the fingerprint. Identity is stricter than equality (``1 == 1.0 == True``, two
     equal instants in different offsets): a difference it misses cannot exist, and a
-    match it misses only costs a serialization."""
-    fp: list = []
-    for v in alert.__dict__.values():
+    match it misses only costs a serialization.
+
+    The fields are read in a fixed layout (the scalar fields, then each list and the
+    route dict flattened) when the alert holds exactly the model's fields with a list or
+    dict where the model declares one; otherwise field by field in ``__dict__`` order."""
+    d = alert.__dict__
+    if len(d) == _N_FIELDS:
+        try:
+            fp = list(_SCALARS(d))
+            lists = _LISTS(d)
+            route = d["route"]
+        except KeyError:
+            pass
+        else:
+            if all(type(v) is list for v in lists) and type(route) is dict:
+                for v in lists:
+                    fp.append(len(v))
+                    fp.extend(v)
+                fp.append(len(route))
+                fp.extend(route)
+                fp.extend(route.values())
+                return fp
+    fp = []
+    for v in d.values():
         t = type(v)
         if t is list:
             fp.append(len(v))

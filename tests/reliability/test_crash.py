@@ -138,8 +138,12 @@ def test_no_version_paged_twice_and_none_missing(crash_run):
     assert v.deliveries > 0
     assert not v.missing_deliveries, v.explain()
     in_flight, unexplained = split_repeats(v, crash_run["first_at"], crash_run["kill_times"])
+    kills = crash_run["kill_times"]
+    to_kill = {k: next((round(t - crash_run["first_at"][k], 2) for t in kills if t >= crash_run["first_at"][k]), None)
+               for k in unexplained if k in crash_run["first_at"]}
     assert not unexplained, (
-        f"{v.explain()}\nrepeats outside a SIGKILL's in-flight window: {unexplained}; first copies delivered "
+        f"{v.explain()}\nrepeats outside a SIGKILL's in-flight window: {unexplained}; seconds from each one's "
+        f"first copy to the next SIGKILL (None: after the last): {to_kill}; first copies of all repeats delivered "
         f"this many deliveries before a SIGKILL: {crash_run['dup_window']}")
     assert len(in_flight) <= 8 * len(crash_run["kill_times"]), "more repeats than requests that can be in flight"
 

@@ -44,7 +44,10 @@ def round_sig(value: float, digits: int = SIGNIFICANT_DIGITS, _isfinite=math.isf
     """Round to significant digits so conversions that are exact on paper compare equal."""
     if value == 0 or not _isfinite(value):
         return value
-    return round(value, digits - 1 - int(_floor(_log10(abs(value)))))
+    try:
+        return round(value, digits - 1 - int(_floor(_log10(abs(value)))))
+    except OverflowError:  # rounded past the largest double: infinite, as float arithmetic overflows
+        return math.copysign(math.inf, value)
 
 
 #: ``round_sig`` of values seen (bounded): a pure function of the float, and values repeat
@@ -54,9 +57,9 @@ MAX_ROUNDED = 16_384  # ~2 MB at most (the table and two floats an entry)
 
 
 def round_sig_cached(value: float) -> float:
-    """``round_sig(value)`` (same float, same exception), remembered for a finite, non-zero
-    float: zero is not kept (-0.0 and 0.0 are equal keys but not the same result), nor NaN
-    or an infinity (returned as they are)."""
+    """``round_sig(value)`` (the same float), remembered for a finite, non-zero float with a
+    finite result: zero is not kept (-0.0 and 0.0 are equal keys but not the same result),
+    nor NaN or an infinity (returned as they are)."""
     if type(value) is not float:
         return round_sig(value)
     r = _ROUNDED.get(value)

@@ -212,21 +212,15 @@ def _made(cls, values: dict, fields_set: frozenset):
     return m
 
 
-def _out_of_range(analyte, what: str, value: float, unit: str | None):
-    """A finite number that has no finite value in the canonical unit (a unit conversion or
-    its rounding overflowed): rejected with its reason, never an internal error."""
-    raise Rejected(Reason.NON_FINITE_VALUE,
-                   f"{what} {value!r}{' ' + unit if unit else ''} has no finite value in "
-                   f"{analyte.canonical_unit} (converted and rounded to {SIGNIFICANT_DIGITS} significant digits)")
-
-
-def _converted_bound(analyte, what: str, bound: float, unit: str | None, conv) -> float:
-    try:
-        out = round_sig_cached(bound * conv.factor + conv.offset)
-    except OverflowError:
-        _out_of_range(analyte, what, bound, unit)
-    if out - out != 0 and bound - bound == 0:
-        _out_of_range(analyte, what, bound, unit)
+def _canonical(analyte, what: str, x: float, unit: str | None, conv) -> float:
+    """``x`` (in ``unit``) converted to the analyte's canonical unit and rounded; a finite
+    number without a finite canonical value (the conversion or its rounding overflowed) is
+    rejected with its reason, never left to a validator or an internal error."""
+    out = round_sig_cached(x * conv.factor + conv.offset)
+    if out - out != 0 and x - x == 0:
+        raise Rejected(Reason.NON_FINITE_VALUE,
+                       f"{what} {x!r}{' ' + unit if unit else ''} has no finite value in "
+                       f"{analyte.canonical_unit} (converted and rounded to {SIGNIFICANT_DIGITS} significant digits)")
     return out
 
 
@@ -267,21 +261,16 @@ def _observation(observation_id, event_id, patient_id, loinc, value, unit, refer
     else:
         original_value = float(value)
         conv = cat.conversion(analyte, unit)
-        try:
-            canonical_value = round_sig_cached(original_value * conv.factor + conv.offset)
-        except OverflowError:  # rounding a value next to the largest double
-            canonical_value = _out_of_range(analyte, "value", original_value, unit)
-        if canonical_value - canonical_value != 0 and original_value - original_value == 0:
-            _out_of_range(analyte, "value", original_value, unit)
+        canonical_value = _canonical(analyte, "value", original_value, unit, conv)
     rr = None
     if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
         low, high = reference_range.low, reference_range.high
         if conv is None:
             conv = cat.conversion(analyte, unit)
         if low is not None:
-            low = _converted_bound(analyte, "reference range low", low, unit, conv)
+            low = _canonical(analyte, "reference range low", low, unit, conv)
         if high is not None:
-            high = _converted_bound(analyte, "reference range high", high, unit, conv)
+            high = _canonical(analyte, "reference range high", high, unit, conv)
         if _FAST_MODELS and (low is None or (type(low) is float and isfinite(low))) \
                 and (high is None or (type(high) is float and isfinite(high))):
             rr = _made(ReferenceRange, {"low": low, "high": high}, _RR_FIELDS)

@@ -269,8 +269,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
 
     def _checkpoint(self) -> None:
-        """Start a checkpoint: every marked patient (all of batches whose outputs are
-        acknowledged) to the changelog, then the pending offsets committed, in the background."""
+        """Start a checkpoint: the value kept for every patient changed since the last one
+        (all of batches whose outputs are acknowledged; the marked ones are encoded first) to
+        the changelog, then the pending offsets committed, in the background."""
         assert self._persist_task is None and not self._unacknowledged
         self._keep_encoded()
         changed = [(pid, partition, value) for pid, (partition, value) in self._encoded.items()]

@@ -350,6 +350,81 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (``/proc/stat``)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(f[:8]) - idle) / hz, sum(f[:8]) / hz
+
+
+def listening_pids(port: int) -> list[int]:
+    """Pids of the processes listening on TCP ``port`` (``/proc/net/tcp*`` and each process's fds)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    f = line.split()
+                    if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                        inodes.add(f"socket:[{f[9]}]")
+        except OSError:
+            continue
+    out = []
+    for d in os.listdir("/proc") if inodes else ():
+        if not d.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{d}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{d}/fd/{fd}") in inodes:
+                    out.append(int(d))
+                    break
+            except OSError:
+                continue
+    return out
+
+
+class CpuMeter:
+    """CPU seconds used by named processes (with their children) and by the whole machine
+    between ``start()`` and ``stop()``: who used the cores while a phase ran."""
+
+    def __init__(self, trees: dict[str, list[int]], alone: dict[str, list[int]] | None = None) -> None:
+        """``trees``: name -> pids counted with their descendants; ``alone``: name -> pids
+        counted without them (e.g. the benchmark's own process, whose children are measured
+        under their own names)."""
+        self.trees = trees
+        self.alone = alone or {}
+        self.pids = [*trees, *self.alone]
+
+    def _read(self) -> dict[str, float]:
+        out = {name: sum(cpu_seconds(p) for pid in pids for p in proc_tree(pid)) for name, pids in self.trees.items()}
+        out.update({name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.alone.items()})
+        out["machine_busy"], out["machine_total"] = machine_cpu_seconds()
+        out["wall"] = time.monotonic()
+        return out
+
+    def start(self) -> None:
+        self._t0 = self._read()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used on average over the interval, per name, plus ``machine`` (busy cores) and
+        ``cores`` (the machine's count), and ``seconds``."""
+        t1 = self._read()
+        wall = t1["wall"] - self._t0["wall"]
+        out = {name: round((t1[name] - self._t0[name]) / wall, 2) for name in self.pids}
+        total = t1["machine_total"] - self._t0["machine_total"]
+        out["machine"] = round((t1["machine_busy"] - self._t0["machine_busy"]) / wall, 2)
+        out["cores"] = round(total / wall) if wall else os.cpu_count()
+        out["seconds"] = round(wall, 1)
+        return out
+
+
 class Child:
     """A benchmark subprocess in its own session (stopped by process group, which we own)."""
 

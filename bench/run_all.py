@@ -260,10 +260,16 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     lag = None
     committed_first = None  # (t, committed) when observations first appeared
     last_commit = (None, 0)
+    meter = CpuMeter({"workers": [c.pid for c in children],
+                      "broker": listening_pids(int(run.args.bootstrap.rsplit(":", 1)[1]))})
+    cores = None
     try:
         while time.monotonic() < deadline:
             check_alive(children)
+            first = prog.t_first
             prog.poll()
+            if first is None and prog.t_first is not None:
+                meter.start()  # from the first observation: the cores the pipeline's work used
             if ready_at is None and all(http_ok(u, 0.5) for u in urls):
                 ready_at = time.monotonic() - t0
             if prog.t_first is not None:
@@ -277,6 +283,8 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
                     t_clin = now
                     break
             time.sleep(POLL)
+        if prog.t_first is not None:
+            cores = meter.stop()
         dead = run.kafka.end_total(topics["dead-letter"])
         alerts = run.kafka.end_total(topics["alerts"])
         findings = run.kafka.end_total(topics["findings"])
@@ -305,7 +313,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
         "obs_elapsed_s": (prog.t_last - prog.t_first) if prog.t_first and prog.t_last else None,
         "clinical_elapsed_s": (t_clin - prog.t_first) if t_clin and prog.t_first else None,
         "dead_letters": dead, "findings": findings, "alerts": alerts,
-        "peak_rss_mb": rss, "cpu_s": cpu,
+        "peak_rss_mb": rss, "cpu_s": cpu, "cores": cores,
     }
 
 
@@ -608,6 +616,10 @@ def report(run: Run, meta: dict) -> str:
                  "changelog checkpoint and when its input goes quiet); "
                  f"{r['findings']:,} findings, {r['alerts']:,} alert versions"
                  + (f", {r['dead_letters']:,} dead letters" if r["dead_letters"] else ""))
+        c = r.get("cores")
+        if c:
+            cnote += (f"; cores in use from the first observation to the end: worker{'s' if w > 1 else ''} "
+                      f"{c['workers']:.2f}, broker {c['broker']:.2f}, whole machine {c['machine']:.2f} of {c['cores']}")
         if r["clinical_note"]:
             cnote = r["clinical_note"] + "; " + cnote
         row(f"{label}: ingest → evaluate → lifecycle", r, "clinical_event_rate", "clinical_obs_rate",

@@ -90,6 +90,11 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
             hook_raw = [r["raw"] for r in hook.received]
             hook_keys = hook.keys()
             first_at = first_delivery_times(hook)
+            with hook.lock:
+                copies: dict[str, list[float]] = {}
+                for r in hook.received:
+                    copies.setdefault(r["key"], []).append(r["at"])
+            second_at = {k: ts[1] for k, ts in copies.items() if len(ts) > 1}
             am_raw = [r["raw"] for r in am.received]
         finally:
             reader.close()
@@ -105,7 +110,7 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
         before = [m for m in marks if m >= first]
         dup_window.append(min(before) - first if before else None)
     in_flight, unexplained = split_repeats(v, first_at, kill_times, ledger_at_kill)
-    repeats = repeat_report(v, first_at, kill_times, ledger_at_kill)
+    repeats = repeat_report(v, first_at, second_at, kill_times, ledger_at_kill)
     keep = os.environ.get("RELIABILITY_KEEP_DIR")
     if keep:  # the worker logs and the timings, to explain a repeat after pytest's tmp dirs rotate
         os.makedirs(keep, exist_ok=True)
@@ -125,15 +130,17 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
             "first_at": first_at, "kill_times": kill_times, "ledger_at_kill": ledger_at_kill, "repeats": repeats}
 
 
-def repeat_report(v, first_at, kill_times, ledger_at_kill) -> list[dict]:
-    """Per repeated version: the SIGKILL after its first copy, the seconds between, and
-    whether its ledger record was on the broker at that SIGKILL."""
+def repeat_report(v, first_at, second_at, kill_times, ledger_at_kill) -> list[dict]:
+    """Per repeated version: the SIGKILL after its first copy, the seconds between, whether
+    its ledger record was on the broker at that SIGKILL, and whether its second copy came
+    after that SIGKILL (from the next worker)."""
     out = []
     for k in v.duplicate_deliveries:
         f = first_at.get(k)
         i = next((j for j, t in enumerate(kill_times) if f is not None and t >= f), None)
         out.append({"key": k, "kill": i, "seconds_to_kill": None if i is None else round(kill_times[i] - f, 2),
-                    "on_ledger_at_kill": None if i is None else f"webhook|{k.replace(':', '|', 1)}" in ledger_at_kill[i]})
+                    "on_ledger_at_kill": None if i is None else f"webhook|{k.replace(':', '|', 1)}" in ledger_at_kill[i],
+                    "second_copy_after_kill": None if i is None else second_at.get(k, 0.0) > kill_times[i]})
     return out
 
 
@@ -176,6 +183,8 @@ def test_no_version_paged_twice_and_none_missing(crash_run):
     assert not unexplained, (
         f"{v.explain()}\nrepeats not explained by a SIGKILL (their ledger record was on the broker when the next "
         f"worker started, or no SIGKILL followed their first copy): {unexplained}; per repeat: {crash_run['repeats']}")
+    # ... and the second copy came from the next worker, not a retry by the same one
+    assert all(r["second_copy_after_kill"] for r in crash_run["repeats"] if r["key"] in in_flight), crash_run["repeats"]
     per_kill = Counter(r["kill"] for r in crash_run["repeats"] if r["key"] in in_flight)
     assert all(n <= DEFAULT_CONCURRENCY for n in per_kill.values()), (
         f"more repeats at one SIGKILL than deliveries that can await their ledger record: {per_kill}")

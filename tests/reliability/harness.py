@@ -376,7 +376,7 @@ def first_delivery_times(hook) -> dict[str, float]:
 
 def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float],
                   ledger_at_kill: list[frozenset[str]] | None = None, sink: str = "webhook",
-                  window: float = 2.0) -> tuple[list[str], list[str]]:
+                  window: float = 2.0, second_at: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
     """(in-flight repeats, unexplained repeats) of ``sink``'s deliveries (Idempotency-Key
     ``alert_id:version``).
 
@@ -387,8 +387,10 @@ def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float
     (the answer, the worker's event loop and the broker's acknowledgement all lie in
     between), when its first copy came before a SIGKILL and its ledger record was NOT on
     the broker right after that SIGKILL (``ledger_at_kill[i]``, read while no worker ran).
-    A repeat whose record was on the ledger when the next worker started, or with no
-    SIGKILL after its first copy, is a bug.
+    With ``second_at`` (the time of each repeat's second copy) that SIGKILL is the last one
+    before the second copy (the ledger its sender loaded) and must come after the first;
+    without it, the first SIGKILL after the first copy. A repeat whose record was on the
+    ledger when the next worker started, or with no SIGKILL between its copies, is a bug.
 
     Without ``ledger_at_kill`` (a caller that did not read the ledger at its kills) the
     approximation is a first copy within ``window`` seconds before a SIGKILL; it misjudges
@@ -401,8 +403,14 @@ def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float
     explained = []
     for k in v.duplicate_deliveries:
         first = first_at.get(k)
-        nxt = next((i for i, t in enumerate(kill_times) if first is not None and t >= first), None)
-        if nxt is not None and f"{sink}|{k.replace(':', '|', 1)}" not in ledger_at_kill[nxt]:
+        if first is None:
+            continue
+        if second_at is not None:
+            second = second_at.get(k, float("-inf"))
+            i = max((j for j, t in enumerate(kill_times) if first <= t < second), default=None)
+        else:
+            i = next((j for j, t in enumerate(kill_times) if t >= first), None)
+        if i is not None and f"{sink}|{k.replace(':', '|', 1)}" not in ledger_at_kill[i]:
             explained.append(k)
     return explained, [k for k in v.duplicate_deliveries if k not in explained]
 

@@ -157,3 +157,17 @@ def test_a_repeat_is_explained_by_the_ledger_at_the_kill_not_by_seconds():
     in_flight, unexplained = split_repeats(_verdict(sorted(first)), first, kills)
     assert in_flight == ["b:2"]
     assert unexplained == ["a:1", "c:1", "d:3"]
+
+
+def test_the_kill_that_counts_is_the_last_before_the_second_copy():
+    kills = [100.0, 200.0, 300.0]
+    first = {"a:1": 95.0, "b:1": 95.0, "c:1": 95.0, "e:1": 150.0}
+    second = {"a:1": 250.0,  # the worker after kill 0 died before sending it; sent after kill 1
+              "b:1": 250.0,  # on the ledger at kill 1: the sender of the second copy loaded it
+              "c:1": 99.0,   # sent twice by the same worker (a retry): no kill in between
+              "e:1": 320.0}
+    ledger = [frozenset(), frozenset({"webhook|b|1"}), frozenset({"webhook|b|1", "webhook|e|1"})]
+    in_flight, unexplained = split_repeats(_verdict(sorted(first)), first, kills, ledger, second_at=second)
+    assert in_flight == ["a:1"]
+    assert unexplained == ["b:1", "c:1", "e:1"]
+

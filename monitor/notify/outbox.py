@@ -130,7 +130,21 @@ class DeliveryService:
                        asyncio.create_task(self._commit_loop())]
         if any(isinstance(sk, AlertmanagerSink) for sk in self.sinks):
             self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        if log.isEnabledFor(logging.DEBUG):
+            self._tasks.append(asyncio.create_task(self._watch_loop()))
         self.ready.set()
+
+    @staticmethod
+    async def _watch_loop(tick: float = 0.1, report: float = 0.5) -> None:
+        """DEBUG only: report when the event loop (shared with ingest and the clinical runner)
+        was held long enough to delay an answered delivery's ledger write."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(tick)
+            held = loop.time() - t - tick
+            if held > report:
+                log.debug("event loop held for %.2fs", held)
 
     async def _catch_up_ledger(self) -> None:
         c = self._ledger_consumer
@@ -190,7 +204,9 @@ class DeliveryService:
                         self._track_open(tp, alert, bool(keys))
                         if keys:
                             pend[r.offset] = keys
-                            self.dispatcher.enqueue(alert)
+                            queued = self.dispatcher.enqueue(alert)
+                            log.debug("outbox %d@%d: %s queued for %d of %d sinks", tp.partition, r.offset,
+                                      alert.idempotency_key, queued, len(keys))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

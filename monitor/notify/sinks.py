@@ -73,6 +73,7 @@ from schemas.alert import Alert, CLOSED_STATUSES
 __all__ = [
     "DeliveryError", "Sink", "AlertmanagerSink", "WebhookSink", "sign_body", "verify_signature", "DeliveryKey",
     "DeliveryLedger", "InMemoryLedger", "Backoff", "DeliveryHooks", "should_deliver", "Dispatcher",
+    "DEFAULT_CONCURRENCY",
 ]
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,12 @@ def should_deliver(sink: Any, alert: Alert) -> bool:
     return alert.notify or alert.status_changed
 
 
+#: attempts in flight per sink. A slot is held from the request until the delivery's ledger
+#: record is acknowledged (``Dispatcher._attempt``), so at most this many versions per sink
+#: can have been answered without being on the ledger: what one crash can repeat.
+DEFAULT_CONCURRENCY = 8
+
+
 @dataclass(order=True)
 class _Item:
     version: int
@@ -385,7 +392,7 @@ class Dispatcher:
     def __init__(self, sinks: Iterable[Sink], ledger: DeliveryLedger | None = None, *,
                  backoff: Backoff | None = None, hooks: DeliveryHooks | None = None,
                  policy: Callable[[Any, Alert], bool] = should_deliver,
-                 attempt_timeout: float | None = 30.0, concurrency: int = 8,
+                 attempt_timeout: float | None = 30.0, concurrency: int = DEFAULT_CONCURRENCY,
                  clock: Callable[[], float] = time.monotonic):
         self.sinks = list(sinks)
         names = [s.name for s in self.sinks]
@@ -402,6 +409,8 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = False
+        #: ledger records written again after a failed write (``_rewrite``)
+        self._rewrites: set[asyncio.Task] = set()
 
     # -- producer side (sync, never blocks) ---------------------------------------
     def enqueue(self, alert: Alert) -> int:
@@ -470,6 +479,8 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 log.warning("dispatcher stopping with %d deliveries pending", self.pending_count())
         self._running = False
+        for t in list(self._rewrites):
+            t.cancel()
         for st in self._states.values():
             if st.task is not None:
                 st.task.cancel()
@@ -554,6 +565,7 @@ class Dispatcher:
                             name, item.attempts, delay, exc if isinstance(exc, DeliveryError) else type(exc).__name__)
                 self.hooks.call("on_failure", name, item.alert, item.attempts, exc, delay)
                 return
+            answered = self._clock()
             marked = self.ledger.mark(item.key)
             if inspect.isawaitable(marked):
                 # a persistent ledger: wait until the record is durable, so a crash right
@@ -562,14 +574,46 @@ class Dispatcher:
                     await marked
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # delivered anyway; the in-memory mark stands
-                    log.warning("delivery ledger write for %s failed: %s", name, type(exc).__name__)
+                except Exception as exc:
+                    # delivered anyway, and the in-memory mark stands (this worker does not
+                    # send it again); the record is written again in the background until
+                    # the broker takes it, or a crash could repeat this version at any
+                    # later time (the outbox commit may stay behind it for long, e.g.
+                    # while another sink is down)
+                    log.warning("delivery ledger write for %s failed: %s; writing it again", name,
+                                type(exc).__name__)
+                    t = asyncio.create_task(self._rewrite(item.key), name=f"ledger:{name}")
+                    self._rewrites.add(t)
+                    t.add_done_callback(self._rewrites.discard)
+                else:
+                    # alert ids are keyed pseudonyms (no patient id); DEBUG only
+                    log.debug("ledger record %s durable %.3fs after the answer", item.key.as_str(),
+                              self._clock() - answered)
             self._done(st, alert_id, item)
             self.hooks.call("on_delivered", name, item.alert, item.attempts, self._clock() - item.enqueued_at)
         finally:
             st.busy.discard(alert_id)
             sem.release()
             st.wake.set()
+
+    async def _rewrite(self, key: DeliveryKey) -> None:
+        """Write a delivered key's ledger record again (backoff) until it is durable."""
+        attempt = 1
+        while True:
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+            try:
+                marked = self.ledger.mark(key)
+                if inspect.isawaitable(marked):
+                    await marked
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("delivery ledger write for %s failed again (attempt %d): %s", key.sink, attempt,
+                            type(exc).__name__)
+                continue
+            log.info("delivery ledger record for %s written after %d attempts", key.sink, attempt)
+            return
 
     def _done(self, st: _SinkState, alert_id: str, item: _Item) -> None:
         lane = st.lanes.get(alert_id)

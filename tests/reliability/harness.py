@@ -331,6 +331,40 @@ def verdict(sc: Scenario, out: Outputs, hook_keys: list[str] | None, topics: dic
                    missing_del, dup_del, conflicts, len(versions), len(hook_keys or ()))
 
 
+class LedgerReader:
+    """The delivery ledger topic (``alert-deliveries``: ``sink|alert_id|version`` keys) as it
+    stands on the broker; incremental. Read right after a SIGKILL (the worker is dead, so
+    nothing more is written until the next one starts), it is exactly the ledger the next
+    worker loads before it delivers anything."""
+
+    def __init__(self, bootstrap: str, topic: str, **client_cfg) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                               auto_offset_reset="earliest", **client_cfg)
+        self.parts = [TopicPartition(topic, p) for p in sorted(self.c.partitions_for_topic(topic) or ())]
+        assert self.parts, f"no partitions for {topic}"
+        self.c.assign(self.parts)
+        self.c.seek_to_beginning(*self.parts)
+        self.keys: set[str] = set()
+
+    def snapshot(self, timeout: float = 30.0) -> frozenset[str]:
+        """Every key on the topic up to its end offsets as of this call."""
+        ends = self.c.end_offsets(self.parts)
+        deadline = time.monotonic() + timeout
+        while any(self.c.position(tp) < ends[tp] for tp in self.parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ledger not read to {ends} within {timeout}s")
+            for msgs in self.c.poll(timeout_ms=200, max_records=5000).values():
+                for m in msgs:
+                    if m.key:
+                        self.keys.add(m.key.decode())
+        return frozenset(self.keys)
+
+    def close(self) -> None:
+        self.c.close()
+
+
 def first_delivery_times(hook) -> dict[str, float]:
     """Idempotency-Key -> wall time of its first delivery to a ``WebhookReceiver``."""
     with hook.lock:
@@ -341,13 +375,43 @@ def first_delivery_times(hook) -> dict[str, float]:
 
 
 def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float],
-                  window: float = 2.0) -> tuple[list[str], list[str]]:
-    """(in-flight repeats, unexplained repeats). HTTP delivery after a SIGKILL is at least
-    once: a version whose request was in flight when the worker died (answered, its ledger
-    record not yet on the broker) may be sent again by the next worker, with the same
-    Idempotency-Key, which a receiver drops. Any other repeat is a bug."""
-    explained = [k for k in v.duplicate_deliveries
-                 if any(t - window <= first_at.get(k, float("-inf")) <= t for t in kill_times)]
+                  ledger_at_kill: list[frozenset[str]] | None = None, sink: str = "webhook",
+                  window: float = 2.0, second_at: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
+    """(in-flight repeats, unexplained repeats) of ``sink``'s deliveries (Idempotency-Key
+    ``alert_id:version``).
+
+    HTTP delivery after a SIGKILL is at least once. The worker writes a version's ledger
+    record (``sink|alert_id|version`` on ``alert-deliveries``) only after the receiver
+    answered, and the next worker skips exactly the versions on the ledger when it starts.
+    So a repeat is explained, whatever the seconds between its first copy and the kill
+    (the answer, the worker's event loop and the broker's acknowledgement all lie in
+    between), when its first copy came before a SIGKILL and its ledger record was NOT on
+    the broker right after that SIGKILL (``ledger_at_kill[i]``, read while no worker ran).
+    With ``second_at`` (the time of each repeat's second copy) that SIGKILL is the last one
+    before the second copy (the ledger its sender loaded) and must come after the first;
+    without it, the first SIGKILL after the first copy. A repeat whose record was on the
+    ledger when the next worker started, or with no SIGKILL between its copies, is a bug.
+
+    Without ``ledger_at_kill`` (a caller that did not read the ledger at its kills) the
+    approximation is a first copy within ``window`` seconds before a SIGKILL; it misjudges
+    a repeat whose ledger write was held longer than that (a busy event loop or broker)."""
+    if ledger_at_kill is None:
+        explained = [k for k in v.duplicate_deliveries
+                     if any(t - window <= first_at.get(k, float("-inf")) <= t for t in kill_times)]
+        return explained, [k for k in v.duplicate_deliveries if k not in explained]
+    assert len(ledger_at_kill) == len(kill_times)
+    explained = []
+    for k in v.duplicate_deliveries:
+        first = first_at.get(k)
+        if first is None:
+            continue
+        if second_at is not None:
+            second = second_at.get(k, float("-inf"))
+            i = max((j for j, t in enumerate(kill_times) if first <= t < second), default=None)
+        else:
+            i = next((j for j, t in enumerate(kill_times) if t >= first), None)
+        if i is not None and f"{sink}|{k.replace(':', '|', 1)}" not in ledger_at_kill[i]:
+            explained.append(k)
     return explained, [k for k in v.duplicate_deliveries if k not in explained]
 
 

@@ -649,12 +649,15 @@ def report(run: Run, meta: dict) -> str:
         lines.append("Cores in use while each phase published (CPU seconds per second; the machine has "
                      f"{lat['phases'][0].get('cpu_cores', {}).get('cores', '?')}):")
         lines.append("")
-        lines.append("| offered rate | worker | broker | publisher | alert reader | whole machine |")
-        lines.append("|---:|---:|---:|---:|---:|---:|")
+        lines.append("| offered rate | worker | broker | publisher | alert reader | anything else | whole machine |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
         for ph in lat["phases"]:
             c = ph.get("cpu_cores") or {}
+            named = ("worker", "broker", "publisher", "alert_reader")
+            other = round(c["machine"] - sum(c[k] for k in named), 2) if c and all(k in c for k in named) else None
             lines.append(f"| {fmt(ph['offered_rate'])}/s | {fmt(c.get('worker'), 2)} | {fmt(c.get('broker'), 2)} "
-                         f"| {fmt(c.get('publisher'), 2)} | {fmt(c.get('alert_reader'), 2)} | {fmt(c.get('machine'), 2)} |")
+                         f"| {fmt(c.get('publisher'), 2)} | {fmt(c.get('alert_reader'), 2)} | {fmt(other, 2)} "
+                         f"| {fmt(c.get('machine'), 2)} |")
         for ph in lat["phases"]:
             if ph["matched"] < ph["published"]:
                 lines.append("")

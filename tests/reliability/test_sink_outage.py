@@ -70,10 +70,12 @@ class FlakyWebhook:
 
 
 def test_webhook_outage_does_not_stall_processing_and_loses_nothing(kafka_bootstrap, tmp_path):
-    # each phase is several retry intervals long (DELIVERY_RETRY_MAX_SECONDS caps the backoff
-    # at 2 s below): every waiting version is refused, then answered 503, several times over
-    refused_s = float(os.environ.get("RELIABILITY_OUTAGE_REFUSED_S", "10"))
-    failing_s = float(os.environ.get("RELIABILITY_OUTAGE_5XX_S", "10"))
+    # each phase is several retry intervals long (the backoff is 0.5, 1, then 2 s: the cap
+    # DELIVERY_RETRY_MAX_SECONDS below): every waiting version is refused, then answered 503,
+    # several times over (6 s: a version waiting from the start is refused 5 times, then
+    # answered 503 about 3 times, each 503 taking 0.3 s)
+    refused_s = float(os.environ.get("RELIABILITY_OUTAGE_REFUSED_S", "6"))
+    failing_s = float(os.environ.get("RELIABILITY_OUTAGE_5XX_S", "6"))
     bs = kafka_bootstrap
     prefix = f"out{uuid.uuid4().hex[:8]}"
     topics = make_topics(bs, prefix)

@@ -566,35 +566,37 @@ class Dispatcher:
                 self.hooks.call("on_failure", name, item.alert, item.attempts, exc, delay)
                 return
             answered = self._clock()
-            marked = self.ledger.mark(item.key)
-            if inspect.isawaitable(marked):
-                # a persistent ledger: wait until the record is durable, so a crash right
-                # after a delivery leaves as small a window for a repeat as possible
-                try:
-                    await marked
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # delivered anyway, and the in-memory mark stands (this worker does not
-                    # send it again); the record is written again in the background until
-                    # the broker takes it, or a crash could repeat this version at any
-                    # later time (the outbox commit may stay behind it for long, e.g.
-                    # while another sink is down)
-                    log.warning("delivery ledger write for %s failed: %s; writing it again", name,
-                                type(exc).__name__)
-                    t = asyncio.create_task(self._rewrite(item.key), name=f"ledger:{name}")
-                    self._rewrites.add(t)
-                    t.add_done_callback(self._rewrites.discard)
-                else:
-                    # alert ids are keyed pseudonyms (no patient id); DEBUG only
-                    log.debug("ledger record %s durable %.3fs after the answer", item.key.as_str(),
-                              self._clock() - answered)
+            # a persistent ledger: wait until the record is durable, so a crash right after a
+            # delivery leaves as small a window for a repeat as possible
+            try:
+                await self._mark(item.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # delivered anyway, and the in-memory mark stands (this worker does not send
+                # it again); the record is written again in the background until the broker
+                # takes it, or a crash could repeat this version at any later time (the
+                # outbox commit may stay behind it for long, e.g. while another sink is down)
+                log.warning("delivery ledger write for %s failed: %s; writing it again", name, type(exc).__name__)
+                t = asyncio.create_task(self._rewrite(item.key), name=f"ledger:{name}")
+                self._rewrites.add(t)
+                t.add_done_callback(self._rewrites.discard)
+            else:
+                # alert ids are keyed pseudonyms (no patient id); DEBUG only
+                log.debug("ledger record %s durable %.3fs after the answer", item.key.as_str(),
+                          self._clock() - answered)
             self._done(st, alert_id, item)
             self.hooks.call("on_delivered", name, item.alert, item.attempts, self._clock() - item.enqueued_at)
         finally:
             st.busy.discard(alert_id)
             sem.release()
             st.wake.set()
+
+    async def _mark(self, key: DeliveryKey) -> None:
+        """Record ``key`` on the ledger; with a persistent ledger, until it is durable."""
+        marked = self.ledger.mark(key)
+        if inspect.isawaitable(marked):
+            await marked
 
     async def _rewrite(self, key: DeliveryKey) -> None:
         """Write a delivered key's ledger record again (backoff) until it is durable."""
@@ -603,9 +605,7 @@ class Dispatcher:
             await asyncio.sleep(self.backoff.delay(attempt))
             attempt += 1
             try:
-                marked = self.ledger.mark(key)
-                if inspect.isawaitable(marked):
-                    await marked
+                await self._mark(key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -30,6 +30,7 @@ if str(TESTS) not in sys.path:
 
 from workers import SERVICE_TOPICS, WorkerProcess  # noqa: E402
 
+from monitor.notify.sinks import DeliveryKey  # noqa: E402
 from monitor.settings import INPUT_TOPICS as SETTINGS_INPUT_TOPICS  # noqa: E402
 from schemas.findings import Severity  # noqa: E402
 
@@ -365,13 +366,35 @@ class LedgerReader:
         self.c.close()
 
 
+def copy_times(copies: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
+    """Idempotency-Key -> wall times of its copies, in arrival order."""
+    out: dict[str, list[float]] = {}
+    for key, at in copies:
+        out.setdefault(key, []).append(at)
+    return out
+
+
 def first_delivery_times(hook) -> dict[str, float]:
     """Idempotency-Key -> wall time of its first delivery to a ``WebhookReceiver``."""
     with hook.lock:
-        first_at: dict[str, float] = {}
-        for r in hook.received:
-            first_at.setdefault(r["key"], r["at"])
-    return first_at
+        times = copy_times((r["key"], r["at"]) for r in hook.received)
+    return {k: ts[0] for k, ts in times.items()}
+
+
+def ledger_key(idempotency_key: str, sink: str = "webhook") -> str:
+    """The delivery ledger's key (``DeliveryKey.as_str``) of a delivery whose Idempotency-Key
+    is ``alert_id:version``."""
+    alert_id, version = idempotency_key.split(":", 1)
+    return DeliveryKey(sink, alert_id, int(version)).as_str()
+
+
+def counting_kill(first: float, second: float | None, kill_times: list[float]) -> int | None:
+    """The SIGKILL that can explain a repeat whose copies came at ``first`` and ``second``:
+    the last one before the second copy (the ledger its sender loaded) and after the first;
+    without ``second``, the first SIGKILL after the first copy. None: no such SIGKILL."""
+    if second is not None:
+        return max((j for j, t in enumerate(kill_times) if first <= t < second), default=None)
+    return next((j for j, t in enumerate(kill_times) if t >= first), None)
 
 
 def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float],
@@ -405,12 +428,8 @@ def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float
         first = first_at.get(k)
         if first is None:
             continue
-        if second_at is not None:
-            second = second_at.get(k, float("-inf"))
-            i = max((j for j, t in enumerate(kill_times) if first <= t < second), default=None)
-        else:
-            i = next((j for j, t in enumerate(kill_times) if t >= first), None)
-        if i is not None and f"{sink}|{k.replace(':', '|', 1)}" not in ledger_at_kill[i]:
+        i = counting_kill(first, None if second_at is None else second_at.get(k, float("-inf")), kill_times)
+        if i is not None and ledger_key(k, sink) not in ledger_at_kill[i]:
             explained.append(k)
     return explained, [k for k in v.duplicate_deliveries if k not in explained]
 

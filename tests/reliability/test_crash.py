@@ -23,9 +23,9 @@ import pytest
 
 from receivers import WebhookReceiver
 from reliability.conftest import drop_topics, make_topics
-from reliability.harness import (LedgerReader, TopicReader, build_scenario, find_identifiers, first_delivery_times,
-                                 info_lines, kills_default, publish, record_figure, split_repeats, start_worker,
-                                 stop_all, wait_converged, worker_logs)
+from reliability.harness import (LedgerReader, TopicReader, build_scenario, copy_times, counting_kill, find_identifiers,
+                                 info_lines, kills_default, ledger_key, publish, record_figure, split_repeats,
+                                 start_worker, stop_all, wait_converged, worker_logs)
 from monitor.notify.sinks import DEFAULT_CONCURRENCY
 from workers import service_env
 
@@ -89,11 +89,9 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
             metrics_text.append(body.decode(errors="replace"))
             hook_raw = [r["raw"] for r in hook.received]
             hook_keys = hook.keys()
-            first_at = first_delivery_times(hook)
             with hook.lock:
-                copies: dict[str, list[float]] = {}
-                for r in hook.received:
-                    copies.setdefault(r["key"], []).append(r["at"])
+                copies = copy_times((r["key"], r["at"]) for r in hook.received)
+            first_at = {k: ts[0] for k, ts in copies.items()}
             second_at = {k: ts[1] for k, ts in copies.items() if len(ts) > 1}
             am_raw = [r["raw"] for r in am.received]
         finally:
@@ -127,21 +125,20 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
     print(f"crash run: {survived} kills survived in {elapsed:.0f}s; {v.summary()}")
     return {"verdict": v, "scenario": sc, "logs": logs, "metrics": metrics_text, "hook_raw": hook_raw,
             "am_raw": am_raw, "survived": survived, "kills": kills, "dup_window": dup_window,
-            "first_at": first_at, "second_at": second_at, "kill_times": kill_times, "ledger_at_kill": ledger_at_kill,
+            "in_flight": in_flight, "unexplained": unexplained,
             "repeats": repeats}
 
 
 def repeat_report(v, first_at, second_at, kill_times, ledger_at_kill) -> list[dict]:
-    """Per repeated version: the SIGKILL after its first copy, the seconds between, whether
-    its ledger record was on the broker at that SIGKILL, and whether its second copy came
-    after that SIGKILL (from the next worker)."""
+    """Per repeated version: the SIGKILL that can explain it (``counting_kill``, the one
+    ``split_repeats`` judges by; None: no SIGKILL between its copies), the seconds from its
+    first copy to that SIGKILL, and whether its ledger record was on the broker then."""
     out = []
     for k in v.duplicate_deliveries:
         f = first_at.get(k)
-        i = next((j for j, t in enumerate(kill_times) if f is not None and t >= f), None)
+        i = None if f is None else counting_kill(f, second_at.get(k, float("-inf")), kill_times)
         out.append({"key": k, "kill": i, "seconds_to_kill": None if i is None else round(kill_times[i] - f, 2),
-                    "on_ledger_at_kill": None if i is None else f"webhook|{k.replace(':', '|', 1)}" in ledger_at_kill[i],
-                    "second_copy_after_kill": None if i is None else second_at.get(k, 0.0) > kill_times[i]})
+                    "on_ledger_at_kill": None if i is None else ledger_key(k) in ledger_at_kill[i]})
     return out
 
 
@@ -179,8 +176,7 @@ def test_no_version_paged_twice_and_none_missing(crash_run):
     v = crash_run["verdict"]
     assert v.deliveries > 0
     assert not v.missing_deliveries, v.explain()
-    in_flight, unexplained = split_repeats(v, crash_run["first_at"], crash_run["kill_times"],
-                                           crash_run["ledger_at_kill"], second_at=crash_run["second_at"])
+    in_flight, unexplained = crash_run["in_flight"], crash_run["unexplained"]
     assert not unexplained, (
         f"{v.explain()}\nrepeats not explained by a SIGKILL (no SIGKILL between their copies, or their ledger "
         f"record was on the broker when the worker that sent the second copy started): {unexplained}; "

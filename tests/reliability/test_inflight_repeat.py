@@ -24,8 +24,8 @@ import pytest
 
 from monitor.notify.sinks import DEFAULT_CONCURRENCY
 from reliability.conftest import drop_topics, make_topics
-from reliability.harness import (LedgerReader, Verdict, build_scenario, publish, split_repeats, start_worker,
-                                 stop_all)
+from reliability.harness import (LedgerReader, Verdict, build_scenario, copy_times, ledger_key, publish,
+                                 split_repeats, start_worker, stop_all)
 from workers import TEST_WEBHOOK_SECRET, service_env
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ def test_answered_version_off_the_ledger_is_sent_again_after_a_sigkill(kafka_boo
         first_at, first_key = hook.copies[0]
         answered = set(hook.keys())
         # answered before the SIGKILL, never written to the ledger (the worker never read the answer)
-        assert f"webhook|{first_key.replace(':', '|', 1)}" not in at_kill
+        assert ledger_key(first_key) not in at_kill
         assert kill_at - first_at >= HOLD_SECONDS
         start_worker(bs, env, tmp_path / "w1", workers)
         deadline = time.monotonic() + 120
@@ -104,7 +104,7 @@ def test_answered_version_off_the_ledger_is_sent_again_after_a_sigkill(kafka_boo
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             on = ledger.snapshot()
-            if all(f"webhook|{k.replace(':', '|', 1)}" in on for k in answered):
+            if all(ledger_key(k) in on for k in answered):
                 break
             time.sleep(0.2)
         copies = Counter(hook.keys())
@@ -112,12 +112,10 @@ def test_answered_version_off_the_ledger_is_sent_again_after_a_sigkill(kafka_boo
         second_at = [t for t, k in hook.copies if k == first_key][1]
         assert second_at > kill_at
         after = ledger.snapshot()
-        assert f"webhook|{first_key.replace(':', '|', 1)}" in after, "the new worker records it"
+        assert ledger_key(first_key) in after, "the new worker records it"
 
         repeats = sorted(k for k, n in copies.items() if n > 1)
-        times: dict[str, list[float]] = {}
-        for t, k in hook.copies:
-            times.setdefault(k, []).append(t)
+        times = copy_times((k, t) for t, k in hook.copies)
         firsts = {k: ts[0] for k, ts in times.items()}
         seconds = {k: ts[1] for k, ts in times.items() if len(ts) > 1}
         v = Verdict([], 0, [], [], [], [], [], [], repeats, 0, len(copies), len(hook.copies))

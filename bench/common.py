@@ -400,7 +400,7 @@ class CpuMeter:
         under their own names)."""
         self.trees = trees
         self.alone = alone or {}
-        self.pids = [*trees, *self.alone]
+        self.names = [*trees, *self.alone]
 
     def _read(self) -> dict[str, float]:
         out = {name: sum(cpu_seconds(p) for pid in pids for p in proc_tree(pid)) for name, pids in self.trees.items()}
@@ -417,7 +417,7 @@ class CpuMeter:
         ``cores`` (the machine's count), and ``seconds``."""
         t1 = self._read()
         wall = t1["wall"] - self._t0["wall"]
-        out = {name: round((t1[name] - self._t0[name]) / wall, 2) for name in self.pids}
+        out = {name: round((t1[name] - self._t0[name]) / wall, 2) for name in self.names}
         total = t1["machine_total"] - self._t0["machine_total"]
         out["machine"] = round((t1["machine_busy"] - self._t0["machine_busy"]) / wall, 2)
         out["cores"] = round(total / wall) if wall else os.cpu_count()

@@ -24,6 +24,7 @@ also on failure or Ctrl-C; every process it starts is stopped. See bench/README.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -82,6 +83,10 @@ class Run:
 
     def app_id(self, name: str) -> str:
         return f"{self.prefix}-{name}"
+
+    def broker_pids(self) -> list[int]:
+        """The broker's process (the one listening on the bootstrap port), for ``CpuMeter``."""
+        return listening_pids(int(self.args.bootstrap.rsplit(":", 1)[1]))
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         child = Child(name, argv, env, self.tmp / f"{name}.log")
@@ -260,8 +265,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     lag = None
     committed_first = None  # (t, committed) when observations first appeared
     last_commit = (None, 0)
-    meter = CpuMeter({"workers": [c.pid for c in children],
-                      "broker": listening_pids(int(run.args.bootstrap.rsplit(":", 1)[1]))})
+    meter = CpuMeter({"workers": [c.pid for c in children], "broker": run.broker_pids()})
     cores = None
     try:
         while time.monotonic() < deadline:
@@ -343,19 +347,18 @@ class PacedProducer:
     TICK = 0.005
 
     def __init__(self, bootstrap: str, client_id: str) -> None:
-        import asyncio
-
-        self._asyncio = asyncio
         self.loop = asyncio.new_event_loop()
-        self.producer = None
-        self.loop.run_until_complete(self._start(bootstrap, client_id))
+        self.producer = self.loop.run_until_complete(self._start(bootstrap, client_id))
         self.pending: list = []
 
-    async def _start(self, bootstrap: str, client_id: str) -> None:
+    @staticmethod
+    async def _start(bootstrap: str, client_id: str):
+        """Started producer (aiokafka clients are made inside their event loop)."""
         from aiokafka import AIOKafkaProducer
 
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1, client_id=client_id)
-        await self.producer.start()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1, client_id=client_id)
+        await producer.start()
+        return producer
 
     async def _send_all(self, items) -> None:
         for topic, key, value in items:
@@ -366,7 +369,7 @@ class PacedProducer:
         self.loop.run_until_complete(self._send_all(items))
 
     async def _paced(self, total: int, rate: float, make) -> None:
-        sleep, send = self._asyncio.sleep, self.producer.send
+        sleep, send = asyncio.sleep, self.producer.send
         t0 = time.monotonic()
         i = 0
         while i < total:
@@ -386,7 +389,7 @@ class PacedProducer:
         """Wait for the broker's acknowledgement of everything sent."""
         pending, self.pending = self.pending, []
         if pending:
-            self.loop.run_until_complete(self._asyncio.gather(*pending))
+            self.loop.run_until_complete(asyncio.gather(*pending))
 
     def close(self) -> None:
         try:
@@ -500,8 +503,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             time.sleep(0.2)
         out["warmup_alerts"] = f"{reader.count(seq, seq + patients)}/{patients}"
         base = 0
-        broker = listening_pids(int(run.args.bootstrap.rsplit(":", 1)[1]))
-        meter = CpuMeter({"worker": [child.pid], "broker": broker, "alert_reader": [reader.proc.pid]},
+        meter = CpuMeter({"worker": [child.pid], "broker": run.broker_pids(), "alert_reader": [reader.proc.pid]},
                          alone={"publisher": [os.getpid()]})
         for rate, seconds in phases:
             total = int(rate * seconds)

@@ -50,8 +50,9 @@ def topic_factory(kafka_bootstrap):
 
 @pytest.fixture
 def worker_factory(kafka_bootstrap, tmp_path):
-    """Start ``monitor worker`` processes on isolated topics; kill them all after the test."""
-    from workers import WorkerProcess
+    """Start ``monitor worker`` processes on isolated topics; stop them all after the test
+    (in parallel; ``workers.stop_workers``)."""
+    from workers import WorkerProcess, stop_workers
 
     started: list[WorkerProcess] = []
 
@@ -62,5 +63,4 @@ def worker_factory(kafka_bootstrap, tmp_path):
         return wp
 
     yield make
-    for wp in started:
-        wp.stop()
+    stop_workers(started)

@@ -1,11 +1,13 @@
 """Run the real ``monitor worker`` as a subprocess for integration tests."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -161,6 +163,7 @@ class WorkerProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM and wait until the process has exited (SIGKILL after 20 s)."""
         if self.proc and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -169,3 +172,88 @@ class WorkerProcess:
                 self.kill()
         if getattr(self, "_log", None):
             self._log.close()
+
+    def terminate(self) -> None:
+        """Send SIGTERM (the start of ``stop``) without waiting."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop_services(self, timeout: float = 20.0) -> None:
+        """A teardown's stop: SIGTERM, then wait until the worker has stopped every service
+        (``SERVICES_STOPPED`` logged: its consumers left their groups, its producers are
+        flushed and closed, its web server is closed) or has exited. What remains after
+        that line is mode's fixed one-second sentinel sleep before the event loop closes;
+        that exit is awaited in the background (``reap_stopping``, at the latest when the
+        test session ends, SIGKILL after ``timeout``), not by the test. Without the line
+        (another log level or format) it waits for the exit, as ``stop`` does."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop()
+            return
+        self.terminate()
+        deadline = time.monotonic() + timeout
+        offset = 0
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with open(self.log_path, "rb") as fh:
+                    fh.seek(max(0, offset - len(SERVICES_STOPPED)))
+                    chunk = fh.read()
+                    offset = fh.tell()
+            except OSError:
+                chunk = b""
+            if SERVICES_STOPPED in chunk:
+                _reap_in_background(self, deadline)
+                return
+            time.sleep(0.05)
+        self.stop()  # exited (or timed out: killed)
+
+
+#: mode's Worker logs this once every service has stopped, just before its fixed 1 s
+#: sentinel sleep and the loop's close (mode/worker.py ``_shutdown_loop``)
+SERVICES_STOPPED = b"Gathering all futures"
+
+_reapers: list[threading.Thread] = []
+
+
+def _reap_in_background(wp: "WorkerProcess", deadline: float) -> None:
+    def reap() -> None:
+        try:
+            wp.proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            wp.kill()
+        if getattr(wp, "_log", None):
+            wp._log.close()
+
+    t = threading.Thread(target=reap, name=f"reap-worker-{wp.proc.pid}", daemon=True)
+    t.start()
+    _reapers.append(t)
+
+
+def reap_stopping(timeout: float = 30.0) -> None:
+    """Wait for every worker ``stop_services`` left exiting in the background."""
+    deadline = time.monotonic() + timeout
+    while _reapers:
+        _reapers.pop().join(max(0.1, deadline - time.monotonic()))
+
+
+atexit.register(reap_stopping)
+
+
+def stop_workers(workers) -> None:
+    """A teardown's stop of several workers: SIGTERM to all first (they shut down in
+    parallel), then ``stop_services`` each; anything that goes wrong ends in a SIGKILL."""
+    for wp in workers:
+        try:
+            wp.terminate()
+        except Exception:
+            pass
+    for wp in workers:
+        try:
+            wp.stop_services()
+        except Exception:
+            try:
+                wp.kill()
+            except Exception:
+                pass

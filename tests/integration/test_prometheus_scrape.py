@@ -283,7 +283,7 @@ def stack(kafka_bootstrap, tmp_path_factory):
         for p in st.procs:
             _stop(p)
         if st.worker is not None:
-            st.worker.stop()
+            st.worker.stop_services()
         drop_test_topics(kafka_bootstrap, all_topics, [prefix, fe_prefix])
 
 

@@ -509,6 +509,14 @@ def start_worker(bootstrap: str, env: dict[str, str], workdir: Path, registry: l
 
 
 def stop_all(workers: list) -> None:
+    """Stop every worker: SIGTERM to all first (they shut down in parallel), then wait for
+    each to exit (SIGKILL after 20 s). Each exit is awaited: the callers read the complete
+    logs afterwards."""
+    for wp in workers:
+        try:
+            wp.terminate()
+        except Exception:
+            pass
     for wp in workers:
         try:
             wp.stop()

@@ -99,6 +99,31 @@ def wait_processed(bootstrap: str, app_id: str, topics: dict[str, str], timeout:
     wait_committed(bootstrap, f"{app_id}-clinical", [topics["observations"]], timeout)
 
 
+def wait_delivered(bootstrap: str, app_id: str, alerts_topic: str, timeout: float = 60.0) -> None:
+    """Wait until the worker's delivery consumer group (``<app id>-delivery``) has committed
+    every alert version on ``alerts_topic`` (as its end offsets stand on each check). The
+    outbox commits past a version only once every sink has delivered it (the receiver has
+    it) or skipped it as already delivered (monitor/notify/outbox.py ``committable``): from
+    then on no version now on the topic can reach a sink again, unless a worker dies."""
+    wait_committed(bootstrap, f"{app_id}-delivery", [alerts_topic], timeout)
+
+
+def wait_ledger(bootstrap: str, deliveries_topic: str, keys: set[str], timeout: float = 30.0) -> None:
+    """Wait until the delivery ledger topic holds every key in ``keys`` (``sink|alert_id|version``,
+    monitor.notify.sinks.DeliveryKey.as_str): those deliveries are durable, a worker started
+    after this finds them."""
+    from kafka_broker import read_topic
+
+    deadline = time.monotonic() + timeout
+    while True:
+        held = {m.key.decode() for m in read_topic(bootstrap, deliveries_topic, timeout=5) if m.key}
+        if keys <= held:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"ledger misses {sorted(keys - held)[:5]} after {timeout}s")
+        time.sleep(0.2)
+
+
 class WorkerProcess:
     def __init__(self, bootstrap: str, env: dict[str, str], workdir: Path) -> None:
         self.bootstrap = bootstrap

@@ -136,9 +136,13 @@ def test_acknowledgement_stops_escalation(kafka_bootstrap, topic_factory, worker
                 "by": "nurse.jones", "at": datetime.now(timezone.utc).isoformat()})])  # no role field
             ack = reader.wait_for(lambda a: a["alert_id"] == acked["alert_id"] and a["status"] == "acknowledged")[0]
             assert any(h.get("by") == "nurse.jones" and h.get("role") == "nurse" for h in ack["history"])
-            # the ignored alert climbs the route; the acknowledged one stays at its tier
-            reader.wait_for(lambda a: a["patient_id"] == "pat-ignored" and a.get("escalation_tier", 0) >= 1, timeout=45)
-            time.sleep(6)
+            # the ignored alert climbs the whole route (two tiers of 3 s each, then the failsafe);
+            # the acknowledged one, opened in the same batch, stays at its tier: once the
+            # ignored one is at the failsafe, both of the acknowledged one's escalation deadlines
+            # have passed too, and one more second and a half covers a tick (every 1 s) of
+            # its partition
+            reader.wait_for(lambda a: a["patient_id"] == "pat-ignored" and a.get("escalation_tier", 0) >= 2, timeout=45)
+            time.sleep(1.5)
             reader.poll()
             acked_versions = [a for a in reader.versions if a["alert_id"] == acked["alert_id"]]
             after_ack = [a for a in acked_versions if a["version"] > ack["version"]]

@@ -232,9 +232,9 @@ def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstr
     pid = "cb-overdue"
     d0 = now - timedelta(days=20)
     # weekly liver tests on days 0.5, 6 and ~12, then nothing: the next is due 7 days + 24 h
-    # grace after the last one. The last is placed so that deadline = publish time + 15 s (the
+    # grace after the last one. The last is placed so that deadline = publish time + 10 s (the
     # worker, already running, takes well under a second for these 13 records).
-    lag = 15
+    lag = 10
     last = now - timedelta(days=8) + timedelta(seconds=lag)
     recs = [(topics["treatments"], pid, dose(pid, d0))]
     for i, at in enumerate([d0 - timedelta(days=1), d0 + timedelta(days=0.5), d0 + timedelta(days=6), last]):
@@ -425,9 +425,10 @@ def test_a_worker_killed_between_checkpoints_replays_without_a_repeat_reaching_a
                                                                                        worker_factory):
     import threading
 
+    from monitor.notify.sinks import DeliveryKey
     from receivers import WebhookReceiver
     from schemas.alert import Alert
-    from workers import TEST_WEBHOOK_SECRET
+    from workers import TEST_WEBHOOK_SECRET, wait_delivered, wait_ledger
 
     prefix = f"ckk{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
@@ -512,7 +513,9 @@ def test_a_worker_killed_between_checkpoints_replays_without_a_repeat_reaching_a
                     e["observation_id"] for e in x["evidence"]}, timeout=60)[:1]
                 # the same alert, a later version: not a second alert opened on a lost state
                 assert later["alert_id"] == opened[pid] and later["version"] > 1, later
-            time.sleep(4)  # late repeats, if any, arrive
+            # late repeats, if any, arrive: the outbox has handled (delivered, or skipped as
+            # delivered) every version on the alerts topic, the replayed ones included
+            wait_delivered(kafka_bootstrap, prefix, topics["alerts"])
             all_alerts = [Alert.model_validate(a) for a in alerts.poll() if a["patient_id"].startswith("ck")
                           and a["patient_id"] != "ck-fill"]
             pages = {a.idempotency_key for a in all_alerts if a.notify or a.status_changed}

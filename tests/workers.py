@@ -135,13 +135,17 @@ class WorkerProcess:
         self.log_path = workdir / "worker.log"
 
     def start(self, timeout: float = 90.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be ready (``wait_ready``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "monitor.cli", "worker"], cwd=ROOT, env=self.env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self.wait_ready(timeout)
 
     @property
     def url(self) -> str:

@@ -32,12 +32,18 @@ def _committed_and_ends(bootstrap: str, group: str, topic: str) -> tuple[int, in
 
 
 def _alerts(bootstrap: str, topic: str) -> list[dict]:
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      group_id=None, consumer_timeout_ms=1500)
-    try:
-        return [json.loads(m.value) for m in c]
-    finally:
-        c.close()
+    """Every alert version on ``topic`` now (read to its end offsets)."""
+    from kafka_broker import read_topic
+
+    return [json.loads(m.value) for m in read_topic(bootstrap, topic)]
+
+
+def _logged(w, text: bytes, times: int, timeout: float = 60.0) -> None:
+    """Wait until the worker's log holds ``text`` at least ``times`` times."""
+    deadline = time.monotonic() + timeout
+    while w.log_path.read_bytes().count(text) < times:
+        assert time.monotonic() < deadline, f"{text!r} not logged {times} times within {timeout}s:\n{w.tail()}"
+        time.sleep(0.1)
 
 
 def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap, topic_factory, worker_factory):
@@ -60,8 +66,8 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
                                (topics["lab-results"], "clr-1", result("clr-1", "plt-1", "platelets", 40,
                                                                       now - timedelta(days=1), 150, 450))])
         # every changelog write is refused: the worker says so, rolls back, and commits nothing
-        w.wait_logged(b"clinical changelog not acknowledged")
-        time.sleep(3)  # several rollbacks and retries
+        # ... and retries: refused again after the rollback (the test waited 3 s for this)
+        _logged(w, b"clinical changelog not acknowledged", times=2)
         committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-clinical", topics["observations"])
         assert end >= 3 and committed == 0, (committed, end)
         # the outputs went out before the state (each retry emits the same alert version again)
@@ -85,6 +91,7 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
         versions = {(a["alert_id"], a["version"]) for a in alerts}
         if any(v > 1 for _id, v in versions):
             break
+        time.sleep(0.2)
     assert len({i for i, _v in versions}) == 1, versions  # one alert, not a second one opened afresh
     assert max(v for _i, v in versions) == 2, versions
     last = max(alerts, key=lambda a: a["version"])
@@ -121,7 +128,11 @@ def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(k
             kafka_bootstrap, lambda i: [(trt, f"rb-{i}", dose(f"rb-{i}", now - timedelta(days=1)))],
             lambda i: stop.is_set(), 0.02), daemon=True)
         filler.start()
-        time.sleep(2)
+        # the filler's patients are processed and checkpointed (the test waited 2 s for this)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not sum(durable.check().values()):
+            time.sleep(0.1)
+        assert sum(durable.check().values()), "no filler batch was checkpointed"
         d = now - timedelta(days=5)
         send(kafka_bootstrap, [
             (trt, "rb-x", dose("rb-x", d)),
@@ -132,10 +143,14 @@ def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(k
             durable.check()  # asserts: no committed offset without its patients on the changelog
             time.sleep(0.2)
         assert b"clinical batch not acknowledged" in w.log_path.read_bytes()
-        refused = time.monotonic()
-        while time.monotonic() < refused + 8:  # several refusals and rollbacks, the filler flowing
+        # several refusals and rollbacks (about one a second), the filler flowing: five of
+        # them (the test watched for 8 s before)
+        deadline = time.monotonic() + 60
+        while w.log_path.read_bytes().count(b"clinical batch not acknowledged") < 5:
+            assert time.monotonic() < deadline, f"fewer than 5 refusals within 60 s:\n{w.tail()}"
             durable.check()
             time.sleep(0.2)
+        durable.check()
         # the broker takes the alert versions again: everything is processed, committed, durable
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics["alerts"],
                                             {"max.message.bytes": "1048588"})])

@@ -202,6 +202,15 @@ class TopicReader:
                         self.out.dead_letters.append({"headers": h, "value": m.value, "key": m.key})
         return self.out
 
+    def drain(self, timeout: float = 60.0) -> Outputs:
+        """``poll`` until every partition is read up to its end offset as it stands now."""
+        parts = list(self.c.assignment())
+        ends = self.c.end_offsets(parts)
+        deadline = time.monotonic() + timeout
+        while any(self.c.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
+            self.poll()
+        return self.out
+
     def close(self) -> None:
         self.c.close()
 
@@ -434,17 +443,38 @@ def split_repeats(v: Verdict, first_at: dict[str, float], kill_times: list[float
     return explained, [k for k in v.duplicate_deliveries if k not in explained]
 
 
+def wait_settled(bootstrap: str, app_id: str, topics: dict[str, str], delivery: bool, timeout: float = 120.0) -> None:
+    """Wait until the worker(s) of ``app_id`` have committed everything now on their topics:
+    ingest every input, the clinical stage the whole patient stream, and (with ``delivery``:
+    a sink is configured) the outbox every alert version, which it commits past only once
+    each sink has delivered it or skipped it as delivered. After that nothing now on the
+    topics is processed or delivered again unless a worker dies: a late duplicate
+    (observation, alert version, delivery) would already be there."""
+    from workers import wait_delivered, wait_processed
+
+    wait_processed(bootstrap, app_id, topics, timeout)
+    if delivery:
+        wait_delivered(bootstrap, app_id, topics["alerts"], timeout)
+
+
 def wait_converged(sc: Scenario, reader: TopicReader, hook, topics: dict[str, str], timeout: float,
-                   settle: float = 4.0) -> Verdict:
-    """Poll until the outputs satisfy every check (then settle to catch late duplicates)."""
+                   settle: float = 4.0, *, bootstrap: str | None = None, app_id: str | None = None) -> Verdict:
+    """Poll until the outputs satisfy every check, then settle to catch late duplicates: with
+    ``bootstrap`` and ``app_id`` until the workers have committed everything (``wait_settled``)
+    and the outputs are read to their end offsets, else for ``settle`` seconds."""
     deadline = time.monotonic() + timeout
     v = None
     while time.monotonic() < deadline:
         out = reader.poll()
         v = verdict(sc, out, hook.keys() if hook else None, topics)
         if v.lost == 0 and not v.unaccounted_dead_letters:
-            time.sleep(settle)
-            out = reader.poll()
+            if bootstrap and app_id:
+                wait_settled(bootstrap, app_id, topics, delivery=hook is not None,
+                             timeout=max(30.0, deadline - time.monotonic()))
+                out = reader.drain()
+            else:
+                time.sleep(settle)
+                out = reader.poll()
             return verdict(sc, out, hook.keys() if hook else None, topics)
         time.sleep(1.0)
     return v or verdict(sc, reader.poll(), hook.keys() if hook else None, topics)
@@ -506,6 +536,21 @@ def start_worker(bootstrap: str, env: dict[str, str], workdir: Path, registry: l
     registry.append(wp)
     wp.start(timeout)
     return wp
+
+
+def start_workers(bootstrap: str, env: dict[str, str], workdirs: list[Path], registry: list,
+                  timeout: float = 120.0) -> list:
+    """Start several workers with the same environment at once (their start-ups overlap);
+    return once every one is ready."""
+    started = []
+    for workdir in workdirs:
+        wp = WorkerProcess(bootstrap, env, workdir)
+        registry.append(wp)
+        wp.launch()
+        started.append(wp)
+    for wp in started:
+        wp.wait_ready(timeout)
+    return started
 
 
 def stop_all(workers: list) -> None:

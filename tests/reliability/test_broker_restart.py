@@ -54,7 +54,7 @@ def test_worker_recovers_from_broker_restart(tmp_path):
                     assert w.proc.poll() is None, f"worker died with the broker:\n{w.tail()}"
                     publish(bs, topics, chunks[i + 1])
                     reader = TopicReader(bs, topics)
-                v = wait_converged(sc, reader, hook, topics, timeout=240)
+                v = wait_converged(sc, reader, hook, topics, timeout=240, bootstrap=bs, app_id=prefix)
             finally:
                 reader.close()
             assert w.proc.poll() is None, "the worker must ride out the restart, not exit"

@@ -12,7 +12,7 @@ import pytest
 from receivers import WebhookReceiver
 from reliability.conftest import drop_topics, make_topics
 from reliability.harness import (TopicReader, build_scenario, first_delivery_times, publish, record_figure,
-                                 split_repeats, start_worker, stop_all, wait_converged)
+                                 split_repeats, start_workers, stop_all, wait_converged)
 from workers import TEST_WEBHOOK_SECRET, service_env
 
 pytestmark = pytest.mark.integration
@@ -33,8 +33,7 @@ def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
             env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
                               WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4",
                               KAFKA_SESSION_TIMEOUT_SECONDS="6")
-            w1 = start_worker(bs, env, tmp_path / "w1", workers)
-            w2 = start_worker(bs, env, tmp_path / "w2", workers)
+            w1, w2 = start_workers(bs, env, [tmp_path / "w1", tmp_path / "w2"], workers)
             publish(bs, topics, sc.records[:half])
             reader = TopicReader(bs, topics)
             try:
@@ -45,7 +44,7 @@ def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
                 w1.kill()
                 t_kill = time.monotonic()
                 publish(bs, topics, sc.records[half:])
-                v = wait_converged(sc, reader, hook, topics, timeout=240)
+                v = wait_converged(sc, reader, hook, topics, timeout=240, bootstrap=bs, app_id=prefix)
                 print(f"rebalance: converged {time.monotonic() - t_kill:.0f}s after the kill; {v.summary()}")
             finally:
                 reader.close()

@@ -56,10 +56,15 @@ def worker_factory(kafka_bootstrap, tmp_path):
 
     started: list[WorkerProcess] = []
 
-    def make(env: dict[str, str], name: str = "w") -> WorkerProcess:
+    def make(env: dict[str, str], name: str = "w", wait: bool = True) -> WorkerProcess:
+        """A started worker, ready; with ``wait=False`` only launched (the test calls
+        ``wait_ready`` before it relies on it, doing something else meanwhile)."""
         wp = WorkerProcess(kafka_bootstrap, env, tmp_path / name)
-        wp.start()
         started.append(wp)
+        if wait:
+            wp.start()
+        else:
+            wp.launch()
         return wp
 
     yield make

@@ -253,11 +253,12 @@ def test_nurse_sees_live_alert_opens_chart_and_acknowledges(inbox, kafka_bootstr
     # resolves the roles of actions from the same users file as the inbox (security review H4)
     worker = worker_factory(service_env(topics, app_id=topics["alerts"].split(".")[0],
                                         TICK_INTERVAL_SECONDS="600",
-                                        INBOX_USERS_FILE=str(_write_users(tmp_path))))
+                                        INBOX_USERS_FILE=str(_write_users(tmp_path))), wait=False)
     patient = f"e2e-{uuid.uuid4().hex[:8]}"
     treatments, observations, expected = _scenario(patient, 30)
     assert any(a.is_open and a.rule_id.startswith("liver.") for a in expected), [a.rule_id for a in expected]
-    proc = start()
+    proc = start()  # the inbox starts while the worker does
+    worker.wait_ready(90)
     producer = _producer(kafka_bootstrap)
 
     with sync_playwright() as p:

@@ -61,6 +61,9 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     assert len(dead) == 1
     assert dict(dead[0].headers)["dlq.reason"] == b"payload_too_large"
     w1.stop()
+    # 2. (below) the configuration is fixed (default limit) and the worker restarted; it
+    # starts while the dead letter is listed and shown
+    w2 = worker_factory(base, name="w2", wait=False)
 
     listed = monitor(env, "dlq", "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -76,12 +79,12 @@ def test_dead_letter_is_replayed_once_after_the_fix(kafka_bootstrap, topic_facto
     assert detail["value_text"].encode() == raw and detail["key"] == "p-dlq"
     assert detail["headers"]["dlq.reason"] == "payload_too_large"
 
-    # 2. the configuration is fixed (default limit) and the worker restarted
-    worker_factory(base, name="w2")
-
     # a bare replay does nothing by accident
     bare = monitor(env, "dlq", "replay")
     assert bare.returncode == 2 and "--all" in bare.stderr and "Traceback" not in bare.stderr
+
+    # 2. the fixed worker (launched above) is ready before anything is replayed
+    w2.wait_ready(90)
 
     first = monitor(env, "dlq", "replay", "--reason", "payload_too_large")
     assert first.returncode == 0, first.stderr

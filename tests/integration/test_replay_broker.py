@@ -34,6 +34,14 @@ def monitor(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
+def monitor_all(env: dict[str, str], *argvs: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """``monitor(env, *argv)`` for each argv, the processes running at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        return list(pool.map(lambda argv: monitor(env, *argv, timeout=timeout), argvs))
+
+
 def end_offsets(bootstrap: str, topics: list[str]) -> dict:
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
@@ -97,9 +105,18 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     cand = lowered_alt(tmp_path)
     until = "2025-05-02T08:00:00+00:00"  # day 60 of the constructed cohort
 
-    out = tmp_path / "topics.json"
-    r = monitor(env, "protocol", "replay", "--candidate", str(cand), "--until", until, "--json", str(out),
-                "--identify")
+    # four replays (the topics; the same records from a file; pseudonymous; --since), run at
+    # the same time, each checked below
+    out, out_file, out_p = tmp_path / "topics.json", tmp_path / "file.json", tmp_path / "pseudo.json"
+    since_at = "2025-03-17T00:00:00+00:00"
+    r, r2, r3, r4 = monitor_all(
+        env,
+        ["protocol", "replay", "--candidate", str(cand), "--until", until, "--json", str(out), "--identify"],
+        ["protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until,
+         "--from-file", str(export_file), "--json", str(out_file), "--identify"],
+        ["protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until, "--json", str(out_p)],
+        ["protocol", "replay", "--quiet", "--candidate", str(cand), "--since", since_at,
+         "--until", until, "--json", str(tmp_path / "since.json"), "--identify"])
     assert r.returncode == 0, r.stderr
     assert "replay: read" in r.stderr and "replay: candidate" in r.stderr  # progress on stderr
     data = json.loads(out.read_text())
@@ -111,18 +128,12 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
             [("liver.alt_increased",) + expected_changes()[p["patient_id"]]]
 
     # the same records from a file give the same comparison
-    out_file = tmp_path / "file.json"
-    r2 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until,
-                 "--from-file", str(export_file), "--json", str(out_file), "--identify")
     assert r2.returncode == 0, r2.stderr
     from_file = json.loads(out_file.read_text())
     for k in ("patients", "patient_days", "differences", "rules", "patients_changed"):
         assert from_file[k] == data[k], k
 
     # pseudonymous by default: the service's keyed references, no patient id in the output
-    out_p = tmp_path / "pseudo.json"
-    r3 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--until", until,
-                 "--json", str(out_p))
     assert r3.returncode == 0, r3.stderr
     from alerts.replay import patient_ref
 
@@ -132,9 +143,6 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
 
     # --since (day 13.7): every course is still fed from its dose, but only the patients with a
     # record in the window are compared (pt-withdrawn's last records are on days 10-11)
-    since_at = "2025-03-17T00:00:00+00:00"
-    r4 = monitor(env, "protocol", "replay", "--quiet", "--candidate", str(cand), "--since", since_at,
-                 "--until", until, "--json", str(tmp_path / "since.json"), "--identify")
     assert r4.returncode == 0, r4.stderr
     since = json.loads((tmp_path / "since.json").read_text())
     from datetime import datetime

@@ -22,8 +22,8 @@ import pytest
 
 from kafka_broker import Broker, free_ports
 from reliability.conftest import make_topics
-from reliability.harness import ROOT, build_scenario, find_identifiers, info_lines, record_figure, start_worker, stop_all, worker_logs
-from workers import service_env
+from reliability.harness import ROOT, build_scenario, find_identifiers, info_lines, record_figure, stop_all, worker_logs
+from workers import WorkerProcess, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +106,12 @@ def test_worker_and_clients_over_tls_and_sasl(secure_broker, tmp_path):
             prefix = f"sec{kind.lower()}{uuid.uuid4().hex[:6]}"
             topics = make_topics(sb["broker"].bootstrap, prefix)
             env = {**service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="5"), **env_sec}
-            w = start_worker(env_sec["KAFKA_BOOTSTRAP_SERVERS"], env, tmp_path / kind, workers)
+            w = WorkerProcess(env_sec["KAFKA_BOOTSTRAP_SERVERS"], env, tmp_path / kind)
+            workers.append(w)
+            w.launch()  # the two workers start at the same time
             runs[kind] = (topics, env_sec, w)
+        for _topics, _env_sec, w in runs.values():
+            w.wait_ready(120)
         for kind, (topics, env_sec, w) in runs.items():
             s = settings_for(env_sec)
             p = KafkaProducer(acks="all", **kafka_python_config(s))  # kafka-python through kafka_config

@@ -430,23 +430,31 @@ def drop_test_topics(bootstrap: str, names: Iterable[str], prefixes: Iterable[st
 
 # -- SASL/SCRAM with an enforcing authorizer ------------------------------------------------
 
-def scram_acl_broker(sasl_port: int | None = None, **kwargs: object) -> Broker:
+def scram_acl_broker(sasl_port: int | None = None, *, super_users: Iterable[str] = (),
+                     ssl_port: int | None = None, ssl_keystore: str | None = None, **kwargs: object) -> Broker:
     """A dedicated broker (not started) whose extra SASL_PLAINTEXT listener authenticates
     SCRAM-SHA-512 users and whose StandardAuthorizer enforces ACLs: a principal without an
     ACL may do nothing (``allow.everyone.if.no.acl.found=false``). The PLAINTEXT listener
     (readiness check, admin helpers, the controller) runs as ``User:ANONYMOUS``, a super
-    user. The SASL bootstrap is ``broker.sasl_bootstrap``."""
+    user, as do the ``super_users`` (SCRAM user names). The SASL bootstrap is
+    ``broker.sasl_bootstrap``. With ``ssl_port`` and ``ssl_keystore`` (a PEM key + certificate
+    file) also an SSL listener (no client certificates: its clients are ``User:ANONYMOUS``)."""
     sasl_port = sasl_port or free_port()
     props = {
         "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
         "allow.everyone.if.no.acl.found": "false",
-        "super.users": "User:ANONYMOUS",
+        "super.users": ";".join(["User:ANONYMOUS", *(f"User:{u}" for u in super_users)]),
         "sasl.enabled.mechanisms": "SCRAM-SHA-512",
         "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "SCRAM-SHA-512",
         "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
             "org.apache.kafka.common.security.scram.ScramLoginModule required;",
     }
-    broker = Broker(extra_properties=props, extra_listeners=[f"SASL_PLAINTEXT://{LOOPBACK}:{sasl_port}"], **kwargs)
+    listeners = [f"SASL_PLAINTEXT://{LOOPBACK}:{sasl_port}"]
+    if ssl_port is not None:
+        props["listener.name.ssl.ssl.keystore.type"] = "PEM"
+        props["listener.name.ssl.ssl.keystore.location"] = str(ssl_keystore)
+        listeners.append(f"SSL://{LOOPBACK}:{ssl_port}")
+    broker = Broker(extra_properties=props, extra_listeners=listeners, **kwargs)
     broker.sasl_bootstrap = f"{LOOPBACK}:{sasl_port}"  # type: ignore[attr-defined]
     return broker
 

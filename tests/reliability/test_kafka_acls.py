@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kafka_broker import add_scram_users, admin_client, create_topics, scram_acl_broker
+from kafka_broker import add_scram_users, admin_client, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -49,32 +49,30 @@ def acl_bindings(user: str, acls: list[dict]):
 
 
 @pytest.fixture(scope="module")
-def acl_broker():
-    broker = scram_acl_broker(start_timeout=90)
-    try:
-        broker.start()
-        users = manifest_users()
-        passwords = {u: f"{u}-{uuid.uuid4().hex}" for u in users}
-        add_scram_users(broker.bootstrap, passwords)
-        create_topics(broker.bootstrap, TOPICS, partitions=1)
-        from kafka import KafkaProducer
+def acl_broker(secured_broker):
+    """The secured broker (reliability/conftest.py, shared with test_security) with the
+    manifest's users, their ACLs and the service topics (a probe record in each)."""
+    broker = secured_broker["broker"]
+    users = manifest_users()
+    passwords = {u: f"{u}-{uuid.uuid4().hex}" for u in users}
+    add_scram_users(broker.bootstrap, passwords)
+    create_topics(broker.bootstrap, TOPICS, partitions=1)
+    from kafka import KafkaProducer
 
-        p = KafkaProducer(bootstrap_servers=broker.bootstrap)  # the super user (PLAINTEXT listener)
-        for t in TOPICS:
-            p.send(t, b'{"seed": true}')
-        p.flush()
-        p.close()
-        admin = admin_client(broker.bootstrap)
-        try:
-            bindings = [b for u, acls in users.items() for b in acl_bindings(u, acls)]
-            res = admin.create_acls(bindings)
-            assert not res["failed"], res["failed"]
-        finally:
-            admin.close()
-        time.sleep(1)  # credentials and ACLs reach the SASL listener
-        yield broker, passwords
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)  # the super user (PLAINTEXT listener)
+    for t in TOPICS:
+        p.send(t, b'{"seed": true}')
+    p.flush()
+    p.close()
+    admin = admin_client(broker.bootstrap)
+    try:
+        bindings = [b for u, acls in users.items() for b in acl_bindings(u, acls)]
+        res = admin.create_acls(bindings)
+        assert not res["failed"], res["failed"]
     finally:
-        broker.stop()
+        admin.close()
+    time.sleep(1)  # credentials and ACLs reach the SASL listener
+    return broker, passwords
 
 
 def _producer(broker, passwords, user):

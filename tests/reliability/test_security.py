@@ -1,8 +1,9 @@
 """Kafka over TLS and SASL/SCRAM-SHA-512 against a real broker configured by the test.
 
-A dedicated broker gets an SSL listener (PEM keystore from a CA and server certificate
-made with the ``openssl`` CLI) and a SASL_PLAINTEXT listener with SCRAM-SHA-512 (the
-credential created through the admin API on the PLAINTEXT listener). Workers, and
+A dedicated broker (``secured_broker``, reliability/conftest.py, shared with test_kafka_acls)
+has an SSL listener (PEM keystore from a CA and server certificate made with the ``openssl``
+CLI) and a SASL_PLAINTEXT listener with SCRAM-SHA-512 (the credential created through the
+admin API on the PLAINTEXT listener; a super user of its enforcing authorizer). Workers, and
 kafka-python / aiokafka clients built by ``monitor/kafka_config.py``, run over each:
 events flow to ``observations``. A wrong password makes ``monitor topics`` exit non-zero
 within 30 s with an authentication error (not a hang). Secrets never appear in logs.
@@ -20,61 +21,23 @@ from pathlib import Path
 
 import pytest
 
-from kafka_broker import Broker, free_ports
-from reliability.conftest import make_topics
+from kafka_broker import add_scram_users
+from reliability.conftest import SECURITY_USER, make_topics
 from reliability.harness import ROOT, build_scenario, find_identifiers, info_lines, record_figure, stop_all, worker_logs
 from workers import WorkerProcess, service_env
 
 pytestmark = pytest.mark.integration
 
-USER, PASSWORD = "alice", "alice-Secr3t-7c1d9"
-
-
-def make_certs(d: Path) -> dict[str, str]:
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=reliability-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
-    run("pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server.pk8")
-    (d / "keystore.pem").write_text((d / "server.pk8").read_text() + (d / "server.pem").read_text())
-    return {"ca": str(d / "ca.pem"), "keystore": str(d / "keystore.pem")}
+USER, PASSWORD = SECURITY_USER, "alice-Secr3t-7c1d9"
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    certs = make_certs(d)
-    ssl_port, sasl_port = free_ports(2)
-    props = {
-        "listener.name.ssl.ssl.keystore.type": "PEM",
-        "listener.name.ssl.ssl.keystore.location": certs["keystore"],
-        "sasl.enabled.mechanisms": "SCRAM-SHA-512",
-        "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "SCRAM-SHA-512",
-        "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
-            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
-    }
-    broker = Broker(extra_properties=props, start_timeout=90,
-                    extra_listeners=[f"SSL://127.0.0.1:{ssl_port}", f"SASL_PLAINTEXT://127.0.0.1:{sasl_port}"])
-    try:
-        broker.start()
-        from kafka.admin import KafkaAdminClient, ScramMechanism, UserScramCredentialUpsertion
-
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        try:
-            res = admin.alter_user_scram_credentials(
-                [UserScramCredentialUpsertion(USER, ScramMechanism.SCRAM_SHA_512, PASSWORD)])
-            assert not any(res.values()), res
-        finally:
-            admin.close()
-        time.sleep(1)  # credential propagation to the SASL listener
-        yield {"broker": broker, "ssl": f"127.0.0.1:{ssl_port}", "sasl": f"127.0.0.1:{sasl_port}", **certs}
-    finally:
-        broker.stop()
+def secure_broker(secured_broker):
+    """The secured broker (reliability/conftest.py: SSL and SASL_PLAINTEXT listeners) with
+    this module's SCRAM credential."""
+    add_scram_users(secured_broker["broker"].bootstrap, {USER: PASSWORD})
+    time.sleep(1)  # credential propagation to the SASL listener
+    return secured_broker
 
 
 def sec_env(kind: str, sb: dict, password: str = PASSWORD) -> dict[str, str]:

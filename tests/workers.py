@@ -163,7 +163,7 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while text not in self.log_path.read_bytes():
             assert time.monotonic() < deadline, f"{text!r} not logged within {timeout}s:\n{self.tail()}"
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -176,7 +176,7 @@ class WorkerProcess:
                     return
             except OSError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:

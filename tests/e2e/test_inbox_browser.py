@@ -110,7 +110,7 @@ class InboxProcess:
                     return status
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise TimeoutError("inbox not ready: " + (self.tmp / "inbox.log").read_text()[-3000:])
 
     def stop(self) -> None:

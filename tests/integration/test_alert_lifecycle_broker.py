@@ -203,7 +203,7 @@ def test_restart_mid_stream_pages_nothing_twice_and_down_webhook_gets_everything
                         if a.get("notify") or (a.get("previous_status") and a["previous_status"] != a["status"])}
                 if must and must <= delivered and len(latest) >= len(patients):
                     break
-                time.sleep(1)
+                time.sleep(0.25)
             keys = hook.keys()
             dupes = [k for k, n in Counter(keys).items() if n > 1]
             # HTTP delivery after a SIGKILL is at least once: a version whose request was in
@@ -251,7 +251,7 @@ def test_graceful_restart_mid_stream_pages_nothing_twice(kafka_bootstrap, topic_
                 crit = {a["patient_id"] for a in reader.versions if a["severity"] == "critical"}
                 if len(crit) >= len(patients) and must <= set(hook.keys()):
                     break
-                time.sleep(1)
+                time.sleep(0.25)
             keys = hook.keys()
             assert must <= set(keys), f"missing deliveries: {sorted(must - set(keys))[:5]}"
             dupes = [k for k, n in Counter(keys).items() if n > 1]

@@ -120,7 +120,7 @@ def test_unreachable_broker_is_one_line(tmp_path: Path):
     from kafka_broker import free_port
 
     env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
-    r = monitor(env, "dlq", "list", "--timeout", "2", timeout=60)
+    r = monitor(env, "dlq", "list", "--timeout", "1", timeout=60)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()

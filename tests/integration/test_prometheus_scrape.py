@@ -109,7 +109,7 @@ class Prometheus:
             self._log.close()
 
 
-def wait_for(fn, timeout: float, what: str, interval: float = 1.0):
+def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from workers import ROOT, TEST_PSEUDONYM_SECRET, TEST_WEBHOOK_SECRET
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 BASE = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
-        "KAFKA_CONNECT_TIMEOUT_SECONDS": "3", "HOME": os.environ.get("HOME", "/tmp")}
+        "KAFKA_CONNECT_TIMEOUT_SECONDS": "1", "HOME": os.environ.get("HOME", "/tmp")}
 
 
 def run(args: list[str], **env: str) -> subprocess.CompletedProcess:

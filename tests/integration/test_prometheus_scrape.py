@@ -220,7 +220,7 @@ def stack(kafka_bootstrap, tmp_path_factory):
         st.inbox_base = f"http://127.0.0.1:{inbox_port}"
         st.worker = WorkerProcess(kafka_bootstrap, service_env(st.topics, app_id=prefix,
                                                                MONITOR_LAG_INTERVAL_SECONDS="2"), tmp / "w")
-        st.worker.start()
+        st.worker.launch()
 
         def ready() -> bool:
             try:
@@ -229,10 +229,13 @@ def stack(kafka_bootstrap, tmp_path_factory):
             except OSError:
                 return False
         wait_for(ready, 60, "inbox ready (store caught up)", interval=0.3)
+        # Prometheus starts while the worker still does (its port is chosen already; the
+        # targets-up wait below covers it)
         st.prom = Prometheus(tmp / "prometheus", {"sma-monitor": [f"127.0.0.1:{st.worker.port}"],
                                                   "sma-monitor-inbox": [f"127.0.0.1:{inbox_metrics}"],
                                                   "sma-monitor-mllp": [f"127.0.0.1:{mllp_metrics}"]})
         st.prom.start()
+        st.worker.wait_ready(90)
         prom = st.prom
         try:
             wait_for(lambda: len(prom.query('up{job=~"sma-monitor|sma-monitor-inbox|sma-monitor-mllp"} == 1')) == 3,

@@ -108,22 +108,6 @@ def wait_delivered(bootstrap: str, app_id: str, alerts_topic: str, timeout: floa
     wait_committed(bootstrap, f"{app_id}-delivery", [alerts_topic], timeout)
 
 
-def wait_ledger(bootstrap: str, deliveries_topic: str, keys: set[str], timeout: float = 30.0) -> None:
-    """Wait until the delivery ledger topic holds every key in ``keys`` (``sink|alert_id|version``,
-    monitor.notify.sinks.DeliveryKey.as_str): those deliveries are durable, a worker started
-    after this finds them."""
-    from kafka_broker import read_topic
-
-    deadline = time.monotonic() + timeout
-    while True:
-        held = {m.key.decode() for m in read_topic(bootstrap, deliveries_topic, timeout=5) if m.key}
-        if keys <= held:
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"ledger misses {sorted(keys - held)[:5]} after {timeout}s")
-        time.sleep(0.2)
-
-
 class WorkerProcess:
     def __init__(self, bootstrap: str, env: dict[str, str], workdir: Path) -> None:
         self.bootstrap = bootstrap

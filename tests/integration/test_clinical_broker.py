@@ -425,10 +425,9 @@ def test_a_worker_killed_between_checkpoints_replays_without_a_repeat_reaching_a
                                                                                        worker_factory):
     import threading
 
-    from monitor.notify.sinks import DeliveryKey
     from receivers import WebhookReceiver
     from schemas.alert import Alert
-    from workers import TEST_WEBHOOK_SECRET, wait_delivered, wait_ledger
+    from workers import TEST_WEBHOOK_SECRET, wait_delivered
 
     prefix = f"ckk{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)

@@ -308,8 +308,12 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(stack):
     # faust no longer reads Kafka here (the hot paths are aiokafka loops): its sensor counts
     # the web requests it serves, this scrape among them
     assert prom.query('monitor_faust_http_status_codes_total{job="sma-monitor"} > 0'), "faust's sensor is not in the shared registry"
-    lag = wait_for(lambda: prom.query(f'monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}'), 30,
-                   "consumer lag series")
+    # a partition's series appears once the worker has both its end offset (from a fetch) and
+    # a commit (monitor/kafka_batch.py lag): wait for the three, however the scrapes fall
+    def lag_series():
+        series = prom.query(f'monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}')
+        return series if {r["metric"]["partition"] for r in series} == {"0", "1", "2"} else None
+    lag = wait_for(lag_series, 30, "consumer lag series of every partition")
     assert {r["metric"]["partition"] for r in lag} == {"0", "1", "2"}
     wait_for(lambda: prom.query(f'sum(monitor_consumer_lag_messages{{topic="{topics["lab-results"]}"}}) == 0'), 60,
              "lag back to zero once the burst is processed")

@@ -10,11 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class WebhookReceiver:
-    """Records every POST; can refuse the first ``fail_first`` requests with HTTP 503."""
+    """Records every POST; can refuse the first ``fail_first`` requests with HTTP 503, and
+    answer each request ``delay`` seconds after it arrived (a slow receiver: deliveries stay
+    in flight)."""
 
-    def __init__(self, secret: str = "", fail_first: int = 0) -> None:
+    def __init__(self, secret: str = "", fail_first: int = 0, delay: float = 0.0) -> None:
         self.secret = secret.encode()
         self.fail_first = fail_first
+        self.delay = delay
         self.received: list[dict] = []
         self.attempts = 0
         self.lock = threading.Lock()
@@ -23,6 +26,8 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if receiver.delay:
+                    time.sleep(receiver.delay)
                 with receiver.lock:
                     receiver.attempts += 1
                     if receiver.attempts <= receiver.fail_first:

@@ -383,7 +383,8 @@ class _SinkState:
         self.pending_keys: set[DeliveryKey] = set()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.busy: set[str] = set()
+        #: alert id -> the version being delivered (one at a time per alert and sink)
+        self.busy: dict[str, _Item] = {}
 
 
 class Dispatcher:
@@ -411,6 +412,10 @@ class Dispatcher:
         self._running = False
         #: ledger records written again after a failed write (``_rewrite``)
         self._rewrites: set[asyncio.Task] = set()
+        #: alerts whose queued versions must not be started (``withdraw``); None: all (stopping)
+        self._withheld: set[str] | None = set()
+        #: set whenever an attempt ends (``withdraw`` and ``stop`` wait on it)
+        self._attempt_ended = asyncio.Event()
 
     # -- producer side (sync, never blocks) ---------------------------------------
     def enqueue(self, alert: Alert) -> int:
@@ -443,14 +448,52 @@ class Dispatcher:
         dropped = 0
         for st in self._states.values():
             for alert_id in ids & set(st.lanes):
-                if alert_id in st.busy:
-                    continue
-                for item in st.lanes.pop(alert_id):
+                flying = st.busy.get(alert_id)
+                lane = st.lanes.pop(alert_id)
+                for item in lane:
+                    if item is flying:  # finishes, then leaves the lane (_done)
+                        st.lanes[alert_id] = [item]
+                        continue
                     st.pending_keys.discard(item.key)
                     dropped += 1
         if not self.pending_count():
             self._idle.set()
         return dropped
+
+    def in_flight(self, alert_ids: Iterable[str] | None = None) -> int:
+        """Deliveries in flight (of these alerts; None: all)."""
+        if alert_ids is None:
+            return sum(len(st.busy) for st in self._states.values())
+        ids = set(alert_ids)
+        return sum(len(ids & st.busy.keys()) for st in self._states.values())
+
+    async def withdraw(self, alert_ids: Iterable[str], timeout: float) -> int:
+        """Stop delivering these alerts (another worker took their outbox partition over):
+        drop their queued versions, start none of them again, and wait up to ``timeout`` s
+        for the ones in flight to end (delivered and on the ledger, or failed and dropped).
+        Returns how many were still in flight at the timeout."""
+        ids = set(alert_ids)
+        if self._withheld is not None:
+            self._withheld |= ids
+        try:
+            self.forget(ids)
+            await self._wait_landed(lambda: self.in_flight(ids), timeout)
+            return self.in_flight(ids)
+        finally:
+            self.forget(ids)
+            if self._withheld is not None:
+                self._withheld -= ids
+
+    async def _wait_landed(self, count: Callable[[], int], timeout: float) -> None:
+        """Wait until ``count()`` is 0 (re-checked whenever an attempt ends), at most ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while count() and loop.time() < deadline:
+            self._attempt_ended.clear()
+            try:
+                await asyncio.wait_for(self._attempt_ended.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
 
     def pending(self) -> list[tuple[str, Alert]]:
         """Everything not yet delivered, as (sink name, alert version)."""
@@ -468,9 +511,13 @@ class Dispatcher:
         for st in self._states.values():
             st.task = asyncio.create_task(self._worker(st), name=f"dispatch:{st.sink.name}")
 
-    async def stop(self, drain_timeout: float = 0.0, close_sinks: bool = True) -> None:
+    async def stop(self, drain_timeout: float = 0.0, close_sinks: bool = True, finish_timeout: float = 0.0) -> None:
         """Stop workers (after waiting up to ``drain_timeout`` s for the queue to drain).
 
+        With ``finish_timeout`` > 0, no attempt is started after the drain and the ones in
+        flight, and the ledger records being written again, get up to that long to end: a
+        delivery cancelled after its request left, or a ledger record not written, would be
+        sent again by the next owner of its outbox partition.
         Undelivered items stay in :meth:`pending`; they are not dropped.
         """
         if drain_timeout > 0:
@@ -478,6 +525,14 @@ class Dispatcher:
                 await self.join(drain_timeout)
             except asyncio.TimeoutError:
                 log.warning("dispatcher stopping with %d deliveries pending", self.pending_count())
+        if finish_timeout > 0:
+            self._withheld = None
+            await self._wait_landed(self.in_flight, finish_timeout)
+            if self._rewrites:
+                await asyncio.wait(list(self._rewrites), timeout=finish_timeout)
+            if self.in_flight() or self._rewrites:
+                log.warning("dispatcher stopping with %d deliveries in flight and %d ledger records not written",
+                            self.in_flight(), len(self._rewrites))
         self._running = False
         for t in list(self._rewrites):
             t.cancel()
@@ -516,8 +571,9 @@ class Dispatcher:
                 now = self._clock()
                 due: list[tuple[str, _Item]] = []
                 next_at: float | None = None
+                withheld = self._withheld
                 for alert_id, lane in st.lanes.items():
-                    if not lane or alert_id in st.busy:
+                    if not lane or alert_id in st.busy or withheld is None or alert_id in withheld:
                         continue
                     head = lane[0]
                     if head.next_attempt_at <= now:
@@ -525,8 +581,14 @@ class Dispatcher:
                     elif next_at is None or head.next_attempt_at < next_at:
                         next_at = head.next_attempt_at
                 for alert_id, item in due:
-                    st.busy.add(alert_id)
                     await sem.acquire()
+                    # while waiting for a slot, the alert may have been withdrawn or forgotten
+                    withheld = self._withheld
+                    lane = st.lanes.get(alert_id)
+                    if withheld is None or alert_id in withheld or not lane or lane[0] is not item:
+                        sem.release()
+                        continue
+                    st.busy[alert_id] = item
                     t = asyncio.create_task(self._attempt(st, alert_id, item, sem))
                     inflight.add(t)
                     t.add_done_callback(inflight.discard)
@@ -588,9 +650,10 @@ class Dispatcher:
             self._done(st, alert_id, item)
             self.hooks.call("on_delivered", name, item.alert, item.attempts, self._clock() - item.enqueued_at)
         finally:
-            st.busy.discard(alert_id)
+            st.busy.pop(alert_id, None)
             sem.release()
             st.wake.set()
+            self._attempt_ended.set()
 
     async def _mark(self, key: DeliveryKey) -> None:
         """Record ``key`` on the ledger; with a persistent ledger, until it is durable."""

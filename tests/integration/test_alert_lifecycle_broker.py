@@ -258,3 +258,77 @@ def test_graceful_restart_mid_stream_pages_nothing_twice(kafka_bootstrap, topic_
             assert not dupes, f"pages delivered twice across a graceful restart: {dupes}"
         finally:
             reader.close()
+
+
+def test_outbox_partitions_handed_over_between_live_workers_page_nothing_twice(
+        kafka_bootstrap, topic_factory, worker_factory):
+    """A second worker joins while the first delivers to a slow webhook (deliveries in
+    flight at every hand-over), then the first leaves (SIGTERM): two graceful hand-overs of
+    the outbox partitions. Every paging version reaches the webhook, and none twice: the
+    worker giving a partition up finishes what it has in flight and commits past it, the
+    one taking it reads the delivery ledger to its end before delivering."""
+    import threading
+
+    prefix = f"hov{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix)
+    now = datetime.now(timezone.utc)
+    d0 = now - timedelta(days=25)
+    patients = [f"hv-{i:02d}" for i in range(24)]
+    stop_feed = threading.Event()
+    sent = Counter()
+
+    def feed():
+        # every second one ALT per patient, alternating CTCAE grade 2 and 3: each changes the
+        # patient's alert, about half of them page (severity raised)
+        p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        n = 0
+        try:
+            while not stop_feed.is_set():
+                n += 1
+                for i, pid in enumerate(patients):
+                    v = (250 if n % 2 else 130) + i
+                    p.send(topics["lab-results"], key=pid.encode(), value=json.dumps(
+                        alt(pid, f"{pid}-r{n}", v, now - timedelta(hours=1) + timedelta(seconds=n))).encode())
+                    sent[pid] += 1
+                p.flush()
+                stop_feed.wait(1.0)
+        finally:
+            p.close()
+
+    with WebhookReceiver(secret=TEST_WEBHOOK_SECRET, delay=1.0) as hook:
+        env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
+        w1 = worker_factory(env, name="w1")
+        send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
+             + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients])
+        reader = AlertReader(kafka_bootstrap, topics["alerts"])
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            reader.wait_for(lambda a: a["severity"] == "high", timeout=60)
+            time.sleep(2)
+            worker_factory(env, name="w2")  # joins: the outbox partitions are shared out
+            time.sleep(3)
+            w1.stop()  # leaves: w2 takes them all
+            time.sleep(2)
+        finally:
+            stop_feed.set()
+            feeder.join(10)
+        try:
+            deadline = time.monotonic() + 90
+            must: set = set()
+            while time.monotonic() < deadline:
+                reader.poll()
+                must = {f"{a['alert_id']}:{a['version']}" for a in reader.versions
+                        if a.get("notify") or (a.get("previous_status") and a["previous_status"] != a["status"])}
+                if must and must <= set(hook.keys()):
+                    break
+                time.sleep(0.25)
+            keys = hook.keys()
+            print(f"\n{sum(sent.values())} results sent, {len(reader.versions)} alert versions, "
+                  f"{len(must)} paging, {len(keys)} deliveries")
+            assert len(must) >= 40, "too few pages to test the hand-overs"
+            assert must <= set(keys), f"missing deliveries: {sorted(must - set(keys))[:5]}"
+            dupes = [k for k, n in Counter(keys).items() if n > 1]
+            assert not dupes, f"pages delivered twice across graceful hand-overs: {dupes}"
+        finally:
+            reader.close()

@@ -163,6 +163,22 @@ def build_worker(s: Settings | None = None) -> Worker:
         await update_consumer_lag([ingest, runner])
 
     @app.task
+    async def watch_event_loop() -> None:
+        """DEBUG only: report when the event loop, which ingest, the clinical runner and
+        delivery share, was held for longer than 0.5 s (it delays every stage: an answered
+        delivery's ledger write, a batch's acknowledgement)."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        tick, report = 0.1, 0.5
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(tick)
+            held = loop.time() - t - tick
+            if held > report:
+                log.debug("event loop held for %.2fs", held)
+
+    @app.task
     async def quiet_library_loggers() -> None:
         """Client libraries log per message at DEBUG; never let that reach a production worker."""
         level = max(logging.INFO, logging.getLogger().getEffectiveLevel())

@@ -157,21 +157,7 @@ class DeliveryService:
         self._tasks += [asyncio.create_task(self._read_outbox()), asyncio.create_task(self._commit_loop())]
         if any(isinstance(sk, AlertmanagerSink) for sk in self.sinks):
             self._tasks.append(asyncio.create_task(self._refresh_loop()))
-        if log.isEnabledFor(logging.DEBUG):
-            self._tasks.append(asyncio.create_task(self._watch_loop()))
         self.ready.set()
-
-    @staticmethod
-    async def _watch_loop(tick: float = 0.1, report: float = 0.5) -> None:
-        """DEBUG only: report when the event loop (shared with ingest and the clinical runner)
-        was held long enough to delay an answered delivery's ledger write."""
-        loop = asyncio.get_running_loop()
-        while True:
-            t = loop.time()
-            await asyncio.sleep(tick)
-            held = loop.time() - t - tick
-            if held > report:
-                log.debug("event loop held for %.2fs", held)
 
     async def _catch_up_ledger(self) -> None:
         c = self._ledger_consumer

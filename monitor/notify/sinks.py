@@ -508,6 +508,7 @@ class Dispatcher:
         if self._running:
             return
         self._running = True
+        self._withheld = set()  # a stop withheld everything
         for st in self._states.values():
             st.task = asyncio.create_task(self._worker(st), name=f"dispatch:{st.sink.name}")
 

@@ -119,3 +119,23 @@ async def test_stop_waits_for_a_ledger_record_being_written_again():
     await _until(lambda: sink.answered)
     await d.stop(finish_timeout=5.0)
     assert ledger.durable == [f"webhook|{first.alert_id}|{first.version}"]
+
+
+async def test_a_dispatcher_started_again_after_a_stop_delivers():
+    """The worker restarts a failed delivery loop with the same dispatcher: a stop that
+    withheld every alert must not outlive it."""
+    first, second = _alerts(2)
+    sink, ledger = GatedSink(), HeldLedger()
+    sink.gate.set()
+    d = Dispatcher([sink], ledger)
+    await d.start()
+    d.enqueue(first)
+    await d.join(5)
+    await d.stop(finish_timeout=1.0)
+    await d.start()
+    try:
+        d.enqueue(second)
+        await d.join(5)
+        assert sink.answered == [first.idempotency_key, second.idempotency_key]
+    finally:
+        await d.stop()

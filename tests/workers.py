@@ -254,9 +254,11 @@ def reap_stopping(timeout: float = 30.0) -> None:
 atexit.register(reap_stopping)
 
 
-def stop_workers(workers) -> None:
+def stop_workers(workers, wait_exit: bool = False) -> None:
     """A teardown's stop of several workers: SIGTERM to all first (they shut down in
-    parallel), then ``stop_services`` each; anything that goes wrong ends in a SIGKILL."""
+    parallel), then ``stop_services`` each (with ``wait_exit``: ``stop``, which also waits
+    for the process to exit, for callers that read the complete logs afterwards); anything
+    that goes wrong ends in a SIGKILL."""
     for wp in workers:
         try:
             wp.terminate()
@@ -264,7 +266,10 @@ def stop_workers(workers) -> None:
             pass
     for wp in workers:
         try:
-            wp.stop_services()
+            if wait_exit:
+                wp.stop()
+            else:
+                wp.stop_services()
         except Exception:
             try:
                 wp.kill()

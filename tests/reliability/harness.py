@@ -28,7 +28,7 @@ TESTS = ROOT / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from workers import SERVICE_TOPICS, WorkerProcess  # noqa: E402
+from workers import SERVICE_TOPICS, WorkerProcess, stop_workers  # noqa: E402
 
 from monitor.notify.sinks import DeliveryKey  # noqa: E402
 from monitor.settings import INPUT_TOPICS as SETTINGS_INPUT_TOPICS  # noqa: E402
@@ -557,19 +557,7 @@ def stop_all(workers: list) -> None:
     """Stop every worker: SIGTERM to all first (they shut down in parallel), then wait for
     each to exit (SIGKILL after 20 s). Each exit is awaited: the callers read the complete
     logs afterwards."""
-    for wp in workers:
-        try:
-            wp.terminate()
-        except Exception:
-            pass
-    for wp in workers:
-        try:
-            wp.stop()
-        except Exception:
-            try:
-                wp.kill()
-            except Exception:
-                pass
+    stop_workers(workers, wait_exit=True)
 
 
 def worker_logs(workers: list) -> str:

@@ -25,6 +25,7 @@ SUITES = {
     "crash": "tests/reliability/test_crash.py",
     "broker": "tests/reliability/test_broker_restart.py",
     "rebalance": "tests/reliability/test_rebalance.py",
+    "scale": "tests/reliability/test_scale_out.py",
     "outage": "tests/reliability/test_sink_outage.py",
     "security": "tests/reliability/test_security.py",
     "fuzz": "tests/fuzz",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 import uuid
@@ -72,12 +73,16 @@ def main(argv=None) -> int:
         n = publish(a.bootstrap, items)
         print(f"published {n:,} records for {a.patients:,} patients in {time.monotonic() - t:.1f}s", flush=True)
 
+        # the worker refuses to start without it; the same for both workers (keyed alert ids)
+        pseudonym_secret = secrets.token_hex(32)
+
         def start(name: str) -> tuple[Child, str]:
             port = free_port()
             env = {var: topics[short] for var, short in SERVICE_TOPICS.items()}
             env.update({"KAFKA_BOOTSTRAP_SERVERS": a.bootstrap, "MONITOR_APP_ID": prefix,
                         "TOPIC_PARTITIONS": str(a.partitions), "WEB_HOST": "127.0.0.1", "WEB_PORT": str(port),
-                        "DATA_DIR": str(tmp / name), "LOG_LEVEL": "INFO", "TICK_INTERVAL_SECONDS": "30"})
+                        "DATA_DIR": str(tmp / name), "LOG_LEVEL": "INFO", "TICK_INTERVAL_SECONDS": "30",
+                        "PSEUDONYM_SECRET": pseudonym_secret})
             c = Child(name, [PY, "-m", "monitor.cli", "worker"], env, tmp / f"{name}.log")
             children.append(c)
             return c, f"http://127.0.0.1:{port}/readyz"

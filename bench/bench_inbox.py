@@ -124,7 +124,7 @@ async def run(args: argparse.Namespace) -> None:
     from aiohttp.test_utils import TestServer
 
     from monitor.inbox.app import create_inbox_app
-    from monitor.inbox.auth import SessionStore, User, UserDirectory, hash_password
+    from monitor.inbox.auth import MIN_SCRYPT_N, SessionStore, User, UserDirectory, hash_password
     from monitor.inbox.store import InboxStore
     from monitor.settings import Settings
     from schemas.alert import Role
@@ -160,7 +160,7 @@ async def run(args: argparse.Namespace) -> None:
           f"(built in {time.perf_counter() - t_build:.1f} s)")
 
     pw = "bench-password-1"
-    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(pw, n=2**12))])
+    users = UserDirectory([User("nurse1", Role.NURSE, hash_password(pw, n=MIN_SCRYPT_N), wards=("*",))])
     app = await create_inbox_app(Settings(), users=users, store=store, publish=_nopublish, secret=b"bench-secret",
                                  start_kafka=False, sessions=SessionStore())
     server = TestServer(app, host="127.0.0.1", port=0)

@@ -67,6 +67,8 @@ class Hosted(Service):
                 if self.should_stop:
                     break  # its clients were closed by on_stop
                 log.exception("%s loop stopped; restarting in %.0f s", self.component_name, self.restart_delay)
+            if self.should_stop:
+                break  # run() returned because on_stop is stopping it
             await self.component.stop()
             await self.sleep(self.restart_delay)
 

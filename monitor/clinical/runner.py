@@ -181,9 +181,12 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
+        #: set by ``stop``: no batch or clock chunk starts after the one in progress
+        self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopping = False
         self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
         self._restorer = new_consumer(self.s, group_id=None)
@@ -196,7 +199,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         await self.start()
         consumer = self.consumer
         assert consumer is not None
-        while True:
+        while not self._stopping:
             batch = await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
             if batch:
                 await self.process_batch(batch)
@@ -211,6 +214,10 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def stop(self) -> None:
         self.ready.clear()
+        # the batch in progress finishes (the lock); none starts after it, so the final
+        # checkpoint's commit is the last one (a batch processed after it was committed, if
+        # at all, after the consumer had left its group)
+        self._stopping = True
         try:
             self._forget(await asyncio.wait_for(self._final_checkpoint(), 10.0))
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
@@ -228,6 +235,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
     # -- one batch -----------------------------------------------------------------------
     async def process_batch(self, batch: dict) -> None:
         async with self._lock:
+            if self._stopping:  # fetched while stopping: the next owner reads it
+                return
             assert self.consumer is not None
             assigned = self.consumer.assignment()
             batch = {tp: self._from_position(tp, rs) for tp, rs in batch.items()
@@ -415,6 +424,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         PATIENTS_MONITORED.set(len(pids))
         for i in range(0, len(pids), self.TICK_CHUNK):
             async with self._lock:
+                if self._stopping:  # the final checkpoint was taken: nothing is written after it
+                    break
                 # the pending batches first: the chunk's changelog holds only its own changes
                 failed = await self._flush()
                 if failed:

@@ -548,6 +548,25 @@ def start_worker(bootstrap: str, env: dict[str, str], workdir: Path, registry: l
     return wp
 
 
+def group_setup(bootstrap: str, name: str, seed: int, id_prefix: str, hook, **extra: str) -> tuple:
+    """What the tests with several workers of one app share: a unique app id (``name`` + a
+    random suffix), its topics with 4 partitions, a small scenario
+    (``RELIABILITY_PATIENTS_SMALL`` patients, default 20) and the workers' environment
+    (clock every 2 s, the webhook ``hook``; ``extra`` added). Returns (app id, topics,
+    scenario, env); the caller drops the topics (``reliability.conftest.drop_topics``)."""
+    import uuid
+
+    from reliability.conftest import make_topics
+    from workers import TEST_WEBHOOK_SECRET, service_env
+
+    prefix = f"{name}{uuid.uuid4().hex[:8]}"
+    topics = make_topics(bootstrap, prefix, partitions=4)
+    sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), seed, id_prefix=id_prefix)
+    env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
+                      WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4", **extra)
+    return prefix, topics, sc, env
+
+
 def start_workers(bootstrap: str, env: dict[str, str], workdirs: list[Path], registry: list,
                   timeout: float = 120.0) -> list:
     """Start several workers with the same environment at once (their start-ups overlap);

@@ -6,37 +6,31 @@ broker right after the SIGKILL (read then, before the survivor takes the partiti
 the same criterion as the crash test, ``harness.split_repeats``)."""
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import pytest
 
 from monitor.notify.sinks import DEFAULT_CONCURRENCY
 from receivers import WebhookReceiver
-from reliability.conftest import drop_topics, make_topics
-from reliability.harness import (LedgerReader, TopicReader, build_scenario, copy_times, publish, record_figure,
+from reliability.conftest import drop_topics
+from reliability.harness import (LedgerReader, TopicReader, copy_times, group_setup, publish, record_figure,
                                  split_repeats, start_workers, stop_all, wait_converged)
-from workers import TEST_WEBHOOK_SECRET, service_env
+from workers import TEST_WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 
 
 def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
     bs = kafka_bootstrap
-    prefix = f"reb{uuid.uuid4().hex[:8]}"
-    topics = make_topics(bs, prefix, partitions=4)
-    sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), 777, id_prefix="RB")
-    half = len(sc.records) // 2
     workers: list = []
     t0 = time.monotonic()
+    topics: dict = {}
     try:
         with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
             # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s
             # default): the survivor takes over 4 s sooner; nothing else changes
-            env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4",
-                              KAFKA_SESSION_TIMEOUT_SECONDS="6")
+            prefix, topics, sc, env = group_setup(bs, "reb", 777, "RB", hook, KAFKA_SESSION_TIMEOUT_SECONDS="6")
+            half = len(sc.records) // 2
             w1, w2 = start_workers(bs, env, [tmp_path / "w1", tmp_path / "w2"], workers)
             publish(bs, topics, sc.records[:half])
             reader = TopicReader(bs, topics)
@@ -70,4 +64,5 @@ def test_survivor_takes_over_partitions(kafka_bootstrap, tmp_path):
             assert v.ok_allowing(in_flight), v.explain() + "\n" + w2.tail(30)
     finally:
         stop_all(workers)
-        drop_topics(bs, topics)
+        if topics:
+            drop_topics(bs, topics)

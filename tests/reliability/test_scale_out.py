@@ -8,34 +8,29 @@ correction comes with its original's id), and no page is delivered twice (the we
 answers after 0.2 s, so deliveries are in flight at each hand-over)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 
 import pytest
 
 from receivers import WebhookReceiver
-from reliability.conftest import drop_topics, make_topics
-from reliability.harness import (TopicReader, build_scenario, publish, record_figure, start_workers, stop_all,
+from reliability.conftest import drop_topics
+from reliability.harness import (TopicReader, group_setup, publish, record_figure, start_workers, stop_all,
                                  wait_converged)
-from workers import TEST_WEBHOOK_SECRET, service_env
+from workers import TEST_WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_worker_joining_and_one_leaving_mid_cohort_lose_and_repeat_nothing(kafka_bootstrap, tmp_path):
     bs = kafka_bootstrap
-    prefix = f"sco{uuid.uuid4().hex[:8]}"
-    topics = make_topics(bs, prefix, partitions=4)
-    sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), 4242, id_prefix="SO")
-    third = len(sc.records) // 3
     workers: list = []
     t0 = time.monotonic()
+    topics: dict = {}
     try:
         with WebhookReceiver(secret=TEST_WEBHOOK_SECRET, delay=0.2) as hook:
-            env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                              WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4")
+            prefix, topics, sc, env = group_setup(bs, "sco", 4242, "SO", hook)
+            third = len(sc.records) // 3
             (w1,) = start_workers(bs, env, [tmp_path / "w1"], workers)
             publish(bs, topics, sc.records[:third])
             reader = TopicReader(bs, topics)
@@ -67,4 +62,5 @@ def test_a_worker_joining_and_one_leaving_mid_cohort_lose_and_repeat_nothing(kaf
             assert v.duplicated_observations == 0, v.explain()
     finally:
         stop_all(workers)
-        drop_topics(bs, topics)
+        if topics:
+            drop_topics(bs, topics)

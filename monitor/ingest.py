@@ -263,10 +263,16 @@ class IngestService(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self._lock:  # the batches in flight are acknowledged (and committed) first
-            await self._settle_writes()
-            self._failed = None  # the assignment reads every partition again from its commit
-            await self.commits.drain()
-            self.merge.clear()  # the positions start again at the commits after the assignment
+            await self._settle_all()  # the assignment reads every partition again from its commit
+
+    async def _settle_all(self) -> None:
+        """Every batch written acknowledged and committed (or its failure known), nothing
+        buffered, no failure pending: the next read starts at the commits (after a
+        revocation, a failed write, or at a stop)."""
+        await self._settle_writes()
+        self._failed = None
+        self.merge.clear()
+        await self.commits.drain()
 
     async def on_partitions_assigned(self, assigned) -> None:
         pass
@@ -378,10 +384,7 @@ class IngestService(ConsumerRebalanceListener):
         """An output was not acknowledged: forget what is buffered and every batch after
         the failure, rewind every partition to its last commit and process from there again."""
         log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
-        await self._settle_writes()
-        self._failed = None
-        self.merge.clear()
-        await self.commits.drain()
+        await self._settle_all()
         await asyncio.sleep(1.0)
         await rewind(consumer, list(consumer.assignment()), "ingest")
 
@@ -400,9 +403,7 @@ class IngestService(ConsumerRebalanceListener):
 
     async def _quiesce(self) -> None:
         async with self._lock:  # no batch in progress, and none starts after this (_stopping)
-            self.merge.clear()
-            await self._settle_writes()
-            await self.commits.drain()
+            await self._settle_all()
 
     async def stop(self) -> None:
         """The batch in progress finishes; every batch written is acknowledged and committed

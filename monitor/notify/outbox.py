@@ -312,19 +312,23 @@ class DeliveryService:
                 await c.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
                 self._committed.update(offsets)
 
-    def _drop(self, tp: TopicPartition) -> set[str]:
-        """Forget an outbox partition this worker no longer holds; the alert ids it waited for."""
-        pend = self._pending.pop(tp, None) or {}
+    def _waited_for(self, tp: TopicPartition) -> set[str]:
+        """The alert ids whose delivery the records read from this outbox partition wait for."""
+        return {k.alert_id for keys in self._pending.get(tp, {}).values() for k in keys}
+
+    def _drop(self, tp: TopicPartition) -> None:
+        """Forget an outbox partition this worker no longer holds, and its queued deliveries."""
+        self.dispatcher.forget(self._waited_for(tp))
+        self._pending.pop(tp, None)
         self._next.pop(tp, None)
         self._open.pop(tp, None)
         self._built.discard(tp)
         self._committed.pop(tp, None)
-        return {k.alert_id for keys in pend.values() for k in keys}
 
     async def _give_up(self, revoked: set[TopicPartition]) -> None:
         """Revoked outbox partitions: no new deliveries of them, the ones in flight end, and
         the commit moves past everything delivered; the next owner resumes from there."""
-        ids = {k.alert_id for tp in revoked for keys in self._pending.get(tp, {}).values() for k in keys}
+        ids = set().union(*(self._waited_for(tp) for tp in revoked))
         try:
             if ids:
                 left = await self.dispatcher.withdraw(ids, HAND_OVER_SECONDS)
@@ -335,7 +339,7 @@ class DeliveryService:
         except Exception as exc:  # the next owner resumes from an older commit: the ledger still drops repeats
             log.warning("outbox hand-over commit failed: %s", type(exc).__name__)
         for tp in revoked:
-            self.dispatcher.forget(self._drop(tp))
+            self._drop(tp)
 
     async def _take_over(self) -> None:
         """Newly assigned outbox partitions: first the ledger to its current end, so what the
@@ -367,7 +371,7 @@ class DeliveryService:
                 assigned = c.assignment()
                 for tp in list(self._pending):
                     if tp not in assigned:  # revoked without _give_up (e.g. a lost session)
-                        self.dispatcher.forget(self._drop(tp))
+                        self._drop(tp)
                 await self._commit(assigned)
             except asyncio.CancelledError:
                 raise

@@ -484,6 +484,10 @@ class Dispatcher:
             if self._withheld is not None:
                 self._withheld -= ids
 
+    def _withholds(self, alert_id: str) -> bool:
+        """No version of this alert may be started now (``withdraw``, or a stop)."""
+        return self._withheld is None or alert_id in self._withheld
+
     async def _wait_landed(self, count: Callable[[], int], timeout: float) -> None:
         """Wait until ``count()`` is 0 (re-checked whenever an attempt ends), at most ``timeout`` s."""
         loop = asyncio.get_running_loop()
@@ -572,9 +576,8 @@ class Dispatcher:
                 now = self._clock()
                 due: list[tuple[str, _Item]] = []
                 next_at: float | None = None
-                withheld = self._withheld
                 for alert_id, lane in st.lanes.items():
-                    if not lane or alert_id in st.busy or withheld is None or alert_id in withheld:
+                    if not lane or alert_id in st.busy or self._withholds(alert_id):
                         continue
                     head = lane[0]
                     if head.next_attempt_at <= now:
@@ -584,9 +587,8 @@ class Dispatcher:
                 for alert_id, item in due:
                     await sem.acquire()
                     # while waiting for a slot, the alert may have been withdrawn or forgotten
-                    withheld = self._withheld
                     lane = st.lanes.get(alert_id)
-                    if withheld is None or alert_id in withheld or not lane or lane[0] is not item:
+                    if self._withholds(alert_id) or not lane or lane[0] is not item:
                         sem.release()
                         continue
                     st.busy[alert_id] = item

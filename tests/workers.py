@@ -178,10 +178,10 @@ class WorkerProcess:
     def stop(self) -> None:
         """SIGTERM and wait until the process has exited (SIGKILL after 20 s)."""
         if self.proc and self.proc.poll() is None:
+            self.terminate()
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(20)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
+            except subprocess.TimeoutExpired:
                 self.kill()
         if getattr(self, "_log", None):
             self._log.close()

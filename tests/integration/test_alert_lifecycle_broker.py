@@ -274,6 +274,8 @@ def test_outbox_partitions_handed_over_between_live_workers_page_nothing_twice(
     one taking it reads the delivery ledger to its end before delivering."""
     import threading
 
+    from test_clinical_broker import _send_steadily
+
     prefix = f"hov{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*ALL, prefix=prefix)
     now = datetime.now(timezone.utc)
@@ -282,23 +284,14 @@ def test_outbox_partitions_handed_over_between_live_workers_page_nothing_twice(
     stop_feed = threading.Event()
     sent = Counter()
 
-    def feed():
-        # every second one ALT per patient, alternating CTCAE grade 2 and 3: each changes the
-        # patient's alert, about half of them page (severity raised)
-        p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-        n = 0
-        try:
-            while not stop_feed.is_set():
-                n += 1
-                for i, pid in enumerate(patients):
-                    v = (250 if n % 2 else 130) + i
-                    p.send(topics["lab-results"], key=pid.encode(), value=json.dumps(
-                        alt(pid, f"{pid}-r{n}", v, now - timedelta(hours=1) + timedelta(seconds=n))).encode())
-                    sent[pid] += 1
-                p.flush()
-                stop_feed.wait(1.0)
-        finally:
-            p.close()
+    def round_of_results(i: int) -> list:
+        # one ALT per patient, alternating CTCAE grade 2 and 3: each changes the patient's
+        # alert, about half of them page (severity raised)
+        n = i + 1
+        sent.update(patients)
+        return [(topics["lab-results"], pid, alt(pid, f"{pid}-r{n}", (250 if n % 2 else 130) + j,
+                                                  now - timedelta(hours=1) + timedelta(seconds=n)))
+                for j, pid in enumerate(patients)]
 
     with WebhookReceiver(secret=TEST_WEBHOOK_SECRET, delay=1.0) as hook:
         env = service_env(topics, app_id=prefix, WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
@@ -306,7 +299,8 @@ def test_outbox_partitions_handed_over_between_live_workers_page_nothing_twice(
         send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d0)) for pid in patients]
              + [(topics["lab-results"], pid, alt(pid, f"{pid}-base", 30, d0 - timedelta(days=1))) for pid in patients])
         reader = AlertReader(kafka_bootstrap, topics["alerts"])
-        feeder = threading.Thread(target=feed, daemon=True)
+        feeder = threading.Thread(target=_send_steadily, daemon=True, args=(
+            kafka_bootstrap, round_of_results, lambda i: stop_feed.is_set(), 1.0))  # a round every second
         feeder.start()
         try:
             reader.wait_for(lambda a: a["severity"] == "high", timeout=60)

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 from schemas.alert import Alert
 from schemas.events import DoseEvent, Observation, SteroidEvent
+from schemas.findings import SEVERITY_ORDER, SEVERITY_RANK, Severity
 
 from .course import HOURLY, Course, lifecycle_for
 from .engine import Engine
@@ -48,10 +49,10 @@ __all__ = [
     "patient_ref", "run_protocols", "compare", "replay",
 ]
 
-SEVERITIES = ("info", "warning", "high", "critical")
-SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+SEVERITIES = tuple(s.value for s in SEVERITY_ORDER)
+SEV_RANK = SEVERITY_RANK
 #: severities that page a clinician (warning and above)
-PAGE_SEVERITIES = frozenset({"warning", "high", "critical"})
+PAGE_SEVERITIES = frozenset(s for s in SEVERITIES if SEV_RANK[s] >= Severity.WARNING.rank)
 #: the clock grid: the worker ticks every patient about hourly; the replay ticks on whole hours
 CLOCK_ANCHOR = datetime(2000, 1, 1, tzinfo=timezone.utc)
 DAY = timedelta(days=1)

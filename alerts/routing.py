@@ -28,11 +28,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.findings import Severity
+from schemas.findings import SEVERITY_ORDER, Severity
 
 __all__ = ["TierSpec", "FailsafeSpec", "RouteSpec", "copy_route", "route_from_alert", "FALLBACK_ROUTE"]
 
-_URGENCY_ORDER = sorted(Severity, key=lambda s: s.rank)
+_URGENCY_ORDER = SEVERITY_ORDER
 
 
 class _Spec(BaseModel):

@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Callable
 
 from schemas.analytes import catalogue
-from schemas.findings import Severity
+from schemas.findings import SEVERITY_ORDER, Severity
 
 from .protocol import (
     GRADE_SEVERITY,
@@ -50,7 +50,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
 }
 B_ABS, B_ULN, B_LLN, B_BASE, B_SCORE, B_SCHEDULE = "absolute", "uln", "lln", "baseline", "score", "schedule"
-SEV_BY_RANK = [Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL]
+SEV_BY_RANK = SEVERITY_ORDER
 DAY = 86400.0
 #: a value within this relative distance of a limit is compared exactly (decimal)
 _NEAR = 1e-9

@@ -41,6 +41,7 @@ from schemas.alert import Alert, AlertAction, AlertStatus
 from schemas.analytes import catalogue
 from schemas.errors import Rejected
 from schemas.events import DoseEvent, Observation, ReferenceRange, ResultStatus, SteroidEvent
+from schemas.findings import SEVERITY_ORDER
 from schemas.ingest import LAB_RESULTS, LIVER_FUNCTION, TREATMENTS, VITAL_SIGNS, build_observation, decode
 
 from .course import Course, lifecycle_for
@@ -54,7 +55,7 @@ __all__ = [
 
 T0 = datetime(2025, 3, 3, 8, 0, tzinfo=timezone.utc)
 PATIENT = "scenario-patient"
-SEVERITIES = ("info", "warning", "high", "critical")
+SEVERITIES = tuple(s.value for s in SEVERITY_ORDER)
 #: expectation statuses: the lifecycle's AlertStatus values plus ``open`` (firing or acknowledged)
 STATUSES = ("open",) + tuple(s.value for s in AlertStatus)
 _OPEN = {AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED}

@@ -68,11 +68,11 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from schemas.findings import Severity
+from schemas.findings import SEVERITY_ORDER, SEVERITY_RANK
 
 DAY = 86400.0
-SEVERITIES = tuple(s.value for s in sorted(Severity, key=lambda s: s.rank))
-SEV_RANK = {s.value: s.rank for s in Severity}
+SEVERITIES = tuple(s.value for s in SEVERITY_ORDER)
+SEV_RANK = SEVERITY_RANK
 GRADE_SEV = {1: "info", 2: "warning", 3: "high", 4: "critical"}
 FORMATS = ("json", "fhir", "hl7")
 IV = "onasemnogene-abeparvovec-iv"

@@ -26,7 +26,12 @@ class Severity(StrEnum):
         return _RANK[self]
 
 
-_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.HIGH: 2, Severity.CRITICAL: 3}
+#: the one severity ranking, least to most urgent: ``Severity.rank`` is the index here
+SEVERITY_ORDER: tuple[Severity, ...] = (Severity.INFO, Severity.WARNING, Severity.HIGH, Severity.CRITICAL)
+_RANK = {s: i for i, s in enumerate(SEVERITY_ORDER)}
+#: rank by severity, looked up by member or by its JSON value ("high": a StrEnum member
+#: and its value are equal keys)
+SEVERITY_RANK: dict[str, int] = {s.value: i for i, s in enumerate(SEVERITY_ORDER)}
 
 
 def fast_enum_value(cls: type[StrEnum]) -> type[StrEnum]:

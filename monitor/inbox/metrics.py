@@ -20,12 +20,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from schemas.findings import SEVERITY_ORDER
+
 __all__ = ["InboxMetrics", "METRICS_KEY", "metrics_middleware", "metrics_app", "LOGIN_OUTCOMES"]
 
 #: outcomes of a sign-in attempt
 LOGIN_OUTCOMES = ("succeeded", "failed", "throttled", "busy", "expired_form")
 _METHODS = {"GET", "HEAD", "POST"}
-_SEVERITIES = ("critical", "high", "warning", "info")
+_SEVERITIES = tuple(s.value for s in reversed(SEVERITY_ORDER))  # most urgent first
 
 
 class _StateCollector:

@@ -32,11 +32,11 @@ from workers import SERVICE_TOPICS, WorkerProcess, stop_workers  # noqa: E402
 
 from monitor.notify.sinks import DeliveryKey  # noqa: E402
 from monitor.settings import INPUT_TOPICS as SETTINGS_INPUT_TOPICS  # noqa: E402
-from schemas.findings import Severity  # noqa: E402
+from schemas.findings import SEVERITY_RANK  # noqa: E402
 
 ALL_TOPICS = tuple(SERVICE_TOPICS.values())
 INPUT_TOPICS = tuple(SETTINGS_INPUT_TOPICS)
-SEV_RANK = {s.value: s.rank for s in Severity}
+SEV_RANK = SEVERITY_RANK
 
 
 def kills_default(ci: int = 3) -> int:

@@ -9,12 +9,24 @@ API and the inbox (pre-checks and the buttons they show).
 """
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
 from schemas.alert import ActionKind, Role
 from schemas.findings import Severity
 
-__all__ = ["RESOLVE_NEEDS_PHYSICIAN", "refusal", "may", "allowed_actions"]
+__all__ = ["RESOLVE_NEEDS_PHYSICIAN", "NEEDS_REASON", "MAX_REASON_CHARS", "ID_RE", "RequestRefusal", "refusal", "may",
+           "allowed_actions", "request_refusal"]
 
 RESOLVE_NEEDS_PHYSICIAN = frozenset({Severity.HIGH, Severity.CRITICAL})
+#: actions that need a reason (the text of a note, why an alert was resolved or silenced)
+NEEDS_REASON = frozenset({ActionKind.RESOLVE, ActionKind.NOTE, ActionKind.SILENCE})
+#: the longest reason a front end takes
+MAX_REASON_CHARS = 2000
+#: an alert id or action id a front end takes: letters, digits and . _ : - (1-128). ``\Z``,
+#: not ``$``: ``$`` also matches before a trailing newline (security review I1)
+ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 
 
 def refusal(role: Role | str | None, action: ActionKind | str, severity: Severity | str | None = None) -> str | None:
@@ -45,3 +57,51 @@ def allowed_actions(role: Role | str | None, severity: Severity | str | None, is
     if is_open and Severity(severity or "critical") == Severity.CRITICAL and "silence" in out:
         out.remove("silence")
     return out
+
+
+class RequestRefusal(NamedTuple):
+    """Why a front end refuses an action before publishing it. ``kind``: ``forbidden`` (the
+    role may not), ``conflict`` (the alert's state does not allow it) or ``invalid`` (the
+    request lacks something); the HTTP front ends answer 403, 409 and 400."""
+
+    kind: str
+    message: str
+
+
+def request_refusal(action: ActionKind, *, role: Role | str | None, severity: Severity | str | None,
+                    is_open: bool | None, reason: str | None, until: datetime | None, now: datetime,
+                    max_silence: timedelta, status: str | None = None) -> RequestRefusal | None:
+    """The checks the worker's actions API and the inbox make before they publish an
+    action, in one order; the lifecycle (:func:`alerts.lifecycle.apply_action`) stays
+    authoritative and makes them again where the alert is.
+
+    ``severity`` / ``is_open`` None: the front end does not hold the alert (the actions API
+    of a worker that does not own the patient). An unknown severity is judged as critical
+    (as the lifecycle does), so a silence cannot be checked and is refused; the open-alert
+    check is left to the lifecycle. ``status``: the alert's status, named when it is closed."""
+    action = ActionKind(action)
+    why = refusal(role, action, severity)
+    if why is not None:
+        what = f"a {Severity(severity).value} alert" if severity is not None else "an alert whose severity is unknown here"
+        return RequestRefusal("forbidden", f"a {Role(role).value if role else 'user without a role'} may not "
+                                           f"{action.value} {what} ({why})")
+    if action == ActionKind.SILENCE and severity is None:
+        return RequestRefusal("invalid", "the alert is not held here: cannot check it is not critical")
+    if action == ActionKind.SILENCE and Severity(severity) == Severity.CRITICAL:
+        return RequestRefusal("conflict", "critical alerts cannot be silenced")
+    if is_open is False and action != ActionKind.NOTE:
+        return RequestRefusal("conflict", f"alert is {status or 'closed'}: only a note can be added")
+    if action in NEEDS_REASON and not (reason and reason.strip()):
+        return RequestRefusal("invalid", f"{action.value} needs a reason")
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        return RequestRefusal("invalid", f"a reason has at most {MAX_REASON_CHARS} characters")
+    if action == ActionKind.SILENCE and (until is None or until <= now or until - now > max_silence):
+        return RequestRefusal("invalid", f"a silence needs an expiry ('until') in the future, at most "
+                                         f"{_span(max_silence)} away")
+    return None
+
+
+def _span(d: timedelta) -> str:
+    if d.seconds == 0 and d.microseconds == 0:
+        return f"{d.days} day{'s' if d.days != 1 else ''}"
+    return str(d)

@@ -48,7 +48,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import time
 import uuid
@@ -61,9 +60,8 @@ from faust.web import Request, Response, View
 from pydantic import ValidationError
 
 from schemas.alert import ActionKind, Alert, AlertAction
-from schemas.findings import Severity
 
-from alerts.policy import allowed_actions, may
+from alerts.policy import ID_RE, MAX_REASON_CHARS, allowed_actions, request_refusal
 
 from .inbox.auth import LoginThrottle, User, UserDirectory, load_users, ward_visibility
 
@@ -78,9 +76,9 @@ EXPOSED = ("actions API disabled: the worker's port is not bound to loopback and
 
 
 MAX_BODY_BYTES = 16 * 1024
-MAX_REASON_CHARS = 2000
 PUBLISH_TIMEOUT_SECONDS = 15.0
-_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+#: the HTTP status of each kind of refusal (alerts.policy.RequestRefusal)
+REFUSAL_STATUS = {"forbidden": 403, "conflict": 409, "invalid": 400}
 _NO_STORE = {"Cache-Control": "no-store"}
 
 #: find_alert(alert_id) -> the alert if this worker holds it (read-only copy), else None
@@ -213,7 +211,7 @@ class ActionsAPI:
 
     @staticmethod
     def _check_alert_id(alert_id: str) -> str:
-        if not isinstance(alert_id, str) or not _ID_RE.match(alert_id):
+        if not isinstance(alert_id, str) or not ID_RE.match(alert_id):
             raise ApiError(400, "invalid alert id")
         return alert_id
 
@@ -298,7 +296,7 @@ class ActionsAPI:
         patient_id = self._opt_str(body, "patient_id", 128)
         reason = self._opt_str(body, "reason", MAX_REASON_CHARS)
         action_id = self._opt_str(body, "action_id", 128)
-        if action_id is not None and not _ID_RE.match(action_id):
+        if action_id is not None and not ID_RE.match(action_id):
             raise ApiError(400, "'action_id' may hold letters, digits and . _ : - (at most 128)")
         until = self._until(body)
 
@@ -312,24 +310,14 @@ class ActionsAPI:
         severity = alert.severity if alert is not None else None
         self._check_ward(user, alert, kind.value)
 
-        # pre-checks mirroring the lifecycle; the lifecycle stays authoritative
-        if not may(user.role, kind, severity):
-            what = f"a {severity.value} alert" if severity is not None else "an alert whose severity is unknown here"
-            raise ApiError(403, f"a {user.role.value} may not {kind.value} {what}")
-        if kind == ActionKind.SILENCE and severity in (None, Severity.CRITICAL):
-            # a severity unknown here counts as critical, as in the lifecycle
-            raise ApiError(409 if severity is not None else 400,
-                           "critical alerts cannot be silenced" if severity is not None
-                           else "this worker does not hold the alert: cannot check it is not critical")
-        if alert is not None and kind != ActionKind.NOTE and not alert.is_open:
-            raise ApiError(409, f"alert is {alert.status.value}")
-        if kind in (ActionKind.RESOLVE, ActionKind.NOTE, ActionKind.SILENCE) and not reason:
-            raise ApiError(400, f"{kind.value} needs a reason")
+        # the one action policy's pre-checks; the lifecycle stays authoritative
         now = datetime.now(timezone.utc)
-        if kind == ActionKind.SILENCE:
-            max_silence = self.max_silence
-            if until is None or until <= now or until - now > max_silence:
-                raise ApiError(400, f"a silence needs 'until' in the future, at most {max_silence} away")
+        refused = request_refusal(kind, role=user.role, severity=severity,
+                                  is_open=alert.is_open if alert is not None else None, reason=reason, until=until,
+                                  now=now, max_silence=self.max_silence,
+                                  status=alert.status.value if alert is not None else None)
+        if refused is not None:
+            raise ApiError(REFUSAL_STATUS[refused.kind], refused.message)
         try:
             action = AlertAction(action=kind, alert_id=alert_id, patient_id=patient_id, by=user.username,
                                  role=user.role, at=now, reason=reason,

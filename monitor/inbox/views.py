@@ -14,7 +14,7 @@ import json
 import re
 import secrets
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from html import escape
 from typing import Any, Awaitable, Callable
 
@@ -22,10 +22,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from schemas.alert import ActionKind, Alert, AlertAction, Role
-from schemas.findings import Severity
+
+from alerts.lifecycle import DEFAULT_CONFIG as LIFECYCLE_DEFAULTS
+from alerts.policy import ID_RE, request_refusal
 
 from .auth import (
-    ALL_WARDS, AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session, may,
+    ALL_WARDS, AUTH_KEY, CSRF_FIELD, Session, allowed_actions, current_session,
     require_role, ward_visibility,
 )
 from .metrics import METRICS_KEY
@@ -35,8 +37,10 @@ STORE_KEY = web.AppKey("inbox_store", InboxStore)
 PUBLISH_KEY = web.AppKey("inbox_publish", object)  # async callable(AlertAction) -> None
 STATUS_KEY = web.AppKey("inbox_status", dict)
 
-MAX_SILENCE = timedelta(days=7)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would accept a trailing newline (review I1)
+#: the lifecycle's longest silence (the worker's lifecycle uses the same default)
+MAX_SILENCE = LIFECYCLE_DEFAULTS.max_silence
+#: the HTTP status of each kind of refusal (alerts.policy.RequestRefusal)
+REFUSAL_STATUS = {"forbidden": 403, "conflict": 409, "invalid": 400}
 _REF_RE = re.compile(r"^p-[0-9a-f]{24}$")
 ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "Escalate", "resolve": "Resolve",
                  "silence": "Silence"}
@@ -291,7 +295,7 @@ Notify me of new critical and high alerts on my wards (browser notification and 
 
 def _alert_or_404(request: web.Request) -> Alert:
     alert_id = request.match_info["alert_id"]
-    if not _ID_RE.match(alert_id):
+    if not ID_RE.match(alert_id):
         raise web.HTTPNotFound(text="no such alert")
     store = request.app[STORE_KEY]
     alert = store.alerts.get(alert_id)
@@ -602,25 +606,22 @@ async def api_action(request: web.Request) -> web.StreamResponse:
         kind = ActionKind(str(body.get("action", "")))
     except ValueError:
         return _bad(request, 400, "unknown action", is_form)
-    if not may(sess.role, kind, alert.severity):
-        _count_action(request, kind.value, "refused")
-        return _bad(request, 403, f"a {sess.role.value} may not {kind.value} a {alert.severity.value} alert", is_form)
-    if kind == ActionKind.SILENCE and alert.severity == Severity.CRITICAL:
-        return _bad(request, 409, "critical alerts cannot be silenced", is_form)
-    if kind != ActionKind.NOTE and not alert.is_open:
-        return _bad(request, 409, f"alert is {alert.status.value}", is_form)
     reason = body.get("reason")
-    reason = str(reason).strip()[:2000] if reason not in (None, "") else None
-    if kind in (ActionKind.RESOLVE, ActionKind.NOTE, ActionKind.SILENCE) and not reason:
-        return _bad(request, 400, f"{kind.value} needs a reason", is_form)
+    reason = (str(reason).strip() or None) if reason not in (None, "") else None
     now = datetime.now(timezone.utc)
     try:
-        until = _parse_until(body.get("until"))
+        until, bad_until = _parse_until(body.get("until")), False
     except ValueError:
+        until, bad_until = None, True
+    # the one action policy's pre-checks (alerts.policy); the lifecycle stays authoritative
+    refused = request_refusal(kind, role=sess.role, severity=alert.severity, is_open=alert.is_open, reason=reason,
+                              until=until, now=now, max_silence=MAX_SILENCE, status=alert.status.value)
+    if refused is not None:
+        if refused.kind == "forbidden":
+            _count_action(request, kind.value, "refused")
+        return _bad(request, REFUSAL_STATUS[refused.kind], refused.message, is_form)
+    if bad_until:
         return _bad(request, 400, "invalid 'until'", is_form)
-    if kind == ActionKind.SILENCE:
-        if until is None or until <= now or until - now > MAX_SILENCE:
-            return _bad(request, 400, "a silence needs an expiry in the future, at most 7 days away", is_form)
     try:
         action = AlertAction(action=kind, alert_id=alert.alert_id, patient_id=alert.patient_id, by=sess.username,
                              role=sess.role, at=now, reason=reason,

@@ -333,9 +333,14 @@ class ClinicalRunner(ConsumerRebalanceListener):
         """At a stop: checkpoint and commit everything acknowledged; the partitions that are
         not durable (see ``_flush``)."""
         async with self._lock:
-            failed = await self._flush()
-            await self.commits.drain()
-            return failed
+            return await self._checkpoint_all()
+
+    async def _checkpoint_all(self) -> set[int]:
+        """(The lock held.) Checkpoint every pending batch and wait for its changelog and
+        commit; the partitions that are not durable (see ``_flush``)."""
+        failed = await self._flush()
+        await self.commits.drain()
+        return failed
 
     async def _persist(self, changed: list[tuple[str, int, bytes]], offsets: dict) -> set[int]:
         """A checkpoint: the changed patients of batches whose outputs are acknowledged to
@@ -451,9 +456,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         # waits for the batch in flight, then checkpoints every pending batch and waits for
         # its changelog and commit: the next owner resumes from a current changelog
         async with self._lock:
-            failed = await self._flush()
-            await self.commits.drain()
-            self._forget(failed)
+            self._forget(await self._checkpoint_all())
             self.owned = frozenset()
             self.ready.clear()
 

@@ -52,8 +52,8 @@ from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
 from .kafka_batch import (OrderedCommits, Positions, acknowledged, key_partition, new_consumer, new_producer, rewind,
                           send_all, stop_clients)
-from . import metrics
-from .metrics import DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, source_label
+from .metrics import (DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, LabelCache,
+                      source_label)
 
 from .settings import Settings, get_settings
 from .write_order import WriteOrderMerge
@@ -84,10 +84,7 @@ class _Counters:
     count is applied at once."""
 
     def __init__(self) -> None:
-        self._events: dict[tuple, object] = {}
-        self._obs: dict[str, object] = {}
-        self._dead: dict[tuple, object] = {}
-        self._src: dict[tuple, object] = {}
+        self._m = LabelCache()
         self.deferred = False
         self._n_events: dict[tuple[str, str], int] = {}
         self._n_obs: dict[str, int] = {}
@@ -112,36 +109,21 @@ class _Counters:
     def flush(self) -> None:
         """Apply the counts kept since the last flush."""
         if self._n_events:
-            for k, n in self._n_events.items():
-                c = self._events.get(k)
-                if c is None:
-                    c = self._events[k] = EVENTS_CONSUMED.labels(topic=k[0], format=k[1])
-                c.inc(n)
+            for (topic, fmt), n in self._n_events.items():
+                self._m.get(EVENTS_CONSUMED, topic, fmt).inc(n)
             self._n_events.clear()
         if self._n_obs:
             for analyte, n in self._n_obs.items():
-                c = self._obs.get(analyte)
-                if c is None:
-                    c = self._obs[analyte] = OBSERVATIONS.labels(analyte=analyte,
-                                                                 monitored=_MONITORED.get(analyte, "false"))
-                c.inc(n)
+                self._m.get(OBSERVATIONS, analyte, _MONITORED.get(analyte, "false")).inc(n)
             self._n_obs.clear()
         if self._seen:
             for source, received_at in self._seen.items():
-                key = (source, metrics._allowed)  # a source's label depends on the configured allow-list
-                g = self._src.get(key)
-                if g is None:
-                    if len(self._src) >= 1000:  # bounded (source_label caps the label values)
-                        self._src.clear()
-                    g = self._src[key] = SOURCE_LAST_EVENT.labels(source=source_label(source))
-                g.set(received_at.timestamp())
+                # the label of a source depends on the configured allow-list: judged at each flush
+                self._m.get(SOURCE_LAST_EVENT, source_label(source)).set(received_at.timestamp())
             self._seen.clear()
 
     def dead(self, topic: str, reason: str) -> None:
-        c = self._dead.get((topic, reason))
-        if c is None:
-            c = self._dead[(topic, reason)] = DEAD_LETTERS.labels(topic=topic, reason=reason)
-        c.inc()
+        self._m.get(DEAD_LETTERS, topic, reason).inc()
 
 
 COUNTERS = _Counters()

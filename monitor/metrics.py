@@ -118,6 +118,25 @@ def source_label(source: str) -> str:
     return "other"
 
 
+class LabelCache:
+    """Metric children cached by label values: ``labels()`` costs more than the increment
+    (ingest and the clinical processor count per record). Bounded: cleared when it holds
+    ``limit`` children (label values are bounded enums, so it never is in practice)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._c: dict[tuple, object] = {}
+
+    def get(self, metric, *values):
+        k = (id(metric), *values)
+        c = self._c.get(k)
+        if c is None:
+            if len(self._c) >= self.limit:
+                self._c.clear()
+            c = self._c[k] = metric.labels(*values)
+        return c
+
+
 # ---- the MLLP listener's own families (its scrape shows only these: component_registry)
 
 MLLP_PARSE_ERRORS = Counter(

@@ -38,6 +38,7 @@ from schemas.ingest import Limits, decode
 from ..actions_auth import ActionAuthority
 from ..dlq import dead_letter_headers
 from ..metrics import (
+    LabelCache,
     ACTIONS_REFUSED,
     ALERT_ESCALATIONS,
     ALERT_TRANSITIONS,
@@ -89,20 +90,6 @@ def _headers(rec: Any) -> dict[str, bytes]:
     return {k: v for k, v in h} if h else {}
 
 
-class _Labels:
-    """Metric children cached by label values (``labels()`` costs more than the increment)."""
-
-    def __init__(self) -> None:
-        self._c: dict[tuple, Any] = {}
-
-    def get(self, metric, *values):
-        k = (id(metric), *values)
-        c = self._c.get(k)
-        if c is None:
-            c = self._c[k] = metric.labels(*values)
-        return c
-
-
 class ClinicalProcessor:
     """Engine + lifecycle over a batch of records of the partitions the caller owns."""
 
@@ -121,7 +108,7 @@ class ClinicalProcessor:
         self.alerts_topic = alerts_topic
         self.dead_letter_topic = dead_letter_topic
         self.limits = limits or Limits()
-        self._m = _Labels()
+        self._m = LabelCache()
         #: patients with an open ``schedule.overdue`` alert (a gauge)
         self.overdue: set[str] = set()
         #: the clock skips a patient whose records were processed this recently: a dose and

@@ -411,6 +411,58 @@ def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 3
         consumer.close()
 
 
+class JsonTopicReader:
+    """Every JSON record of one topic, from the beginning, read as it arrives (no consumer
+    group). The topic's partitions are assigned explicitly, once the broker names them (a
+    subscription without a group is assigned from metadata, and a topic created moments
+    before can be missed until the next refresh). A ``wait_for`` that times out says how
+    many records the topic holds, so a failure tells "nothing written" from "not read"."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout: float = 30.0) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.topic = topic
+        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                               consumer_timeout_ms=300)
+        deadline = time.monotonic() + timeout
+        while not (parts := self.c.partitions_for_topic(topic)):
+            if time.monotonic() > deadline:
+                self.c.close()
+                raise BrokerError(f"no partitions for {topic} after {timeout:.0f}s")
+            time.sleep(0.2)
+        self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.c.assign(self.tps)
+        self.c.seek_to_beginning(*self.tps)
+        self.items: list[dict] = []
+
+    @property
+    def versions(self) -> list[dict]:  # alert versions, for the alert tests
+        return self.items
+
+    def poll(self) -> list[dict]:
+        import json
+
+        for m in self.c:
+            self.items.append(json.loads(m.value))
+        return self.items
+
+    def wait_for(self, pred, timeout: float = 60.0, describe=None) -> list[dict]:
+        """The records matching ``pred`` once there is one (polling up to ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [x for x in self.poll() if pred(x)]
+            if found:
+                return found
+        describe = describe or (lambda x: (x.get("patient_id"), x.get("rule_id"),
+                                           x.get("state") or x.get("status"), x.get("version")))
+        held = sum(self.c.end_offsets(self.tps).values())
+        raise AssertionError(f"nothing matched within {timeout}s on {self.topic} ({held} records on the broker, "
+                             f"{len(self.items)} read); saw {[describe(x) for x in self.items]}")
+
+    def close(self) -> None:
+        self.c.close()
+
+
 def drop_test_topics(bootstrap: str, names: Iterable[str], prefixes: Iterable[str]) -> None:
     """Delete ``names`` and every topic starting with one of ``prefixes`` (changelogs and
     other topics the service made for itself); never raises, so cleanup cannot mask a

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +19,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
+from kafka_broker import JsonTopicReader
 
 from monitor.inbox.auth import hash_password
 from workers import raw_alt, raw_dose, service_env
@@ -57,30 +57,8 @@ def send(bootstrap: str, records) -> None:
         p.close()
 
 
-class AlertReader:
-    """Every version on the ``alerts`` topic, read from the beginning without a consumer group."""
-
-    def __init__(self, bootstrap: str, topic: str):
-        self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                               enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
-        self.versions: list[dict] = []
-
-    def poll(self) -> list[dict]:
-        for m in self.c:
-            self.versions.append(json.loads(m.value))
-        return self.versions
-
-    def wait_for(self, pred, timeout: float = 60.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [a for a in self.poll() if pred(a)]
-            if found:
-                return found
-        raise AssertionError(f"no alert matched within {timeout}s; saw "
-                             f"{[(a['rule_id'], a['status'], a['version']) for a in self.versions]}")
-
-    def close(self) -> None:
-        self.c.close()
+#: every version on the ``alerts`` topic, read from the beginning without a consumer group
+AlertReader = JsonTopicReader
 
 
 def users_file(tmp_path: Path) -> Path:

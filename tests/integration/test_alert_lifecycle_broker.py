@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
+from kafka_broker import JsonTopicReader
 
 from receivers import WebhookReceiver
 from reliability.harness import LedgerReader, ledger_key
@@ -47,27 +48,8 @@ def alt(pid, eid, value, at):
             "status": "final"}
 
 
-class AlertReader:
-    def __init__(self, bootstrap, topic):
-        self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                               enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
-        self.versions: list[dict] = []
-
-    def poll(self):
-        for m in self.c:
-            self.versions.append(json.loads(m.value))
-        return self.versions
-
-    def wait_for(self, pred, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [a for a in self.poll() if pred(a)]
-            if found:
-                return found
-        raise AssertionError(f"no alert matched within {timeout}s; saw {[(a['rule_id'], a['status'], a['version']) for a in self.versions]}")
-
-    def close(self):
-        self.c.close()
+#: every version on the ``alerts`` topic, read from the beginning without a consumer group
+AlertReader = JsonTopicReader
 
 
 def send(bootstrap, records):

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from kafka_broker import JsonTopicReader
 
 from monitor.settings import INPUT_TOPICS, SERVICE_TOPICS
 from schemas.findings import Severity
@@ -39,27 +40,11 @@ LOINC = {  # analyte: (LOINC, unit)
 }
 
 
-class Reader:
+class Reader(JsonTopicReader):
     """Every JSON record of one topic, from the beginning."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                               enable_auto_commit=False, group_id=None, consumer_timeout_ms=300)
-        self.items: list[dict] = []
-
-    def poll(self) -> list[dict]:
-        for m in self.c:
-            self.items.append(json.loads(m.value))
-        return self.items
-
-    def wait_for(self, pred, timeout: float = 90.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [x for x in self.poll() if pred(x)]
-            if found:
-                return found
-        raise AssertionError(f"nothing matched within {timeout}s; saw "
-                             f"{[(x.get('patient_id'), x.get('rule_id'), x.get('state') or x.get('status')) for x in self.items]}")
+    def wait_for(self, pred, timeout: float = 90.0, describe=None) -> list[dict]:
+        return super().wait_for(pred, timeout, describe)
 
     def sync(self, bootstrap: str, topic: str) -> list[dict]:
         """Every record of the topic, read to its end offsets (complete after ``wait_processed``)."""

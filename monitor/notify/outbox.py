@@ -14,7 +14,7 @@ before a rebalance) is never paged twice.
 
 Hand-over of outbox partitions between live workers (a rebalance, or a graceful stop):
 the worker giving a partition up starts no more deliveries of it, lets the ones in flight
-end (their ledger records acknowledged), at most ``HAND_OVER_SECONDS``, and commits past
+end (their ledger records acknowledged), at most ``hand_over_seconds``, and commits past
 everything delivered; the worker taking a partition reads the ledger to its end first.
 Without this, the worker giving up kept delivering its queue for up to a second while the
 new owner delivered the same versions from the last commit (8-11 repeated pages in each of
@@ -71,8 +71,19 @@ class KafkaLedger:
         return len(self._keys)
 
 
-#: how long a hand-over (and a stop) waits for deliveries in flight to end
+#: how long a hand-over (and a stop) waits at least for deliveries in flight to end
 HAND_OVER_SECONDS = 5.0
+#: the time a delivery takes after its sink answered (its ledger record acknowledged)
+LEDGER_WRITE_SECONDS = 1.0
+
+
+def hand_over_seconds(sinks: Iterable) -> float:
+    """How long a worker giving up outbox partitions (or stopping) waits for the deliveries
+    in flight: at least ``HAND_OVER_SECONDS``, and long enough for an attempt that ends by its
+    sink's own timeout to be recorded in the ledger (a shorter wait let the next owner send
+    a page again that a slow webhook was still taking)."""
+    longest = max((getattr(s, "timeout_seconds", 0.0) for s in sinks), default=0.0)
+    return max(HAND_OVER_SECONDS, longest + LEDGER_WRITE_SECONDS)
 
 
 class _HandOver(ConsumerRebalanceListener):
@@ -91,6 +102,7 @@ class DeliveryService:
         self.settings = settings
         self.ledger = KafkaLedger()
         self.sinks = list(self._sinks(settings))
+        self.hand_over_seconds = hand_over_seconds(self.sinks)
         hooks = DeliveryHooks(
             on_delivered=self._on_delivered,
             on_failure=self._on_failure,
@@ -331,7 +343,7 @@ class DeliveryService:
         ids = set().union(*(self._waited_for(tp) for tp in revoked))
         try:
             if ids:
-                left = await self.dispatcher.withdraw(ids, HAND_OVER_SECONDS)
+                left = await self.dispatcher.withdraw(ids, self.hand_over_seconds)
                 if left:
                     log.warning("%d deliveries still in flight when their outbox partitions were handed over: "
                                 "the next owner may send them again", left)
@@ -350,7 +362,7 @@ class DeliveryService:
         try:
             parts = sorted(c.assignment())
             ends = await c.end_offsets(parts)
-            deadline = loop.time() + HAND_OVER_SECONDS
+            deadline = loop.time() + self.hand_over_seconds
             for tp in parts:
                 while await c.position(tp) < ends[tp]:
                     if loop.time() > deadline:
@@ -384,7 +396,7 @@ class DeliveryService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # deliveries in flight end and their ledger records are written before the outbox
         # commits past them and leaves its group (the next owner would send them again)
-        await self.dispatcher.stop(drain_timeout=2.0, finish_timeout=HAND_OVER_SECONDS)
+        await self.dispatcher.stop(drain_timeout=2.0, finish_timeout=self.hand_over_seconds)
         if self._outbox is not None:
             try:
                 await self._commit(self._outbox.assignment())

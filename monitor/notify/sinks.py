@@ -108,6 +108,8 @@ class _HttpSink:
     paging: bool = True
 
     def __init__(self, timeout: float, session: aiohttp.ClientSession | None):
+        #: the longest one attempt (one HTTP request) takes before it fails
+        self.timeout_seconds = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._own_session = session is None

@@ -139,3 +139,22 @@ async def test_a_dispatcher_started_again_after_a_stop_delivers():
         assert sink.answered == [first.idempotency_key, second.idempotency_key]
     finally:
         await d.stop()
+
+
+def test_the_hand_over_waits_long_enough_for_an_attempt_that_ends_by_its_sinks_timeout():
+    """A webhook may take up to its HTTP timeout (10 s by default) to answer; a hand-over that
+    gave up after a fixed 5 s let the next owner page again what the slow webhook was still
+    taking. The wait now covers the longest sink timeout plus the ledger write."""
+    from monitor.notify.outbox import HAND_OVER_SECONDS, LEDGER_WRITE_SECONDS, DeliveryService, hand_over_seconds
+    from monitor.notify.sinks import AlertmanagerSink, WebhookSink
+    from monitor.settings import Settings
+
+    assert hand_over_seconds([]) == HAND_OVER_SECONDS
+    assert hand_over_seconds([GatedSink()]) == HAND_OVER_SECONDS  # no timeout of its own
+    slow = WebhookSink("http://127.0.0.1:9/hook", "s" * 32, timeout=30.0)
+    quick = AlertmanagerSink("http://127.0.0.1:9", timeout=2.0)
+    assert hand_over_seconds([quick]) == HAND_OVER_SECONDS
+    assert hand_over_seconds([quick, slow]) == 30.0 + LEDGER_WRITE_SECONDS
+    # the service's own sinks: the webhook's default timeout decides
+    svc = DeliveryService(Settings(webhook_url="http://127.0.0.1:9/hook", webhook_secret="s" * 32))
+    assert svc.hand_over_seconds == max(s.timeout_seconds for s in svc.sinks) + LEDGER_WRITE_SECONDS > HAND_OVER_SECONDS

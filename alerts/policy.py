@@ -67,6 +67,13 @@ class RequestRefusal(NamedTuple):
     kind: str
     message: str
 
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS[self.kind]
+
+
+_HTTP_STATUS = {"forbidden": 403, "conflict": 409, "invalid": 400}
+
 
 def request_refusal(action: ActionKind, *, role: Role | str | None, severity: Severity | str | None,
                     is_open: bool | None, reason: str | None, until: datetime | None, now: datetime,

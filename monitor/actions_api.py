@@ -77,8 +77,6 @@ EXPOSED = ("actions API disabled: the worker's port is not bound to loopback and
 
 MAX_BODY_BYTES = 16 * 1024
 PUBLISH_TIMEOUT_SECONDS = 15.0
-#: the HTTP status of each kind of refusal (alerts.policy.RequestRefusal)
-REFUSAL_STATUS = {"forbidden": 403, "conflict": 409, "invalid": 400}
 _NO_STORE = {"Cache-Control": "no-store"}
 
 #: find_alert(alert_id) -> the alert if this worker holds it (read-only copy), else None
@@ -317,7 +315,7 @@ class ActionsAPI:
                                   now=now, max_silence=self.max_silence,
                                   status=alert.status.value if alert is not None else None)
         if refused is not None:
-            raise ApiError(REFUSAL_STATUS[refused.kind], refused.message)
+            raise ApiError(refused.http_status, refused.message)
         try:
             action = AlertAction(action=kind, alert_id=alert_id, patient_id=patient_id, by=user.username,
                                  role=user.role, at=now, reason=reason,

@@ -39,8 +39,6 @@ STATUS_KEY = web.AppKey("inbox_status", dict)
 
 #: the lifecycle's longest silence (the worker's lifecycle uses the same default)
 MAX_SILENCE = LIFECYCLE_DEFAULTS.max_silence
-#: the HTTP status of each kind of refusal (alerts.policy.RequestRefusal)
-REFUSAL_STATUS = {"forbidden": 403, "conflict": 409, "invalid": 400}
 _REF_RE = re.compile(r"^p-[0-9a-f]{24}$")
 ACTION_LABELS = {"acknowledge": "Acknowledge", "note": "Add note", "escalate": "Escalate", "resolve": "Resolve",
                  "silence": "Silence"}
@@ -619,7 +617,7 @@ async def api_action(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         if refused.kind == "forbidden":
             _count_action(request, kind.value, "refused")
-        return _bad(request, REFUSAL_STATUS[refused.kind], refused.message, is_form)
+        return _bad(request, refused.http_status, refused.message, is_form)
     if bad_until:
         return _bad(request, 400, "invalid 'until'", is_form)
     try:

@@ -130,3 +130,7 @@ def test_source_label_allow_list():
         assert metrics.source_label("req-456") == "req-456"  # unconfigured: first come, bounded
     finally:
         metrics.configure_sources(None)
+
+
+def test_each_kind_of_refusal_has_its_http_status():
+    assert [policy.RequestRefusal(k, "").http_status for k in ("forbidden", "conflict", "invalid")] == [403, 409, 400]

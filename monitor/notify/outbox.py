@@ -75,6 +75,8 @@ class KafkaLedger:
 HAND_OVER_SECONDS = 5.0
 #: the time a delivery takes after its sink answered (its ledger record acknowledged)
 LEDGER_WRITE_SECONDS = 1.0
+#: how long a worker taking outbox partitions over reads the ledger towards its end first
+LEDGER_CATCH_UP_SECONDS = 5.0
 
 
 def hand_over_seconds(sinks: Iterable) -> float:
@@ -362,7 +364,7 @@ class DeliveryService:
         try:
             parts = sorted(c.assignment())
             ends = await c.end_offsets(parts)
-            deadline = loop.time() + self.hand_over_seconds
+            deadline = loop.time() + LEDGER_CATCH_UP_SECONDS
             for tp in parts:
                 while await c.position(tp) < ends[tp]:
                     if loop.time() > deadline:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -548,23 +549,30 @@ def start_worker(bootstrap: str, env: dict[str, str], workdir: Path, registry: l
     return wp
 
 
-def group_setup(bootstrap: str, name: str, seed: int, id_prefix: str, hook, **extra: str) -> tuple:
+@contextmanager
+def worker_group(bootstrap: str, name: str, seed: int, id_prefix: str, hook, **extra: str):
     """What the tests with several workers of one app share: a unique app id (``name`` + a
     random suffix), its topics with 4 partitions, a small scenario
-    (``RELIABILITY_PATIENTS_SMALL`` patients, default 20) and the workers' environment
-    (clock every 2 s, the webhook ``hook``; ``extra`` added). Returns (app id, topics,
-    scenario, env); the caller drops the topics (``reliability.conftest.drop_topics``)."""
+    (``RELIABILITY_PATIENTS_SMALL`` patients, default 20), the workers' environment (clock
+    every 2 s, the webhook ``hook``; ``extra`` added) and the list the test's workers are
+    started into. Yields (app id, topics, scenario, env, workers); at the end every worker
+    is stopped (``stop_all``) and the topics are dropped."""
     import uuid
 
-    from reliability.conftest import make_topics
+    from reliability.conftest import drop_topics, make_topics
     from workers import TEST_WEBHOOK_SECRET, service_env
 
     prefix = f"{name}{uuid.uuid4().hex[:8]}"
+    workers: list = []
     topics = make_topics(bootstrap, prefix, partitions=4)
-    sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), seed, id_prefix=id_prefix)
-    env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
-                      WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4", **extra)
-    return prefix, topics, sc, env
+    try:
+        sc = build_scenario(int(os.environ.get("RELIABILITY_PATIENTS_SMALL", "20")), seed, id_prefix=id_prefix)
+        env = service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="2", WEBHOOK_URL=hook.url,
+                          WEBHOOK_SECRET=TEST_WEBHOOK_SECRET, TOPIC_PARTITIONS="4", **extra)
+        yield prefix, topics, sc, env, workers
+    finally:
+        stop_all(workers)
+        drop_topics(bootstrap, topics)
 
 
 def start_workers(bootstrap: str, env: dict[str, str], workdirs: list[Path], registry: list,

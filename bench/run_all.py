@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -594,10 +595,9 @@ def latency_runs_lines(lat: dict, rate: float) -> list[str]:
     done = [ph for ph in runs if ph is not None]
     if not done:
         return []
-    p99 = [ph["p99_ms"] for ph in done]
-    finite = sorted(x if x is not None else float("inf") for x in p99)
-    median = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
-    met = sum(1 for x in finite if x <= 100)
+    p99 = [ph["p99_ms"] if ph["p99_ms"] is not None else float("inf") for ph in done]
+    median = statistics.median(p99)
+    met = sum(1 for x in p99 if x <= 100)
     out = ["", f"Every run at {fmt(rate)}/s ({len(runs)} runs, each with a fresh worker and topics; "
                f"{len(runs) - len(done)} failed): p99 <= 100 ms in {met} of {len(done)}, median p99 {fmt(median, 1)} ms.",
            "", "| run | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | alerts seen | worker cores | whole machine |",

@@ -81,14 +81,23 @@ class _Counters:
     With ``deferred`` set (the batched loop), counts are kept in plain dicts and applied
     to the metrics once per batch by :meth:`flush` (an increment of a prometheus-client
     child takes a lock: three per observation were ~9 % of ingest's CPU); otherwise each
-    count is applied at once."""
+    count is applied at once. With ``relayed`` set (ingest in a process of its own,
+    ``monitor.ingest_process``), :meth:`flush` applies nothing: the counts are taken as a
+    JSON-able snapshot (:meth:`take`) and applied by the worker's process (:meth:`apply`),
+    whose ``/metrics`` ops teams scrape."""
+
+    #: batch durations kept between two takes at most (a relay reads them twice a second)
+    MAX_BATCHES = 10_000
 
     def __init__(self) -> None:
         self._m = LabelCache()
         self.deferred = False
+        self.relayed = False
         self._n_events: dict[tuple[str, str], int] = {}
         self._n_obs: dict[str, int] = {}
         self._seen: dict[str, datetime] = {}
+        self._n_dead: dict[tuple[str, str], int] = {}
+        self._batches: list[float] = []
 
     def event(self, kind: str, fmt: str) -> None:
         k = (kind, fmt)
@@ -106,24 +115,52 @@ class _Counters:
         if not self.deferred:
             self.flush()
 
-    def flush(self) -> None:
-        """Apply the counts kept since the last flush."""
-        if self._n_events:
-            for (topic, fmt), n in self._n_events.items():
-                self._m.get(EVENTS_CONSUMED, topic, fmt).inc(n)
-            self._n_events.clear()
-        if self._n_obs:
-            for analyte, n in self._n_obs.items():
-                self._m.get(OBSERVATIONS, analyte, _MONITORED.get(analyte, "false")).inc(n)
-            self._n_obs.clear()
-        if self._seen:
-            for source, received_at in self._seen.items():
-                # the label of a source depends on the configured allow-list: judged at each flush
-                self._m.get(SOURCE_LAST_EVENT, source_label(source)).set(received_at.timestamp())
-            self._seen.clear()
-
     def dead(self, topic: str, reason: str) -> None:
-        self._m.get(DEAD_LETTERS, topic, reason).inc()
+        k = (topic, reason)
+        self._n_dead[k] = self._n_dead.get(k, 0) + 1
+        if not self.deferred:
+            self.flush()
+
+    def batch(self, seconds: float) -> None:
+        """One batch of the loop processed in ``seconds`` (``processing_seconds{stage="ingest_batch"}``)."""
+        if len(self._batches) < self.MAX_BATCHES:
+            self._batches.append(seconds)
+        if not self.deferred:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the counts kept since the last flush (unless they are relayed)."""
+        if not self.relayed:
+            self.apply(self.take())
+
+    def take(self) -> dict:
+        """The counts kept since the last take, as JSON-able lists; cleared."""
+        snap = {
+            "events": [[topic, fmt, n] for (topic, fmt), n in self._n_events.items()],
+            "observations": [[analyte, n] for analyte, n in self._n_obs.items()],
+            "sources": [[source, at.timestamp()] for source, at in self._seen.items()],
+            "dead": [[topic, reason, n] for (topic, reason), n in self._n_dead.items()],
+            "batches": self._batches,
+        }
+        self._n_events, self._n_obs, self._seen, self._n_dead, self._batches = {}, {}, {}, {}, []
+        return snap
+
+    def apply(self, snap: dict) -> None:
+        """Add a snapshot of :meth:`take` (this process's or an ingest process's) to the metrics."""
+        m = self._m
+        for topic, fmt, n in snap.get("events", ()):
+            m.get(EVENTS_CONSUMED, topic, fmt).inc(n)
+        for analyte, n in snap.get("observations", ()):
+            m.get(OBSERVATIONS, analyte, _MONITORED.get(analyte, "false")).inc(n)
+        for source, at in snap.get("sources", ()):
+            # the label of a source depends on the configured allow-list: judged when applied
+            m.get(SOURCE_LAST_EVENT, source_label(source)).set(at)
+        for topic, reason, n in snap.get("dead", ()):
+            m.get(DEAD_LETTERS, topic, reason).inc(n)
+        if snap.get("batches"):
+            h = m.get(PROCESSING_SECONDS, "ingest_batch")
+            for seconds in snap["batches"]:
+                h.observe(seconds)
 
 
 COUNTERS = _Counters()
@@ -332,9 +369,9 @@ class IngestService(ConsumerRebalanceListener):
                 self._acks.append(asyncio.ensure_future(self._acknowledge(
                     self._acks[-1] if self._acks else None, sent,
                     {TopicPartition(t, p): off + 1 for (t, p), off in last.items()})))
+                COUNTERS.batch(time.perf_counter() - started)
                 COUNTERS.flush()
                 self.processed += len(ordered)
-                PROCESSING_SECONDS.labels(stage="ingest_batch").observe(time.perf_counter() - started)
 
     #: batches whose outputs may be unacknowledged at once (then the loop waits for the oldest)
     MAX_UNACKNOWLEDGED = 4

@@ -3,7 +3,9 @@
 One faust app per worker is the service runtime (web server, timers, services). It hosts:
 
 - ``ingest``: the batched aiokafka loop raw inputs -> the patient stream ``observations``
-  (observations, plus treatments and actions routed there keyed by patient);
+  (observations, plus treatments and actions routed there keyed by patient), in
+  ``INGEST_PROCESSES`` processes of its own that this app supervises (one by default:
+  ``monitor.ingest_process``), or in this process when it is 0;
 - ``clinical``: the clinical runner (engine + lifecycle over the patient store, restored
   from its changelog topic) on the patient stream;
 - ``delivery``: the outbox consumer that pages the sinks;
@@ -37,7 +39,8 @@ from .clinical.processor import ClinicalProcessor
 from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
 from .notify.outbox import DeliveryService
-from .ingest import IngestService, limits_of
+from .ingest import COUNTERS, IngestService, limits_of
+from .ingest_process import IngestProcess
 from .metrics import PROTOCOL_INFO, configure_sources
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings, is_loopback
@@ -108,13 +111,14 @@ def lifecycle_config(protocols, s: Settings) -> LifecycleConfig:
 class Worker:
     settings: Settings
     app: faust.App
-    ingest: IngestService
+    #: the in-process ingest loop, or one :class:`IngestProcess` per ingest process
+    ingest: list[IngestService | IngestProcess]
     runner: ClinicalRunner
     delivery: DeliveryService
     api: ActionsAPI
 
     def ready(self) -> bool:
-        return self.ingest.ready.is_set() and self.runner.ready.is_set()
+        return all(i.ready.is_set() for i in self.ingest) and self.runner.ready.is_set()
 
 
 def build_worker(s: Settings | None = None) -> Worker:
@@ -125,14 +129,17 @@ def build_worker(s: Settings | None = None) -> Worker:
     lifecycle = lifecycle_config(protocols, s)
     configure_sources(s.metrics_sources)  # bounded `source` label (review L2)
     store = InMemoryPatientStore()
-    handoff = DecodedObservations(owned=lambda p: p in runner.owned)
+    # ingest in this process hands its decoded observations to the clinical stage
+    handoff = DecodedObservations(owned=lambda p: p in runner.owned) if s.ingest_processes == 0 else None
     engine = Engine(protocols, id_key=s.pseudonym_secret.encode("utf-8"))  # keyed finding ids (review H2)
     processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
                                   limits=limits_of(s),
                                   authority=ActionAuthority.from_file(s.inbox_users_file), handoff=handoff)
     runner = ClinicalRunner(s, processor, store)
-    ingest = IngestService(s, handoff)
+    ingest: list[IngestService | IngestProcess] = (
+        [IngestService(s, handoff)] if s.ingest_processes == 0
+        else [IngestProcess(i, COUNTERS.apply) for i in range(s.ingest_processes)])
     delivery = DeliveryService(s)
 
     async def publish_action(key: bytes, value: bytes):
@@ -147,7 +154,8 @@ def build_worker(s: Settings | None = None) -> Worker:
 
     app = create_app(s)
     w = Worker(s, app, ingest, runner, delivery, api)
-    for component, name in ((ingest, "ingest"), (runner, "clinical"), (_DeliveryLoop(delivery), "delivery")):
+    loops: list[tuple[Any, str]] = [(i, "ingest" if len(ingest) == 1 else f"ingest-{n}") for n, i in enumerate(ingest)]
+    for component, name in (*loops, (runner, "clinical"), (_DeliveryLoop(delivery), "delivery")):
         app.service(Hosted(component, name, loop=None))
 
     @app.timer(interval=s.tick_interval_seconds)
@@ -162,7 +170,7 @@ def build_worker(s: Settings | None = None) -> Worker:
 
     @app.timer(interval=LAG_INTERVAL_SECONDS)
     async def consumer_lag() -> None:
-        await update_consumer_lag([ingest, runner])
+        await update_consumer_lag([*ingest, runner])
 
     @app.task
     async def watch_event_loop() -> None:

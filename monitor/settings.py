@@ -118,11 +118,14 @@ class Settings(BaseSettings):
         "replays up to this much more input (idempotent; alert versions deduplicated downstream)"))
 
     # ingest
-    ingest_processes: int = Field(default=1, ge=0, le=16, description=(
+    ingest_processes: int = Field(default=0, ge=0, le=16, description=(
         "processes of its own that run the worker's ingest loop (validation, units, the writes to the patient "
-        "stream), supervised by the worker, so ingest and the clinical stage each have a core: ~0.6 of the raw "
-        "client's rate for ingest, against ~0.3 sharing one process (README \"Performance\"); 0 = ingest in the "
-        "worker's own process (one core per worker, with the in-process hand-off of decoded observations)"))
+        "stream), supervised by the worker, so that ingest and the clinical stage each have a core. 0 (the "
+        "default) = ingest in the worker's own process, one core per worker. 1 raised one worker's throughput "
+        "from ~13,000-16,000 to ~21,000-22,000 observations/s on the 2-core benchmark machine, but lengthened the "
+        "tail at 2,000 alert-changing events/s there (p99 ~270-560 ms against ~110-190 ms), where the broker and "
+        "the load generator share the two cores (README \"Performance\"): set it where the worker has a core to "
+        "spare"))
 
     log_level: str = "INFO"
 

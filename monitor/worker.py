@@ -4,8 +4,8 @@ One faust app per worker is the service runtime (web server, timers, services). 
 
 - ``ingest``: the batched aiokafka loop raw inputs -> the patient stream ``observations``
   (observations, plus treatments and actions routed there keyed by patient), in
-  ``INGEST_PROCESSES`` processes of its own that this app supervises (one by default:
-  ``monitor.ingest_process``), or in this process when it is 0;
+  this process (``INGEST_PROCESSES=0``, the default) or in that many processes of its
+  own that this app supervises (``monitor.ingest_process``);
 - ``clinical``: the clinical runner (engine + lifecycle over the patient store, restored
   from its changelog topic) on the patient stream;
 - ``delivery``: the outbox consumer that pages the sinks;

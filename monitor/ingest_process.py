@@ -171,7 +171,14 @@ async def _serve(relay) -> int:
         while True:
             await asyncio.sleep(RELAY_SECONDS)
             ready = service.ready.is_set()
-            report(ready if ready != announced else None)
+            try:
+                report(ready if ready != announced else None)
+            except (BrokenPipeError, ConnectionResetError):
+                stop.set()  # the worker is gone
+                return
+            except Exception as exc:  # noqa: BLE001 - a report lost costs its figures, never the loop
+                log.warning("ingest process: report to the worker failed (%s)", type(exc).__name__)
+                continue
             announced = ready
 
     running = asyncio.ensure_future(service.run())

@@ -152,3 +152,21 @@ def test_no_ingest_process_when_set_to_zero(kafka_bootstrap, topic_factory, work
     assert ingest_children(w.proc.pid) == []
     text = w.get("/metrics")[1].decode()
     assert metric(text, "monitor_observations_total", analyte="alt") == 3
+
+
+def test_two_ingest_processes_share_the_inputs_and_count_each_once(kafka_bootstrap, topic_factory, worker_factory):
+    prefix = f"ip2{uuid.uuid4().hex[:8]}"
+    topics = _topics(topic_factory, prefix)
+    w = worker_factory(service_env(topics, app_id=prefix, INGEST_PROCESSES="2"))
+    assert len(wait_until(lambda: [p for p in ingest_children(w.proc.pid) if alive(p)], 10, "no ingest process")) == 2
+    pids = [f"{prefix}-p{i}" for i in range(30)]  # spread over the 3 partitions of each input
+    publish(kafka_bootstrap, _alt_records(topics, pids, "a", 400.0))
+    wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]], timeout=60)
+    wait_until(lambda: metric(w.get("/metrics")[1].decode(), "monitor_observations_total", analyte="alt") == 30, 10,
+               "the two ingest processes' counts did not add up on /metrics")
+    from kafka_broker import read_topic
+
+    observations = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics["observations"], expected=30)]
+    assert sorted(o["patient_id"] for o in observations) == sorted(pids)
+    text = w.get("/metrics")[1].decode()
+    assert metric(text, "monitor_observations_total", analyte="alt") == 30

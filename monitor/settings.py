@@ -123,7 +123,7 @@ class Settings(BaseSettings):
         "stream), supervised by the worker, so that ingest and the clinical stage each have a core. 0 (the "
         "default) = ingest in the worker's own process, one core per worker. 1 raised one worker's throughput "
         "from ~13,000-16,000 to ~21,000-22,000 observations/s on the 2-core benchmark machine, but lengthened the "
-        "tail at 2,000 alert-changing events/s there (p99 ~270-560 ms against ~110-190 ms), where the broker and "
+        "tail at 2,000 alert-changing events/s there (p99 129-209 ms against 91-108 ms), where the broker and "
         "the load generator share the two cores (README \"Performance\"): set it where the worker has a core to "
         "spare"))
 

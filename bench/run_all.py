@@ -645,15 +645,15 @@ def report(run: Run, meta: dict) -> str:
             if key == "a2" and a and r.get("rate"):
                 note = (note + "; " if note else "") + f"{r['rate'] / a:.2f}x (a): the ceiling of two hops, no work"
             row(label, r, "rate", None, r["elapsed_s"], r["peak_rss_mb"], r["cpu_s"], note, cmp=False)
-        elif key in errs or key != "a2":
+        elif key in errs:  # a stage not selected (--stages) has no row
             lines.append(f"| {label} | failed | | | | | | | {errs.get(key, '')[:80]} |")
     for key, w in (("c1", 1), ("c1p", 1), ("c2", 2)):
         r = st.get(key)
         label = f"(c) service, {w} worker{'s' if w > 1 else ''}"
         if key == "c1p":
-            if not r and key not in errs:
-                continue
             label += " with an ingest process (`INGEST_PROCESSES=1`)"
+        if not r and key not in errs:
+            continue  # not selected (--stages)
         if not r:
             lines.append(f"| {label} | failed | | | | | | | {errs.get(key, '')[:80]} |")
             continue

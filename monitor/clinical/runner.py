@@ -142,11 +142,12 @@ class PendingCheckpoint:
 
 
 class ClinicalRunner(ConsumerRebalanceListener):
-    #: records per batch at most. A batch's changed patients are encoded once after it: with a
-    #: backlog (an ingest process running ahead, a restart), larger batches encode each patient
-    #: for more records (bench/run_all.py c1p, two alternated pairs: 22,414 / 22,058 against
-    #: 20,883 / 21,418 observations/s with 1,000); with live input batches stay far smaller
-    MAX_BATCH = 4000
+    #: records per batch at most. The batch is processed without yielding the event loop, which
+    #: delivery and the web endpoints share (and ingest, in this process): 4,000 gave an ingest
+    #: process's backlog 4-7 % more throughput (docs/measurements.md, eighth pass) but held the
+    #: loop four times as long, and the take-over's ledger read (LEDGER_CATCH_UP_SECONDS, wall
+    #: time) with it; a rebalance test repeated 3 pages on a slow host in that state
+    MAX_BATCH = 1000
     TICK_CHUNK = 500
     #: a checkpoint is due once the pending batches hold this many records (bounds the replay)
     CHECKPOINT_MAX_RECORDS = 20_000

@@ -56,23 +56,18 @@ class IngestProcess:
     :class:`~monitor.worker.Hosted`, with ``ready`` and ``lag()`` as the in-process
     ingest has them."""
 
-    def __init__(self, index: int, apply_counts: Any, argv: list[str] | None = None) -> None:
+    def __init__(self, index: int, apply_counts: Any) -> None:
         self.index = index
         self.apply_counts = apply_counts
-        self.argv = argv or [sys.executable, "-m", "monitor.ingest_process"]
         self.ready = asyncio.Event()
         self.proc: asyncio.subprocess.Process | None = None
         self._lag: dict[tuple[str, int], int] = {}
         self._stopping = False
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
     async def run(self) -> None:
         self._stopping = False
         self.proc = proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+            sys.executable, "-m", "monitor.ingest_process", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             limit=MAX_LINE)
         log.info("ingest process %d started (pid %d)", self.index, proc.pid)
         try:
@@ -145,16 +140,13 @@ async def _serve(relay) -> int:
     # a terminal's Ctrl-C reaches the whole process group: the worker decides when this stops
     loop.add_signal_handler(signal.SIGINT, lambda: None)
 
-    def send(**msg: Any) -> None:
-        relay.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
-        relay.flush()
-
     def report(ready: bool | None = None) -> None:
         msg: dict[str, Any] = {"counts": COUNTERS.take(),
                                "lag": [[t, p, n] for (t, p), n in service.lag().items()]}
         if ready is not None:
             msg["ready"] = ready
-        send(**msg)
+        relay.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        relay.flush()
 
     async def watch_worker() -> None:
         """End-of-file on stdin: the worker is gone (stopped, or killed)."""
@@ -205,14 +197,13 @@ async def _serve(relay) -> int:
 
 
 def main() -> int:
-    from .logs import configure_logging
+    from .logs import configure_logging, quiet_client_loggers
 
     # the relay is this process's stdout; anything printed goes to stderr instead
     relay = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     configure_logging()
-    for name in ("aiokafka", "kafka"):
-        logging.getLogger(name).setLevel(max(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    quiet_client_loggers()
     try:
         return asyncio.run(_serve(relay))
     except BrokenPipeError:

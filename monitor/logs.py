@@ -76,6 +76,18 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None, *,
     root.setLevel(level)
 
 
+#: client libraries that log per message at DEBUG
+CLIENT_LOGGERS = ("aiokafka", "kafka", "faust.transport", "mode")
+
+
+def quiet_client_loggers() -> None:
+    """Hold the client libraries' loggers at INFO or above, whatever the root level: they
+    log per message at DEBUG, which must never reach a production worker's log."""
+    level = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 def faust_logging_config(level: str | int, fmt: str | None = None) -> dict | None:
     """A ``logging.config.dictConfig`` for faust's worker in JSON mode (None keeps faust's own coloured text)."""
     if (fmt or log_format()) != "json":

@@ -41,6 +41,7 @@ from .clinical.store import InMemoryPatientStore
 from .notify.outbox import DeliveryService
 from .ingest import COUNTERS, IngestService, limits_of
 from .ingest_process import IngestProcess
+from .logs import quiet_client_loggers
 from .metrics import PROTOCOL_INFO, configure_sources
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings, is_loopback
@@ -191,9 +192,7 @@ def build_worker(s: Settings | None = None) -> Worker:
     @app.task
     async def quiet_library_loggers() -> None:
         """Client libraries log per message at DEBUG; never let that reach a production worker."""
-        level = max(logging.INFO, logging.getLogger().getEffectiveLevel())
-        for name in ("aiokafka", "kafka", "faust.transport", "mode"):
-            logging.getLogger(name).setLevel(max(level, logging.INFO))
+        quiet_client_loggers()
 
     register_web(app, w.ready)
     register_actions_api(app, api)

@@ -37,6 +37,19 @@ def raw_alt(pid: str, eid: str, value: float, at, source: str) -> dict:
             "status": "final"}
 
 
+def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
+    """``fn()`` until it returns something true (returned); an AssertionError naming ``what``
+    and the last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

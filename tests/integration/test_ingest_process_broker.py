@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from kafka import KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
-from workers import raw_alt, raw_dose, service_env, wait_ingested, wait_processed
+from workers import raw_alt, raw_dose, service_env, wait_for, wait_ingested, wait_processed
 
 pytestmark = pytest.mark.integration
 
@@ -55,25 +54,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s")
-
-
 def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of the samples ``name`` whose labels include ``labels`` in an exposition."""
+    return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+               if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
 
 
 def publish(bootstrap: str, records: list[tuple[str, bytes | None, bytes]]) -> None:
@@ -101,7 +85,7 @@ def test_ingest_process_is_counted_by_its_worker_and_restarted(kafka_bootstrap, 
     prefix = f"ip{uuid.uuid4().hex[:8]}"
     topics = _topics(topic_factory, prefix)
     w = worker_factory(service_env(topics, app_id=prefix, INGEST_PROCESSES="1"))
-    first = wait_until(lambda: ingest_children(w.proc.pid), 10, "no ingest process")
+    first = wait_for(lambda: ingest_children(w.proc.pid), 10, "an ingest process")
     assert len(first) == 1
 
     pids = [f"{prefix}-p{i}" for i in range(6)]
@@ -120,26 +104,26 @@ def test_ingest_process_is_counted_by_its_worker_and_restarted(kafka_bootstrap, 
               and metric(text, "monitor_observations_total", analyte="alt") == 6)
         return text if ok else None
 
-    text = wait_until(counted, 10, "the ingest process's counts did not reach the worker's /metrics")
+    text = wait_for(counted, 10, "the ingest process's counts on the worker's /metrics")
     assert metric(text, "monitor_events_consumed_total", topic="treatments") == 6
     assert metric(text, "monitor_processing_seconds_count", stage="ingest_batch") >= 1
     assert metric(text, "monitor_alerts_opened_total") >= 6
 
     # the ingest process dies on its own: the worker starts another, which ingests what comes next
     os.kill(first[0], signal.SIGKILL)
-    second = wait_until(lambda: [p for p in ingest_children(w.proc.pid) if p != first[0] and alive(p)], 30,
-                        "no new ingest process")
+    second = wait_for(lambda: [p for p in ingest_children(w.proc.pid) if p != first[0] and alive(p)], 30,
+                        "a new ingest process")
     w.wait_ready(60)
     publish(kafka_bootstrap, _alt_records(topics, pids, "b", 500.0))
     wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]], timeout=60)
-    wait_until(lambda: metric(w.get("/metrics")[1].decode(), "monitor_observations_total", analyte="alt") == 12, 10,
-               "the new ingest process's counts did not reach /metrics")
+    wait_for(lambda: metric(w.get("/metrics")[1].decode(), "monitor_observations_total", analyte="alt") == 12, 10,
+               "the new ingest process's counts on /metrics")
     assert alive(second[0])
 
     # the worker dies alone (SIGKILL to its process only): its ingest process stops too
     os.kill(w.proc.pid, signal.SIGKILL)
     w.proc.wait(10)
-    wait_until(lambda: not alive(second[0]), 20, "the ingest process outlived its killed worker")
+    wait_for(lambda: not alive(second[0]), 20, "the ingest process to stop after its worker was killed")
 
 
 def test_no_ingest_process_when_set_to_zero(kafka_bootstrap, topic_factory, worker_factory):
@@ -158,12 +142,12 @@ def test_two_ingest_processes_share_the_inputs_and_count_each_once(kafka_bootstr
     prefix = f"ip2{uuid.uuid4().hex[:8]}"
     topics = _topics(topic_factory, prefix)
     w = worker_factory(service_env(topics, app_id=prefix, INGEST_PROCESSES="2"))
-    assert len(wait_until(lambda: [p for p in ingest_children(w.proc.pid) if alive(p)], 10, "no ingest process")) == 2
+    assert len(wait_for(lambda: [p for p in ingest_children(w.proc.pid) if alive(p)], 10, "an ingest process")) == 2
     pids = [f"{prefix}-p{i}" for i in range(30)]  # spread over the 3 partitions of each input
     publish(kafka_bootstrap, _alt_records(topics, pids, "a", 400.0))
     wait_ingested(kafka_bootstrap, prefix, [topics["lab-results"]], timeout=60)
-    wait_until(lambda: metric(w.get("/metrics")[1].decode(), "monitor_observations_total", analyte="alt") == 30, 10,
-               "the two ingest processes' counts did not add up on /metrics")
+    wait_for(lambda: metric(w.get("/metrics")[1].decode(), "monitor_observations_total", analyte="alt") == 30, 10,
+               "the two ingest processes' counts to add up on /metrics")
     from kafka_broker import read_topic
 
     observations = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics["observations"], expected=30)]

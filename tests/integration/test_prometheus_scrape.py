@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
-from workers import free_port, service_env
+from workers import free_port, service_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -107,17 +107,6 @@ class Prometheus:
                 self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
-
-
-def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
 
 
 def lab(pid: str, eid: str, value: float = 30.0) -> dict:

@@ -1,7 +1,6 @@
 """Shared fixtures: a real Apache Kafka broker for the session, per-test topics, workers."""
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -10,6 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+# the Prometheus scrape tests' stack: started before the first test, its tests run last
+from prometheus_stack import FIXTURE as PROMETHEUS_FIXTURE  # noqa: E402
+from prometheus_stack import prometheus_stack, prometheus_stack_started_first  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the Prometheus stack last (in their order): the shipped rules they check
+    need a minute of ``for:``, which passes while the rest of the suite runs
+    (``tests/prometheus_stack.py``)."""
+    items.sort(key=lambda item: PROMETHEUS_FIXTURE in item.fixturenames)
 
 
 @pytest.fixture(scope="session")

@@ -34,14 +34,25 @@ def new_producer(s: Settings, **extra: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**opts, **aiokafka_config(s))
 
 
+def group_timeouts(s: Settings) -> dict[str, int]:
+    """A group consumer's session, heartbeat and poll interval (aiokafka keyword arguments).
+
+    A heartbeat every second (a third of the session when that is shorter): a member learns
+    that its group is rebalancing at its next heartbeat, so with the old ``max(1 s, session /
+    3)`` a worker joining (scale-out, a restart) waited up to 3.3 s with the 10 s session
+    before the members gave up their partitions (docs/measurements.md, ninth pass)."""
+    session = s.kafka_session_timeout_seconds
+    return {"session_timeout_ms": int(session * 1000),
+            "heartbeat_interval_ms": int(min(1.0, session / 3) * 1000),
+            "max_poll_interval_ms": 300_000}
+
+
 def new_consumer(s: Settings, *topics: str, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
     opts = dict(group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_partition_fetch_bytes=s.max_message_bytes,
                 fetch_max_bytes=max(s.max_message_bytes, 50 * 1024 * 1024))
     if group_id is not None:
-        opts.update(session_timeout_ms=int(s.kafka_session_timeout_seconds * 1000),
-                    heartbeat_interval_ms=int(max(1.0, s.kafka_session_timeout_seconds / 3) * 1000),
-                    max_poll_interval_ms=300_000)
+        opts.update(group_timeouts(s))
     opts.update(extra)
     return AIOKafkaConsumer(*topics, **opts, **aiokafka_config(s))
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers import free_port, service_env, wait_for
+from workers import free_port, log_tail, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -85,10 +85,7 @@ class Prometheus:
         raise TimeoutError(f"prometheus not ready:\n{self.tail()}")
 
     def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def api(self, path: str, **params: str) -> dict:
         url = f"{self.url}/api/v1/{path}"

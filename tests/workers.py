@@ -50,6 +50,14 @@ def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
 
 
+def log_tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a process's log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,10 +185,7 @@ class WorkerProcess:
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (a crash)."""

@@ -68,6 +68,35 @@ KIND_ACTION = b"action"
 SRC_TOPIC, SRC_PARTITION, SRC_OFFSET = "src.topic", "src.partition", "src.offset"
 
 
+class PatientStateLost(RuntimeError):
+    """A patient's state could not be rebuilt after an unexpected error (a record applied
+    before failed when applied again): the partition must be restored from the changelog
+    and read again from its committed offset."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(f"patient state of partition {partition} not recoverable in place")
+        self.partition = partition
+
+
+class _Uncounted:
+    """A metric child that counts nothing (records applied again by ``_recover``)."""
+
+    def inc(self, *_a, **_k) -> None:
+        pass
+
+    observe = set = inc
+
+
+class _UncountedCache:
+    _child = _Uncounted()
+
+    def get(self, metric, *values):
+        return self._child
+
+
+_UNCOUNTED = _UncountedCache()
+
+
 @dataclass(slots=True, frozen=True)
 class Output:
     """One record to produce."""
@@ -116,6 +145,8 @@ class ClinicalProcessor:
         self.clock_settle_seconds = clock_settle_seconds
         self._monotonic = monotonic
         self._last_input: dict[str, float] = {}
+        #: the patient the record in progress loaded (recovered if it fails part-way)
+        self._touched: str | None = None
 
     # -- batches -------------------------------------------------------------------------
     def process(self, records: Iterable[Any], now: datetime | None = None) -> list[Output]:
@@ -128,56 +159,91 @@ class ClinicalProcessor:
 
     def process_one(self, rec: Any, now: datetime, out: list[Output]) -> None:
         headers = _headers(rec)
-        kind = headers.get(KIND_HEADER)
         started = time.perf_counter()
+        mark = len(out)
+        self._touched = None
         try:
-            if kind is None:
-                self._observation(rec, now, out)
-                stage = "evaluate"
-            elif kind == KIND_TREATMENT:
-                self._treatment(rec, now, out)
-                stage = "treatment"
-            elif kind == KIND_ACTION:
-                self._action(rec, now, out)
-                stage = "action"
-            else:
-                raise Rejected(Reason.SCHEMA_INVALID, f"unknown record kind {kind[:40]!r} on the patient stream")
+            stage = self._apply(rec, headers, now, out)
             self._m.get(PROCESSING_SECONDS, stage).observe(time.perf_counter() - started)
         except Rejected as rej:
+            del out[mark:]  # a record that ends as a dead letter writes nothing else
             self._dead(rec, headers, rej.reason, rej.message, now, out)
         except ValidationError as exc:
+            del out[mark:]
             self._dead(rec, headers, Reason.SCHEMA_INVALID,
                        str(exc.errors(include_url=False, include_input=False)[:1]), now, out)
         except Exception as exc:  # the worker never crashes on input
             log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, rec.topic, rec.partition, rec.offset,
                         exc_info=log.isEnabledFor(logging.DEBUG))
-            if rec.key:  # a half-updated patient goes back to its durable version
-                self.store.discard(rec.key.decode(errors="replace"))
+            del out[mark:]
+            if self._touched is not None:  # the patient goes back to its state before this record
+                self._recover(self._touched, rec.partition)
             self._dead(rec, headers, Reason.INTERNAL_ERROR, f"{type(exc).__name__} while processing", now, out)
 
+    def _apply(self, rec: Any, headers: dict[str, bytes], now: datetime, out: list[Output]) -> str:
+        """One record of the patient stream applied; the patient marked changed with the
+        record as its replay item (``_recover``). Returns the stage name for the metrics."""
+        kind = headers.get(KIND_HEADER)
+        if kind is None:
+            pid, book = self._observation(rec, now, out)
+            stage = "evaluate"
+        elif kind == KIND_TREATMENT:
+            pid, book = self._treatment(rec, now, out)
+            stage = "treatment"
+        elif kind == KIND_ACTION:
+            pid, book = self._action(rec, now, out)
+            stage = "action"
+        else:
+            raise Rejected(Reason.SCHEMA_INVALID, f"unknown record kind {kind[:40]!r} on the patient stream")
+        self.store.mark_changed(pid, book=book, replay=(rec, now))
+        return stage
+
+    def _recover(self, patient_id: str, partition: int) -> None:
+        """After an unexpected error part-way through a record: the patient back to its last
+        written version, then the records applied since then applied again (their outputs are
+        already written or in this batch: dropped; metrics not counted twice), so its state
+        is exactly that before the failing record. A change that cannot be applied again (the
+        clock's) keeps the state as it is; a replayed record that fails raises
+        :class:`PatientStateLost` (the runner restores the partition from the changelog)."""
+        items = self.store.discard(patient_id)
+        if not items:
+            return
+        scratch: list[Output] = []
+        metrics, self._m = self._m, _UNCOUNTED
+        try:
+            for rec, now in items:
+                self._apply(rec, _headers(rec), now, scratch)
+                scratch.clear()
+        except Exception as exc:
+            raise PatientStateLost(partition) from exc
+        finally:
+            self._m = metrics
+
     # -- one record ----------------------------------------------------------------------
-    def _observation(self, rec: Any, now: datetime, out: list[Output]) -> None:
+    def _observation(self, rec: Any, now: datetime, out: list[Output]) -> tuple[str, bool]:
         handoff = self.handoff
         obs = (Observation.model_validate_json(rec.value) if handoff is None
                else handoff.decode(rec.value))
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
+        self._touched = obs.patient_id
         findings = self.engine.evaluate_observation(state, obs, now)
-        # no finding: the lifecycle never saw the book, only the state changed
-        self.store.mark_changed(obs.patient_id, book=bool(findings))
         if findings:
             self._emit(self._findings(findings, book, now, out), now, obs.received_at, out)
+        # no finding: the lifecycle never saw the book, only the state changed
+        return obs.patient_id, bool(findings)
 
-    def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> None:
+    def _treatment(self, rec: Any, now: datetime, out: list[Output]) -> tuple[str, bool]:
         event = decode("treatments", rec.value, received_at=now, limits=self.limits)
         self._last_input[event.patient_id] = self._monotonic()
         state, book = self.store.load(event.patient_id, rec.partition)
+        self._touched = event.patient_id
         findings = self.engine.apply_treatment(state, event, now)
-        self.store.mark_changed(event.patient_id, book=bool(findings))
         if findings:
             self._emit(self._findings(findings, book, now, out), now, None, out)
+        return event.patient_id, bool(findings)
 
-    def _action(self, rec: Any, now: datetime, out: list[Output]) -> None:
+    def _action(self, rec: Any, now: datetime, out: list[Output]) -> tuple[str, bool]:
         action = AlertAction.model_validate_json(rec.value)
         patient_id = action.patient_id or (rec.key.decode() if rec.key else None)
         if not patient_id:
@@ -188,6 +254,7 @@ class ClinicalProcessor:
                                                            "actions cannot be authorised")
             role = self.authority.role_of(action)  # never the message's own role field
             _state, book = self.store.load(patient_id, rec.partition)
+            self._touched = patient_id
             try:
                 alerts = apply_action(book, action, now, self.lifecycle, role=role)
             except UnknownAlert as exc:
@@ -199,8 +266,8 @@ class ClinicalProcessor:
         except Rejected as rej:
             self._m.get(ACTIONS_REFUSED, rej.reason.value).inc()
             raise
-        self.store.mark_changed(patient_id)
         self._emit(alerts, now, None, out)
+        return patient_id, True
 
     # -- the clock -----------------------------------------------------------------------
     def tick(self, patient_ids: Sequence[str], now: datetime | None = None) -> list[Output]:
@@ -215,6 +282,7 @@ class ClinicalProcessor:
             if self._last_input.get(pid, settled_before) > settled_before:
                 continue  # inputs of this patient are arriving now: the next tick judges them
             self._last_input.pop(pid, None)
+            mark = len(out)
             try:
                 state, book = self.store.load(pid, partition)
                 findings = self.engine.check_schedule(state, now)
@@ -222,7 +290,8 @@ class ClinicalProcessor:
                 alerts.extend(tick(book, now, self.lifecycle))
             except Exception as exc:  # one patient's clock never stops the others
                 log.warning("clock tick failed: %s", type(exc).__name__)
-                self.store.discard(pid)
+                del out[mark:]
+                self._recover(pid, partition)
                 continue
             if findings or alerts:
                 self.store.mark_changed(pid)
@@ -280,4 +349,4 @@ class ClinicalProcessor:
                           dead_letter_headers(reason, message, topic, partition, offset, now)))
 
 
-__all__ = ["ClinicalProcessor", "Output", "routed_headers", "KIND_HEADER", "KIND_TREATMENT", "KIND_ACTION"]
+__all__ = ["ClinicalProcessor", "Output", "PatientStateLost", "routed_headers", "KIND_HEADER", "KIND_TREATMENT", "KIND_ACTION"]

@@ -93,7 +93,7 @@ from ..kafka_batch import (OrderedCommits, Positions, new_consumer, new_producer
 from ..metrics import PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
 from ..settings import Settings
 from ..topics_admin import changelog_topic
-from .processor import ClinicalProcessor, Output
+from .processor import ClinicalProcessor, Output, PatientStateLost
 from .store import PatientStore
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,13 @@ class ClinicalRunner(ConsumerRebalanceListener):
             started = time.perf_counter()
             records = [r for rs in batch.values() for r in rs]
             self._unacknowledged = True
-            outputs = self.processor.process(records)
+            try:
+                outputs = self.processor.process(records)
+            except PatientStateLost as exc:
+                log.warning("clinical state of a patient not recoverable in place after an error; restoring "
+                            "partition %s and processing it again", exc.partition)
+                await self._roll_back({tp.partition for tp in batch} | {exc.partition})
+                return
             # the previous batch's changelog was written while this one was read and
             # processed; this batch's outputs go out only once that state is on the broker
             failed = await self._settle()
@@ -443,7 +449,13 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
                 self._unacknowledged = True
-                outputs = self.processor.tick(chunk, now)
+                try:
+                    outputs = self.processor.tick(chunk, now)
+                except PatientStateLost as exc:
+                    log.warning("clinical state of a patient not recoverable in place after a clock error; "
+                                "restoring partition %s", exc.partition)
+                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition})
+                    continue
                 try:
                     await self._write(outputs)
                     self._unacknowledged = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from operator import is_, itemgetter
-from typing import Iterable, Protocol, get_origin
+from typing import Any, Iterable, Protocol, get_origin
 
 from pydantic import TypeAdapter
 from pydantic_core import from_json, to_json
@@ -149,15 +149,20 @@ class PatientStore(Protocol):
     def load(self, patient_id: str, partition: int) -> tuple[PatientState, AlertBook]:
         """The patient's state and alert book (new and empty for an unknown patient)."""
 
-    def mark_changed(self, patient_id: str, book: bool = True) -> None:
+    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None) -> None:
         """The patient must be written to the changelog at the end of the batch.
-        ``book=False``: only the state changed, the alert book is as last written."""
+        ``book=False``: only the state changed, the alert book is as last written.
+        ``replay``: what applies this change again on the last written version (a record
+        and its processing time, kept until ``take_changed``; see ``discard``); None: a
+        change that cannot be applied again (the clock)."""
 
     def is_changed(self, patient_id: str) -> bool: ...
 
-    def discard(self, patient_id: str) -> None:
-        """Roll a patient with no change waiting for the changelog back to its last durable
-        version (a patient still marked changed keeps its state)."""
+    def discard(self, patient_id: str) -> list | None:
+        """Roll the patient back to its last written version and return the ``replay``
+        items of the changes since then, oldest first, for the caller to apply again (the
+        patient is no longer marked; an empty list: nothing to apply). None when a change
+        since then cannot be applied again: the patient then keeps its state and its mark."""
 
     def remember_alert_json(self, alert: Alert, value: bytes) -> None:
         """``value`` is the JSON just written for this version of ``alert`` (a hint: the
@@ -188,7 +193,7 @@ class PatientStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("partition", "raw", "state", "book", "book_json", "alert_json")
+    __slots__ = ("partition", "raw", "state", "book", "book_json", "alert_json", "journal")
 
     def __init__(self, partition: int, raw: bytes | None) -> None:
         self.partition = partition
@@ -199,6 +204,8 @@ class _Entry:
         self.book_json: bytes | None = None
         #: JSON of the book's alerts, by alert id, with their fingerprints (``encode_book``)
         self.alert_json: dict[str, tuple[list, bytes]] = {}
+        #: the ``replay`` items of the changes since ``raw`` (None: one cannot be replayed)
+        self.journal: list | None = []
 
 
 class InMemoryPatientStore:
@@ -225,21 +232,35 @@ class InMemoryPatientStore:
                 e.state, e.book = PatientState(patient_id), AlertBook(patient_id=patient_id)
         return e.state, e.book
 
-    def mark_changed(self, patient_id: str, book: bool = True) -> None:
+    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None) -> None:
         self._changed[patient_id] = book or self._changed.get(patient_id, False)
+        e = self._entries.get(patient_id)
+        if e is not None and e.journal is not None:
+            if replay is None:
+                e.journal = None
+            else:
+                e.journal.append(replay)
 
     def is_changed(self, patient_id: str) -> bool:
         return patient_id in self._changed
 
-    def discard(self, patient_id: str) -> None:
+    def discard(self, patient_id: str) -> list | None:
         e = self._entries.get(patient_id)
-        if e is None or patient_id in self._changed:
-            return
+        if e is None:
+            return []
+        items: list = []
+        if patient_id in self._changed:
+            if e.journal is None:
+                return None
+            items = e.journal
+            del self._changed[patient_id]
         if e.raw is None:
             self._remove(patient_id)
         else:
             e.state = e.book = e.book_json = None
             e.alert_json = {}
+            e.journal = []
+        return items
 
     def remember_alert_json(self, alert: Alert, value: bytes) -> None:
         """``value`` is ``alert``'s JSON, just written for it (a version the lifecycle
@@ -257,6 +278,7 @@ class InMemoryPatientStore:
             if book_changed or e.book_json is None:
                 e.book_json = encode_book(e.book, e.alert_json)
             e.raw = encode(e.state, e.book, e.book_json)
+            e.journal = []
             out.append((pid, e.partition, e.raw))
         self._changed.clear()
         return out
@@ -297,6 +319,7 @@ class InMemoryPatientStore:
         else:
             e.raw, e.state, e.book, e.book_json = value, None, None, None
             e.alert_json = {}
+            e.journal = []
 
     def drop(self, partitions: Iterable[int]) -> None:
         for p in list(partitions):

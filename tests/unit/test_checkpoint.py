@@ -100,16 +100,21 @@ def test_marks_survive_batches_and_one_take_encodes_each_patient_once_with_every
 def test_an_internal_error_keeps_a_patient_whose_changes_wait_for_the_checkpoint(engine, lifecycle, monkeypatch):
     """A patient changed by an acknowledged batch that is not checkpointed yet is not rolled
     back to its older durable bytes by a later record's internal error: that would lose
-    the acknowledged batch's change from the next checkpoint while its offset is committed."""
+    the acknowledged batch's change from the next checkpoint while its offset is committed.
+    The patient goes back to the durable bytes and the pending record is applied again."""
     store = InMemoryPatientStore()
     p = processor(engine, lifecycle, store)
     s = Stream()
     p.process([s.treatment(dose(patient="c3"))], at(1))
     store.take_changed()  # checkpoint 1: the dose is durable
     p.process([s.observation(obs("alt", 30, 0.5, high=40, patient="c3"))], at(1))  # pending
+    real = p.engine.evaluate_observation
 
     def boom(state, o, now):
-        raise RuntimeError("bug")
+        if o.value == 31:
+            state.ward = "half-updated"
+            raise RuntimeError("bug")
+        return real(state, o, now)
 
     monkeypatch.setattr(p.engine, "evaluate_observation", boom)
     (dead,) = p.process([s.observation(obs("alt", 31, 0.6, high=40, patient="c3"))], at(1))
@@ -117,3 +122,4 @@ def test_an_internal_error_keeps_a_patient_whose_changes_wait_for_the_checkpoint
     (pid, _part, value), = store.take_changed()  # checkpoint 2 still holds the acknowledged result
     state, _ = decode(value)
     assert pid == "c3" and len([h for hs in state.hist.values() for h in hs]) == 1
+    assert state.ward != "half-updated"

@@ -11,7 +11,8 @@ patient stream ``observations``):
    acknowledged;
 4. produce the outputs and wait until the broker acknowledged every one; the batch's
    offsets (``last offset + 1`` per partition) join the *pending* set, and its changed
-   patients are encoded at once (``take_changed``) and kept, the last value per patient;
+   patients are encoded at once (``take_changed``) and kept, the last value per patient,
+   unless the batch was full (see below);
 5. a *checkpoint*, when due: in the background, while the next batch is read and
    processed, produce each kept patient's value once to the changelog (partition = the
    patient's partition), wait for the acknowledgements, then commit the pending offsets
@@ -22,12 +23,14 @@ A checkpoint is due when the oldest pending batch is older than
 hold ``CHECKPOINT_MAX_RECORDS`` records. It is taken at once (and waited for) when the
 consumer returns no records (idle input: acknowledged work never stays uncommitted when
 input stops), before a clock chunk, at a revocation and at a stop. A patient changed by
-many batches in a row is written once per checkpoint, not once per batch. It is still
-encoded after each of those batches: encoding a whole interval's changed patients at the
-checkpoint held the event loop, and with it every record in the worker, for tens of
-milliseconds (2,000 alert-changing events/s: p99 183-200 ms against 134-142 ms with a
-checkpoint per batch; encoding per batch kept the lower p50 of coalesced writes without
-that pause).
+many batches in a row is written once per checkpoint, not once per batch. While the stage
+keeps up with its input (batches below ``MAX_BATCH`` records) it is still encoded after
+each of those batches: encoding a whole interval's changed patients at the checkpoint held
+the event loop, and with it every record in the worker, for tens of milliseconds (2,000
+alert-changing events/s: p99 183-200 ms against 134-142 ms with a checkpoint per batch;
+encoding per batch kept the lower p50 of coalesced writes without that pause). While
+batches come full (a backlog: the records wait anyway) the marks stay in the store and
+the checkpoint encodes each changed patient once, with every batch since the last one.
 
 Guarantees, and why they hold:
 
@@ -35,7 +38,10 @@ Guarantees, and why they hold:
   acknowledged. Marks are taken (``take_changed`` encodes) only synchronously right after
   a batch's outputs were acknowledged, or under the batch lock when no batch is being
   processed (idle, clock, revocation), so every value kept for a checkpoint is the state
-  after batches whose outputs are on the broker. A batch interrupted between processing
+  after batches whose outputs are on the broker. A patient marked by acknowledged batches
+  and not encoded yet (a backlog) is, after an internal error, rolled back to its bytes and
+  its records since then are applied again (``ClinicalProcessor._recover``); its partition
+  is restored from the changelog if that fails. A batch interrupted between processing
   and the acknowledgement of its outputs (``_unacknowledged``: cancelled at a stop) is
   never checkpointed: ``stop`` forgets every partition with pending or marked work
   instead, and they are restored from the changelog at the next start.
@@ -278,7 +284,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
             # the changed patients go to the changelog, then the pending offsets are
             # committed, while the next batch is read and processed (_settle waits)
             self._unacknowledged = False
-            self._keep_encoded()
+            if len(records) < self.MAX_BATCH:
+                # keeping up with the input: encode now, so that the checkpoint does not hold
+                # the event loop; a full batch (a backlog) leaves its patients marked and the
+                # checkpoint encodes each of them once (see the module docstring)
+                self._keep_encoded()
             offsets = next_offsets(batch)
             for tp, off in offsets.items():
                 self._next[tp.partition] = off

@@ -11,7 +11,9 @@ runner does; ``--checkpoint-every K`` encodes once per K batches instead, the fi
 of the coalesced checkpoint, kept to repeat the figures in docs/measurements.md). Then
 the restore: the changelog values of ``--restore-patients`` patients applied to a fresh
 store (``restore_record``) and every patient decoded once (the first tick). Prints
-microseconds per record and the restore times.
+microseconds per record, the restore times and the memory per patient (``tracemalloc``:
+the restored bytes, and what decoding adds; every patient is decoded once the clock has
+run over it).
 
 ``--churn-rounds N`` (> 0) also runs the workload of the latency test of ``run_all.py``
 in-process: one dose per patient, then N rounds of one ALT result per patient that
@@ -24,8 +26,10 @@ versions and changelog values it produced.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
+import tracemalloc
 from collections import namedtuple
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -168,26 +172,50 @@ def main(argv=None) -> int:
           f"({n_changed:,} patient writes, {t_enc / max(n_changed, 1) * 1e6:.0f} us each); "
           f"{n_out:,} outputs; {n / (t_proc + t_enc):,.0f} records/s in-process")
     # restore: the changelog of N patients (copies of this cohort's final values)
-    values = [(store.partition_of(pid), pid, raw) for pid, raw in
-              ((pid, store.take_changed() or None) for pid in [])]  # placeholder (kept simple below)
-    finals = []
     for pid in store.patient_ids(range(PARTITIONS)):
         store.mark_changed(pid)
     finals = store.take_changed()
     sizes = sorted(len(v) for _, _, v in finals)
-    copies = [(p, f"{pid}~{k}".encode(), v) for k in range(a.restore_patients // len(finals) + 1)
+    # each copy its own bytes object (as records read from the changelog are)
+    copies = [(p, f"{pid}~{k}".encode(), bytes(bytearray(v))) for k in range(a.restore_patients // len(finals) + 1)
               for pid, p, v in finals][:a.restore_patients]
+    del recs, store, proc, finals
+    gc.collect()
+    tracemalloc.start()
     fresh = InMemoryPatientStore()
     t0 = time.perf_counter()
     for p, key, v in copies:
         fresh.restore_record(p, key, v)
     t1 = time.perf_counter()
-    for pid in fresh.patient_ids(range(PARTITIONS)):
-        fresh.load(pid, fresh.partition_of(pid))
+    del copies
+    gc.collect()
+    m_raw = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()  # decode at full speed, then measure again
     t2 = time.perf_counter()
-    print(f"restore {len(copies):,} patients (median value {sizes[len(sizes) // 2]:,} bytes): apply {t1 - t0:.2f}s, "
-          f"decode all once {t2 - t1:.2f}s (lazy: on first touch)")
-    del values
+    pids = fresh.patient_ids(range(PARTITIONS))
+    for pid in pids:
+        fresh.load(pid, fresh.partition_of(pid))
+    t3 = time.perf_counter()
+    n = len(pids)
+    print(f"restore {n:,} patients (median value {sizes[len(sizes) // 2]:,} bytes): apply {t1 - t0:.2f}s, "
+          f"decode all once {t3 - t2:.2f}s (lazy: on first touch)")
+    # memory per patient: the store as restored (bytes), and with every patient decoded
+    # (after the first clock tick, which touches every owned patient)
+    gc.collect()
+    tracemalloc.start()
+    for pid in pids[:2000]:
+        fresh.discard(pid)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    for pid in pids[:2000]:
+        fresh.load(pid, fresh.partition_of(pid))
+    gc.collect()
+    decoded = (tracemalloc.get_traced_memory()[0] - after) / min(n, 2000)
+    tracemalloc.stop()
+    raw = m_raw / n
+    print(f"memory per patient: {raw / 1024:.1f} KiB restored (bytes), +{decoded / 1024:.1f} KiB once decoded; "
+          f"{n:,} patients: {m_raw / 2**20:.0f} MiB restored, {(m_raw + decoded * n) / 2**20:.0f} MiB all decoded "
+          f"(tracemalloc; decoded: {min(n, 2000):,} patients dropped back to bytes and decoded again)")
     return 0
 
 

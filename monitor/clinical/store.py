@@ -9,8 +9,11 @@ the last value per key" (compaction keeps that last value).
 
 Decoding is lazy: a restored patient stays raw bytes until the first record or clock tick
 touches it, so restoring 10,000 patients costs a read of the topic, not 10,000 decodes.
-The store keeps, per patient, the last bytes written (or restored): the durable version
-an internal error rolls back to.
+The store keeps, per patient, the last bytes written (or restored) and what was applied
+since then (``mark_changed``'s ``replay`` items: the records): after an internal error
+part-way through a record, ``discard`` rolls the patient back to those bytes and the
+processor applies those records again, so the patient is exactly as before the failing
+record.
 
 Pure: no Kafka import. The runner (``monitor/clinical/runner.py``) feeds it changelog
 records and writes what ``take_changed`` returns.

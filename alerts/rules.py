@@ -19,7 +19,8 @@ An evaluation returns ``None`` (condition absent) or a ``Hit``:
 from __future__ import annotations
 
 import operator
-from bisect import bisect_left
+from operator import itemgetter
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -902,13 +903,24 @@ def _cut_score(cuts, v: float) -> int:
     return 0
 
 
-def _on_oxygen(st: PatientState, since: float) -> bool:
-    """On supplemental oxygen within the score window: an O2 flow > 0 or an on-oxygen flag."""
-    h = st.hist.get("o2_flow")
-    if h and h[-1][0] >= since and h[-1][1] > 0:
+def _on_oxygen(flow: Entry | None, o2: list | None, since: float) -> bool:
+    """On supplemental oxygen within the score window: an O2 flow > 0 (``flow``: the reading
+    scored) or an on-oxygen flag (``o2``: [time, flag])."""
+    if flow is not None and flow[0] >= since and flow[1] > 0:
         return True
-    o2 = st.o2
     return o2 is not None and o2[1] and o2[0] >= since
+
+
+def _newest(h: list | None) -> Entry | None:
+    return h[-1] if h else None
+
+
+def _newest_at(h: list | None, t: float) -> Entry | None:
+    """The newest reading held at or before ``t`` (histories are in time order)."""
+    if not h:
+        return None
+    i = bisect_right(h, t, key=itemgetter(0))
+    return h[i - 1] if i else None
 
 
 class ScoreRuleC(CRule):
@@ -931,8 +943,24 @@ class ScoreRuleC(CRule):
             h = hist.get(a)
             if h and (t is None or h[-1][0] > t):
                 t = h[-1][0]
+        if t is None:
+            return None
+        return self._score(st, cp, t, _newest, st.o2)
+
+    def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
+        """What the score was when ``e`` was the newest vital sign (a late one, or one
+        re-judged when the dose record arrives after it): every item from the newest reading
+        held at or before ``e``'s time. The on-oxygen flag counts only if it was set at or
+        before then (the state keeps the newest flag only)."""
+        t = e[0]
+        o2 = st.o2 if st.o2 is not None and st.o2[0] <= t else None
+        return self._score(st, cp, t, lambda h: _newest_at(h, t), o2)
+
+    def _score(self, st, cp, t: float, pick, o2):
+        """The score at time ``t``; ``pick(history)``: the reading of an item to score."""
+        hist = st.hist
         dose = st.dose_at if st.dose_at is not None else -1e18
-        if t is None or t < dose or st.birth is None or not self.active_at(st, t):
+        if t < dose or st.birth is None or not self.active_at(st, t):
             return None
         age_m = (t - st.birth) / 2629800.0
         sysm = cp.news2 if age_m >= cp.adult_age_months else cp.pews
@@ -950,33 +978,28 @@ class ScoreRuleC(CRule):
             if item == "spo2_scale2" or item == "spo2":
                 if (item == "spo2") == scale2:
                     continue  # one SpO2 scale per patient (dose event ``spo2_scale``)
-                h = hist.get("spo2")
-                if not h or h[-1][0] < since:
+                e = pick(hist.get("spo2"))
+                if e is None or e[0] < since:
                     continue
-                e = h[-1]
                 score = _cut_score(cuts, e[1])
                 if o2cuts is not None:
                     if on_o2 is None:
-                        on_o2 = _on_oxygen(st, since)
+                        on_o2 = _on_oxygen(pick(hist.get("o2_flow")), o2, since)
                     if on_o2:
                         score = max(score, _cut_score(o2cuts, e[1]))
                 evidence.append(("spo2", e, None, None, B_SCORE, None, score))
             elif item == "oxygen":
-                h = hist.get("o2_flow")
-                if h and h[-1][0] >= since:
-                    score = _cut_score(cuts, h[-1][1])
+                f = pick(hist.get("o2_flow"))
+                if f is not None and f[0] >= since:
+                    score = _cut_score(cuts, f[1])
                     if score:
-                        evidence.append(("o2_flow", h[-1], None, None, B_SCORE, None, f"item score {score}"))
-                o2 = st.o2
+                        evidence.append(("o2_flow", f, None, None, B_SCORE, None, f"item score {score}"))
                 if o2score and o2 is not None and o2[1] and o2[0] >= since and o2score > score:
                     score = o2score
                     evidence.append(("oxygen", None, None, None, B_SCORE, None, f"on oxygen: item score {score}"))
             else:
-                h = hist.get(item)
-                if not h:
-                    continue
-                e = h[-1]
-                if e[0] < since:
+                e = pick(hist.get(item))
+                if e is None or e[0] < since:
                     continue
                 score = _cut_score(cuts, e[1])
                 evidence.append((item, e, None, None, B_SCORE, None, score))
@@ -1286,7 +1309,7 @@ class CompiledProtocol:
         self.obs_rules = tuple(c for c in self.rules if not isinstance(c, clock_kinds))
         self.graded = tuple(c for c in self.rules if isinstance(c, GradedRuleC))
         #: rules that can say what they said of an earlier result (``evaluate_entry``)
-        self.rejudged = self.graded + tuple(c for c in self.rules if isinstance(c, DeltaRuleC))
+        self.rejudged = self.graded + tuple(c for c in self.rules if isinstance(c, (DeltaRuleC, ScoreRuleC)))
         #: steroid checks that wait for a settling time after their record arrives (the clock raises them)
         self.settling = tuple(c for c in self.rules if isinstance(c, SteroidRuleC) and c.settle_s)
         #: analyte -> (direction, conditions of composite rules on it): a post-dose result that

@@ -49,8 +49,10 @@ MAX_SUSTAINED = 64
 #: newest episode results held per analyte (plus the peak since dosing)
 EV_KEEP = 5
 #: results held per analyte while no dose record is known: a dose record that arrives late
-#: still finds the pre-dose baseline and every post-dose result it now governs
-PRE_DOSE_LIMIT = 8
+#: still finds the pre-dose baseline and every post-dose result it now governs (32: about five
+#: days of 4-hourly vital signs; 8 lost a fever behind twelve temperatures when a takeover
+#: delayed a dose record, ``late-dose-fever-among-many-vitals-iv.yaml``)
+PRE_DOSE_LIMIT = 32
 
 
 def epoch(dt: datetime) -> int:

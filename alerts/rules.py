@@ -19,8 +19,7 @@ An evaluation returns ``None`` (condition absent) or a ``Hit``:
 from __future__ import annotations
 
 import operator
-from operator import itemgetter
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -911,18 +910,6 @@ def _on_oxygen(flow: Entry | None, o2: list | None, since: float) -> bool:
     return o2 is not None and o2[1] and o2[0] >= since
 
 
-def _newest(h: list | None) -> Entry | None:
-    return h[-1] if h else None
-
-
-def _newest_at(h: list | None, t: float) -> Entry | None:
-    """The newest reading held at or before ``t`` (histories are in time order)."""
-    if not h:
-        return None
-    i = bisect_right(h, t, key=itemgetter(0))
-    return h[i - 1] if i else None
-
-
 class ScoreRuleC(CRule):
     __slots__ = ("window",)
     VITALS = ("heart_rate", "respiratory_rate", "systolic_bp", "spo2", "temperature", "o2_flow")
@@ -945,7 +932,7 @@ class ScoreRuleC(CRule):
                 t = h[-1][0]
         if t is None:
             return None
-        return self._score(st, cp, t, _newest, st.o2)
+        return self._score(st, cp, t, st.latest, st.o2)
 
     def evaluate_entry(self, st, cp, a: str, e: Entry) -> Hit | None:
         """What the score was when ``e`` was the newest vital sign (a late one, or one
@@ -954,11 +941,10 @@ class ScoreRuleC(CRule):
         before then (the state keeps the newest flag only)."""
         t = e[0]
         o2 = st.o2 if st.o2 is not None and st.o2[0] <= t else None
-        return self._score(st, cp, t, lambda h: _newest_at(h, t), o2)
+        return self._score(st, cp, t, lambda a: st.latest_at(a, t), o2)
 
     def _score(self, st, cp, t: float, pick, o2):
-        """The score at time ``t``; ``pick(history)``: the reading of an item to score."""
-        hist = st.hist
+        """The score at time ``t``; ``pick(analyte)``: the reading of an item to score."""
         dose = st.dose_at if st.dose_at is not None else -1e18
         if t < dose or st.birth is None or not self.active_at(st, t):
             return None
@@ -978,18 +964,18 @@ class ScoreRuleC(CRule):
             if item == "spo2_scale2" or item == "spo2":
                 if (item == "spo2") == scale2:
                     continue  # one SpO2 scale per patient (dose event ``spo2_scale``)
-                e = pick(hist.get("spo2"))
+                e = pick("spo2")
                 if e is None or e[0] < since:
                     continue
                 score = _cut_score(cuts, e[1])
                 if o2cuts is not None:
                     if on_o2 is None:
-                        on_o2 = _on_oxygen(pick(hist.get("o2_flow")), o2, since)
+                        on_o2 = _on_oxygen(pick("o2_flow"), o2, since)
                     if on_o2:
                         score = max(score, _cut_score(o2cuts, e[1]))
                 evidence.append(("spo2", e, None, None, B_SCORE, None, score))
             elif item == "oxygen":
-                f = pick(hist.get("o2_flow"))
+                f = pick("o2_flow")
                 if f is not None and f[0] >= since:
                     score = _cut_score(cuts, f[1])
                     if score:
@@ -998,7 +984,7 @@ class ScoreRuleC(CRule):
                     score = o2score
                     evidence.append(("oxygen", None, None, None, B_SCORE, None, f"on oxygen: item score {score}"))
             else:
-                e = pick(hist.get(item))
+                e = pick(item)
                 if e is None or e[0] < since:
                     continue
                 score = _cut_score(cuts, e[1])

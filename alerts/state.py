@@ -37,7 +37,8 @@ order. A result with an observation id already held replaces it (idempotent repl
 """
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_right, insort
+from operator import itemgetter
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -213,6 +214,14 @@ class PatientState:
     def latest(self, analyte: str) -> Entry | None:
         h = self.hist.get(analyte)
         return h[-1] if h else None
+
+    def latest_at(self, analyte: str, t: float) -> Entry | None:
+        """The newest result held at or before ``t`` (the history is in time order)."""
+        h = self.hist.get(analyte)
+        if not h:
+            return None
+        i = bisect_right(h, t, key=itemgetter(0))
+        return h[i - 1] if i else None
 
     # -- sustained runs (e.g. fever grade 4) ---------------------------------------
     def record_sustained(self, analyte: str, e: Entry, window_s: float, hot=None) -> None:

@@ -3,6 +3,7 @@
 One command (``make bench`` after ``make kafka``):
 
     python bench/run_all.py [--bootstrap 127.0.0.1:9092] [--events 100000] [--rate 2000] [--quick]
+                            [--latency-runs N] [--throughput-runs N] [--stages a,c1p,...]
 
 On the SAME pre-published input events (a realistic post-dose cohort from
 ``monitor.simulate``: ~1000 patients, treatments first, then lab results, liver panels and
@@ -74,16 +75,24 @@ class Run:
         self.args = args
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.prefix = f"bench-{stamp}-{uuid.uuid4().hex[:4]}"
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.tmp_root = self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        #: the round of ``--throughput-runs`` (0: the first): later rounds name their topics,
+        #: groups and files apart, so a stage runs again from scratch on the same inputs
+        self.round = 0
         self.kafka: Kafka | None = None
         self.children: list[Child] = []
-        self.results: dict = {"stages": {}, "errors": {}}
+        self.results: dict = {"stages": {}, "errors": {}, "rounds": []}
 
     def topic(self, *parts: str) -> str:
-        return ".".join((self.prefix,) + parts)
+        return ".".join((self.prefix,) + ((f"r{self.round}",) if self.round else ()) + parts)
 
     def app_id(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
+        return f"{self.prefix}-{name}" + (f"-r{self.round}" if self.round else "")
+
+    def start_round(self, k: int) -> None:
+        self.round = k
+        self.tmp = self.tmp_root / f"r{k}" if k else self.tmp_root
+        self.tmp.mkdir(exist_ok=True)
 
     def broker_pids(self) -> list[int]:
         """The broker's process (the one listening on the bootstrap port), for ``CpuMeter``."""
@@ -116,9 +125,9 @@ class Run:
                 log(f"cleanup failed: {type(exc).__name__}: {exc} -- delete topics '{self.prefix}*' by hand")
             self.kafka.close()
         if self.args.keep_logs:
-            log(f"logs kept in {self.tmp}")
+            log(f"logs kept in {self.tmp_root}")
         else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ measuring helpers
@@ -679,6 +688,7 @@ def report(run: Run, meta: dict) -> str:
             cnote = r["clinical_note"] + "; " + cnote
         row(f"{label}: ingest → evaluate → lifecycle", r, "clinical_event_rate", "clinical_obs_rate",
             r["clinical_elapsed_s"], None, None, cnote)
+    lines.extend(rounds_lines(run.results.get("rounds") or []))
     lat = st.get("lat")
     lines.append("")
     main_phase = None
@@ -721,8 +731,8 @@ def report(run: Run, meta: dict) -> str:
                              f"{fmt(ph['alert_rate'])} events/s into alerts); they count as slower than every alert "
                              "seen (\"not seen\"), so the percentiles over all events can be \"not seen\".")
         lines.extend(latency_runs_lines(lat, run.args.rate))
-    else:
-        lines.append(f"Latency: failed: {errs.get('lat', '')[:200]}")
+    elif "lat" in errs:  # a latency stage not selected (--stages) has no line
+        lines.append(f"Latency: failed: {errs['lat'][:200]}")
     lines.append("")
     c1 = st.get("c1") or {}
     c1p = st.get("c1p") or {}
@@ -745,6 +755,68 @@ def report(run: Run, meta: dict) -> str:
 
 
 # ------------------------------------------------------------------ main
+#: the stages ``--throughput-runs`` repeats, and the rate each is compared by
+THROUGHPUT_STAGES = {"a": "rate", "a2": "rate", "b": "rate", "c1": "clinical_event_rate",
+                     "c1p": "clinical_event_rate", "c2": "clinical_event_rate"}
+
+
+def run_stage(run: Run, key: str, label: str, fn, first: bool) -> dict | None:
+    """One stage; its result (None if it failed). ``first``: the result of the main table."""
+    t = time.monotonic()
+    log(f"{label} ...")
+    try:
+        res = fn()
+    except Exception as exc:
+        if first:
+            run.results["errors"][key] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+        log(f"{label} FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        return None
+    if first:
+        run.results["stages"][key] = res
+    short = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
+    log(f"{label}: {short} ({time.monotonic() - t:.0f}s)")
+    return res
+
+
+def rounds_lines(rounds: list[dict]) -> list[str]:
+    """Every throughput round: each stage's events/s and ratio to that round's (a), with medians."""
+    if len(rounds) < 2:
+        return []
+    keys = [k for k in THROUGHPUT_STAGES if any(k in r for r in rounds)]
+    names = {"a": "(a)", "a2": "(a2)", "b": "(b)", "c1": "(c) 1 worker", "c1p": "(c) 1 worker + ingest process",
+             "c2": "(c) 2 workers"}
+    out = ["", f"Every throughput round ({len(rounds)}, each from scratch on the same inputs, every second one in "
+               "reverse order; events/s, through evaluate + lifecycle for (c), and the ratio to the same round's (a)):",
+           "", "| round | " + " | ".join(names[k] for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
+    per_key: dict[str, list] = {k: [] for k in keys}
+    per_ratio: dict[str, list] = {k: [] for k in keys}
+    for i, r in enumerate(rounds, 1):
+        a = (r.get("a") or {}).get("rate")
+        cells = []
+        for k in keys:
+            v = (r.get(k) or {}).get(THROUGHPUT_STAGES[k])
+            if v is None:
+                cells.append("failed" if k in r else "")
+                continue
+            per_key[k].append(v)
+            if k != "a" and a:
+                per_ratio[k].append(v / a)
+            cells.append(fmt(v) + (f" ({v / a:.2f}x)" if k != "a" and a else ""))
+        out.append(f"| {i} | " + " | ".join(cells) + " |")
+    med = []
+    for k in keys:
+        if not per_key[k]:
+            med.append("")
+            continue
+        m = fmt(statistics.median(per_key[k]))
+        if per_ratio[k]:
+            m += f" ({statistics.median(per_ratio[k]):.2f}x; {min(per_ratio[k]):.2f}-{max(per_ratio[k]):.2f}x)"
+        med.append(m)
+    out.append("| median | " + " | ".join(med) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Benchmark the service against a raw aiokafka loop and bare faust.")
     ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
@@ -760,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-runs", type=int, default=1,
                     help="run the latency stage this many times, each with a fresh worker and topics, and report "
                          "every run's percentiles at --rate and their median (the tail varies from run to run)")
+    ap.add_argument("--throughput-runs", type=int, default=1,
+                    help="run the selected throughput stages (a, a2, b, c1, c1p, c2) this many rounds, each from "
+                         "scratch on the same inputs (every second round in reverse order), and report every round's "
+                         "rates and ratios to the same round's (a) with their medians (a shared host's speed changes "
+                         "from minute to minute); the main table shows the first round")
     ap.add_argument("--json", default="", help="also write the results as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep worker logs (printed path)")
     ap.add_argument("--stages", default="a,a2,b,c1,c1p,c2,lat",
@@ -824,20 +901,23 @@ def main(argv: list[str] | None = None) -> int:
                                                         caps["drain"], args.latency_runs)),
         ]
         wanted = {x.strip() for x in args.stages.split(",") if x.strip()}
-        for key, label, fn in stages:
-            if key not in wanted:
-                continue
-            t = time.monotonic()
-            log(f"{label} ...")
-            try:
-                run.results["stages"][key] = res = fn()
-                short = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()}
-                log(f"{label}: {short} ({time.monotonic() - t:.0f}s)")
-            except Exception as exc:
-                rc = 1
-                run.results["errors"][key] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
-                log(f"{label} FAILED: {type(exc).__name__}: {exc}")
-                traceback.print_exc(file=sys.stderr)
+        selected = [st for st in stages if st[0] in wanted]
+        throughput = [st for st in selected if st[0] in THROUGHPUT_STAGES]
+        for r in range(max(1, args.throughput_runs)):
+            run.start_round(r)
+            if args.throughput_runs > 1:
+                log(f"throughput round {r + 1} of {args.throughput_runs}")
+            this_round: dict = {}
+            # every second round runs the stages in reverse order: none is always first
+            for key, label, fn in (throughput if r % 2 == 0 else throughput[::-1]):
+                res = run_stage(run, key, label, fn, first=r == 0)
+                rc = rc or (res is None)
+                this_round[key] = res
+            run.results["rounds"].append(this_round)
+        run.start_round(0)
+        for key, label, fn in selected:
+            if key not in THROUGHPUT_STAGES:
+                rc = rc or (run_stage(run, key, label, fn, first=True) is None)
     except BaseException as exc:
         rc = 1 if not isinstance(exc, SystemExit) else (exc.code or 1)
         log(f"aborted: {type(exc).__name__}: {exc}")

@@ -1,0 +1,37 @@
+"""``bench/run_all.py --throughput-runs``: every round's rates are reported against the (a)
+of the same round, with medians and ranges (a shared host's speed moves between rounds)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_all():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "bench" / "run_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_round_is_compared_with_its_own_raw_loop():
+    rounds = [
+        {"a": {"rate": 40_000.0}, "c1p": {"clinical_event_rate": 16_000.0}},
+        {"a": {"rate": 20_000.0}, "c1p": {"clinical_event_rate": 10_000.0}},
+        {"a": {"rate": 30_000.0}, "c1p": None},  # the stage failed in this round
+    ]
+    lines = _run_all().rounds_lines(rounds)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0] == "| round | (a) | (c) 1 worker + ingest process |"
+    assert table[1] == "| 1 | 40,000 | 16,000 (0.40x) |"
+    assert table[2] == "| 2 | 20,000 | 10,000 (0.50x) |"  # against round 2's (a), not round 1's
+    assert table[3] == "| 3 | 30,000 | failed |"
+    # medians over the rounds that ran: rates 13,000; ratios 0.45 (0.40 and 0.50)
+    assert table[4] == "| median | 30,000 | 13,000 (0.45x; 0.40-0.50x) |"
+
+
+def test_one_round_adds_nothing():
+    assert _run_all().rounds_lines([{"a": {"rate": 1.0}}]) == []

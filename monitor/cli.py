@@ -52,6 +52,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     app = build_worker(s).app
     tune_garbage_collector()
+    from .metrics import time_garbage_collections
+
+    time_garbage_collections()
     level = args.loglevel or s.log_level
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False,
                           logging_config=faust_logging_config(level))

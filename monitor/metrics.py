@@ -6,6 +6,7 @@ encounter or free text.
 """
 from __future__ import annotations
 
+import gc
 import time
 from bisect import bisect_left
 from typing import Sequence
@@ -164,6 +165,12 @@ PROCESSING_SECONDS = LoopHistogram(
     "monitor_processing_seconds", "Time to process one event, by stage",
     ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1),
     registry=REGISTRY)
+GC_PAUSE_SECONDS = Histogram(
+    "monitor_gc_pause_seconds",
+    "Time each collection of Python's cyclic garbage collector held the process, by generation "
+    "(a collection holds every stage of the worker)",
+    ["generation"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY)
 READY = Gauge("monitor_ready", "1 when the worker has joined its group and recovered its tables", registry=REGISTRY)
 BUILD_INFO = Info("monitor_build", "Build version", registry=REGISTRY)
 PROTOCOL_INFO = Gauge(
@@ -244,3 +251,24 @@ def component_registry(*prefixes: str) -> CollectorRegistry:
     view = CollectorRegistry(auto_describe=False)
     view.register(_Only(REGISTRY, tuple(prefixes)))
     return view
+
+
+_gc_started = [0.0]
+
+
+def _time_collection(phase: str, info: dict) -> None:
+    # runs inside the collection, in the thread that triggered it (no collection nests in it)
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+
+
+def time_garbage_collections() -> None:
+    """Observe every collection's duration in ``monitor_gc_pause_seconds`` (once per process).
+
+    A full collection walks every object the process holds, the decoded patients included;
+    its pause holds every record in the worker, so the tail of the alert latency can be read
+    against it."""
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)

@@ -88,6 +88,8 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
             expr = target["expr"].replace("$job", ".*").replace("$__rate_interval", "1m")
             prom.query(expr)  # raises on a parse/evaluation error (HTTP 400)
     assert prom.query('sum by (topic, format) (rate(monitor_events_consumed_total{job=~".*"}[1m]))')
+    # the worker times its garbage collections (monitor.metrics.time_garbage_collections)
+    assert prom.query('sum(monitor_gc_pause_seconds_count{job="sma-monitor"}) > 0')
 
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})

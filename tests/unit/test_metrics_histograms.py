@@ -46,3 +46,20 @@ def test_the_processing_histogram_counts_by_stage():
     assert REGISTRY.get_sample_value("monitor_processing_seconds_count", {"stage": "test_stage"}) == before + 2
     assert REGISTRY.get_sample_value("monitor_processing_seconds_bucket",
                                      {"stage": "test_stage", "le": "0.0005"}) == le + 1
+
+
+def test_garbage_collections_are_timed_by_generation():
+    import gc
+
+    from monitor.metrics import time_garbage_collections
+
+    def count(gen: int) -> float:
+        return REGISTRY.get_sample_value("monitor_gc_pause_seconds_count", {"generation": str(gen)}) or 0.0
+
+    time_garbage_collections()
+    time_garbage_collections()  # once per process, however often called
+    before = count(2)
+    gc.collect(2)
+    gc.collect(2)
+    assert count(2) == before + 2
+    assert REGISTRY.get_sample_value("monitor_gc_pause_seconds_sum", {"generation": "2"}) > 0

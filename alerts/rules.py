@@ -550,6 +550,53 @@ def _day(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _simplify_possible(expr, st: PatientState, cp: "CompiledProtocol", dose: float,
+                       held_by: dict[str, list], member_analytes: dict) -> object:
+    """``CompositeRuleC._possible``'s tree: each condition of ``expr`` replaced by the sorted
+    times of the post-dose results held that meet it, None where nothing can. A module
+    function, not a closure calling itself: such a closure is a reference cycle, garbage
+    only the cyclic collector frees (one per evaluation, with the patient state it holds)."""
+    if isinstance(expr, CCond):
+        if expr.no_base and expr.analyte in st.base:
+            return None
+        es = held_by.get(expr.analyte)
+        if es is None:
+            es = held_by[expr.analyte] = held(st, expr.analyte, dose, 1e18)
+        return expr.meeting_times(st, cp, es) or None  # oldest first
+    if expr[0] == "all":
+        # a member none of whose analytes is held at all is None (every condition in
+        # it is), and so is the whole ``all``: decided before judging the others
+        hist, ev, base = st.hist, st.ev, st.base
+        for m in expr[1]:
+            if not any(a in hist or a in ev or a in base for a in member_analytes[id(m)]):
+                return None
+    parts = []
+    for m in expr[1]:
+        r = _simplify_possible(m, st, cp, dose, held_by, member_analytes)
+        if r is None:
+            if expr[0] == "all":
+                return None
+            continue
+        parts.append(r)
+    return (expr[0], parts) if parts else None
+
+
+def _met_within(x, lo: float, hi: float) -> bool:
+    """Whether ``_simplify_possible``'s tree ``x`` holds with results in [lo, hi]."""
+    if isinstance(x, list):  # times of the results meeting one condition, sorted
+        i = bisect_left(x, lo)
+        return i < len(x) and x[i] <= hi
+    if x[0] == "all":
+        for m in x[1]:
+            if not _met_within(m, lo, hi):
+                return False
+        return True
+    for m in x[1]:
+        if _met_within(m, lo, hi):
+            return True
+    return False
+
+
 class CompositeRuleC(CRule):
     """Conditions over several analytes within an event-time window, episode-aware.
 
@@ -654,56 +701,14 @@ class CompositeRuleC(CRule):
         once per evaluation instead of once per candidate time (the search was quadratic in
         the episode results held). None: no time can hit (no member of an ``all`` has a
         meeting result at all, or no member of an ``any``)."""
-        held_by: dict[str, list] = {}
-        hist, ev, base = st.hist, st.ev, st.base
-        member_analytes = self.member_analytes
-
-        def simplify(expr):
-            if isinstance(expr, CCond):
-                if expr.no_base and expr.analyte in st.base:
-                    return None
-                es = held_by.get(expr.analyte)
-                if es is None:
-                    es = held_by[expr.analyte] = held(st, expr.analyte, dose, 1e18)
-                return expr.meeting_times(st, cp, es) or None  # oldest first
-            if expr[0] == "all":
-                # a member none of whose analytes is held at all is None (every condition in
-                # it is), and so is the whole ``all``: decided before judging the others
-                for m in expr[1]:
-                    if not any(a in hist or a in ev or a in base for a in member_analytes[id(m)]):
-                        return None
-            parts = []
-            for m in expr[1]:
-                r = simplify(m)
-                if r is None:
-                    if expr[0] == "all":
-                        return None
-                    continue
-                parts.append(r)
-            return (expr[0], parts) if parts else None
-
-        tree = simplify(self.when)
+        tree = _simplify_possible(self.when, st, cp, dose, {}, self.member_analytes)
         if tree is None:
             return None
         window = self.window
 
-        def test(x, lo: float, hi: float) -> bool:
-            if isinstance(x, list):  # times of the results meeting one condition, sorted
-                i = bisect_left(x, lo)
-                return i < len(x) and x[i] <= hi
-            if x[0] == "all":
-                for m in x[1]:
-                    if not test(m, lo, hi):
-                        return False
-                return True
-            for m in x[1]:
-                if test(m, lo, hi):
-                    return True
-            return False
-
         def possible(t: float) -> bool:
             lo = t - window
-            return test(tree, lo if lo > dose else dose, t)
+            return _met_within(tree, lo if lo > dose else dose, t)
 
         return possible
 

@@ -171,6 +171,12 @@ GC_PAUSE_SECONDS = Histogram(
     "(a collection holds every stage of the worker)",
     ["generation"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
     registry=REGISTRY)
+GC_COLLECTED_OBJECTS = Counter(
+    "monitor_gc_collected_objects",
+    "Objects Python's cyclic garbage collector found unreachable and freed, by generation: "
+    "garbage in reference cycles, which only a collection frees (0 in the steady state of the "
+    "clinical stage; a rise means code that builds cycles)",
+    ["generation"], registry=REGISTRY)
 READY = Gauge("monitor_ready", "1 when the worker has joined its group and recovered its tables", registry=REGISTRY)
 BUILD_INFO = Info("monitor_build", "Build version", registry=REGISTRY)
 PROTOCOL_INFO = Gauge(
@@ -261,11 +267,15 @@ def _time_collection(phase: str, info: dict) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+        generation = str(info["generation"])
+        GC_PAUSE_SECONDS.labels(generation).observe(time.perf_counter() - _gc_started[0])
+        if info["collected"]:
+            GC_COLLECTED_OBJECTS.labels(generation).inc(info["collected"])
 
 
 def time_garbage_collections() -> None:
-    """Observe every collection's duration in ``monitor_gc_pause_seconds`` (once per process).
+    """Observe every collection's duration in ``monitor_gc_pause_seconds`` and the objects it
+    freed in ``monitor_gc_collected_objects_total`` (once per process).
 
     A full collection walks every object the process holds, the decoded patients included;
     its pause holds every record in the worker, so the tail of the alert latency can be read

@@ -63,3 +63,25 @@ def test_garbage_collections_are_timed_by_generation():
     gc.collect(2)
     assert count(2) == before + 2
     assert REGISTRY.get_sample_value("monitor_gc_pause_seconds_sum", {"generation": "2"}) > 0
+
+
+def test_objects_freed_by_the_cycle_collector_are_counted():
+    import gc
+
+    from monitor.metrics import time_garbage_collections
+
+    def freed() -> float:
+        return REGISTRY.get_sample_value("monitor_gc_collected_objects_total", {"generation": "2"}) or 0.0
+
+    time_garbage_collections()
+    gc.collect(2)
+    before = freed()
+    for _ in range(100):  # 100 lists each holding itself: garbage only the collector frees
+        cycle: list = []
+        cycle.append(cycle)
+    del cycle
+    gc.collect(2)
+    after = freed()
+    assert after >= before + 100
+    gc.collect(2)  # nothing left to free: the counter stays
+    assert freed() == after

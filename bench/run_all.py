@@ -460,6 +460,41 @@ class AlertReader(threading.Thread):
         return sum(1 for s in list(self.seen) if lo <= s < hi)
 
 
+def worker_gc(port: str) -> dict:
+    """The worker's garbage-collection figures from its ``/metrics``: per generation, the
+    collections, their total and the objects they freed (``monitor_gc_*``); {} if unreadable."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            gen = smp.labels.get("generation")
+            key = {"monitor_gc_pause_seconds_count": "n", "monitor_gc_pause_seconds_sum": "s",
+                   "monitor_gc_collected_objects_total": "freed"}.get(smp.name)
+            if gen is not None and key:
+                out.setdefault(gen, {"n": 0.0, "s": 0.0, "freed": 0.0})[key] = smp.value
+    return out
+
+
+def gc_during(before: dict, after: dict) -> dict:
+    """Per generation: collections, milliseconds paused and objects freed between two scrapes."""
+    return {g: {"n": int(v["n"] - before.get(g, {}).get("n", 0)),
+                "ms": round((v["s"] - before.get(g, {}).get("s", 0)) * 1000, 1),
+                "freed": int(v["freed"] - before.get(g, {}).get("freed", 0))} for g, v in sorted(after.items())}
+
+
+def gc_text(gcs: dict | None) -> str:
+    if not gcs:
+        return "—"
+    return "; ".join(f"gen{g}: {v['n']} ({v['ms']:,.0f} ms, {v['freed']:,} freed)" for g, v in gcs.items() if v["n"])
+
+
 def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, warmup: float, drain: float,
                   name: str = "lat") -> dict:
     """One worker; doses, a warm-up ALT per patient, then per (rate, seconds) phase: ALT events at
@@ -520,6 +555,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                          alone={"publisher": [os.getpid()]})
         for rate, seconds in phases:
             total = int(rate * seconds)
+            gc0 = worker_gc(env["WEB_PORT"])
             meter.start()
             t0 = time.monotonic()
             producer.paced(total, rate, lambda i: event(base + i, pids[i % patients]))
@@ -533,6 +569,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                     break
                 time.sleep(0.1)
             waited = time.monotonic() - t0
+            gcs = gc_during(gc0, worker_gc(env["WEB_PORT"]))  # from publishing to the last alert
             seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
             # an event whose alert was not seen by the end counts as slower than every seen one (censored)
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
@@ -548,7 +585,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 "seen_p50_ms": pct(seen_sorted, 50), "seen_p99_ms": pct(seen_sorted, 99),
                 "ingest_p50_ms": pct(ingested, 50), "ingest_p99_ms": pct(ingested, 99),
                 "alert_rate": len(seen) / waited if waited else None,
-                "cpu_cores": cpu,
+                "cpu_cores": cpu, "gc": gcs,
             })
             base += total
         out["peak_rss_mb"] = [round(child.peak_rss_mb(), 1)]
@@ -610,16 +647,17 @@ def latency_runs_lines(lat: dict, rate: float) -> list[str]:
     met = sum(1 for x in p99 if x <= 100)
     out = ["", f"Every run at {fmt(rate)}/s ({len(runs)} runs, each with a fresh worker and topics; "
                f"{len(runs) - len(done)} failed): p99 <= 100 ms in {met} of {len(done)}, median p99 {fmt(median, 1)} ms.",
-           "", "| run | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | alerts seen | worker cores | whole machine |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "", "| run | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | alerts seen | worker cores | whole machine "
+               "| worker's garbage collections (paused, freed) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, ph in enumerate(runs, 1):
         if ph is None:
-            out.append(f"| {i} | failed | | | | | | |")
+            out.append(f"| {i} | failed | | | | | | | |")
             continue
         c = ph.get("cpu_cores") or {}
         out.append(f"| {i} | {fmt(ph['p50_ms'], 1)} | {fmt(ph['p95_ms'], 1)} | {fmt(ph['p99_ms'], 1)} "
                    f"| {fmt(ph['max_ms'], 1)} | {ph['matched']:,} of {ph['published']:,} | {fmt(c.get('worker'), 2)} "
-                   f"| {fmt(c.get('machine'), 2)} |")
+                   f"| {fmt(c.get('machine'), 2)} | {gc_text(ph.get('gc'))} |")
     return out
 
 
@@ -714,15 +752,16 @@ def report(run: Run, meta: dict) -> str:
         lines.append("Cores in use while each phase published (CPU seconds per second; the machine has "
                      f"{lat['phases'][0].get('cpu_cores', {}).get('cores', '?')}):")
         lines.append("")
-        lines.append("| offered rate | worker | broker | publisher | alert reader | anything else | whole machine |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| offered rate | worker | broker | publisher | alert reader | anything else | whole machine "
+                     "| worker's garbage collections, phase to last alert (paused, freed) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---|")
         for ph in lat["phases"]:
             c = ph.get("cpu_cores") or {}
             named = ("worker", "broker", "publisher", "alert_reader")
             other = round(c["machine"] - sum(c[k] for k in named), 2) if c and all(k in c for k in named) else None
             lines.append(f"| {fmt(ph['offered_rate'])}/s | {fmt(c.get('worker'), 2)} | {fmt(c.get('broker'), 2)} "
                          f"| {fmt(c.get('publisher'), 2)} | {fmt(c.get('alert_reader'), 2)} | {fmt(other, 2)} "
-                         f"| {fmt(c.get('machine'), 2)} |")
+                         f"| {fmt(c.get('machine'), 2)} | {gc_text(ph.get('gc'))} |")
         for ph in lat["phases"]:
             if ph["matched"] < ph["published"]:
                 lines.append("")

@@ -35,3 +35,13 @@ def test_each_round_is_compared_with_its_own_raw_loop():
 
 def test_one_round_adds_nothing():
     assert _run_all().rounds_lines([{"a": {"rate": 1.0}}]) == []
+
+
+def test_latency_phase_garbage_collections_are_the_difference_of_two_scrapes():
+    m = _run_all()
+    before = {"0": {"n": 10.0, "s": 0.050, "freed": 100.0}}
+    after = {"0": {"n": 15.0, "s": 0.115, "freed": 115.0}, "1": {"n": 1.0, "s": 0.040, "freed": 0.0}}
+    gcs = m.gc_during(before, after)
+    assert gcs == {"0": {"n": 5, "ms": 65.0, "freed": 15}, "1": {"n": 1, "ms": 40.0, "freed": 0}}
+    assert m.gc_text(gcs) == "gen0: 5 (65 ms, 15 freed); gen1: 1 (40 ms, 0 freed)"
+    assert m.gc_text({}) == "—"

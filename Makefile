@@ -8,15 +8,21 @@ PY := $(VENV)/bin/python
 DEBS := prometheus prometheus-alertmanager chromium chromium-driver
 
 
-.PHONY: demo-stop tools setup deps debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
+.PHONY: demo-stop tools setup deps core debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,compiled]'
 	touch $@
 
 deps: $(VENV)/.installed
+
+# the clinical core's hot modules compiled by Cython from their exact source (alerts/compiled_core.py);
+# idempotent: only a module whose source changed is built again
+core: deps
+	deploy/local/install-debs.sh gcc
+	$(PY) scripts/build_clinical_core.py
 
 debs:
 	deploy/local/install-debs.sh $(DEBS)
@@ -24,7 +30,7 @@ debs:
 kafka-fetch:
 	deploy/local/kafka.sh fetch
 
-setup: deps kafka-fetch
+setup: deps core kafka-fetch
 
 kafka: deps kafka-fetch
 	deploy/local/kafka.sh start
@@ -58,11 +64,11 @@ test: setup debs tools
 test-long: setup debs
 	$(PY) tests/reliability/run_long.py --kills 20 --broker-restarts 3 --fuzz 1000000
 
-test-unit: deps
+test-unit: deps core
 	$(PY) -m pytest -q -m "not integration" tests/unit
 
 bench: setup kafka
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .kafka .pytest_cache *.egg-info
+	rm -rf $(VENV) .kafka .pytest_cache *.egg-info .build

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Mapping
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 from alerts import policy
@@ -163,8 +163,16 @@ class KeyState(BaseModel):
     episode_evidence: list[list[str]] = Field(default_factory=list)
 
 
+def _function() -> None:
+    pass
+
+
 class AlertBook(BaseModel):
     """One patient's alerts; serialisable for a changelog-backed table."""
+
+    # its methods are functions of this module's kind: plain functions, or Cython's when the
+    # module runs compiled (alerts.compiled_core), which pydantic would take for fields
+    model_config = ConfigDict(ignored_types=(type(_function),))
 
     patient_id: str
     alerts: dict[str, Alert] = Field(default_factory=dict)

@@ -157,6 +157,8 @@ def main(argv=None) -> int:
         tune_garbage_collector()
     print(f"garbage collector: {'CPython defaults' if a.python_gc_defaults else 'the worker settings'} "
           f"(thresholds {gc.get_threshold()})")
+    from alerts import compiled_core
+    print(f"clinical core: {compiled_core.summary()} (CLINICAL_CORE=python for the plain modules)")
     if a.churn_rounds > 0:
         churn(a.churn_patients, a.churn_rounds, a.churn_batch, a.checkpoint_every)
     protocols = default_protocols()

@@ -203,6 +203,8 @@ def main(argv=None) -> int:
         churn(run, a.churn_patients, a.churn_rounds, 200)
     digest = hashlib.sha256(Path(a.out).read_bytes()).hexdigest()
     print(f"alerts package: {Path(alerts.__file__).resolve().parent}")
+    from alerts import compiled_core
+    print(f"clinical core: {compiled_core.summary()} {compiled_core.status()}")
     print(f"{run.n_records:,} records in, {run.n_outputs:,} outputs {dict(sorted(run.counts.items()))}, "
           f"{run.n_changelog:,} changelog values; {Path(a.out).stat().st_size:,} bytes, sha256 {digest}")
     return 0

@@ -83,6 +83,10 @@ DESCRIPTIONS: dict[str, str] = {
 EXTRA: list[tuple[str, str, str, str]] = [
     ("LOG_FORMAT", "text", "`text` for plain lines, `json` for one JSON object per line (log shippers).",
      "every command"),
+    ("CLINICAL_CORE", "auto", "`auto`: the clinical core's compiled modules where `make core` built them from "
+     "the exact source on disk (`alerts/compiled_core.py`); `python`: the plain modules (e.g. to profile "
+     "the core with py-spy).", "every command"),
+    ("CLINICAL_CORE_DIR", ".build/clinical-core", "Directory of the compiled core's artefacts.", "every command"),
     ("MONITOR_LAG_INTERVAL_SECONDS", "10", "Seconds between consumer-lag measurements for /metrics.", "worker"),
     ("MLLP_HOST", "127.0.0.1", "Address the MLLP listener binds (`monitor mllp --host`).", "mllp"),
     ("MLLP_PORT", "2575", "Port of the MLLP listener (`monitor mllp --port`).", "mllp"),

@@ -46,7 +46,12 @@ def build_version() -> str:
 
 
 def set_build_info() -> None:
-    BUILD_INFO.info({"version": build_version(), "faust": faust.__version__, "python": platform.python_version()})
+    from alerts import compiled_core
+
+    core = compiled_core.summary()
+    BUILD_INFO.info({"version": build_version(), "faust": faust.__version__, "python": platform.python_version(),
+                     "clinical_core": core})
+    log.info("clinical core: %s (%s)", core, ", ".join(f"{m}: {how}" for m, how in compiled_core.status().items()))
 
 
 #: registries faust's sensor is attached to (its metrics can be registered once per registry)

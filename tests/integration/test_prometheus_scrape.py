@@ -48,6 +48,8 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     assert {r["metric"]["topic"] for r in dead} == {topics["lab-results"]}
     assert prom.query('monitor_observations_total{job="sma-monitor",analyte="alt"}')
     assert prom.query('monitor_build_info{job="sma-monitor",version!=""}')
+    # the worker runs the clinical core as make core built it (alerts/compiled_core.py)
+    assert prom.query('monitor_build_info{job="sma-monitor",clinical_core="compiled"}')
     assert prom.query('monitor_ready{job="sma-monitor"} == 1')
     # faust no longer reads Kafka here (the hot paths are aiokafka loops): its sensor counts
     # the web requests it serves, this scrape among them

@@ -1,0 +1,94 @@
+"""The compiled clinical core (``alerts.compiled_core``, built by ``make core``).
+
+- the suite runs the compiled modules (what the worker runs), unless ``CLINICAL_CORE=python``;
+- an artefact is used only for the exact source it was built from: a build of another
+  source (an edited module) is ignored and the module runs as Python;
+- the compiled and the plain modules write the same bytes: every output and changelog value
+  of ``bench/diff_clinical_outputs.py`` (a simulated cohort with ticks and actions, and the
+  alert-churn workload) has the same sha256. A build with Cython's ``annotation_typing``
+  on (hints as C types) fails this: 23,309,238 bytes against 23,287,747.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alerts import compiled_core
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINICAL_CORE")}
+    env.update(extra)
+    return env
+
+
+def _status_in_subprocess(env: dict[str, str]) -> dict[str, str]:
+    code = ("import json, importlib; from alerts import compiled_core as c\n"
+            "[importlib.import_module(m) for m in c.MODULES]\n"
+            "print(json.dumps(c.status()))")
+    p = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.mark.skipif(not compiled_core.enabled(), reason="CLINICAL_CORE=python: the plain modules on purpose")
+def test_the_suite_runs_the_compiled_core():
+    import importlib
+
+    for m in compiled_core.MODULES:
+        importlib.import_module(m)
+    assert compiled_core.status() == dict.fromkeys(compiled_core.MODULES, "compiled"), (
+        "the compiled core is not built for this source: run `make core`")
+    assert compiled_core.summary() == "compiled"
+
+
+def test_a_build_of_another_source_is_not_used(tmp_path):
+    built = [compiled_core.artefact_path(m) for m in compiled_core.MODULES]
+    if not all(p.is_file() for p in built):
+        pytest.fail("the compiled core is not built for this source: run `make core`")
+    # the real build of alerts.rules, filed under the digest of an edited source; the
+    # others under their own digest
+    rules = compiled_core.MODULES.index("alerts.rules")
+    for i, (m, p) in enumerate(zip(compiled_core.MODULES, built)):
+        if i == rules:
+            edited = compiled_core.source_path(m).read_bytes() + b"\n# edited\n"
+            name = f"{m}-{compiled_core.source_digest(edited)}{compiled_core.SUFFIX}"
+        else:
+            name = p.name
+        shutil.copy(p, tmp_path / name)
+    status = _status_in_subprocess(_env(CLINICAL_CORE_DIR=str(tmp_path)))
+    assert status.pop("alerts.rules") == "python: no build of this source"
+    assert set(status.values()) == {"compiled"}
+    # and CLINICAL_CORE=python turns every compiled module off
+    off = _status_in_subprocess(_env(CLINICAL_CORE="python"))
+    assert set(off.values()) == {"python: CLINICAL_CORE=python"}
+
+
+def _harness(tmp_path: Path, name: str, **env: str) -> tuple[str, str]:
+    out = tmp_path / f"{name}.bin"
+    p = subprocess.run([PY, str(ROOT / "bench" / "diff_clinical_outputs.py"), "--out", str(out),
+                        "--patients", "40", "--days", "14", "--churn-patients", "100", "--churn-rounds", "6"],
+                       cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    core = re.search(r"^clinical core: (\w+)", p.stdout, re.M).group(1)
+    digest = re.search(r"sha256 ([0-9a-f]{64})", p.stdout).group(1)
+    return core, digest
+
+
+def test_compiled_and_plain_modules_write_the_same_bytes(tmp_path):
+    if not all(compiled_core.artefact_path(m).is_file() for m in compiled_core.MODULES):
+        pytest.fail("the compiled core is not built for this source: run `make core`")
+    plain = _harness(tmp_path, "plain", CLINICAL_CORE="python")
+    compiled = _harness(tmp_path, "compiled")
+    assert (plain[0], compiled[0]) == ("python", "compiled")
+    assert compiled[1] == plain[1]

@@ -223,6 +223,15 @@ def test_dockerfile_runs_as_non_root():
     assert "WEB_HOST=0.0.0.0" in text
 
 
+def test_dockerfile_ships_the_compiled_core_where_the_worker_looks_for_it():
+    text = (DEPLOY / "Dockerfile").read_text()
+    built = re.search(r"CLINICAL_CORE_DIR=(\S+) python scripts/build_clinical_core.py", text).group(1)
+    looked = re.search(r"^\s*CLINICAL_CORE_DIR=(\S+)$", text, re.M).group(1)
+    assert built.startswith("/install/") and looked == "/usr/local/" + built[len("/install/"):]
+    assert "COPY --from=build /install /usr/local" in text
+    assert re.search(r'"cython==([\d.]+)"', text).group(1) in (ROOT / "pyproject.toml").read_text()
+
+
 # ---- Kubernetes -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

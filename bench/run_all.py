@@ -575,6 +575,11 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
             lat_ts = sorted(v[1] for v in seen) + [float("inf")] * (total - len(seen))
             seen_sorted = sorted(v[0] for v in seen)
+            if run.args.latency_timeline:  # every event of the phase in publish order: (seq, latency ms)
+                with open(run.args.latency_timeline, "a") as tl:
+                    tl.write(json.dumps({"stage": name, "rate": rate, "events": [
+                        [s - base, round(v[0] * 1000, 1)] for s, v in sorted(reader.seen.items())
+                        if base <= s < base + total]}) + "\n")
             ingested = sorted(v for s, v in list(reader.ingested.items()) if base <= s < base + total)
             pct = lambda xs, q: round(percentile(xs, q) * 1000, 1) if xs else None  # noqa: E731
             out["phases"].append({
@@ -877,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
                          "rates and ratios to the same round's (a) with their medians (a shared host's speed changes "
                          "from minute to minute); the main table shows the first round")
     ap.add_argument("--json", default="", help="also write the results as JSON to this file")
+    ap.add_argument("--latency-timeline", default="",
+                    help="append each latency phase's events (publish order, latency in ms) to this file as JSON lines")
     ap.add_argument("--keep-logs", action="store_true", help="keep worker logs (printed path)")
     ap.add_argument("--stages", default="a,a2,b,c1,c1p,c2,lat",
                     help="which stages to run (comma-separated of a, a2, b, c1, c1p, c2, lat; default all; c1p is "

@@ -41,7 +41,7 @@ kafka-stop:
 kafka-reset:
 	deploy/local/kafka.sh reset
 
-worker: kafka  # needs PSEUDONYM_SECRET (32+ random characters; README "Security")
+worker: kafka core  # needs PSEUDONYM_SECRET (32+ random characters; README "Security")
 	$(VENV)/bin/monitor worker
 
 schema: deps

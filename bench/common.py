@@ -545,7 +545,19 @@ def machine() -> dict[str, str]:
         "aiokafka": _version("aiokafka"),
         "kafka-python": _version("kafka-python"),
         "kafka broker": broker_version(),
+        "clinical core": clinical_core(),
     }
+
+
+def clinical_core() -> str:
+    """What the workers started by the benchmark load (``alerts.compiled_core``): "compiled"
+    when every module is built for its current source and ``CLINICAL_CORE`` is not ``python``."""
+    from alerts import compiled_core
+
+    if not compiled_core.enabled():
+        return "python (CLINICAL_CORE=python)"
+    missing = [m for m in compiled_core.MODULES if not compiled_core.artefact_path(m).is_file()]
+    return "compiled" if not missing else f"python for {', '.join(missing)} (not built: make core)"
 
 
 def status_like_meminfo(field: str) -> int:

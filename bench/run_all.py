@@ -794,7 +794,8 @@ def report(run: Run, meta: dict) -> str:
     m = meta["machine"]
     lines.append(f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, Linux {m['kernel']}; Python {m['python']}, "
                  f"faust-streaming {m['faust-streaming']}, aiokafka {m['aiokafka']}, kafka-python {m['kafka-python']}, "
-                 f"Apache Kafka {m['kafka broker']} (single local broker). Total run time {meta['total_s']:.0f} s.")
+                 f"Apache Kafka {m['kafka broker']} (single local broker); clinical core: {m.get('clinical core', '?')}. "
+                 f"Total run time {meta['total_s']:.0f} s.")
     return "\n".join(lines)
 
 

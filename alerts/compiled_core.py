@@ -65,7 +65,12 @@ def artefact_path(module: str, source: bytes | None = None) -> Path:
     return artefact_dir() / f"{module}-{source_digest(source)}{SUFFIX}"
 
 
-#: module -> how it was loaded: "compiled", or "python: <why>"
+def unbuilt() -> list[str]:
+    """The modules with no build of their current source (``make core`` builds them)."""
+    return [m for m in MODULES if not artefact_path(m).is_file()]
+
+
+#: module -> why it runs as Python ("python: <why>"), for the modules the finder passed on
 _loaded: dict[str, str] = {}
 
 
@@ -84,7 +89,6 @@ class CompiledCoreFinder:
         if not so.is_file():
             _loaded[fullname] = "python: no build of this source"
             return None
-        _loaded[fullname] = "compiled"
         loader = importlib.machinery.ExtensionFileLoader(fullname, str(so))
         return importlib.util.spec_from_file_location(fullname, str(so), loader=loader)
 
@@ -114,8 +118,7 @@ def status() -> dict[str, str]:
         elif str(getattr(mod, "__file__", "")).endswith(SUFFIX):
             out[m] = "compiled"
         else:
-            why = _loaded.get(m, "python")
-            out[m] = why if why.startswith("python") else "python"
+            out[m] = _loaded.get(m, "python")
     return out
 
 
@@ -130,4 +133,4 @@ def summary() -> str:
 
 
 __all__ = ["MODULES", "artefact_dir", "artefact_path", "enabled", "install", "source_digest", "source_path",
-           "status", "summary"]
+           "status", "summary", "unbuilt"]

@@ -556,7 +556,7 @@ def clinical_core() -> str:
 
     if not compiled_core.enabled():
         return "python (CLINICAL_CORE=python)"
-    missing = [m for m in compiled_core.MODULES if not compiled_core.artefact_path(m).is_file()]
+    missing = compiled_core.unbuilt()
     return "compiled" if not missing else f"python for {', '.join(missing)} (not built: make core)"
 
 

@@ -482,6 +482,36 @@ def worker_gc(port: str) -> dict:
     return out
 
 
+def workers_gc(envs: list[dict]) -> dict:
+    """``worker_gc`` of every worker (by its env's ``WEB_PORT``), summed per generation."""
+    return sum_gc([worker_gc(env["WEB_PORT"]) for env in envs])
+
+
+def sum_gc(per_worker: list[dict]) -> dict:
+    """Several workers' ``worker_gc`` figures summed per generation."""
+    out: dict = {}
+    for figures in per_worker:
+        for gen, v in figures.items():
+            acc = out.setdefault(gen, {"n": 0.0, "s": 0.0, "freed": 0.0})
+            for k in acc:
+                acc[k] += v.get(k, 0.0)
+    return out
+
+
+def worker_patients(port: str) -> float:
+    """``monitor_patients_monitored`` of a worker (0 if unreadable)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("monitor_patients_monitored "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def gc_during(before: dict, after: dict) -> dict:
     """Per generation: collections, milliseconds paused and objects freed between two scrapes."""
     return {g: {"n": int(v["n"] - before.get(g, {}).get("n", 0)),
@@ -503,14 +533,17 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
     app_id = run.app_id(name)
     topics = {short: run.topic(name, short) for short in SERVICE_TOPICS.values()}
     run.kafka.create_topics(list(topics.values()), run.args.partitions, compacted=[topics["alert-deliveries"]])
-    env = service_env(run, app_id, topics, run.tmp / f"{name}-w0")
-    child = run.start("latency-worker" if name == "lat" else f"latency-worker-{name}",
-                      [PY, "-m", "monitor.cli", "worker"], env)
+    workers = max(1, run.args.latency_workers)
+    envs = [service_env(run, app_id, topics, run.tmp / f"{name}-w{i}") for i in range(workers)]
+    label = "latency-worker" if name == "lat" else f"latency-worker-{name}"
+    children = [run.start(label if workers == 1 else f"{label}-{i}", [PY, "-m", "monitor.cli", "worker"], env)
+                for i, env in enumerate(envs)]
     reader = None
     producer = PacedProducer(run.args.bootstrap, client_id="bench-lat")
-    out: dict = {"patients": patients, "phases": []}
+    out: dict = {"patients": patients, "workers": workers, "phases": []}
     try:
-        out["ready_s"] = wait_ready([child], [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"], 120)
+        out["ready_s"] = wait_ready(children, [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"
+                                               for env in envs], 120)
         reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions, topics["observations"])
         reader.start()
         now = datetime.now(timezone.utc)
@@ -547,15 +580,23 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
         producer.flush()
         t_w = time.monotonic()
         while reader.count(seq, seq + patients) < patients * 0.95 and time.monotonic() - t_w < warmup:
-            check_alive([child])
+            check_alive(children)
             time.sleep(0.2)
         out["warmup_alerts"] = f"{reader.count(seq, seq + patients)}/{patients}"
+        if workers > 1:  # every worker holds patients (its share of the partitions) before the phases
+            while time.monotonic() - t_w < warmup:
+                held = [worker_patients(env["WEB_PORT"]) for env in envs]
+                if all(held):
+                    break
+                check_alive(children)
+                time.sleep(0.2)
+            out["patients_per_worker"] = held
         base = 0
-        meter = CpuMeter({"worker": [child.pid], "broker": run.broker_pids(), "alert_reader": [reader.proc.pid]},
+        meter = CpuMeter({"worker": [c.pid for c in children], "broker": run.broker_pids(), "alert_reader": [reader.proc.pid]},
                          alone={"publisher": [os.getpid()]})
         for rate, seconds in phases:
             total = int(rate * seconds)
-            gc0 = worker_gc(env["WEB_PORT"])
+            gc0 = workers_gc(envs)
             meter.start()
             t0 = time.monotonic()
             producer.paced(total, rate, lambda i: event(base + i, pids[i % patients]))
@@ -564,12 +605,12 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             cpu = meter.stop()  # while publishing: the offered load's steady state
             t_d = time.monotonic()
             while reader.count(base, base + total) < total and time.monotonic() - t_d < drain:
-                check_alive([child])
+                check_alive(children)
                 if time.monotonic() - reader.last_new > 8 and time.monotonic() - t_d > 8:
                     break
                 time.sleep(0.1)
             waited = time.monotonic() - t0
-            gcs = gc_during(gc0, worker_gc(env["WEB_PORT"]))  # from publishing to the last alert
+            gcs = gc_during(gc0, workers_gc(envs))  # from publishing to the last alert
             seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
             # an event whose alert was not seen by the end counts as slower than every seen one (censored)
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
@@ -593,7 +634,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 "cpu_cores": cpu, "gc": gcs,
             })
             base += total
-        out["peak_rss_mb"] = [round(child.peak_rss_mb(), 1)]
+        out["peak_rss_mb"] = [round(c.peak_rss_mb(), 1) for c in children]
         out["dead_letters"] = run.kafka.end_total(topics["dead-letter"])
         out["alerts_read"] = reader.alerts
     finally:
@@ -601,7 +642,8 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             reader.stopping.set()
             reader.join(5)
         producer.close()
-        run.stop(child)
+        for c in children:
+            run.stop(c)
     return out
 
 
@@ -736,7 +778,11 @@ def report(run: Run, meta: dict) -> str:
     lines.append("")
     main_phase = None
     if lat and lat["phases"]:
-        lines.append(f"Latency, publish → alert on `alerts` (service, 1 worker): lab results whose ALT alternates "
+        nw = lat.get("workers", 1)
+        lines.append(f"Latency, publish → alert on `alerts` (service, {nw} worker{'s' if nw > 1 else ''}"
+                     + (f" on {run.args.partitions} partitions, patients held per worker "
+                        f"{' / '.join(fmt(int(x)) for x in lat.get('patients_per_worker') or [])}" if nw > 1 else "")
+                     + "): lab results whose ALT alternates "
                      f"CTCAE grade 2 / 3 for {lat['patients']} dosed patients, so that every event changes an alert "
                      f"(warm-up alerts {lat['warmup_alerts']}):")
         lines.append("")
@@ -752,7 +798,7 @@ def report(run: Run, meta: dict) -> str:
                 f"| {ph['published']:,} | {ph['matched']:,} | {fmt(ph['p50_ms'], 1)} | {fmt(ph['p95_ms'], 1)} "
                 f"| {fmt(ph['p99_ms'], 1)} | {fmt(ph['max_ms'], 1)} | {fmt(ph['ts_p50_ms'], 1)} / {fmt(ph['ts_p99_ms'], 1)} "
                 f"| {fmt(ph['seen_p50_ms'], 1)} / {fmt(ph['seen_p99_ms'], 1)} "
-                f"| {fmt(ph.get('ingest_p50_ms'), 1)} / {fmt(ph.get('ingest_p99_ms'), 1)} | {fmt(lat['peak_rss_mb'][0], 0)} |")
+                f"| {fmt(ph.get('ingest_p50_ms'), 1)} / {fmt(ph.get('ingest_p99_ms'), 1)} | {' + '.join(fmt(x, 0) for x in lat['peak_rss_mb'])} |")
         lines.append("")
         lines.append("Cores in use while each phase published (CPU seconds per second; the machine has "
                      f"{lat['phases'][0].get('cpu_cores', {}).get('cores', '?')}):")
@@ -787,7 +833,9 @@ def report(run: Run, meta: dict) -> str:
                  f"{fmt(c1.get('clinical_obs_rate'))} through evaluate + lifecycle; "
                  f">= 0.5x of (a): {ratio(c1.get('event_rate'), a)} ingest, "
                  f"{ratio(c1.get('clinical_event_rate'), a)} through evaluate + lifecycle{with_process}; "
-                 f"p99 <= 100 ms at 2,000 events/s: {fmt(main_phase.get('p99_ms'), 1) if main_phase else '—'} ms"
+                 f"p99 <= 100 ms at 2,000 events/s"
+                 + (f" ({lat.get('workers', 1)} workers)" if lat and lat.get("workers", 1) > 1 else "")
+                 + f": {fmt(main_phase.get('p99_ms'), 1) if main_phase else '—'} ms"
                  + (f" (first run; every run: {', '.join(fmt(ph['p99_ms'], 1) if ph else 'failed' for ph in lat['runs'])} ms)"
                     if lat and lat.get("runs") else ""))
     lines.append("")
@@ -871,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--latency-seconds", type=float, default=None, help="default 20 (--quick 8)")
     ap.add_argument("--latency-patients", type=int, default=1000)
+    ap.add_argument("--latency-workers", type=int, default=1,
+                    help="workers of the latency stage (default 1; more share the partitions, as two workers "
+                         "of one deployment do; the report says how many)")
     ap.add_argument("--low-rate", type=float, default=None,
                     help="an unloaded latency point measured before --rate (default 200 events/s for 10 s; "
                          "--quick: none; 0 = none)")

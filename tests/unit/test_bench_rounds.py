@@ -45,3 +45,12 @@ def test_latency_phase_garbage_collections_are_the_difference_of_two_scrapes():
     assert gcs == {"0": {"n": 5, "ms": 65.0, "freed": 15}, "1": {"n": 1, "ms": 40.0, "freed": 0}}
     assert m.gc_text(gcs) == "gen0: 5 (65 ms, 15 freed); gen1: 1 (40 ms, 0 freed)"
     assert m.gc_text({}) == "—"
+
+
+def test_latency_stage_with_two_workers_sums_their_garbage_collections():
+    m = _run_all()
+    w0 = {"0": {"n": 3.0, "s": 0.030, "freed": 8.0}}
+    w1 = {"0": {"n": 4.0, "s": 0.045, "freed": 2.0}, "2": {"n": 1.0, "s": 0.200, "freed": 50.0}}
+    assert m.sum_gc([w0, w1]) == {"0": {"n": 7.0, "s": 0.075, "freed": 10.0},
+                                  "2": {"n": 1.0, "s": 0.200, "freed": 50.0}}
+    assert m.sum_gc([w0]) == w0 and m.sum_gc([]) == {}

@@ -498,8 +498,10 @@ def sum_gc(per_worker: list[dict]) -> dict:
     return out
 
 
-def worker_patients(port: str) -> float:
-    """``monitor_patients_monitored`` of a worker (0 if unreadable)."""
+def worker_evaluated(port: str) -> float:
+    """Observations a worker's clinical stage evaluated so far (``monitor_processing_seconds_count``
+    of stage ``evaluate``; 0 if unreadable): above 0 once it holds partitions of the patient stream
+    that had input (``monitor_patients_monitored`` waits for the clock)."""
     import urllib.request
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -507,7 +509,7 @@ def worker_patients(port: str) -> float:
     except OSError:
         return 0.0
     for line in text.splitlines():
-        if line.startswith("monitor_patients_monitored "):
+        if line.startswith('monitor_processing_seconds_count{stage="evaluate"} '):
             return float(line.split()[1])
     return 0.0
 
@@ -583,14 +585,13 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             check_alive(children)
             time.sleep(0.2)
         out["warmup_alerts"] = f"{reader.count(seq, seq + patients)}/{patients}"
-        if workers > 1:  # every worker holds patients (its share of the partitions) before the phases
-            while time.monotonic() - t_w < warmup:
-                held = [worker_patients(env["WEB_PORT"]) for env in envs]
-                if all(held):
-                    break
+        if workers > 1:  # every worker evaluates its share of the partitions before the phases
+            held = [worker_evaluated(env["WEB_PORT"]) for env in envs]
+            while not all(held) and time.monotonic() - t_w < warmup:
                 check_alive(children)
                 time.sleep(0.2)
-            out["patients_per_worker"] = held
+                held = [worker_evaluated(env["WEB_PORT"]) for env in envs]
+            out["warmup_per_worker"] = held
         base = 0
         meter = CpuMeter({"worker": [c.pid for c in children], "broker": run.broker_pids(), "alert_reader": [reader.proc.pid]},
                          alone={"publisher": [os.getpid()]})
@@ -780,8 +781,8 @@ def report(run: Run, meta: dict) -> str:
     if lat and lat["phases"]:
         nw = lat.get("workers", 1)
         lines.append(f"Latency, publish → alert on `alerts` (service, {nw} worker{'s' if nw > 1 else ''}"
-                     + (f" on {run.args.partitions} partitions, patients held per worker "
-                        f"{' / '.join(fmt(int(x)) for x in lat.get('patients_per_worker') or [])}" if nw > 1 else "")
+                     + (f" on {run.args.partitions} partitions, warm-up results evaluated per worker "
+                        f"{' / '.join(fmt(int(x)) for x in lat.get('warmup_per_worker') or [])}" if nw > 1 else "")
                      + "): lab results whose ALT alternates "
                      f"CTCAE grade 2 / 3 for {lat['patients']} dosed patients, so that every event changes an alert "
                      f"(warm-up alerts {lat['warmup_alerts']}):")

@@ -460,9 +460,8 @@ class AlertReader(threading.Thread):
         return sum(1 for s in list(self.seen) if lo <= s < hi)
 
 
-def worker_gc(port: str) -> dict:
-    """The worker's garbage-collection figures from its ``/metrics``: per generation, the
-    collections, their total and the objects they freed (``monitor_gc_*``); {} if unreadable."""
+def worker_samples(port: str) -> list:
+    """Every sample of a worker's ``/metrics`` (``prometheus_client`` parser); [] if unreadable."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -470,15 +469,20 @@ def worker_gc(port: str) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
-        return {}
+        return []
+    return [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
+
+
+def worker_gc(port: str) -> dict:
+    """The worker's garbage-collection figures from its ``/metrics``: per generation, the
+    collections, their total and the objects they freed (``monitor_gc_*``); {} if unreadable."""
     out: dict = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            gen = smp.labels.get("generation")
-            key = {"monitor_gc_pause_seconds_count": "n", "monitor_gc_pause_seconds_sum": "s",
-                   "monitor_gc_collected_objects_total": "freed"}.get(smp.name)
-            if gen is not None and key:
-                out.setdefault(gen, {"n": 0.0, "s": 0.0, "freed": 0.0})[key] = smp.value
+    for smp in worker_samples(port):
+        gen = smp.labels.get("generation")
+        key = {"monitor_gc_pause_seconds_count": "n", "monitor_gc_pause_seconds_sum": "s",
+               "monitor_gc_collected_objects_total": "freed"}.get(smp.name)
+        if gen is not None and key:
+            out.setdefault(gen, {"n": 0.0, "s": 0.0, "freed": 0.0})[key] = smp.value
     return out
 
 
@@ -502,16 +506,8 @@ def worker_evaluated(port: str) -> float:
     """Observations a worker's clinical stage evaluated so far (``monitor_processing_seconds_count``
     of stage ``evaluate``; 0 if unreadable): above 0 once it holds partitions of the patient stream
     that had input (``monitor_patients_monitored`` waits for the clock)."""
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return 0.0
-    for line in text.splitlines():
-        if line.startswith('monitor_processing_seconds_count{stage="evaluate"} '):
-            return float(line.split()[1])
-    return 0.0
+    return next((smp.value for smp in worker_samples(port)
+                 if smp.name == "monitor_processing_seconds_count" and smp.labels.get("stage") == "evaluate"), 0.0)
 
 
 def gc_during(before: dict, after: dict) -> dict:

@@ -523,3 +523,20 @@ def add_scram_users(bootstrap: str, users: Mapping[str, str]) -> None:
             raise BrokerError(f"SCRAM credentials refused: {res}")
     finally:
         admin.close()
+
+
+def set_client_quota(bootstrap: str, client_id: str, producer_byte_rate: int | None) -> None:
+    """Set (or, with None, remove) the broker's produce quota of one client id, with Kafka's
+    own ``kafka-configs`` (``kafka.admin.ConfigCommand`` from the jars ``kafka.sh fetch``
+    put in place; kafka-python has no client-quota API). The broker then delays a client
+    over its byte rate (it mutes the connection for up to the quota window, about 11 s)."""
+    lib = subprocess.run(["bash", str(KAFKA_SH), "fetch"], capture_output=True, text=True, check=True,
+                         timeout=600).stdout.strip().splitlines()[-1]
+    change = (["--add-config", f"producer_byte_rate={producer_byte_rate}"] if producer_byte_rate is not None
+              else ["--delete-config", "producer_byte_rate"])
+    done = subprocess.run(["java", "-Xmx128m", "-cp", f"{lib}/*", "kafka.admin.ConfigCommand",
+                           "--bootstrap-server", bootstrap, "--alter", *change,
+                           "--entity-type", "clients", "--entity-name", client_id],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if done.returncode != 0 or "Completed updating config" not in done.stdout:
+        raise BrokerError(f"quota of {client_id} not changed: {done.stdout[-400:]} {done.stderr[-400:]}")

@@ -7,22 +7,36 @@ patient stream ``observations``):
 1. ``getmany`` a batch; keep only records of partitions still assigned and restored;
 2. the processor turns it into findings, alert versions and dead letters, and marks the
    patients it changed in the store;
-3. wait until the changelog write of the last checkpoint (step 5), if one is in flight, is
-   acknowledged;
-4. produce the outputs and wait until the broker acknowledged every one; the batch's
+3. produce the outputs and wait until the broker acknowledged every one; the batch's
    offsets (``last offset + 1`` per partition) join the *pending* set, and its changed
    patients are encoded at once (``take_changed``) and kept, the last value per patient,
    unless the batch was full (see below);
-5. a *checkpoint*, when due: in the background, while the next batch is read and
-   processed, produce each kept patient's value once to the changelog (partition = the
-   patient's partition), wait for the acknowledgements, then commit the pending offsets
-   (commits stay in order, ``OrderedCommits``; step 3 waits for the changelog only).
+4. take the result of the last checkpoint's changelog write (step 5) once it is done; wait
+   for it only when the records a crash would replay (its checkpoint's and those pending
+   since) reach ``CHECKPOINT_MAX_RECORDS``;
+5. a *checkpoint*, when due and none is in flight: in the background, while the next
+   batches are read, processed and written, produce each kept patient's value once to the
+   changelog (partition = the patient's partition), wait for the acknowledgements, then
+   commit the pending offsets (commits stay in order, ``OrderedCommits``).
+
+A batch's outputs do not wait for the changelog in flight. They derive from records whose
+offsets are not committed, exactly as after a crash, which would replay those records to
+the same outputs; a failed changelog is noticed at step 4 (or at the next idle, clock,
+revocation or stop checkpoint) and rolls back every partition with pending work, the
+batches since included. The changelog has a producer of its own (client id ``<app
+id>-clinical-changelog``), so its bursts do not queue ahead of the alerts on one
+connection. So alerts keep reaching the nurses while the changelog is slow (a broker
+quota on that client id, a busy disk): only the commit waits, up to the replay cap. At 2,000
+alert-changing events/s a checkpoint's changelog is about 1,000 patients, some 6 MB; the
+batch after each checkpoint used to wait for all of it, about 45 ms (docs/measurements.md,
+fourteenth pass).
 
 A checkpoint is due when the oldest pending batch is older than
 ``clinical_checkpoint_interval_seconds`` (0: after every batch), or the pending batches
-hold ``CHECKPOINT_MAX_RECORDS`` records. It is taken at once (and waited for) when the
-consumer returns no records (idle input: acknowledged work never stays uncommitted when
-input stops), before a clock chunk, at a revocation and at a stop. A patient changed by
+hold ``CHECKPOINT_MAX_RECORDS`` records. It is started at once when the consumer returns
+no records and none is in flight (idle input: acknowledged work never stays uncommitted
+when input stops; the next idle poll takes its result), and taken and waited for before a
+clock chunk, at a revocation and at a stop. A patient changed by
 many batches in a row is written once per checkpoint, not once per batch. While the stage
 keeps up with its input (batches below ``MAX_BATCH`` records) it is still encoded after
 each of those batches: encoding a whole interval's changed patients at the checkpoint held
@@ -62,8 +76,10 @@ Guarantees, and why they hold:
   changelog end and commit this worker left (``_unchanged``). If that checkpoint fails, the
   partitions concerned are forgotten and restored at the next assignment.
 - Crash: at least once. A crash replays the records since the last commit on the state of
-  the changelog: up to one checkpoint interval (plus the batch in flight) more records than
-  with a checkpoint per batch. The engine and the lifecycle are replay-idempotent
+  the changelog: up to one checkpoint interval (plus the batch in flight, plus the
+  checkpoint in flight's records while its changelog is slow; never more than
+  ``CHECKPOINT_MAX_RECORDS`` and a batch in all) more records than with a checkpoint per
+  batch. The engine and the lifecycle are replay-idempotent
   (observation ids, finding ids, action ids), and a re-emitted alert version carries the
   same ``alert_id:version``, which the delivery ledger drops (no Kafka transactions:
   aiokafka 0.14 sends no group generation with transactional offsets, see README
@@ -167,6 +183,10 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.group_id = f"{settings.app_id}-clinical"
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        #: the changelog's own producer (client id ``<app id>-clinical-changelog``): a
+        #: checkpoint's burst never queues ahead of the alerts on one connection, and a slow or
+        #: throttled changelog slows only the checkpoints
+        self.changelog_producer: AIOKafkaProducer | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
         #: partitions assigned and restored: only these are processed and ticked
@@ -180,6 +200,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.positions = Positions()
         #: the changelog write of the last checkpoint, in flight (see ``_settle``), then its commit
         self._persist_task: asyncio.Future | None = None
+        #: the records whose offsets that checkpoint commits
+        self._persist_records = 0
         self.commits = OrderedCommits(self.positions, "clinical")
         #: acknowledged batches not checkpointed yet (see the module docstring)
         self.pending = PendingCheckpoint(settings.clinical_checkpoint_interval_seconds, self.CHECKPOINT_MAX_RECORDS)
@@ -200,6 +222,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self._stopping = False
         self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
+        self.changelog_producer = new_producer(self.s, linger_ms=1, client_id=f"{self.group_id}-changelog")
+        await self.changelog_producer.start()
         self._restorer = new_consumer(self.s, group_id=None)
         await self._restorer.start()
         self.consumer = new_consumer(self.s, group_id=self.group_id)
@@ -240,8 +264,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         if h is not None:
             log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
                         h.taken, h.decoded, len(h))
-        await stop_clients(self.consumer, self._restorer, self.producer)
-        self.consumer = self._restorer = self.producer = None
+        await stop_clients(self.consumer, self._restorer, self.producer, self.changelog_producer)
+        self.consumer = self._restorer = self.producer = self.changelog_producer = None
 
     # -- one batch -----------------------------------------------------------------------
     async def process_batch(self, batch: dict) -> None:
@@ -265,12 +289,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
                             "partition %s and processing it again", exc.partition)
                 await self._roll_back({tp.partition for tp in batch} | {exc.partition})
                 return
-            # the previous batch's changelog was written while this one was read and
-            # processed; this batch's outputs go out only once that state is on the broker
-            failed = await self._settle()
-            if failed:
-                await self._roll_back(failed | {tp.partition for tp in batch})
-                return
             try:
                 await self._write_outputs(outputs)
             except asyncio.CancelledError:
@@ -293,10 +311,24 @@ class ClinicalRunner(ConsumerRebalanceListener):
             for tp, off in offsets.items():
                 self._next[tp.partition] = off
             self.pending.add(offsets, len(records))
-            if self.pending.due():
+            # the last checkpoint's changelog is written while the next batches are read,
+            # processed and written: its result is taken once it is there, and waited for only
+            # when the records not durable yet reach the cap of a crash's replay
+            task = self._persist_task
+            if task is not None and (task.done() or self._replay_full()):
+                failed = await self._settle()
+                if failed:
+                    await self._roll_back(failed | {tp.partition for tp in batch})
+                    return
+            if self._persist_task is None and self.pending.due():
                 self._checkpoint()
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
+
+    def _replay_full(self) -> bool:
+        """The records a crash would replay (the checkpoint in flight's and those pending
+        since) reached ``CHECKPOINT_MAX_RECORDS``: the next batch waits for the changelog."""
+        return self._persist_records + self.pending.records >= self.CHECKPOINT_MAX_RECORDS
 
     def _checkpoint(self) -> None:
         """Start a checkpoint: the value kept for every patient changed since the last one
@@ -306,9 +338,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self._keep_encoded()
         changed = [(pid, partition, value) for pid, (partition, value) in self._encoded.items()]
         self._encoded = {}
+        records = self.pending.records
         offsets = self.pending.take()
         if changed or offsets:
             self._persist_task = asyncio.ensure_future(self._persist(changed, offsets))
+            self._persist_records = records
 
     async def _flush(self) -> set[int]:
         """Checkpoint now and wait for its changelog (under the lock); the partitions to
@@ -327,11 +361,20 @@ class ClinicalRunner(ConsumerRebalanceListener):
         return failed
 
     async def checkpoint_idle(self) -> None:
-        """No input: checkpoint what is pending now rather than after the interval."""
+        """No input: start a checkpoint of what is pending now rather than after the interval.
+        Nothing here waits for the changelog (input arriving meanwhile is processed): a write
+        in flight is taken by the next idle poll once it is done, or by the next batch."""
         async with self._lock:
-            failed = await self._flush()
-            if failed:
-                await self._roll_back(failed)
+            if self._persist_task is not None and not self._persist_task.done():
+                return
+            failed = await self._settle()
+            if not failed and not self._unacknowledged:
+                if self.pending:
+                    self._checkpoint()
+                return
+            # a failed changelog, or a batch interrupted before its outputs were acknowledged
+            # (see ``_flush``): back to the durable state of every partition with pending work
+            await self._roll_back(failed)
 
     def _keep_encoded(self) -> None:
         """Encode every marked patient (all of them changed by batches whose outputs are
@@ -390,6 +433,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def _settle(self) -> set[int]:
         """Wait for the changelog in flight; the partitions to restore, if any."""
         task, self._persist_task = self._persist_task, None
+        self._persist_records = 0
         if task is None:
             return set()
         return await asyncio.shield(task)
@@ -420,8 +464,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def _write_changelog(self, changed: list[tuple[str, int, bytes]]) -> None:
         """Each changed patient to its partition of the changelog, acknowledged; the
         changelog end per partition is remembered (see ``_unchanged``)."""
-        assert self.producer is not None
-        metas = await produce_all(self.producer, ((self.changelog, pid.encode(), value, None, partition)
+        assert self.changelog_producer is not None
+        metas = await produce_all(self.changelog_producer, ((self.changelog, pid.encode(), value, None, partition)
                                                   for pid, partition, value in changed))
         for md in metas:
             end, committed = self._held.get(md.partition, (0, None))

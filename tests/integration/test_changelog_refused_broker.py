@@ -170,3 +170,79 @@ def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(k
     finally:
         stop.set()
         admin.close()
+
+
+def test_alerts_keep_reaching_the_nurses_while_the_changelog_is_throttled(kafka_bootstrap, topic_factory,
+                                                                          worker_factory):
+    """A batch's alerts do not wait for the changelog write in flight (monitor/clinical/
+    runner.py, step 4). The broker throttles the changelog's producer (a produce quota of
+    100 bytes/s on its client id ``<app id>-clinical-changelog``: after the first write it
+    mutes that connection for about 11 s per write), and patient after patient still gets
+    the alert within seconds while the offsets wait uncommitted. The worker then dies
+    (SIGKILL) with that state not durable; with the quota lifted, a new worker restores
+    what is on the changelog, reads the uncommitted records again and commits them, and
+    the next result updates the same alert: nothing lost, no alert opened twice. (With the
+    batch after a checkpoint waiting for its changelog, the second patient's alert waited
+    out the throttle; with the changelog on the alerts' producer, alerts and commits would
+    both be throttled, or neither.)"""
+    from kafka_broker import read_topic, set_client_quota
+    from test_clinical_broker import Reader
+
+    prefix = f"clq{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    changelog = f"{prefix}-patients-changelog"
+    changelog_client = f"{prefix}-clinical-changelog"
+    group = f"{prefix}-clinical"
+    # session timeout 6 s (the broker's group.min.session.timeout.ms): the killed worker's
+    # partitions reach the next one sooner
+    env = service_env(topics, app_id=prefix, CLINICAL_CHECKPOINT_INTERVAL_SECONDS="0.2", TICK_INTERVAL_SECONDS="3600",
+                      KAFKA_SESSION_TIMEOUT_SECONDS="6")
+    lab = topics["lab-results"]
+    patients = [f"clq-{i}" for i in range(3)]
+    now = datetime.now(timezone.utc)
+    set_client_quota(kafka_bootstrap, changelog_client, 100)
+    alerts, lifted = None, False
+    try:
+        w = worker_factory(env, name="w1")
+        alerts = Reader(kafka_bootstrap, topics["alerts"])
+        d = now - timedelta(days=5)
+        took = []
+        for pid in patients:
+            sent = time.monotonic()
+            send(kafka_bootstrap, [(topics["treatments"], pid, dose(pid, d)),
+                                   (lab, pid, result(pid, f"{pid}-0", "platelets", 320, d - timedelta(days=1), 150, 450)),
+                                   (lab, pid, result(pid, f"{pid}-1", "platelets", 40, now - timedelta(days=1), 150, 450))])
+            alerts.wait_for(lambda a, pid=pid: a["patient_id"] == pid and a["rule_id"] == "heme.platelets_decreased",
+                            timeout=30)
+            took.append(round(time.monotonic() - sent, 1))
+            time.sleep(0.5)  # the patient's checkpoint is due (0.2 s) and started meanwhile
+        # the changelog is throttled: the offsets of the later patients wait uncommitted ...
+        committed, end = _committed_and_ends(kafka_bootstrap, group, topics["observations"])
+        assert end >= 3 * len(patients) and committed < end, (committed, end)
+        # ... and the alerts did not wait for it (a throttled write waits about 11 s)
+        assert max(took) < 6.0, took
+        w.kill()  # a crash, with the later patients' state not durable
+        set_client_quota(kafka_bootstrap, changelog_client, None)  # the quota lifted
+        lifted = True
+        worker_factory(env, name="w2")
+        wait_committed(kafka_bootstrap, group, [topics["observations"]], timeout=60)
+        assert set(patients) <= {m.key.decode() for m in read_topic(kafka_bootstrap, changelog)}
+    finally:
+        if not lifted:
+            set_client_quota(kafka_bootstrap, changelog_client, None)
+        if alerts is not None:
+            alerts.close()
+
+    send(kafka_bootstrap, [(lab, "clq-0", result("clq-0", "clq-0-2", "platelets", 30, now, 150, 450))])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        versions = {(a["patient_id"], a["alert_id"], a["version"]) for a in _alerts(kafka_bootstrap, topics["alerts"])
+                    if a["rule_id"] == "heme.platelets_decreased"}
+        if ("clq-0", 2) in {(p, v) for p, _i, v in versions}:
+            break
+        time.sleep(0.2)
+    # one alert per patient (the replay re-sent version 1 with the same id), and clq-0's next
+    # result updated it
+    assert {p for p, _i, _v in versions} == set(patients), versions
+    assert len({i for _p, i, _v in versions}) == len(patients), versions
+    assert {v for p, _i, v in versions if p == "clq-0"} == {1, 2}, versions

@@ -123,3 +123,18 @@ def test_an_internal_error_keeps_a_patient_whose_changes_wait_for_the_checkpoint
     state, _ = decode(value)
     assert pid == "c3" and len([h for hs in state.hist.values() for h in hs]) == 1
     assert state.ward != "half-updated"
+
+
+def test_the_replay_cap_counts_the_checkpoint_in_flight_and_the_batches_since():
+    """A batch waits for the changelog in flight only when a crash would replay
+    ``CHECKPOINT_MAX_RECORDS``: that checkpoint's records plus those pending since
+    (monitor/clinical/runner.py, step 4)."""
+    r = ClinicalRunner(Settings(_env_file=None), processor=None, store=InMemoryPatientStore())
+    cap = ClinicalRunner.CHECKPOINT_MAX_RECORDS
+    r.pending.add({A: 3_000}, 3_000)
+    assert not r._replay_full()  # nothing in flight: a checkpoint of 3,000 would simply start
+    r._persist_records = cap - 3_001
+    assert not r._replay_full()
+    r.pending.add({A: 3_001}, 1)
+    assert r._replay_full()  # in flight and pending together reach the cap
+    assert not r.pending.records >= cap  # neither alone would

@@ -18,6 +18,7 @@ and return only once the change is visible in metadata.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -525,13 +526,19 @@ def add_scram_users(bootstrap: str, users: Mapping[str, str]) -> None:
         admin.close()
 
 
+@functools.lru_cache(maxsize=1)
+def _kafka_lib() -> str:
+    """The directory of the Kafka jars (``kafka.sh fetch``: fetched once, then only found)."""
+    return subprocess.run(["bash", str(KAFKA_SH), "fetch"], capture_output=True, text=True, check=True,
+                          timeout=600).stdout.strip().splitlines()[-1]
+
+
 def set_client_quota(bootstrap: str, client_id: str, producer_byte_rate: int | None) -> None:
     """Set (or, with None, remove) the broker's produce quota of one client id, with Kafka's
     own ``kafka-configs`` (``kafka.admin.ConfigCommand`` from the jars ``kafka.sh fetch``
     put in place; kafka-python has no client-quota API). The broker then delays a client
     over its byte rate (it mutes the connection for up to the quota window, about 11 s)."""
-    lib = subprocess.run(["bash", str(KAFKA_SH), "fetch"], capture_output=True, text=True, check=True,
-                         timeout=600).stdout.strip().splitlines()[-1]
+    lib = _kafka_lib()
     change = (["--add-config", f"producer_byte_rate={producer_byte_rate}"] if producer_byte_rate is not None
               else ["--delete-config", "producer_byte_rate"])
     done = subprocess.run(["java", "-Xmx128m", "-cp", f"{lib}/*", "kafka.admin.ConfigCommand",

@@ -344,17 +344,19 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._persist_task = asyncio.ensure_future(self._persist(changed, offsets))
             self._persist_records = records
 
-    async def _flush(self) -> set[int]:
-        """Checkpoint now and wait for its changelog (under the lock); the partitions to
-        restore, if any: on a failure, every partition with work that is not durable (its
-        pending offsets are dropped). A batch interrupted before its outputs were
-        acknowledged (cancelled) is never checkpointed: its partitions and the pending
-        ones are given up instead."""
+    async def _flush(self, wait: bool = True) -> set[int]:
+        """Checkpoint now and wait for its changelog (under the lock; ``wait=False``: start it
+        and return, its result is taken later); the partitions to restore, if any: on a
+        failure, every partition with work that is not durable (its pending offsets are
+        dropped). A batch interrupted before its outputs were acknowledged (cancelled) is
+        never checkpointed: its partitions and the pending ones are given up instead."""
         failed = await self._settle()
         if self._unacknowledged:
             return failed | self._discard_pending()
         if not failed and self.pending:
             self._checkpoint()
+            if not wait:
+                return set()
             failed = await self._settle()
         if failed:
             failed |= self._discard_pending()
@@ -367,14 +369,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         async with self._lock:
             if self._persist_task is not None and not self._persist_task.done():
                 return
-            failed = await self._settle()
-            if not failed and not self._unacknowledged:
-                if self.pending:
-                    self._checkpoint()
-                return
-            # a failed changelog, or a batch interrupted before its outputs were acknowledged
-            # (see ``_flush``): back to the durable state of every partition with pending work
-            await self._roll_back(failed)
+            failed = await self._flush(wait=False)
+            if failed:
+                await self._roll_back(failed)
 
     def _keep_encoded(self) -> None:
         """Encode every marked patient (all of them changed by batches whose outputs are

@@ -35,8 +35,8 @@ A checkpoint is due when the oldest pending batch is older than
 ``clinical_checkpoint_interval_seconds`` (0: after every batch), or the pending batches
 hold ``CHECKPOINT_MAX_RECORDS`` records. It is started at once when the consumer returns
 no records and none is in flight (idle input: acknowledged work never stays uncommitted
-when input stops; the next idle poll takes its result), and taken and waited for before a
-clock chunk, at a revocation and at a stop. A patient changed by
+when input stops; the next idle poll takes its result), after a clock chunk when none is in
+flight, and taken and waited for at a revocation and at a stop. A patient changed by
 many batches in a row is written once per checkpoint, not once per batch. While the stage
 keeps up with its input (batches below ``MAX_BATCH`` records) it is still encoded after
 each of those batches: encoding a whole interval's changed patients at the checkpoint held
@@ -96,8 +96,14 @@ changelog or committed its offsets meanwhile (both checked with the broker), oth
 is read again.
 
 The clock (``tick``) runs in-process under the same lock over the owned patients, in
-chunks: each chunk first checkpoints the pending work, then writes its outputs and its
-changed patients the same way (there are no offsets to commit).
+chunks, as a batch without offsets: a chunk's outputs are produced and acknowledged, then
+its changed patients are encoded and kept for the next checkpoint (started at once when none
+is in flight). A chunk takes the result of a changelog write in flight only once it is done,
+never waits for it: a tick used to checkpoint the pending work and write its own changelog
+before each chunk, so with a slow changelog every tick held the batch lock, and the alerts
+behind it, for as long as the write took. A crash before the chunk's patients are durable
+is the case a crash between a chunk's outputs and its changelog write already was: the next
+clock run finds the same due work and re-emits the same ``alert_id:version``.
 """
 from __future__ import annotations
 
@@ -238,7 +244,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             batch = await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
             if batch:
                 await self.process_batch(batch)
-            elif self.pending or self._persist_task is not None:
+            elif self.pending or self._encoded or self._persist_task is not None:
                 await self.checkpoint_idle()
 
     def _forget(self, partitions: set[int]) -> None:
@@ -353,7 +359,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         failed = await self._settle()
         if self._unacknowledged:
             return failed | self._discard_pending()
-        if not failed and self.pending:
+        if not failed and (self.pending or self._encoded):
             self._checkpoint()
             if not wait:
                 return set()
@@ -449,11 +455,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
             return records
         return [r for r in records if r.offset >= start]
 
-    async def _write(self, outputs: list[Output]) -> None:
-        """Outputs, acknowledged; then every changed patient, acknowledged (the clock)."""
-        await self._write_outputs(outputs)
-        await self._write_changelog(self.store.take_changed())
-
     async def _write_outputs(self, outputs: list[Output]) -> None:
         assert self.producer is not None
         await produce_all(self.producer, ((o.topic, o.key, o.value, o.headers, None) for o in outputs))
@@ -485,7 +486,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     # -- the clock -----------------------------------------------------------------------
     async def tick(self, now: datetime | None = None) -> int:
-        """Run the clock over every owned patient, in chunks under the batch lock."""
+        """Run the clock over every owned patient, in chunks under the batch lock. A chunk's
+        outputs are acknowledged before its changed patients are kept for the next checkpoint,
+        exactly as a batch's: nothing here waits for the changelog in flight."""
         now = now or datetime.now(timezone.utc)
         pids = self.store.patient_ids(self.owned)
         PATIENTS_MONITORED.set(len(pids))
@@ -493,10 +496,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
             async with self._lock:
                 if self._stopping:  # the final checkpoint was taken: nothing is written after it
                     break
-                # the pending batches first: the chunk's changelog holds only its own changes
-                failed = await self._flush()
-                if failed:
-                    await self._roll_back(failed)
+                task = self._persist_task
+                if task is not None and task.done():
+                    failed = await self._settle()
+                    if failed:
+                        await self._roll_back(failed)
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
                 self._unacknowledged = True
@@ -508,13 +512,19 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition})
                     continue
                 try:
-                    await self._write(outputs)
-                    self._unacknowledged = False
+                    await self._write_outputs(outputs)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning("clock outputs not acknowledged (%s); restoring", type(exc).__name__)
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None})
+                    continue
+                self._unacknowledged = False
+                # the chunk's changed patients join the next checkpoint (started now when none
+                # is in flight; else by the next batch, idle poll, chunk, revocation or stop)
+                self._keep_encoded()
+                if self._persist_task is None:
+                    self._checkpoint()
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
         return len(pids)

@@ -47,6 +47,15 @@ def group_timeouts(s: Settings) -> dict[str, int]:
             "max_poll_interval_ms": 300_000}
 
 
+#: ``fetch_max_wait_ms`` of the consumers that read a topic to a known end (the changelog
+#: restorer, the delivery ledger). A broker answers one request per connection at a time, in
+#: order, and aiokafka sends a consumer's fetches and its ``end_offsets`` (ListOffsets) on the
+#: same connection: behind a fetch of an idle partition, which the broker holds for
+#: ``fetch_max_wait_ms`` (500 by default), ``end_offsets`` took 0.5-0.8 s, at every restore
+#: and every ledger catch-up (docs/measurements.md, fifteenth pass)
+READ_TO_END_FETCH_WAIT_MS = 100
+
+
 def new_consumer(s: Settings, *topics: str, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
     opts = dict(group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
                 max_partition_fetch_bytes=s.max_message_bytes,

@@ -116,8 +116,8 @@ from typing import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from ..kafka_batch import (OrderedCommits, Positions, new_consumer, new_producer, next_offsets, produce_all, rewind,
-                           stop_clients)
+from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
+                           next_offsets, produce_all, rewind, stop_clients)
 from ..metrics import PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
 from ..settings import Settings
 from ..topics_admin import changelog_topic
@@ -230,7 +230,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         await self.producer.start()
         self.changelog_producer = new_producer(self.s, linger_ms=1, client_id=f"{self.group_id}-changelog")
         await self.changelog_producer.start()
-        self._restorer = new_consumer(self.s, group_id=None)
+        self._restorer = new_consumer(self.s, group_id=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS)
         await self._restorer.start()
         self.consumer = new_consumer(self.s, group_id=self.group_id)
         self.consumer.subscribe([self.stream], listener=self)
@@ -598,9 +598,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         assert c is not None
         started = time.perf_counter()
         tps = [TopicPartition(self.changelog, p) for p in parts]
+        ends = await c.end_offsets(tps)  # before any fetch of these partitions is in flight
         c.assign(tps)
         await c.seek_to_beginning(*tps)
-        ends = await c.end_offsets(tps)
         n = 0
         remaining = {tp for tp in tps if ends[tp] > 0}
         for tp in tps:

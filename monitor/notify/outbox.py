@@ -33,7 +33,7 @@ from aiokafka.structs import OffsetAndMetadata
 from .sinks import AlertmanagerSink, Backoff, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
-from ..kafka_batch import stop_clients
+from ..kafka_batch import READ_TO_END_FETCH_WAIT_MS, stop_clients
 from ..kafka_config import aiokafka_config
 from ..metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
 from ..settings import Settings
@@ -156,7 +156,8 @@ class DeliveryService:
         self._producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **cfg)
         await self._producer.start()
         self._ledger_consumer = AIOKafkaConsumer(s.topic_deliveries, enable_auto_commit=False,
-                                                 auto_offset_reset="earliest", group_id=None, **cfg)
+                                                 auto_offset_reset="earliest", group_id=None,
+                                                 fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS, **cfg)
         await self._ledger_consumer.start()
         await self._catch_up_ledger()
         self.ledger.attach(self._producer, s.topic_deliveries)
@@ -253,12 +254,13 @@ class DeliveryService:
     async def _rebuild(self, tp: TopicPartition) -> None:
         """The open alerts of a newly assigned outbox partition, read from its beginning (the
         outbox consumer resumes from its commit, past alerts opened long ago)."""
-        c = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, **aiokafka_config(self.settings))
+        c = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS,
+                             **aiokafka_config(self.settings))
         await c.start()
         try:
+            end = (await c.end_offsets([tp]))[tp]  # before any fetch of it is in flight
             c.assign([tp])
             await c.seek_to_beginning(tp)
-            end = (await c.end_offsets([tp]))[tp]
             while await c.position(tp) < end:
                 batch = await c.getmany(tp, timeout_ms=500, max_records=5000)
                 for r in batch.get(tp, []):

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from schemas.analytes import catalogue
 from schemas.events import Product
 from schemas.findings import Severity
+from schemas.yaml_text import safe_load as load_yaml
 
 Op = Literal[">", ">=", "<", "<="]
 Basis = Literal["absolute", "uln", "lln", "baseline"]
@@ -632,7 +633,7 @@ def parse_protocol(data: object) -> Protocol:
 
 def load_protocol_text(text: str) -> Protocol:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ProtocolError([f"(yaml): {exc}"]) from None
     return parse_protocol(data)

@@ -43,6 +43,7 @@ from schemas.errors import Rejected
 from schemas.events import DoseEvent, Observation, ReferenceRange, ResultStatus, SteroidEvent
 from schemas.findings import SEVERITY_ORDER
 from schemas.ingest import LAB_RESULTS, LIVER_FUNCTION, TREATMENTS, VITAL_SIGNS, build_observation, decode
+from schemas.yaml_text import safe_load as load_yaml
 
 from .course import Course, lifecycle_for
 from .engine import Engine
@@ -111,7 +112,7 @@ def scenario_files(paths: Iterable[str | Path] | None = None) -> list[Path]:
 
 def load_scenario(path: str | Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ScenarioError(f"cannot read: {exc}") from None
     except yaml.YAMLError as exc:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
-import yaml
 
 from .errors import Reason, Rejected
+from .yaml_text import safe_load as load_yaml
 
 SIGNIFICANT_DIGITS = 10
 
@@ -145,4 +145,4 @@ class AnalyteCatalogue:
 @lru_cache(maxsize=1)
 def catalogue() -> AnalyteCatalogue:
     text = resources.files("schemas").joinpath("data/analytes.yaml").read_text(encoding="utf-8")
-    return AnalyteCatalogue(yaml.safe_load(text))
+    return AnalyteCatalogue(load_yaml(text))

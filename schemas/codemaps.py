@@ -35,6 +35,7 @@ import yaml
 
 from .analytes import AnalyteCatalogue, catalogue
 from .errors import Rejected
+from .yaml_text import safe_load as load_yaml
 
 _LOINC = re.compile(r"^\d{1,7}-\d$")
 #: bounds for a map file (it is configuration, but still read defensively)
@@ -115,7 +116,7 @@ def parse_code_map(data: object, path: str = "<map>") -> CodeMap:
 def load_code_map(path: str | Path) -> CodeMap:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise CodeMapError(f"{p}: not valid YAML ({str(exc).splitlines()[0][:120]})") from None
     return parse_code_map(data, str(p))

@@ -222,7 +222,9 @@ def load_users(path: str | Path | None = None) -> UserDirectory:
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text)
+        from schemas.yaml_text import safe_load as load_yaml
+
+        data = load_yaml(text)
     else:
         data = json.loads(text)
     return UserDirectory.from_data(data)

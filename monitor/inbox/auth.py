@@ -220,8 +220,6 @@ def load_users(path: str | Path | None = None) -> UserDirectory:
         raise ValueError("no users file: set INBOX_USERS_FILE")
     text = Path(path).read_text(encoding="utf-8")
     if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
         from schemas.yaml_text import safe_load as load_yaml
 
         data = load_yaml(text)

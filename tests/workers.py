@@ -70,6 +70,21 @@ TEST_WEBHOOK_SECRET = "test-webhook-8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a"
 TEST_INBOX_SECRET = "test-inbox-1f2e3d4c5b6a79880a1b2c3d4e5f6a7b8c"
 
 
+def runner_settings(bootstrap: str, prefix: str, topic_factory, partitions: int = 3):
+    """Settings and topics of a clinical runner run in the test's own process (its stream,
+    outputs and changelog; a checkpoint 0.2 s after a batch)."""
+    from monitor.settings import Settings
+
+    topics = topic_factory("observations", "findings", "alerts", "dead-letter", "patients-changelog",
+                           partitions=partitions, prefix=prefix)
+    s = Settings(_env_file=None, kafka_bootstrap_servers=bootstrap, MONITOR_APP_ID=prefix,
+                 topic_observations=topics["observations"], topic_findings=topics["findings"],
+                 topic_alerts=topics["alerts"], topic_dead_letter=topics["dead-letter"],
+                 topic_patient_changelog=topics["patients-changelog"],
+                 clinical_checkpoint_interval_seconds=0.2)
+    return s, topics
+
+
 def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, str]:
     """Environment naming the test's topics (``topics`` maps short name -> real name) and
     the secrets the worker needs (``PSEUDONYM_SECRET``; override through ``extra``)."""

@@ -23,8 +23,8 @@ from alerts.testkit import T0, dose, obs
 from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
-from monitor.settings import Settings
 from monitor.worker import lifecycle_config
+from workers import runner_settings
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,7 @@ def test_a_clock_alert_does_not_wait_for_the_changelog_and_is_written_once_the_i
     from kafka_broker import read_topic
 
     prefix = f"clk{uuid.uuid4().hex[:8]}"
-    topics = topic_factory("observations", "findings", "alerts", "dead-letter", "patients-changelog",
-                           partitions=3, prefix=prefix)
-    s = Settings(_env_file=None, kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
-                 topic_observations=topics["observations"], topic_findings=topics["findings"],
-                 topic_alerts=topics["alerts"], topic_dead_letter=topics["dead-letter"],
-                 topic_patient_changelog=topics["patients-changelog"],
-                 clinical_checkpoint_interval_seconds=0.2)
+    s, topics = runner_settings(kafka_bootstrap, prefix, topic_factory)
     protocols = default_protocols()
     store = InMemoryPatientStore()
     processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,

@@ -22,8 +22,8 @@ from alerts.testkit import dose, obs
 from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
-from monitor.settings import Settings
 from monitor.worker import lifecycle_config
+from workers import runner_settings
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,7 @@ def _read(bootstrap: str, topic: str) -> list:
 def test_a_patient_that_cannot_be_rebuilt_in_place_is_restored_from_the_changelog(kafka_bootstrap, topic_factory,
                                                                                  caplog):
     prefix = f"rec{uuid.uuid4().hex[:8]}"
-    topics = topic_factory("observations", "findings", "alerts", "dead-letter", "patients-changelog",
-                           partitions=PARTITIONS, prefix=prefix)
-    s = Settings(_env_file=None, kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
-                 topic_observations=topics["observations"], topic_findings=topics["findings"],
-                 topic_alerts=topics["alerts"], topic_dead_letter=topics["dead-letter"],
-                 topic_patient_changelog=topics["patients-changelog"],
-                 clinical_checkpoint_interval_seconds=0.2)
+    s, topics = runner_settings(kafka_bootstrap, prefix, topic_factory, partitions=PARTITIONS)
     protocols = default_protocols()
     engine = Engine(protocols)
     calls = {"n": 0}

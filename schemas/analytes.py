@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
-
 from .errors import Reason, Rejected
 from .yaml_text import safe_load as load_yaml
 

@@ -306,7 +306,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 return
             # outputs are on the broker: the batch joins the pending checkpoint; when due,
             # the changed patients go to the changelog, then the pending offsets are
-            # committed, while the next batch is read and processed (_settle waits)
+            # committed, while the next batches are read, processed and written
             self._unacknowledged = False
             if len(records) < self.MAX_BATCH:
                 # keeping up with the input: encode now, so that the checkpoint does not hold
@@ -320,16 +320,22 @@ class ClinicalRunner(ConsumerRebalanceListener):
             # the last checkpoint's changelog is written while the next batches are read,
             # processed and written: its result is taken once it is there, and waited for only
             # when the records not durable yet reach the cap of a crash's replay
-            task = self._persist_task
-            if task is not None and (task.done() or self._replay_full()):
-                failed = await self._settle()
-                if failed:
-                    await self._roll_back(failed | {tp.partition for tp in batch})
-                    return
+            failed = await self._take_checkpoint(wait=self._replay_full())
+            if failed:
+                await self._roll_back(failed | {tp.partition for tp in batch})
+                return
             if self._persist_task is None and self.pending.due():
                 self._checkpoint()
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
+
+    async def _take_checkpoint(self, wait: bool = False) -> set[int]:
+        """The result of the changelog write in flight once it is done (``wait``: wait for
+        it); the partitions to restore, if any."""
+        task = self._persist_task
+        if task is None or not (wait or task.done()):
+            return set()
+        return await self._settle()
 
     def _replay_full(self) -> bool:
         """The records a crash would replay (the checkpoint in flight's and those pending
@@ -496,11 +502,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
             async with self._lock:
                 if self._stopping:  # the final checkpoint was taken: nothing is written after it
                     break
-                task = self._persist_task
-                if task is not None and task.done():
-                    failed = await self._settle()
-                    if failed:
-                        await self._roll_back(failed)
+                failed = await self._take_checkpoint()
+                if failed:
+                    await self._roll_back(failed)
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
                 self._unacknowledged = True
@@ -520,11 +524,13 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None})
                     continue
                 self._unacknowledged = False
-                # the chunk's changed patients join the next checkpoint (started now when none
-                # is in flight; else by the next batch, idle poll, chunk, revocation or stop)
-                self._keep_encoded()
+                # the chunk's changed patients join the next checkpoint: started now (it encodes
+                # them) when none is in flight, else kept for the next batch, idle poll, chunk,
+                # revocation or stop
                 if self._persist_task is None:
                     self._checkpoint()
+                else:
+                    self._keep_encoded()
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
         return len(pids)

@@ -419,8 +419,11 @@ def test_a_worker_killed_between_checkpoints_replays_without_a_repeat_reaching_a
     now = datetime.now(timezone.utc)
     lab, trt = topics["lab-results"], topics["treatments"]
     with WebhookReceiver(secret=TEST_WEBHOOK_SECRET) as hook:
+        # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s default):
+        # the restarted worker gets the SIGKILLed one's partitions 4 s sooner
         env = service_env(topics, app_id=prefix, CLINICAL_CHECKPOINT_INTERVAL_SECONDS="3600",
-                          TICK_INTERVAL_SECONDS="3600", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET)
+                          TICK_INTERVAL_SECONDS="3600", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=TEST_WEBHOOK_SECRET,
+                          KAFKA_SESSION_TIMEOUT_SECONDS="6")
         w = worker_factory(env, name="w0")
         send(kafka_bootstrap, [(trt, "ck-fill", dose("ck-fill", now - timedelta(days=5)))])
         durable = Durable(kafka_bootstrap, topics, prefix)

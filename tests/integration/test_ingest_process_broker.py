@@ -84,7 +84,9 @@ def _alt_records(topics: dict[str, str], pids: list[str], tag: str, value: float
 def test_ingest_process_is_counted_by_its_worker_and_restarted(kafka_bootstrap, topic_factory, worker_factory):
     prefix = f"ip{uuid.uuid4().hex[:8]}"
     topics = _topics(topic_factory, prefix)
-    w = worker_factory(service_env(topics, app_id=prefix, INGEST_PROCESSES="1"))
+    # session timeout 6 s (the broker's group.min.session.timeout.ms, not the 10 s default):
+    # the new ingest process gets the SIGKILLed one's partitions 4 s sooner
+    w = worker_factory(service_env(topics, app_id=prefix, INGEST_PROCESSES="1", KAFKA_SESSION_TIMEOUT_SECONDS="6"))
     first = wait_for(lambda: ingest_children(w.proc.pid), 10, "an ingest process")
     assert len(first) == 1
 

@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 deps: $(VENV)/.installed
 
 # the clinical core's hot modules compiled by Cython from their exact source (alerts/compiled_core.py);
-# idempotent: only a module whose source changed is built again
+# idempotent: only a module whose source changed is built again, or taken from the machine's cache
+# of builds of the same source and recipe (CLINICAL_CORE_CACHE)
 core: deps
 	deploy/local/install-debs.sh gcc
 	$(PY) scripts/build_clinical_core.py

@@ -87,6 +87,10 @@ EXTRA: list[tuple[str, str, str, str]] = [
      "the exact source on disk (`alerts/compiled_core.py`); `python`: the plain modules (e.g. to profile "
      "the core with py-spy).", "every command"),
     ("CLINICAL_CORE_DIR", ".build/clinical-core", "Directory of the compiled core's artefacts.", "every command"),
+    ("CLINICAL_CORE_CACHE", "${XDG_CACHE_HOME:-~/.cache}/sma-monitor/clinical-core",
+     "The machine's cache of compiled core builds, shared by every checkout and keyed by each module's source "
+     "and the build's recipe (Cython, its directives, the compiler, its flags, this Python); empty: no cache.",
+     "`make core`"),
     ("MONITOR_LAG_INTERVAL_SECONDS", "10", "Seconds between consumer-lag measurements for /metrics.", "worker"),
     ("MLLP_HOST", "127.0.0.1", "Address the MLLP listener binds (`monitor mllp --host`).", "mllp"),
     ("MLLP_PORT", "2575", "Port of the MLLP listener (`monitor mllp --port`).", "mllp"),

@@ -3,6 +3,8 @@
 - the suite runs the compiled modules (what the worker runs), unless ``CLINICAL_CORE=python``;
 - an artefact is used only for the exact source it was built from: a build of another
   source (an edited module) is ignored and the module runs as Python;
+- a fresh checkout takes the build from the machine's shared cache when one of the same
+  source and recipe is there, and a change of recipe (the compiler's flags) is another key;
 - the compiled and the plain modules write the same bytes: every output and changelog value
   of ``bench/diff_clinical_outputs.py`` (a simulated cohort with ticks and actions, and the
   alert-churn workload) has the same sha256. A build with Cython's ``annotation_typing``
@@ -71,6 +73,38 @@ def test_a_build_of_another_source_is_not_used(tmp_path):
     # and CLINICAL_CORE=python turns every compiled module off
     off = _status_in_subprocess(_env(CLINICAL_CORE="python"))
     assert set(off.values()) == {"python: CLINICAL_CORE=python"}
+
+
+def _recipe(env: dict[str, str]) -> str:
+    code = "import build_clinical_core as b; print(b.recipe_digest())"
+    p = subprocess.run([PY, "-c", code], cwd=ROOT / "scripts", env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_a_fresh_checkout_takes_the_build_from_the_shared_cache(tmp_path):
+    if compiled_core.unbuilt():
+        pytest.fail("the compiled core is not built for this source: run `make core`")
+    cache = tmp_path / "cache"
+    recipe = cache / _recipe(_env())
+    recipe.mkdir(parents=True)
+    for m in compiled_core.MODULES:
+        shutil.copy(compiled_core.artefact_path(m), recipe)
+    checkout = tmp_path / "core"
+    env = _env(CLINICAL_CORE_DIR=str(checkout), CLINICAL_CORE_CACHE=str(cache))
+    p = subprocess.run([PY, str(ROOT / "scripts" / "build_clinical_core.py")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    taken = re.findall(r"^clinical core: ([\w.]+): from the cache", p.stdout, re.M)
+    assert taken == list(compiled_core.MODULES), p.stdout
+    for m in compiled_core.MODULES:
+        name = compiled_core.artefact_path(m).name
+        assert (checkout / name).read_bytes() == (recipe / name).read_bytes()
+    assert set(_status_in_subprocess(env).values()) == {"compiled"}
+    # another compiler command (flags included) is another recipe, so another cache directory
+    cc = os.environ.get("CC") or subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_config_var('CC'))"],
+                                                capture_output=True, text=True).stdout.strip()
+    assert _recipe(_env(CC=f"{cc} -g")) != recipe.name
 
 
 def _harness(tmp_path: Path, name: str, **env: str) -> tuple[str, str]:

@@ -49,6 +49,9 @@ from alerts.compiled_core import MODULES, SUFFIX, artefact_dir, artefact_path, s
 DIRECTIVES = "language_level=3,annotation_typing=False,binding=True"
 
 
+#: builds of each module the cache keeps per recipe (the newest; each about 0.5 MB)
+CACHED_BUILDS = 8
+
 #: the C compiler's flags (besides the include directory, the input and the output)
 CFLAGS = ("-shared", "-fPIC", "-O2", "-w")
 
@@ -128,6 +131,9 @@ def build(module: str, force: bool) -> tuple[str, str]:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 _place(target, cached)
+                builds = sorted(cached.parent.glob(f"{module}-*{SUFFIX}"), key=lambda f: f.stat().st_mtime)
+                for old in builds[:-CACHED_BUILDS]:  # the cache stays bounded
+                    old.unlink()
             except OSError as exc:  # the build stands; only the next checkout compiles again
                 how += f" (not cached: {exc})"
     for old in target.parent.glob(f"{module}-*{SUFFIX}"):

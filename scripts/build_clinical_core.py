@@ -70,15 +70,15 @@ def include_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def recipe_digest() -> str:
-    """What besides the source decides the artefact's bytes: Cython's version and
+    """What besides the source decides the artefact's code: Cython's version and
     directives, the compiler (its command, version and flags), this Python (version, ABI
-    suffix, ``Python.h``)."""
+    suffix, ``Python.h`` and ``patchlevel.h``)."""
     import Cython
 
     cc = subprocess.run([*compiler(), "--version"], capture_output=True, text=True)
+    include = include_dir()
     recipe = [Cython.__version__, DIRECTIVES, compiler(), cc.stdout, list(CFLAGS), sys.version, SUFFIX,
-              hashlib.sha256((include_dir() / "Python.h").read_bytes()).hexdigest(),
-              hashlib.sha256((include_dir() / "patchlevel.h").read_bytes()).hexdigest()]
+              *(hashlib.sha256((include / h).read_bytes()).hexdigest() for h in ("Python.h", "patchlevel.h"))]
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:20]
 
 

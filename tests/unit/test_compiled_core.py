@@ -12,9 +12,11 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,9 +104,10 @@ def test_a_fresh_checkout_takes_the_build_from_the_shared_cache(tmp_path):
         assert (checkout / name).read_bytes() == (recipe / name).read_bytes()
     assert set(_status_in_subprocess(env).values()) == {"compiled"}
     # another compiler command (flags included) is another recipe, so another cache directory
-    cc = os.environ.get("CC") or subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_config_var('CC'))"],
-                                                capture_output=True, text=True).stdout.strip()
-    assert _recipe(_env(CC=f"{cc} -g")) != recipe.name
+    spec = importlib.util.spec_from_file_location("build_clinical_core", ROOT / "scripts" / "build_clinical_core.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert _recipe(_env(CC=shlex.join([*script.compiler(), "-g"]))) != recipe.name
 
 
 def _harness(tmp_path: Path, name: str, **env: str) -> tuple[str, str]:

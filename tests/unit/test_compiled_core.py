@@ -5,6 +5,7 @@
   source (an edited module) is ignored and the module runs as Python;
 - a fresh checkout takes the build from the machine's shared cache when one of the same
   source and recipe is there, and a change of recipe (the compiler's flags) is another key;
+- the build threads of one run all see one recipe (no thread finds another compiler);
 - the compiled and the plain modules write the same bytes: every output and changelog value
   of ``bench/diff_clinical_outputs.py`` (a simulated cohort with ticks and actions, and the
   alert-churn workload) has the same sha256. A build with Cython's ``annotation_typing``
@@ -108,6 +109,31 @@ def test_a_fresh_checkout_takes_the_build_from_the_shared_cache(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert _recipe(_env(CC=shlex.join([*script.compiler(), "-g"]))) != recipe.name
+
+
+def test_every_build_thread_of_one_run_has_the_same_recipe(tmp_path):
+    """The build threads start with the recipe settled. Python 3.11's sysconfig fills its
+    variables without a lock: two threads asking first could get two compilers ("gcc" and
+    "cc"), so one module was filed under another recipe and compiled instead of taken from
+    the cache (CI of 2026-11-30, stop 33). Each thread here asks for the recipe first."""
+    code = ("import sys, threading\n"
+            "sys.path.insert(0, 'scripts')\n"
+            "import build_clinical_core as b\n"
+            "seen = set()\n"
+            "start = threading.Barrier(2)\n"
+            "def build(module, force):\n"
+            "    start.wait(timeout=30)\n"
+            "    seen.add(b.recipe_digest())\n"
+            "    return module, 'recipe asked'\n"
+            "b.build = build\n"
+            "assert b.main(['--jobs', '2']) == 0\n"
+            "import json; print('recipes', json.dumps(sorted(seen)))\n")
+    for _ in range(5):  # a fresh interpreter each time: the race is on the first call
+        p = subprocess.run([PY, "-c", code], cwd=ROOT, env=_env(CLINICAL_CORE_CACHE=str(tmp_path)),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        recipes = json.loads(re.search(r"^recipes (.*)$", p.stdout, re.M).group(1))
+        assert len(recipes) == 1, p.stdout
 
 
 def _harness(tmp_path: Path, name: str, **env: str) -> tuple[str, str]:

@@ -56,15 +56,11 @@ CACHED_BUILDS = 8
 CFLAGS = ("-shared", "-fPIC", "-O2", "-w")
 
 
-@lru_cache(maxsize=1)
-def compiler() -> tuple[str, ...]:
-    """The C compiler's command: ``CC``, else the one this Python was built with. Resolved
-    once, before the build threads start (:func:`main`): Python 3.11's ``sysconfig`` fills
-    its variables without a lock, so a second thread's first call could find ``CC`` not yet
-    there and answer ``cc``: another recipe digest for the same build, which then missed
-    the cache and compiled."""
+def compiler() -> list[str]:
+    """The C compiler's command: ``CC``, else the one this Python was built with (read from
+    ``sysconfig``, whose variables :func:`main` fills before the build threads start)."""
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return tuple(shlex.split(cc))
+    return shlex.split(cc)
 
 
 def include_dir() -> Path:
@@ -83,7 +79,7 @@ def recipe_digest() -> str:
 
     cc = subprocess.run([*compiler(), "--version"], capture_output=True, text=True)
     include = include_dir()
-    recipe = [Cython.__version__, DIRECTIVES, list(compiler()), cc.stdout, list(CFLAGS), sys.version, SUFFIX,
+    recipe = [Cython.__version__, DIRECTIVES, compiler(), cc.stdout, list(CFLAGS), sys.version, SUFFIX,
               *(hashlib.sha256((include / h).read_bytes()).hexdigest() for h in ("Python.h", "patchlevel.h"))]
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:20]
 
@@ -161,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     failed = []
-    sysconfig.get_config_vars()  # filled here, in one thread, so every build sees the same recipe
-    compiler()
+    # Python 3.11's sysconfig fills its variables on first use without a lock: a second
+    # thread could find CC not there yet and get "cc" for "gcc", another recipe digest, and
+    # compile instead of taking the cache (CI of stop 33). Filled here, in one thread.
+    sysconfig.get_config_vars()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         futures = [pool.submit(build, m, a.force) for m in MODULES]
         for m, f in zip(MODULES, futures):

@@ -680,6 +680,36 @@ def repeated_latency(run: Run, phases: list[tuple[float, float]], patients: int,
     return first
 
 
+def latency_phases(low_rate: float, rate: float, seconds: float, sweep: str = "") -> list[tuple[float, float]]:
+    """The latency stage's phases: the low rate (10 s; none if 0), then --rate, or the rates
+    of --latency-sweep in rising order (each once, each ``seconds`` long)."""
+    rates = sorted({float(x) for x in sweep.replace(" ", "").split(",") if x}) if sweep else [rate]
+    if any(r <= 0 for r in rates):
+        raise SystemExit("--latency-sweep: every rate must be above 0")
+    return ([(low_rate, 10.0)] if low_rate else []) + [(r, seconds) for r in rates if r != low_rate]
+
+
+def sweep_lines(phases: list[dict], raw_rate: float | None, target_ms: float = 100.0) -> list[str]:
+    """With more than one loaded phase: the highest offered rate whose every event was seen
+    with p99 within ``target_ms``, and that rate as a share of (a)'s events/s in the same run."""
+    loaded = sorted((ph for ph in phases if ph.get("offered_rate")), key=lambda ph: ph["offered_rate"])
+    if len(loaded) < 2:
+        return []
+    within = [ph for ph in loaded if ph["matched"] >= ph["published"] and ph.get("p99_ms") is not None
+              and ph["p99_ms"] <= target_ms]
+    tried = ", ".join(f"{fmt(ph['offered_rate'])}/s: {fmt(ph.get('p99_ms'), 1)} ms" for ph in loaded)
+    if not within:
+        return ["", f"Latency capacity: p99 above {target_ms:g} ms at every rate tried (p99 {tried})."]
+    best = within[-1]
+    share = (f"; {best['offered_rate'] / raw_rate * 100:.1f} % of (a)'s {fmt(raw_rate)} events/s in this run"
+             if raw_rate else "")
+    note = ""
+    if any(ph not in within for ph in loaded if ph["offered_rate"] < best["offered_rate"]):
+        note = " (not monotonic: a lower rate missed the target; the tail moves from phase to phase)"
+    return ["", f"Latency capacity: p99 <= {target_ms:g} ms up to {fmt(best['offered_rate'])}/s of the rates tried"
+                f"{share}{note} (p99 {tried})."]
+
+
 def latency_runs_lines(lat: dict, rate: float) -> list[str]:
     """Every run at the main rate, with the median p99 and how many met the 100 ms target."""
     runs = lat.get("runs") or []
@@ -817,6 +847,7 @@ def report(run: Run, meta: dict) -> str:
                              f"`alerts` {ph['waited_s']:.0f} s after their phase began (the service turned "
                              f"{fmt(ph['alert_rate'])} events/s into alerts); they count as slower than every alert "
                              "seen (\"not seen\"), so the percentiles over all events can be \"not seen\".")
+        lines.extend(sweep_lines(lat["phases"], (st.get("a") or {}).get("rate")))
         lines.extend(latency_runs_lines(lat, run.args.rate))
     elif "lat" in errs:  # a latency stage not selected (--stages) has no line
         lines.append(f"Latency: failed: {errs['lat'][:200]}")
@@ -922,6 +953,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-rate", type=float, default=None,
                     help="an unloaded latency point measured before --rate (default 200 events/s for 10 s; "
                          "--quick: none; 0 = none)")
+    ap.add_argument("--latency-sweep", default="",
+                    help="comma-separated offered rates (events/s), each a phase of --latency-seconds after the "
+                         "low rate, in rising order, each drained before the next: the report adds the highest "
+                         "rate whose p99 stays within 100 ms, and its share of (a)'s rate when (a) ran (how much "
+                         "of the host's raw Kafka speed the service can take at that tail; a host's speed moves, "
+                         "that share less). --rate stays the main rate of the target line")
     ap.add_argument("--latency-runs", type=int, default=1,
                     help="run the latency stage this many times, each with a fresh worker and topics, and report "
                          "every run's percentiles at --rate and their median (the tail varies from run to run)")
@@ -948,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.low_rate is None:
         args.low_rate = 0.0 if quick else 200.0
-    phases = ([(args.low_rate, 10.0)] if args.low_rate else []) + [(args.rate, args.latency_seconds)]
+    phases = latency_phases(args.low_rate, args.rate, args.latency_seconds, args.latency_sweep)
     run = Run(args)
 
     def _term(signum, frame):

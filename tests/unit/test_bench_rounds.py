@@ -54,3 +54,32 @@ def test_latency_stage_with_two_workers_sums_their_garbage_collections():
     assert m.sum_gc([w0, w1]) == {"0": {"n": 7.0, "s": 0.075, "freed": 10.0},
                                   "2": {"n": 1.0, "s": 0.200, "freed": 50.0}}
     assert m.sum_gc([w0]) == w0 and m.sum_gc([]) == {}
+
+
+def _phase(rate: float, p99: float | None, published: int = 1000, matched: int | None = None) -> dict:
+    return {"offered_rate": rate, "p99_ms": p99, "published": published,
+            "matched": published if matched is None else matched}
+
+
+def test_a_latency_sweep_runs_its_rates_in_rising_order_after_the_low_rate():
+    m = _run_all()
+    assert m.latency_phases(200.0, 2000.0, 20.0) == [(200.0, 10.0), (2000.0, 20.0)]
+    assert m.latency_phases(0.0, 2000.0, 20.0, "1000, 500,1000,1500") == [(500.0, 20.0), (1000.0, 20.0), (1500.0, 20.0)]
+    assert m.latency_phases(200.0, 2000.0, 8.0, "600,400") == [(200.0, 10.0), (400.0, 8.0), (600.0, 8.0)]
+
+
+def test_the_sweep_names_the_highest_rate_within_the_tail_target_and_its_share_of_the_raw_loop():
+    m = _run_all()
+    phases = [_phase(200, 12.0), _phase(400, 40.5), _phase(600, 99.0), _phase(800, 180.2)]
+    line = " ".join(m.sweep_lines(phases, 15_000.0))
+    assert "p99 <= 100 ms up to 600/s" in line and "4.0 % of (a)'s 15,000 events/s" in line
+    assert "not monotonic" not in line
+    # an event never seen is not within the target, whatever the percentiles of those seen
+    phases[2] = _phase(600, 99.0, matched=990)
+    line = " ".join(m.sweep_lines(phases, None))
+    assert "up to 400/s" in line and "% of (a)" not in line and "not monotonic" not in line
+    # a rate that met it above one that did not: said so
+    line = " ".join(m.sweep_lines([_phase(400, 140.0), _phase(600, 95.0)], None))
+    assert "up to 600/s" in line and "not monotonic" in line
+    assert "above 100 ms at every rate tried" in " ".join(m.sweep_lines([_phase(400, 140.0), _phase(600, 195.0)], None))
+    assert m.sweep_lines([_phase(2000, 90.0)], 40_000.0) == []  # one rate: no sweep

@@ -413,16 +413,18 @@ class PacedProducer:
 class AlertReader(threading.Thread):
     """Reads the alerts topic; per latency event id, the first alert whose evidence names it.
 
-    The reading runs in a process of its own (``bench/alert_reader.py``, aiokafka); this
-    thread only collects its lines. A kafka-python reader thread in this process shared the
-    interpreter lock with the publisher and fell behind at 2,000 alerts/s (see there)."""
+    The reading runs in a process of its own (``bench/alert_reader.py``, on kcat or aiokafka:
+    ``--alert-reader``); this thread only collects its lines. A kafka-python reader thread in
+    this process shared the interpreter lock with the publisher and fell behind at 2,000
+    alerts/s (see there)."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, observations: str = "") -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, observations: str = "",
+                 client: str = "kcat") -> None:
         super().__init__(daemon=True)
         import subprocess
 
-        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), bootstrap, topic, str(partitions),
-                                      *([observations] if observations else [])],
+        self.proc = subprocess.Popen([PY, str(ROOT / "bench" / "alert_reader.py"), "--client", client, bootstrap,
+                                      topic, str(partitions), *([observations] if observations else [])],
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         first = self.proc.stdout.readline()
         if first.strip() != "READY":
@@ -538,11 +540,12 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 for i, env in enumerate(envs)]
     reader = None
     producer = PacedProducer(run.args.bootstrap, client_id="bench-lat")
-    out: dict = {"patients": patients, "workers": workers, "phases": []}
+    out: dict = {"patients": patients, "workers": workers, "alert_reader": run.args.alert_reader, "phases": []}
     try:
         out["ready_s"] = wait_ready(children, [f"http://127.0.0.1:{env['WEB_PORT']}/readyz"
                                                for env in envs], 120)
-        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions, topics["observations"])
+        reader = AlertReader(run.args.bootstrap, topics["alerts"], run.args.partitions, topics["observations"],
+                             client=run.args.alert_reader)
         reader.start()
         now = datetime.now(timezone.utc)
         pids = [f"LAT-{i:04d}" for i in range(patients)]
@@ -832,7 +835,8 @@ def report(run: Run, meta: dict) -> str:
                 f"| {fmt(ph.get('ingest_p50_ms'), 1)} / {fmt(ph.get('ingest_p99_ms'), 1)} | {' + '.join(fmt(x, 0) for x in lat['peak_rss_mb'])} |")
         lines.append("")
         lines.append("Cores in use while each phase published (CPU seconds per second; the machine has "
-                     f"{lat['phases'][0].get('cpu_cores', {}).get('cores', '?')}):")
+                     f"{lat['phases'][0].get('cpu_cores', {}).get('cores', '?')}; the publisher on aiokafka, the "
+                     f"alert reader on {lat.get('alert_reader', 'aiokafka')}):")
         lines.append("")
         lines.append("| offered rate | worker | broker | publisher | alert reader | anything else | whole machine "
                      "| worker's garbage collections, phase to last alert (paused, freed) |")
@@ -971,6 +975,10 @@ def main(argv: list[str] | None = None) -> int:
                          "scratch on the same inputs (every second round in reverse order), and report every round's "
                          "rates and ratios to the same round's (a) with their medians (a shared host's speed changes "
                          "from minute to minute); the main table shows the first round")
+    ap.add_argument("--alert-reader", choices=("kcat", "aiokafka"), default="kcat",
+                    help="the Kafka client of the latency test's alert reader: kcat (librdkafka; default; `make "
+                         "bench` installs it) takes a fraction of aiokafka's CPU from the machine the service is "
+                         "measured on; aiokafka is the reader of the passes before (bench/kcat_clients.py)")
     ap.add_argument("--json", default="", help="also write the results as JSON to this file")
     ap.add_argument("--latency-timeline", default="",
                     help="append each latency phase's events (publish order, latency in ms) to this file as JSON lines")

@@ -247,6 +247,11 @@ class IngestService(ConsumerRebalanceListener):
     MAX_BATCH = 2000
     #: pause fetching a partition whose buffer holds this many records (resume at a quarter)
     MAX_BUFFERED = 20_000
+    #: acknowledged batches' offsets join one commit per this many seconds (``OrderedCommits``):
+    #: at a live rate each batch holds a few records, and a commit per batch was 100-200
+    #: commits a second for the broker and the client; a crash replays up to this much more
+    #: input, which the patient stream's readers drop by observation id (at least once)
+    COMMIT_INTERVAL_SECONDS = 0.2
 
     def __init__(self, s: Settings, handoff: DecodedObservations | None = None) -> None:
         self.s = s
@@ -261,7 +266,7 @@ class IngestService(ConsumerRebalanceListener):
         # within one timestamp, treatments first (see monitor.write_order)
         self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
-        self.commits = OrderedCommits(self.positions, "ingest")
+        self.commits = OrderedCommits(self.positions, "ingest", min_interval=self.COMMIT_INTERVAL_SECONDS)
         #: per batch written and not yet committed: its acknowledgement, then its commit
         self._acks: deque[asyncio.Future] = deque()
         #: the first write that failed since the last rewind (the loop rewinds)

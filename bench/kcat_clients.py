@@ -4,9 +4,10 @@ service takes little of the 2-core machine it measures the service on.
 With aiokafka (pure-Python protocol code) the alert reader took 0.20-0.22 of the 2 cores at
 500 alert-changing events/s on a slow host (2026-11-30), the publisher as much again, beside
 the worker at 0.81 and the broker at 0.62: they competed with the service for the CPU whose
-shortage makes its tail. Reading through one kcat consumer took 0.08 cores in the same runs,
-the broker's CPU unchanged (docs/measurements.md, nineteenth pass). In a deployment the alert
-consumers do not run on the worker's machine at all.
+shortage makes its tail. Reading through one kcat consumer took 0.07-0.08 cores in the same
+runs, the broker about the same (0.62-0.68 against 0.61-0.64 of a core) and the whole machine
+1.73-1.77 against 1.84-1.87 of its 2 cores (six alternated pairs; docs/measurements.md,
+nineteenth pass). In a deployment the alert consumers do not run on the worker's machine at all.
 
 What stays the same as with aiokafka (``alert_reader.main``): every partition of the alerts
 topic and of the patient stream is read from the start, without committing anything; the

@@ -1,7 +1,8 @@
 """The alert reader of ``run_all.py``'s latency test, as its own process.
 
-Run by ``run_all.AlertReader``: ``python bench/alert_reader.py [--client kcat|aiokafka] BOOTSTRAP TOPIC
-PARTITIONS [OBSERVATIONS]``. Reads partitions 0..PARTITIONS-1 of TOPIC from the start (no group) and prints, per latency event
+Run by ``run_all.AlertReader``: ``python bench/alert_reader.py [--client kcat|aiokafka]
+BOOTSTRAP TOPIC PARTITIONS [OBSERVATIONS]``. Reads partitions 0..PARTITIONS-1 of TOPIC from the
+start (no group) and prints, per latency event
 id seen for the first time in an alert's evidence, ``seq receive_latency_s
 record_time_latency_s``; and ``A <alerts read>`` after each fetch with alerts. With
 OBSERVATIONS (the service's patient stream) it also prints ``O seq record_time_latency_s`` per
@@ -15,9 +16,9 @@ reader fell seconds behind at 2,000 alerts/s (receive p50 1.1 s while the alerts
 timestamps showed p50 53 ms), so the test measured its reader, not the service.
 
 ``--client kcat`` (run_all's default): the records come from one ``kcat`` consumer child over
-both topics (librdkafka; every partition, so PARTITIONS is not used), which takes a fraction of aiokafka's
-CPU on the machine the service is measured on (``kcat_clients``); this process only matches
-the ids in kcat's lines. ``--client aiokafka``: the reading is done here, as before.
+both topics (librdkafka; every partition, so PARTITIONS is not used), which takes a fraction
+of aiokafka's CPU on the machine the service is measured on (``kcat_clients``); this process
+only matches the ids in kcat's lines. ``--client aiokafka``: the reading is done here, as before.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := prometheus prometheus-alertmanager chromium chromium-driver kcat
+#: the latency benchmark's alert reader runs on kcat (bench/kcat_clients.py)
+BENCH_DEBS := kcat
+DEBS := prometheus prometheus-alertmanager chromium chromium-driver $(BENCH_DEBS)
 
 
 .PHONY: demo-stop tools setup deps core debs kafka-fetch kafka kafka-stop kafka-reset worker demo test test-unit test-integration test-long bench schema clean
@@ -68,9 +70,8 @@ test-long: setup debs
 test-unit: deps core
 	$(PY) -m pytest -q -m "not integration" tests/unit
 
-# the latency test's alert reader runs on kcat (bench/kcat_clients.py)
 bench: setup kafka
-	deploy/local/install-debs.sh kcat
+	deploy/local/install-debs.sh $(BENCH_DEBS)
 	$(PY) bench/run_all.py
 
 clean:

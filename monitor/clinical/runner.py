@@ -8,16 +8,18 @@ patient stream ``observations``):
 2. the processor turns it into findings, alert versions and dead letters, and marks the
    patients it changed in the store;
 3. produce the outputs and wait until the broker acknowledged every one; the batch's
-   offsets (``last offset + 1`` per partition) join the *pending* set, and its changed
-   patients are encoded at once (``take_changed``) and kept, the last value per patient,
-   unless the batch was full (see below);
+   offsets (``last offset + 1`` per partition) join the *pending* set; its changed
+   patients stay marked in the store;
 4. take the result of the last checkpoint's changelog write (step 5) once it is done; wait
    for it only when the records a crash would replay (its checkpoint's and those pending
    since) reach ``CHECKPOINT_MAX_RECORDS``;
-5. a *checkpoint*, when due and none is in flight: in the background, while the next
-   batches are read, processed and written, produce each kept patient's value once to the
-   changelog (partition = the patient's partition), wait for the acknowledgements, then
-   commit the pending offsets (commits stay in order, ``OrderedCommits``).
+5. a *checkpoint*, when due and none is in flight: it takes the pending offsets, and the
+   patients marked at that moment are encoded (``take_changed``) ``ENCODE_SLICE`` after
+   each batch, each with the state of every batch so far (see below); once all are, in the
+   background, while the next batches are read, processed and written, each value is
+   produced once to the changelog (partition = the patient's partition), and after the
+   acknowledgements the checkpoint's offsets are committed (commits stay in order,
+   ``OrderedCommits``).
 
 A batch's outputs do not wait for the changelog in flight. They derive from records whose
 offsets are not committed, exactly as after a crash, which would replay those records to
@@ -35,23 +37,28 @@ A checkpoint is due when the oldest pending batch is older than
 ``clinical_checkpoint_interval_seconds`` (0: after every batch), or the pending batches
 hold ``CHECKPOINT_MAX_RECORDS`` records. It is started at once when the consumer returns
 no records and none is in flight (idle input: acknowledged work never stays uncommitted
-when input stops; the next idle poll takes its result), after a clock chunk when none is in
-flight, and taken and waited for at a revocation and at a stop. A patient changed by
-many batches in a row is written once per checkpoint, not once per batch. While the stage
-keeps up with its input (batches below ``MAX_BATCH`` records) it is still encoded after
-each of those batches: encoding a whole interval's changed patients at the checkpoint held
-the event loop, and with it every record in the worker, for tens of milliseconds (2,000
-alert-changing events/s: p99 183-200 ms against 134-142 ms with a checkpoint per batch;
-encoding per batch kept the lower p50 of coalesced writes without that pause). While
-batches come full (a backlog: the records wait anyway) the marks stay in the store and
-the checkpoint encodes each changed patient once, with every batch since the last one.
+when input stops; the next idle poll takes its result), and taken and waited for at a
+revocation and at a stop. A patient changed by
+many batches in a row is written once per checkpoint, not once per batch, and now also
+encoded once per checkpoint: until the twentieth pass it was encoded after each batch that
+changed it (5.3-6.6 % of the worker's samples at 800-1,600 alert-changing events/s; the
+slices 2.4 % at 1,000/s; docs/measurements.md). Encoding a whole interval's changed
+patients at once held the event loop, and with it every record in the worker, for tens of
+milliseconds (2,000
+alert-changing events/s: p99 183-200 ms against 134-142 ms with a checkpoint per batch), so
+while the stage keeps up with its input (batches below ``MAX_BATCH`` records) a due
+checkpoint encodes ``ENCODE_SLICE`` patients after each batch, in the order they were first
+marked; a patient marked again after its slice waits for the next checkpoint. While batches
+come full (a backlog: the records wait anyway), or when the replay cap is reached, the
+checkpoint encodes all of them at once, as does one started at an idle poll, a revocation
+or a stop. The clock's chunks leave their changed patients marked in the same way.
 
 Guarantees, and why they hold:
 
 - Outputs before state: the changelog never holds a state whose outputs were not
   acknowledged. Marks are taken (``take_changed`` encodes) only synchronously right after
   a batch's outputs were acknowledged, or under the batch lock when no batch is being
-  processed (idle, clock, revocation), so every value kept for a checkpoint is the state
+  processed (idle, revocation, stop), so every value kept for a checkpoint is the state
   after batches whose outputs are on the broker. A patient marked by acknowledged batches
   and not encoded yet (a backlog) is, after an internal error, rolled back to its bytes and
   its records since then are applied again (``ClinicalProcessor._recover``); its partition
@@ -59,10 +66,13 @@ Guarantees, and why they hold:
   and the acknowledgement of its outputs (``_unacknowledged``: cancelled at a stop) is
   never checkpointed: ``stop`` forgets every partition with pending or marked work
   instead, and they are restored from the changelog at the next start.
-- Committed offsets never run ahead of the changelog: a checkpoint commits its pending
-  offsets only after its changelog write was acknowledged (``_persist``), and it writes
-  the value kept for every patient changed since the previous checkpoint, which covers
-  every record below those offsets.
+- Committed offsets never run ahead of the changelog: a checkpoint commits the offsets
+  pending when it became due only after its changelog write was acknowledged
+  (``_persist``), and it writes a value for every patient marked then, encoded after those
+  offsets' batches, which covers every record below them. A value encoded a few batches
+  later also holds those batches' records, whose offsets the next checkpoint commits: a
+  crash in between replays them on a state that already holds them, which the engine drops
+  by observation id, as after a crash between a checkpoint's changelog and its commit.
 - Rollback: a failed output write, or a refused changelog, rolls back not only the
   partitions of the batches concerned but every partition with pending work: its kept
   values and offsets are dropped rather than written first (one path for every failure,
@@ -96,9 +106,9 @@ changelog or committed its offsets meanwhile (both checked with the broker), oth
 is read again.
 
 The clock (``tick``) runs in-process under the same lock over the owned patients, in
-chunks, as a batch without offsets: a chunk's outputs are produced and acknowledged, then
-its changed patients are encoded and kept for the next checkpoint (started at once when none
-is in flight). A chunk takes the result of a changelog write in flight only once it is done,
+chunks, as a batch without offsets: a chunk's outputs are produced and acknowledged, and
+its changed patients stay marked for the next checkpoint (due after the next batches, or
+started by the next idle poll). A chunk takes the result of a changelog write in flight only once it is done,
 never waits for it: a tick used to checkpoint the pending work and write its own changelog
 before each chunk, so with a slow changelog every tick held the batch lock, and the alerts
 behind it, for as long as the write took. A crash before the chunk's patients are durable
@@ -179,6 +189,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
     TICK_CHUNK = 500
     #: a checkpoint is due once the pending batches hold this many records (bounds the replay)
     CHECKPOINT_MAX_RECORDS = 20_000
+    #: patients a due checkpoint encodes after each batch while the stage keeps up with its
+    #: input (30-60 us each: a slice holds the event loop for a few milliseconds)
+    ENCODE_SLICE = 50
 
     def __init__(self, settings: Settings, processor: ClinicalProcessor, store: PatientStore) -> None:
         self.s = settings
@@ -217,6 +230,12 @@ class ClinicalRunner(ConsumerRebalanceListener):
         #: patient id -> (partition, value) encoded after acknowledged batches, for the next
         #: checkpoint (the last value per patient)
         self._encoded: dict[str, tuple[int, bytes]] = {}
+        #: a due checkpoint whose patients are being encoded, a slice after each batch: the
+        #: offsets it commits (the pending ones when it became due), their records, and how
+        #: many of the patients marked then are still to encode (``_encode_slice``)
+        self._collecting: dict[TopicPartition, int] | None = None
+        self._collect_records = 0
+        self._collect_left = 0
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_restore: dict = {}
@@ -244,7 +263,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             batch = await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
             if batch:
                 await self.process_batch(batch)
-            elif self.pending or self._encoded or self._persist_task is not None:
+            elif self._undurable() or self._persist_task is not None:
                 await self.checkpoint_idle()
 
     def _forget(self, partitions: set[int]) -> None:
@@ -263,6 +282,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._forget(await asyncio.wait_for(self._final_checkpoint(), 10.0))
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
             self._forget(self.store.partitions() | set(self._held))
+            self._absorb_collecting()
             self.pending.take()
             self._encoded.clear()
             self._unacknowledged = False
@@ -308,11 +328,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
             # the changed patients go to the changelog, then the pending offsets are
             # committed, while the next batches are read, processed and written
             self._unacknowledged = False
-            if len(records) < self.MAX_BATCH:
-                # keeping up with the input: encode now, so that the checkpoint does not hold
-                # the event loop; a full batch (a backlog) leaves its patients marked and the
-                # checkpoint encodes each of them once (see the module docstring)
-                self._keep_encoded()
             offsets = next_offsets(batch)
             for tp, off in offsets.items():
                 self._next[tp.partition] = off
@@ -324,8 +339,17 @@ class ClinicalRunner(ConsumerRebalanceListener):
             if failed:
                 await self._roll_back(failed | {tp.partition for tp in batch})
                 return
-            if self._persist_task is None and self.pending.due():
-                self._checkpoint()
+            if self._persist_task is None:
+                full = len(records) >= self.MAX_BATCH
+                if self._collecting is None and self.pending.due() and not full:
+                    self._begin_checkpoint()
+                if self._collecting is not None and not full and not self._replay_full():
+                    # keeping up with the input: a slice of the due checkpoint's patients
+                    # now, so that encoding them all never holds the event loop
+                    self._encode_slice()
+                elif self._collecting is not None or self.pending.due():
+                    # a backlog (the records wait anyway) or the replay cap: all at once
+                    self._checkpoint()
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
 
@@ -340,21 +364,59 @@ class ClinicalRunner(ConsumerRebalanceListener):
     def _replay_full(self) -> bool:
         """The records a crash would replay (the checkpoint in flight's and those pending
         since) reached ``CHECKPOINT_MAX_RECORDS``: the next batch waits for the changelog."""
-        return self._persist_records + self.pending.records >= self.CHECKPOINT_MAX_RECORDS
+        return self._persist_records + self._collect_records + self.pending.records >= self.CHECKPOINT_MAX_RECORDS
 
     def _checkpoint(self) -> None:
         """Start a checkpoint: the value kept for every patient changed since the last one
         (all of batches whose outputs are acknowledged; the marked ones are encoded first) to
         the changelog, then the pending offsets committed, in the background."""
         assert self._persist_task is None and not self._unacknowledged
+        self._absorb_collecting()
         self._keep_encoded()
+        records = self.pending.records
+        self._write_checkpoint(self.pending.take(), records)
+
+    def _write_checkpoint(self, offsets: dict[TopicPartition, int], records: int) -> None:
+        """Write the values kept for the checkpoint, then commit ``offsets``, in the background."""
         changed = [(pid, partition, value) for pid, (partition, value) in self._encoded.items()]
         self._encoded = {}
-        records = self.pending.records
-        offsets = self.pending.take()
         if changed or offsets:
             self._persist_task = asyncio.ensure_future(self._persist(changed, offsets))
             self._persist_records = records
+
+    def _begin_checkpoint(self) -> None:
+        """A checkpoint is due while the stage keeps up with its input: it will commit the
+        offsets pending now, once every patient marked now is encoded (``_encode_slice``)."""
+        assert self._collecting is None
+        self._collect_records = self.pending.records
+        self._collecting = self.pending.take()
+        self._collect_left = self.store.changed_count()
+
+    def _encode_slice(self) -> None:
+        """(Right after a batch's outputs were acknowledged.) Encode the next
+        ``ENCODE_SLICE`` of the due checkpoint's patients, in the order they were marked,
+        with the state of every batch so far; once all of them are, write the checkpoint.
+        A patient marked again after its slice is written by the next checkpoint."""
+        assert self._collecting is not None and self._persist_task is None and not self._unacknowledged
+        n = min(self.ENCODE_SLICE, self._collect_left)
+        for pid, partition, value in self.store.take_changed(limit=n):
+            self._encoded[pid] = (partition, value)
+        self._collect_left -= n
+        if self._collect_left <= 0 or not self.store.changed_count():
+            offsets, records = self._collecting, self._collect_records
+            self._collecting, self._collect_records, self._collect_left = None, 0, 0
+            self._write_checkpoint(offsets, records)
+
+    def _absorb_collecting(self) -> None:
+        """The offsets of a checkpoint being encoded go back to the pending ones (it is then
+        taken at once, or dropped)."""
+        if self._collecting is not None:
+            self.pending.add(self._collecting, self._collect_records)
+            self._collecting, self._collect_records, self._collect_left = None, 0, 0
+
+    def _undurable(self) -> bool:
+        """Acknowledged work that is not on the changelog and committed, nor being written."""
+        return bool(self.pending or self._encoded or self._collecting is not None or self.store.changed_count())
 
     async def _flush(self, wait: bool = True) -> set[int]:
         """Checkpoint now and wait for its changelog (under the lock; ``wait=False``: start it
@@ -365,7 +427,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         failed = await self._settle()
         if self._unacknowledged:
             return failed | self._discard_pending()
-        if not failed and (self.pending or self._encoded):
+        if not failed and self._undurable():
             self._checkpoint()
             if not wait:
                 return set()
@@ -395,6 +457,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         """Drop the pending offsets: the partitions with work that is not durable (pending
         offsets, values kept for the checkpoint or marked patients), to restore from the
         changelog."""
+        self._absorb_collecting()
         parts = (self.pending.partitions() | self.store.changed_partitions()
                  | {partition for partition, _value in self._encoded.values()})
         self.pending.take()
@@ -523,14 +586,10 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     log.warning("clock outputs not acknowledged (%s); restoring", type(exc).__name__)
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None})
                     continue
-                self._unacknowledged = False
-                # the chunk's changed patients join the next checkpoint: started now (it encodes
-                # them) when none is in flight, else kept for the next batch, idle poll, chunk,
+                # the chunk's changed patients stay marked and join the next checkpoint, as a
+                # batch's do: due after the next batches, or started by the next idle poll,
                 # revocation or stop
-                if self._persist_task is None:
-                    self._checkpoint()
-                else:
-                    self._keep_encoded()
+                self._unacknowledged = False
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
         return len(pids)

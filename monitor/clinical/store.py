@@ -21,6 +21,7 @@ records and writes what ``take_changed`` returns.
 from __future__ import annotations
 
 import json
+from itertools import islice
 from operator import is_, itemgetter
 from typing import Any, Iterable, Protocol, get_origin
 
@@ -171,8 +172,13 @@ class PatientStore(Protocol):
         """``value`` is the JSON just written for this version of ``alert`` (a hint: the
         changelog may reuse it while the book's alert is unchanged)."""
 
-    def take_changed(self) -> list[tuple[str, int, bytes]]:
-        """(patient id, partition, encoded value) of every changed patient; clears the marks."""
+    def take_changed(self, limit: int | None = None) -> list[tuple[str, int, bytes]]:
+        """(patient id, partition, encoded value) of every changed patient; clears the marks.
+        ``limit``: only the first ``limit`` patients in the order they were first marked
+        (a patient marked again keeps its place)."""
+
+    def changed_count(self) -> int:
+        """How many patients are marked changed."""
 
     def changed_partitions(self) -> set[int]:
         """Partitions of the patients marked changed (waiting for ``take_changed``)."""
@@ -273,9 +279,11 @@ class InMemoryPatientStore:
         if e is not None and e.book is not None and alert.alert_id in e.book.alerts:
             e.alert_json[alert.alert_id] = (alert_fingerprint(alert), value)
 
-    def take_changed(self) -> list[tuple[str, int, bytes]]:
+    def take_changed(self, limit: int | None = None) -> list[tuple[str, int, bytes]]:
+        changed = self._changed
+        every = limit is None or limit >= len(changed)
         out = []
-        for pid, book_changed in self._changed.items():
+        for pid, book_changed in (changed.items() if every else islice(changed.items(), max(0, limit))):
             e = self._entries[pid]
             assert e.state is not None and e.book is not None
             if book_changed or e.book_json is None:
@@ -283,8 +291,15 @@ class InMemoryPatientStore:
             e.raw = encode(e.state, e.book, e.book_json)
             e.journal = []
             out.append((pid, e.partition, e.raw))
-        self._changed.clear()
+        if every:
+            changed.clear()
+        else:
+            for pid, _partition, _value in out:
+                del changed[pid]
         return out
+
+    def changed_count(self) -> int:
+        return len(self._changed)
 
     def changed_partitions(self) -> set[int]:
         entries = self._entries

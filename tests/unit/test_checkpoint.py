@@ -138,3 +138,28 @@ def test_the_replay_cap_counts_the_checkpoint_in_flight_and_the_batches_since():
     r.pending.add({A: 3_001}, 1)
     assert r._replay_full()  # in flight and pending together reach the cap
     assert not r.pending.records >= cap  # neither alone would
+
+
+def test_a_limited_take_encodes_the_first_marked_patients_and_a_mark_again_keeps_its_place(engine, lifecycle):
+    """A due checkpoint encodes its patients a slice at a time (``ClinicalRunner._encode_slice``):
+    the store hands them out in the order they were first marked, so the patients marked when
+    the checkpoint became due come before any marked later, and each value holds every batch
+    processed before its slice."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    p.process([s.treatment(dose(patient=pid)) for pid in ("d1", "d2", "d3")], at(1))
+    assert store.changed_count() == 3
+    first = store.take_changed(limit=2)
+    assert [pid for pid, _, _ in first] == ["d1", "d2"] and store.changed_count() == 1
+    # d3 is still marked; d1 is marked again (after its slice) and d4 for the first time
+    p.process([s.observation(obs("platelets", 40, 5, low=150, high=450, patient="d1")),
+               s.observation(obs("platelets", 320, 5, low=150, high=450, patient="d3")),
+               s.treatment(dose(patient="d4"))], at(6))
+    assert store.changed_count() == 3
+    (pid, _part, value), = store.take_changed(limit=1)
+    state, _ = decode(value)
+    assert pid == "d3" and len(state.hist.get("platelets", [])) == 1  # its value holds the later batch
+    assert store.take_changed(limit=0) == [] and store.changed_count() == 2
+    assert [pid for pid, _, _ in store.take_changed()] == ["d1", "d4"]
+    assert store.changed_count() == 0 and store.changed_partitions() == set()

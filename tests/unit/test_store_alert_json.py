@@ -43,8 +43,8 @@ class Spy(InMemoryPatientStore):
 
     checked = 0
 
-    def take_changed(self):
-        out = super().take_changed()
+    def take_changed(self, limit=None):
+        out = super().take_changed(limit)
         for pid, _partition, value in out:
             e = self._entries[pid]
             assert value == encode(e.state, e.book), f"changelog value of {pid} differs from the book's own JSON"

@@ -85,6 +85,19 @@ def runner_settings(bootstrap: str, prefix: str, topic_factory, partitions: int 
     return s, topics
 
 
+async def until(task, condition, what: str, seconds: float = 60, poll: float = 0.05) -> None:
+    """Wait in a runner test until ``condition()`` holds; fail if ``task`` (the runner's
+    ``run()``) ended or ``seconds`` passed first."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert not task.done(), task.exception()
+        assert loop.time() < deadline, f"{what} not within {seconds} s"
+        await asyncio.sleep(poll)
+
+
 def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, str]:
     """Environment naming the test's topics (``topics`` maps short name -> real name) and
     the secrets the worker needs (``PSEUDONYM_SECRET``; override through ``extra``)."""

@@ -24,7 +24,7 @@ from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
 from monitor.worker import lifecycle_config
-from workers import runner_settings
+from workers import runner_settings, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,6 @@ def test_a_clock_alert_does_not_wait_for_the_changelog_and_is_written_once_the_i
     seen: dict = {}
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
         runner = ClinicalRunner(s, processor, store)
         write_changelog = runner._write_changelog
 
@@ -75,12 +74,8 @@ def test_a_clock_alert_does_not_wait_for_the_changelog_and_is_written_once_the_i
 
         task = asyncio.ensure_future(runner.run())
 
-        async def until(condition, what: str, seconds: float = 60) -> None:
-            deadline = loop.time() + seconds
-            while not condition():
-                assert not task.done(), task.exception()
-                assert loop.time() < deadline, f"{what} not within {seconds} s"
-                await asyncio.sleep(0.05)
+        def until(condition, what: str):
+            return wait_until(task, condition, what)
 
         try:
             await until(lambda: "ck1" in store.patient_ids(runner.owned) and runner._persist_task is None

@@ -18,7 +18,7 @@ from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
 from monitor.worker import lifecycle_config
-from workers import runner_settings
+from workers import runner_settings, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +66,9 @@ def test_a_due_checkpoint_is_encoded_in_slices_and_commits_only_what_its_values_
         runner._write_changelog = recorded
         runner._encode_slice = counted
         task = asyncio.ensure_future(runner.run())
-        loop = asyncio.get_running_loop()
 
-        async def until(condition, what: str, seconds: float = 60) -> None:
-            deadline = loop.time() + seconds
-            while not condition():
-                assert not task.done(), task.exception()
-                assert loop.time() < deadline, f"{what} not within {seconds} s"
-                await asyncio.sleep(0.02)
+        def until(condition, what: str):
+            return wait_until(task, condition, what, poll=0.02)
 
         try:
             for pid in PATIENTS:

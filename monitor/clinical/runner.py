@@ -38,20 +38,19 @@ A checkpoint is due when the oldest pending batch is older than
 hold ``CHECKPOINT_MAX_RECORDS`` records. It is started at once when the consumer returns
 no records and none is in flight (idle input: acknowledged work never stays uncommitted
 when input stops; the next idle poll takes its result), and taken and waited for at a
-revocation and at a stop. A patient changed by
-many batches in a row is written once per checkpoint, not once per batch, and now also
-encoded once per checkpoint: until the twentieth pass it was encoded after each batch that
-changed it (5.3-6.6 % of the worker's samples at 800-1,600 alert-changing events/s; the
-slices 2.4 % at 1,000/s; docs/measurements.md). Encoding a whole interval's changed
-patients at once held the event loop, and with it every record in the worker, for tens of
-milliseconds (2,000
-alert-changing events/s: p99 183-200 ms against 134-142 ms with a checkpoint per batch), so
-while the stage keeps up with its input (batches below ``MAX_BATCH`` records) a due
-checkpoint encodes ``ENCODE_SLICE`` patients after each batch, in the order they were first
-marked; a patient marked again after its slice waits for the next checkpoint. While batches
-come full (a backlog: the records wait anyway), or when the replay cap is reached, the
-checkpoint encodes all of them at once, as does one started at an idle poll, a revocation
-or a stop. The clock's chunks leave their changed patients marked in the same way.
+revocation and at a stop. A patient changed by many batches in a row is encoded and written
+once per checkpoint, not once per batch (until the twentieth pass it was encoded after each
+batch that changed it: 5.3-6.6 % of the worker's samples at 800-1,600 alert-changing
+events/s, against 2.4 % for the slices at 1,000/s; docs/measurements.md). Encoding a whole
+interval's changed patients at once held the event loop, and with it every record in the
+worker, for tens of milliseconds (2,000 alert-changing events/s: p99 183-200 ms against
+134-142 ms with a checkpoint per batch), so while the stage keeps up with its input
+(batches below ``MAX_BATCH`` records) a due checkpoint encodes ``ENCODE_SLICE`` patients
+after each batch, in the order they were first marked; a patient marked again after its
+slice waits for the next checkpoint. While batches come full (a backlog: the records wait
+anyway), or when the replay cap is reached, the checkpoint encodes all of them at once, as
+does one started at an idle poll, a revocation or a stop. The clock's chunks leave their
+changed patients marked in the same way.
 
 Guarantees, and why they hold:
 
@@ -108,12 +107,13 @@ is read again.
 The clock (``tick``) runs in-process under the same lock over the owned patients, in
 chunks, as a batch without offsets: a chunk's outputs are produced and acknowledged, and
 its changed patients stay marked for the next checkpoint (due after the next batches, or
-started by the next idle poll). A chunk takes the result of a changelog write in flight only once it is done,
-never waits for it: a tick used to checkpoint the pending work and write its own changelog
-before each chunk, so with a slow changelog every tick held the batch lock, and the alerts
-behind it, for as long as the write took. A crash before the chunk's patients are durable
-is the case a crash between a chunk's outputs and its changelog write already was: the next
-clock run finds the same due work and re-emits the same ``alert_id:version``.
+started by the next idle poll). A chunk takes the result of a changelog write in flight only
+once it is done, never waits for it: a tick used to checkpoint the pending work and write
+its own changelog before each chunk, so with a slow changelog every tick held the batch
+lock, and the alerts behind it, for as long as the write took. A crash before the chunk's
+patients are durable is the case a crash between a chunk's outputs and its changelog write
+already was: the next clock run finds the same due work and re-emits the same
+``alert_id:version``.
 """
 from __future__ import annotations
 
@@ -364,7 +364,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
     def _replay_full(self) -> bool:
         """The records a crash would replay (the checkpoint in flight's and those pending
         since) reached ``CHECKPOINT_MAX_RECORDS``: the next batch waits for the changelog."""
-        return self._persist_records + self._collect_records + self.pending.records >= self.CHECKPOINT_MAX_RECORDS
+        held = self._persist_records + self._collect_records + self.pending.records
+        return held >= self.CHECKPOINT_MAX_RECORDS
 
     def _checkpoint(self) -> None:
         """Start a checkpoint: the value kept for every patient changed since the last one
@@ -416,7 +417,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     def _undurable(self) -> bool:
         """Acknowledged work that is not on the changelog and committed, nor being written."""
-        return bool(self.pending or self._encoded or self._collecting is not None or self.store.changed_count())
+        return bool(self.pending or self._encoded or self._collecting is not None
+                    or self.store.changed_count())
 
     async def _flush(self, wait: bool = True) -> set[int]:
         """Checkpoint now and wait for its changelog (under the lock; ``wait=False``: start it

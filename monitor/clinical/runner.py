@@ -282,10 +282,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._forget(await asyncio.wait_for(self._final_checkpoint(), 10.0))
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
             self._forget(self.store.partitions() | set(self._held))
-            self._absorb_collecting()
-            self.pending.take()
-            self._encoded.clear()
-            self._unacknowledged = False
+            self._discard_pending()  # every partition is forgotten: nothing pending is kept
         h = self.processor.handoff
         if h is not None:
             log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
@@ -404,16 +401,20 @@ class ClinicalRunner(ConsumerRebalanceListener):
             self._encoded[pid] = (partition, value)
         self._collect_left -= n
         if self._collect_left <= 0 or not self.store.changed_count():
-            offsets, records = self._collecting, self._collect_records
-            self._collecting, self._collect_records, self._collect_left = None, 0, 0
-            self._write_checkpoint(offsets, records)
+            self._write_checkpoint(*self._take_collecting())
+
+    def _take_collecting(self) -> tuple[dict[TopicPartition, int], int]:
+        """The offsets and records of the checkpoint being encoded; none is being encoded after."""
+        assert self._collecting is not None
+        taken = self._collecting, self._collect_records
+        self._collecting, self._collect_records, self._collect_left = None, 0, 0
+        return taken
 
     def _absorb_collecting(self) -> None:
         """The offsets of a checkpoint being encoded go back to the pending ones (it is then
         taken at once, or dropped)."""
         if self._collecting is not None:
-            self.pending.add(self._collecting, self._collect_records)
-            self._collecting, self._collect_records, self._collect_left = None, 0, 0
+            self.pending.add(*self._take_collecting())
 
     def _undurable(self) -> bool:
         """Acknowledged work that is not on the changelog and committed, nor being written."""

@@ -397,8 +397,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         A patient marked again after its slice is written by the next checkpoint."""
         assert self._collecting is not None and self._persist_task is None and not self._unacknowledged
         n = min(self.ENCODE_SLICE, self._collect_left)
-        for pid, partition, value in self.store.take_changed(limit=n):
-            self._encoded[pid] = (partition, value)
+        self._keep_encoded(limit=n)
         self._collect_left -= n
         if self._collect_left <= 0 or not self.store.changed_count():
             self._write_checkpoint(*self._take_collecting())
@@ -450,10 +449,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
             if failed:
                 await self._roll_back(failed)
 
-    def _keep_encoded(self) -> None:
+    def _keep_encoded(self, limit: int | None = None) -> None:
         """Encode every marked patient (all of them changed by batches whose outputs are
-        acknowledged) and keep the value for the next checkpoint."""
-        for pid, partition, value in self.store.take_changed():
+        acknowledged), or the first ``limit`` in the order they were marked, and keep the
+        value for the next checkpoint."""
+        for pid, partition, value in self.store.take_changed(limit=limit):
             self._encoded[pid] = (partition, value)
 
     def _discard_pending(self) -> set[int]:

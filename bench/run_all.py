@@ -488,6 +488,17 @@ def worker_gc(port: str) -> dict:
     return out
 
 
+def workers_clinical_paths(envs: list[dict]) -> dict:
+    """Records the workers' clinical stages processed so far, by path (``own_writes``: taken
+    from their own ingest's acknowledged writes; ``fetched``: read from the broker)."""
+    out = {"own_writes": 0.0, "fetched": 0.0}
+    for env in envs:
+        for smp in worker_samples(env["WEB_PORT"]):
+            if smp.name == "monitor_clinical_records_total" and smp.labels.get("path") in out:
+                out[smp.labels["path"]] += smp.value
+    return out
+
+
 def workers_gc(envs: list[dict]) -> dict:
     """``worker_gc`` of every worker (by its env's ``WEB_PORT``), summed per generation."""
     return sum_gc([worker_gc(env["WEB_PORT"]) for env in envs])
@@ -597,6 +608,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
         for rate, seconds in phases:
             total = int(rate * seconds)
             gc0 = workers_gc(envs)
+            paths0 = workers_clinical_paths(envs)
             meter.start()
             t0 = time.monotonic()
             producer.paced(total, rate, lambda i: event(base + i, pids[i % patients]))
@@ -611,6 +623,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 time.sleep(0.1)
             waited = time.monotonic() - t0
             gcs = gc_during(gc0, workers_gc(envs))  # from publishing to the last alert
+            paths = {k: int(v - paths0[k]) for k, v in workers_clinical_paths(envs).items()}
             seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
             # an event whose alert was not seen by the end counts as slower than every seen one (censored)
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
@@ -631,7 +644,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 "seen_p50_ms": pct(seen_sorted, 50), "seen_p99_ms": pct(seen_sorted, 99),
                 "ingest_p50_ms": pct(ingested, 50), "ingest_p99_ms": pct(ingested, 99),
                 "alert_rate": len(seen) / waited if waited else None,
-                "cpu_cores": cpu, "gc": gcs,
+                "cpu_cores": cpu, "gc": gcs, "clinical_records": paths,
             })
             base += total
         out["peak_rss_mb"] = [round(c.peak_rss_mb(), 1) for c in children]

@@ -48,6 +48,7 @@ from schemas.ingest import Limits, decode
 from schemas.alert import AlertAction
 
 from .clinical.handoff import DecodedObservations
+from .clinical.own_writes import OwnWrites
 from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
 from .kafka_batch import (OrderedCommits, Positions, acknowledged, key_partition, new_consumer, new_producer, rewind,
@@ -254,11 +255,15 @@ class IngestService(ConsumerRebalanceListener):
     #: observation id (at least once)
     COMMIT_INTERVAL_SECONDS = 0.2
 
-    def __init__(self, s: Settings, handoff: DecodedObservations | None = None) -> None:
+    def __init__(self, s: Settings, handoff: DecodedObservations | None = None,
+                 own_writes: OwnWrites | None = None) -> None:
         self.s = s
         self.step = Ingest(s)
         #: where the observations written go to this worker's clinical stage, decoded
         self.handoff = handoff
+        #: where the records written to the patient stream go, with their offsets once
+        #: acknowledged, for this worker's clinical stage (``monitor.clinical.own_writes``)
+        self.own_writes = own_writes
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()
@@ -362,8 +367,9 @@ class IngestService(ConsumerRebalanceListener):
                     parts = sorted(await producer.partitions_for(self.s.topic_observations))
                     for value, obs in decoded:
                         handoff.put(key_partition(obs.patient_id.encode(), parts), value, obs)
+                kept: list | None = [] if self.own_writes is not None else None
                 try:
-                    sent = await send_all(producer, out)
+                    sent = await send_all(producer, out, kept, self.s.topic_observations)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -374,7 +380,7 @@ class IngestService(ConsumerRebalanceListener):
                 # before it) is on the broker, its offsets are committed (in order)
                 self._acks.append(asyncio.ensure_future(self._acknowledge(
                     self._acks[-1] if self._acks else None, sent,
-                    {TopicPartition(t, p): off + 1 for (t, p), off in last.items()})))
+                    {TopicPartition(t, p): off + 1 for (t, p), off in last.items()}, kept)))
                 COUNTERS.batch(time.perf_counter() - started)
                 COUNTERS.flush()
                 self.processed += len(ordered)
@@ -382,18 +388,27 @@ class IngestService(ConsumerRebalanceListener):
     #: batches whose outputs may be unacknowledged at once (then the loop waits for the oldest)
     MAX_UNACKNOWLEDGED = 4
 
-    async def _acknowledge(self, previous: asyncio.Future | None, sent: list, offsets: dict) -> bool:
+    async def _acknowledge(self, previous: asyncio.Future | None, sent: list, offsets: dict,
+                           kept: list | None = None) -> bool:
         """Wait for a batch's outputs, then (once every earlier batch's were acknowledged
         and committed in order) submit its commit. False if this or an earlier batch's write
-        failed: nothing after a failure is committed (the loop rewinds to the last commit)."""
+        failed: nothing after a failure is committed (the loop rewinds to the last commit).
+        The records written to the patient stream are offered to this worker's clinical
+        stage with their offsets once acknowledged (``kept``, see ``send_all``)."""
         try:
-            await acknowledged(sent)
+            metas = await acknowledged(sent)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if self._failed is None:
                 self._failed = exc
             return False
+        if kept:
+            own = self.own_writes
+            assert own is not None
+            for md, (_f, n), records in zip(metas, sent, kept):
+                if records:  # a batch's metadata is its last record's (``acknowledged``)
+                    own.offer(md.partition, md.offset - max(n, 1) + 1, records)
         if previous is not None and not await asyncio.shield(previous):
             return False
         assert self.consumer is not None

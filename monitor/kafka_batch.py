@@ -116,8 +116,8 @@ async def acknowledged(sent: list) -> list:
     return out
 
 
-async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]]
-                   ) -> list:
+async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes, Any, int | None]],
+                   kept: list | None = None, keep_topic: str | None = None) -> list:
     """Queue ``(topic, key, value, headers, partition)`` records in order on ``producer``
     without waiting for the broker; returns what ``acknowledged`` waits for. Records queued
     by a later call follow these on every partition (the producer keeps its queue per
@@ -129,9 +129,14 @@ async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, byte
     (:func:`key_partition`), so every record lands where ``send()`` put it; a record
     without a key, or a large one, goes through ``send()``, after the records queued
     before it (for its partition; every partition for an unkeyed one). Order per partition
-    is the order of ``records``."""
+    is the order of ``records``.
+
+    ``kept`` (with ``keep_topic``): for each entry returned, in the same order, the
+    ``(key, value, headers)`` of its records of ``keep_topic`` in offset order (an empty list
+    for another topic), so that the offsets the broker gives them are known once acknowledged
+    (``monitor.clinical.own_writes``)."""
     parts: dict[str, list[int]] = {}
-    open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
+    open_: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count, kept records]
     futures: list = []  # (future, records in the batch or 0 for a single send)
 
     async def flush(tp: tuple[str, int]) -> None:
@@ -139,6 +144,8 @@ async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, byte
         if b is not None and b[1]:
             b[0].close()  # nothing a later send() queues can join it
             futures.append((await producer.send_batch(b[0], tp[0], partition=tp[1]), b[1]))
+            if kept is not None:
+                kept.append(b[2] if tp[0] == keep_topic else [])
 
     for topic, key, value, headers, partition in records:
         if partition is None and key is not None:
@@ -153,17 +160,21 @@ async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, byte
                 await flush(tp)
             futures.append((await producer.send(topic, value=value, key=key, headers=headers, partition=partition),
                             0))
+            if kept is not None:
+                kept.append([(key, value, headers)] if topic == keep_topic else [])
             continue
         tp = (topic, partition)
         b = open_.get(tp)
         if b is None:
-            b = open_[tp] = [producer.create_batch(), 0]
+            b = open_[tp] = [producer.create_batch(), 0, []]
         if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
             await flush(tp)  # full: send it, start the next one
-            b = open_[tp] = [producer.create_batch(), 0]
+            b = open_[tp] = [producer.create_batch(), 0, []]
             if b[0].append(key=key, value=value, timestamp=None, headers=headers or []) is None:
                 raise ValueError(f"record of {len(value or b'')} bytes does not fit an empty batch")
         b[1] += 1
+        if kept is not None and topic == keep_topic:
+            b[2].append((key, value, headers))
     for tp in list(open_):
         await flush(tp)
     return futures

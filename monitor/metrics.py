@@ -78,6 +78,10 @@ MLLP_MESSAGES = Counter(
     "monitor_mllp_messages_total",
     "MLLP frames answered, by acknowledgement code (AA, AE, AR) and message type (ORU^R01, ADT, other, none)",
     ["ack", "type"], registry=REGISTRY)
+CLINICAL_RECORDS = Counter(
+    "monitor_clinical_records_total", "Records of the patient stream the clinical stage processed, by how they "
+    "reached it: own_writes (its own ingest's acknowledged writes, not read back) or fetched (from the broker)",
+    ["path"], registry=REGISTRY)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)

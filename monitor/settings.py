@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         "0 = every batch. A crash replays up to this much more input (idempotent; alert versions "
         "deduplicated downstream)"))
 
+    clinical_takes_own_writes: bool = Field(default=True, description=(
+        "with ingest in the worker's process (ingest_processes = 0): the clinical stage takes the records its "
+        "own ingest wrote to the patient stream, once the broker acknowledged them, in offset order, instead "
+        "of fetching them back; a partition fetches again as soon as someone else's record comes in between "
+        "(its end is checked every 50 ms). false = always fetch"))
+
     # ingest
     ingest_processes: int = Field(default=0, ge=0, le=16, description=(
         "processes of its own that run the worker's ingest loop (validation, units, the writes to the patient "

@@ -35,6 +35,7 @@ from .actions_auth import ActionAuthority
 from .actions_api import ActionsAPI, register_actions_api
 from .app import create_app
 from .clinical.handoff import DecodedObservations
+from .clinical.own_writes import OwnWrites
 from .clinical.processor import ClinicalProcessor
 from .clinical.runner import ClinicalRunner
 from .clinical.store import InMemoryPatientStore
@@ -138,8 +139,10 @@ def build_worker(s: Settings | None = None) -> Worker:
                                   limits=limits_of(s),
                                   authority=ActionAuthority.from_file(s.inbox_users_file), handoff=handoff)
     runner = ClinicalRunner(s, processor, store)
+    if s.ingest_processes == 0 and s.clinical_takes_own_writes:
+        runner.own_writes = OwnWrites(s.topic_observations, owned=lambda p: p in runner.owned)
     ingest: list[IngestService | IngestProcess] = (
-        [IngestService(s, handoff)] if s.ingest_processes == 0
+        [IngestService(s, handoff, runner.own_writes)] if s.ingest_processes == 0
         else [IngestProcess(i, COUNTERS.apply) for i in range(s.ingest_processes)])
     delivery = DeliveryService(s)
 

@@ -128,13 +128,16 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
+from ..metrics import CLINICAL_RECORDS, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
 from ..settings import Settings
 from ..topics_admin import changelog_topic
+from .own_writes import OwnWrites, StreamRecord
 from .processor import ClinicalProcessor, Output, PatientStateLost
 from .store import PatientStore
 
 log = logging.getLogger(__name__)
+_TAKEN = CLINICAL_RECORDS.labels(path="own_writes")
+_FETCHED = CLINICAL_RECORDS.labels(path="fetched")
 
 
 class PendingCheckpoint:
@@ -192,6 +195,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
     #: patients a due checkpoint encodes after each batch while the stage keeps up with its
     #: input (30-60 us each: a slice holds the event loop for a few milliseconds)
     ENCODE_SLICE = 50
+    #: how often the broker's end of each direct partition is checked (``_check_ends``): a
+    #: record someone else wrote to it is fetched within about two of these
+    END_CHECK_SECONDS = 0.05
+    #: a partition that met a hole keeps fetching at least this long before it is direct again
+    DIRECT_RETRY_SECONDS = 5.0
 
     def __init__(self, settings: Settings, processor: ClinicalProcessor, store: PatientStore) -> None:
         self.s = settings
@@ -241,6 +249,20 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.last_restore: dict = {}
         #: set by ``stop``: no batch or clock chunk starts after the one in progress
         self._stopping = False
+        #: this worker's ingest's acknowledged writes to the patient stream (set by the worker
+        #: when ingest runs in its process): taken instead of fetched while they continue a
+        #: partition's position (``monitor.clinical.own_writes``)
+        self.own_writes: OwnWrites | None = None
+        #: direct partitions (paused in the consumer) -> the next offset to take
+        self._direct: dict[int, int] = {}
+        #: partition -> when it may be direct again after a hole
+        self._fetch_after: dict[int, float] = {}
+        #: direct partition -> its end at the broker's last check
+        self._broker_end: dict[int, int] = {}
+        #: direct partitions whose end check found records nobody offered
+        self._holes: set[int] = set()
+        self._wake = asyncio.Event()
+        self._end_checks: asyncio.Future | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -259,12 +281,148 @@ class ClinicalRunner(ConsumerRebalanceListener):
         await self.start()
         consumer = self.consumer
         assert consumer is not None
-        while not self._stopping:
-            batch = await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
-            if batch:
-                await self.process_batch(batch)
-            elif self._undurable() or self._persist_task is not None:
-                await self.checkpoint_idle()
+        if self.own_writes is not None:
+            self.own_writes.notify = self._wake.set
+            self._end_checks = asyncio.ensure_future(self._check_ends())
+        try:
+            while not self._stopping:
+                batch = await self._next_input(consumer)
+                if batch:
+                    await self.process_batch(batch)
+                elif self._undurable() or self._persist_task is not None:
+                    await self.checkpoint_idle()
+        finally:
+            if self._end_checks is not None:
+                self._end_checks.cancel()
+                self._end_checks = None
+
+    # -- input: fetched, or this worker's own writes ----------------------------------------
+    async def _next_input(self, consumer: AIOKafkaConsumer) -> dict:
+        """The next batch: records of the direct partitions taken from this worker's own
+        acknowledged writes, and records fetched for the others."""
+        if self.own_writes is None:
+            return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
+        self._wake.clear()
+        batch = self._take_direct()
+        fetching = bool(consumer.assignment()) and len(self._direct) < len(consumer.assignment())
+        if not batch and not fetching:  # every partition direct: wait for an offer (or a hole)
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+            batch = self._take_direct()
+        elif not batch and self._direct:  # some direct, some fetching: whichever comes first
+            getter = asyncio.ensure_future(consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
+                if not getter.done():
+                    getter.cancel()  # nothing is taken from the fetcher before it returns
+            if getter.done() and not getter.cancelled():
+                return _merge(self._take_direct(), getter.result())
+            batch = self._take_direct()
+        elif not batch:
+            return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
+        # the fetched partitions' ready records join the batch (a poll of the consumer also
+        # when every partition is direct: it keeps the member's poll interval)
+        room = self.MAX_BATCH - sum(len(rs) for rs in batch.values())
+        return _merge(batch, await consumer.getmany(timeout_ms=0, max_records=max(room, 1)))
+
+    def _take_direct(self) -> dict:
+        """Records of the direct partitions from their positions on, without a hole; a
+        partition whose next record nobody offered (someone else wrote it) fetches again."""
+        own = self.own_writes
+        assert own is not None
+        out: dict = {}
+        room = self.MAX_BATCH
+        for p, pos in list(self._direct.items()):
+            if p in self._holes:
+                self._to_fetch(p)
+                continue
+            records = own.take(p, pos, room) if room > 0 else []
+            if records:
+                out[TopicPartition(self.stream, p)] = records
+                self._direct[p] = records[-1].offset + 1
+                room -= len(records)
+            elif own.hole(p, pos):
+                self._to_fetch(p)
+        return out
+
+    def _to_fetch(self, p: int) -> None:
+        """A direct partition fetches again, from the next offset to process."""
+        self._direct.pop(p, None)
+        self._broker_end.pop(p, None)
+        self._holes.discard(p)
+        self._fetch_after[p] = time.monotonic() + self.DIRECT_RETRY_SECONDS
+        consumer = self.consumer
+        if consumer is None:
+            return
+        tp = TopicPartition(self.stream, p)
+        try:
+            pos = self._next.get(p)
+            if pos is not None:
+                consumer.seek(tp, pos)
+            consumer.resume(tp)
+        except Exception as exc:  # revoked meanwhile: the assignment starts it afresh
+            log.debug("partition %s not resumed: %s", p, type(exc).__name__)
+
+    def _maybe_direct(self, offsets: dict[TopicPartition, int]) -> None:
+        """(After a fetched batch's outputs were acknowledged.) A fetching partition whose
+        next record this worker's ingest offered, or that reached the end of what it offered,
+        is taken from the offers from now on (a record someone else writes next is a hole:
+        it fetches again)."""
+        own = self.own_writes
+        consumer = self.consumer
+        if own is None or consumer is None:
+            return
+        now = time.monotonic()
+        for tp, off in offsets.items():
+            p = tp.partition
+            if (p not in self._direct and now >= self._fetch_after.get(p, 0.0)
+                    and (own.continues(p, off) or own.reached(p, off))):
+                consumer.pause(tp)  # what it fetched beyond ``off`` is dropped: the offers hold it
+                self._direct[p] = off
+
+    async def _check_ends(self) -> None:
+        """Every ``END_CHECK_SECONDS``: the broker's end of each direct partition. An end
+        that the previous check saw and that no offer reaches is a record someone else wrote:
+        the partition fetches again (``_take_direct``). (The previous check's end, not this
+        one's: this worker's own write may be on the broker before its acknowledgement is
+        processed here.)"""
+        own = self.own_writes
+        assert own is not None
+        while True:
+            await asyncio.sleep(self.END_CHECK_SECONDS)
+            direct = list(self._direct)
+            restorer = self._restorer
+            if not direct or restorer is None:
+                continue
+            try:
+                ends = await restorer.end_offsets([TopicPartition(self.stream, p) for p in direct])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker away: checked again next time
+                log.debug("end offsets of the direct partitions not read: %s", type(exc).__name__)
+                continue
+            for p in direct:
+                pos = self._direct.get(p)
+                if pos is None:
+                    continue
+                seen = self._broker_end.get(p)
+                if seen is not None and seen > own.covered(p, pos):
+                    self._holes.add(p)
+                    self._wake.set()
+                end = ends.get(TopicPartition(self.stream, p))
+                if end is not None:
+                    self._broker_end[p] = end
+
+    def _leave_direct(self) -> None:
+        """No partition is direct (a revocation, a stop)."""
+        self._direct.clear()
+        self._broker_end.clear()
+        self._holes.clear()
 
     def _forget(self, partitions: set[int]) -> None:
         """Partitions whose changelog was not acknowledged: restored at the next assignment."""
@@ -283,6 +441,14 @@ class ClinicalRunner(ConsumerRebalanceListener):
         except (Exception, asyncio.CancelledError):  # not known to be durable: restore all when started again
             self._forget(self.store.partitions() | set(self._held))
             self._discard_pending()  # every partition is forgotten: nothing pending is kept
+        if self._end_checks is not None:
+            self._end_checks.cancel()
+            self._end_checks = None
+        self._leave_direct()
+        own = self.own_writes
+        if own is not None:
+            log.info("records of this worker's ingest taken without a fetch: %d of %d offered (%d dropped)",
+                     own.taken, own.offered, own.dropped)
         h = self.processor.handoff
         if h is not None:
             log.info("observations handed over by ingest: %d; decoded from the stream: %d; held: %d",
@@ -304,6 +470,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 return
             started = time.perf_counter()
             records = [r for rs in batch.values() for r in rs]
+            taken = sum(1 for r in records if type(r) is StreamRecord)
+            if taken:
+                _TAKEN.inc(taken)
+            if taken < len(records):
+                _FETCHED.inc(len(records) - taken)
             self._unacknowledged = True
             try:
                 outputs = self.processor.process(records)
@@ -328,6 +499,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             offsets = next_offsets(batch)
             for tp, off in offsets.items():
                 self._next[tp.partition] = off
+            self._maybe_direct(offsets)
             self.pending.add(offsets, len(records))
             # the last checkpoint's changelog is written while the next batches are read,
             # processed and written: its result is taken once it is there, and waited for only
@@ -554,6 +726,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         for p in partitions:
             self._next[p] = self._held.get(p, (0, None))[1]
         if self.consumer is not None:
+            for p in partitions & set(self._direct):
+                self._to_fetch(p)
             await rewind(self.consumer, [TopicPartition(self.stream, p) for p in partitions], "clinical")
 
     # -- the clock -----------------------------------------------------------------------
@@ -604,6 +778,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         async with self._lock:
             self._forget(await self._checkpoint_all())
             self.owned = frozenset()
+            self._leave_direct()
             self.ready.clear()
 
     async def on_partitions_assigned(self, assigned) -> None:
@@ -620,6 +795,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
             await self._restore_retrying(parts - keep)
             self._next = {p: self._held.get(p, (0, None))[1] for p in parts}
             self.owned = frozenset(parts)
+            self._leave_direct()
+            if self.consumer is not None:  # every partition fetches from its position first
+                self.consumer.resume(*[tp for tp in self.consumer.paused() if tp.topic == self.stream])
+            if self.own_writes is not None:
+                self.own_writes.retain(parts)
             if self.processor.handoff is not None:
                 self.processor.handoff.retain(parts)
             self.ready.set()
@@ -700,7 +880,23 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     # -- observability -------------------------------------------------------------------
     def lag(self) -> dict[tuple[str, int], int]:
-        return self.positions.lag(self.consumer)
+        lag = self.positions.lag(self.consumer)
+        for p, end in self._broker_end.items():  # a direct partition's fetch position stands still
+            done = self.positions.committed.get(TopicPartition(self.stream, p))
+            if done is not None:
+                lag[(self.stream, p)] = max(0, end - done)
+        return lag
 
     def find_alert(self, alert_id: str):
         return self.store.find_alert(alert_id)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two batches of disjoint partitions in one (a partition in both: its records in offset
+    order, each once)."""
+    for tp, rs in b.items():
+        if tp in a:
+            a[tp] = sorted({r.offset: r for r in (*a[tp], *rs)}.values(), key=lambda r: r.offset)
+        else:
+            a[tp] = rs
+    return a

@@ -4,7 +4,11 @@ store restored from (and written to) a compacted changelog topic.
 One loop, in this order for every batch (consumer group ``<app id>-clinical`` on the
 patient stream ``observations``):
 
-1. ``getmany`` a batch; keep only records of partitions still assigned and restored;
+1. ``getmany`` a batch, and take the records this worker's own ingest wrote to its *direct*
+   partitions (``_next_input``, ``monitor.clinical.own_writes``: acknowledged writes taken
+   in offset order from the position instead of fetched back; a hole or a broker end past
+   them makes the partition fetch again); keep only records of partitions still assigned
+   and restored;
 2. the processor turns it into findings, alert versions and dead letters, and marks the
    patients it changed in the store;
 3. produce the outputs and wait until the broker acknowledged every one; the batch's

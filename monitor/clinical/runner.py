@@ -265,6 +265,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self._broker_end: dict[int, int] = {}
         #: direct partitions whose end check found records nobody offered
         self._holes: set[int] = set()
+        #: partition -> rollbacks so far: a batch made before a rollback of its partition
+        #: (and processed after it, having waited for the lock) is not processed
+        self._epoch: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._end_checks: asyncio.Future | None = None
 
@@ -292,7 +295,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             while not self._stopping:
                 batch = await self._next_input(consumer)
                 if batch:
-                    await self.process_batch(batch)
+                    await self.process_batch(batch, dict(self._epoch))
                 elif self._undurable() or self._persist_task is not None:
                     await self.checkpoint_idle()
         finally:
@@ -302,20 +305,26 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     # -- input: fetched, or this worker's own writes ----------------------------------------
     async def _next_input(self, consumer: AIOKafkaConsumer) -> dict:
-        """The next batch: records of the direct partitions taken from this worker's own
-        acknowledged writes, and records fetched for the others."""
+        """The next batch: records fetched, and records of the direct partitions taken from
+        this worker's own acknowledged writes. Those are taken last, with nothing awaited
+        after: a batch is processed as it stood when it was made (see ``process_batch``)."""
         if self.own_writes is None:
             return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
         self._wake.clear()
-        batch = self._take_direct()
-        fetching = bool(consumer.assignment()) and len(self._direct) < len(consumer.assignment())
-        if not batch and not fetching:  # every partition direct: wait for an offer (or a hole)
+        assignment = consumer.assignment()
+        fetching = bool(assignment) and len(self._direct) < len(assignment)
+        half = self.MAX_BATCH // 2
+        if self._direct_ready():
+            # a poll of the consumer also when every partition is direct: it keeps the member's
+            # poll interval, and brings what the fetching partitions have ready
+            fetched = await consumer.getmany(timeout_ms=0, max_records=half)
+        elif not fetching:  # every partition direct: wait for an offer (or a hole)
             try:
                 await asyncio.wait_for(self._wake.wait(), 0.1)
             except asyncio.TimeoutError:
                 pass
-            batch = self._take_direct()
-        elif not batch and self._direct:  # some direct, some fetching: whichever comes first
+            fetched = await consumer.getmany(timeout_ms=0, max_records=half)
+        elif self._direct:  # some direct, some fetching: whichever comes first
             getter = asyncio.ensure_future(consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH))
             waker = asyncio.ensure_future(self._wake.wait())
             try:
@@ -324,23 +333,24 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 waker.cancel()
                 if not getter.done():
                     getter.cancel()  # nothing is taken from the fetcher before it returns
-            if getter.done() and not getter.cancelled():
-                return _merge(self._take_direct(), getter.result())
-            batch = self._take_direct()
-        elif not batch:
+            fetched = getter.result() if getter.done() and not getter.cancelled() else {}
+        else:
             return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
-        # the fetched partitions' ready records join the batch (a poll of the consumer also
-        # when every partition is direct: it keeps the member's poll interval)
-        room = self.MAX_BATCH - sum(len(rs) for rs in batch.values())
-        return _merge(batch, await consumer.getmany(timeout_ms=0, max_records=max(room, 1)))
+        return _merge(fetched, self._take_direct(self.MAX_BATCH - sum(len(rs) for rs in fetched.values())))
 
-    def _take_direct(self) -> dict:
-        """Records of the direct partitions from their positions on, without a hole; a
-        partition whose next record nobody offered (someone else wrote it) fetches again."""
+    def _direct_ready(self) -> bool:
+        """A direct partition has its next record offered, or a hole."""
+        own = self.own_writes
+        assert own is not None
+        return bool(self._holes) or any(own.continues(p, pos) or own.hole(p, pos) for p, pos in self._direct.items())
+
+    def _take_direct(self, room: int) -> dict:
+        """Up to ``room`` records of the direct partitions from their positions on, without
+        a hole; a partition whose next record nobody offered (someone else wrote it) fetches
+        again."""
         own = self.own_writes
         assert own is not None
         out: dict = {}
-        room = self.MAX_BATCH
         for p, pos in list(self._direct.items()):
             if p in self._holes:
                 self._to_fetch(p)
@@ -461,14 +471,20 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.consumer = self._restorer = self.producer = self.changelog_producer = None
 
     # -- one batch -----------------------------------------------------------------------
-    async def process_batch(self, batch: dict) -> None:
+    async def process_batch(self, batch: dict, epochs: dict[int, int] | None = None) -> None:
+        """``epochs``: the partitions' rollback counts when the batch was made; the records
+        of a partition rolled back since (a clock chunk's failed write, while this batch
+        waited for the lock) are dropped: that partition is read again from its commit, and
+        records past its new position must not be processed before the ones in between."""
         async with self._lock:
             if self._stopping:  # fetched while stopping: the next owner reads it
                 return
             assert self.consumer is not None
             assigned = self.consumer.assignment()
+            epoch = self._epoch
             batch = {tp: self._from_position(tp, rs) for tp, rs in batch.items()
-                     if tp in assigned and tp.partition in self.owned}
+                     if tp in assigned and tp.partition in self.owned
+                     and (epochs is None or epoch.get(tp.partition, 0) == epochs.get(tp.partition, 0))}
             batch = {tp: rs for tp, rs in batch.items() if rs}
             if not batch:
                 return
@@ -729,6 +745,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         await self._restore_retrying(partitions)
         for p in partitions:
             self._next[p] = self._held.get(p, (0, None))[1]
+            self._epoch[p] = self._epoch.get(p, 0) + 1
         if self.consumer is not None:
             for p in partitions & set(self._direct):
                 self._to_fetch(p)

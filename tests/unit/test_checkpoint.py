@@ -163,3 +163,46 @@ def test_a_limited_take_encodes_the_first_marked_patients_and_a_mark_again_keeps
     assert store.take_changed(limit=0) == [] and store.changed_count() == 2
     assert [pid for pid, _, _ in store.take_changed()] == ["d1", "d4"]
     assert store.changed_count() == 0 and store.changed_partitions() == set()
+
+
+def test_a_batch_made_before_its_partitions_rollback_is_not_processed_after_it():
+    """A batch that waited for the lock while a clock chunk's failed write rolled its
+    partition back (to the commit) is dropped for that partition: records past the new
+    position must not be processed before the ones in between (they are read again)."""
+    import asyncio
+
+    from monitor.clinical.own_writes import StreamRecord
+
+    class Processed(Exception):
+        pass
+
+    class Processor:
+        handoff = None
+
+        def process(self, records):
+            raise Processed([r.partition for r in records])
+
+    class Consumer:
+        def assignment(self):
+            return {TopicPartition("obs", 0), TopicPartition("obs", 1)}
+
+    r = ClinicalRunner(Settings(_env_file=None, topic_observations="obs"), processor=Processor(),
+                       store=InMemoryPatientStore())
+    r.consumer = Consumer()
+    r.owned = frozenset({0, 1})
+    r._next = {0: 5, 1: 9}
+    batch = {TopicPartition("obs", p): [StreamRecord("obs", p, off, b"k", b"v", ())] for p, off in ((0, 7), (1, 9))}
+    made = dict(r._epoch)
+    r._epoch[0] = 1  # partition 0 rolled back after the batch was made
+    try:
+        asyncio.run(r.process_batch(dict(batch), made))
+    except Processed as p:
+        assert p.args[0] == [1]  # only the partition not rolled back
+    else:
+        raise AssertionError("nothing processed")
+    try:
+        asyncio.run(r.process_batch(dict(batch)))  # no epochs: as before
+    except Processed as p:
+        assert p.args[0] == [0, 1]
+    else:
+        raise AssertionError("nothing processed")

@@ -51,12 +51,14 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
                                   findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
                                   dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=3600)
     seen: dict[int, list[tuple[int, str]]] = {0: [], 1: []}  # partition -> (offset, how it came)
+    values: dict[tuple[int, int], bytes] = {}  # (partition, offset) -> the value processed
     process = processor.process
 
     def recorded(records, now=None):
         records = list(records)
         for r in records:
             seen[r.partition].append((r.offset, "taken" if isinstance(r, StreamRecord) else "fetched"))
+            values[(r.partition, r.offset)] = r.value
         return process(records, now)
 
     processor.process = recorded
@@ -158,6 +160,11 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
     for p, end in e.items():
         offsets = [off for off, _how in seen[p]]
         assert offsets == list(range(end)), (p, offsets)  # each once, in offset order
+    # what was processed at each offset is what the broker holds there
+    from kafka_broker import read_topic
+
+    held = {(m.partition, m.offset): m.value for m in read_topic(kafka_bootstrap, stream)}
+    assert held == values
     hows = {how for p in seen for _off, how in seen[p]}
     assert hows == {"taken", "fetched"}, hows
     assert n["foreign"] == 7

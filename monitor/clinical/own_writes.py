@@ -108,26 +108,32 @@ class OwnWrites:
             self._add(partition, -sum(len(offers.pop(b)) for b in gone))
         return self._offers.get(partition)
 
+    @staticmethod
+    def _holding(offers: dict[int, list], offset: int) -> int | None:
+        """The base of the offer that holds the record at ``offset``, if one does."""
+        return next((b for b, rs in offers.items() if b <= offset < b + len(rs)), None)
+
     def covered(self, partition: int, position: int) -> int:
         """The end of the offers that continue ``position`` without a hole (``position`` if
         none does); the offers before ``position`` are dropped."""
         offers = self._pass(partition, position)
         end = position
-        if not offers:
-            return end
-        while True:
-            nxt = None
-            for base, rs in offers.items():
-                if base <= end < base + len(rs):
-                    nxt = base + len(rs)
-                    break
-            if nxt is None:
-                return end
-            end = nxt
+        while offers:
+            base = self._holding(offers, end)
+            if base is None:
+                break
+            end = base + len(offers[base])
+        return end
+
+    def pending(self, partition: int, position: int) -> bool:
+        """Offers are held from ``position`` on: the next record is offered (``continues``)
+        or there is a hole (``hole``)."""
+        return bool(self._pass(partition, position))
 
     def continues(self, partition: int, position: int) -> bool:
         """An offer holds the record at ``position``."""
-        return self.covered(partition, position) > position
+        offers = self._pass(partition, position)
+        return bool(offers) and self._holding(offers, position) is not None
 
     def reached(self, partition: int, position: int) -> bool:
         """Every record offered for ``partition`` is before ``position``, and the newest offer
@@ -139,7 +145,7 @@ class OwnWrites:
         """Offers are held past ``position`` but none holds the record at ``position``:
         someone else wrote in between (or this worker's write of it was not offered)."""
         offers = self._pass(partition, position)
-        return bool(offers) and not self.continues(partition, position)
+        return bool(offers) and self._holding(offers, position) is None
 
     def take(self, partition: int, position: int, limit: int) -> list[StreamRecord]:
         """Up to ``limit`` records from ``position`` on, in offset order, without a hole;
@@ -150,7 +156,7 @@ class OwnWrites:
             return out
         topic = self.topic
         while len(out) < limit:
-            base = next((b for b, rs in offers.items() if b <= position < b + len(rs)), None)
+            base = self._holding(offers, position)
             if base is None:
                 break
             rs = offers[base]

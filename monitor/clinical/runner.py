@@ -308,23 +308,21 @@ class ClinicalRunner(ConsumerRebalanceListener):
         """The next batch: records fetched, and records of the direct partitions taken from
         this worker's own acknowledged writes. Those are taken last, with nothing awaited
         after: a batch is processed as it stood when it was made (see ``process_batch``)."""
-        if self.own_writes is None:
+        if self.own_writes is None or not self._direct:  # every partition fetching
             return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
         self._wake.clear()
-        assignment = consumer.assignment()
-        fetching = bool(assignment) and len(self._direct) < len(assignment)
         half = self.MAX_BATCH // 2
         if self._direct_ready():
             # a poll of the consumer also when every partition is direct: it keeps the member's
             # poll interval, and brings what the fetching partitions have ready
             fetched = await consumer.getmany(timeout_ms=0, max_records=half)
-        elif not fetching:  # every partition direct: wait for an offer (or a hole)
-            try:
+        elif len(self._direct) >= len(consumer.assignment()):
+            try:  # every partition direct: wait for an offer (or a hole)
                 await asyncio.wait_for(self._wake.wait(), 0.1)
             except asyncio.TimeoutError:
                 pass
             fetched = await consumer.getmany(timeout_ms=0, max_records=half)
-        elif self._direct:  # some direct, some fetching: whichever comes first
+        else:  # some direct, some fetching: whichever comes first
             getter = asyncio.ensure_future(consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH))
             waker = asyncio.ensure_future(self._wake.wait())
             try:
@@ -334,15 +332,13 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 if not getter.done():
                     getter.cancel()  # nothing is taken from the fetcher before it returns
             fetched = getter.result() if getter.done() and not getter.cancelled() else {}
-        else:
-            return await consumer.getmany(timeout_ms=100, max_records=self.MAX_BATCH)
         return _merge(fetched, self._take_direct(self.MAX_BATCH - sum(len(rs) for rs in fetched.values())))
 
     def _direct_ready(self) -> bool:
         """A direct partition has its next record offered, or a hole."""
         own = self.own_writes
         assert own is not None
-        return bool(self._holes) or any(own.continues(p, pos) or own.hole(p, pos) for p, pos in self._direct.items())
+        return bool(self._holes) or any(own.pending(p, pos) for p, pos in self._direct.items())
 
     def _take_direct(self, room: int) -> dict:
         """Up to ``room`` records of the direct partitions from their positions on, without

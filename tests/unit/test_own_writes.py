@@ -57,7 +57,7 @@ def test_a_record_nobody_offered_is_a_hole_and_nothing_after_it_is_taken():
     w.offer(0, 13, recs(2))  # offset 12 was written by someone else
     assert offsets(w.take(0, 10, 100)) == [10, 11]
     assert w.take(0, 12, 100) == []
-    assert w.hole(0, 12)
+    assert w.hole(0, 12) and w.pending(0, 12)
     assert not w.continues(0, 12) and w.covered(0, 12) == 12
     # fetched from the broker up to 13: the offer continues the position again
     assert w.continues(0, 13) and offsets(w.take(0, 13, 100)) == [13, 14]
@@ -65,9 +65,10 @@ def test_a_record_nobody_offered_is_a_hole_and_nothing_after_it_is_taken():
 
 def test_no_offer_past_the_position_is_no_hole():
     w = OwnWrites("s")
-    assert not w.hole(0, 5)
+    assert not w.hole(0, 5) and not w.pending(0, 5)
     w.offer(0, 0, recs(5))
-    assert not w.hole(0, 5)  # everything offered is before the position: dropped
+    assert w.pending(0, 3) and not w.hole(0, 3)
+    assert not w.hole(0, 5) and not w.pending(0, 5)  # everything offered is before the position: dropped
     assert len(w) == 0
 
 

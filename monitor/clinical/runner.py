@@ -401,8 +401,6 @@ class ClinicalRunner(ConsumerRebalanceListener):
         the partition fetches again (``_take_direct``). (The previous check's end, not this
         one's: this worker's own write may be on the broker before its acknowledgement is
         processed here.)"""
-        own = self.own_writes
-        assert own is not None
         while True:
             await asyncio.sleep(self.END_CHECK_SECONDS)
             direct = list(self._direct)
@@ -416,17 +414,24 @@ class ClinicalRunner(ConsumerRebalanceListener):
             except Exception as exc:  # the broker away: checked again next time
                 log.debug("end offsets of the direct partitions not read: %s", type(exc).__name__)
                 continue
-            for p in direct:
-                pos = self._direct.get(p)
-                if pos is None:
-                    continue
-                seen = self._broker_end.get(p)
-                if seen is not None and seen > own.covered(p, pos):
-                    self._holes.add(p)
-                    self._wake.set()
-                end = ends.get(TopicPartition(self.stream, p))
-                if end is not None:
-                    self._broker_end[p] = end
+            self._note_ends({tp.partition: end for tp, end in ends.items()}, direct)
+
+    def _note_ends(self, ends: dict[int, int], direct: list[int]) -> None:
+        """One end check's result (partition -> the broker's end) for the partitions that were
+        direct when it was asked: a hole where the previous check's end passes the offers."""
+        own = self.own_writes
+        assert own is not None
+        for p in direct:
+            pos = self._direct.get(p)
+            if pos is None:
+                continue
+            seen = self._broker_end.get(p)
+            if seen is not None and seen > own.covered(p, pos):
+                self._holes.add(p)
+                self._wake.set()
+            end = ends.get(p)
+            if end is not None:
+                self._broker_end[p] = end
 
     def _leave_direct(self) -> None:
         """No partition is direct (a revocation, a stop)."""

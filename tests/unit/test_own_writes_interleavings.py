@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import NamedTuple
 
 from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
@@ -32,15 +31,10 @@ SETTINGS = settings(max_examples=int(__import__("os").environ.get("HYPOTHESIS_EX
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-class Fetched(NamedTuple):
+class Fetched(StreamRecord):
     """A record as the consumer returns it (another type than a taken ``StreamRecord``)."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple
+    __slots__ = ()
 
 
 class Consumer:

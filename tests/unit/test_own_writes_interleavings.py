@@ -191,3 +191,54 @@ def test_a_plain_run_takes_its_own_writes_and_fetches_the_other_writers():
     assert len(proc.seen[0]) == 8
     assert own.taken > 0 and proc.taken == own.taken
     assert 0 < proc.taken < 8  # the other writer's record, at least, was fetched
+
+
+def _behind(backlog: dict[int, int], max_batch: int) -> tuple[ClinicalRunner, OwnWrites, dict]:
+    """A runner whose partitions are all direct, with ``backlog[p]`` records of its own
+    writes offered and not processed yet (the stage is behind)."""
+    log: dict[int, list] = {p: [] for p in PARTITIONS}
+    r = ClinicalRunner(Settings(_env_file=None, topic_observations=TOPIC, clinical_checkpoint_interval_seconds=1e6),
+                       processor=Processor(), store=InMemoryPatientStore())
+    r.MAX_BATCH = max_batch
+    r.consumer = Consumer(log, random.Random(0))
+    own = OwnWrites(TOPIC, capacity=10_000)
+    r.own_writes = own
+    for p, n in backlog.items():
+        for base in range(0, n, 5):  # ingest's batches of five records
+            records = [(b"k", f"{p}-{o}".encode(), None) for o in range(base, min(n, base + 5))]
+            log[p].extend(records)
+            own.offer(p, base, records)
+    r._direct = {p: 0 for p in PARTITIONS}
+    for p in PARTITIONS:
+        r.consumer.pause(TopicPartition(TOPIC, p))
+    return r, own, log
+
+
+def test_a_stage_that_is_behind_shares_each_batch_among_its_direct_partitions():
+    """Taking each partition's records in a fixed order let the first partition fill every
+    batch while the stage was behind: one partition of six waited seconds longer than the
+    rest (docs/measurements.md, twenty-seventh pass). The room is shared, and what one
+    partition does not need goes to the others."""
+    r, own, _ = _behind({0: 100, 1: 100}, max_batch=10)
+    batch = asyncio.run(r._next_input(r.consumer))
+    assert {tp.partition: len(rs) for tp, rs in batch.items()} == {0: 5, 1: 5}
+    assert all([x.offset for x in rs] == list(range(5)) for rs in batch.values())  # from the position, in order
+
+    r, own, _ = _behind({0: 2, 1: 100}, max_batch=10)
+    batch = asyncio.run(r._next_input(r.consumer))
+    assert {tp.partition: len(rs) for tp, rs in batch.items()} == {0: 2, 1: 8}
+
+
+def test_a_stage_that_is_behind_drains_its_direct_partitions_at_the_same_pace():
+    r, own, log = _behind({0: 60, 1: 60}, max_batch=7)  # an odd batch: the first served turns
+    done = {p: 0 for p in PARTITIONS}
+    spread = 0
+    while any(done[p] < 60 for p in PARTITIONS):
+        batch = asyncio.run(r._next_input(r.consumer))
+        assert batch
+        for tp, rs in batch.items():
+            assert [x.offset for x in rs] == list(range(done[tp.partition], done[tp.partition] + len(rs)))
+            done[tp.partition] += len(rs)
+            r._direct[tp.partition] = done[tp.partition]
+        spread = max(spread, abs(done[0] - done[1]))
+    assert spread <= 1, spread

@@ -146,6 +146,10 @@ class OwnWrites:
         ``position`` unless someone else writes first."""
         return self._ends.get(partition) == position
 
+    def held(self, partition: int) -> int:
+        """Records held for ``partition`` (from the position of the last call that passed it)."""
+        return self._count.get(partition, 0)
+
     def hole(self, partition: int, position: int) -> bool:
         """Offers are held past ``position`` but none holds the record at ``position``:
         someone else wrote in between (or this worker's write of it was not offered)."""

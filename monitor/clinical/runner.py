@@ -352,11 +352,14 @@ class ClinicalRunner(ConsumerRebalanceListener):
         a hole; a partition whose next record nobody offered (someone else wrote it) fetches
         again.
 
-        The room is shared evenly among the partitions with records ready, the first of them
-        turning with each take: while the stage is behind, every partition's backlog shrinks
-        at the same pace. (Taking each partition's records in a fixed order let the first ones
-        fill every batch: at 2,000 events/s on a slow host, one partition of six waited 5.7-6.0
-        s at the median and the others 0.8-1.2 s; docs/measurements.md, twenty-seventh pass.)"""
+        The room is shared among the partitions with records ready in proportion to the
+        records each holds, the first of them turning with each take: while the stage is
+        behind, every partition's backlog drains in the same time, a busier partition's (more
+        patients) as soon as a quieter one's. (Taking each partition's records in a fixed order
+        let the first ones fill every batch: at 2,000 events/s on a slow host, one partition of
+        six waited 5.7-6.0 s at the median and the others 0.8-1.2 s. Equal shares left the
+        partition with the most patients the slowest; docs/measurements.md, twenty-seventh
+        pass.)"""
         own = self.own_writes
         assert own is not None
         out: dict = {}
@@ -373,15 +376,19 @@ class ClinicalRunner(ConsumerRebalanceListener):
         first = self._turn % len(ready)
         self._turn += 1
         ready = ready[first:] + ready[:first]
+        held = {p: own.held(p) for p in ready}
         while ready and room > 0:
-            each = max(1, room // len(ready))
+            total = max(1, sum(held[p] for p in ready))
+            start = room
             more: list[int] = []
             for p in ready:
                 if room <= 0:
                     break
+                each = max(1, start * held[p] // total)
                 records = own.take(p, self._direct[p], min(each, room))
                 if not records:
                     continue
+                held[p] -= len(records)
                 tp = TopicPartition(self.stream, p)
                 if tp in out:
                     out[tp].extend(records)
@@ -389,7 +396,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     out[tp] = records
                 self._direct[p] = records[-1].offset + 1
                 room -= len(records)
-                if len(records) == each:  # it may hold more: a share of what is left
+                if len(records) == each and held[p] > 0:  # it may hold more: a share of what is left
                     more.append(p)
             ready = more
         return out

@@ -217,16 +217,20 @@ def _behind(backlog: dict[int, int], max_batch: int) -> tuple[ClinicalRunner, Ow
 def test_a_stage_that_is_behind_shares_each_batch_among_its_direct_partitions():
     """Taking each partition's records in a fixed order let the first partition fill every
     batch while the stage was behind: one partition of six waited seconds longer than the
-    rest (docs/measurements.md, twenty-seventh pass). The room is shared, and what one
-    partition does not need goes to the others."""
+    rest (docs/measurements.md, twenty-seventh pass). The room is shared in proportion to
+    what each partition holds, and what one partition does not need goes to the others."""
     r, own, _ = _behind({0: 100, 1: 100}, max_batch=10)
     batch = asyncio.run(r._next_input(r.consumer))
     assert {tp.partition: len(rs) for tp, rs in batch.items()} == {0: 5, 1: 5}
     assert all([x.offset for x in rs] == list(range(5)) for rs in batch.values())  # from the position, in order
 
-    r, own, _ = _behind({0: 2, 1: 100}, max_batch=10)
+    r, own, _ = _behind({0: 20, 1: 80}, max_batch=10)  # a busier partition: more patients
     batch = asyncio.run(r._next_input(r.consumer))
     assert {tp.partition: len(rs) for tp, rs in batch.items()} == {0: 2, 1: 8}
+
+    r, own, _ = _behind({0: 1, 1: 100}, max_batch=10)  # a quiet partition still gets its record
+    batch = asyncio.run(r._next_input(r.consumer))
+    assert {tp.partition: len(rs) for tp, rs in batch.items()} == {0: 1, 1: 9}
 
 
 def test_a_stage_that_is_behind_drains_its_direct_partitions_at_the_same_pace():
@@ -242,3 +246,26 @@ def test_a_stage_that_is_behind_drains_its_direct_partitions_at_the_same_pace():
             r._direct[tp.partition] = done[tp.partition]
         spread = max(spread, abs(done[0] - done[1]))
     assert spread <= 1, spread
+
+
+def test_a_stage_that_is_behind_drains_a_busier_partition_in_the_same_time():
+    """Equal shares drained the partition holding the most patients last: the slowest of six
+    in the runs of the twenty-seventh pass. Shares in proportion to the backlogs finish them
+    together."""
+    r, own, log = _behind({0: 40, 1: 120}, max_batch=8)
+    backlog = {0: 40, 1: 120}
+    done = {p: 0 for p in PARTITIONS}
+    finished: dict[int, int] = {}
+    takes = 0
+    while any(done[p] < backlog.get(p, 0) for p in PARTITIONS):
+        batch = asyncio.run(r._next_input(r.consumer))
+        assert batch
+        takes += 1
+        for tp, rs in batch.items():
+            done[tp.partition] += len(rs)
+            r._direct[tp.partition] = done[tp.partition]
+        for p, n in backlog.items():
+            if done[p] >= n and p not in finished:
+                finished[p] = takes
+    assert takes == 20  # every batch full
+    assert abs(finished[0] - finished[1]) <= 1, finished

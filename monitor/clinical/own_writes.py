@@ -147,7 +147,8 @@ class OwnWrites:
         return self._ends.get(partition) == position
 
     def held(self, partition: int) -> int:
-        """Records held for ``partition`` (from the position of the last call that passed it)."""
+        """Records held for ``partition`` (from the position of the last call that passed it;
+        ``take`` lowers it by what it took)."""
         return self._count.get(partition, 0)
 
     def hole(self, partition: int, position: int) -> bool:

@@ -315,8 +315,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self._wake.clear()
         assigned = consumer.assignment()
         # the fetching partitions' share of a batch, when a direct partition has records ready:
-        # as many records per partition as the direct ones get (``_take_direct``), so that
-        # neither way starves the other while the stage is behind
+        # an even share per partition (the direct ones share the rest, ``_take_direct``), so
+        # that neither way starves the other while the stage is behind
         fetching = sum(1 for tp in assigned if tp.partition not in self._direct)
         share = max(1, self.MAX_BATCH * fetching // max(1, len(assigned)))
         if self._direct_ready():
@@ -376,27 +376,21 @@ class ClinicalRunner(ConsumerRebalanceListener):
         first = self._turn % len(ready)
         self._turn += 1
         ready = ready[first:] + ready[:first]
-        held = {p: own.held(p) for p in ready}
         while ready and room > 0:
-            total = max(1, sum(held[p] for p in ready))
+            total = max(1, sum(own.held(p) for p in ready))
             start = room
             more: list[int] = []
             for p in ready:
                 if room <= 0:
                     break
-                each = max(1, start * held[p] // total)
+                each = max(1, start * own.held(p) // total)
                 records = own.take(p, self._direct[p], min(each, room))
                 if not records:
                     continue
-                held[p] -= len(records)
-                tp = TopicPartition(self.stream, p)
-                if tp in out:
-                    out[tp].extend(records)
-                else:
-                    out[tp] = records
+                out.setdefault(TopicPartition(self.stream, p), []).extend(records)
                 self._direct[p] = records[-1].offset + 1
                 room -= len(records)
-                if len(records) == each and held[p] > 0:  # it may hold more: a share of what is left
+                if len(records) == each and own.held(p) > 0:  # it may hold more: a share of what is left
                     more.append(p)
             ready = more
         return out

@@ -105,15 +105,21 @@ def _exact(proc: Processor, log: dict[int, list]) -> None:
         assert proc.seen[p] == want, (p, proc.seen[p], want)
 
 
-async def _run(plan: list, capacity: int, max_batch: int, rnd: random.Random) -> tuple[Processor, dict, OwnWrites]:
-    log: dict[int, list] = {p: [] for p in PARTITIONS}
-    consumer = Consumer(log, rnd)
-    proc = Processor()
+def _runner(log: dict[int, list], proc: Processor, max_batch: int, rnd: random.Random) -> ClinicalRunner:
+    """The real runner over the stand-in consumer of ``log``."""
     r = ClinicalRunner(Settings(_env_file=None, topic_observations=TOPIC, clinical_checkpoint_interval_seconds=1e6),
                        processor=proc, store=InMemoryPatientStore())
     r.MAX_BATCH = max_batch
+    r.consumer = Consumer(log, rnd)
+    return r
+
+
+async def _run(plan: list, capacity: int, max_batch: int, rnd: random.Random) -> tuple[Processor, dict, OwnWrites]:
+    log: dict[int, list] = {p: [] for p in PARTITIONS}
+    proc = Processor()
+    r = _runner(log, proc, max_batch, rnd)
+    consumer = r.consumer
     r.DIRECT_RETRY_SECONDS = 0.0
-    r.consumer = consumer
     r.producer = object()  # never used: the processor here writes no output
 
     async def no_rollback(partitions):
@@ -197,10 +203,7 @@ def _behind(backlog: dict[int, int], max_batch: int) -> tuple[ClinicalRunner, Ow
     """A runner whose partitions are all direct, with ``backlog[p]`` records of its own
     writes offered and not processed yet (the stage is behind)."""
     log: dict[int, list] = {p: [] for p in PARTITIONS}
-    r = ClinicalRunner(Settings(_env_file=None, topic_observations=TOPIC, clinical_checkpoint_interval_seconds=1e6),
-                       processor=Processor(), store=InMemoryPatientStore())
-    r.MAX_BATCH = max_batch
-    r.consumer = Consumer(log, random.Random(0))
+    r = _runner(log, Processor(), max_batch, random.Random(0))
     own = OwnWrites(TOPIC, capacity=10_000)
     r.own_writes = own
     for p, n in backlog.items():
@@ -212,6 +215,22 @@ def _behind(backlog: dict[int, int], max_batch: int) -> tuple[ClinicalRunner, Ow
     for p in PARTITIONS:
         r.consumer.pause(TopicPartition(TOPIC, p))
     return r, own, log
+
+
+def _drain(r: ClinicalRunner, backlog: dict[int, int]) -> list[dict[int, int]]:
+    """Batches taken until every backlog is processed: the records processed per partition
+    after each batch (every batch from the partition's position on, in offset order)."""
+    done = {p: 0 for p in PARTITIONS}
+    after: list[dict[int, int]] = []
+    while any(done[p] < backlog.get(p, 0) for p in PARTITIONS):
+        batch = asyncio.run(r._next_input(r.consumer))
+        assert batch
+        for tp, rs in batch.items():
+            assert [x.offset for x in rs] == list(range(done[tp.partition], done[tp.partition] + len(rs)))
+            done[tp.partition] += len(rs)
+            r._direct[tp.partition] = done[tp.partition]
+        after.append(dict(done))
+    return after
 
 
 def test_a_stage_that_is_behind_shares_each_batch_among_its_direct_partitions():
@@ -235,16 +254,7 @@ def test_a_stage_that_is_behind_shares_each_batch_among_its_direct_partitions():
 
 def test_a_stage_that_is_behind_drains_its_direct_partitions_at_the_same_pace():
     r, own, log = _behind({0: 60, 1: 60}, max_batch=7)  # an odd batch: the first served turns
-    done = {p: 0 for p in PARTITIONS}
-    spread = 0
-    while any(done[p] < 60 for p in PARTITIONS):
-        batch = asyncio.run(r._next_input(r.consumer))
-        assert batch
-        for tp, rs in batch.items():
-            assert [x.offset for x in rs] == list(range(done[tp.partition], done[tp.partition] + len(rs)))
-            done[tp.partition] += len(rs)
-            r._direct[tp.partition] = done[tp.partition]
-        spread = max(spread, abs(done[0] - done[1]))
+    spread = max(abs(done[0] - done[1]) for done in _drain(r, {0: 60, 1: 60}))
     assert spread <= 1, spread
 
 
@@ -252,20 +262,9 @@ def test_a_stage_that_is_behind_drains_a_busier_partition_in_the_same_time():
     """Equal shares drained the partition holding the most patients last: the slowest of six
     in the runs of the twenty-seventh pass. Shares in proportion to the backlogs finish them
     together."""
-    r, own, log = _behind({0: 40, 1: 120}, max_batch=8)
     backlog = {0: 40, 1: 120}
-    done = {p: 0 for p in PARTITIONS}
-    finished: dict[int, int] = {}
-    takes = 0
-    while any(done[p] < backlog.get(p, 0) for p in PARTITIONS):
-        batch = asyncio.run(r._next_input(r.consumer))
-        assert batch
-        takes += 1
-        for tp, rs in batch.items():
-            done[tp.partition] += len(rs)
-            r._direct[tp.partition] = done[tp.partition]
-        for p, n in backlog.items():
-            if done[p] >= n and p not in finished:
-                finished[p] = takes
-    assert takes == 20  # every batch full
+    r, own, log = _behind(backlog, max_batch=8)
+    after = _drain(r, backlog)
+    assert len(after) == 20  # every batch full
+    finished = {p: next(i for i, done in enumerate(after) if done[p] >= n) for p, n in backlog.items()}
     assert abs(finished[0] - finished[1]) <= 1, finished

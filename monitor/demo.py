@@ -33,7 +33,7 @@ from kafka.admin import KafkaAdminClient
 from .kafka_config import kafka_python_config
 from .settings import get_settings
 from .simulate import SEV_RANK, compare, generate_cohort, records
-from .topics_admin import ensure_topics
+from .topics_admin import ensure_topics, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".demo"
@@ -90,7 +90,7 @@ def _wait_http(url: str, proc: subprocess.Popen, name: str, timeout: float = 120
 
 def _group_lag(admin: KafkaAdminClient, consumer: KafkaConsumer, group: str, topics: list[str]) -> int:
     offsets = admin.list_group_offsets(group).get(group, {})
-    parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+    parts = [TopicPartition(t, p) for t in topics for p in sorted(topic_partitions(consumer, t))]
     ends = consumer.end_offsets(parts)
     lag = 0
     for tp in parts:
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                              id_prefix=f"demo{run}-")
     consumer = KafkaConsumer(enable_auto_commit=False, group_id=None, **kafka_python_config(s))
     admin = KafkaAdminClient(**kafka_python_config(s))
-    alert_parts = [TopicPartition(s.topic_alerts, p) for p in sorted(consumer.partitions_for_topic(s.topic_alerts))]
-    dlq_parts = [TopicPartition(s.topic_dead_letter, p) for p in sorted(consumer.partitions_for_topic(s.topic_dead_letter))]
+    alert_parts = [TopicPartition(s.topic_alerts, p) for p in sorted(topic_partitions(consumer, s.topic_alerts))]
+    dlq_parts = [TopicPartition(s.topic_dead_letter, p) for p in sorted(topic_partitions(consumer, s.topic_dead_letter))]
     starts = consumer.end_offsets(alert_parts + dlq_parts)
 
     from kafka import KafkaProducer

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 from schemas.replay import ReplayLedgerEntry
 
 from .settings import Settings
-from .topics_admin import KafkaUnreachable
+from .topics_admin import TOPIC_METADATA_WAIT_SECONDS, KafkaUnreachable, topic_partitions
 
 #: header names written by monitor/dlq.py (kept in one place here for readers)
 H_REASON = "dlq.reason"
@@ -234,10 +234,12 @@ def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist:
     from kafka import TopicPartition
     from kafka.errors import KafkaTimeoutError
 
-    parts = consumer.partitions_for_topic(topic)
+    # a topic that must be there is asked for again while the metadata leaves it out
+    parts = topic_partitions(consumer, topic, wait=TOPIC_METADATA_WAIT_SECONDS if must_exist else 0.0)
     if not parts:
         if must_exist:
-            raise DlqError(f"topic {topic!r} does not exist (check TOPIC_DEAD_LETTER)")
+            raise DlqError(f"topic {topic!r} does not exist, or this user may not describe it (checked for "
+                           f"{TOPIC_METADATA_WAIT_SECONDS:.0f} s; the dead-letter topic is TOPIC_DEAD_LETTER)")
         return
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
     consumer.assign(tps)
@@ -270,10 +272,13 @@ def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist:
                 todo.discard(tp)
 
 
-def read_ledger(consumer, ledger_topic: str) -> dict[str, dict]:
-    """The replay ledger: dead-letter coordinates -> what was republished (latest entry per key)."""
+def read_ledger(consumer, ledger_topic: str, must_exist: bool = False) -> dict[str, dict]:
+    """The replay ledger: dead-letter coordinates -> what was republished (latest entry per key).
+
+    ``must_exist``: the ledger was made sure of (a replay): a ledger the metadata leaves out
+    for a moment must not read as "nothing replayed yet", which would replay it all again."""
     out: dict[str, dict] = {}
-    for r in _read_topic(consumer, ledger_topic, must_exist=False):
+    for r in _read_topic(consumer, ledger_topic, must_exist=must_exist):
         if r.key is None:
             continue
         if r.value is None:  # tombstone: an operator cleared the entry on purpose
@@ -287,14 +292,15 @@ def read_ledger(consumer, ledger_topic: str) -> dict[str, dict]:
 
 
 def read_dead_letters(s: Settings, flt: Filter | None = None, *, timeout: float = 15.0,
-                      with_ledger: bool = True) -> list[DeadLetter]:
-    """The dead letters matching ``flt``, oldest first per partition, with their replay status."""
+                      with_ledger: bool = True, ledger_must_exist: bool = False) -> list[DeadLetter]:
+    """The dead letters matching ``flt``, oldest first per partition, with their replay status
+    (``ledger_must_exist``: the replay ledger was created if it was missing)."""
     from kafka.errors import KafkaError
 
     flt = flt or Filter()
     consumer = _consumer(s, timeout)
     try:
-        ledger = read_ledger(consumer, replay_ledger_topic(s)) if with_ledger else {}
+        ledger = read_ledger(consumer, replay_ledger_topic(s), must_exist=ledger_must_exist) if with_ledger else {}
         out = []
         for r in _read_topic(consumer, s.topic_dead_letter, since=flt.since, stall_timeout=max(timeout, 30.0)):
             d = DeadLetter(s.topic_dead_letter, r.partition, r.offset, r.timestamp, r.key, r.value or b"",
@@ -370,7 +376,7 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
 
     if not dry_run:
         ensure_ledger_topic(s, timeout)
-    records = read_dead_letters(s, flt, timeout=timeout)
+    records = read_dead_letters(s, flt, timeout=timeout, ledger_must_exist=not dry_run)
     counts: dict[str, Any] = {"matched": len(records), "replayed": 0, "already_replayed": 0,
                               "no_source_topic": 0, "dry_run": dry_run, "to": {}}
     todo = []

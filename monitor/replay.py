@@ -181,7 +181,7 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
     from kafka.errors import KafkaError
 
     from .kafka_config import kafka_python_config
-    from .topics_admin import KafkaUnreachable
+    from .topics_admin import KafkaUnreachable, topic_partitions
 
     try:
         consumer = KafkaConsumer(
@@ -197,10 +197,12 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
     try:
         tps = []
         for t in replay_topics(s):
-            for p in sorted(consumer.partitions_for_topic(t) or ()):
-                tps.append(TopicPartition(t, p))
-        if not tps:
-            return out
+            parts = topic_partitions(consumer, t, wait=timeout)
+            if not parts:  # never an empty replay in its place: the records may be there
+                raise ReplayError(f"topic {t!r} (the patient stream, TOPIC_OBSERVATIONS) is not on the brokers at "
+                                  f"{s.kafka_bootstrap_servers} after {timeout:.0f} s, or this user may not "
+                                  "describe it")
+            tps.extend(TopicPartition(t, p) for p in sorted(parts))
         consumer.assign(tps)
         end = consumer.end_offsets(tps)
         begin = consumer.beginning_offsets(tps)

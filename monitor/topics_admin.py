@@ -24,6 +24,27 @@ class KafkaUnreachable(RuntimeError):
 
 SASL_DROPS_MEAN_AUTH_FAILURE = 3
 
+#: how long a tool waits for a topic it reads to show up in the brokers' metadata
+TOPIC_METADATA_WAIT_SECONDS = 10.0
+
+
+def topic_partitions(consumer, topic: str, wait: float = TOPIC_METADATA_WAIT_SECONDS) -> set[int]:
+    """The partition ids of ``topic`` as a kafka-python ``consumer`` sees them, asking the
+    brokers again for up to ``wait`` seconds while it sees none.
+
+    kafka-python's ``partitions_for_topic`` answers an empty set both for a topic that does
+    not exist and for one the metadata left out for a moment (just after it was created,
+    or while a partition's leader is elected: the topic comes back with an error and its
+    partitions are dropped). A reader that took the empty set at its word reported an
+    empty topic (a protocol replay of "0 patients", exit status 0) where the records were
+    there. Empty after ``wait``: the topic is not there, or this user may not see it."""
+    deadline = time.monotonic() + wait
+    while True:
+        parts = consumer.partitions_for_topic(topic)  # asks the brokers when it knows none
+        if parts or time.monotonic() >= deadline:
+            return set(parts or ())
+        time.sleep(0.2)
+
 
 def admin_client(s: Settings, timeout: float | None = None) -> KafkaAdminClient:
     """A connected admin client, or ``KafkaUnreachable`` after ``timeout`` seconds

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -155,6 +156,56 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     # read-only: nothing was written to any service topic, and no consumer group appeared
     assert end_offsets(kafka_bootstrap, service_topics) == before
     assert groups(kafka_bootstrap) == groups_before
+
+
+def test_replay_of_a_patient_stream_the_brokers_do_not_have_fails_instead_of_finding_no_patients(
+        kafka_bootstrap, tmp_path):
+    """TOPIC_OBSERVATIONS names a topic the brokers do not have (a typo, another deployment's
+    name): the replay asks for it again for its wait, then says so and exits 2, writing no
+    report and creating nothing. It used to print "0 patients ... 0 difference(s)" with status
+    0, which reads like a candidate that changes nothing (and a CI run on a slow host once got
+    that answer for a stream just created, whose partitions the first metadata left out)."""
+    prefix = f"rpa{uuid.uuid4().hex[:8]}"
+    topics = {n: f"{prefix}.{n}" for n in ALL}  # none of them created
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    report = tmp_path / "r.json"
+    t0 = time.monotonic()
+    r = monitor(env, "protocol", "replay", "--quiet", "--candidate",
+                str(ROOT / "alerts/protocols/onasemnogene-abeparvovec-iv.yaml"), "--json", str(report))
+    waited = time.monotonic() - t0
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert topics["observations"] in r.stderr and "TOPIC_OBSERVATIONS" in r.stderr, r.stderr
+    assert "patients" not in r.stdout and not report.exists()
+    assert waited >= 10, waited  # asked again for the reader's wait, not once
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert not [t for t in admin.list_topics() if t.startswith(prefix)]
+    finally:
+        admin.close()
+
+
+def test_a_reader_waiting_for_a_topic_sees_it_once_it_is_created(kafka_bootstrap):
+    """kafka-python asks the broker again each time it knows no partition of the topic, so the
+    readers' wait (``topic_partitions``) sees a topic that appears while it waits."""
+    import threading
+
+    from kafka_broker import create_topics, drop_test_topics
+
+    from monitor.topics_admin import topic_partitions
+
+    name = f"rpl{uuid.uuid4().hex[:8]}.observations"
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                             allow_auto_create_topics=False)
+    timer = threading.Timer(1.5, create_topics, (kafka_bootstrap, [name]), {"partitions": 3})
+    try:
+        assert consumer.partitions_for_topic(name) == set()  # what a single look says
+        timer.start()
+        assert topic_partitions(consumer, name, wait=30.0) == {0, 1, 2}
+    finally:
+        timer.cancel()
+        timer.join()
+        consumer.close()
+        drop_test_topics(kafka_bootstrap, [name], [])
 
 
 def test_replay_of_the_stream_a_real_worker_recorded(kafka_bootstrap, topic_factory, worker_factory, tmp_path):

@@ -164,7 +164,7 @@ def test_replay_of_a_patient_stream_the_brokers_do_not_have_fails_instead_of_fin
     name): the replay asks for it again for its wait, then says so and exits 2, writing no
     report and creating nothing. It used to print "0 patients ... 0 difference(s)" with status
     0, which reads like a candidate that changes nothing (and a CI run on a slow host once got
-    that answer for a stream just created, whose partitions the first metadata left out)."""
+    that answer for a stream just created and holding a cohort)."""
     prefix = f"rpa{uuid.uuid4().hex[:8]}"
     topics = {n: f"{prefix}.{n}" for n in ALL}  # none of them created
     env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}

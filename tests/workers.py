@@ -115,7 +115,9 @@ def wait_committed(bootstrap: str, group: str, topics: list[str], timeout: float
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        from monitor.topics_admin import topic_partitions
+
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(topic_partitions(consumer, t))]
         deadline = time.monotonic() + timeout
         while True:
             ends = consumer.end_offsets(tps)

@@ -18,13 +18,15 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, Ne
 from test_clinical_broker import INPUTS, OUTPUTS, dose, result, send
 from workers import service_env, wait_committed
 
+from monitor.topics_admin import topic_partitions
+
 pytestmark = pytest.mark.integration
 
 
 def _committed_and_ends(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        tps = [TopicPartition(topic, p) for p in sorted(topic_partitions(c, topic))]
         ends = c.end_offsets(tps)
         return sum(c.committed(tp) or 0 for tp in tps), sum(ends.values())
     finally:

@@ -21,6 +21,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from workers import ROOT, service_env, wait_ingested
 
+from monitor.topics_admin import topic_partitions
+
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from test_replay import constructed_cohort, expected_changes, lowered_alt  # noqa: E402
 
@@ -46,7 +48,7 @@ def monitor_all(env: dict[str, str], *argvs: list[str], timeout: float = 120) ->
 def end_offsets(bootstrap: str, topics: list[str]) -> dict:
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(topic_partitions(c, t))]
         return {f"{tp.topic}:{tp.partition}": off for tp, off in c.end_offsets(tps).items()}
     finally:
         c.close()
@@ -190,8 +192,6 @@ def test_a_reader_waiting_for_a_topic_sees_it_once_it_is_created(kafka_bootstrap
     import threading
 
     from kafka_broker import create_topics, drop_test_topics
-
-    from monitor.topics_admin import topic_partitions
 
     name = f"rpl{uuid.uuid4().hex[:8]}.observations"
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False,

@@ -33,6 +33,7 @@ from workers import SERVICE_TOPICS, WorkerProcess, stop_workers  # noqa: E402
 
 from monitor.notify.sinks import DeliveryKey  # noqa: E402
 from monitor.settings import INPUT_TOPICS as SETTINGS_INPUT_TOPICS  # noqa: E402
+from monitor.topics_admin import topic_partitions  # noqa: E402
 from schemas.findings import SEVERITY_RANK  # noqa: E402
 
 ALL_TOPICS = tuple(SERVICE_TOPICS.values())
@@ -183,7 +184,7 @@ class TopicReader:
                                fetch_max_bytes=16 * 1024 * 1024, **client_cfg)
         parts = []
         for short in ("observations", "alerts", "dead-letter"):
-            for p in self.c.partitions_for_topic(topics[short]) or ():
+            for p in topic_partitions(self.c, topics[short]):
                 parts.append(TopicPartition(topics[short], p))
         self.c.assign(parts)
         self.c.seek_to_beginning(*parts)
@@ -363,7 +364,7 @@ class LedgerReader:
 
         self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                auto_offset_reset="earliest", **client_cfg)
-        self.parts = [TopicPartition(topic, p) for p in sorted(self.c.partitions_for_topic(topic) or ())]
+        self.parts = [TopicPartition(topic, p) for p in sorted(topic_partitions(self.c, topic))]
         assert self.parts, f"no partitions for {topic}"
         self.c.assign(self.parts)
         self.c.seek_to_beginning(*self.parts)

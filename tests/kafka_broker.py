@@ -391,10 +391,12 @@ def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout: float = 3
     see is then either read here or never written, with no fixed wait for it."""
     from kafka import KafkaConsumer, TopicPartition
 
+    from monitor.topics_admin import topic_partitions
+
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **consumer_config)
     out: list = []
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        tps = [TopicPartition(topic, p) for p in sorted(topic_partitions(consumer, topic))]
         if not tps:
             raise BrokerError(f"no partitions for {topic}")
         consumer.assign(tps)
@@ -422,15 +424,15 @@ class JsonTopicReader:
     def __init__(self, bootstrap: str, topic: str, timeout: float = 30.0) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
+        from monitor.topics_admin import topic_partitions
+
         self.topic = topic
         self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                consumer_timeout_ms=300)
-        deadline = time.monotonic() + timeout
-        while not (parts := self.c.partitions_for_topic(topic)):
-            if time.monotonic() > deadline:
-                self.c.close()
-                raise BrokerError(f"no partitions for {topic} after {timeout:.0f}s")
-            time.sleep(0.2)
+        parts = topic_partitions(self.c, topic, wait=timeout)
+        if not parts:
+            self.c.close()
+            raise BrokerError(f"no partitions for {topic} after {timeout:.0f}s")
         self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.c.assign(self.tps)
         self.c.seek_to_beginning(*self.tps)

@@ -113,10 +113,10 @@ def wait_committed(bootstrap: str, group: str, topics: list[str], timeout: float
     offsets stand on each check)."""
     from kafka import KafkaConsumer, TopicPartition
 
+    from monitor.topics_admin import topic_partitions
+
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        from monitor.topics_admin import topic_partitions
-
         tps = [TopicPartition(t, p) for t in topics for p in sorted(topic_partitions(consumer, t))]
         deadline = time.monotonic() + timeout
         while True:

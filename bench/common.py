@@ -27,6 +27,8 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 #: the service's topic variables -> short names (same table as tests/workers.py)
 from workers import SERVICE_TOPICS  # noqa: E402
 
+from monitor.topics_admin import topic_partitions  # noqa: E402
+
 INPUT_SHORT = ("lab-results", "vital-signs", "liver-function")
 TREAT_SHORT = "treatments"
 
@@ -241,13 +243,7 @@ class Kafka:
 
         tps = self._parts.get(topic)
         if tps is None:
-            deadline = time.monotonic() + 20
-            ids = None
-            while not ids and time.monotonic() < deadline:
-                ids = self.offsets.partitions_for_topic(topic)
-                if not ids:
-                    self.offsets.topics()  # refresh metadata
-                    time.sleep(0.1)
+            ids = topic_partitions(self.offsets, topic, wait=20)
             if not ids:
                 raise RuntimeError(f"no partitions for {topic}")
             tps = self._parts[topic] = [TopicPartition(topic, p) for p in sorted(ids)]

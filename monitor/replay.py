@@ -56,6 +56,10 @@ class Collected:
     first: datetime | None = None
     last: datetime | None = None
     order: list[str] = field(default_factory=list)
+    #: records of the patient stream no longer on the brokers: below each partition's log start
+    #: offset (deleted by the topic's time retention, ``OBSERVATIONS_RETENTION_DAYS``, or by an
+    #: operator); a course that began before them is replayed in part
+    expired: int = 0
 
     def skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1
@@ -207,6 +211,7 @@ def read_topics(s: Settings, window: Window, *, progress=None, timeout: float = 
         end = consumer.end_offsets(tps)
         begin = consumer.beginning_offsets(tps)
         start = dict(begin)  # the whole history: a course before --since is its context
+        out.expired = sum(begin.values())  # the stream is never compacted: offsets below the start are gone
         for tp in tps:
             consumer.seek(tp, start[tp])
         todo = {tp for tp in tps if start[tp] < end[tp]}
@@ -293,6 +298,10 @@ def run(args: argparse.Namespace, s: Settings) -> int:
         got = read_file(args.from_file, s, window)
     else:
         got = read_topics(s, window, progress=prog)
+        if got.expired:  # said even with --quiet: the report does not hold the whole history
+            print(f"replay: {got.expired} earlier record(s) of the patient stream are no longer on the brokers "
+                  "(deleted by its retention, OBSERVATIONS_RETENTION_DAYS, or by an operator); courses that "
+                  "began before them are replayed in part", file=sys.stderr)
     ids = got.order
     if since is not None:
         ids = [i for i in ids if any(e.arrival >= since for e in got.courses[i].events)]
@@ -309,7 +318,7 @@ def run(args: argparse.Namespace, s: Settings) -> int:
                     since=since)
     report.window = {"since": since.isoformat() if since else (got.first.isoformat() if got.first else None),
                      "until": end.isoformat(), "records": got.records, "skipped": got.skipped,
-                     "source": args.from_file or "topics"}
+                     "source": args.from_file or "topics", "expired_records": got.expired}
     data = report.to_json()
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1), encoding="utf-8")

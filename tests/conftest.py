@@ -46,11 +46,14 @@ def topic_factory(kafka_bootstrap):
     created: list[str] = []
     prefixes: list[str] = []
 
-    def make(*names: str, partitions: int = 3, prefix: str | None = None) -> dict[str, str]:
+    def make(*names: str, partitions: int = 3, prefix: str | None = None,
+             configs: dict[str, str] | None = None) -> dict[str, str]:
+        """``configs``: topic configs for every topic made (e.g. ``{"retention.ms": "-1"}``
+        for records whose timestamps lie further back than the broker's default retention)."""
         prefix = prefix or f"t{uuid.uuid4().hex[:10]}"
         prefixes.append(prefix)
         full = {n: f"{prefix}.{n}" for n in names}
-        create_topics(kafka_bootstrap, list(full.values()), partitions=partitions)
+        create_topics(kafka_bootstrap, list(full.values()), partitions=partitions, configs=configs)
         created.extend(full.values())
         return full
 

@@ -63,19 +63,22 @@ def groups(bootstrap: str) -> set[str]:
         admin.close()
 
 
-def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory, tmp_path):
-    prefix = f"rpl{uuid.uuid4().hex[:8]}"
-    topics = topic_factory(*ALL, prefix=prefix)
-    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
-    secret = env["PSEUDONYM_SECRET"]
+#: the constructed cohort's records carry their arrival times of 2025 as record timestamps, further
+#: back than any retention (the broker's default of 7 days, the stream's 400): without this the
+#: broker's retention check, every 5 minutes, deletes them whenever it falls between the writes
+#: and the replay's read, and the replay finds an empty stream ("0 patients", as CI runs did)
+NO_RETENTION = {"retention.ms": "-1"}
 
-    # the recorded inputs as the service holds them: the patient stream `observations` (keyed by
-    # patient), with the canonical observations (written when ingest received them) and the
-    # treatments ingest routed there (original bytes, `kind: treatment` and `src.*` headers)
-    from alerts.testkit import at, dose
+
+def write_constructed_cohort(bootstrap: str, topics: dict[str, str]) -> list[dict]:
+    """The recorded inputs as the service holds them: the patient stream ``observations``
+    (keyed by patient), with the canonical observations (written when ingest received them)
+    and the treatments ingest routed there (original bytes, ``kind: treatment`` and ``src.*``
+    headers), then a routed clinician action; returns the records as a replay file holds them."""
+    from alerts.testkit import at
     from monitor.clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     export = []
     for n, pc in enumerate(constructed_cohort()):
         for ev in pc.sorted_events():
@@ -94,8 +97,23 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     producer.send(topics["observations"], key=b"pt-4.6x", value=b'{"action":"acknowledge","alert_id":"x"}',
                   headers=routed_headers(KIND_ACTION, topics["alert-actions"], 0, 0),
                   timestamp_ms=int(at(20).timestamp() * 1000))
+    producer.flush()
+    producer.close()
+    return export
+
+
+def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory, tmp_path):
+    prefix = f"rpl{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix, configs=NO_RETENTION)
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    secret = env["PSEUDONYM_SECRET"]
+
+    from alerts.testkit import dose
+
+    export = write_constructed_cohort(kafka_bootstrap, topics)
     # the raw `treatments` input topic is not read (ingest routes every valid treatment to the
     # stream): a dose there that was never routed does not make a patient
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     producer.send(topics["treatments"], key=b"pt-unrouted", value=dose(patient="pt-unrouted").model_dump_json().encode())
     producer.flush()
     producer.close()
@@ -122,7 +140,9 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
          "--until", until, "--json", str(tmp_path / "since.json"), "--identify"])
     assert r.returncode == 0, r.stderr
     assert "replay: read" in r.stderr and "replay: candidate" in r.stderr  # progress on stderr
+    assert "no longer on the brokers" not in r.stderr
     data = json.loads(out.read_text())
+    assert data["window"]["expired_records"] == 0
     assert data["patients"] == len(constructed_cohort())
     assert data["window"]["skipped"] == {f"{topics['observations']} kind=action": 1}
     assert {p["patient_id"] for p in data["patients_changed"]} == set(expected_changes())
@@ -160,13 +180,42 @@ def test_replay_reads_the_topics_and_never_writes(kafka_bootstrap, topic_factory
     assert groups(kafka_bootstrap) == groups_before
 
 
+def test_a_replay_says_how_many_records_the_stream_no_longer_holds(kafka_bootstrap, topic_factory, tmp_path):
+    """Records below a partition's log start offset (deleted by the stream's retention or by an
+    operator) cannot be replayed: the replay says how many, even with ``--quiet``, and the
+    report's window holds the count, instead of replaying the rest as if it were the whole
+    history."""
+    prefix = f"rpx{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*ALL, prefix=prefix, configs=NO_RETENTION)
+    export = write_constructed_cohort(kafka_bootstrap, topics)
+    stream = topics["observations"]
+    ends = {int(k.rsplit(":", 1)[1]): v for k, v in end_offsets(kafka_bootstrap, [stream]).items()}
+    part = max(ends, key=ends.get)
+    gone = ends[part] // 2
+    assert gone > 0, ends
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.delete_records({TopicPartition(stream, part): gone})  # what retention does to old segments
+    finally:
+        admin.close()
+    env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    out = tmp_path / "r.json"
+    r = monitor(env, "protocol", "replay", "--quiet", "--identify", "--candidate", str(lowered_alt(tmp_path)),
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"replay: {gone} earlier record(s) of the patient stream are no longer on the brokers" in r.stderr, \
+        r.stderr
+    data = json.loads(out.read_text())
+    assert data["window"]["expired_records"] == gone
+    assert data["window"]["records"] == len(export) + 1 - gone  # the cohort and the action, less those gone
+
+
 def test_replay_of_a_patient_stream_the_brokers_do_not_have_fails_instead_of_finding_no_patients(
         kafka_bootstrap, tmp_path):
     """TOPIC_OBSERVATIONS names a topic the brokers do not have (a typo, another deployment's
     name): the replay asks for it again for its wait, then says so and exits 2, writing no
     report and creating nothing. It used to print "0 patients ... 0 difference(s)" with status
-    0, which reads like a candidate that changes nothing (and a CI run on a slow host once got
-    that answer for a stream just created and holding a cohort)."""
+    0, which reads like a candidate that changes nothing."""
     prefix = f"rpa{uuid.uuid4().hex[:8]}"
     topics = {n: f"{prefix}.{n}" for n in ALL}  # none of them created
     env = {**service_env(topics, app_id=prefix), "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}

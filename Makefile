@@ -60,8 +60,11 @@ tools:
 	scripts/install-node-tools.sh
 	deploy/local/install-tools.sh
 
+# the suite on TEST_WORKERS pytest-xdist processes (0: in this one), each with its own broker
+# and sent whole test modules in the order they are collected (a module's fixtures start once)
+TEST_WORKERS ?= 2
 test: setup debs tools
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # the long reliability mode: 20 SIGKILLs, broker restarts, 1,000,000 fuzzed inputs (about 1.5 h)
 test-long: setup debs

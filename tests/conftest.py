@@ -13,13 +13,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 # the Prometheus scrape tests' stack: started before the first test, its tests run last
 from prometheus_stack import FIXTURE as PROMETHEUS_FIXTURE  # noqa: E402
 from prometheus_stack import prometheus_stack, prometheus_stack_started_first  # noqa: E402,F401
+from prometheus_stack import xdist_worker  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
     """The tests on the Prometheus stack last (in their order): the shipped rules they check
     need a minute of ``for:``, which passes while the rest of the suite runs
-    (``tests/prometheus_stack.py``)."""
-    items.sort(key=lambda item: PROMETHEUS_FIXTURE in item.fixturenames)
+    (``tests/prometheus_stack.py``). Under pytest-xdist (``make test`` runs two workers, each
+    sent whole modules: ``--dist loadfile``) their module comes first instead: the worker that
+    gets it starts the stack and waits out the minute while the other worker runs the rest."""
+    on_stack_first = bool(xdist_worker())
+    items.sort(key=lambda item: (PROMETHEUS_FIXTURE in item.fixturenames) != on_stack_first)
 
 
 @pytest.fixture(scope="session")

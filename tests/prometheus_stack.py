@@ -345,13 +345,24 @@ class _Started:
     error: BaseException | None = None
 
 
+def xdist_worker() -> str | None:
+    """The pytest-xdist worker this process is (``gw0``, ``gw1``...), or None in a plain run."""
+    return os.environ.get("PYTEST_XDIST_WORKER") or None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prometheus_stack_started_first(request, tmp_path_factory):
     """Starts the stack before the session's first test when a selected test uses
     ``prometheus_stack`` (nothing otherwise). A failure to start is kept for those tests
-    and does not fail the others."""
+    and does not fail the others.
+
+    Under pytest-xdist a worker does not know at its start which tests it will be sent, so
+    there the stack starts at the first request of ``prometheus_stack`` instead, on the one
+    worker that runs the scrape tests (a module goes to one worker whole, ``--dist loadfile``,
+    and theirs is sent first: ``tests/conftest.py``); its minute of ``for:`` then passes while
+    the other worker runs the rest of the suite."""
     started = _Started()
-    if not any(FIXTURE in item.fixturenames for item in request.session.items):
+    if xdist_worker() or not any(FIXTURE in item.fixturenames for item in request.session.items):
         yield started
         return
     gen = None
@@ -368,8 +379,16 @@ def prometheus_stack_started_first(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prometheus_stack(prometheus_stack_started_first) -> Stack:
+def prometheus_stack(prometheus_stack_started_first, kafka_bootstrap, tmp_path_factory) -> Stack:
     started = prometheus_stack_started_first
+    if started.stack is None and started.error is None:
+        # under pytest-xdist: started now, on this worker (see above), and stopped at its end
+        gen = build_stack(kafka_bootstrap, tmp_path_factory.mktemp("prom"))
+        try:
+            yield next(gen)
+        finally:
+            gen.close()
+        return
     if started.stack is None:
         raise RuntimeError(f"the Prometheus stack did not start: {started.error!r}") from started.error
-    return started.stack
+    yield started.stack

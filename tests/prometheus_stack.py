@@ -14,7 +14,8 @@ a selected test uses ``prometheus_stack``), a ``RuleWatcher`` thread polls the r
 Prometheus every second and keeps what ``/api/v1/alerts`` and ``/api/v1/rules`` said when each
 forced rule was first firing, and the two scrape tests run last (``tests/conftest.py`` moves
 them): the minute of ``for:`` passes while the rest of the suite runs instead of being waited
-out. The tests wait for the watcher's record (a run of the module alone waits the minute as
+out. Under pytest-xdist (``make test``) the worker that is sent their module (first) starts
+the stack and waits the minute out while the other worker runs the rest. The tests wait for the watcher's record (a run of the module alone waits the minute as
 before) and check everything else against the live Prometheus.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-# the Prometheus scrape tests' stack: started before the first test, its tests run last
+# the Prometheus scrape tests' stack: started before the first test, its tests run last (under
+# pytest-xdist: started by, and first on, the worker that is sent its module)
 from prometheus_stack import FIXTURE as PROMETHEUS_FIXTURE  # noqa: E402
 from prometheus_stack import prometheus_stack, prometheus_stack_started_first  # noqa: E402,F401
 from prometheus_stack import xdist_worker  # noqa: E402

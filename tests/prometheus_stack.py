@@ -15,8 +15,9 @@ Prometheus every second and keeps what ``/api/v1/alerts`` and ``/api/v1/rules`` 
 forced rule was first firing, and the two scrape tests run last (``tests/conftest.py`` moves
 them): the minute of ``for:`` passes while the rest of the suite runs instead of being waited
 out. Under pytest-xdist (``make test``) the worker that is sent their module (first) starts
-the stack and waits the minute out while the other worker runs the rest. The tests wait for the watcher's record (a run of the module alone waits the minute as
-before) and check everything else against the live Prometheus.
+the stack and waits the minute out while the other worker runs the rest. The tests wait for
+the watcher's record (a run of the module alone waits the minute as before) and check
+everything else against the live Prometheus.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -380,10 +382,11 @@ def prometheus_stack_started_first(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prometheus_stack(prometheus_stack_started_first, kafka_bootstrap, tmp_path_factory) -> Stack:
+def prometheus_stack(prometheus_stack_started_first, kafka_bootstrap, tmp_path_factory) -> Iterator[Stack]:
     started = prometheus_stack_started_first
     if started.stack is None and started.error is None:
-        # under pytest-xdist: started now, on this worker (see above), and stopped at its end
+        # not started with the session (under pytest-xdist, see above): started now, on this
+        # worker, and stopped at its end
         gen = build_stack(kafka_bootstrap, tmp_path_factory.mktemp("prom"))
         try:
             yield next(gen)

@@ -37,7 +37,8 @@ def topic_partitions(consumer, topic: str, wait: float = TOPIC_METADATA_WAIT_SEC
     or while a partition's leader is elected: the topic comes back with an error and its
     partitions are dropped). A reader that takes the empty set at its word reports an
     empty topic where there may be records (a protocol replay printed "0 patients" with exit
-    status 0 for a patient stream the brokers did not have). Empty after ``wait``: the topic is not there, or this user may not see it."""
+    status 0 for a patient stream the brokers did not have). Empty after ``wait``: the topic
+    is not there, or this user may not see it."""
     deadline = time.monotonic() + wait
     while True:
         parts = consumer.partitions_for_topic(topic)  # asks the brokers when it knows none

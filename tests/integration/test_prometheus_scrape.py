@@ -11,9 +11,9 @@ stay inactive. The second forces ``InboxLoginFailuresSpike`` (also ``for: 1m``).
 Prometheus serves both tests (session fixture ``prometheus_stack``, ``tests/prometheus_stack.py``):
 it starts before the session's first test and these tests run last (under pytest-xdist, as
 ``make test`` runs the suite: on the worker that gets this module, which is sent first), so the
-minute of ``for:`` passes while the rest of the suite runs; a thread records what Prometheus said when
-each forced rule was first firing (the 5-minute windows have let them go by the end of a
-full run), and everything else is checked live.
+minute of ``for:`` passes while the rest of the suite runs; a thread records what Prometheus
+said when each forced rule was first firing (the 5-minute windows have let them go by the end
+of a full run), and everything else is checked live.
 """
 from __future__ import annotations
 

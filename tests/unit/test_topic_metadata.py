@@ -3,8 +3,9 @@
 kafka-python's ``partitions_for_topic`` gives the same empty set for a topic that does not
 exist and for one the metadata left out for a moment (just created, a leader being elected).
 A protocol replay used to take that at its word and report "0 patients" (exit status 0), for
-a patient stream the brokers did not have as for one they had not yet listed. These tests drive the retry with a stand-in for the
-consumer's one call; the real broker's side is in ``tests/integration/test_replay_broker.py``.
+a patient stream the brokers did not have as for one they had not yet listed. These tests
+drive the retry with a stand-in for the consumer's one call; the real broker's side is in
+``tests/integration/test_replay_broker.py``.
 """
 from __future__ import annotations
 

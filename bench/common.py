@@ -418,6 +418,8 @@ class CpuMeter:
         out["machine"] = round((t1["machine_busy"] - self._t0["machine_busy"]) / wall, 2)
         out["cores"] = round(total / wall) if wall else os.cpu_count()
         out["seconds"] = round(wall, 1)
+        #: CPU seconds each name used over the interval, unrounded (``cpu_per_event``)
+        out["used"] = {name: t1[name] - self._t0[name] for name in self.names}
         return out
 
 

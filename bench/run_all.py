@@ -174,19 +174,38 @@ def measure_output(run: Run, children: list[Child], topic: str, expected: int, c
     t0 = time.monotonic()
     deadline = t0 + cap
     cpu0 = {c.pid: 0.0 for c in children}
+    # the CPU of the window the rate is measured over: first output seen to the last
+    meter = CpuMeter({"process": [c.pid for c in children], "broker": run.broker_pids()})
     while time.monotonic() < deadline:
         check_alive(children)
+        first = prog.t_first
         prog.poll()
+        if first is None and prog.t_first is not None:
+            meter.start()
         if prog.done:
             break
         time.sleep(POLL)
+    used = meter.stop()["used"] if prog.t_first is not None else None
     return {
         "expected": expected, "produced": prog.n_last or 0, "complete": prog.done, "rate": prog.rate(),
+        "cpu_per_event": cpu_per_event(used, (prog.n_last or 0) - (prog.n_first or 0)),
         "startup_s": (prog.t_first - t0) if prog.t_first else None,
         "elapsed_s": (prog.t_last - prog.t_first) if prog.t_first and prog.t_last else None,
         "peak_rss_mb": [round(c.peak_rss_mb(), 1) for c in children],
         "cpu_s": [round(sum(cpu_seconds(p) for p in proc_tree(c.pid)) - cpu0[c.pid], 2) for c in children],
     }
+
+
+def cpu_per_event(used: dict[str, float] | None, events: int) -> dict[str, float] | None:
+    """Microseconds of CPU per event for each metered name (``CpuMeter.stop()["used"]``)
+    over the ``events`` the window covered. ``worker_process`` (the workers' own processes)
+    is also given as ``ingest_process``: what their children (the ingest process) used."""
+    if not used or events <= 0:
+        return None
+    us = {name: 1e6 * seconds / events for name, seconds in used.items()}
+    if "workers" in us and "worker_process" in us:
+        us["ingest_process"] = max(0.0, us["workers"] - us["worker_process"])
+    return {k: round(v, 1) for k, v in us.items()}
 
 
 def wait_ready(children: list[Child], urls: list[str], timeout: float) -> float:
@@ -276,7 +295,8 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     lag = None
     committed_first = None  # (t, committed) when observations first appeared
     last_commit = (None, 0)
-    meter = CpuMeter({"workers": [c.pid for c in children], "broker": run.broker_pids()})
+    meter = CpuMeter({"workers": [c.pid for c in children], "broker": run.broker_pids()},
+                     alone={"worker_process": [c.pid for c in children]})
     cores = None
     try:
         while time.monotonic() < deadline:
@@ -329,6 +349,9 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
         "clinical_elapsed_s": (t_clin - prog.t_first) if t_clin and prog.t_first else None,
         "dead_letters": dead, "findings": findings, "alerts": alerts,
         "peak_rss_mb": rss, "cpu_s": cpu, "cores": cores,
+        # from the first observation to the end, over every input event (the treatments
+        # routed before them add to the CPU, not to the events)
+        "cpu_per_event": cpu_per_event(cores["used"], n) if cores and t_clin is not None else None,
     }
 
 
@@ -821,6 +844,7 @@ def report(run: Run, meta: dict) -> str:
         row(f"{label}: ingest → evaluate → lifecycle", r, "clinical_event_rate", "clinical_obs_rate",
             r["clinical_elapsed_s"], None, None, cnote)
     lines.extend(rounds_lines(run.results.get("rounds") or []))
+    lines.extend(cpu_lines(run.results.get("rounds") or []))
     lat = st.get("lat")
     lines.append("")
     main_phase = None
@@ -957,6 +981,52 @@ def rounds_lines(rounds: list[dict]) -> list[str]:
         med.append(m)
     out.append("| median | " + " | ".join(med) + " |")
     return out
+
+
+#: the stages whose CPU per event is reported, their labels, the rate each is measured by,
+#: and the key of the one process that does the stage's serial work (None: more than one)
+CPU_STAGES = (("a", "(a)", "rate", "process"), ("a2", "(a2)", "rate", "process"), ("b", "(b)", "rate", "process"),
+              ("c1", "(c) 1 worker", "clinical_event_rate", "worker_process"),
+              ("c1p", "(c) 1 worker + ingest process", "clinical_event_rate", "worker_process"),
+              ("c2", "(c) 2 workers", "clinical_event_rate", None))
+
+
+def _rate_vs(rate: float | None, a: float | None) -> str:
+    """``rate`` events/s, with its ratio to (a)'s ``a`` when both are known."""
+    return fmt(rate) + (f" ({rate / a:.2f}x)" if rate and a else "")
+
+
+def cpu_lines(rounds: list[dict], cores: int | None = None) -> list[str]:
+    """CPU per event of every stage in every round, split by process, with the rate one core
+    allows the process that does the stage's serial work and the rate the machine's cores
+    allow all of the stage's processes with the broker, each against that round's (a)."""
+    cores = cores or os.cpu_count() or 1
+    rows = []
+    for i, r in enumerate(rounds, 1):
+        a = (r.get("a") or {}).get("rate")
+        for key, label, rate_key, serial in CPU_STAGES:
+            res = r.get(key) or {}
+            us = res.get("cpu_per_event")
+            if not us:
+                continue
+            own = us.get("process", us.get("workers"))
+            total = own + us.get("broker", 0.0)
+            one = us.get(serial) if serial else None
+            rate = res.get(rate_key)
+            rows.append(f"| {i} | {label} | {_rate_vs(rate, a if key != 'a' else None)} | {fmt(own, 1)} "
+                        f"| {fmt(us.get('worker_process'), 1) if key.startswith('c') else '—'} "
+                        f"| {fmt(us.get('ingest_process'), 1) if key == 'c1p' else '—'} | {fmt(us.get('broker'), 1)} "
+                        f"| {fmt(total, 1)} | {_rate_vs(1e6 / one, a) if one else '—'} "
+                        f"| {_rate_vs(cores * 1e6 / total, a) if total else '—'} |")
+    if not rows:
+        return []
+    return ["", "CPU per event (user + system, in microseconds, over each stage's measured window: (a) from its first "
+                "output to its last, (c) from the first observation to the clinical stage's lag 0, over every input "
+                "event), and the rates it allows: one core for the process that does the stage's serial work (the "
+                f"loop; the worker's own process, where the clinical stage runs), and the machine's {cores} cores for "
+                "all of the stage's processes and the broker, each against the same round's (a):", "",
+            "| round | stage | events/s | stage's processes | worker's own process | ingest process | broker | all "
+            "| one core for the serial process | all cores |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def main(argv: list[str] | None = None) -> int:

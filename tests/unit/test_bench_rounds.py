@@ -83,3 +83,33 @@ def test_the_sweep_names_the_highest_rate_within_the_tail_target_and_its_share_o
     assert "up to 600/s" in line and "not monotonic" in line
     assert "above 100 ms at every rate tried" in " ".join(m.sweep_lines([_phase(400, 140.0), _phase(600, 195.0)], None))
     assert m.sweep_lines([_phase(2000, 90.0)], 40_000.0) == []  # one rate: no sweep
+
+
+def test_cpu_per_event_splits_the_worker_from_its_ingest_process():
+    m = _run_all()
+    # the worker's tree (itself and its ingest process) used 4 s, the worker's own process 2.5 s
+    us = m.cpu_per_event({"workers": 4.0, "worker_process": 2.5, "broker": 0.5}, 50_000)
+    assert us == {"workers": 80.0, "worker_process": 50.0, "broker": 10.0, "ingest_process": 30.0}
+    assert m.cpu_per_event({"process": 1.0}, 0) is None  # no event in the window
+    assert m.cpu_per_event(None, 10) is None
+
+
+def test_cpu_lines_give_each_rounds_ceilings_against_its_own_raw_loop():
+    m = _run_all()
+    rounds = [
+        {"a": {"rate": 40_000.0, "cpu_per_event": {"process": 20.0, "broker": 5.0}},
+         "c1p": {"clinical_event_rate": 18_000.0,
+                 "cpu_per_event": {"workers": 80.0, "worker_process": 50.0, "ingest_process": 30.0, "broker": 20.0}}},
+        {"a": {"rate": 20_000.0, "cpu_per_event": {"process": 40.0, "broker": 10.0}},
+         "c1p": None},  # the stage failed in this round: no row
+    ]
+    table = [ln for ln in m.cpu_lines(rounds, cores=2) if ln.startswith("| ")]
+    assert len(table) == 4  # header and three rows
+    # one core for the loop: 1e6 / 20 us = 50,000 events/s, 1.25x (a); two cores for loop + broker: 2e6 / 25
+    assert table[1] == "| 1 | (a) | 40,000 | 20.0 | — | — | 5.0 | 25.0 | 50,000 (1.25x) | 80,000 (2.00x) |"
+    # the clinical process (the worker's own) at 50 us allows 20,000 events/s, 0.50x of this round's (a);
+    # all four processes' 100 us on two cores, 20,000 events/s
+    assert table[2] == ("| 1 | (c) 1 worker + ingest process | 18,000 (0.45x) | 80.0 | 50.0 | 30.0 | 20.0 | 100.0 "
+                        "| 20,000 (0.50x) | 20,000 (0.50x) |")
+    assert table[3].startswith("| 2 | (a) | 20,000 | 40.0 |")
+    assert m.cpu_lines([{"a": {"rate": 1.0}}]) == []  # nothing metered, nothing said

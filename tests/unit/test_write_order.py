@@ -67,3 +67,25 @@ def test_within_one_timestamp_the_priority_partition_goes_first():
     m.add({"vitals": recs("vitals", 7, 7, 8), "doses": recs("doses", 7)})
     out = m.take(["vitals", "doses"], caught_up={"vitals", "doses"}, limit=10)
     assert [(r.tp, r.timestamp) for r in out] == [("doses", 7), ("vitals", 7), ("vitals", 7), ("vitals", 8)]
+
+
+def test_ingest_does_not_wait_for_a_fetch_while_the_merge_can_release_a_batch():
+    """After a full batch the merge may still hold records it can release at once: the next
+    ``getmany`` must not wait for new records (it waited 50 ms, and a backlog ran at half the
+    raw loop's rate); a merge waiting for a partition may wait, an empty one longer."""
+    from monitor.ingest import IngestService
+
+    wait = IngestService.fetch_wait_ms
+    m = WriteOrderMerge()
+    labs, vitals = "labs", "vitals"
+    m.add({labs: recs(labs, *range(0, 60, 2)), vitals: recs(vitals, *range(1, 61, 2))})
+    batch = m.take([labs, vitals], caught_up={labs, vitals}, limit=20)
+    assert len(batch) == 20
+    assert wait(len(m), last_batch_full=len(batch) >= 20) == 0
+    assert len(m.take([labs, vitals], caught_up={labs, vitals}, limit=20)) == 20  # released without a fetch
+    # the rest is blocked on a partition not caught up and empty: waiting for its records is right
+    m.add({vitals: recs(vitals, 100)})
+    rest = m.take([labs, vitals, "doses"], caught_up={labs, vitals}, limit=20)
+    assert rest == [] and len(m) > 0
+    assert wait(len(m), last_batch_full=False) == 50
+    assert wait(0, last_batch_full=False) == 200

@@ -16,7 +16,7 @@ patient stream ``observations``):
    patients stay marked in the store;
 4. take the result of the last checkpoint's changelog write (step 5) once it is done; wait
    for it only when the records a crash would replay (its checkpoint's and those pending
-   since) reach ``CHECKPOINT_MAX_RECORDS``;
+   since) reach ``REPLAY_MAX_RECORDS``;
 5. a *checkpoint*, when due and none is in flight: it takes the pending offsets, and the
    patients marked at that moment are encoded (``take_changed``) ``ENCODE_SLICE`` after
    each batch, each with the state of every batch so far (see below); once all are, in the
@@ -91,7 +91,7 @@ Guarantees, and why they hold:
 - Crash: at least once. A crash replays the records since the last commit on the state of
   the changelog: up to one checkpoint interval (plus the batch in flight, plus the
   checkpoint in flight's records while its changelog is slow; never more than
-  ``CHECKPOINT_MAX_RECORDS`` and a batch in all) more records than with a checkpoint per
+  ``REPLAY_MAX_RECORDS`` and a batch in all) more records than with a checkpoint per
   batch. The engine and the lifecycle are replay-idempotent
   (observation ids, finding ids, action ids), and a re-emitted alert version carries the
   same ``alert_id:version``, which the delivery ledger drops (no Kafka transactions:
@@ -194,8 +194,15 @@ class ClinicalRunner(ConsumerRebalanceListener):
     #: time) with it; a rebalance test repeated 3 pages on a slow host in that state
     MAX_BATCH = 1000
     TICK_CHUNK = 500
-    #: a checkpoint is due once the pending batches hold this many records (bounds the replay)
+    #: a checkpoint is due once the pending batches hold this many records
     CHECKPOINT_MAX_RECORDS = 20_000
+    #: the next batch waits for the checkpoint in flight once its records and those pending
+    #: since reach this many (bounds a crash's replay). Above ``CHECKPOINT_MAX_RECORDS``, so
+    #: that in a backlog the changelog is written while the next batches are processed: with
+    #: the two equal, the batch after every checkpoint waited for its whole changelog (about
+    #: 1,000 patients, 13 MB in the benchmark), 50-90 ms each, 4-8 % of the clinical process's
+    #: time (docs/measurements.md, thirty-first pass)
+    REPLAY_MAX_RECORDS = 30_000
     #: patients a due checkpoint encodes after each batch while the stage keeps up with its
     #: input (30-60 us each: a slice holds the event loop for a few milliseconds)
     ENCODE_SLICE = 50
@@ -588,9 +595,9 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     def _replay_full(self) -> bool:
         """The records a crash would replay (the checkpoint in flight's and those pending
-        since) reached ``CHECKPOINT_MAX_RECORDS``: the next batch waits for the changelog."""
+        since) reached ``REPLAY_MAX_RECORDS``: the next batch waits for the changelog."""
         held = self._persist_records + self._collect_records + self.pending.records
-        return held >= self.CHECKPOINT_MAX_RECORDS
+        return held >= self.REPLAY_MAX_RECORDS
 
     def _checkpoint(self) -> None:
         """Start a checkpoint: the value kept for every patient changed since the last one

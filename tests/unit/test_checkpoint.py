@@ -127,10 +127,10 @@ def test_an_internal_error_keeps_a_patient_whose_changes_wait_for_the_checkpoint
 
 def test_the_replay_cap_counts_the_checkpoint_in_flight_and_the_batches_since():
     """A batch waits for the changelog in flight only when a crash would replay
-    ``CHECKPOINT_MAX_RECORDS``: that checkpoint's records plus those pending since
+    ``REPLAY_MAX_RECORDS``: that checkpoint's records plus those pending since
     (monitor/clinical/runner.py, step 4)."""
     r = ClinicalRunner(Settings(_env_file=None), processor=None, store=InMemoryPatientStore())
-    cap = ClinicalRunner.CHECKPOINT_MAX_RECORDS
+    cap = ClinicalRunner.REPLAY_MAX_RECORDS
     r.pending.add({A: 3_000}, 3_000)
     assert not r._replay_full()  # nothing in flight: a checkpoint of 3,000 would simply start
     r._persist_records = cap - 3_001
@@ -138,6 +138,19 @@ def test_the_replay_cap_counts_the_checkpoint_in_flight_and_the_batches_since():
     r.pending.add({A: 3_001}, 1)
     assert r._replay_full()  # in flight and pending together reach the cap
     assert not r.pending.records >= cap  # neither alone would
+
+
+def test_in_a_backlog_the_batch_after_a_checkpoint_does_not_wait_for_its_changelog():
+    """A backlog's checkpoint is due at ``CHECKPOINT_MAX_RECORDS``; the next full batch
+    must be processed while that checkpoint's changelog is written, not wait for it (with
+    the replay cap equal to the trigger it waited at every checkpoint)."""
+    r = ClinicalRunner(Settings(_env_file=None), processor=None, store=InMemoryPatientStore())
+    r._persist_records = ClinicalRunner.CHECKPOINT_MAX_RECORDS  # the checkpoint just started
+    r.pending.add({A: 1_000}, ClinicalRunner.MAX_BATCH)  # the next full batch, acknowledged
+    assert not r._replay_full()
+    # but the replay stays bounded: half a checkpoint's records more, and the next batch waits
+    r.pending.add({A: 10_000}, ClinicalRunner.CHECKPOINT_MAX_RECORDS // 2)
+    assert r._replay_full()
 
 
 def test_a_limited_take_encodes_the_first_marked_patients_and_a_mark_again_keeps_its_place(engine, lifecycle):

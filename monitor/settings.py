@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     clinical_checkpoint_interval_seconds: float = Field(default=2.0, ge=0, description=(
         "how long the clinical stage lets acknowledged batches accumulate before it writes the changed "
         "patients to the changelog and commits their offsets (one write per patient per checkpoint, not per "
-        "batch; at most 20,000 records); idle input, a revocation, a stop or a clock tick checkpoint at once; "
+        "batch; due at 20,000 records too, and processing waits for the checkpoint in flight once 30,000 records "
+        "are not durable); idle input, a revocation, a stop or a clock tick checkpoint at once; "
         "0 = every batch. A crash replays up to this much more input (idempotent; alert versions "
         "deduplicated downstream)"))
 

@@ -396,8 +396,8 @@ class IngestService(ConsumerRebalanceListener):
         """How long the next ``getmany`` may wait for records to arrive.
 
         - 0 after a full batch: the merge may hold more records it can release now (a fetch
-          brings up to 16 MiB a partition, far more than a batch), so the loop takes what
-          the consumer has and goes on. Until 2026-12-02 it waited up to 50 ms here for the
+          brings up to ``max_message_bytes`` a partition, 16 MiB by default, far more than a
+          batch), so the loop takes what the consumer has and goes on. Until 2026-12-02 it waited up to 50 ms here for the
           next fetch while the records were already in hand: in a backlog ingest was idle
           more than half the time and ran at about half the raw loop's rate
           (docs/measurements.md, thirty-first pass).

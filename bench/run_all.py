@@ -94,6 +94,20 @@ class Run:
         self.tmp = self.tmp_root / f"r{k}" if k else self.tmp_root
         self.tmp.mkdir(exist_ok=True)
 
+    def end_round(self) -> None:
+        """Delete this (later) round's topics and consumer groups once its stages are done, so
+        that the broker holds no more than the inputs and one round's topics at a time, as in
+        the first round (the first round's are kept: they sit beside the shared inputs)."""
+        if not self.round or self.kafka is None:
+            return
+        try:
+            self.kafka.delete_prefix(f"{self.prefix}.r{self.round}")
+            suffix = f"-r{self.round}"
+            self.kafka.delete_groups([g for g in self.kafka.list_groups()
+                                      if g.startswith(self.prefix) and (g.endswith(suffix) or f"{suffix}-" in g)])
+        except Exception as exc:  # the final cleanup deletes them with the rest
+            log(f"round {self.round}'s topics not deleted yet: {type(exc).__name__}: {exc}")
+
     def broker_pids(self) -> list[int]:
         """The broker's process (the one listening on the bootstrap port), for ``CpuMeter``."""
         return listening_pids(int(self.args.bootstrap.rsplit(":", 1)[1]))
@@ -1141,6 +1155,8 @@ def main(argv: list[str] | None = None) -> int:
                 rc = rc or (res is None)
                 this_round[key] = res
             run.results["rounds"].append(this_round)
+            if r:
+                run.end_round()
         run.start_round(0)
         for key, label, fn in selected:
             if key not in THROUGHPUT_STAGES:

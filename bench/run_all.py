@@ -96,8 +96,9 @@ class Run:
 
     def end_round(self) -> None:
         """Delete this (later) round's topics and consumer groups once its stages are done, so
-        that the broker holds no more than the inputs and one round's topics at a time, as in
-        the first round (the first round's are kept: they sit beside the shared inputs)."""
+        that the broker holds the inputs, the first round's topics and at most one later
+        round's (the first round's stay to the end: they carry the run's prefix alone, as the
+        shared inputs do)."""
         if not self.round or self.kafka is None:
             return
         try:

@@ -213,8 +213,9 @@ def measure_output(run: Run, children: list[Child], topic: str, expected: int, c
 
 def cpu_per_event(used: dict[str, float] | None, events: int) -> dict[str, float] | None:
     """Microseconds of CPU per event for each metered name (``CpuMeter.stop()["used"]``)
-    over the ``events`` the window covered. ``worker_process`` (the workers' own processes)
-    is also given as ``ingest_process``: what their children (the ingest process) used."""
+    over the ``events`` the window covered. Where both the workers' trees (``workers``) and
+    their own processes (``worker_process``) were metered, the difference is given as
+    ``ingest_process``: what their children (the ingest process) used."""
     if not used or events <= 0:
         return None
     us = {name: 1e6 * seconds / events for name, seconds in used.items()}
@@ -960,16 +961,24 @@ def run_stage(run: Run, key: str, label: str, fn, first: bool) -> dict | None:
     return res
 
 
+#: the throughput stages' names in the per-round tables
+STAGE_LABELS = {"a": "(a)", "a2": "(a2)", "b": "(b)", "c1": "(c) 1 worker", "c1p": "(c) 1 worker + ingest process",
+                "c2": "(c) 2 workers"}
+
+
+def _rate_vs(rate: float | None, a: float | None) -> str:
+    """``rate`` events/s, with its ratio to (a)'s ``a`` when both are known."""
+    return fmt(rate) + (f" ({rate / a:.2f}x)" if rate is not None and a else "")
+
+
 def rounds_lines(rounds: list[dict]) -> list[str]:
     """Every throughput round: each stage's events/s and ratio to that round's (a), with medians."""
     if len(rounds) < 2:
         return []
     keys = [k for k in THROUGHPUT_STAGES if any(k in r for r in rounds)]
-    names = {"a": "(a)", "a2": "(a2)", "b": "(b)", "c1": "(c) 1 worker", "c1p": "(c) 1 worker + ingest process",
-             "c2": "(c) 2 workers"}
     out = ["", f"Every throughput round ({len(rounds)}, each from scratch on the same inputs, every second one in "
                "reverse order; events/s, through evaluate + lifecycle for (c), and the ratio to the same round's (a)):",
-           "", "| round | " + " | ".join(names[k] for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
+           "", "| round | " + " | ".join(STAGE_LABELS[k] for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
     per_key: dict[str, list] = {k: [] for k in keys}
     per_ratio: dict[str, list] = {k: [] for k in keys}
     for i, r in enumerate(rounds, 1):
@@ -983,7 +992,7 @@ def rounds_lines(rounds: list[dict]) -> list[str]:
             per_key[k].append(v)
             if k != "a" and a:
                 per_ratio[k].append(v / a)
-            cells.append(fmt(v) + (f" ({v / a:.2f}x)" if k != "a" and a else ""))
+            cells.append(_rate_vs(v, a if k != "a" else None))
         out.append(f"| {i} | " + " | ".join(cells) + " |")
     med = []
     for k in keys:
@@ -998,17 +1007,11 @@ def rounds_lines(rounds: list[dict]) -> list[str]:
     return out
 
 
-#: the stages whose CPU per event is reported, their labels, the rate each is measured by,
-#: and the key of the one process that does the stage's serial work (None: more than one)
-CPU_STAGES = (("a", "(a)", "rate", "process"), ("a2", "(a2)", "rate", "process"), ("b", "(b)", "rate", "process"),
-              ("c1", "(c) 1 worker", "clinical_event_rate", "worker_process"),
-              ("c1p", "(c) 1 worker + ingest process", "clinical_event_rate", "worker_process"),
-              ("c2", "(c) 2 workers", "clinical_event_rate", None))
-
-
-def _rate_vs(rate: float | None, a: float | None) -> str:
-    """``rate`` events/s, with its ratio to (a)'s ``a`` when both are known."""
-    return fmt(rate) + (f" ({rate / a:.2f}x)" if rate and a else "")
+#: the stages whose CPU per event is reported, the rate each is measured by, and the key of
+#: the one process that does the stage's serial work (None: more than one)
+CPU_STAGES = (("a", "rate", "process"), ("a2", "rate", "process"), ("b", "rate", "process"),
+              ("c1", "clinical_event_rate", "worker_process"), ("c1p", "clinical_event_rate", "worker_process"),
+              ("c2", "clinical_event_rate", None))
 
 
 def cpu_lines(rounds: list[dict], cores: int | None = None) -> list[str]:
@@ -1019,7 +1022,7 @@ def cpu_lines(rounds: list[dict], cores: int | None = None) -> list[str]:
     rows = []
     for i, r in enumerate(rounds, 1):
         a = (r.get("a") or {}).get("rate")
-        for key, label, rate_key, serial in CPU_STAGES:
+        for key, rate_key, serial in CPU_STAGES:
             res = r.get(key) or {}
             us = res.get("cpu_per_event")
             if not us:
@@ -1028,7 +1031,7 @@ def cpu_lines(rounds: list[dict], cores: int | None = None) -> list[str]:
             total = own + us.get("broker", 0.0)
             one = us.get(serial) if serial else None
             rate = res.get(rate_key)
-            rows.append(f"| {i} | {label} | {_rate_vs(rate, a if key != 'a' else None)} | {fmt(own, 1)} "
+            rows.append(f"| {i} | {STAGE_LABELS[key]} | {_rate_vs(rate, a if key != 'a' else None)} | {fmt(own, 1)} "
                         f"| {fmt(us.get('worker_process'), 1) if key.startswith('c') else '—'} "
                         f"| {fmt(us.get('ingest_process'), 1) if key == 'c1p' else '—'} | {fmt(us.get('broker'), 1)} "
                         f"| {fmt(total, 1)} | {_rate_vs(1e6 / one, a) if one else '—'} "

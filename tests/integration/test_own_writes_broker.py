@@ -112,6 +112,19 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
             await until(lambda: processed_to_end(e), what)
             return e
 
+        async def caught_up_until(condition, what: str) -> dict[int, int]:
+            """``caught_up``, then more input (up to ten times) until ``condition`` holds: a
+            partition turns direct once a fetched batch ends where ingest's offers go on, and
+            on a loaded machine all records may be fetched before that (the partitions'
+            metadata late, offers made before the runner owned them)."""
+            e = await caught_up(what)
+            for _ in range(10):
+                if condition():
+                    break
+                publish_alts(1)
+                e = await caught_up(what)
+            return e
+
         try:
             await until(lambda: runner.ready.is_set() and ingest.ready.is_set(), "the runner and ingest ready")
             for pid in PATIENTS:
@@ -121,15 +134,8 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
             publish_alts(3)
             await until(lambda: sum(map(len, seen.values())) >= 4 * len(PATIENTS), "the first records processed")
             publish_alts(3)
-            await caught_up("ingest's writes processed")
-            # a partition turns direct once a fetched batch ends where ingest's offers go on; on a
-            # loaded machine the first records may all be fetched before that (the partitions'
-            # metadata late, offers made before the runner owned them): more input, a few times
-            for _ in range(10):
-                if own.taken > 0 and set(runner._direct) == {0, 1}:
-                    break
-                publish_alts(1)
-                await caught_up("ingest's writes processed")
+            await caught_up_until(lambda: own.taken > 0 and set(runner._direct) == {0, 1},
+                                  "ingest's writes processed")
             assert own.taken > 0, "no record was taken from this worker's own writes"
             assert set(runner._direct) == {0, 1}, runner._direct
 
@@ -149,12 +155,7 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
             await asyncio.sleep(runner.DIRECT_RETRY_SECONDS + 0.2)
             publish_alts(2)
             publish_alts(2)
-            e = await caught_up("ingest's writes processed again")
-            for _ in range(10):  # as above: the return to the offers may need more input on a loaded machine
-                if own.taken > taken:
-                    break
-                publish_alts(1)
-                e = await caught_up("ingest's writes processed again")
+            e = await caught_up_until(lambda: own.taken > taken, "ingest's writes processed again")
             assert own.taken > taken, "the partitions did not return to this worker's own writes"
             await until(lambda: all(runner.positions.committed.get(TopicPartition(stream, p)) == e[p] for p in e),
                         "the stream committed to its end")

@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patients", type=int, default=1000)
     ap.add_argument("--days", type=int, default=60)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--restore-patients", type=int, default=10_000)
+    ap.add_argument("--restore-patients", type=int, default=10_000,
+                    help="patients in the restore and memory measures (0: skip them)")
     ap.add_argument("--churn-rounds", type=int, default=6, help="0: skip the alert-churn workload")
     ap.add_argument("--churn-patients", type=int, default=1000)
     ap.add_argument("--churn-batch", type=int, default=200)
@@ -186,6 +187,9 @@ def main(argv=None) -> int:
           f"process: {t_proc / n * 1e6:.1f} us/record; changelog encode: {t_enc / n * 1e6:.1f} us/record "
           f"({n_changed:,} patient writes, {t_enc / max(n_changed, 1) * 1e6:.0f} us each); "
           f"{n_out:,} outputs; {n / (t_proc + t_enc):,.0f} records/s in-process")
+    if a.restore_patients <= 0:
+        print("restore and memory per patient: skipped (--restore-patients 0)")
+        return 0
     # restore: the changelog of N patients (copies of this cohort's final values)
     for pid in store.patient_ids(range(PARTITIONS)):
         store.mark_changed(pid)

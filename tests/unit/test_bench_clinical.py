@@ -2,21 +2,12 @@
 without its restore section (``--restore-patients 0`` once divided by zero)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_module import load_script
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_clinical", ROOT / "bench" / "bench_clinical.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/bench_clinical.py", "bench_clinical")
 
 
 @pytest.mark.parametrize("restore", ["0", "50"])

@@ -2,19 +2,11 @@
 of the same round, with medians and ranges (a shared host's speed moves between rounds)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_module import load_script
 
 
 def _run_all():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "bench" / "run_all.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/run_all.py", "bench_run_all")
 
 
 def test_each_round_is_compared_with_its_own_raw_loop():

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from alerts import compiled_core
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -105,9 +105,7 @@ def test_a_fresh_checkout_takes_the_build_from_the_shared_cache(tmp_path):
         assert (checkout / name).read_bytes() == (recipe / name).read_bytes()
     assert set(_status_in_subprocess(env).values()) == {"compiled"}
     # another compiler command (flags included) is another recipe, so another cache directory
-    spec = importlib.util.spec_from_file_location("build_clinical_core", ROOT / "scripts" / "build_clinical_core.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/build_clinical_core.py", "build_clinical_core")
     assert _recipe(_env(CC=shlex.join([*script.compiler(), "-g"]))) != recipe.name
 
 

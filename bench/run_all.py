@@ -297,11 +297,12 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     topics.update(shared)  # the same pre-published input topics as (a) and (b)
     own = [t for s, t in topics.items() if s not in shared]
     run.kafka.create_topics(own, run.args.partitions, compacted=[topics["alert-deliveries"]])
-    children, urls = [], []
+    children, urls, ports = [], [], []
     for i in range(workers):
         env = {**service_env(run, app_id, topics, run.tmp / f"{name}-w{i}"), **(extra_env or {})}
         children.append(run.start(f"{name}-worker{i}", [PY, "-m", "monitor.cli", "worker"], env))
         urls.append(f"http://127.0.0.1:{env['WEB_PORT']}/readyz")
+        ports.append(env["WEB_PORT"])
     obs_topic = topics["observations"]
     t0 = time.monotonic()
     deadline = t0 + cap
@@ -313,7 +314,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     last_commit = (None, 0)
     meter = CpuMeter({"workers": [c.pid for c in children], "broker": run.broker_pids()},
                      alone={"worker_process": [c.pid for c in children]})
-    cores = None
+    cores = processor_us = None
     try:
         while time.monotonic() < deadline:
             check_alive(children)
@@ -336,6 +337,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
             time.sleep(POLL)
         if prog.t_first is not None:
             cores = meter.stop()
+        processor_us = workers_processor_us(ports)
         dead = run.kafka.end_total(topics["dead-letter"])
         alerts = run.kafka.end_total(topics["alerts"])
         findings = run.kafka.end_total(topics["findings"])
@@ -368,6 +370,8 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
         # from the first observation to the end, over every input event (the treatments
         # routed before them add to the CPU, not to the events)
         "cpu_per_event": cpu_per_event(cores["used"], n) if cores and t_clin is not None else None,
+        # the clinical processor's own CPU per record of the patient stream (the workers' metric)
+        "processor_us_per_record": processor_us,
     }
 
 
@@ -536,6 +540,20 @@ def workers_clinical_paths(envs: list[dict]) -> dict:
             if smp.name == "monitor_clinical_records_total" and smp.labels.get("path") in out:
                 out[smp.labels["path"]] += smp.value
     return out
+
+
+def workers_processor_us(ports: list[str]) -> float | None:
+    """The workers' clinical processor CPU per record so far, in microseconds
+    (``monitor_clinical_processor_cpu_seconds_total`` over ``monitor_clinical_records_total``):
+    what the processor itself costs, apart from anything the stage waits for; None before a record."""
+    cpu = records = 0.0
+    for port in ports:
+        for smp in worker_samples(port):
+            if smp.name == "monitor_clinical_processor_cpu_seconds_total":
+                cpu += smp.value
+            elif smp.name == "monitor_clinical_records_total":
+                records += smp.value
+    return cpu / records * 1e6 if records else None
 
 
 def workers_gc(envs: list[dict]) -> dict:
@@ -1035,16 +1053,21 @@ def cpu_lines(rounds: list[dict], cores: int | None = None) -> list[str]:
                         f"| {fmt(us.get('worker_process'), 1) if key.startswith('c') else '—'} "
                         f"| {fmt(us.get('ingest_process'), 1) if key == 'c1p' else '—'} | {fmt(us.get('broker'), 1)} "
                         f"| {fmt(total, 1)} | {_rate_vs(1e6 / one, a) if one else '—'} "
-                        f"| {_rate_vs(cores * 1e6 / total, a) if total else '—'} |")
+                        f"| {_rate_vs(cores * 1e6 / total, a) if total else '—'} "
+                        f"| {fmt(res.get('processor_us_per_record'), 1)} |")
     if not rows:
         return []
     return ["", "CPU per event (user + system, in microseconds, over each stage's measured window: (a) from its first "
                 "output to its last, (c) from the first observation to the clinical stage's lag 0, over every input "
                 "event), and the rates it allows: one core for the process that does the stage's serial work (the "
                 f"loop; the worker's own process, where the clinical stage runs), and the machine's {cores} cores for "
-                "all of the stage's processes and the broker, each against the same round's (a):", "",
+                "all of the stage's processes and the broker, each against the same round's (a); and the clinical "
+                "processor's own CPU per record of the patient stream (the workers' "
+                "`monitor_clinical_processor_cpu_seconds_total`: the processor alone, whatever the stage waits for):",
+            "",
             "| round | stage | events/s | stage's processes | worker's own process | ingest process | broker | all "
-            "| one core for the serial process | all cores |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+            "| one core for the serial process | all cores | clinical processor, per record |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,11 @@ CLINICAL_RECORDS = Counter(
     "monitor_clinical_records_total", "Records of the patient stream the clinical stage processed, by how they "
     "reached it: own_writes (its own ingest's acknowledged writes, not read back) or fetched (from the broker)",
     ["path"], registry=REGISTRY)
+CLINICAL_PROCESSOR_CPU = Counter(
+    "monitor_clinical_processor_cpu_seconds", "CPU time the clinical processor (engine and lifecycle) took over "
+    "the batches of the patient stream, on the worker's event-loop thread; divided by "
+    "monitor_clinical_records_total, its CPU per record, whether or not the stage waits for anything",
+    registry=REGISTRY)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)

@@ -132,7 +132,8 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import CLINICAL_RECORDS, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS
+from ..metrics import (CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, PATIENTS_MONITORED, PATIENTS_OVERDUE,
+                       PROCESSING_SECONDS)
 from ..settings import Settings
 from ..topics_admin import changelog_topic
 from .own_writes import OwnWrites, StreamRecord
@@ -539,6 +540,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             if taken < len(records):
                 _FETCHED.inc(len(records) - taken)
             self._unacknowledged = True
+            cpu = time.thread_time()
             try:
                 outputs = self.processor.process(records)
             except PatientStateLost as exc:
@@ -546,6 +548,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                             "partition %s and processing it again", exc.partition)
                 await self._roll_back({tp.partition for tp in batch} | {exc.partition})
                 return
+            CLINICAL_PROCESSOR_CPU.inc(time.thread_time() - cpu)
             try:
                 await self._write_outputs(outputs)
             except asyncio.CancelledError:

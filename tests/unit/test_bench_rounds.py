@@ -91,17 +91,36 @@ def test_cpu_lines_give_each_rounds_ceilings_against_its_own_raw_loop():
     rounds = [
         {"a": {"rate": 40_000.0, "cpu_per_event": {"process": 20.0, "broker": 5.0}},
          "c1p": {"clinical_event_rate": 18_000.0,
-                 "cpu_per_event": {"workers": 80.0, "worker_process": 50.0, "ingest_process": 30.0, "broker": 20.0}}},
+                 "cpu_per_event": {"workers": 80.0, "worker_process": 50.0, "ingest_process": 30.0, "broker": 20.0},
+                 "processor_us_per_record": 31.4}},
         {"a": {"rate": 20_000.0, "cpu_per_event": {"process": 40.0, "broker": 10.0}},
          "c1p": None},  # the stage failed in this round: no row
     ]
     table = [ln for ln in m.cpu_lines(rounds, cores=2) if ln.startswith("| ")]
     assert len(table) == 4  # header and three rows
     # one core for the loop: 1e6 / 20 us = 50,000 events/s, 1.25x (a); two cores for loop + broker: 2e6 / 25
-    assert table[1] == "| 1 | (a) | 40,000 | 20.0 | — | — | 5.0 | 25.0 | 50,000 (1.25x) | 80,000 (2.00x) |"
+    # the loop has no clinical processor
+    assert table[1] == "| 1 | (a) | 40,000 | 20.0 | — | — | 5.0 | 25.0 | 50,000 (1.25x) | 80,000 (2.00x) | — |"
     # the clinical process (the worker's own) at 50 us allows 20,000 events/s, 0.50x of this round's (a);
     # all four processes' 100 us on two cores, 20,000 events/s
+    # all four processes' 100 us on two cores, 20,000 events/s; the processor's own 31.4 us per record
     assert table[2] == ("| 1 | (c) 1 worker + ingest process | 18,000 (0.45x) | 80.0 | 50.0 | 30.0 | 20.0 | 100.0 "
-                        "| 20,000 (0.50x) | 20,000 (0.50x) |")
+                        "| 20,000 (0.50x) | 20,000 (0.50x) | 31.4 |")
     assert table[3].startswith("| 2 | (a) | 20,000 | 40.0 |")
     assert m.cpu_lines([{"a": {"rate": 1.0}}]) == []  # nothing metered, nothing said
+
+
+def test_the_processors_cpu_per_record_sums_the_workers_metrics(monkeypatch):
+    from types import SimpleNamespace as S
+
+    m = _run_all()
+    metrics = {
+        "1": [S(name="monitor_clinical_processor_cpu_seconds_total", labels={}, value=1.5),
+              S(name="monitor_clinical_records_total", labels={"path": "fetched"}, value=40_000.0),
+              S(name="monitor_clinical_records_total", labels={"path": "own_writes"}, value=10_000.0)],
+        "2": [S(name="monitor_clinical_processor_cpu_seconds_total", labels={}, value=0.5),
+              S(name="monitor_clinical_records_total", labels={"path": "fetched"}, value=30_000.0)],
+    }
+    monkeypatch.setattr(m, "worker_samples", lambda port: metrics.get(port, []))
+    assert m.workers_processor_us(["1", "2"]) == 2.0 / 80_000 * 1e6  # 25 us, both workers and paths
+    assert m.workers_processor_us(["3"]) is None  # unreadable or no record yet

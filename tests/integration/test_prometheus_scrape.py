@@ -93,6 +93,9 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     assert prom.query('sum by (topic, format) (rate(monitor_events_consumed_total{job=~".*"}[1m]))')
     # the worker times its garbage collections (monitor.metrics.time_garbage_collections)
     assert prom.query('sum(monitor_gc_pause_seconds_count{job="sma-monitor"}) > 0')
+    # and the clinical processor's CPU over the records it processed (the dashboard's CPU per record)
+    assert prom.query('sum(monitor_clinical_processor_cpu_seconds_total{job="sma-monitor"}) > 0')
+    assert prom.query('sum(monitor_clinical_records_total{job="sma-monitor"}) > 0')
 
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})

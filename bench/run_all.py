@@ -314,7 +314,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     last_commit = (None, 0)
     meter = CpuMeter({"workers": [c.pid for c in children], "broker": run.broker_pids()},
                      alone={"worker_process": [c.pid for c in children]})
-    cores = processor_us = None
+    cores = processor = None
     try:
         while time.monotonic() < deadline:
             check_alive(children)
@@ -337,7 +337,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
             time.sleep(POLL)
         if prog.t_first is not None:
             cores = meter.stop()
-        processor_us = workers_processor_us(ports)
+        processor = processor_us((0.0, 0.0), workers_processor(ports))
         dead = run.kafka.end_total(topics["dead-letter"])
         alerts = run.kafka.end_total(topics["alerts"])
         findings = run.kafka.end_total(topics["findings"])
@@ -371,7 +371,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
         # routed before them add to the CPU, not to the events)
         "cpu_per_event": cpu_per_event(cores["used"], n) if cores and t_clin is not None else None,
         # the clinical processor's own CPU per record of the patient stream (the workers' metric)
-        "processor_us_per_record": processor_us,
+        "processor_us_per_record": processor,
     }
 
 
@@ -542,10 +542,9 @@ def workers_clinical_paths(envs: list[dict]) -> dict:
     return out
 
 
-def workers_processor_us(ports: list[str]) -> float | None:
-    """The workers' clinical processor CPU per record so far, in microseconds
-    (``monitor_clinical_processor_cpu_seconds_total`` over ``monitor_clinical_records_total``):
-    what the processor itself costs, apart from anything the stage waits for; None before a record."""
+def workers_processor(ports: list[str]) -> tuple[float, float]:
+    """The workers' clinical processor CPU seconds and records of the patient stream so far
+    (``monitor_clinical_processor_cpu_seconds_total``, ``monitor_clinical_records_total``)."""
     cpu = records = 0.0
     for port in ports:
         for smp in worker_samples(port):
@@ -553,7 +552,15 @@ def workers_processor_us(ports: list[str]) -> float | None:
                 cpu += smp.value
             elif smp.name == "monitor_clinical_records_total":
                 records += smp.value
-    return cpu / records * 1e6 if records else None
+    return cpu, records
+
+
+def processor_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The clinical processor's CPU per record between two ``workers_processor`` readings, in
+    microseconds: what the processor itself costs, apart from anything the stage waits for;
+    None without a record in between."""
+    records = after[1] - before[1]
+    return (after[0] - before[0]) / records * 1e6 if records > 0 else None
 
 
 def workers_gc(envs: list[dict]) -> dict:
@@ -666,6 +673,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             total = int(rate * seconds)
             gc0 = workers_gc(envs)
             paths0 = workers_clinical_paths(envs)
+            proc0 = workers_processor([env["WEB_PORT"] for env in envs])
             meter.start()
             t0 = time.monotonic()
             producer.paced(total, rate, lambda i: event(base + i, pids[i % patients]))
@@ -681,6 +689,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             waited = time.monotonic() - t0
             gcs = gc_during(gc0, workers_gc(envs))  # from publishing to the last alert
             paths = {k: int(v - paths0[k]) for k, v in workers_clinical_paths(envs).items()}
+            proc_us = processor_us(proc0, workers_processor([env["WEB_PORT"] for env in envs]))
             seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
             # an event whose alert was not seen by the end counts as slower than every seen one (censored)
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))
@@ -701,7 +710,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
                 "seen_p50_ms": pct(seen_sorted, 50), "seen_p99_ms": pct(seen_sorted, 99),
                 "ingest_p50_ms": pct(ingested, 50), "ingest_p99_ms": pct(ingested, 99),
                 "alert_rate": len(seen) / waited if waited else None,
-                "cpu_cores": cpu, "gc": gcs, "clinical_records": paths,
+                "cpu_cores": cpu, "gc": gcs, "clinical_records": paths, "processor_us_per_record": proc_us,
             })
             base += total
         out["peak_rss_mb"] = [round(c.peak_rss_mb(), 1) for c in children]
@@ -799,16 +808,16 @@ def latency_runs_lines(lat: dict, rate: float) -> list[str]:
     out = ["", f"Every run at {fmt(rate)}/s ({len(runs)} runs, each with a fresh worker and topics; "
                f"{len(runs) - len(done)} failed): p99 <= {P99_TARGET_MS:g} ms in {met} of {len(done)}, median p99 {fmt(median, 1)} ms.",
            "", "| run | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | alerts seen | worker cores | whole machine "
-               "| worker's garbage collections (paused, freed) |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+               "| clinical processor, us per record | worker's garbage collections (paused, freed) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, ph in enumerate(runs, 1):
         if ph is None:
-            out.append(f"| {i} | failed | | | | | | | |")
+            out.append(f"| {i} | failed | | | | | | | | |")
             continue
         c = ph.get("cpu_cores") or {}
         out.append(f"| {i} | {fmt(ph['p50_ms'], 1)} | {fmt(ph['p95_ms'], 1)} | {fmt(ph['p99_ms'], 1)} "
                    f"| {fmt(ph['max_ms'], 1)} | {ph['matched']:,} of {ph['published']:,} | {fmt(c.get('worker'), 2)} "
-                   f"| {fmt(c.get('machine'), 2)} | {gc_text(ph.get('gc'))} |")
+                   f"| {fmt(c.get('machine'), 2)} | {fmt(ph.get('processor_us_per_record'), 1)} | {gc_text(ph.get('gc'))} |")
     return out
 
 
@@ -910,15 +919,17 @@ def report(run: Run, meta: dict) -> str:
                      f"alert reader on {lat.get('alert_reader', 'aiokafka')}):")
         lines.append("")
         lines.append("| offered rate | worker | broker | publisher | alert reader | anything else | whole machine "
-                     "| worker's garbage collections, phase to last alert (paused, freed) |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---|")
+                     "| clinical processor, us per record | worker's garbage collections, phase to last alert "
+                     "(paused, freed) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for ph in lat["phases"]:
             c = ph.get("cpu_cores") or {}
             named = ("worker", "broker", "publisher", "alert_reader")
             other = round(c["machine"] - sum(c[k] for k in named), 2) if c and all(k in c for k in named) else None
             lines.append(f"| {fmt(ph['offered_rate'])}/s | {fmt(c.get('worker'), 2)} | {fmt(c.get('broker'), 2)} "
                          f"| {fmt(c.get('publisher'), 2)} | {fmt(c.get('alert_reader'), 2)} | {fmt(other, 2)} "
-                         f"| {fmt(c.get('machine'), 2)} | {gc_text(ph.get('gc'))} |")
+                         f"| {fmt(c.get('machine'), 2)} | {fmt(ph.get('processor_us_per_record'), 1)} "
+                         f"| {gc_text(ph.get('gc'))} |")
         for ph in lat["phases"]:
             if ph["matched"] < ph["published"]:
                 lines.append("")

@@ -122,5 +122,20 @@ def test_the_processors_cpu_per_record_sums_the_workers_metrics(monkeypatch):
               S(name="monitor_clinical_records_total", labels={"path": "fetched"}, value=30_000.0)],
     }
     monkeypatch.setattr(m, "worker_samples", lambda port: metrics.get(port, []))
-    assert m.workers_processor_us(["1", "2"]) == 2.0 / 80_000 * 1e6  # 25 us, both workers and paths
-    assert m.workers_processor_us(["3"]) is None  # unreadable or no record yet
+    both = m.workers_processor(["1", "2"])
+    assert both == (2.0, 80_000.0)  # both workers, both paths
+    assert m.processor_us((0.0, 0.0), both) == 25.0
+    assert m.processor_us((1.0, 40_000.0), both) == 25.0  # a phase: the difference of two readings
+    assert m.processor_us(both, both) is None  # no record in between
+    assert m.workers_processor(["3"]) == (0.0, 0.0)  # unreadable
+
+
+def test_every_latency_run_shows_the_processors_cpu_per_record():
+    m = _run_all()
+    run = {"p50_ms": 20.0, "p95_ms": 50.0, "p99_ms": 80.0, "max_ms": 120.0, "matched": 40_000, "published": 40_000,
+           "cpu_cores": {"worker": 0.8, "machine": 1.5}, "gc": {}, "processor_us_per_record": 180.4}
+    lines = m.latency_runs_lines({"runs": [run, None]}, 2000.0)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0].split(" | ")[8] == "clinical processor, us per record"
+    assert table[1].split(" | ")[8] == "180.4"  # the run's own figure, in its column
+    assert table[2].count("|") == table[1].count("|")  # a failed run keeps the columns

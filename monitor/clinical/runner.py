@@ -544,6 +544,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             try:
                 outputs = self.processor.process(records)
             except PatientStateLost as exc:
+                CLINICAL_PROCESSOR_CPU.inc(time.thread_time() - cpu)  # its records are counted too
                 log.warning("clinical state of a patient not recoverable in place after an error; restoring "
                             "partition %s and processing it again", exc.partition)
                 await self._roll_back({tp.partition for tp in batch} | {exc.partition})

@@ -64,3 +64,27 @@ def test_the_processors_cpu_is_counted():
 
 def test_time_the_processor_does_not_compute_is_not_counted():
     assert _counted(lambda: time.sleep(0.2)) < 0.05
+
+
+def test_a_batch_whose_patient_state_is_lost_counts_its_cpu_too():
+    """Its records are counted by ``monitor_clinical_records_total`` before processing, so its
+    CPU is counted as well, before the partition is restored and read again."""
+    from monitor.clinical.processor import PatientStateLost
+
+    def busy_then_lost():
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        raise PatientStateLost(0)
+
+    r = _runner(busy_then_lost)
+    rolled_back = []
+
+    async def roll_back(partitions):
+        rolled_back.append(partitions)
+
+    r._roll_back = roll_back
+    before = _total()
+    asyncio.run(r.process_batch({TopicPartition("obs", 0): [StreamRecord("obs", 0, 0, b"k", b"v", ())]}))
+    assert rolled_back == [{0}] and r.processed == 0
+    assert 0.05 <= _total() - before < 1.0

@@ -297,12 +297,12 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
     topics.update(shared)  # the same pre-published input topics as (a) and (b)
     own = [t for s, t in topics.items() if s not in shared]
     run.kafka.create_topics(own, run.args.partitions, compacted=[topics["alert-deliveries"]])
-    children, urls, ports = [], [], []
+    children, urls, envs = [], [], []
     for i in range(workers):
         env = {**service_env(run, app_id, topics, run.tmp / f"{name}-w{i}"), **(extra_env or {})}
         children.append(run.start(f"{name}-worker{i}", [PY, "-m", "monitor.cli", "worker"], env))
         urls.append(f"http://127.0.0.1:{env['WEB_PORT']}/readyz")
-        ports.append(env["WEB_PORT"])
+        envs.append(env)
     obs_topic = topics["observations"]
     t0 = time.monotonic()
     deadline = t0 + cap
@@ -337,7 +337,7 @@ def stage_service(run: Run, shared: dict[str, str], n: int, expected_obs: int, w
             time.sleep(POLL)
         if prog.t_first is not None:
             cores = meter.stop()
-        processor = processor_us((0.0, 0.0), workers_processor(ports))
+        processor = processor_us((0.0, 0.0), workers_processor(envs))
         dead = run.kafka.end_total(topics["dead-letter"])
         alerts = run.kafka.end_total(topics["alerts"])
         findings = run.kafka.end_total(topics["findings"])
@@ -542,12 +542,13 @@ def workers_clinical_paths(envs: list[dict]) -> dict:
     return out
 
 
-def workers_processor(ports: list[str]) -> tuple[float, float]:
-    """The workers' clinical processor CPU seconds and records of the patient stream so far
-    (``monitor_clinical_processor_cpu_seconds_total``, ``monitor_clinical_records_total``)."""
+def workers_processor(envs: list[dict]) -> tuple[float, float]:
+    """The workers' (by their env's ``WEB_PORT``) clinical processor CPU seconds and records
+    of the patient stream so far (``monitor_clinical_processor_cpu_seconds_total``,
+    ``monitor_clinical_records_total``)."""
     cpu = records = 0.0
-    for port in ports:
-        for smp in worker_samples(port):
+    for env in envs:
+        for smp in worker_samples(env["WEB_PORT"]):
             if smp.name == "monitor_clinical_processor_cpu_seconds_total":
                 cpu += smp.value
             elif smp.name == "monitor_clinical_records_total":
@@ -673,7 +674,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             total = int(rate * seconds)
             gc0 = workers_gc(envs)
             paths0 = workers_clinical_paths(envs)
-            proc0 = workers_processor([env["WEB_PORT"] for env in envs])
+            proc0 = workers_processor(envs)
             meter.start()
             t0 = time.monotonic()
             producer.paced(total, rate, lambda i: event(base + i, pids[i % patients]))
@@ -689,7 +690,7 @@ def stage_latency(run: Run, phases: list[tuple[float, float]], patients: int, wa
             waited = time.monotonic() - t0
             gcs = gc_during(gc0, workers_gc(envs))  # from publishing to the last alert
             paths = {k: int(v - paths0[k]) for k, v in workers_clinical_paths(envs).items()}
-            proc_us = processor_us(proc0, workers_processor([env["WEB_PORT"] for env in envs]))
+            proc_us = processor_us(proc0, workers_processor(envs))
             seen = [v for s, v in list(reader.seen.items()) if base <= s < base + total]
             # an event whose alert was not seen by the end counts as slower than every seen one (censored)
             lat = sorted(v[0] for v in seen) + [float("inf")] * (total - len(seen))

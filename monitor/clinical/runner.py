@@ -540,16 +540,13 @@ class ClinicalRunner(ConsumerRebalanceListener):
             if taken < len(records):
                 _FETCHED.inc(len(records) - taken)
             self._unacknowledged = True
-            cpu = time.thread_time()
             try:
-                outputs = self.processor.process(records)
+                outputs = self._process(records)
             except PatientStateLost as exc:
-                CLINICAL_PROCESSOR_CPU.inc(time.thread_time() - cpu)  # its records are counted too
                 log.warning("clinical state of a patient not recoverable in place after an error; restoring "
                             "partition %s and processing it again", exc.partition)
                 await self._roll_back({tp.partition for tp in batch} | {exc.partition})
                 return
-            CLINICAL_PROCESSOR_CPU.inc(time.thread_time() - cpu)
             try:
                 await self._write_outputs(outputs)
             except asyncio.CancelledError:
@@ -588,6 +585,16 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     self._checkpoint()
             self.processed += len(records)
             PROCESSING_SECONDS.labels(stage="clinical_batch").observe(time.perf_counter() - started)
+
+    def _process(self, records: list) -> list[Output]:
+        """The processor over a batch, its CPU on this (the event loop's) thread counted however
+        it ends (``monitor_clinical_processor_cpu_seconds_total``; the records are counted
+        before it)."""
+        cpu = time.thread_time()
+        try:
+            return self.processor.process(records)
+        finally:
+            CLINICAL_PROCESSOR_CPU.inc(time.thread_time() - cpu)
 
     async def _take_checkpoint(self, wait: bool = False) -> set[int]:
         """The result of the changelog write in flight once it is done (``wait``: wait for

@@ -102,7 +102,6 @@ def test_cpu_lines_give_each_rounds_ceilings_against_its_own_raw_loop():
     # the loop has no clinical processor
     assert table[1] == "| 1 | (a) | 40,000 | 20.0 | — | — | 5.0 | 25.0 | 50,000 (1.25x) | 80,000 (2.00x) | — |"
     # the clinical process (the worker's own) at 50 us allows 20,000 events/s, 0.50x of this round's (a);
-    # all four processes' 100 us on two cores, 20,000 events/s
     # all four processes' 100 us on two cores, 20,000 events/s; the processor's own 31.4 us per record
     assert table[2] == ("| 1 | (c) 1 worker + ingest process | 18,000 (0.45x) | 80.0 | 50.0 | 30.0 | 20.0 | 100.0 "
                         "| 20,000 (0.50x) | 20,000 (0.50x) | 31.4 |")
@@ -122,12 +121,12 @@ def test_the_processors_cpu_per_record_sums_the_workers_metrics(monkeypatch):
               S(name="monitor_clinical_records_total", labels={"path": "fetched"}, value=30_000.0)],
     }
     monkeypatch.setattr(m, "worker_samples", lambda port: metrics.get(port, []))
-    both = m.workers_processor(["1", "2"])
+    both = m.workers_processor([{"WEB_PORT": "1"}, {"WEB_PORT": "2"}])
     assert both == (2.0, 80_000.0)  # both workers, both paths
     assert m.processor_us((0.0, 0.0), both) == 25.0
     assert m.processor_us((1.0, 40_000.0), both) == 25.0  # a phase: the difference of two readings
     assert m.processor_us(both, both) is None  # no record in between
-    assert m.workers_processor(["3"]) == (0.0, 0.0)  # unreadable
+    assert m.workers_processor([{"WEB_PORT": "3"}]) == (0.0, 0.0)  # unreadable
 
 
 def test_every_latency_run_shows_the_processors_cpu_per_record():

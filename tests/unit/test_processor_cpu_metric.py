@@ -45,25 +45,29 @@ def _total() -> float:
     return REGISTRY.get_sample_value("monitor_clinical_processor_cpu_seconds_total") or 0.0
 
 
-def _counted(work) -> float:
-    r = _runner(work)
+def _busy(seconds: float = 0.05) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _counted(r: ClinicalRunner) -> float:
+    """What one batch of one record adds to the counter."""
     before = _total()
     asyncio.run(r.process_batch({TopicPartition("obs", 0): [StreamRecord("obs", 0, 0, b"k", b"v", ())]}))
-    assert r.processed == 1
     return _total() - before
 
 
 def test_the_processors_cpu_is_counted():
-    def busy():
-        end = time.thread_time() + 0.05
-        while time.thread_time() < end:
-            pass
-
-    assert 0.05 <= _counted(busy) < 1.0
+    r = _runner(_busy)
+    assert 0.05 <= _counted(r) < 1.0
+    assert r.processed == 1
 
 
 def test_time_the_processor_does_not_compute_is_not_counted():
-    assert _counted(lambda: time.sleep(0.2)) < 0.05
+    r = _runner(lambda: time.sleep(0.2))
+    assert _counted(r) < 0.05
+    assert r.processed == 1
 
 
 def test_a_batch_whose_patient_state_is_lost_counts_its_cpu_too():
@@ -72,9 +76,7 @@ def test_a_batch_whose_patient_state_is_lost_counts_its_cpu_too():
     from monitor.clinical.processor import PatientStateLost
 
     def busy_then_lost():
-        end = time.thread_time() + 0.05
-        while time.thread_time() < end:
-            pass
+        _busy()
         raise PatientStateLost(0)
 
     r = _runner(busy_then_lost)
@@ -84,7 +86,5 @@ def test_a_batch_whose_patient_state_is_lost_counts_its_cpu_too():
         rolled_back.append(partitions)
 
     r._roll_back = roll_back
-    before = _total()
-    asyncio.run(r.process_batch({TopicPartition("obs", 0): [StreamRecord("obs", 0, 0, b"k", b"v", ())]}))
+    assert 0.05 <= _counted(r) < 1.0
     assert rolled_back == [{0}] and r.processed == 0
-    assert 0.05 <= _total() - before < 1.0

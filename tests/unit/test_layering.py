@@ -1,0 +1,184 @@
+"""The layering the design promises, checked on the source (no broker needed).
+
+- Pure core, thin edges: ``alerts`` and ``schemas`` import no Kafka client, no Faust and
+  nothing of ``monitor`` (the edges that wire them into streams), not even indirectly.
+- No module of ours reads or writes a private attribute of faust, mode (faust's service
+  library), aiokafka or kafka-python (issue 13: the compensations for faust's Table wrote
+  four private faust fields; the runner that replaced them uses public APIs only).
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+OUR_PACKAGES = ("monitor", "alerts", "schemas")
+PURE_PACKAGES = ("alerts", "schemas")
+#: the stream-processing libraries the pure core must not load, and whose private
+#: attributes no module of ours may touch
+STREAM_LIBRARIES = ("faust", "mode", "aiokafka", "kafka")
+#: underscore names that are public API: namedtuple's methods (aiokafka's RecordMetadata
+#: and TopicPartition are namedtuples; ``md._replace(offset=...)`` is documented use)
+PUBLIC_UNDERSCORE = frozenset({"_replace", "_asdict", "_fields", "_make", "_field_defaults"})
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_names_defined(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, arguments, variables, and
+    attributes it assigns (``self._x = ...``)."""
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
+            out.add(n.attr)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+        elif isinstance(n, ast.alias):
+            out.add(n.asname or n.name.split(".")[0])
+    return {x for x in out if _private(x)}
+
+
+def private_uses(tree: ast.AST) -> list[tuple[int, str, str]]:
+    """``(line, name, how)`` for each private attribute read or written: ``x._name`` and
+    ``getattr``/``setattr``/``hasattr``/``delattr`` with a constant name."""
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and _private(n.attr):
+            out.append((n.lineno, n.attr, ast.unparse(n)))
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+              and n.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(n.args) >= 2
+              and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)
+              and _private(n.args[1].value)):
+            out.append((n.lineno, n.args[1].value, ast.unparse(n)))
+    return out
+
+
+def foreign_private_uses(ours: dict[str, ast.AST], library_private: frozenset[str]) -> list[str]:
+    """The private attributes our modules use that are not their own.
+
+    A private name no module of ours defines can only be another package's. A private name
+    that a stream library also defines must be defined in the module that uses it (its own
+    class's attribute), so ``self._client`` in a class of ours that sets it passes, and
+    ``consumer._client`` in a module that never sets ``_client`` does not."""
+    anywhere: set[str] = set()
+    here: dict[str, set[str]] = {}
+    for path, tree in ours.items():
+        here[path] = private_names_defined(tree)
+        anywhere |= here[path]
+    bad = []
+    for path, tree in ours.items():
+        for line, name, how in private_uses(tree):
+            if name in PUBLIC_UNDERSCORE:
+                continue
+            if name not in anywhere or (name in library_private and name not in here[path]):
+                bad.append(f"{path}:{line}: {how}")
+    return bad
+
+
+def _parse_package(root: Path, rel_to: Path) -> dict[str, ast.AST]:
+    out = {}
+    for p in sorted(root.rglob("*.py")):
+        try:
+            out[str(p.relative_to(rel_to))] = ast.parse(p.read_text(encoding="utf-8", errors="replace"), str(p))
+        except SyntaxError:  # a vendored file for another Python version: nothing of ours
+            continue
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def library_private_names() -> frozenset[str]:
+    names: set[str] = set()
+    for lib in STREAM_LIBRARIES:
+        spec = importlib.util.find_spec(lib)
+        assert spec is not None and spec.submodule_search_locations, f"{lib} is a dependency of the worker"
+        root = Path(list(spec.submodule_search_locations)[0])
+        for tree in _parse_package(root, root).values():
+            names |= private_names_defined(tree)
+    return frozenset(names)
+
+
+def our_modules() -> dict[str, ast.AST]:
+    out = {}
+    for pkg in OUR_PACKAGES:
+        out.update(_parse_package(ROOT / pkg, ROOT))
+    return out
+
+
+def test_no_module_touches_a_private_attribute_of_faust_or_kafka_clients():
+    library_private = library_private_names()
+    assert {"_client", "_fetcher", "_coordinator"} <= library_private  # the scan sees aiokafka's
+    assert foreign_private_uses(our_modules(), library_private) == []
+
+
+def test_the_check_finds_a_private_attribute_of_the_consumer():
+    """The check above can fail: a consumer's private client read in a module of ours."""
+    library_private = library_private_names()
+    ours = our_modules()
+    ours["monitor/probe.py"] = ast.parse("def lag(consumer):\n    return consumer._client.cluster\n")
+    ours["monitor/probe2.py"] = ast.parse("def f(app):\n    return getattr(app, '_monitor')\n")
+    ours["monitor/probe3.py"] = ast.parse("def g(md):\n    return md._replace(offset=1)\n")
+    assert [b for b in foreign_private_uses(ours, library_private) if "/probe" in b] == [
+        "monitor/probe.py:2: consumer._client", "monitor/probe2.py:2: getattr(app, '_monitor')"]
+
+
+def test_a_class_of_ours_may_use_its_own_private_attribute_of_a_library_name():
+    library_private = library_private_names()
+    own = ast.parse("class Runner:\n    def __init__(self):\n        self._client = None\n"
+                    "    def close(self):\n        return self._client\n")
+    assert "_client" in library_private
+    assert foreign_private_uses({"monitor/runner_like.py": own}, library_private) == []
+
+
+_IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+for pkg in {packages!r}:
+    mod = importlib.import_module(pkg)
+    for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
+        importlib.import_module(info.name)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!r})))
+"""
+
+
+def loaded_by_importing(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    """The ``forbidden`` modules a fresh interpreter holds after importing every module of
+    ``packages``."""
+    code = _IMPORT_ALL.format(packages=packages, forbidden=forbidden)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_pure_core_imports_no_kafka_faust_or_monitor():
+    assert loaded_by_importing(PURE_PACKAGES, STREAM_LIBRARIES + ("monitor",)) == []
+
+
+def test_the_import_check_sees_what_a_package_loads():
+    """The check above can fail: importing ``monitor`` loads faust and aiokafka."""
+    loaded = loaded_by_importing(("monitor",), ("faust", "aiokafka"))
+    assert "faust" in loaded and "aiokafka" in loaded
+
+
+@pytest.mark.parametrize("pkg", PURE_PACKAGES)
+def test_every_pure_module_is_walked(pkg):
+    """The import walk reaches every module file of the package (none is skipped)."""
+    files = {str(p.relative_to(ROOT).with_suffix("")).replace("/", ".")
+             for p in (ROOT / pkg).rglob("*.py") if p.name != "__init__.py"}
+    code = (f"import importlib, pkgutil\nmod = importlib.import_module({pkg!r})\n"
+            f"print('\\n'.join(i.name for i in pkgutil.walk_packages(mod.__path__, {pkg!r} + '.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    walked = set(done.stdout.split())
+    assert files <= walked, sorted(files - walked)

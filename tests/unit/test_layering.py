@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
+import importlib.machinery
 import json
 import subprocess
 import sys
@@ -102,7 +102,9 @@ def _parse_package(root: Path, rel_to: Path) -> dict[str, ast.AST]:
 def library_private_names() -> frozenset[str]:
     names: set[str] = set()
     for lib in STREAM_LIBRARIES:
-        spec = importlib.util.find_spec(lib)
+        # the path finder, not ``importlib.util.find_spec``: faust replaces its module in
+        # ``sys.modules`` with a lazy one that has no ``__spec__`` once it is imported
+        spec = importlib.machinery.PathFinder.find_spec(lib)
         assert spec is not None and spec.submodule_search_locations, f"{lib} is a dependency of the worker"
         root = Path(list(spec.submodule_search_locations)[0])
         for tree in _parse_package(root, root).values():

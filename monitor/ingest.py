@@ -53,8 +53,8 @@ from .clinical.processor import KIND_ACTION, KIND_TREATMENT, routed_headers
 from .dlq import dead_letter_headers
 from .kafka_batch import (OrderedCommits, Positions, acknowledged, key_partition, new_consumer, new_producer, rewind,
                           send_all, stop_clients)
-from .metrics import (DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, SOURCE_LAST_EVENT, LabelCache,
-                      source_label)
+from .metrics import (COMMIT_FAILURES, DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, ROLLBACKS,
+                      SOURCE_LAST_EVENT, LabelCache, source_label)
 
 from .settings import Settings, get_settings
 from .write_order import WriteOrderMerge
@@ -99,6 +99,8 @@ class _Counters:
         self._seen: dict[str, datetime] = {}
         self._n_dead: dict[tuple[str, str], int] = {}
         self._batches: list[float] = []
+        self._n_rollbacks: dict[str, int] = {}
+        self._n_commit_failures = 0
 
     def event(self, kind: str, fmt: str) -> None:
         k = (kind, fmt)
@@ -129,6 +131,17 @@ class _Counters:
         if not self.deferred:
             self.flush()
 
+    def rollback(self, reason: str) -> None:
+        """The loop went back to its last commit (``monitor_rollbacks_total{stage="ingest"}``);
+        rare, so applied (or made ready for the relay) at once."""
+        self._n_rollbacks[reason] = self._n_rollbacks.get(reason, 0) + 1
+        self.flush()
+
+    def commit_failed(self) -> None:
+        """An offset commit failed (``monitor_commit_failures_total{stage="ingest"}``)."""
+        self._n_commit_failures += 1
+        self.flush()
+
     def flush(self) -> None:
         """Apply the counts kept since the last flush (unless they are relayed)."""
         if not self.relayed:
@@ -143,7 +156,12 @@ class _Counters:
             "dead": [[topic, reason, n] for (topic, reason), n in self._n_dead.items()],
             "batches": self._batches,
         }
+        if self._n_rollbacks:
+            snap["rollbacks"] = [[reason, n] for reason, n in self._n_rollbacks.items()]
+        if self._n_commit_failures:
+            snap["commit_failures"] = self._n_commit_failures
         self._n_events, self._n_obs, self._seen, self._n_dead, self._batches = {}, {}, {}, {}, []
+        self._n_rollbacks, self._n_commit_failures = {}, 0
         return snap
 
     def apply(self, snap: dict) -> None:
@@ -162,6 +180,10 @@ class _Counters:
             h = m.get(PROCESSING_SECONDS, "ingest_batch")
             for seconds in snap["batches"]:
                 h.observe(seconds)
+        for reason, n in snap.get("rollbacks", ()):
+            m.get(ROLLBACKS, "ingest", reason).inc(n)
+        if snap.get("commit_failures"):
+            m.get(COMMIT_FAILURES, "ingest").inc(snap["commit_failures"])
 
 
 COUNTERS = _Counters()
@@ -272,7 +294,8 @@ class IngestService(ConsumerRebalanceListener):
         # within one timestamp, treatments first (see monitor.write_order)
         self.merge = WriteOrderMerge(priority=lambda tp: 0 if tp.topic == s.topic_treatments else 1)
         self._lock = asyncio.Lock()
-        self.commits = OrderedCommits(self.positions, "ingest", min_interval=self.COMMIT_INTERVAL_SECONDS)
+        self.commits = OrderedCommits(self.positions, "ingest", min_interval=self.COMMIT_INTERVAL_SECONDS,
+                                      on_failure=COUNTERS.commit_failed)
         #: per batch written and not yet committed: its acknowledgement, then its commit
         self._acks: deque[asyncio.Future] = deque()
         #: the first write that failed since the last rewind (the loop rewinds)
@@ -444,6 +467,7 @@ class IngestService(ConsumerRebalanceListener):
         """An output was not acknowledged: forget what is buffered and every batch after
         the failure, rewind every partition to its last commit and process from there again."""
         log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
+        COUNTERS.rollback("write_refused")
         await self._settle_all()
         await asyncio.sleep(1.0)
         await rewind(consumer, list(consumer.assignment()), "ingest")

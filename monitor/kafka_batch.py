@@ -184,7 +184,7 @@ class OrderedCommits:
     """Offset commits that run in the background, one after another in the order submitted
     (each waits for the one before), so a loop reads and processes its next batch meanwhile;
     ``drain`` waits for every commit submitted. A failed commit is logged and reported to
-    ``done``: its batch is already on the broker, so a later commit covers it or, after a
+    ``done`` and ``on_failure``: its batch is already on the broker, so a later commit covers it or, after a
     rebalance, the new owner reads it again (at least once).
 
     ``min_interval`` (seconds, 0: every submission is a commit of its own): offsets submitted
@@ -196,10 +196,13 @@ class OrderedCommits:
     (docs/measurements.md, nineteenth pass). What a crash replays grows by that interval, at
     least once as before."""
 
-    def __init__(self, positions: "Positions", what: str, min_interval: float = 0.0) -> None:
+    def __init__(self, positions: "Positions", what: str, min_interval: float = 0.0,
+                 on_failure: Callable[[], None] | None = None) -> None:
         self.positions = positions
         self.what = what
         self.min_interval = min_interval
+        #: called once per failed commit (``monitor_commit_failures_total``)
+        self.on_failure = on_failure
         self._last: asyncio.Future | None = None
         #: offsets waiting for the interval to end, their consumer and ``done`` callbacks
         self._pending: dict = {}
@@ -258,6 +261,8 @@ class OrderedCommits:
         except Exception as exc:
             log.warning("%s commit failed (%s)", self.what, type(exc).__name__)
             ok = False
+            if self.on_failure is not None:
+                self.on_failure()
         if done is not None:
             done(ok)
 

@@ -87,6 +87,42 @@ CLINICAL_PROCESSOR_CPU = Counter(
     "the batches of the patient stream, on the worker's event-loop thread; divided by "
     "monitor_clinical_records_total, its CPU per record, whether or not the stage waits for anything",
     registry=REGISTRY)
+ROLLBACKS = Counter(
+    "monitor_rollbacks", "Times a stage went back to its last durable point and processed its input again, by "
+    "stage (ingest, clinical) and reason: write_refused (the broker did not acknowledge a batch's outputs), "
+    "changelog_refused (the clinical state's changelog was not acknowledged), state_lost (a patient's state "
+    "could not be rebuilt in place after an internal error). Alerts are repeated, never lost; nothing after "
+    "the rollback point is committed until it succeeds",
+    ["stage", "reason"], registry=REGISTRY)
+COMMIT_FAILURES = Counter(
+    "monitor_commit_failures", "Offset commits that failed, by stage (a later commit covers them; a crash or "
+    "rebalance meanwhile processes the uncommitted records again)",
+    ["stage"], registry=REGISTRY)
+CLINICAL_CHECKPOINTS = Counter(
+    "monitor_clinical_checkpoints", "Checkpoints of the clinical stage (its changed patients to the changelog, "
+    "then its offsets committed), by outcome: written (the changelog acknowledged) or refused",
+    ["outcome"], registry=REGISTRY)
+CLINICAL_UNCHECKPOINTED = Gauge(
+    "monitor_clinical_uncheckpointed_records", "Records the clinical stage processed (outputs acknowledged) "
+    "whose patients are not on the changelog yet: what a crash now would process again. Bounded by the "
+    "runner's replay cap; above 0 for minutes without a written checkpoint, the changelog is stuck",
+    registry=REGISTRY)
+CLINICAL_RESTORE_SECONDS = Histogram(
+    "monitor_clinical_restore_seconds", "Time to restore partitions' patient state from the changelog, by "
+    "cause: assigned (partitions this worker was given) or rollback",
+    ["cause"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+CLINICAL_PARTITIONS_OWNED = Gauge(
+    "monitor_clinical_partitions_owned", "Partitions of the patient stream this worker's clinical stage owns",
+    registry=REGISTRY)
+# every series the rules read exists at 0 from the start: Prometheus's increase() does not
+# count a counter's first sample, so a series born at 1 would hide the first failure
+for _outcome in ("written", "refused"):
+    CLINICAL_CHECKPOINTS.labels(outcome=_outcome)
+for _stage, _reason in (("ingest", "write_refused"), ("clinical", "write_refused"), ("clinical", "changelog_refused"),
+                        ("clinical", "state_lost")):
+    ROLLBACKS.labels(stage=_stage, reason=_reason)
+for _stage in ("ingest", "clinical"):
+    COMMIT_FAILURES.labels(stage=_stage)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)

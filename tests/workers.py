@@ -37,6 +37,14 @@ def raw_alt(pid: str, eid: str, value: float, at, source: str) -> dict:
             "status": "final"}
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` in an exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+               if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
+
+
 def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
     """``fn()`` until it returns something true (returned); an AssertionError naming ``what``
     and the last value after ``timeout`` seconds."""
@@ -192,6 +200,12 @@ class WorkerProcess:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """``name`` on this worker's ``/metrics`` now (the sum over series with ``labels``)."""
+        status, body = self.get("/metrics")
+        assert status == 200, status
+        return metric(body.decode(), name, **labels)
 
     def wait_logged(self, text: bytes, timeout: float = 60.0) -> None:
         """Wait until the worker's log holds ``text``; an AssertionError after ``timeout``."""

@@ -132,8 +132,9 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import (CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, PATIENTS_MONITORED, PATIENTS_OVERDUE,
-                       PROCESSING_SECONDS)
+from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_PARTITIONS_OWNED, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS,
+                       CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED, COMMIT_FAILURES, PATIENTS_MONITORED,
+                       PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS)
 from ..settings import Settings
 from ..topics_admin import changelog_topic
 from .own_writes import OwnWrites, StreamRecord
@@ -143,6 +144,8 @@ from .store import PatientStore
 log = logging.getLogger(__name__)
 _TAKEN = CLINICAL_RECORDS.labels(path="own_writes")
 _FETCHED = CLINICAL_RECORDS.labels(path="fetched")
+#: why the stage went back to its durable state (``monitor_rollbacks_total{stage="clinical"}``)
+WRITE_REFUSED, CHANGELOG_REFUSED, STATE_LOST = "write_refused", "changelog_refused", "state_lost"
 
 
 class PendingCheckpoint:
@@ -241,7 +244,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self._persist_task: asyncio.Future | None = None
         #: the records whose offsets that checkpoint commits
         self._persist_records = 0
-        self.commits = OrderedCommits(self.positions, "clinical")
+        self.commits = OrderedCommits(self.positions, "clinical",
+                                      on_failure=COMMIT_FAILURES.labels(stage="clinical").inc)
         #: acknowledged batches not checkpointed yet (see the module docstring)
         self.pending = PendingCheckpoint(settings.clinical_checkpoint_interval_seconds, self.CHECKPOINT_MAX_RECORDS)
         #: a batch (or clock chunk) is processed and its outputs are not acknowledged yet:
@@ -284,6 +288,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self._stopping = False
+        CLINICAL_UNCHECKPOINTED.set_function(self.uncheckpointed_records)
         self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
         self.changelog_producer = new_producer(self.s, linger_ms=1, client_id=f"{self.group_id}-changelog")
@@ -545,7 +550,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             except PatientStateLost as exc:
                 log.warning("clinical state of a patient not recoverable in place after an error; restoring "
                             "partition %s and processing it again", exc.partition)
-                await self._roll_back({tp.partition for tp in batch} | {exc.partition})
+                await self._roll_back({tp.partition for tp in batch} | {exc.partition}, STATE_LOST)
                 return
             try:
                 await self._write_outputs(outputs)
@@ -554,7 +559,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             except Exception as exc:
                 log.warning("clinical batch not acknowledged (%s); restoring its partitions and processing "
                             "it again", type(exc).__name__)
-                await self._roll_back({tp.partition for tp in batch})
+                await self._roll_back({tp.partition for tp in batch}, WRITE_REFUSED)
                 return
             # outputs are on the broker: the batch joins the pending checkpoint; when due,
             # the changed patients go to the changelog, then the pending offsets are
@@ -570,7 +575,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
             # when the records not durable yet reach the cap of a crash's replay
             failed = await self._take_checkpoint(wait=self._replay_full())
             if failed:
-                await self._roll_back(failed | {tp.partition for tp in batch})
+                await self._roll_back(failed | {tp.partition for tp in batch}, CHANGELOG_REFUSED)
                 return
             if self._persist_task is None:
                 full = len(records) >= self.MAX_BATCH
@@ -693,7 +698,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 return
             failed = await self._flush(wait=False)
             if failed:
-                await self._roll_back(failed)
+                await self._roll_back(failed, CHANGELOG_REFUSED)
 
     def _keep_encoded(self, limit: int | None = None) -> None:
         """Encode every marked patient (all of them changed by batches whose outputs are
@@ -736,9 +741,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            CLINICAL_CHECKPOINTS.labels(outcome="refused").inc()
             log.warning("clinical changelog not acknowledged (%s); restoring its partitions and processing "
                         "them again", type(exc).__name__)
             return {p for _pid, p, _v in changed} | {tp.partition for tp in offsets}
+        CLINICAL_CHECKPOINTS.labels(outcome="written").inc()
         # the commit is not waited for by the next batch: commits stay in order, a
         # revocation or rollback waits for all (_drain)
         if offsets:
@@ -787,16 +794,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
             end, committed = self._held.get(md.partition, (0, None))
             self._held[md.partition] = (max(end, md.offset + 1), committed)
 
-    async def _roll_back(self, partitions: set[int]) -> None:
+    async def _roll_back(self, partitions: set[int], reason: str) -> None:
         """Back to the durable state of these partitions and of every partition with pending
-        (acknowledged, not checkpointed) work: restore, then re-read from the commit."""
+        (acknowledged, not checkpointed) work: restore, then re-read from the commit.
+        ``reason``: why (``monitor_rollbacks_total{stage="clinical",reason}``)."""
+        ROLLBACKS.labels(stage="clinical", reason=reason).inc()
         partitions = set(partitions) | await self._drain()
         partitions |= self._discard_pending()
         await asyncio.sleep(1.0)
         self.store.drop(partitions)
         self.store.take_changed()  # nothing of a rolled-back batch may be written later
         self._unacknowledged = False
-        await self._restore_retrying(partitions)
+        await self._restore_retrying(partitions, "rollback")
         for p in partitions:
             self._next[p] = self._held.get(p, (0, None))[1]
             self._epoch[p] = self._epoch.get(p, 0) + 1
@@ -819,7 +828,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     break
                 failed = await self._take_checkpoint()
                 if failed:
-                    await self._roll_back(failed)
+                    await self._roll_back(failed, CHANGELOG_REFUSED)
                 owned = self.owned
                 chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
                 self._unacknowledged = True
@@ -828,7 +837,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 except PatientStateLost as exc:
                     log.warning("clinical state of a patient not recoverable in place after a clock error; "
                                 "restoring partition %s", exc.partition)
-                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition})
+                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition},
+                                          STATE_LOST)
                     continue
                 try:
                     await self._write_outputs(outputs)
@@ -836,7 +846,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     raise
                 except Exception as exc:
                     log.warning("clock outputs not acknowledged (%s); restoring", type(exc).__name__)
-                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None})
+                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None}, WRITE_REFUSED)
                     continue
                 # the chunk's changed patients stay marked and join the next checkpoint, as a
                 # batch's do: due after the next batches, or started by the next idle poll,
@@ -853,6 +863,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         async with self._lock:
             self._forget(await self._checkpoint_all())
             self.owned = frozenset()
+            CLINICAL_PARTITIONS_OWNED.set(0)
             self._leave_direct()
             self.ready.clear()
 
@@ -867,9 +878,10 @@ class ClinicalRunner(ConsumerRebalanceListener):
             keep -= self._discard_pending()  # none after a revocation; never kept undurable
             self.store.drop(self.store.partitions() - keep)
             self._held = {p: v for p, v in self._held.items() if p in keep}
-            await self._restore_retrying(parts - keep)
+            await self._restore_retrying(parts - keep, "assigned")
             self._next = {p: self._held.get(p, (0, None))[1] for p in parts}
             self.owned = frozenset(parts)
+            CLINICAL_PARTITIONS_OWNED.set(len(parts))
             self._leave_direct()
             if self.consumer is not None:  # every partition fetches from its position first
                 self.consumer.resume(*[tp for tp in self.consumer.paused() if tp.topic == self.stream])
@@ -879,13 +891,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 self.processor.handoff.retain(parts)
             self.ready.set()
 
-    async def _restore_retrying(self, partitions: set[int]) -> None:
+    async def _restore_retrying(self, partitions: set[int], cause: str) -> None:
         """Restore, retrying while the broker is away: no record of a partition is
-        processed before its state is back."""
+        processed before its state is back. ``cause``: ``assigned`` or ``rollback``
+        (``monitor_clinical_restore_seconds``, from the first attempt to the state back)."""
+        if not partitions:
+            return
         delay = 0.5
+        started = time.perf_counter()
         while True:
             try:
                 await self._restore(partitions)
+                CLINICAL_RESTORE_SECONDS.labels(cause=cause).observe(time.perf_counter() - started)
                 return
             except asyncio.CancelledError:
                 raise
@@ -954,6 +971,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
                  len(self.store))
 
     # -- observability -------------------------------------------------------------------
+    def uncheckpointed_records(self) -> int:
+        """Records processed here (their outputs acknowledged) whose patients are not on the
+        changelog yet: pending, being encoded for a due checkpoint, or in a changelog write
+        not acknowledged (or refused: they will be processed again). What a crash now would
+        process again (``monitor_clinical_uncheckpointed_records``)."""
+        n = self.pending.records + self._collect_records
+        task = self._persist_task
+        if task is not None and not (task.done() and not task.cancelled() and task.exception() is None
+                                     and not task.result()):
+            n += self._persist_records
+        return n
+
     def lag(self) -> dict[tuple[str, int], int]:
         lag = self.positions.lag(self.consumer)
         for p, end in self._broker_end.items():  # a direct partition's fetch position stands still

@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 
 from test_clinical_broker import INPUTS, OUTPUTS, dose, result, send
-from workers import service_env, wait_committed
+from workers import service_env, wait_committed, wait_for
 
 from monitor.topics_admin import topic_partitions
 
@@ -72,6 +72,18 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
         _logged(w, b"clinical changelog not acknowledged", times=2)
         committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-clinical", topics["observations"])
         assert end >= 3 and committed == 0, (committed, end)
+        # operations see it on /metrics: refused checkpoints, rollbacks and their restores, and
+        # records waiting for a checkpoint; none written
+        wait_for(lambda: w.metric("monitor_rollbacks_total", stage="clinical", reason="changelog_refused") >= 2, 30,
+                 "two rollbacks counted")
+        assert w.metric("monitor_clinical_checkpoints_total", outcome="refused") >= 2
+        assert w.metric("monitor_clinical_checkpoints_total", outcome="written") == 0
+        # (the second rollback began after the first one's restore, which is then observed)
+        assert w.metric("monitor_clinical_restore_seconds_count", cause="rollback") >= 1
+        assert w.metric("monitor_clinical_restore_seconds_count", cause="assigned") >= 1
+        assert w.metric("monitor_clinical_partitions_owned") == 3
+        wait_for(lambda: w.metric("monitor_clinical_uncheckpointed_records") > 0, 30,
+                 "records waiting for a checkpoint counted")
         # the outputs went out before the state (each retry emits the same alert version again)
         first = [a for a in _alerts(kafka_bootstrap, topics["alerts"]) if a["rule_id"] == "heme.platelets_decreased"]
         assert first and {a["version"] for a in first} == {1}
@@ -79,6 +91,9 @@ def test_a_refused_changelog_holds_the_commit_and_the_state_back(kafka_bootstrap
         # the broker takes the changelog again: everything is committed, the state is durable
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, changelog, {"max.message.bytes": "1048588"})])
         wait_committed(kafka_bootstrap, f"{prefix}-clinical", [topics["observations"]], timeout=60)
+        assert w.metric("monitor_clinical_checkpoints_total", outcome="written") >= 1
+        wait_for(lambda: w.metric("monitor_clinical_uncheckpointed_records") == 0, 30,
+                 "nothing waiting for a checkpoint once the changelog is taken")
     finally:
         admin.close()
 
@@ -153,6 +168,9 @@ def test_a_refused_output_write_rolls_back_the_pending_work_of_every_partition(k
             durable.check()
             time.sleep(0.2)
         durable.check()
+        wait_for(lambda: w.metric("monitor_rollbacks_total", stage="clinical", reason="write_refused") >= 5, 30,
+                 "the refusals counted as rollbacks")
+        assert w.metric("monitor_rollbacks_total", stage="clinical", reason="changelog_refused") == 0
         # the broker takes the alert versions again: everything is processed, committed, durable
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics["alerts"],
                                             {"max.message.bytes": "1048588"})])

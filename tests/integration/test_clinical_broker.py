@@ -263,14 +263,6 @@ def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstr
 # their offsets committed; idle input checkpoints at once; a crash between checkpoints
 # replays those batches and no alert version reaches a sink twice.
 
-def _metric(w, name: str, labels: str) -> float:
-    _status, body = w.get("/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(f"{name}{{") and labels in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
-
-
 class Durable:
     """What the clinical stage made durable: the group's committed offsets on the patient
     stream, then (read after them) the patients on the changelog, per partition."""
@@ -379,7 +371,7 @@ def test_the_changelog_is_written_per_checkpoint_and_idle_input_checkpoints_at_o
         while time.monotonic() < deadline and durable.check() != durable.stream_ends():
             time.sleep(0.2)
         assert durable.check() == durable.stream_ends()
-        batches = _metric(w, "monitor_processing_seconds_count", 'stage="clinical_batch"')
+        batches = w.metric("monitor_processing_seconds_count", stage="clinical_batch")
         hot_writes = durable.writes.get(hot, 0)
         print(f"\n{batches:.0f} clinical batches, {n} results of one patient, its changelog written {hot_writes} times")
         assert all(f"ck-{i}" in durable.on_changelog[p] or f"ck-{i}" not in durable.keys_at[p]

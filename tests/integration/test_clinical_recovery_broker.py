@@ -86,9 +86,18 @@ def test_a_patient_that_cannot_be_rebuilt_in_place_is_restored_from_the_changelo
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    from monitor.metrics import REGISTRY
+
+    def counted() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("monitor_rollbacks_total", {"stage": "clinical", "reason": "state_lost"}) or 0,
+                REGISTRY.get_sample_value("monitor_clinical_restore_seconds_count", {"cause": "rollback"}) or 0)
+
+    before = counted()
     with caplog.at_level("WARNING"):
         asyncio.run(run())
     assert "not recoverable in place" in caplog.text  # the rollback path was taken
+    # ... and counted for operations: one rollback, one restore of its partitions
+    assert counted() == (before[0] + 1, before[1] + 1), (before, counted())
     assert calls["n"] >= 5  # the failures, then every result applied again after the restore
     # nothing dead-lettered: no record was bad, and none was lost
     assert _read(kafka_bootstrap, topics["dead-letter"]) == []

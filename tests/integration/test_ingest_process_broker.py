@@ -19,9 +19,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from kafka import KafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
-from workers import raw_alt, raw_dose, service_env, wait_for, wait_ingested, wait_processed
+from workers import metric, raw_alt, raw_dose, service_env, wait_for, wait_ingested, wait_processed
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +51,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples ``name`` whose labels include ``labels`` in an exposition."""
-    return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
-               if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
 
 
 def publish(bootstrap: str, records: list[tuple[str, bytes | None, bytes]]) -> None:

@@ -55,6 +55,7 @@ def test_a_refused_write_commits_nothing_after_it_and_every_input_arrives(kafka_
         committed, end = _committed_and_ends(kafka_bootstrap, f"{prefix}-ingest", topics["lab-results"])
         assert end == len(expected) and committed == 0, (committed, end)
         assert _observation_ids(kafka_bootstrap, stream) == []
+        assert w.metric("monitor_rollbacks_total", stage="ingest", reason="write_refused") >= 1
 
         # the broker takes the stream again: every input arrives and everything is committed
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, stream, {"max.message.bytes": "1048588"})])

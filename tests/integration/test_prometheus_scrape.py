@@ -96,6 +96,14 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     # and the clinical processor's CPU over the records it processed (the dashboard's CPU per record)
     assert prom.query('sum(monitor_clinical_processor_cpu_seconds_total{job="sma-monitor"}) > 0')
     assert prom.query('sum(monitor_clinical_records_total{job="sma-monitor"}) > 0')
+    # the clinical stage's durability, as the durability rules read it: partitions owned,
+    # checkpoints written, and every rollback and commit-failure series there at 0 from the
+    # start (increase() does not count the first sample of a series, so one born at 1 would
+    # hide the first failure from MonitorRollingBack)
+    assert prom.query('monitor_clinical_partitions_owned{job="sma-monitor"} > 0')
+    assert prom.query('sum(monitor_clinical_checkpoints_total{job="sma-monitor",outcome="written"}) > 0')
+    assert len(prom.query('monitor_rollbacks_total{job="sma-monitor"} == 0')) == 4
+    assert len(prom.query('monitor_commit_failures_total{job="sma-monitor"} == 0')) == 2
 
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})

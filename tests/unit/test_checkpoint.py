@@ -219,3 +219,41 @@ def test_a_batch_made_before_its_partitions_rollback_is_not_processed_after_it()
         assert p.args[0] == [0, 1]
     else:
         raise AssertionError("nothing processed")
+
+
+def test_uncheckpointed_records_are_those_a_crash_now_would_process_again():
+    """``monitor_clinical_uncheckpointed_records``: pending batches, those of a due checkpoint
+    being encoded, and those of a changelog write until it is acknowledged (a refused one
+    still counts: its records are processed again)."""
+    import asyncio
+
+    from monitor.metrics import CLINICAL_UNCHECKPOINTED, REGISTRY
+
+    r = ClinicalRunner(Settings(_env_file=None), processor=None, store=InMemoryPatientStore())
+    assert r.uncheckpointed_records() == 0
+    r.pending.add({A: 300}, 300)
+    r._collect_records = 200
+    assert r.uncheckpointed_records() == 500
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        seen = []
+        for result in (None, set(), {0}):  # in flight; acknowledged; refused (partition 0 to restore)
+            r._persist_task = loop.create_future()
+            r._persist_records = 1_000
+            if result is not None:
+                r._persist_task.set_result(result)
+            seen.append(r.uncheckpointed_records())
+        r._persist_task = loop.create_future()
+        r._persist_task.cancel()
+        seen.append(r.uncheckpointed_records())
+        return seen
+
+    assert asyncio.run(go()) == [1_500, 500, 1_500, 1_500]
+    # the gauge asks the runner (ClinicalRunner.start binds it) at each scrape
+    CLINICAL_UNCHECKPOINTED.set_function(r.uncheckpointed_records)
+    r._persist_task = None
+    assert REGISTRY.get_sample_value("monitor_clinical_uncheckpointed_records") == 500
+    r.pending.take()
+    r._collect_records = 0
+    assert REGISTRY.get_sample_value("monitor_clinical_uncheckpointed_records") == 0

@@ -23,6 +23,9 @@ def _count(c: _Counters) -> None:
     c.dead("relay-test.vital-signs", "not_utf8")
     c.source_seen("lab-relay", datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc))
     c.batch(0.25)
+    c.rollback("write_refused")
+    c.commit_failed()
+    c.commit_failed()
 
 
 def test_relayed_counts_reach_the_worker_metrics_once():
@@ -32,15 +35,19 @@ def test_relayed_counts_reach_the_worker_metrics_once():
         "obs": sample("monitor_observations_total", analyte="alt", monitored="true"),
         "dead": sample("monitor_dead_letters_total", topic="relay-test.vital-signs", reason="not_utf8"),
         "batches": sample("monitor_processing_seconds_count", stage="ingest_batch"),
+        "rollbacks": sample("monitor_rollbacks_total", stage="ingest", reason="write_refused"),
+        "commits": sample("monitor_commit_failures_total", stage="ingest"),
     }
     child = _Counters()
     child.relayed = child.deferred = True
     _count(child)
     child.flush()  # a relayed process applies nothing itself
     assert sample("monitor_observations_total", analyte="alt", monitored="true") == before["obs"]
+    assert sample("monitor_rollbacks_total", stage="ingest", reason="write_refused") == before["rollbacks"]
 
     line = json.dumps({"counts": child.take()})  # what crosses the pipe
-    assert child.take()["events"] == []  # taken once
+    again = child.take()
+    assert again["events"] == [] and "rollbacks" not in again and "commit_failures" not in again  # taken once
     worker = _Counters()
     worker.apply(json.loads(line)["counts"])
 
@@ -49,16 +56,31 @@ def test_relayed_counts_reach_the_worker_metrics_once():
     assert sample("monitor_observations_total", analyte="alt", monitored="true") == before["obs"] + 3
     assert sample("monitor_dead_letters_total", topic="relay-test.vital-signs", reason="not_utf8") == before["dead"] + 1
     assert sample("monitor_processing_seconds_count", stage="ingest_batch") == before["batches"] + 1
+    assert sample("monitor_rollbacks_total", stage="ingest", reason="write_refused") == before["rollbacks"] + 1
+    assert sample("monitor_commit_failures_total", stage="ingest") == before["commits"] + 2
 
 
 def test_in_process_counts_are_applied_at_flush():
     before = sample("monitor_observations_total", analyte="alt", monitored="true")
     c = _Counters()
     c.deferred = True
-    _count(c)
+    for _ in range(3):
+        c.observation("alt")
     assert sample("monitor_observations_total", analyte="alt", monitored="true") == before
     c.flush()
     assert sample("monitor_observations_total", analyte="alt", monitored="true") == before + 3
+
+
+def test_in_process_rollbacks_and_commit_failures_are_applied_at_once():
+    """Rare, and counted when nothing else may flush for a while (a loop failing its writes)."""
+    before = (sample("monitor_rollbacks_total", stage="ingest", reason="write_refused"),
+              sample("monitor_commit_failures_total", stage="ingest"))
+    c = _Counters()
+    c.deferred = True
+    c.rollback("write_refused")
+    c.commit_failed()
+    assert (sample("monitor_rollbacks_total", stage="ingest", reason="write_refused"),
+            sample("monitor_commit_failures_total", stage="ingest")) == (before[0] + 1, before[1] + 1)
 
 
 def test_relay_lines_set_readiness_and_lag_and_survive_garbage():

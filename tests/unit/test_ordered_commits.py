@@ -35,13 +35,15 @@ def run(coro):
 def test_without_an_interval_every_submission_is_a_commit_in_order():
     async def go():
         c = RecordingConsumer(delay=0.01)
-        commits = OrderedCommits(Positions(), "ingest")
+        commits = OrderedCommits(Positions(), "ingest", on_failure=lambda: failed.append(1))
         for off in (5, 9, 12):
             commits.submit(c, {A: off})
         await commits.drain()
         return c.commits
 
+    failed: list[int] = []
     assert [o for _t, o in run(go())] == [{A: 5}, {A: 9}, {A: 12}]
+    assert failed == []  # commits that succeed are not failures
 
 
 def test_submissions_within_the_interval_join_one_commit_of_the_newest_offsets():
@@ -88,12 +90,16 @@ def test_a_refused_joined_commit_is_reported_to_each_of_its_submitters():
     async def go():
         c = RecordingConsumer(fail=True)
         positions = Positions()
-        commits = OrderedCommits(positions, "ingest", min_interval=60.0)
+        failures: list[int] = []
+        commits = OrderedCommits(positions, "ingest", min_interval=60.0, on_failure=lambda: failures.append(1))
         results: list[bool] = []
         commits.submit(c, {A: 1}, done=results.append)
         commits.submit(c, {A: 2}, done=results.append)
         await commits.drain()
-        return results, positions.committed
+        return results, positions.committed, failures
 
-    results, committed = run(go())
+    results, committed, failures = run(go())
     assert results == [False, False] and committed == {}
+    # two commits were sent (the first at once, the second at drain), and each failure is
+    # counted once (monitor_commit_failures_total)
+    assert failures == [1, 1]

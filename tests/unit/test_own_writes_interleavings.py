@@ -122,7 +122,7 @@ async def _run(plan: list, capacity: int, max_batch: int, rnd: random.Random) ->
     r.DIRECT_RETRY_SECONDS = 0.0
     r.producer = object()  # never used: the processor here writes no output
 
-    async def no_rollback(partitions):
+    async def no_rollback(partitions, reason):
         raise AssertionError(f"rolled back {partitions}: nothing here fails")
 
     r._roll_back = no_rollback

@@ -82,9 +82,9 @@ def test_a_batch_whose_patient_state_is_lost_counts_its_cpu_too():
     r = _runner(busy_then_lost)
     rolled_back = []
 
-    async def roll_back(partitions):
-        rolled_back.append(partitions)
+    async def roll_back(partitions, reason):
+        rolled_back.append((partitions, reason))
 
     r._roll_back = roll_back
     assert 0.05 <= _counted(r) < 1.0
-    assert rolled_back == [{0}] and r.processed == 0
+    assert rolled_back == [({0}, "state_lost")] and r.processed == 0

@@ -222,7 +222,8 @@ GC_COLLECTED_OBJECTS = Counter(
     "garbage in reference cycles, which only a collection frees (0 in the steady state of the "
     "clinical stage; a rise means code that builds cycles)",
     ["generation"], registry=REGISTRY)
-READY = Gauge("monitor_ready", "1 when the worker has joined its group and recovered its tables", registry=REGISTRY)
+READY = Gauge("monitor_ready", "1 when the worker's ingest runs and its clinical stage has restored the patient "
+              "state of every partition assigned to it", registry=REGISTRY)
 BUILD_INFO = Info("monitor_build", "Build version", registry=REGISTRY)
 PROTOCOL_INFO = Gauge(
     "monitor_protocol_info", "Protocols loaded (value 1)", ["protocol_id", "version"], registry=REGISTRY)

@@ -114,6 +114,18 @@ CLINICAL_RESTORE_SECONDS = Histogram(
 CLINICAL_PARTITIONS_OWNED = Gauge(
     "monitor_clinical_partitions_owned", "Partitions of the patient stream this worker's clinical stage owns",
     registry=REGISTRY)
+CLINICAL_CLOCK_LAST_RUN = Gauge(
+    "monitor_clinical_clock_last_run_timestamp_seconds", "Unix time the clinical clock (overdue samples, "
+    "escalation, silence expiry) last completed a pass over every patient this worker owns; the worker's "
+    "start until the first pass",
+    registry=REGISTRY)
+CLINICAL_CLOCK_INTERVAL = Gauge(
+    "monitor_clinical_clock_interval_seconds", "How often the clinical clock runs (TICK_INTERVAL_SECONDS)",
+    registry=REGISTRY)
+CLINICAL_CLOCK_FAILURES = Counter(
+    "monitor_clinical_clock_failures", "Clinical clock work that failed, by scope: pass (a whole pass raised) or "
+    "patient (one patient's overdue samples, escalations and silences could not be judged; the others were)",
+    ["scope"], registry=REGISTRY)
 # every series the rules read exists at 0 from the start: Prometheus's increase() does not
 # count a counter's first sample, so a series born at 1 would hide the first failure
 for _outcome in ("written", "refused"):
@@ -123,6 +135,8 @@ for _stage, _reason in (("ingest", "write_refused"), ("clinical", "write_refused
     ROLLBACKS.labels(stage=_stage, reason=_reason)
 for _stage in ("ingest", "clinical"):
     COMMIT_FAILURES.labels(stage=_stage)
+for _scope in ("pass", "patient"):
+    CLINICAL_CLOCK_FAILURES.labels(scope=_scope)
 PATIENTS_OVERDUE = Gauge(
     "monitor_patients_overdue", "Monitored patients with at least one overdue lab (this worker)",
     registry=REGISTRY)

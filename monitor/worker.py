@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,8 @@ from .notify.outbox import DeliveryService
 from .ingest import COUNTERS, IngestService, limits_of
 from .ingest_process import IngestProcess
 from .logs import quiet_client_loggers
-from .metrics import PROTOCOL_INFO, configure_sources
+from .metrics import (CLINICAL_CLOCK_FAILURES, CLINICAL_CLOCK_INTERVAL, CLINICAL_CLOCK_LAST_RUN, PROTOCOL_INFO,
+                      configure_sources)
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings, is_loopback
 from .web import register_web
@@ -162,6 +164,10 @@ def build_worker(s: Settings | None = None) -> Worker:
     for component, name in (*loops, (runner, "clinical"), (_DeliveryLoop(delivery), "delivery")):
         app.service(Hosted(component, name, loop=None))
 
+    # the clock's last complete pass, from the start until its first (MonitorClinicalClockStalled)
+    CLINICAL_CLOCK_INTERVAL.set(s.tick_interval_seconds)
+    CLINICAL_CLOCK_LAST_RUN.set(time.time())
+
     @app.timer(interval=s.tick_interval_seconds)
     async def clinical_clock() -> None:
         """Overdue samples, escalation and silence expiry over the patients this worker owns."""
@@ -170,6 +176,7 @@ def build_worker(s: Settings | None = None) -> Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the clock never stops the worker
+            CLINICAL_CLOCK_FAILURES.labels(scope="pass").inc()
             log.warning("clinical clock failed: %s", type(exc).__name__)
 
     @app.timer(interval=LAG_INTERVAL_SECONDS)

@@ -43,6 +43,7 @@ from ..metrics import (
     ALERT_ESCALATIONS,
     ALERT_TRANSITIONS,
     ALERTS_OPENED,
+    CLINICAL_CLOCK_FAILURES,
     DEAD_LETTERS,
     EFFECTIVE_TO_ALERT,
     EVENTS_CONSUMED,
@@ -290,6 +291,7 @@ class ClinicalProcessor:
                 alerts.extend(tick(book, now, self.lifecycle))
             except Exception as exc:  # one patient's clock never stops the others
                 log.warning("clock tick failed: %s", type(exc).__name__)
+                CLINICAL_CLOCK_FAILURES.labels(scope="patient").inc()
                 del out[mark:]
                 self._recover(pid, partition)
                 continue

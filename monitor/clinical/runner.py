@@ -132,7 +132,7 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_PARTITIONS_OWNED, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS,
+from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS,
                        CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED, COMMIT_FAILURES, PATIENTS_MONITORED,
                        PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS)
 from ..settings import Settings
@@ -818,13 +818,17 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def tick(self, now: datetime | None = None) -> int:
         """Run the clock over every owned patient, in chunks under the batch lock. A chunk's
         outputs are acknowledged before its changed patients are kept for the next checkpoint,
-        exactly as a batch's: nothing here waits for the changelog in flight."""
+        exactly as a batch's: nothing here waits for the changelog in flight. A pass that
+        judged every chunk sets ``monitor_clinical_clock_last_run_timestamp_seconds`` (one cut
+        short by a stop or a chunk's rollback does not: those patients wait for the next)."""
         now = now or datetime.now(timezone.utc)
         pids = self.store.patient_ids(self.owned)
         PATIENTS_MONITORED.set(len(pids))
+        complete = True
         for i in range(0, len(pids), self.TICK_CHUNK):
             async with self._lock:
                 if self._stopping:  # the final checkpoint was taken: nothing is written after it
+                    complete = False
                     break
                 failed = await self._take_checkpoint()
                 if failed:
@@ -839,6 +843,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                                 "restoring partition %s", exc.partition)
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition},
                                           STATE_LOST)
+                    complete = False
                     continue
                 try:
                     await self._write_outputs(outputs)
@@ -847,6 +852,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 except Exception as exc:
                     log.warning("clock outputs not acknowledged (%s); restoring", type(exc).__name__)
                     await self._roll_back({self.store.partition_of(p) for p in chunk} - {None}, WRITE_REFUSED)
+                    complete = False
                     continue
                 # the chunk's changed patients stay marked and join the next checkpoint, as a
                 # batch's do: due after the next batches, or started by the next idle poll,
@@ -854,6 +860,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 self._unacknowledged = False
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
+        if complete:
+            CLINICAL_CLOCK_LAST_RUN.set(time.time())
         return len(pids)
 
     # -- rebalances ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from kafka_broker import JsonTopicReader
 
 from monitor.settings import INPUT_TOPICS, SERVICE_TOPICS
 from schemas.findings import Severity
-from workers import service_env, wait_processed
+from workers import service_env, wait_for, wait_processed
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +212,7 @@ def test_clinical_scenarios_and_replay_through_the_broker(kafka_bootstrap, topic
 def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstrap, topic_factory, worker_factory):
     prefix = f"ovd{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
-    worker_factory(service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="1"))
+    w = worker_factory(service_env(topics, app_id=prefix, TICK_INTERVAL_SECONDS="1"))
     now = datetime.now(timezone.utc)
     pid = "cb-overdue"
     d0 = now - timedelta(days=20)
@@ -255,6 +255,13 @@ def test_overdue_is_driven_by_the_clock_and_resolves_on_the_sample(kafka_bootstr
     finally:
         alerts.close()
         findings.close()
+    # operations see the clock at work (MonitorClinicalClockStalled): its interval, and passes
+    # completed within the last few seconds, with none failed
+    assert w.metric("monitor_clinical_clock_interval_seconds") == 1
+    assert time.time() - w.metric("monitor_clinical_clock_last_run_timestamp_seconds") < 5
+    first = w.metric("monitor_clinical_clock_last_run_timestamp_seconds")
+    wait_for(lambda: w.metric("monitor_clinical_clock_last_run_timestamp_seconds") > first, 10, "the next pass")
+    assert w.metric("monitor_clinical_clock_failures_total") == 0
 
 
 # --------------------------------------------------------------------------------------

@@ -104,6 +104,11 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     assert prom.query('sum(monitor_clinical_checkpoints_total{job="sma-monitor",outcome="written"}) > 0')
     assert len(prom.query('monitor_rollbacks_total{job="sma-monitor"} == 0')) == 4
     assert len(prom.query('monitor_commit_failures_total{job="sma-monitor"} == 0')) == 2
+    # the clinical clock completes its passes (MonitorClinicalClockStalled's condition is false)
+    # and none failed
+    assert prom.query('time() - monitor_clinical_clock_last_run_timestamp_seconds{job="sma-monitor"} '
+                      '< 3 * monitor_clinical_clock_interval_seconds{job="sma-monitor"} + 60')
+    assert len(prom.query('monitor_clinical_clock_failures_total{job="sma-monitor"} == 0')) == 2
 
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})

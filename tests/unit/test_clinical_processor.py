@@ -225,6 +225,31 @@ def test_clock_raises_overdue_only_for_owned_patients(engine, lifecycle):
     assert p.tick(store.patient_ids([0]), at(30)) == []  # same clock, nothing new
 
 
+def test_one_patients_failing_clock_is_counted_and_the_others_are_judged(engine, lifecycle, monkeypatch):
+    """A patient whose clock raises is logged and counted
+    (``monitor_clinical_clock_failures_total{scope="patient"}``, rule MonitorClinicalClockFailing):
+    its overdue samples go unjudged, silently otherwise; the other patients' are raised."""
+    from monitor.metrics import REGISTRY
+
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    for pid in ("fine", "broken"):
+        p.process([s.treatment(dose(patient=pid))], at(1))
+    real = engine.check_schedule
+
+    def check_schedule(state, now):
+        if state.patient_id == "broken":
+            raise RuntimeError("injected")
+        return real(state, now)
+
+    monkeypatch.setattr(engine, "check_schedule", check_schedule)
+    before = REGISTRY.get_sample_value("monitor_clinical_clock_failures_total", {"scope": "patient"})
+    out = p.tick(store.patient_ids([0]), at(30))
+    assert {a["patient_id"] for a in by_topic(out, "alerts") if a["rule_id"] == "schedule.overdue"} == {"fine"}
+    assert REGISTRY.get_sample_value("monitor_clinical_clock_failures_total", {"scope": "patient"}) == before + 1
+
+
 def test_the_clock_waits_until_a_patients_inputs_settle(engine, lifecycle):
     t = [100.0]
     store = InMemoryPatientStore()

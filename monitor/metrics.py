@@ -126,6 +126,10 @@ CLINICAL_CLOCK_FAILURES = Counter(
     "monitor_clinical_clock_failures", "Clinical clock work that failed, by scope: pass (a whole pass raised) or "
     "patient (one patient's overdue samples, escalations and silences could not be judged; the others were)",
     ["scope"], registry=REGISTRY)
+LOOP_RESTARTS = Counter(
+    "monitor_loop_restarts", "Times one of the worker's loops (ingest or ingest-N, clinical, delivery) stopped "
+    "with an error and was started again (the worker log has the error)",
+    ["loop"], registry=REGISTRY)
 # every series the rules read exists at 0 from the start: Prometheus's increase() does not
 # count a counter's first sample, so a series born at 1 would hide the first failure
 for _outcome in ("written", "refused"):

@@ -44,8 +44,8 @@ from .notify.outbox import DeliveryService
 from .ingest import COUNTERS, IngestService, limits_of
 from .ingest_process import IngestProcess
 from .logs import quiet_client_loggers
-from .metrics import (CLINICAL_CLOCK_FAILURES, CLINICAL_CLOCK_INTERVAL, CLINICAL_CLOCK_LAST_RUN, PROTOCOL_INFO,
-                      configure_sources)
+from .metrics import (CLINICAL_CLOCK_FAILURES, CLINICAL_CLOCK_INTERVAL, CLINICAL_CLOCK_LAST_RUN, LOOP_RESTARTS,
+                      PROTOCOL_INFO, configure_sources)
 from .ops import LAG_INTERVAL_SECONDS, attach_prometheus_sensor, set_build_info, update_consumer_lag
 from .settings import Settings, get_settings, is_loopback
 from .web import register_web
@@ -54,13 +54,15 @@ log = logging.getLogger(__name__)
 
 
 class Hosted(Service):
-    """A loop (``run()`` / ``stop()``) as a faust service, restarted when it fails."""
+    """A loop (``run()`` / ``stop()``) as a faust service, restarted when it fails
+    (``monitor_loop_restarts_total{loop=name}``, rule MonitorLoopRestarting)."""
 
     restart_delay = 2.0
 
     def __init__(self, component: Any, name: str, **kwargs: Any) -> None:
         self.component = component
         self.component_name = name
+        self._restarts = LOOP_RESTARTS.labels(loop=name)  # the series exists at 0 from the start
         super().__init__(**kwargs)
 
     @Service.task
@@ -74,6 +76,7 @@ class Hosted(Service):
                 if self.should_stop:
                     break  # its clients were closed by on_stop
                 log.exception("%s loop stopped; restarting in %.0f s", self.component_name, self.restart_delay)
+                self._restarts.inc()
             if self.should_stop:
                 break  # run() returned because on_stop is stopping it
             await self.component.stop()

@@ -109,6 +109,9 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     assert prom.query('time() - monitor_clinical_clock_last_run_timestamp_seconds{job="sma-monitor"} '
                       '< 3 * monitor_clinical_clock_interval_seconds{job="sma-monitor"} + 60')
     assert len(prom.query('monitor_clinical_clock_failures_total{job="sma-monitor"} == 0')) == 2
+    # every loop of the worker (ingest, clinical, delivery) has its restart series, at 0
+    loops = prom.query('monitor_loop_restarts_total{job="sma-monitor"} == 0')
+    assert {r["metric"]["loop"] for r in loops} == {"ingest", "clinical", "delivery"}
 
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})

@@ -163,7 +163,7 @@ def test_dashboard_covers_the_service_metrics():
                    "monitor_rollbacks_total", "monitor_commit_failures_total", "monitor_clinical_checkpoints_total",
                    "monitor_clinical_uncheckpointed_records", "monitor_clinical_partitions_owned",
                    "monitor_clinical_restore_seconds_count", "monitor_clinical_clock_last_run_timestamp_seconds",
-                   "monitor_clinical_clock_failures_total"]:
+                   "monitor_clinical_clock_failures_total", "monitor_loop_restarts_total"]:
         assert metric in text, metric
     for expr in dashboard_exprs():
         assert expr.count("(") == expr.count(")"), expr

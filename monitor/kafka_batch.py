@@ -184,8 +184,8 @@ class OrderedCommits:
     """Offset commits that run in the background, one after another in the order submitted
     (each waits for the one before), so a loop reads and processes its next batch meanwhile;
     ``drain`` waits for every commit submitted. A failed commit is logged and reported to
-    ``done`` and ``on_failure``: its batch is already on the broker, so a later commit covers it or, after a
-    rebalance, the new owner reads it again (at least once).
+    ``done`` and ``on_failure``: its batch is already on the broker, so a later commit covers
+    it or, after a rebalance, the new owner reads it again (at least once).
 
     ``min_interval`` (seconds, 0: every submission is a commit of its own): offsets submitted
     within that long of the last commit sent join one commit, sent when the interval is over

@@ -132,9 +132,9 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS,
-                       CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED, COMMIT_FAILURES, PATIENTS_MONITORED,
-                       PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS)
+from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED,
+                       CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED,
+                       COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS)
 from ..settings import Settings
 from ..topics_admin import changelog_topic
 from .own_writes import OwnWrites, StreamRecord

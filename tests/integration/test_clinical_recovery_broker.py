@@ -89,8 +89,9 @@ def test_a_patient_that_cannot_be_rebuilt_in_place_is_restored_from_the_changelo
     from monitor.metrics import REGISTRY
 
     def counted() -> tuple[float, float]:
-        return (REGISTRY.get_sample_value("monitor_rollbacks_total", {"stage": "clinical", "reason": "state_lost"}) or 0,
-                REGISTRY.get_sample_value("monitor_clinical_restore_seconds_count", {"cause": "rollback"}) or 0)
+        rollbacks = REGISTRY.get_sample_value("monitor_rollbacks_total", {"stage": "clinical", "reason": "state_lost"})
+        restores = REGISTRY.get_sample_value("monitor_clinical_restore_seconds_count", {"cause": "rollback"})
+        return rollbacks or 0, restores or 0
 
     before = counted()
     with caplog.at_level("WARNING"):

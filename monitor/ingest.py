@@ -54,7 +54,7 @@ from .dlq import dead_letter_headers
 from .kafka_batch import (OrderedCommits, Positions, acknowledged, key_partition, new_consumer, new_producer, rewind,
                           send_all, stop_clients)
 from .metrics import (COMMIT_FAILURES, DEAD_LETTERS, EVENTS_CONSUMED, OBSERVATIONS, PROCESSING_SECONDS, ROLLBACKS,
-                      SOURCE_LAST_EVENT, LabelCache, source_label)
+                      SOURCE_LAST_EVENT, WRITE_REFUSED, LabelCache, source_label)
 
 from .settings import Settings, get_settings
 from .write_order import WriteOrderMerge
@@ -467,7 +467,7 @@ class IngestService(ConsumerRebalanceListener):
         """An output was not acknowledged: forget what is buffered and every batch after
         the failure, rewind every partition to its last commit and process from there again."""
         log.warning("ingest write failed (%s); retrying from the last commit", type(exc).__name__)
-        COUNTERS.rollback("write_refused")
+        COUNTERS.rollback(WRITE_REFUSED)
         await self._settle_all()
         await asyncio.sleep(1.0)
         await rewind(consumer, list(consumer.assignment()), "ingest")

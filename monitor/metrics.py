@@ -94,6 +94,8 @@ ROLLBACKS = Counter(
     "could not be rebuilt in place after an internal error). Alerts are repeated, never lost; nothing after "
     "the rollback point is committed until it succeeds",
     ["stage", "reason"], registry=REGISTRY)
+#: ``monitor_rollbacks_total``'s reasons (ingest has only the first)
+WRITE_REFUSED, CHANGELOG_REFUSED, STATE_LOST = "write_refused", "changelog_refused", "state_lost"
 COMMIT_FAILURES = Counter(
     "monitor_commit_failures", "Offset commits that failed, by stage (a later commit covers them; a crash or "
     "rebalance meanwhile processes the uncommitted records again)",
@@ -134,8 +136,8 @@ LOOP_RESTARTS = Counter(
 # count a counter's first sample, so a series born at 1 would hide the first failure
 for _outcome in ("written", "refused"):
     CLINICAL_CHECKPOINTS.labels(outcome=_outcome)
-for _stage, _reason in (("ingest", "write_refused"), ("clinical", "write_refused"), ("clinical", "changelog_refused"),
-                        ("clinical", "state_lost")):
+for _stage, _reason in (("ingest", WRITE_REFUSED), ("clinical", WRITE_REFUSED), ("clinical", CHANGELOG_REFUSED),
+                        ("clinical", STATE_LOST)):
     ROLLBACKS.labels(stage=_stage, reason=_reason)
 for _stage in ("ingest", "clinical"):
     COMMIT_FAILURES.labels(stage=_stage)

@@ -132,9 +132,10 @@ from aiokafka.structs import TopicPartition
 
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
-from ..metrics import (CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED,
+from ..metrics import (CHANGELOG_REFUSED, CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED,
                        CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED,
-                       COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS)
+                       COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS,
+                       STATE_LOST, WRITE_REFUSED)
 from ..settings import Settings
 from ..topics_admin import changelog_topic
 from .own_writes import OwnWrites, StreamRecord
@@ -144,8 +145,6 @@ from .store import PatientStore
 log = logging.getLogger(__name__)
 _TAKEN = CLINICAL_RECORDS.labels(path="own_writes")
 _FETCHED = CLINICAL_RECORDS.labels(path="fetched")
-#: why the stage went back to its durable state (``monitor_rollbacks_total{stage="clinical"}``)
-WRITE_REFUSED, CHANGELOG_REFUSED, STATE_LOST = "write_refused", "changelog_refused", "state_lost"
 
 
 class PendingCheckpoint:
@@ -939,9 +938,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
 
     async def _restore(self, partitions: Iterable[int]) -> None:
         """Read the changelog of these partitions from the start to its current end."""
-        parts = sorted(partitions)
-        if not parts:
-            return
+        parts = sorted(partitions)  # never empty (_restore_retrying)
         c = self._restorer
         assert c is not None
         started = time.perf_counter()

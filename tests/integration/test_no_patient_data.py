@@ -160,9 +160,7 @@ def test_no_patient_identifier_in_metrics_or_logs(kafka_bootstrap, topic_factory
 
     # wait until the worker's metrics account for every event (so the scan sees a full run)
     def consumed() -> float:
-        _, body = worker.get("/metrics")
-        return sum(s.value for f in text_string_to_metric_families(body.decode())
-                   if f.name == "monitor_events_consumed" for s in f.samples if s.name.endswith("_total"))
+        return worker.metric("monitor_events_consumed_total")
 
     deadline = time.monotonic() + 60
     while consumed() < len(valid) + len(invalid) and time.monotonic() < deadline:

@@ -4,6 +4,13 @@
 ``message``, and ``exc_info`` when there is a traceback); anything else writes the
 plain ``time level logger message`` lines. ``LOG_LEVEL`` (default INFO) sets the level
 unless a command-line flag does.
+
+An exception's text (its message, its notes, those of the exceptions it was raised from)
+can carry what the code was handling: a patient identifier, an HL7 field, a date of birth.
+A record at INFO or above that carries a traceback therefore keeps the traceback's frames
+and each exception's type, and withholds the text (``withheld_traceback``), whatever
+formatter prints it: this service's, faust's or the standard one. Only a process whose
+root level is DEBUG, a log that may carry patient data by design, prints the text.
 """
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 from datetime import datetime, timezone
+from typing import Any, Callable
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 FORMATS = ("text", "json")
@@ -27,11 +36,91 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            out["exc_info"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc_info"] = record.exc_text
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+WITHHELD = "[text withheld: it may carry patient data; LOG_LEVEL=DEBUG prints it]"
+
+
+class WithheldException:
+    """An exception passed as a log argument: printed as its type only."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.name = type(exc).__qualname__
+
+    def __repr__(self) -> str:
+        return f"{self.name}({WITHHELD})"
+
+    __str__ = __repr__
+
+
+CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def withheld_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as Python prints it, chained exceptions included, with each
+    exception's type and frames but never its text or notes (``WITHHELD`` instead)."""
+    chain: list[tuple[BaseException, str]] = []  # the newest first, each with how it led to the one before it
+    seen: set[int] = set()
+    link = ""
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append((e, link))
+        if e.__cause__ is not None:
+            e, link = e.__cause__, CAUSE
+        elif e.__context__ is not None and not e.__suppress_context__:
+            e, link = e.__context__, CONTEXT
+        else:
+            e = None
+    parts: list[str] = []
+    for i in range(len(chain) - 1, -1, -1):  # the oldest first, as Python prints them
+        e = chain[i][0]
+        if e.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(e.__traceback__))
+        kind = type(e)
+        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+        parts.append(f"{name}: {WITHHELD}\n")
+        parts.append(chain[i][1])  # how it led to the next one (nothing after the newest)
+    return "".join(parts).rstrip("\n")
+
+
+def _withholding_factory(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        rec = make(*args, **kwargs)
+        if rec.levelno < logging.INFO or logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+            return rec
+        if rec.exc_info and rec.exc_info[1] is not None:
+            rec.exc_text = withheld_traceback(rec.exc_info[1])
+        if isinstance(rec.args, tuple) and any(isinstance(a, BaseException) for a in rec.args):
+            # faust's and mode's own "Crashed reason=%r", "Error: %r"
+            rec.args = tuple(WithheldException(a) if isinstance(a, BaseException) else a for a in rec.args)
+        if rec.name == "asyncio" and isinstance(rec.msg, str) and "\n" in rec.msg:
+            # the loop's default handler: its first line is asyncio's own ("Task exception was
+            # never retrieved"); the lines after it are reprs of the task, future or handle,
+            # with the exception's text and the callback's arguments
+            rec.msg = rec.msg.split("\n", 1)[0] + " (the task's details: " + WITHHELD + ")"
+        return rec
+
+    record.withholds_exception_text = True  # type: ignore[attr-defined]
+    return record
+
+
+def withhold_exception_text() -> None:
+    """Install the record factory that withholds exception text at INFO and above (idempotent)."""
+    current = logging.getLogRecordFactory()
+    if not getattr(current, "withholds_exception_text", False):
+        logging.setLogRecordFactory(_withholding_factory(current))
 
 
 def log_format() -> str:
@@ -74,6 +163,7 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None, *,
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    withhold_exception_text()
 
 
 #: client libraries that log per message at DEBUG

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     observations_retention_days: int = Field(default=400, ge=180)
     #: compacted changelog of the clinical stage's patient store (empty: ``<app id>-patients-changelog``)
     topic_patient_changelog: str = ""
+    #: the changelog's segment size: compaction never touches a partition's active segment, so on a
+    #: broker's default (1 GiB) the versions of every patient since the last roll stay, and a restore
+    #: reads them all (docs/measurements.md, "The changelog's uncompacted tail")
+    changelog_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024, description=(
+        "`segment.bytes` of the patient store changelog, set when the topic is created and on an existing "
+        "topic that has no value of its own: the broker compacts only closed segments, so this bounds the "
+        "patient versions a restore reads beyond the latest one per patient (per partition, about this much "
+        "plus what the cleaner has not reached yet). At least 1 MiB, Kafka's minimum"))
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
     #: compacted ledger of replayed dead letters (``monitor dlq replay``); empty = "<topic_dead_letter>-replays"

@@ -130,7 +130,14 @@ def topic_configs(s: Settings, name: str) -> dict[str, str]:
       history), ``alert-actions`` (who did what), ``treatments`` (the dose: ward, team, day 0);
     * ``observations``: ``OBSERVATIONS_RETENTION_DAYS`` (at least 180);
     * the rest (raw inputs, findings, dead letters): the broker's default.
+
+    The changelog also gets ``segment.bytes`` = ``CHANGELOG_SEGMENT_BYTES``: the broker
+    compacts closed segments only, and every checkpoint writes a new version of each changed
+    patient, so with the broker's default segment (1 GiB) a restore would read every version
+    since the last roll (``bench/bench_changelog_restore.py``).
     """
+    if name == changelog_topic(s):
+        return {"cleanup.policy": "compact", "retention.ms": "-1", "segment.bytes": str(s.changelog_segment_bytes)}
     if name in compacted_topics(s):
         return {"cleanup.policy": "compact", "retention.ms": "-1"}
     if name in (s.topic_alerts, s.topic_alert_actions, s.topic_treatments):
@@ -169,17 +176,27 @@ def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float | 
         admin.close()
 
 
-def retention_changes(s: Settings, name: str, current: dict[str, str]) -> dict[str, str]:
+#: settings the service sets on a topic only where the topic has no value of its own (an
+#: operator's choice is kept, larger or smaller)
+UNLESS_SET_ON_TOPIC = frozenset({"segment.bytes"})
+
+
+def retention_changes(s: Settings, name: str, current: dict[str, str],
+                      set_on_topic: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
     """The settings of an existing topic that must change so its records last as long as
     ``topic_configs`` says (an upgrade from a release that created them with the broker's
     7-day default). Never shortens what an operator lengthened: a retention already
-    unlimited or longer than wanted is kept."""
+    unlimited or longer than wanted is kept. The changelog's ``segment.bytes`` is set when
+    the value in force is the broker's (``set_on_topic``: the keys the topic sets itself)."""
     changes: dict[str, str] = {}
     for key, want in topic_configs(s, name).items():
         have = current.get(key)
         if have is None or have == want:
             continue
-        if key == "cleanup.policy":
+        if key in UNLESS_SET_ON_TOPIC:
+            if key not in set_on_topic:
+                changes[key] = want
+        elif key == "cleanup.policy":
             if want not in have.split(","):
                 changes[key] = want
         elif int(have) != -1 and (int(want) == -1 or int(have) < int(want)):
@@ -187,8 +204,12 @@ def retention_changes(s: Settings, name: str, current: dict[str, str]) -> dict[s
     return changes
 
 
+#: ``config_source`` of a value set on the topic itself (DescribeConfigs)
+TOPIC_SOURCE = "DYNAMIC_TOPIC_CONFIG"
+
+
 def align_retention(admin: KafkaAdminClient, s: Settings, names: list[str]) -> dict[str, dict[str, str]]:
-    """Bring existing topics' retention up to ``topic_configs`` (incremental alter, SET only
+    """Bring existing topics' retention, and the changelog's segment size, to ``topic_configs`` (SET only
     the keys that differ). Without the right to alter topic configs (the worker's Kafka
     identity has none: Strimzi's KafkaTopic resources own them) it logs a warning naming
     the topics and keys and carries on; ``monitor topics`` run as an administrator fixes it."""
@@ -208,7 +229,8 @@ def align_retention(admin: KafkaAdminClient, s: Settings, names: list[str]) -> d
     for by_name in described.values():
         for name, entries in by_name.items():
             current = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}
-            changes = retention_changes(s, name, {k: str(v) for k, v in current.items() if v is not None})
+            own = {k for k, v in entries.items() if isinstance(v, dict) and v.get("config_source") == TOPIC_SOURCE}
+            changes = retention_changes(s, name, {k: str(v) for k, v in current.items() if v is not None}, own)
             if changes:
                 todo[name] = changes
     if not todo:
@@ -220,7 +242,8 @@ def align_retention(admin: KafkaAdminClient, s: Settings, names: list[str]) -> d
         if failed:
             raise RuntimeError("; ".join(failed))
     except (KafkaError, RuntimeError, ValueError) as exc:
-        log.warning("topics keep a shorter retention than the service needs (%s), and altering them failed (%s): "
+        log.warning("topics keep a retention (or the changelog a segment size) the service needs changed (%s), "
+                    "and altering them failed (%s): "
                     "run `monitor topics` with a Kafka identity allowed to alter topic configs",
                     ", ".join(f"{n}: {', '.join(sorted(c))}" for n, c in sorted(todo.items())),
                     str(exc)[:200])

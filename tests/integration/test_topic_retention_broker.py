@@ -46,6 +46,8 @@ def test_record_topics_never_expire(kafka_bootstrap):
             assert c["retention.ms"] == "-1" and c["retention.bytes"] == "-1", (short, c["retention.ms"])
         for name in (f"{prefix}.patients", f"{prefix}.alert-deliveries", changelog_topic(s)):
             assert cfg[name]["cleanup.policy"] == "compact" and cfg[name]["retention.ms"] == "-1", name
+        # the changelog's segment bounds what a restore reads (test_changelog_compaction_broker)
+        assert cfg[changelog_topic(s)]["segment.bytes"] == str(s.changelog_segment_bytes)
         obs = cfg[f"{prefix}.observations"]
         assert int(obs["retention.ms"]) == s.observations_retention_days * 86_400_000 >= 180 * 86_400_000
         # a raw input keeps the broker default (time-based deletion)
@@ -113,3 +115,43 @@ def test_upgrade_lengthens_the_retention_of_existing_record_topics(kafka_bootstr
         assert _configs(kafka_bootstrap, [f"{prefix}.observations"])[f"{prefix}.observations"]["retention.ms"] == longer
     finally:
         drop_test_topics(kafka_bootstrap, names, [prefix])
+
+
+def test_upgrade_sets_the_changelog_segment_unless_the_topic_has_its_own(kafka_bootstrap):
+    """A changelog created by an older release has the broker's segment size (1 GiB on a
+    default broker; 16 MiB on the test broker, so the service asks for 8 MiB here): it gets
+    the service's. One whose segment size an operator set on the topic keeps it."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka_broker import drop_test_topics
+
+    from monitor.settings import Settings
+    from monitor.topics_admin import changelog_topic, ensure_topics
+
+    def settings(prefix: str) -> Settings:
+        return Settings(kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
+                        changelog_segment_bytes=8 * 1024 * 1024)
+
+    old, own = settings(f"sgo{uuid.uuid4().hex[:8]}"), settings(f"sgn{uuid.uuid4().hex[:8]}")
+    operator_value = str(64 * 1024 * 1024)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([
+            NewTopic(changelog_topic(old), 1, 1, topic_configs={"cleanup.policy": "compact", "retention.ms": "-1"}),
+            NewTopic(changelog_topic(own), 1, 1, topic_configs={"cleanup.policy": "compact", "retention.ms": "-1",
+                                                                 "segment.bytes": operator_value})])
+    finally:
+        admin.close()
+    names = [changelog_topic(old), changelog_topic(own)]
+    try:
+        before = _configs(kafka_bootstrap, names)
+        assert before[changelog_topic(old)]["segment.bytes"] != str(old.changelog_segment_bytes)
+        for s in (old, own):
+            assert ensure_topics(s, [changelog_topic(s)]) == []
+        deadline = time.monotonic() + 15
+        while _configs(kafka_bootstrap, names)[changelog_topic(old)]["segment.bytes"] != str(8 * 1024 * 1024):
+            assert time.monotonic() < deadline, "the changelog's segment size was not set"
+            time.sleep(0.3)
+        time.sleep(1)  # an alteration of the other (there must be none) would show within this
+        assert _configs(kafka_bootstrap, names)[changelog_topic(own)]["segment.bytes"] == operator_value
+    finally:
+        drop_test_topics(kafka_bootstrap, names, [old.app_id, own.app_id])

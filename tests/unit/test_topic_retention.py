@@ -30,3 +30,22 @@ def test_never_shortens_what_an_operator_lengthened():
 
 def test_raw_inputs_keep_the_broker_default():
     assert retention_changes(S, S.topic_lab_results, {"retention.ms": WEEK}) == {}
+
+
+def test_the_changelog_gets_its_segment_size_unless_the_topic_sets_its_own():
+    """Compaction never touches the active segment: the changelog's size bounds what a restore
+    reads (README "State in memory"). A broker's default (1 GiB) is replaced; a value an
+    operator set on the topic, larger or smaller, is kept."""
+    from monitor.topics_admin import changelog_topic, topic_configs
+
+    cl = changelog_topic(S)
+    want = str(S.changelog_segment_bytes)
+    assert topic_configs(S, cl)["segment.bytes"] == want == str(16 * 1024 * 1024)
+    base = {"cleanup.policy": "compact", "retention.ms": "-1"}
+    assert retention_changes(S, cl, {**base, "segment.bytes": "1073741824"}) == {"segment.bytes": want}
+    assert retention_changes(S, cl, {**base, "segment.bytes": "1073741824"}, {"segment.bytes"}) == {}
+    assert retention_changes(S, cl, {**base, "segment.bytes": "1048576"}, {"segment.bytes"}) == {}
+    assert retention_changes(S, cl, {**base, "segment.bytes": want}) == {}
+    # only the changelog: the ledger writes each key once, demographics change rarely
+    assert "segment.bytes" not in topic_configs(S, S.topic_patients)
+    assert "segment.bytes" not in topic_configs(S, S.topic_deliveries)

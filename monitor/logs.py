@@ -10,7 +10,8 @@ can carry what the code was handling: a patient identifier, an HL7 field, a date
 A record at INFO or above that carries a traceback therefore keeps the traceback's frames
 and each exception's type, and withholds the text (``withheld_traceback``), whatever
 formatter prints it: this service's, faust's or the standard one. Only a process whose
-root level is DEBUG, a log that may carry patient data by design, prints the text.
+root level is DEBUG, a log that may carry patient data by design, prints the text; the
+Kafka clients' errors always keep theirs (``TEXT_KEPT_MODULES``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ class JsonFormatter(logging.Formatter):
 
 WITHHELD = "[text withheld: it may carry patient data; LOG_LEVEL=DEBUG prints it]"
 
+#: modules whose exceptions keep their text: the Kafka clients' protocol and connection
+#: errors name brokers, topics, partitions and error codes, never a record's content, and
+#: operations need them ("Group Coordinator Request failed: GroupCoordinatorNotAvailableError")
+TEXT_KEPT_MODULES = ("aiokafka.errors", "kafka.errors")
+
+
+def _text_kept(exc: BaseException) -> bool:
+    return type(exc).__module__ in TEXT_KEPT_MODULES
+
 
 class WithheldException:
     """An exception passed as a log argument: printed as its type only."""
@@ -68,7 +78,8 @@ CONTEXT = "\nDuring handling of the above exception, another exception occurred:
 
 def withheld_traceback(exc: BaseException) -> str:
     """``exc``'s traceback as Python prints it, chained exceptions included, with each
-    exception's type and frames but never its text or notes (``WITHHELD`` instead)."""
+    exception's type and frames but never its text or notes (``WITHHELD`` instead; the
+    Kafka clients' errors, ``TEXT_KEPT_MODULES``, as Python prints them)."""
     chain: list[tuple[BaseException, str]] = []  # the newest first, each with how it led to the one before it
     seen: set[int] = set()
     link = ""
@@ -88,9 +99,13 @@ def withheld_traceback(exc: BaseException) -> str:
         if e.__traceback__ is not None:
             parts.append("Traceback (most recent call last):\n")
             parts.extend(traceback.format_tb(e.__traceback__))
-        kind = type(e)
-        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
-        parts.append(f"{name}: {WITHHELD}\n")
+        if _text_kept(e):
+            parts.extend(traceback.format_exception_only(e))
+        else:
+            kind = type(e)
+            name = (kind.__qualname__ if kind.__module__ in ("builtins", "__main__")
+                    else f"{kind.__module__}.{kind.__qualname__}")
+            parts.append(f"{name}: {WITHHELD}\n")
         parts.append(chain[i][1])  # how it led to the next one (nothing after the newest)
     return "".join(parts).rstrip("\n")
 
@@ -102,9 +117,10 @@ def _withholding_factory(make: Callable[..., logging.LogRecord]) -> Callable[...
             return rec
         if rec.exc_info and rec.exc_info[1] is not None:
             rec.exc_text = withheld_traceback(rec.exc_info[1])
-        if isinstance(rec.args, tuple) and any(isinstance(a, BaseException) for a in rec.args):
+        if isinstance(rec.args, tuple) and any(isinstance(a, BaseException) and not _text_kept(a) for a in rec.args):
             # faust's and mode's own "Crashed reason=%r", "Error: %r"
-            rec.args = tuple(WithheldException(a) if isinstance(a, BaseException) else a for a in rec.args)
+            rec.args = tuple(WithheldException(a) if isinstance(a, BaseException) and not _text_kept(a) else a
+                             for a in rec.args)
         if rec.name == "asyncio" and isinstance(rec.msg, str) and "\n" in rec.msg:
             # the loop's default handler: its first line is asyncio's own ("Task exception was
             # never retrieved"); the lines after it are reprs of the task, future or handle,

@@ -179,3 +179,24 @@ def test_an_unretrieved_task_exception_keeps_asyncio_line_not_the_task(root_logg
     assert "Task exception was never retrieved" in text
     assert "LookupError: " + WITHHELD in text
     assert PID not in text
+
+
+def test_the_kafka_clients_errors_keep_their_text(root_logging):
+    """Their text names brokers, topics and error codes, which operations need; never a record."""
+    from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
+
+    out = capture(root_logging, make_formatter("text"))
+    logging.getLogger("aiokafka.consumer.group_coordinator").error(
+        "Group Coordinator Request failed: %r", GroupCoordinatorNotAvailableError())
+    try:
+        try:
+            raise KafkaConnectionError("Unable to connect to 127.0.0.1:9092")
+        except KafkaConnectionError as exc:
+            raise LookupError(PID) from exc
+    except LookupError:
+        logging.getLogger("monitor.test").exception("loop stopped")
+    text = out.getvalue()
+    assert f"Group Coordinator Request failed: {GroupCoordinatorNotAvailableError()!r}" in text
+    assert WITHHELD not in text.splitlines()[0]
+    assert "KafkaConnectionError: Unable to connect to 127.0.0.1:9092" in text
+    assert "LookupError: " + WITHHELD in text and PID not in text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,7 +40,8 @@ class Settings(BaseSettings):
         "`segment.bytes` of the patient store changelog, set when the topic is created and on an existing "
         "topic that has no value of its own: the broker compacts only closed segments, so this bounds the "
         "patient versions a restore reads beyond the latest one per patient (per partition, about this much "
-        "plus what the cleaner has not reached yet). At least 1 MiB, Kafka's minimum"))
+        "plus what the cleaner has not reached yet). At least 1 MiB, Kafka's minimum, and at least "
+        "MAX_MESSAGE_BYTES: the broker refuses a record batch larger than a segment"))
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
     #: compacted ledger of replayed dead letters (``monitor dlq replay``); empty = "<topic_dead_letter>-replays"
@@ -148,6 +149,15 @@ class Settings(BaseSettings):
         "spare"))
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _changelog_segment_holds_a_message(self) -> "Settings":
+        if self.changelog_segment_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"CHANGELOG_SEGMENT_BYTES ({self.changelog_segment_bytes}) is below MAX_MESSAGE_BYTES "
+                f"({self.max_message_bytes}): the broker would refuse a patient's changelog value larger than a "
+                f"segment; raise CHANGELOG_SEGMENT_BYTES")
+        return self
 
 
 #: the one list of the service's topics: default (short) name -> settings field. The inputs

@@ -49,7 +49,7 @@ def settings(bootstrap: str, prefix: str, **extra):
 
     return Settings(_env_file=None, kafka_bootstrap_servers=bootstrap, MONITOR_APP_ID=prefix,
                     topic_observations=f"{prefix}.observations", topic_partitions=PARTITIONS,
-                    changelog_segment_bytes=MIB, **extra)
+                    changelog_segment_bytes=MIB, max_message_bytes=MIB, **extra)
 
 
 async def restore_once(s) -> tuple[int, InMemoryPatientStore]:

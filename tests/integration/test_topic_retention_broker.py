@@ -129,7 +129,7 @@ def test_upgrade_sets_the_changelog_segment_unless_the_topic_has_its_own(kafka_b
 
     def settings(prefix: str) -> Settings:
         return Settings(kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
-                        changelog_segment_bytes=8 * 1024 * 1024)
+                        changelog_segment_bytes=8 * 1024 * 1024, max_message_bytes=8 * 1024 * 1024)
 
     old, own = settings(f"sgo{uuid.uuid4().hex[:8]}"), settings(f"sgn{uuid.uuid4().hex[:8]}")
     operator_value = str(64 * 1024 * 1024)

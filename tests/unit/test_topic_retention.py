@@ -49,3 +49,17 @@ def test_the_changelog_gets_its_segment_size_unless_the_topic_sets_its_own():
     # only the changelog: the ledger writes each key once, demographics change rarely
     assert "segment.bytes" not in topic_configs(S, S.topic_patients)
     assert "segment.bytes" not in topic_configs(S, S.topic_deliveries)
+
+
+def test_a_changelog_segment_smaller_than_a_message_is_refused_at_start():
+    """The broker refuses a record batch larger than a segment: a patient's changelog value
+    up to MAX_MESSAGE_BYTES must fit, or its checkpoint would be refused again and again."""
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="CHANGELOG_SEGMENT_BYTES .* is below MAX_MESSAGE_BYTES"):
+        Settings(_env_file=None, changelog_segment_bytes=4 * 1024 * 1024)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, changelog_segment_bytes=512 * 1024, max_message_bytes=512 * 1024)  # Kafka's minimum
+    assert Settings(_env_file=None, changelog_segment_bytes=4 * 1024 * 1024,
+                    max_message_bytes=4 * 1024 * 1024).changelog_segment_bytes == 4 * 1024 * 1024

@@ -149,6 +149,11 @@ PATIENTS_OVERDUE = Gauge(
 PATIENTS_MONITORED = Gauge(
     "monitor_patients_monitored", "Patients with state on this worker",
     registry=REGISTRY)
+CLINICAL_PATIENTS_UNREADABLE = Gauge(
+    "monitor_clinical_patients_unreadable", "Patients of this worker's partitions whose stored state (changelog "
+    "value) this release cannot read: their records are dead-lettered (patient_state_unreadable), their clock "
+    "does not run. Above 0, those patients are not monitored",
+    registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "monitor_consumer_lag_messages", "End offset minus committed offset per input partition",
     ["topic", "partition"], registry=REGISTRY)

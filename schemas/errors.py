@@ -39,6 +39,9 @@ class Reason(StrEnum):
     ACTION_UNKNOWN_ALERT = "action_unknown_alert"
     ACTION_UNKNOWN_USER = "action_unknown_user"
     INTERNAL_ERROR = "internal_error"
+    #: the patient's stored state (its changelog value) cannot be read by this release: the
+    #: record is kept here, not evaluated (README "A patient whose stored state cannot be read")
+    PATIENT_STATE_UNREADABLE = "patient_state_unreadable"
     # integrator conventions (issue 16): HL7 processing id, per-source code maps, strict JSON
     HL7_PROCESSING_ID = "hl7_processing_id"
     UNKNOWN_LOCAL_CODE = "unknown_local_code"

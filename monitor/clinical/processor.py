@@ -53,7 +53,7 @@ from ..metrics import (
     TIME_TO_ACK,
 )
 from .handoff import DecodedObservations
-from .store import PatientStore
+from .store import PatientStore, UnreadablePatientState
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,10 @@ class ClinicalProcessor:
             del out[mark:]
             self._dead(rec, headers, Reason.SCHEMA_INVALID,
                        str(exc.errors(include_url=False, include_input=False)[:1]), now, out)
+        except UnreadablePatientState as exc:  # never evaluated against a state guessed at
+            del out[mark:]
+            self._dead(rec, headers, Reason.PATIENT_STATE_UNREADABLE,
+                       f"the patient's stored state cannot be read ({exc}); this record was not evaluated", now, out)
         except Exception as exc:  # the worker never crashes on input
             log.warning("unexpected %s on %s[%s]@%s", type(exc).__name__, rec.topic, rec.partition, rec.offset,
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -289,6 +293,8 @@ class ClinicalProcessor:
                 findings = self.engine.check_schedule(state, now)
                 alerts = self._findings(findings, book, now, out)
                 alerts.extend(tick(book, now, self.lifecycle))
+            except UnreadablePatientState:
+                continue  # counted by the store (monitor_clinical_patients_unreadable), not a clock failure
             except Exception as exc:  # one patient's clock never stops the others
                 log.warning("clock tick failed: %s", type(exc).__name__)
                 CLINICAL_CLOCK_FAILURES.labels(scope="patient").inc()

@@ -133,7 +133,8 @@ from aiokafka.structs import TopicPartition
 from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions, new_consumer, new_producer,
                            next_offsets, produce_all, rewind, stop_clients)
 from ..metrics import (CHANGELOG_REFUSED, CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED,
-                       CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, CLINICAL_RESTORE_SECONDS, CLINICAL_UNCHECKPOINTED,
+                       CLINICAL_PATIENTS_UNREADABLE, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, CLINICAL_RESTORE_SECONDS,
+                       CLINICAL_UNCHECKPOINTED,
                        COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS,
                        STATE_LOST, WRITE_REFUSED)
 from ..settings import Settings
@@ -288,6 +289,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
     async def start(self) -> None:
         self._stopping = False
         CLINICAL_UNCHECKPOINTED.set_function(self.uncheckpointed_records)
+        CLINICAL_PATIENTS_UNREADABLE.set_function(lambda: len(self.store.unreadable_ids(self.owned)))
         self.producer = new_producer(self.s, linger_ms=1)
         await self.producer.start()
         self.changelog_producer = new_producer(self.s, linger_ms=1, client_id=f"{self.group_id}-changelog")

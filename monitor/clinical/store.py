@@ -15,6 +15,12 @@ part-way through a record, ``discard`` rolls the patient back to those bytes and
 processor applies those records again, so the patient is exactly as before the failing
 record.
 
+A value this release cannot read (a format version it does not know, as after a rollback
+to an older release; bytes that are not a patient's state) is never guessed at:
+``load`` raises :class:`UnreadablePatientState`, the patient stays as its bytes, and the
+store counts it (``unreadable_ids``) until a new value replaces it. The processor
+dead-letters that patient's records (``patient_state_unreadable``) and its clock skips it.
+
 Pure: no Kafka import. The runner (``monitor/clinical/runner.py``) feeds it changelog
 records and writes what ``take_changed`` returns.
 """
@@ -33,6 +39,11 @@ from alerts.state import PatientState
 from schemas.alert import Alert
 
 FORMAT_VERSION = 1
+
+
+class UnreadablePatientState(Exception):
+    """A patient's changelog value this release cannot read. The text says why in terms of
+    the format (never the value's content)."""
 
 
 _BOOK_JSON = AlertBook.__pydantic_serializer__.to_json
@@ -143,8 +154,23 @@ def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None)
 
 
 def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
-    d = from_json(raw)
-    return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"])
+    """A changelog value of this format version, or the faust Table's (no version), or
+    :class:`UnreadablePatientState`: never a value of another version read as this one."""
+    try:
+        d = from_json(raw)
+    except ValueError:
+        raise UnreadablePatientState("not JSON") from None
+    if not isinstance(d, dict):
+        raise UnreadablePatientState(f"a JSON {type(d).__name__}, not an object")
+    version = d.get("v")
+    if version is not None and version != FORMAT_VERSION:
+        shown = version if isinstance(version, int) else type(version).__name__
+        raise UnreadablePatientState(f"changelog format version {shown}; this release reads {FORMAT_VERSION} "
+                                     f"(and the faust Table's values)")
+    try:
+        return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"])
+    except Exception as exc:
+        raise UnreadablePatientState(f"{type(exc).__name__} reading the state or the alert book") from None
 
 
 class PatientStore(Protocol):
@@ -190,6 +216,10 @@ class PatientStore(Protocol):
     def partitions(self) -> set[int]:
         """Partitions with at least one patient held."""
 
+    def unreadable_ids(self, partitions: Iterable[int]) -> list[str]:
+        """Patients of these partitions whose value ``load`` could not read
+        (:class:`UnreadablePatientState`), until a new value replaces it."""
+
     def restore_record(self, partition: int, key: bytes | None, value: bytes | None) -> None:
         """Apply one changelog record (a ``None`` value is a deletion)."""
 
@@ -225,6 +255,8 @@ class InMemoryPatientStore:
         self._by_partition: dict[int, set[str]] = {}
         #: changed patients -> whether their alert book changed too
         self._changed: dict[str, bool] = {}
+        #: patients whose value ``load`` could not read (until a new value replaces it)
+        self._unreadable: set[str] = set()
 
     # -- processing ---------------------------------------------------------------------
     def load(self, patient_id: str, partition: int) -> tuple[PatientState, AlertBook]:
@@ -236,7 +268,11 @@ class InMemoryPatientStore:
             e.book_json = None
             e.alert_json = {}
             if e.raw is not None:
-                e.state, e.book = decode(e.raw)
+                try:
+                    e.state, e.book = decode(e.raw)
+                except UnreadablePatientState:
+                    self._unreadable.add(patient_id)
+                    raise
             else:
                 e.state, e.book = PatientState(patient_id), AlertBook(patient_id=patient_id)
         return e.state, e.book
@@ -315,6 +351,12 @@ class InMemoryPatientStore:
     def partitions(self) -> set[int]:
         return {p for p, pids in self._by_partition.items() if pids}
 
+    def unreadable_ids(self, partitions: Iterable[int]) -> list[str]:
+        """Patients of these partitions whose value ``load`` could not read."""
+        parts = set(partitions)
+        return sorted(pid for pid in self._unreadable
+                      if (e := self._entries.get(pid)) is not None and e.partition in parts)
+
     def peek(self, patient_id: str) -> tuple[PatientState, AlertBook] | None:
         e = self._entries.get(patient_id)
         return None if e is None else self.load(patient_id, e.partition)
@@ -328,6 +370,7 @@ class InMemoryPatientStore:
         if value is None:
             self._remove(pid)
             return
+        self._unreadable.discard(pid)  # a new value: read when first touched
         e = self._entries.get(pid)
         if e is None or e.partition != partition:
             if e is not None:
@@ -344,12 +387,14 @@ class InMemoryPatientStore:
             for pid in self._by_partition.pop(p, set()):
                 self._entries.pop(pid, None)
                 self._changed.pop(pid, None)
+                self._unreadable.discard(pid)
 
     def _remove(self, pid: str) -> None:
         e = self._entries.pop(pid, None)
         if e is not None:
             self._by_partition.get(e.partition, set()).discard(pid)
         self._changed.pop(pid, None)
+        self._unreadable.discard(pid)
 
     # -- reads for the API ---------------------------------------------------------------
     def find_alert(self, alert_id: str) -> Alert | None:

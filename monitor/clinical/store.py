@@ -407,9 +407,15 @@ class InMemoryPatientStore:
                 if hit is not None:
                     return hit.model_copy(deep=True)
             elif e.raw is not None and needle in e.raw:
-                raw = (json.loads(e.raw).get("alerts") or {}).get("alerts", {}).get(alert_id)
-                if raw is not None:
-                    return Alert.model_validate(raw)
+                try:
+                    d = json.loads(e.raw)
+                    if d.get("v", FORMAT_VERSION) != FORMAT_VERSION:
+                        continue  # a value this release cannot read (UnreadablePatientState)
+                    raw = (d.get("alerts") or {}).get("alerts", {}).get(alert_id)
+                    if raw is not None:
+                        return Alert.model_validate(raw)
+                except Exception:  # bytes that are not a patient's state: not an alert held here
+                    continue
         return None
 
     def __len__(self) -> int:

@@ -128,3 +128,23 @@ def test_the_clock_skips_it_without_counting_a_clock_failure():
     proc.tick([PID, "UR-ok"])
     assert failures() == before
     assert store.unreadable_ids([0]) == [PID]
+
+
+def test_the_actions_api_lookup_does_not_read_it():
+    """``find_alert`` (the actions API) searches undecoded values for the alert id: a value of
+    another version, or bytes that are not a state, is not read as one, nor raises."""
+    store = InMemoryPatientStore()
+    proc = processor(store)
+    s = Stream(0)
+    out = proc.process([s.treatment(dose(patient=PID)), s.observation(obs("alt", 400, 5, high=40, patient=PID))])
+    alert_id = by_topic(out, "alerts")[0]["alert_id"]
+    (_, _, value), = [c for c in store.take_changed() if c[0] == PID]
+    fresh = InMemoryPatientStore()
+    fresh.restore_record(0, PID.encode(), value)
+    assert fresh.find_alert(alert_id).alert_id == alert_id  # the value as written: found
+    d = json.loads(value)
+    d["v"] = FORMAT_VERSION + 1
+    fresh.restore_record(0, PID.encode(), json.dumps(d).encode())
+    assert fresh.find_alert(alert_id) is None
+    fresh.restore_record(0, PID.encode(), b"garbage " + alert_id.encode())
+    assert fresh.find_alert(alert_id) is None

@@ -134,9 +134,8 @@ from ..kafka_batch import (READ_TO_END_FETCH_WAIT_MS, OrderedCommits, Positions,
                            next_offsets, produce_all, rewind, stop_clients)
 from ..metrics import (CHANGELOG_REFUSED, CLINICAL_CHECKPOINTS, CLINICAL_CLOCK_LAST_RUN, CLINICAL_PARTITIONS_OWNED,
                        CLINICAL_PATIENTS_UNREADABLE, CLINICAL_PROCESSOR_CPU, CLINICAL_RECORDS, CLINICAL_RESTORE_SECONDS,
-                       CLINICAL_UNCHECKPOINTED,
-                       COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE, PROCESSING_SECONDS, ROLLBACKS,
-                       STATE_LOST, WRITE_REFUSED)
+                       CLINICAL_UNCHECKPOINTED, COMMIT_FAILURES, PATIENTS_MONITORED, PATIENTS_OVERDUE,
+                       PROCESSING_SECONDS, ROLLBACKS, STATE_LOST, WRITE_REFUSED)
 from ..settings import Settings
 from ..topics_admin import changelog_topic
 from .own_writes import OwnWrites, StreamRecord

@@ -280,10 +280,14 @@ def cmd_maps_check(args: argparse.Namespace) -> int:
 
 
 def _add_tool_commands(sub) -> None:
-    """Operator tools: ``dlq`` (dead letters) and ``config`` (environment reference)."""
+    """Operator tools: ``dlq`` (dead letters), ``changelog`` (the patient store's changelog) and
+    ``config`` (environment reference)."""
     from .dlq_tool import add_parser as add_dlq_parser
 
     add_dlq_parser(sub, "See docs/operations.md.")
+    from .changelog_tool import add_parser as add_changelog_parser
+
+    add_changelog_parser(sub)
     cf = sub.add_parser("config", help="configuration reference and effective configuration")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     doc = cfs.add_parser("docs", help="print the table of every environment variable (Markdown)")

@@ -200,7 +200,8 @@ def parse_id(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------ Kafka access
 
 
-def _consumer(s: Settings, timeout: float):
+def tool_consumer(s: Settings, timeout: float, client: str = "dlq-tool"):
+    """A kafka-python consumer of no group for the operator tools (``dlq``, ``changelog``)."""
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
@@ -211,7 +212,7 @@ def _consumer(s: Settings, timeout: float):
             group_id=None, enable_auto_commit=False, allow_auto_create_topics=False,
             request_timeout_ms=max(int(timeout * 1000), 5000) + 1000,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=s.max_message_bytes + 1024,
-            client_id=f"{s.app_id}-dlq-tool", **kafka_python_config(s, connect_timeout=timeout),
+            client_id=f"{s.app_id}-{client}", **kafka_python_config(s, connect_timeout=timeout),
         )
     except KafkaError as exc:
         raise _unreachable(s, exc) from None
@@ -222,7 +223,7 @@ def _unreachable(s: Settings, exc: BaseException) -> KafkaUnreachable:
                             f"{type(exc).__name__}; check KAFKA_BOOTSTRAP_SERVERS and the TLS/SASL settings")
 
 
-def _read_topic(consumer, topic: str, since: datetime | None = None, must_exist: bool = True,
+def read_topic(consumer, topic: str, since: datetime | None = None, must_exist: bool = True,
                 stall_timeout: float = 30.0) -> Iterator:
     """Every record of ``topic`` from ``since`` (or the start) up to the end offsets seen at the start.
 
@@ -278,7 +279,7 @@ def read_ledger(consumer, ledger_topic: str, must_exist: bool = False) -> dict[s
     ``must_exist``: the ledger was made sure of (a replay): a ledger the metadata leaves out
     for a moment must not read as "nothing replayed yet", which would replay it all again."""
     out: dict[str, dict] = {}
-    for r in _read_topic(consumer, ledger_topic, must_exist=must_exist):
+    for r in read_topic(consumer, ledger_topic, must_exist=must_exist):
         if r.key is None:
             continue
         if r.value is None:  # tombstone: an operator cleared the entry on purpose
@@ -298,11 +299,11 @@ def read_dead_letters(s: Settings, flt: Filter | None = None, *, timeout: float 
     from kafka.errors import KafkaError
 
     flt = flt or Filter()
-    consumer = _consumer(s, timeout)
+    consumer = tool_consumer(s, timeout)
     try:
         ledger = read_ledger(consumer, replay_ledger_topic(s), must_exist=ledger_must_exist) if with_ledger else {}
         out = []
-        for r in _read_topic(consumer, s.topic_dead_letter, since=flt.since, stall_timeout=max(timeout, 30.0)):
+        for r in read_topic(consumer, s.topic_dead_letter, since=flt.since, stall_timeout=max(timeout, 30.0)):
             d = DeadLetter(s.topic_dead_letter, r.partition, r.offset, r.timestamp, r.key, r.value or b"",
                            [(k, v) for k, v in (r.headers or [])])
             if flt.matches(d):

@@ -65,10 +65,10 @@ def test_the_dead_letter_reader_waits_for_a_topic_that_must_exist_and_then_fails
             pass
 
     late = Consumer(misses=2, parts={0})
-    assert list(dlq_tool._read_topic(late, "dead-letter")) == []  # empty, but read: it is there
+    assert list(dlq_tool.read_topic(late, "dead-letter")) == []  # empty, but read: it is there
     assert [tp.partition for tp in late.assigned] == [0]
     with pytest.raises(dlq_tool.DlqError, match="does not exist"):
-        list(dlq_tool._read_topic(Consumer(misses=10**6, parts={0}), "dead-letter"))
+        list(dlq_tool.read_topic(Consumer(misses=10**6, parts={0}), "dead-letter"))
     # a ledger that may not exist yet (nothing replayed so far) is asked for once
     absent = Consumer(misses=10**6, parts={0})
     assert dlq_tool.read_ledger(absent, "dead-letter-replays") == {}

@@ -40,7 +40,7 @@ class Report:
 
 def check(s: Settings, timeout: float = 15.0) -> Report:
     """Read the changelog to its end and decode the newest value of every patient."""
-    from .clinical.store import UnreadablePatientState, decode
+    from .clinical.store import UnreadablePatientState, decode, key_patient_id
     from .dlq_tool import DlqError, read_topic, tool_consumer
     from .topics_admin import TOPIC_METADATA_WAIT_SECONDS, topic_partitions
 
@@ -67,9 +67,7 @@ def check(s: Settings, timeout: float = 15.0) -> Report:
         try:
             decode(value)
         except UnreadablePatientState as exc:
-            # a changelog written by the faust Table before has JSON keys (the store's restore_record)
-            pid = json.loads(key) if key[:1] == b'"' else key.decode("utf-8", "replace")
-            bad.append(Unreadable(str(pid), partition, offset, len(value), str(exc)))
+            bad.append(Unreadable(key_patient_id(key), partition, offset, len(value), str(exc)))
     bad.sort(key=lambda u: (u.partition, u.offset))
     return Report(topic, records, len(newest), bad)
 

@@ -153,6 +153,21 @@ def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None)
                      encode_book(book) if book_json is None else book_json, b"}"))
 
 
+def key_patient_id(key: bytes) -> str:
+    """The patient id of a changelog key. A changelog written by the faust Table before (same
+    topic name) has JSON keys. A key that is neither (not UTF-8, broken JSON) never stops a
+    restore: it stands for itself, its bytes escaped, and its value is judged like any other
+    when first touched."""
+    if key[:1] == b'"':
+        try:
+            pid = json.loads(key)
+            if isinstance(pid, str):
+                return pid
+        except ValueError:
+            pass
+    return key.decode("utf-8", "backslashreplace")
+
+
 def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
     """A changelog value of this format version, or the faust Table's (no version), or
     :class:`UnreadablePatientState`: never a value of another version read as this one."""
@@ -365,8 +380,7 @@ class InMemoryPatientStore:
     def restore_record(self, partition: int, key: bytes | None, value: bytes | None) -> None:
         if not key:
             return
-        # a changelog written by the faust Table before (same topic name) has JSON keys
-        pid = json.loads(key) if key[:1] == b'"' else key.decode()
+        pid = key_patient_id(key)
         if value is None:
             self._remove(pid)
             return

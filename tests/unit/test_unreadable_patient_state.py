@@ -148,3 +148,25 @@ def test_the_actions_api_lookup_does_not_read_it():
     assert fresh.find_alert(alert_id) is None
     fresh.restore_record(0, PID.encode(), b"garbage " + alert_id.encode())
     assert fresh.find_alert(alert_id) is None
+
+
+def test_a_key_that_is_not_a_patient_id_never_stops_a_restore():
+    """A restore that raised on one changelog record would retry for ever and leave every
+    partition of the worker unserved. A key that is not UTF-8, or broken JSON, stands for
+    itself (escaped); a faust Table's JSON key is the patient id it quotes."""
+    from monitor.clinical.store import key_patient_id
+
+    assert key_patient_id(b"P-1") == "P-1"
+    assert key_patient_id(b'"P-1"') == "P-1"  # the faust Table's keys
+    assert key_patient_id(b"\xff\xfe") == "\\xff\\xfe"
+    assert key_patient_id(b'"unterminated') == '"unterminated'
+    assert key_patient_id(b'"\\u00e9t\\u00e9"') == "\u00e9t\u00e9"
+    store = InMemoryPatientStore()
+    store.restore_record(0, b"\xff\xfe", b"\x00 not a state")
+    store.restore_record(0, b'"unterminated', readable('"unterminated'))
+    store.restore_record(0, b'"P-2"', readable("P-2"))
+    assert store.patient_ids([0]) == ['"unterminated', "P-2", "\\xff\\xfe"]
+    assert store.load('"unterminated', 0)[0].patient_id == '"unterminated'
+    with pytest.raises(UnreadablePatientState):
+        store.load("\\xff\\xfe", 0)
+    assert store.unreadable_ids([0]) == ["\\xff\\xfe"]

@@ -3,9 +3,10 @@
 A real Prometheus (Debian's /usr/bin/prometheus, on loopback) scrapes a real worker, a real
 inbox and a real MLLP listener (each on its own metrics port) as jobs sma-monitor,
 sma-monitor-inbox and sma-monitor-mllp, with the shipped ``deploy/prometheus/rules.yml``
-unchanged and 1 s scrapes. The stack forces two shipped rules that have ``for: 1m``
+unchanged and 1 s scrapes. The stack forces three shipped rules that have ``for: 1m``
 (``MonitorDeadLetterRateHigh``: a burst of malformed events; ``InboxLoginFailuresSpike``: a
-burst of failed sign-ins).
+burst of failed sign-ins; ``MonitorPatientStateUnreadable``, critical: a patient whose
+changelog value is a newer release's, on the worker's changelog before it starts).
 
 Why it lives here: those rules need a minute of ``for:``, and both look at a 5-minute window,
 so they are firing from about one minute to about five minutes after the bursts. The session
@@ -46,6 +47,9 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 T0 = "2026-10-01T08:00:00+00:00"
 FORCED_RULE = "MonitorDeadLetterRateHigh"
 LOGIN_RULE = "InboxLoginFailuresSpike"
+#: forced by a patient whose changelog value is a newer release's (written before the worker
+#: starts): the worker's clock loads it, cannot read it, and counts it
+UNREADABLE_RULE = "MonitorPatientStateUnreadable"
 BURST = 150
 
 
@@ -161,6 +165,7 @@ class Stack:
     worker: object
     topics: dict[str, str]
     patients: list[str]
+    unreadable_patient: str
     inbox_base: str
     procs: list[subprocess.Popen]
     mllp_acks: list[bytes]
@@ -261,6 +266,21 @@ def build_stack(kafka_bootstrap: str, tmp: Path):
         ]
         st.mllp_port = mllp_port
         st.inbox_base = f"http://127.0.0.1:{inbox_port}"
+        # a patient whose stored state a newer release wrote (format version 2), on the changelog
+        # the worker restores (created here as the worker would, keyed and partitioned as its
+        # patient stream): its clock's first pass loads it and counts it unreadable
+        from monitor.clinical.store import FORMAT_VERSION
+        from monitor.settings import Settings
+        from monitor.topics_admin import changelog_topic, ensure_topics
+
+        changelog = changelog_topic(Settings(_env_file=None, MONITOR_APP_ID=prefix))
+        ensure_topics(Settings(_env_file=None, kafka_bootstrap_servers=kafka_bootstrap, MONITOR_APP_ID=prefix,
+                               topic_observations=st.topics["observations"]), [changelog])
+        all_topics.append(changelog)
+        st.unreadable_patient = f"PROMPAT-{uuid.uuid4().hex[:12]}"
+        newer = {"v": FORMAT_VERSION + 1, "patient": st.unreadable_patient, "layout": "of a newer release"}
+        with KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all") as producer:
+            producer.send(changelog, key=st.unreadable_patient.encode(), value=json.dumps(newer).encode())
         st.worker = WorkerProcess(kafka_bootstrap, service_env(st.topics, app_id=prefix,
                                                                MONITOR_LAG_INTERVAL_SECONDS="2"), tmp / "w")
         st.worker.launch()
@@ -322,7 +342,7 @@ def build_stack(kafka_bootstrap: str, tmp: Path):
 
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         st.login_codes = [_failed_login(opener, st.inbox_base, "nurse1" if i % 2 else f"guess{i}") for i in range(24)]
-        st.watcher = RuleWatcher(st.prom, [FORCED_RULE, LOGIN_RULE])
+        st.watcher = RuleWatcher(st.prom, [FORCED_RULE, LOGIN_RULE, UNREADABLE_RULE])
         st.watcher.start()
         yield st
     finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prometheus_stack import BURST, FORCED_RULE, LOGIN_RULE, RULES, alerts_named
+from prometheus_stack import BURST, FORCED_RULE, LOGIN_RULE, RULES, UNREADABLE_RULE, alerts_named
 from workers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -113,10 +113,21 @@ def test_prometheus_scrapes_worker_and_shipped_rule_fires(prometheus_stack):
     loops = prom.query('monitor_loop_restarts_total{job="sma-monitor"} == 0')
     assert {r["metric"]["loop"] for r in loops} == {"ingest", "clinical", "delivery"}
 
+    # a patient whose stored state the worker cannot read (a newer release's value on its
+    # changelog) pages operations: counted by the clock's first pass, not as a clock failure
+    # (the failure series above are at 0), and the critical rule fires after its minute
+    seen = prometheus_stack.watcher.firing(UNREADABLE_RULE, timeout=240)
+    alert = seen["alerts"][0]
+    assert alert["labels"]["severity"] == "critical" and alert["labels"]["category"] == "ops"
+    assert alert["labels"]["instance"] == f"127.0.0.1:{prometheus_stack.worker.port}"
+    assert float(alert["value"]) == 1.0
+    assert seen["at"] - datetime.fromisoformat(alert["activeAt"]).timestamp() >= 60, alert
+    assert prom.query('monitor_clinical_patients_unreadable{job="sma-monitor"} == 1')
+
     # nothing Prometheus holds names a patient
     series = prom.api("series", **{"match[]": '{job="sma-monitor"}'})
     text = json.dumps(series) + json.dumps(prom.api("alerts"))
-    for pid in patients:
+    for pid in [*patients, prometheus_stack.unreadable_patient]:
         assert pid not in text
 
 

@@ -41,18 +41,15 @@ class Report:
 def check(s: Settings, timeout: float = 15.0) -> Report:
     """Read the changelog to its end and decode the newest value of every patient."""
     from .clinical.store import UnreadablePatientState, decode, key_patient_id
-    from .dlq_tool import DlqError, read_topic, tool_consumer
-    from .topics_admin import TOPIC_METADATA_WAIT_SECONDS, topic_partitions
+    from .dlq_tool import read_topic, tool_consumer
 
     topic = changelog_topic(s)
     newest: dict[bytes, tuple[int, int, bytes]] = {}
     records = 0
     consumer = tool_consumer(s, timeout, client="changelog-tool")
     try:
-        if not topic_partitions(consumer, topic, wait=TOPIC_METADATA_WAIT_SECONDS):
-            raise DlqError(f"the changelog {topic!r} does not exist, or this user may not describe it (named after "
-                           f"MONITOR_APP_ID, or TOPIC_PATIENT_CHANGELOG)")
-        for r in read_topic(consumer, topic, stall_timeout=max(timeout, 30.0)):
+        for r in read_topic(consumer, topic, stall_timeout=max(timeout, 30.0),
+                            named_by="the changelog is named after MONITOR_APP_ID, or TOPIC_PATIENT_CHANGELOG"):
             records += 1
             if r.key is None:
                 continue

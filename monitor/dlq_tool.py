@@ -224,8 +224,9 @@ def _unreachable(s: Settings, exc: BaseException) -> KafkaUnreachable:
 
 
 def read_topic(consumer, topic: str, since: datetime | None = None, must_exist: bool = True,
-                stall_timeout: float = 30.0) -> Iterator:
+               stall_timeout: float = 30.0, named_by: str = "the dead-letter topic is TOPIC_DEAD_LETTER") -> Iterator:
     """Every record of ``topic`` from ``since`` (or the start) up to the end offsets seen at the start.
+    ``named_by``: which setting names the topic, for the message when it does not exist.
 
     Raises ``KafkaTimeoutError`` when no partition advances for ``stall_timeout`` seconds
     (the broker went away mid-read), rather than waiting for ever.
@@ -240,7 +241,7 @@ def read_topic(consumer, topic: str, since: datetime | None = None, must_exist: 
     if not parts:
         if must_exist:
             raise DlqError(f"topic {topic!r} does not exist, or this user may not describe it (checked for "
-                           f"{TOPIC_METADATA_WAIT_SECONDS:.0f} s; the dead-letter topic is TOPIC_DEAD_LETTER)")
+                           f"{TOPIC_METADATA_WAIT_SECONDS:.0f} s; {named_by})")
         return
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
     consumer.assign(tps)

@@ -136,10 +136,11 @@ def topic_configs(s: Settings, name: str) -> dict[str, str]:
     patient, so with the broker's default segment (1 GiB) a restore would read every version
     since the last roll (``bench/bench_changelog_restore.py``).
     """
-    if name == changelog_topic(s):
-        return {"cleanup.policy": "compact", "retention.ms": "-1", "segment.bytes": str(s.changelog_segment_bytes)}
     if name in compacted_topics(s):
-        return {"cleanup.policy": "compact", "retention.ms": "-1"}
+        compacted = {"cleanup.policy": "compact", "retention.ms": "-1"}
+        if name == changelog_topic(s):
+            compacted["segment.bytes"] = str(s.changelog_segment_bytes)
+        return compacted
     if name in (s.topic_alerts, s.topic_alert_actions, s.topic_treatments):
         return {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
     if name == s.topic_observations:

@@ -168,13 +168,9 @@ def key_patient_id(key: bytes) -> str:
     return key.decode("utf-8", "backslashreplace")
 
 
-def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
-    """A changelog value of this format version, or the faust Table's (no version), or
-    :class:`UnreadablePatientState`: never a value of another version read as this one."""
-    try:
-        d = from_json(raw)
-    except ValueError:
-        raise UnreadablePatientState("not JSON") from None
+def _check_version(d: Any) -> None:
+    """``d`` (a parsed changelog value) is of this format version or the faust Table's (no
+    version), or :class:`UnreadablePatientState`."""
     if not isinstance(d, dict):
         raise UnreadablePatientState(f"a JSON {type(d).__name__}, not an object")
     version = d.get("v")
@@ -182,6 +178,16 @@ def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
         shown = version if isinstance(version, int) else type(version).__name__
         raise UnreadablePatientState(f"changelog format version {shown}; this release reads {FORMAT_VERSION} "
                                      f"(and the faust Table's values)")
+
+
+def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
+    """A changelog value of this format version, or the faust Table's (no version), or
+    :class:`UnreadablePatientState`: never a value of another version read as this one."""
+    try:
+        d = from_json(raw)
+    except ValueError:
+        raise UnreadablePatientState("not JSON") from None
+    _check_version(d)
     try:
         return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"])
     except Exception as exc:
@@ -423,12 +429,11 @@ class InMemoryPatientStore:
             elif e.raw is not None and needle in e.raw:
                 try:
                     d = json.loads(e.raw)
-                    if d.get("v", FORMAT_VERSION) != FORMAT_VERSION:
-                        continue  # a value this release cannot read (UnreadablePatientState)
+                    _check_version(d)
                     raw = (d.get("alerts") or {}).get("alerts", {}).get(alert_id)
                     if raw is not None:
                         return Alert.model_validate(raw)
-                except Exception:  # bytes that are not a patient's state: not an alert held here
+                except Exception:  # a value this release cannot read: not an alert held here
                     continue
         return None
 

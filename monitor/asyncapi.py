@@ -129,6 +129,14 @@ def build(s: Settings | None = None, version: str = "0.1.0", schema_dir: str = "
                         "`monitor patients load` (JSON, FHIR R4 Patient). PHI: the inbox shows it to signed-in "
                         "clinical users only.", _ref("patient"),
                         key={"type": "string", "description": "The patient id."}),
+        "OpenAlert": _msg("open-alert", "Open alert (index entry)", "The latest version of an open alert "
+                          "Alertmanager has been given; a tombstone (no value) once it closes.", _ref("alert"),
+                          key={"type": "string", "description": "The alert id (32 hex characters)."}),
+        "OpenAlertsMarker": _msg("open-alerts-marker", "Open-alerts index marker", "Written before each commit of "
+                                 "the outbox partition: the index is valid for an outbox resuming at or before "
+                                 "this offset.", {"type": "object", "required": ["outbox_offset"], "properties": {
+                                     "outbox_offset": {"type": "integer", "minimum": 0}}},
+                                 key={"type": "string", "const": "#valid-from"}),
         "Delivery": _msg("alert-delivery", "Delivered alert version", "Internal idempotency ledger of the "
                          "delivery service (compacted).", {"type": "string", "const": "1"},
                          content_type="text/plain",
@@ -157,6 +165,10 @@ def build(s: Settings | None = None, version: str = "0.1.0", schema_dir: str = "
          ["Patient"], "send", "compact"),
         ("alert-deliveries", s.topic_deliveries, "Internal delivery ledger (compacted).", ["Delivery"], "send",
          "compact"),
+        ("open-alerts", s.topic_open_alerts, "Internal index of the open alerts Alertmanager has been given "
+         "(compacted; key the alert id, partition that of the alert's outbox partition, a tombstone once it closes; "
+         "key `#valid-from` marks the outbox offset the partition's index is valid from).",
+         ["OpenAlert", "OpenAlertsMarker"], "send", "compact"),
     ]
     described = {address for _, address, *_ in topics}
     missing = [t for t in service_topics(s) if t not in described]

@@ -37,6 +37,9 @@ DESCRIPTIONS: dict[str, str] = {
     "topic_patient_changelog": "Compacted changelog of the clinical stage's patient store (empty: "
                                "`<app id>-patients-changelog`), one partition per partition of the patient stream.",
     "topic_deliveries": "Compacted ledger of delivered alert versions per sink (restart-safe idempotency).",
+    "topic_open_alerts": "Compacted index of the open alerts Alertmanager has been given, one partition per "
+                         "partition of `TOPIC_ALERTS`: a worker taking an outbox partition over reads it instead of "
+                         "the partition's whole history (README \"Paging via Alertmanager\").",
     "topic_dead_letter_replays": "Compacted ledger of replayed dead letters (`monitor dlq replay`); "
                                  "empty means `<TOPIC_DEAD_LETTER>-replays`.",
     "topic_partitions": "Partitions of topics the service creates (`monitor topics`, worker start).",

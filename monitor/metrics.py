@@ -63,6 +63,17 @@ SINK_FAILURES = Counter(
 SINK_PENDING = Gauge(
     "monitor_sink_pending", "Alert versions waiting for delivery per sink",
     ["sink"], registry=REGISTRY)
+OPEN_ALERTS_REBUILDS = Counter(
+    "monitor_delivery_open_alerts_rebuilds_total", "Outbox partitions taken over whose open alerts (re-pushed to "
+    "Alertmanager) were learnt, by source: index (the open-alerts topic), history (the partition read from its "
+    "beginning: no valid index) or outbox (no commit yet: the outbox reads it from its beginning anyway)",
+    ["source"], registry=REGISTRY)
+OPEN_ALERTS_REBUILD_SECONDS = Histogram(
+    "monitor_delivery_open_alerts_rebuild_seconds", "Time to learn a taken-over outbox partition's open alerts, by "
+    "source", ["source"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+OPEN_ALERTS_INDEX_WRITE_FAILURES = Counter(
+    "monitor_delivery_open_alerts_index_write_failures_total", "Writes of the open-alerts index that failed (the "
+    "next owner of the partition then reads its whole history)", registry=REGISTRY)
 MLLP_CONNECTIONS = Gauge(
     "monitor_mllp_connections", "Open MLLP connections (this listener)",
     registry=REGISTRY)

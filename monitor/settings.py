@@ -37,13 +37,18 @@ class Settings(BaseSettings):
     #: broker's default (1 GiB) the versions of every patient since the last roll stay, and a restore
     #: reads them all (docs/measurements.md, "The changelog's uncompacted tail")
     changelog_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024, description=(
-        "`segment.bytes` of the patient store changelog, set when the topic is created and on an existing "
-        "topic that has no value of its own: the broker compacts only closed segments, so this bounds the "
-        "patient versions a restore reads beyond the latest one per patient (per partition, about this much "
-        "plus what the cleaner has not reached yet). At least 1 MiB, Kafka's minimum, and at least "
-        "MAX_MESSAGE_BYTES: the broker refuses a record batch larger than a segment"))
+        "`segment.bytes` of the patient store changelog and of the open-alerts index (`TOPIC_OPEN_ALERTS`), "
+        "set when a topic is created and on an existing topic that has no value of its own: the broker "
+        "compacts only closed segments, so this bounds the versions a restore reads beyond the latest one "
+        "per key (per partition, about this much plus what the cleaner has not reached yet). At least 1 MiB, "
+        "Kafka's minimum, and at least MAX_MESSAGE_BYTES: the broker refuses a record batch larger than a "
+        "segment"))
     #: compacted record of delivered alert versions per sink (the restart-safe idempotency ledger)
     topic_deliveries: str = "alert-deliveries"
+    #: compacted index of the open alerts Alertmanager has been given, per outbox partition (one
+    #: partition per partition of ``alerts``): a worker taking an outbox partition over reads it
+    #: instead of the partition's whole history (``monitor.notify.open_alerts``)
+    topic_open_alerts: str = "open-alerts"
     #: compacted ledger of replayed dead letters (``monitor dlq replay``); empty = "<topic_dead_letter>-replays"
     topic_dead_letter_replays: str = ""
     topic_partitions: int = 3
@@ -177,6 +182,7 @@ SERVICE_TOPICS = {
     "alert-actions": "topic_alert_actions",
     "patients": "topic_patients",
     "alert-deliveries": "topic_deliveries",
+    "open-alerts": "topic_open_alerts",
 }
 
 

@@ -118,27 +118,35 @@ def changelog_topic(s: Settings) -> str:
 
 
 def compacted_topics(s: Settings) -> set[str]:
-    return {s.topic_deliveries, changelog_topic(s), s.topic_patients}
+    return {s.topic_deliveries, changelog_topic(s), s.topic_patients, s.topic_open_alerts}
+
+
+def partitioned_like(s: Settings) -> dict[str, str]:
+    """Topics whose partition ``p`` holds the state of partition ``p`` of another topic, so they
+    are created with as many partitions as that one: the patient changelog (the patient stream
+    ``observations``) and the open-alerts index (the outbox ``alerts``)."""
+    return {changelog_topic(s): s.topic_observations, s.topic_open_alerts: s.topic_alerts}
 
 
 def topic_configs(s: Settings, name: str) -> dict[str, str]:
     """Retention per topic (README "Retention"): clinical records never expire.
 
     * compacted (latest value per key, kept for ever): the patient demographics, the delivery
-      ledger, the patient store changelog;
+      ledger, the patient store changelog, the open-alerts index;
     * no time- or size-based deletion (``retention.ms=-1``): ``alerts`` (every version: the
       history), ``alert-actions`` (who did what), ``treatments`` (the dose: ward, team, day 0);
     * ``observations``: ``OBSERVATIONS_RETENTION_DAYS`` (at least 180);
     * the rest (raw inputs, findings, dead letters): the broker's default.
 
-    The changelog also gets ``segment.bytes`` = ``CHANGELOG_SEGMENT_BYTES``: the broker
-    compacts closed segments only, and every checkpoint writes a new version of each changed
-    patient, so with the broker's default segment (1 GiB) a restore would read every version
-    since the last roll (``bench/bench_changelog_restore.py``).
+    The changelog and the open-alerts index also get ``segment.bytes`` = ``CHANGELOG_SEGMENT_BYTES``:
+    the broker compacts closed segments only, and both are rewritten as they change (every
+    checkpoint writes a new version of each changed patient), so with the broker's default
+    segment (1 GiB) a restore would read every version since the last roll
+    (``bench/bench_changelog_restore.py``).
     """
     if name in compacted_topics(s):
         compacted = {"cleanup.policy": "compact", "retention.ms": "-1"}
-        if name == changelog_topic(s):
+        if name in (changelog_topic(s), s.topic_open_alerts):
             compacted["segment.bytes"] = str(s.changelog_segment_bytes)
         return compacted
     if name in (s.topic_alerts, s.topic_alert_actions, s.topic_treatments):
@@ -150,21 +158,21 @@ def topic_configs(s: Settings, name: str) -> dict[str, str]:
 
 def ensure_topics(s: Settings, names: list[str] | None = None, timeout: float | None = None) -> list[str]:
     """Create missing topics (the service topics and the patient changelog); returns the
-    names created. The changelog gets as many partitions as the patient stream has."""
+    names created. The changelog gets as many partitions as the patient stream has, the
+    open-alerts index as many as the outbox (``partitioned_like``)."""
     names = names or [*service_topics(s), changelog_topic(s)]
     admin = admin_client(s, timeout)
     try:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            stream_partitions = s.topic_partitions
-            if s.topic_observations in existing:
-                (desc,) = admin.describe_topics([s.topic_observations])
-                stream_partitions = len(desc["partitions"]) or stream_partitions
+            like = partitioned_like(s)
+            # an existing source topic keeps its count (it may have more partitions than configured)
+            sources = sorted({like[n] for n in missing if n in like and like[n] in existing})
+            counts = {d["name"]: len(d["partitions"]) for d in admin.describe_topics(sources)} if sources else {}
             try:
                 admin.create_topics([
-                    NewTopic(n, stream_partitions if n == changelog_topic(s) else s.topic_partitions,
-                             s.topic_replication_factor,
+                    NewTopic(n, counts.get(like.get(n, ""), 0) or s.topic_partitions, s.topic_replication_factor,
                              topic_configs=topic_configs(s, n))
                     for n in missing
                 ])

@@ -30,6 +30,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from .open_alerts import OpenAlerts, fresh_consumer
 from .sinks import AlertmanagerSink, Backoff, DeliveryHooks, DeliveryKey, Dispatcher, WebhookSink, should_deliver
 from schemas.alert import Alert
 
@@ -96,7 +97,7 @@ class _HandOver(ConsumerRebalanceListener):
         await self.service._give_up(set(revoked))
 
     async def on_partitions_assigned(self, assigned) -> None:
-        await self.service._take_over()
+        await self.service._take_over(set(assigned))
 
 
 class DeliveryService:
@@ -121,9 +122,10 @@ class DeliveryService:
         self._pending: dict[TopicPartition, dict[int, list[DeliveryKey]]] = {}
         self._next: dict[TopicPartition, int] = {}
         #: the latest version of each open alert this worker's outbox partitions hold that
-        #: Alertmanager knows of: re-pushed every ALERTMANAGER_REFRESH_SECONDS
-        self._open: dict[TopicPartition, dict[str, Alert]] = {}
-        self._built: set[TopicPartition] = set()
+        #: Alertmanager knows of (re-pushed every ALERTMANAGER_REFRESH_SECONDS), and its index
+        self._alertmanagers = [sk for sk in self.sinks if isinstance(sk, AlertmanagerSink)]
+        self.open_alerts = OpenAlerts(settings.topic_open_alerts if self._alertmanagers else None)
+        self._builds: dict[TopicPartition, asyncio.Task] = {}
         #: commits of the outbox stay in order (the loop, a hand-over and the stop)
         self._commit_lock = asyncio.Lock()
         self._committed: dict[TopicPartition, int] = {}
@@ -159,6 +161,8 @@ class DeliveryService:
                                                  auto_offset_reset="earliest", group_id=None,
                                                  fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS, **cfg)
         await self._ledger_consumer.start()
+        if self.open_alerts.topic is not None:
+            await self._check_open_alerts_index()
         await self._catch_up_ledger()
         self.ledger.attach(self._producer, s.topic_deliveries)
         log.info("delivery ledger loaded: %d delivered versions", len(self.ledger))
@@ -170,9 +174,28 @@ class DeliveryService:
         self._outbox.subscribe([s.topic_alerts], listener=_HandOver(self))
         await self._outbox.start()
         self._tasks += [asyncio.create_task(self._read_outbox()), asyncio.create_task(self._commit_loop())]
-        if any(isinstance(sk, AlertmanagerSink) for sk in self.sinks):
+        if self._alertmanagers:
             self._tasks.append(asyncio.create_task(self._refresh_loop()))
         self.ready.set()
+
+    async def _check_open_alerts_index(self) -> None:
+        """The open-alerts index needs a partition per outbox partition; without one it is not
+        used, and a worker taking an outbox partition over reads its whole history."""
+        p, s = self._producer, self.settings
+        assert p is not None
+        try:
+            outbox = await asyncio.wait_for(p.partitions_for(s.topic_alerts), 10)
+            index = await asyncio.wait_for(p.partitions_for(s.topic_open_alerts), 10)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # unknown, or not authorised
+            outbox, index = set(), set()
+        if not index or len(index) < len(outbox):
+            log.error("the open-alerts index %s is %s: not used; a worker taking an outbox partition over reads "
+                      "its whole history (create it with `monitor topics`, as many partitions as %s)",
+                      s.topic_open_alerts, "missing" if not index else f"of {len(index)} partitions for {len(outbox)}",
+                      s.topic_alerts)
+            self.open_alerts.topic = None
 
     async def _catch_up_ledger(self) -> None:
         c = self._ledger_consumer
@@ -229,7 +252,8 @@ class DeliveryService:
                             continue
                         keys = [DeliveryKey(sink.name, alert.alert_id, alert.version)
                                 for sink in self.sinks if should_deliver(sink, alert)]
-                        self._track_open(tp, alert, bool(keys))
+                        if self._alertmanagers:
+                            self.open_alerts.track(tp, alert, self._to_alertmanager(alert))
                         if keys:
                             pend[r.offset] = keys
                             queued = self.dispatcher.enqueue(alert)
@@ -241,51 +265,37 @@ class DeliveryService:
                 log.warning("outbox read error: %s", type(exc).__name__)
                 await asyncio.sleep(1)
 
-    def _track_open(self, tp: TopicPartition, alert: Alert, delivered: bool) -> None:
-        opened = self._open.setdefault(tp, {})
-        known = opened.get(alert.alert_id)
-        if known is not None and known.version >= alert.version:
-            return
-        if not alert.is_open:
-            opened.pop(alert.alert_id, None)
-        elif known is not None or delivered:
-            opened[alert.alert_id] = alert
+    def _to_alertmanager(self, alert: Alert) -> bool:
+        return any(should_deliver(sk, alert) for sk in self._alertmanagers)
 
-    async def _rebuild(self, tp: TopicPartition) -> None:
-        """The open alerts of a newly assigned outbox partition, read from its beginning (the
-        outbox consumer resumes from its commit, past alerts opened long ago)."""
-        c = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS,
-                             **aiokafka_config(self.settings))
-        await c.start()
-        try:
-            end = (await c.end_offsets([tp]))[tp]  # before any fetch of it is in flight
-            c.assign([tp])
-            await c.seek_to_beginning(tp)
-            while await c.position(tp) < end:
-                batch = await c.getmany(tp, timeout_ms=500, max_records=5000)
-                for r in batch.get(tp, []):
-                    if r.offset >= end:
-                        break
-                    try:
-                        alert = Alert.model_validate_json(r.value)
-                    except Exception:
-                        continue
-                    self._track_open(tp, alert, any(should_deliver(sk, alert) for sk in self.sinks
-                                                    if isinstance(sk, AlertmanagerSink)))
-        finally:
-            await c.stop()
-        self._built.add(tp)
+    def _build(self, tp: TopicPartition, resumed_from: int | None) -> None:
+        """Learn the open alerts of a newly assigned outbox partition in the background (from the
+        open-alerts index, or its whole history when the index cannot be trusted)."""
+        if not self._alertmanagers or tp in self._builds:
+            return
+
+        async def build() -> None:
+            try:
+                await self.open_alerts.build(tp, resumed_from, fresh_consumer(aiokafka_config(self.settings)),
+                                             self._to_alertmanager)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next refresh tries again
+                log.warning("open alerts of outbox partition %d not learnt (%s); retried at the next refresh",
+                            tp.partition, type(exc).__name__)
+                self._builds.pop(tp, None)
+
+        self._builds[tp] = asyncio.create_task(build(), name=f"open-alerts-{tp.partition}")
 
     async def refresh_once(self) -> int:
-        """Re-push every open alert of this worker's outbox partitions to the Alertmanager sinks
-        (rolling endsAt). Returns how many pushes were made."""
-        sinks = [sk for sk in self.sinks if isinstance(sk, AlertmanagerSink)]
+        """Re-push every open alert known of this worker's outbox partitions to the Alertmanager
+        sinks (rolling endsAt). Returns how many pushes were made."""
         assigned = self._outbox.assignment() if self._outbox is not None else set()
-        for tp in sorted(assigned - self._built):
-            await self._rebuild(tp)
-        alerts = [a for tp, opened in self._open.items() if tp in assigned for a in opened.values()]
+        for tp in sorted(assigned - set(self._builds)):  # a build that failed, or never started
+            self._build(tp, await self._outbox.committed(tp))
+        alerts = self.open_alerts.alerts(assigned)
         n = 0
-        for sink in sinks:
+        for sink in self._alertmanagers:
             for a in alerts:
                 try:
                     await sink.deliver(a)
@@ -322,8 +332,12 @@ class DeliveryService:
         c = self._outbox
         assert c is not None
         async with self._commit_lock:
-            offsets = {tp: off for tp, off in self.committable().items()
-                       if tp in partitions and off > 0 and self._committed.get(tp) != off}
+            committable = {tp: off for tp, off in self.committable().items() if tp in partitions and off > 0}
+            # the open-alerts index first: at every commit it is at least as new as the commit
+            for tp, off in committable.items():
+                if self.open_alerts.needs_flush(tp, off):
+                    await self.open_alerts.flush(self._producer, tp, off)
+            offsets = {tp: off for tp, off in committable.items() if self._committed.get(tp) != off}
             if offsets:
                 await c.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
                 self._committed.update(offsets)
@@ -337,8 +351,10 @@ class DeliveryService:
         self.dispatcher.forget(self._waited_for(tp))
         self._pending.pop(tp, None)
         self._next.pop(tp, None)
-        self._open.pop(tp, None)
-        self._built.discard(tp)
+        self.open_alerts.drop(tp)
+        build = self._builds.pop(tp, None)
+        if build is not None:
+            build.cancel()
         self._committed.pop(tp, None)
 
     async def _give_up(self, revoked: set[TopicPartition]) -> None:
@@ -357,9 +373,10 @@ class DeliveryService:
         for tp in revoked:
             self._drop(tp)
 
-    async def _take_over(self) -> None:
+    async def _take_over(self, assigned: set[TopicPartition]) -> None:
         """Newly assigned outbox partitions: first the ledger to its current end, so what the
-        previous owner delivered until it let go is known here."""
+        previous owner delivered until it let go is known here; then their open alerts are
+        learnt in the background (for the Alertmanager refresh)."""
         c = self._ledger_consumer
         assert c is not None
         loop = asyncio.get_running_loop()
@@ -377,6 +394,20 @@ class DeliveryService:
         except Exception as exc:
             log.warning("delivery ledger not read to its end at an outbox assignment (%s): repeats possible",
                         type(exc).__name__)
+        if self._alertmanagers and self._outbox is not None:
+            try:
+                for tp in sorted(assigned):
+                    resumed_from = await self._outbox.committed(tp)
+                    if resumed_from is not None and tp not in self._next:
+                        # where the outbox resumes: a partition that gets no new record still
+                        # has a commit offset, for which the open-alerts index is written
+                        self._pending.setdefault(tp, {})
+                        self._next[tp] = self._committed[tp] = resumed_from
+                    self._build(tp, resumed_from)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the refresh loop starts what is missing
+                log.warning("open alerts of the assigned outbox partitions not requested (%s)", type(exc).__name__)
 
     async def _commit_loop(self) -> None:
         c = self._outbox
@@ -395,9 +426,10 @@ class DeliveryService:
                 log.warning("outbox commit error: %s", type(exc).__name__)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        builds = list(self._builds.values())
+        for t in [*self._tasks, *builds]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *builds, return_exceptions=True)
         # deliveries in flight end and their ledger records are written before the outbox
         # commits past them and leaves its group (the next owner would send them again)
         await self.dispatcher.stop(drain_timeout=2.0, finish_timeout=self.hand_over_seconds)

@@ -62,7 +62,7 @@ async def test_tier_label_routes_and_restart_recovers(kafka_bootstrap, topic_fac
     from monitor.notify.outbox import DeliveryService
     from monitor.settings import Settings
 
-    topics = topic_factory("alerts", "alert-deliveries")
+    topics = topic_factory("alerts", "alert-deliveries", "open-alerts")
     versions = _scenario()
     alt = [v for v in versions if v.rule_id == "liver.alt_increased"][-1]  # open (acknowledged), tier < failsafe
     assert alt.is_open and alt.escalation_tier < len(alt.route["tiers"])
@@ -78,7 +78,7 @@ async def test_tier_label_routes_and_restart_recovers(kafka_bootstrap, topic_fac
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         svc = DeliveryService(Settings(
             kafka_bootstrap_servers=kafka_bootstrap, topic_alerts=topics["alerts"],
-            topic_deliveries=topics["alert-deliveries"], MONITOR_APP_ID=topics["alerts"].split(".")[0],
+            topic_deliveries=topics["alert-deliveries"], topic_open_alerts=topics["open-alerts"], MONITOR_APP_ID=topics["alerts"].split(".")[0],
             alertmanager_url=am.url, alertmanager_refresh_seconds=1.0,
             inbox_public_url="https://inbox.example.org"))
         try:

@@ -77,12 +77,26 @@ def test_upgrade_lengthens_the_retention_of_existing_record_topics(kafka_bootstr
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
         admin.create_topics([NewTopic(n, 1, 1, topic_configs=c) for n, c in old.items()])
+        # listed by the broker before the upgrade looks (a loaded broker showed them late, and
+        # ensure_topics counted them as created)
+        deadline = time.monotonic() + 15
+        while not set(old) <= set(admin.list_topics()) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         admin.close()
     names = [*service_topics(s), changelog_topic(s)]
     try:
         created = ensure_topics(s)
         assert sorted(created) == sorted(n for n in names if n not in old), (created, names)
+        # the topics holding another's state per partition are created with that one's partitions
+        # (1, made by the older release), not TOPIC_PARTITIONS (3)
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            counts = {d["name"]: len(d["partitions"])
+                      for d in admin.describe_topics([changelog_topic(s), f"{prefix}.open-alerts", f"{prefix}.findings"])}
+        finally:
+            admin.close()
+        assert counts == {changelog_topic(s): 1, f"{prefix}.open-alerts": 1, f"{prefix}.findings": s.topic_partitions}
         # an alteration is applied through the broker's metadata log: read until it shows (at most 15 s)
         deadline = time.monotonic() + 15
         while True:

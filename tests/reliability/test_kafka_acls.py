@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPICS = ["lab-results", "vital-signs", "liver-function", "treatments", "observations", "dead-letter", "findings",
-          "alerts", "alert-actions", "alert-deliveries", "patient-ticks", "patients"]
+          "alerts", "alert-actions", "alert-deliveries", "open-alerts", "patient-ticks", "patients"]
 
 
 def manifest_users() -> dict[str, list[dict]]:

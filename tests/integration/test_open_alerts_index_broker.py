@@ -1,0 +1,218 @@
+"""The open-alerts index on a real broker (``monitor.notify.open_alerts``): a delivery service
+taking an outbox partition over learns the open alerts it must keep re-pushing to Alertmanager
+from the compacted index, not from the partition's whole history, and falls back to the history
+whenever the index may be behind the group's commit.
+
+Three owners of one outbox partition in turn, each a real ``DeliveryService`` with an
+Alertmanager sink (a real HTTP receiver on loopback):
+
+1. an upgrade: an older release delivered everything and committed, the index is empty: the
+   first owner reads the history, then writes the index and its marker without a new record;
+2. the next owner reads the index only, and knows the same open alerts;
+3. an older release commits again without writing the index (a rolling upgrade), after alerts
+   closed and others opened: the next owner sees the marker behind the commit, reads the
+   history, and rewrites the index, tombstones for the alerts that closed meanwhile included.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from receivers import WebhookReceiver
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+
+
+def _template():
+    from alerts.lifecycle import AlertBook, LifecycleConfig, apply_finding
+    from schemas.findings import Evidence, Finding, FindingText, ProtocolRef
+
+    finding = Finding(
+        finding_id="f-1", patient_id="P-1", rule_id="liver.alt_increased", dedupe_key="", state="present",
+        severity="high", grade=3,
+        evidence=[Evidence(observation_id="obs-1", analyte="ALT", value=200.0, unit="U/L", limit=120.0,
+                           comparison=">")],
+        protocol=ProtocolRef(id="sma-oa", version="1.2.0"), effective_at=T0, evaluated_at=T0, route="liver",
+        text=FindingText(what="ALT above 3x ULN", why="possible AAV liver injury", action="repeat LFTs"),
+        ward="PICU", care_team="neuro-picu")
+    (alert,) = apply_finding(AlertBook(patient_id="P-1"), finding, T0, LifecycleConfig())
+    return alert
+
+
+def _versions(template, alert_id: str, closed_at: int | None, first: int = 1, last: int = 3):
+    """Versions ``first``..``last`` of one alert: opened (a page), updated (no page), and,
+    when ``closed_at`` is that version, resolved (a page)."""
+    from schemas.alert import AlertStatus
+
+    out = []
+    for v in range(first, last + 1):
+        closing = v == closed_at
+        out.append(template.model_copy(update={
+            "alert_id": alert_id, "version": v, "notify": v == 1,
+            "status": AlertStatus.RESOLVED if closing else AlertStatus.FIRING,
+            "previous_status": AlertStatus.FIRING if closing else None,
+            "closed_at": T0 + timedelta(minutes=v) if closing else None,
+            "updated_at": T0 + timedelta(minutes=v)}))
+    return out
+
+
+def _open_versions(history) -> dict[str, int]:
+    """The latest version of each alert that is open at the end of ``history``."""
+    latest = {}
+    for a in history:
+        latest[a.alert_id] = a
+    return {i: a.version for i, a in latest.items() if a.is_open}
+
+
+def _produce(bootstrap: str, topic: str, alerts) -> int:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        futures = [p.send(topic, partition=0, key=a.patient_id.encode(), value=a.model_dump_json().encode())
+                   for a in alerts]
+        return max(f.get(30).offset for f in futures) + 1
+    finally:
+        p.close()
+
+
+def _older_release_commits(bootstrap: str, group: str, topic: str, end: int) -> None:
+    """What a release without the index does: commits its outbox position, writes no index."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        c.commit({TopicPartition(topic, 0): OffsetAndMetadata(end, "", -1)})
+    finally:
+        c.close()
+
+
+def _index(bootstrap: str, topic: str) -> tuple[dict[str, int], int | None]:
+    """The index partition as a reader of it sees it: open alert id -> version, and the marker."""
+    import json
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from monitor.notify.open_alerts import MARKER_KEY, marker_offset
+
+    tp = TopicPartition(topic, 0)
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        c.assign([tp])
+        c.seek_to_beginning(tp)
+        end = c.end_offsets([tp])[tp]
+        entries, marker = {}, None
+        while c.position(tp) < end:
+            for r in c.poll(timeout_ms=1000).get(tp, []):
+                if r.key == MARKER_KEY:
+                    marker = marker_offset(r.value)
+                elif r.value is None:
+                    entries.pop(r.key.decode(), None)
+                else:
+                    entries[r.key.decode()] = json.loads(r.value)["version"]
+        return entries, marker
+    finally:
+        c.close()
+
+
+def _rebuilds(source: str) -> float:
+    from monitor.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("monitor_delivery_open_alerts_rebuilds_total", {"source": source}) or 0.0
+
+
+async def _until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await pred() if asyncio.iscoroutinefunction(pred) else pred()
+        if got:
+            return got
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _owner(settings, source: str):
+    """A delivery service that has taken the partition over and learnt its open alerts from ``source``."""
+    from aiokafka import TopicPartition
+
+    from monitor.notify.outbox import DeliveryService
+
+    before = {s: _rebuilds(s) for s in ("index", "history", "outbox")}
+    svc = DeliveryService(settings)
+    await svc.start()
+    tp = TopicPartition(settings.topic_alerts, 0)
+    await _until(lambda: tp in svc.open_alerts.built, 60, "the partition's open alerts learnt")
+    after = {s: _rebuilds(s) - before[s] for s in before}
+    assert after == {s: float(s == source) for s in before}, after
+    return svc, tp
+
+
+async def test_a_new_owner_learns_the_open_alerts_from_the_index_and_from_the_history_when_it_is_behind(
+        kafka_bootstrap, topic_factory):
+    from monitor.settings import Settings
+
+    topics = topic_factory("alerts", "alert-deliveries", "open-alerts", partitions=1)
+    app_id = topics["alerts"].split(".")[0]
+    template = _template()
+    # 90 alerts, one in three resolved at version 3
+    history = [v for i in range(90) for v in _versions(template, uuid.uuid4().hex, 3 if i % 3 == 0 else None)]
+    end = _produce(kafka_bootstrap, topics["alerts"], history)
+    expected = _open_versions(history)
+    assert len(expected) == 60
+
+    with WebhookReceiver() as am:
+        settings = Settings(
+            kafka_bootstrap_servers=kafka_bootstrap, topic_alerts=topics["alerts"],
+            topic_deliveries=topics["alert-deliveries"], topic_open_alerts=topics["open-alerts"],
+            MONITOR_APP_ID=app_id, alertmanager_url=am.url, alertmanager_refresh_seconds=3600)
+
+        # 1. an upgrade: everything delivered and committed by a release without the index
+        _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+        first, tp = await _owner(settings, "history")
+        try:
+            assert {i: a.version for i, a in first.open_alerts.open[tp].items()} == expected
+            # the index and its marker are written though no new record came
+            await _until(lambda: _index(kafka_bootstrap, topics["open-alerts"]) == (expected, end), 30,
+                         "the index written from the history")
+            assert am.received == []  # nothing delivered again
+        finally:
+            await first.stop()
+
+        # 2. the next owner reads the index, not the history; five alerts close as it starts
+        closing = [v for i in sorted(expected)[-5:] for v in _versions(template, i, 4, first=4, last=4)]
+        end = _produce(kafka_bootstrap, topics["alerts"], closing)
+        history += closing
+        expected = _open_versions(history)
+        second, tp = await _owner(settings, "index")
+        try:
+            await _until(lambda: {i: a.version for i, a in second.open_alerts.open[tp].items()} == expected, 30,
+                         "the closes read")
+            assert await second.refresh_once() == len(expected)  # what Alertmanager is given again
+            await _until(lambda: _index(kafka_bootstrap, topics["open-alerts"]) == (expected, end), 30,
+                         "the closed alerts tombstoned in the index")
+        finally:
+            await second.stop()
+
+        # 3. alerts close and others open; a release without the index delivers them and commits
+        still_open = sorted(expected)
+        changes = [v for i in still_open[:20] for v in _versions(template, i, 4, first=4, last=4)]
+        changes += [v for _ in range(10) for v in _versions(template, uuid.uuid4().hex, None)]
+        end = _produce(kafka_bootstrap, topics["alerts"], changes)
+        _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+        expected = _open_versions(history + changes)
+        assert len(expected) == 55 - 20 + 10
+        third, tp = await _owner(settings, "history")
+        try:
+            assert {i: a.version for i, a in third.open_alerts.open[tp].items()} == expected
+            # the index is rewritten: the 20 closed alerts tombstoned, the 10 new ones added
+            await _until(lambda: _index(kafka_bootstrap, topics["open-alerts"]) == (expected, end), 30,
+                         "the index rewritten from the history")
+        finally:
+            await third.stop()

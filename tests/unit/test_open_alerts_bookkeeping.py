@@ -1,0 +1,106 @@
+"""The delivery service's open alerts per outbox partition (``monitor.notify.open_alerts``): what
+the Alertmanager refresh re-pushes, what the open-alerts index must be rewritten with, and when
+the index is valid. Pure bookkeeping, no broker (the broker tests are in
+``tests/integration/test_open_alerts_index_broker.py``)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from aiokafka import TopicPartition
+
+from alerts.lifecycle import AlertBook, LifecycleConfig, apply_finding
+from monitor.notify.open_alerts import MARKER_KEY, OpenAlerts, marker_offset, marker_value
+from schemas.alert import Alert, AlertStatus
+from schemas.findings import Evidence, Finding, FindingText, ProtocolRef
+
+TP = TopicPartition("alerts", 0)
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def opened() -> Alert:
+    finding = Finding(
+        finding_id="f-1", patient_id="P-1", rule_id="liver.alt_increased", dedupe_key="", state="present",
+        severity="high", grade=3,
+        evidence=[Evidence(observation_id="obs-1", analyte="ALT", value=200.0, unit="U/L", limit=120.0,
+                           comparison=">")],
+        protocol=ProtocolRef(id="sma-oa", version="1.2.0"), effective_at=T0, evaluated_at=T0, route="liver",
+        text=FindingText(what="ALT above 3x ULN", why="possible AAV liver injury", action="repeat LFTs"),
+        ward="PICU", care_team="neuro-picu")
+    (alert,) = apply_finding(AlertBook(patient_id="P-1"), finding, T0, LifecycleConfig())
+    assert alert.is_open and alert.notify
+    return alert
+
+
+def version(alert: Alert, alert_id: str, v: int, status: AlertStatus = AlertStatus.FIRING) -> Alert:
+    closed = status not in (AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED)
+    return alert.model_copy(update={"alert_id": alert_id, "version": v, "status": status,
+                                    "closed_at": T0 + timedelta(minutes=v) if closed else None})
+
+
+def test_open_versions_are_kept_newest_first_and_a_close_forgets_the_alert(opened):
+    book = OpenAlerts("open-alerts")
+    book.built.add(TP)
+    book.track(TP, version(opened, "a" * 32, 2), delivered=True)
+    book.track(TP, version(opened, "a" * 32, 1), delivered=True)  # older: ignored
+    assert book.open[TP]["a" * 32].version == 2
+    book.track(TP, version(opened, "b" * 32, 1), delivered=False)  # Alertmanager was not given it
+    assert "b" * 32 not in book.open[TP]
+    book.track(TP, version(opened, "a" * 32, 3, AlertStatus.RESOLVED), delivered=True)
+    assert book.open[TP] == {}
+    assert book.dirty[TP] == {"a" * 32}  # its entry is rewritten: a tombstone
+
+
+def test_while_building_a_closed_version_is_remembered_so_an_older_open_one_does_not_reopen_it(opened):
+    """The outbox reader runs ahead of the index or history read: a close it saw must win over
+    the older open version the build reads afterwards."""
+    book = OpenAlerts("open-alerts")
+    book.track(TP, version(opened, "a" * 32, 4, AlertStatus.RESOLVED), delivered=True)
+    book.track(TP, version(opened, "a" * 32, 2), delivered=True)  # the history, behind the reader
+    assert "a" * 32 not in book.open.get(TP, {})
+    assert "a" * 32 not in book.dirty.get(TP, set())  # never known open here: the build decides
+    book.track(TP, version(opened, "a" * 32, 5), delivered=True)  # reopened later: newer, kept
+    assert book.open[TP]["a" * 32].version == 5
+
+
+def test_the_index_learnt_behind_the_outbox_keeps_the_newer_versions_and_tombstones_what_closed(opened):
+    book = OpenAlerts("open-alerts")
+    book.track(TP, version(opened, "a" * 32, 4, AlertStatus.RESOLVED), delivered=True)  # read first
+    book.track(TP, version(opened, "b" * 32, 3), delivered=True)
+    book.dirty.clear()
+    book.learn_index(TP, [version(opened, "a" * 32, 2), version(opened, "b" * 32, 2), version(opened, "c" * 32, 1)])
+    assert {i: a.version for i, a in book.open[TP].items()} == {"b" * 32: 3, "c" * 32: 1}
+    assert book.dirty[TP] == {"a" * 32}  # the index's entry of the closed alert: a tombstone
+
+
+def test_the_index_is_flushed_for_changed_alerts_and_for_a_marker_behind_the_commit(opened):
+    book = OpenAlerts("open-alerts")
+    assert not book.needs_flush(TP, 10)  # nothing changed, not built: nothing to write
+    book.track(TP, version(opened, "a" * 32, 1), delivered=True)
+    assert book.needs_flush(TP, 10)
+    book.dirty.clear()
+    book.built.add(TP)
+    assert book.needs_flush(TP, 10)  # built, and no marker written yet
+    book.marked[TP] = 10
+    assert not book.needs_flush(TP, 10)
+    assert book.needs_flush(TP, 11)
+    assert not OpenAlerts(None).needs_flush(TP, 11)  # no index (no Alertmanager sink)
+
+
+def test_the_refresh_pushes_what_is_known_of_the_assigned_partitions_only(opened):
+    book = OpenAlerts("open-alerts")
+    other = TopicPartition("alerts", 1)
+    book.track(TP, version(opened, "a" * 32, 1), delivered=True)
+    book.track(other, version(opened, "b" * 32, 1), delivered=True)
+    assert [a.alert_id for a in book.alerts({TP})] == ["a" * 32]
+    book.drop(TP)
+    assert book.alerts({TP, other})[0].alert_id == "b" * 32 and TP not in book.open
+
+
+def test_marker_round_trip_and_unreadable_markers():
+    assert marker_offset(marker_value(1234)) == 1234
+    assert marker_offset(None) is None
+    assert marker_offset(b"not json") is None
+    assert marker_offset(b'{"other": 1}') is None
+    assert len(MARKER_KEY) != 32  # never an alert id (32 hex characters)

@@ -71,6 +71,9 @@ OPEN_ALERTS_REBUILDS = Counter(
 OPEN_ALERTS_REBUILD_SECONDS = Histogram(
     "monitor_delivery_open_alerts_rebuild_seconds", "Time to learn a taken-over outbox partition's open alerts, by "
     "source", ["source"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+OPEN_ALERTS_INDEX_UNUSABLE = Gauge(
+    "monitor_delivery_open_alerts_index_unusable", "1 when this worker has an Alertmanager sink and the open-alerts "
+    "index topic is missing or has fewer partitions than the outbox, so it is not used; else 0", registry=REGISTRY)
 OPEN_ALERTS_INDEX_WRITE_FAILURES = Counter(
     "monitor_delivery_open_alerts_index_write_failures_total", "Writes of the open-alerts index that failed (the "
     "next owner of the partition then reads its whole history)", registry=REGISTRY)

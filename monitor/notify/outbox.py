@@ -36,7 +36,7 @@ from schemas.alert import Alert
 
 from ..kafka_batch import READ_TO_END_FETCH_WAIT_MS, stop_clients
 from ..kafka_config import aiokafka_config
-from ..metrics import SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
+from ..metrics import OPEN_ALERTS_INDEX_UNUSABLE, SINK_ATTEMPTS, SINK_FAILURES, SINK_PENDING
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,9 @@ class DeliveryService:
             raise
         except Exception:  # unknown, or not authorised
             outbox, index = set(), set()
-        if not index or len(index) < len(outbox):
+        usable = bool(index) and len(index) >= len(outbox)
+        OPEN_ALERTS_INDEX_UNUSABLE.set(int(not usable))
+        if not usable:
             log.error("the open-alerts index %s is %s: not used; a worker taking an outbox partition over reads "
                       "its whole history (create it with `monitor topics`, as many partitions as %s)",
                       s.topic_open_alerts, "missing" if not index else f"of {len(index)} partitions for {len(outbox)}",

@@ -216,3 +216,28 @@ async def test_a_new_owner_learns_the_open_alerts_from_the_index_and_from_the_hi
                          "the index rewritten from the history")
         finally:
             await third.stop()
+
+
+async def test_without_the_index_topic_the_history_is_read_and_the_gauge_says_so(kafka_bootstrap, topic_factory):
+    """A deployment without the topic (no KafkaTopic, no ACL): not used, said on /metrics (and by
+    MonitorOpenAlertsIndexNotKept), and the open alerts still learnt from the history."""
+    from monitor.metrics import REGISTRY
+    from monitor.settings import Settings
+
+    topics = topic_factory("alerts", "alert-deliveries", partitions=1)
+    app_id = topics["alerts"].split(".")[0]
+    history = [v for i in range(10) for v in _versions(_template(), uuid.uuid4().hex, 3 if i < 4 else None)]
+    end = _produce(kafka_bootstrap, topics["alerts"], history)
+    _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+    with WebhookReceiver() as am:
+        settings = Settings(
+            kafka_bootstrap_servers=kafka_bootstrap, topic_alerts=topics["alerts"],
+            topic_deliveries=topics["alert-deliveries"], topic_open_alerts=f"{app_id}.open-alerts",
+            MONITOR_APP_ID=app_id, alertmanager_url=am.url, alertmanager_refresh_seconds=3600)
+        svc, tp = await _owner(settings, "history")
+        try:
+            assert REGISTRY.get_sample_value("monitor_delivery_open_alerts_index_unusable") == 1
+            assert {i: a.version for i, a in svc.open_alerts.open[tp].items()} == _open_versions(history)
+            assert svc.open_alerts.topic is None  # nothing is written to a topic that is not there
+        finally:
+            await svc.stop()

@@ -19,6 +19,11 @@ everything delivered; the worker taking a partition reads the ledger to its end 
 Without this, the worker giving up kept delivering its queue for up to a second while the
 new owner delivered the same versions from the last commit (8-11 repeated pages in each of
 two runs of ``test_outbox_partitions_handed_over_between_live_workers_page_nothing_twice``).
+
+With an Alertmanager sink, the open alerts of the worker's outbox partitions are re-pushed every
+``ALERTMANAGER_REFRESH_SECONDS``; a worker taking a partition over learns them from the
+open-alerts index, which every commit of the partition is preceded by a write of
+(``open_alerts``).
 """
 from __future__ import annotations
 

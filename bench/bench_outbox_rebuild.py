@@ -34,43 +34,25 @@ import asyncio
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from alert_samples import alert_version, paged_alert  # noqa: E402
 from common import Kafka  # noqa: E402
 
-from alerts.lifecycle import AlertBook, LifecycleConfig, apply_finding  # noqa: E402
 from monitor.cli import tune_garbage_collector  # noqa: E402
 from monitor.notify import open_alerts  # noqa: E402
 from monitor.notify.outbox import DeliveryService  # noqa: E402
 from monitor.settings import Settings  # noqa: E402
-from schemas.alert import AlertStatus  # noqa: E402
-from schemas.findings import Evidence, Finding, FindingText, ProtocolRef  # noqa: E402
-
-T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
-
-
-def template():
-    finding = Finding(
-        finding_id="f-1", patient_id="P-000001", rule_id="liver.alt_increased", dedupe_key="", state="present",
-        severity="high", grade=3,
-        evidence=[Evidence(observation_id="obs-1", analyte="ALT", value=200.0, unit="U/L", limit=120.0,
-                           comparison=">")],
-        protocol=ProtocolRef(id="sma-oa", version="1.2.0"), effective_at=T0, evaluated_at=T0, route="liver",
-        text=FindingText(what="ALT above 3x ULN", why="possible AAV liver injury", action="repeat LFTs"),
-        ward="PICU", care_team="neuro-picu")
-    (alert,) = apply_finding(AlertBook(patient_id="P-000001"), finding, T0, LifecycleConfig())
-    return alert
-
 
 def history(a: argparse.Namespace):
     """``a.versions`` versions of ``a.alerts`` alerts, in the order they were written: alerts
     open ``a.open`` at a time (each opened, updated, and resolved at its last version before
     the next ``a.open`` open), the last ``a.open`` still open at the end."""
-    base = template()
+    base = paged_alert()
     per = max(2, a.versions // a.alerts)
     out = []
     for first in range(0, a.alerts, a.open):
@@ -78,11 +60,8 @@ def history(a: argparse.Namespace):
         for v in range(1, per + 1):
             for n, alert_id in block:
                 closing = v == per and n < a.alerts - a.open
-                out.append(base.model_copy(update={
-                    "alert_id": alert_id, "version": v, "notify": v == 1, "patient_id": f"P-{n:06d}",
-                    "status": AlertStatus.RESOLVED if closing else AlertStatus.FIRING,
-                    "previous_status": AlertStatus.FIRING if closing else None,
-                    "closed_at": T0 + timedelta(minutes=v) if closing else None}).model_dump_json().encode())
+                out.append(alert_version(base, alert_id, v, closing=closing,
+                                         patient_id=f"P-{n:06d}").model_dump_json().encode())
     return out
 
 

@@ -128,8 +128,9 @@ class OpenAlerts:
                                            or (tp in self.built and self.marked.get(tp) != commit_offset))
 
     def alerts(self, partitions) -> list[Alert]:
-        """The open alerts known of these partitions (of one still being built: those read so far)."""
-        return [a for tp in partitions for a in self.open.get(tp, {}).values()]
+        """The open alerts of these partitions, those built only: while the index or the history
+        is being read, an alert may be known open whose close comes later in the read."""
+        return [a for tp in partitions if tp in self.built for a in self.open.get(tp, {}).values()]
 
     async def flush(self, producer: AIOKafkaProducer | None, tp: TopicPartition, commit_offset: int) -> bool:
         """Write the alerts of ``tp`` that changed, then (once the partition is built) the marker

@@ -131,6 +131,9 @@ class DeliveryService:
         self._alertmanagers = [sk for sk in self.sinks if isinstance(sk, AlertmanagerSink)]
         self.open_alerts = OpenAlerts(settings.topic_open_alerts if self._alertmanagers else None)
         self._builds: dict[TopicPartition, asyncio.Task] = {}
+        #: per outbox partition, its end when it was assigned: until the outbox has read that far,
+        #: an alert known open may have closed in what is still to be read (not re-pushed then)
+        self._assigned_end: dict[TopicPartition, int] = {}
         #: commits of the outbox stay in order (the loop, a hand-over and the stop)
         self._commit_lock = asyncio.Lock()
         self._committed: dict[TopicPartition, int] = {}
@@ -272,6 +275,11 @@ class DeliveryService:
                 log.warning("outbox read error: %s", type(exc).__name__)
                 await asyncio.sleep(1)
 
+    def _read_past_assignment(self, tp: TopicPartition) -> bool:
+        """The outbox has read partition ``tp`` up to where it ended when it was assigned here."""
+        end = self._assigned_end.get(tp)
+        return end is not None and self._next.get(tp, 0) >= end
+
     def _to_alertmanager(self, alert: Alert) -> bool:
         return any(should_deliver(sk, alert) for sk in self._alertmanagers)
 
@@ -299,8 +307,10 @@ class DeliveryService:
         sinks (rolling endsAt). Returns how many pushes were made."""
         assigned = self._outbox.assignment() if self._outbox is not None else set()
         for tp in sorted(assigned - set(self._builds)):  # a build that failed, or never started
+            if tp not in self._assigned_end:
+                self._assigned_end.update(await self._outbox.end_offsets([tp]))
             self._build(tp, await self._outbox.committed(tp))
-        alerts = self.open_alerts.alerts(assigned)
+        alerts = self.open_alerts.alerts(tp for tp in assigned if self._read_past_assignment(tp))
         n = 0
         for sink in self._alertmanagers:
             for a in alerts:
@@ -359,6 +369,7 @@ class DeliveryService:
         self._pending.pop(tp, None)
         self._next.pop(tp, None)
         self.open_alerts.drop(tp)
+        self._assigned_end.pop(tp, None)
         build = self._builds.pop(tp, None)
         if build is not None:
             build.cancel()
@@ -403,6 +414,7 @@ class DeliveryService:
                         type(exc).__name__)
         if self._alertmanagers and self._outbox is not None:
             try:
+                self._assigned_end.update(await self._outbox.end_offsets(sorted(assigned)) if assigned else {})
                 for tp in sorted(assigned):
                     resumed_from = await self._outbox.committed(tp)
                     if resumed_from is not None and tp not in self._next:

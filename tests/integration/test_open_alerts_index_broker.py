@@ -18,48 +18,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from alert_samples import alert_version, paged_alert
 from receivers import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
-
-
 def _template():
-    from alerts.lifecycle import AlertBook, LifecycleConfig, apply_finding
-    from schemas.findings import Evidence, Finding, FindingText, ProtocolRef
-
-    finding = Finding(
-        finding_id="f-1", patient_id="P-1", rule_id="liver.alt_increased", dedupe_key="", state="present",
-        severity="high", grade=3,
-        evidence=[Evidence(observation_id="obs-1", analyte="ALT", value=200.0, unit="U/L", limit=120.0,
-                           comparison=">")],
-        protocol=ProtocolRef(id="sma-oa", version="1.2.0"), effective_at=T0, evaluated_at=T0, route="liver",
-        text=FindingText(what="ALT above 3x ULN", why="possible AAV liver injury", action="repeat LFTs"),
-        ward="PICU", care_team="neuro-picu")
-    (alert,) = apply_finding(AlertBook(patient_id="P-1"), finding, T0, LifecycleConfig())
-    return alert
+    return paged_alert()
 
 
 def _versions(template, alert_id: str, closed_at: int | None, first: int = 1, last: int = 3):
     """Versions ``first``..``last`` of one alert: opened (a page), updated (no page), and,
     when ``closed_at`` is that version, resolved (a page)."""
-    from schemas.alert import AlertStatus
-
-    out = []
-    for v in range(first, last + 1):
-        closing = v == closed_at
-        out.append(template.model_copy(update={
-            "alert_id": alert_id, "version": v, "notify": v == 1,
-            "status": AlertStatus.RESOLVED if closing else AlertStatus.FIRING,
-            "previous_status": AlertStatus.FIRING if closing else None,
-            "closed_at": T0 + timedelta(minutes=v) if closing else None,
-            "updated_at": T0 + timedelta(minutes=v)}))
-    return out
+    return [alert_version(template, alert_id, v, closing=v == closed_at) for v in range(first, last + 1)]
 
 
 def _open_versions(history) -> dict[str, int]:
@@ -73,7 +47,7 @@ def _open_versions(history) -> dict[str, int]:
 def _produce(bootstrap: str, topic: str, alerts) -> int:
     from kafka import KafkaProducer
 
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
     try:
         futures = [p.send(topic, partition=0, key=a.patient_id.encode(), value=a.model_dump_json().encode())
                    for a in alerts]
@@ -241,3 +215,44 @@ async def test_without_the_index_topic_the_history_is_read_and_the_gauge_says_so
             assert svc.open_alerts.topic is None  # nothing is written to a topic that is not there
         finally:
             await svc.stop()
+
+
+async def test_an_alert_closed_after_the_commit_is_not_pushed_again_while_the_outbox_catches_up(
+        kafka_bootstrap, topic_factory):
+    """The index says an alert is open; it closed after the commit the new owner resumes from,
+    behind 20,000 other records. The refresh (every 0.1 s here) must not push it to Alertmanager
+    as firing again before the outbox has read that far: Alertmanager would page a resolved alert."""
+    from monitor.settings import Settings
+
+    topics = topic_factory("alerts", "alert-deliveries", "open-alerts", partitions=1)
+    app_id = topics["alerts"].split(".")[0]
+    template = _template()
+    x = uuid.uuid4().hex
+    _produce(kafka_bootstrap, topics["alerts"], _versions(template, x, None, last=1))
+    with WebhookReceiver() as am:
+        settings = Settings(
+            kafka_bootstrap_servers=kafka_bootstrap, topic_alerts=topics["alerts"],
+            topic_deliveries=topics["alert-deliveries"], topic_open_alerts=topics["open-alerts"],
+            MONITOR_APP_ID=app_id, alertmanager_url=am.url, alertmanager_refresh_seconds=0.1)
+        first, tp = await _owner(settings, "outbox")
+        try:
+            await _until(lambda: _index(kafka_bootstrap, topics["open-alerts"]) == ({x: 1}, 1), 30,
+                         "the open alert indexed")
+        finally:
+            await first.stop()
+        # 20,000 updates that page nobody (of alerts Alertmanager never had), then the close
+        fillers = [alert_version(template, uuid.uuid4().hex, 2) for _ in range(20_000)]
+        end = _produce(kafka_bootstrap, topics["alerts"], fillers + _versions(template, x, 2, first=2, last=2))
+        with am.lock:
+            seen = len(am.received)
+        second, tp = await _owner(settings, "index")
+        try:
+            await _until(lambda: second._next.get(tp, 0) >= end, 60, "the outbox read to its end")
+            await _until(lambda: any(item["annotations"]["status"] == "resolved"
+                                     for r in am.received[seen:] for item in r["body"]), 30, "the close delivered")
+            await asyncio.sleep(0.5)  # refreshes after it push nothing: no alert is open
+            with am.lock:
+                pushed = [item["annotations"] for r in am.received[seen:] for item in r["body"]]
+            assert [p for p in pushed if p["status"] != "resolved"] == [], pushed[:3]
+        finally:
+            await second.stop()

@@ -4,39 +4,25 @@ the index is valid. Pure bookkeeping, no broker (the broker tests are in
 ``tests/integration/test_open_alerts_index_broker.py``)."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-
 import pytest
 from aiokafka import TopicPartition
 
-from alerts.lifecycle import AlertBook, LifecycleConfig, apply_finding
+from alert_samples import alert_version, paged_alert
 from monitor.notify.open_alerts import MARKER_KEY, OpenAlerts, marker_offset, marker_value
 from schemas.alert import Alert, AlertStatus
-from schemas.findings import Evidence, Finding, FindingText, ProtocolRef
 
 TP = TopicPartition("alerts", 0)
-T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture(scope="module")
 def opened() -> Alert:
-    finding = Finding(
-        finding_id="f-1", patient_id="P-1", rule_id="liver.alt_increased", dedupe_key="", state="present",
-        severity="high", grade=3,
-        evidence=[Evidence(observation_id="obs-1", analyte="ALT", value=200.0, unit="U/L", limit=120.0,
-                           comparison=">")],
-        protocol=ProtocolRef(id="sma-oa", version="1.2.0"), effective_at=T0, evaluated_at=T0, route="liver",
-        text=FindingText(what="ALT above 3x ULN", why="possible AAV liver injury", action="repeat LFTs"),
-        ward="PICU", care_team="neuro-picu")
-    (alert,) = apply_finding(AlertBook(patient_id="P-1"), finding, T0, LifecycleConfig())
+    alert = paged_alert()
     assert alert.is_open and alert.notify
     return alert
 
 
 def version(alert: Alert, alert_id: str, v: int, status: AlertStatus = AlertStatus.FIRING) -> Alert:
-    closed = status not in (AlertStatus.FIRING, AlertStatus.ACKNOWLEDGED)
-    return alert.model_copy(update={"alert_id": alert_id, "version": v, "status": status,
-                                    "closed_at": T0 + timedelta(minutes=v) if closed else None})
+    return alert_version(alert, alert_id, v, closing=status == AlertStatus.RESOLVED)
 
 
 def test_open_versions_are_kept_newest_first_and_a_close_forgets_the_alert(opened):
@@ -88,14 +74,16 @@ def test_the_index_is_flushed_for_changed_alerts_and_for_a_marker_behind_the_com
     assert not OpenAlerts(None).needs_flush(TP, 11)  # no index (no Alertmanager sink)
 
 
-def test_the_refresh_pushes_what_is_known_of_the_assigned_partitions_only(opened):
+def test_the_refresh_pushes_the_open_alerts_of_the_given_partitions_once_they_are_built(opened):
     book = OpenAlerts("open-alerts")
     other = TopicPartition("alerts", 1)
     book.track(TP, version(opened, "a" * 32, 1), delivered=True)
     book.track(other, version(opened, "b" * 32, 1), delivered=True)
+    assert book.alerts({TP, other}) == []  # a close may come later in the read
+    book.built |= {TP, other}
     assert [a.alert_id for a in book.alerts({TP})] == ["a" * 32]
     book.drop(TP)
-    assert book.alerts({TP, other})[0].alert_id == "b" * 32 and TP not in book.open
+    assert [a.alert_id for a in book.alerts({TP, other})] == ["b" * 32] and TP not in book.open
 
 
 def test_marker_round_trip_and_unreadable_markers():

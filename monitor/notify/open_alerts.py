@@ -141,6 +141,8 @@ class OpenAlerts:
             return False
         ids = self.dirty.pop(tp, set())
         opened = self.open.get(tp, {})
+        # decided once: a build that ends while the entries are written has not written the marker
+        with_marker = tp in self.built
         try:
             sends = []
             for alert_id in sorted(ids):
@@ -148,11 +150,11 @@ class OpenAlerts:
                 value = alert.model_dump_json().encode() if alert is not None else None
                 sends.append(await producer.send(self.topic, key=alert_id.encode(), value=value,
                                                  partition=tp.partition))
-            if tp in self.built:
+            if with_marker:
                 sends.append(await producer.send(self.topic, key=MARKER_KEY, value=marker_value(commit_offset),
                                                  partition=tp.partition))
             await asyncio.gather(*sends)
-            if tp in self.built:
+            if with_marker:
                 self.marked[tp] = commit_offset
         except asyncio.CancelledError:
             self.dirty.setdefault(tp, set()).update(ids)
@@ -163,7 +165,7 @@ class OpenAlerts:
             log.warning("open-alerts index not written for outbox partition %d (%s): the next owner reads "
                         "the partition's whole history", tp.partition, type(exc).__name__)
             return False
-        return tp in self.built
+        return with_marker
 
     async def build(self, tp: TopicPartition, resumed_from: int | None,
                     consumer: Callable[[], Awaitable[AIOKafkaConsumer]],
@@ -196,7 +198,7 @@ class OpenAlerts:
                  time.monotonic() - t0, len(self.open.get(tp, {})))
         return how
 
-    async def _read_index(self, tp: TopicPartition, consumer) -> tuple[dict[bytes, bytes], int | None]:
+    async def _read_index(self, tp: TopicPartition, consumer) -> tuple[dict[str, bytes], int | None]:
         """The index partition's entries (alert id -> value) and its marker's offset."""
         itp = TopicPartition(self.topic, tp.partition)
         entries: dict[bytes, bytes] = {}

@@ -92,3 +92,48 @@ def test_marker_round_trip_and_unreadable_markers():
     assert marker_offset(b"not json") is None
     assert marker_offset(b'{"other": 1}') is None
     assert len(MARKER_KEY) != 32  # never an alert id (32 hex characters)
+
+
+class RecordingProducer:
+    """Records what ``flush`` writes (topic, key, value, partition); ``during_send`` runs at the
+    first send, as another task could while the writes are awaited."""
+
+    def __init__(self, during_send=None) -> None:
+        self.sent: list[tuple] = []
+        self.during_send = during_send
+
+    async def send(self, topic, key=None, value=None, partition=None):
+        self.sent.append((topic, key, value, partition))
+        if self.during_send is not None:
+            self.during_send()
+            self.during_send = None
+        import asyncio
+
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_a_flush_writes_the_changed_entries_then_the_marker_of_a_built_partition(opened):
+    book = OpenAlerts("open-alerts")
+    book.built.add(TP)
+    book.track(TP, version(opened, "a" * 32, 1), delivered=True)
+    book.track(TP, version(opened, "b" * 32, 1), delivered=True)
+    book.track(TP, version(opened, "b" * 32, 2, AlertStatus.RESOLVED), delivered=True)
+    producer = RecordingProducer()
+    assert await book.flush(producer, TP, 42)
+    assert [(k, v is None) for _, k, v, _ in producer.sent] == [
+        (b"a" * 32, False), (b"b" * 32, True), (MARKER_KEY, False)]  # the marker last
+    assert marker_offset(producer.sent[-1][2]) == 42 and {p for *_, p in producer.sent} == {0}
+    assert not book.needs_flush(TP, 42)
+
+
+async def test_a_build_that_ends_during_a_flush_does_not_count_as_marked(opened):
+    """The marker is decided before the writes: a partition built while they are awaited has
+    no marker written yet, so the next commit writes it."""
+    book = OpenAlerts("open-alerts")
+    book.track(TP, version(opened, "a" * 32, 1), delivered=True)
+    producer = RecordingProducer(during_send=lambda: book.built.add(TP))
+    assert not await book.flush(producer, TP, 42)
+    assert MARKER_KEY not in [k for _, k, _, _ in producer.sent]
+    assert book.needs_flush(TP, 42)

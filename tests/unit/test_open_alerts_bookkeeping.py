@@ -4,6 +4,8 @@ the index is valid. Pure bookkeeping, no broker (the broker tests are in
 ``tests/integration/test_open_alerts_index_broker.py``)."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiokafka import TopicPartition
 
@@ -107,8 +109,6 @@ class RecordingProducer:
         if self.during_send is not None:
             self.during_send()
             self.during_send = None
-        import asyncio
-
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done

@@ -148,6 +148,7 @@ def test_each_component_writes_only_its_own_topics(acl_broker):
     assert can_write(broker, passwords, "sma-monitor-inbox", "alert-actions")
     assert not can_write(broker, passwords, "sma-monitor-inbox", "alerts")
     assert not can_write(broker, passwords, "sma-monitor-inbox", "alert-deliveries")
+    assert not can_write(broker, passwords, "sma-monitor-inbox", "open-alerts")  # what Alertmanager is re-sent
     assert not can_write(broker, passwords, "sma-monitor-inbox", "observations")
     assert can_read(broker, passwords, "sma-monitor-inbox", "alerts")
     assert not can_read(broker, passwords, "sma-monitor-inbox", "alert-deliveries")
@@ -157,7 +158,8 @@ def test_each_component_writes_only_its_own_topics(acl_broker):
     assert not can_write(broker, passwords, "sma-monitor-mllp", "alert-actions")
     assert not can_read(broker, passwords, "sma-monitor-mllp", "observations")
     # the worker writes what only it writes, and no actions
-    for topic in ("alerts", "alert-deliveries", "findings", "observations"):
+    for topic in ("alerts", "alert-deliveries", "open-alerts", "findings", "observations"):
         assert can_write(broker, passwords, "sma-monitor", topic), topic
+    assert can_read(broker, passwords, "sma-monitor", "open-alerts")
     assert not can_write(broker, passwords, "sma-monitor", "alert-actions")
     assert can_read(broker, passwords, "sma-monitor", "alert-actions")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from alert_samples import alert_version, paged_alert  # noqa: E402
+from outbox_samples import alert_version, commit_without_index, paged_alert  # noqa: E402
 from common import Kafka  # noqa: E402
 
 from monitor.cli import tune_garbage_collector  # noqa: E402
@@ -75,17 +75,6 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> int:
         return (await asyncio.gather(*sent))[-1].offset + 1
     finally:
         await p.stop()
-
-
-def commit(bootstrap: str, group: str, topic: str, end: int) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        c.commit({TopicPartition(topic, 0): OffsetAndMetadata(end, "", -1)})
-    finally:
-        c.close()
 
 
 async def take_over(settings: Settings) -> dict:
@@ -131,7 +120,7 @@ async def main(a: argparse.Namespace) -> None:
         end = await produce(a.bootstrap, topics["alerts"], values)
         print(f"{end} versions of {a.alerts} alerts ({sum(map(len, values)) / 2**20:.0f} MiB) on one outbox "
               f"partition in {time.perf_counter() - t0:.1f} s; {a.open} open at the end")
-        commit(a.bootstrap, f"{prefix}-delivery", topics["alerts"], end)
+        commit_without_index(a.bootstrap, f"{prefix}-delivery", topics["alerts"], end)
         settings = Settings(kafka_bootstrap_servers=a.bootstrap, MONITOR_APP_ID=prefix, topic_alerts=topics["alerts"],
                             topic_deliveries=topics["alert-deliveries"],
                             alertmanager_url="http://127.0.0.1:9/", alertmanager_refresh_seconds=3600)

@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from alert_samples import alert_version, paged_alert
+from outbox_samples import alert_version, commit_without_index, paged_alert
 from receivers import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -54,18 +54,6 @@ def _produce(bootstrap: str, topic: str, alerts) -> int:
         return max(f.get(30).offset for f in futures) + 1
     finally:
         p.close()
-
-
-def _older_release_commits(bootstrap: str, group: str, topic: str, end: int) -> None:
-    """What a release without the index does: commits its outbox position, writes no index."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        c.commit({TopicPartition(topic, 0): OffsetAndMetadata(end, "", -1)})
-    finally:
-        c.close()
 
 
 def _index(bootstrap: str, topic: str) -> tuple[dict[str, int], int | None]:
@@ -148,7 +136,7 @@ async def test_a_new_owner_learns_the_open_alerts_from_the_index_and_from_the_hi
             MONITOR_APP_ID=app_id, alertmanager_url=am.url, alertmanager_refresh_seconds=3600)
 
         # 1. an upgrade: everything delivered and committed by a release without the index
-        _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+        commit_without_index(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
         first, tp = await _owner(settings, "history")
         try:
             assert {i: a.version for i, a in first.open_alerts.open[tp].items()} == expected
@@ -179,7 +167,7 @@ async def test_a_new_owner_learns_the_open_alerts_from_the_index_and_from_the_hi
         changes = [v for i in still_open[:20] for v in _versions(template, i, 4, first=4, last=4)]
         changes += [v for _ in range(10) for v in _versions(template, uuid.uuid4().hex, None)]
         end = _produce(kafka_bootstrap, topics["alerts"], changes)
-        _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+        commit_without_index(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
         expected = _open_versions(history + changes)
         assert len(expected) == 55 - 20 + 10
         third, tp = await _owner(settings, "history")
@@ -202,7 +190,7 @@ async def test_without_the_index_topic_the_history_is_read_and_the_gauge_says_so
     app_id = topics["alerts"].split(".")[0]
     history = [v for i in range(10) for v in _versions(_template(), uuid.uuid4().hex, 3 if i < 4 else None)]
     end = _produce(kafka_bootstrap, topics["alerts"], history)
-    _older_release_commits(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
+    commit_without_index(kafka_bootstrap, f"{app_id}-delivery", topics["alerts"], end)
     with WebhookReceiver() as am:
         settings = Settings(
             kafka_bootstrap_servers=kafka_bootstrap, topic_alerts=topics["alerts"],

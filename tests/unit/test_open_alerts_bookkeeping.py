@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from aiokafka import TopicPartition
 
-from alert_samples import alert_version, paged_alert
+from outbox_samples import alert_version, paged_alert
 from monitor.notify.open_alerts import MARKER_KEY, OpenAlerts, marker_offset, marker_value
 from schemas.alert import Alert, AlertStatus
 

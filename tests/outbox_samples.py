@@ -1,5 +1,6 @@
-"""Alert versions for the delivery tests and benchmarks: one alert opened by the lifecycle
-from a liver finding (a page), and copies of it as other alerts' versions."""
+"""The outbox for the delivery tests and benchmarks: alert versions (one alert opened by the
+lifecycle from a liver finding, a page, and copies of it as other alerts' versions), and the
+commit a release without the open-alerts index leaves."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -35,3 +36,16 @@ def alert_version(template, alert_id: str, version: int, *, closing: bool = Fals
         "previous_status": AlertStatus.FIRING if closing else None,
         "closed_at": T0 + timedelta(minutes=version) if closing else None,
         "updated_at": T0 + timedelta(minutes=version), **update})
+
+
+def commit_without_index(bootstrap: str, group: str, topic: str, end: int) -> None:
+    """What a release without the open-alerts index does: commits the outbox group's position on
+    partition 0 of ``topic``, and writes no index."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        c.commit({TopicPartition(topic, 0): OffsetAndMetadata(end, "", -1)})
+    finally:
+        c.close()

@@ -5,6 +5,7 @@ Run: .venv/bin/python bench/bench_inbox.py [--alerts 100] [--days 90] [--runs 30
 Builds the in-memory views directly (no broker: this measures the web tier), serves the app on a
 local port and times, over ``--runs`` requests each (median and p95):
 
+* the bytes the store holds per observation it keeps (``tracemalloc``);
 * the inbox page and its ``/api/alerts`` JSON (100 open alerts);
 * the alert detail page and the ``/api/patients/{ref}/timeline`` JSON of a patient with 90 days
   of labs and 4-hourly vitals;
@@ -119,6 +120,24 @@ def _stats(xs: list[float]) -> str:
     return f"median {statistics.median(xs) * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms"
 
 
+def bytes_per_observation(obs: list[Observation]) -> float:
+    """What a store holds per observation it keeps, measured by ``tracemalloc``."""
+    import tracemalloc
+
+    from monitor.inbox.store import InboxStore
+
+    raws = [o.model_dump_json().encode() for o in obs]
+    store = InboxStore(b"bench-secret")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for raw in raws:
+            store.apply_observation_bytes(raw)
+        return (tracemalloc.get_traced_memory()[0] - before) / len(raws)
+    finally:
+        tracemalloc.stop()
+
+
 async def run(args: argparse.Namespace) -> None:
     import aiohttp
     from aiohttp.test_utils import TestServer
@@ -158,6 +177,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"data: {n_open} open alerts over {len(store.patients)} patients; focus patient "
           f"{len(obs)} observations over {args.days} days, {len(alerts)} alert versions "
           f"(built in {time.perf_counter() - t_build:.1f} s)")
+    print(f"store: {bytes_per_observation(obs):.0f} bytes held per observation (the focus patient's, applied "
+          f"from their JSON as the consumer applies them)")
 
     pw = "bench-password-1"
     users = UserDirectory([User("nurse1", Role.NURSE, hash_password(pw, n=MIN_SCRYPT_N), wards=("*",))])

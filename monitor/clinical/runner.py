@@ -196,7 +196,17 @@ class ClinicalRunner(ConsumerRebalanceListener):
     #: loop four times as long, and the take-over's ledger read (LEDGER_CATCH_UP_SECONDS, wall
     #: time) with it; a rebalance test repeated 3 pages on a slow host in that state
     MAX_BATCH = 1000
+    #: the clock judges its patients in chunks under the batch lock, so results that arrive
+    #: during a pass wait for one chunk, not the pass. A chunk is sized by time, not count: a
+    #: patient that needs nothing takes the processor 30-65 us, one whose pass raises alerts
+    #: about 1 ms, so 500 such patients held the lock for 0.5-0.9 s (docs/measurements.md,
+    #: thirty-sixth pass). Each pass starts at ``TICK_CHUNK_MIN`` patients; each next chunk holds
+    #: as many as the last chunk's time per patient (judged, and its outputs acknowledged: the
+    #: lock is held for both) fits in ``TICK_CHUNK_SECONDS``, at most twice the last and never
+    #: more than ``TICK_CHUNK``
     TICK_CHUNK = 500
+    TICK_CHUNK_MIN = 10
+    TICK_CHUNK_SECONDS = 0.02
     #: a checkpoint is due once the pending batches hold this many records
     CHECKPOINT_MAX_RECORDS = 20_000
     #: the next batch waits for the checkpoint in flight once its records and those pending
@@ -230,6 +240,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         self.changelog_producer: AIOKafkaProducer | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
+        #: times a clock chunk (``tick``)
+        self._timer: Callable[[], float] = time.perf_counter
         #: partitions assigned and restored: only these are processed and ticked
         self.owned: frozenset[int] = frozenset()
         #: per partition held: (changelog end after our writes, our last commit) to decide
@@ -825,7 +837,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
         pids = self.store.patient_ids(self.owned)
         PATIENTS_MONITORED.set(len(pids))
         complete = True
-        for i in range(0, len(pids), self.TICK_CHUNK):
+        i, size = 0, min(self.TICK_CHUNK_MIN, self.TICK_CHUNK)
+        while i < len(pids):
             async with self._lock:
                 if self._stopping:  # the final checkpoint was taken: nothing is written after it
                     complete = False
@@ -834,8 +847,11 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 if failed:
                     await self._roll_back(failed, CHANGELOG_REFUSED)
                 owned = self.owned
-                chunk = [p for p in pids[i:i + self.TICK_CHUNK] if self.store.partition_of(p) in owned]
+                part = pids[i:i + size]
+                i += len(part)
+                chunk = [p for p in part if self.store.partition_of(p) in owned]
                 self._unacknowledged = True
+                started = self._timer()
                 try:
                     outputs = self.processor.tick(chunk, now)
                 except PatientStateLost as exc:
@@ -858,11 +874,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 # batch's do: due after the next batches, or started by the next idle poll,
                 # revocation or stop
                 self._unacknowledged = False
+                size = self._next_tick_chunk(len(part), self._timer() - started)
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
         if complete:
             CLINICAL_CLOCK_LAST_RUN.set(time.time())
         return len(pids)
+
+    def _next_tick_chunk(self, size: int, seconds: float) -> int:
+        """Patients in the clock's next chunk after one of ``size`` that held the batch lock
+        ``seconds`` (see ``TICK_CHUNK_SECONDS``)."""
+        fits = self.TICK_CHUNK if seconds <= 0 else int(self.TICK_CHUNK_SECONDS * size / seconds)
+        return max(min(self.TICK_CHUNK_MIN, self.TICK_CHUNK), min(self.TICK_CHUNK, 2 * size, fits))
 
     # -- rebalances ----------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked) -> None:

@@ -74,3 +74,40 @@ def test_a_pass_cut_short_does_not():
     r._stopping = True
     asyncio.run(r.tick())
     assert last_run() == -1.0
+
+
+class TimedClock(Clock):
+    """A clock whose patients take the processor a known time each (on a fake timer): the
+    first ``heavy`` of a pass raise alerts (1 ms each), the rest need nothing (20 us each)."""
+
+    def __init__(self, heavy: int) -> None:
+        super().__init__()
+        self.heavy = heavy
+        self.now = 0.0
+        self.chunks: list[tuple[int, float]] = []  # (patients, seconds) per chunk
+
+    def timer(self) -> float:
+        return self.now
+
+    def tick(self, patient_ids, now):
+        seconds = sum(0.001 if len(self.judged) + k < self.heavy else 0.00002 for k in range(len(patient_ids)))
+        self.now += seconds
+        self.chunks.append((len(patient_ids), seconds))
+        return super().tick(patient_ids, now)
+
+
+def test_a_chunk_holds_the_batch_lock_for_a_bounded_time_whatever_its_patients_cost():
+    # 100 patients whose pass raises alerts, then 1,900 that need nothing: each chunk sized by
+    # the time the last one took, so results arriving meanwhile wait about TICK_CHUNK_SECONDS
+    # (with 500 patients a chunk, the first held the lock for 0.12 s here, and 0.5-0.9 s in
+    # the benchmark's worker); the cheap patients still go in chunks of up to TICK_CHUNK
+    clock = TimedClock(heavy=100)
+    r = runner(clock, patients=2000)
+    r.TICK_CHUNK = 500
+    r._timer = clock.timer
+    assert asyncio.run(r.tick()) == 2000
+    assert clock.judged == r.store.patient_ids(r.owned) and len(set(clock.judged)) == 2000
+    assert max(seconds for _, seconds in clock.chunks) <= r.TICK_CHUNK_SECONDS + 1e-9
+    assert clock.chunks[0][0] == r.TICK_CHUNK_MIN
+    assert max(n for n, _ in clock.chunks) == r.TICK_CHUNK
+    assert len(clock.chunks) < 30

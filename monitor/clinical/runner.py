@@ -197,15 +197,15 @@ class ClinicalRunner(ConsumerRebalanceListener):
     #: time) with it; a rebalance test repeated 3 pages on a slow host in that state
     MAX_BATCH = 1000
     #: the clock judges its patients in chunks under the batch lock, so results that arrive
-    #: during a pass wait for one chunk, not the pass. A chunk is sized by time, not count: a
+    #: during a pass wait for one chunk, not the pass. A chunk ends by time, not count: a
     #: patient that needs nothing takes the processor 30-65 us, one whose pass raises alerts
-    #: about 1 ms, so 500 such patients held the lock for 0.5-0.9 s (docs/measurements.md,
-    #: thirty-sixth pass). Each pass starts at ``TICK_CHUNK_MIN`` patients; each next chunk holds
-    #: as many as the last chunk's time per patient (judged, and its outputs acknowledged: the
-    #: lock is held for both) fits in ``TICK_CHUNK_SECONDS``, at most twice the last and never
-    #: more than ``TICK_CHUNK``
+    #: 1-3 ms, and a pass mixes them in patient order (those with input in the last
+    #: ``clock_settle_seconds`` are skipped), so 500 patients held the lock for 0.5-0.9 s and a
+    #: chunk sized from the one before still 0.2 s (docs/measurements.md, thirty-sixth pass). A
+    #: chunk judges ``TICK_STEP`` patients at a time until ``TICK_CHUNK_SECONDS`` have passed
+    #: or it holds ``TICK_CHUNK``, then writes its outputs
     TICK_CHUNK = 500
-    TICK_CHUNK_MIN = 10
+    TICK_STEP = 5
     TICK_CHUNK_SECONDS = 0.02
     #: a checkpoint is due once the pending batches hold this many records
     CHECKPOINT_MAX_RECORDS = 20_000
@@ -837,7 +837,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         pids = self.store.patient_ids(self.owned)
         PATIENTS_MONITORED.set(len(pids))
         complete = True
-        i, size = 0, min(self.TICK_CHUNK_MIN, self.TICK_CHUNK)
+        i = 0
         while i < len(pids):
             async with self._lock:
                 if self._stopping:  # the final checkpoint was taken: nothing is written after it
@@ -847,17 +847,21 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 if failed:
                     await self._roll_back(failed, CHANGELOG_REFUSED)
                 owned = self.owned
-                part = pids[i:i + size]
-                i += len(part)
-                chunk = [p for p in part if self.store.partition_of(p) in owned]
+                first = i
                 self._unacknowledged = True
-                started = self._timer()
+                outputs: list[Output] = []
+                until = self._timer() + self.TICK_CHUNK_SECONDS
                 try:
-                    outputs = self.processor.tick(chunk, now)
+                    while i < len(pids) and i - first < self.TICK_CHUNK:
+                        part = pids[i:min(i + self.TICK_STEP, first + self.TICK_CHUNK)]
+                        i += len(part)
+                        outputs += self.processor.tick([p for p in part if self.store.partition_of(p) in owned], now)
+                        if self._timer() >= until:
+                            break
                 except PatientStateLost as exc:
                     log.warning("clinical state of a patient not recoverable in place after a clock error; "
                                 "restoring partition %s", exc.partition)
-                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None} | {exc.partition},
+                    await self._roll_back(({self.store.partition_of(p) for p in pids[first:i]} & owned) | {exc.partition},
                                           STATE_LOST)
                     complete = False
                     continue
@@ -867,25 +871,18 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     raise
                 except Exception as exc:
                     log.warning("clock outputs not acknowledged (%s); restoring", type(exc).__name__)
-                    await self._roll_back({self.store.partition_of(p) for p in chunk} - {None}, WRITE_REFUSED)
+                    await self._roll_back({self.store.partition_of(p) for p in pids[first:i]} & owned, WRITE_REFUSED)
                     complete = False
                     continue
                 # the chunk's changed patients stay marked and join the next checkpoint, as a
                 # batch's do: due after the next batches, or started by the next idle poll,
                 # revocation or stop
                 self._unacknowledged = False
-                size = self._next_tick_chunk(len(part), self._timer() - started)
             await asyncio.sleep(0)
         PATIENTS_OVERDUE.set(len(self.processor.overdue & set(self.store.patient_ids(self.owned))))
         if complete:
             CLINICAL_CLOCK_LAST_RUN.set(time.time())
         return len(pids)
-
-    def _next_tick_chunk(self, size: int, seconds: float) -> int:
-        """Patients in the clock's next chunk after one of ``size`` that held the batch lock
-        ``seconds`` (see ``TICK_CHUNK_SECONDS``)."""
-        fits = self.TICK_CHUNK if seconds <= 0 else int(self.TICK_CHUNK_SECONDS * size / seconds)
-        return max(min(self.TICK_CHUNK_MIN, self.TICK_CHUNK), min(self.TICK_CHUNK, 2 * size, fits))
 
     # -- rebalances ----------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked) -> None:

@@ -861,8 +861,8 @@ class ClinicalRunner(ConsumerRebalanceListener):
                 except PatientStateLost as exc:
                     log.warning("clinical state of a patient not recoverable in place after a clock error; "
                                 "restoring partition %s", exc.partition)
-                    await self._roll_back(({self.store.partition_of(p) for p in pids[first:i]} & owned) | {exc.partition},
-                                          STATE_LOST)
+                    judged = {self.store.partition_of(p) for p in pids[first:i]} & owned
+                    await self._roll_back(judged | {exc.partition}, STATE_LOST)
                     complete = False
                     continue
                 try:

@@ -76,7 +76,6 @@ def test_a_pass_cut_short_does_not():
     assert last_run() == -1.0
 
 
-
 class TimedClock(Clock):
     """A clock whose patients take the processor a known time each (on a fake timer): the
     patients whose position in the pass is in ``heavy`` raise alerts (1 ms each), the others
@@ -117,7 +116,7 @@ def test_a_chunk_holds_the_batch_lock_for_a_bounded_time_whatever_its_patients_c
     # results arriving during a pass wait for one chunk: about TICK_CHUNK_SECONDS, at most one
     # step of patients more, however the patients that raise alerts (1 ms each here, 1-3 ms in
     # the benchmark's worker) are spread among those that need nothing. With 500 patients a
-    # chunk, a chunk held the lock for up to 0.2 s here (0.5-0.9 s in the worker); sized from
+    # chunk, a chunk held the lock for up to 0.11 s here (0.5-0.9 s in the worker); sized from
     # the chunk before, a cheap run followed by dear patients still for 0.05 s
     step_max = 0.001 * ClinicalRunner.TICK_STEP
     for heavy in (set(range(100)), set(range(300, 2000, 7)), set(range(50)) | set(range(1400, 1600))):

@@ -142,7 +142,8 @@ def build_worker(s: Settings | None = None) -> Worker:
     processor = ClinicalProcessor(engine, lifecycle, store, findings_topic=s.topic_findings,
                                   alerts_topic=s.topic_alerts, dead_letter_topic=s.topic_dead_letter,
                                   limits=limits_of(s),
-                                  authority=ActionAuthority.from_file(s.inbox_users_file), handoff=handoff)
+                                  authority=ActionAuthority.from_file(s.inbox_users_file), handoff=handoff,
+                                  routed_from=(s.topic_treatments, s.topic_alert_actions))
     runner = ClinicalRunner(s, processor, store)
     if s.ingest_processes == 0 and s.clinical_takes_own_writes:
         runner.own_writes = OwnWrites(s.topic_observations, owned=lambda p: p in runner.owned)

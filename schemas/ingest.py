@@ -224,6 +224,16 @@ def _canonical(analyte, what: str, x: float, unit: str | None, conv) -> float:
     return out
 
 
+def check_patient_id(patient_id: str) -> None:
+    """A patient id is not empty, and bounded and printable whatever the wire format (review
+    L5: an HL7 PID-3 of 100 KB with NUL and unit separators used to be accepted). Ingest's
+    rule, which the clinical stage applies again to the records it reads."""
+    if not patient_id or not patient_id.strip():
+        raise Rejected(Reason.EMPTY_ID, "patient id is empty")
+    if len(patient_id) > 128 or not patient_id.isprintable():
+        raise Rejected(Reason.SCHEMA_INVALID, "patient id is longer than 128 characters or holds control characters")
+
+
 def _observation(observation_id, event_id, patient_id, loinc, value, unit, reference_range, effective_at, status,
                  corrects, source, fmt, received_at, limits, abnormal_flag, on_oxygen, comparator) -> Observation:
     """``build_observation`` with positional arguments: the checks and the outcome of each
@@ -232,10 +242,7 @@ def _observation(observation_id, event_id, patient_id, loinc, value, unit, refer
         raise Rejected(Reason.EMPTY_ID, "patient id is empty")
     if not event_id or not event_id.strip():
         raise Rejected(Reason.EMPTY_ID, "event id is empty")
-    # bounded, printable identifiers whatever the wire format (review L5: an HL7 PID-3 of
-    # 100 KB with NUL and unit separators used to be accepted)
-    if len(patient_id) > 128 or not patient_id.isprintable():
-        raise Rejected(Reason.SCHEMA_INVALID, "patient id is longer than 128 characters or holds control characters")
+    check_patient_id(patient_id)
     if len(event_id) > 256 or not event_id.isprintable():
         raise Rejected(Reason.SCHEMA_INVALID, "event id is longer than 256 characters or holds control characters")
     if len(observation_id) > 256 or not observation_id.isprintable():
@@ -380,6 +387,7 @@ def _panel(obj: object, received_at: datetime, limits: Limits) -> list[Observati
 def _treatment(obj: object, received_at: datetime, limits: Limits) -> DoseEvent | SteroidEvent:
     env: TreatmentEnvelope = _validate(TreatmentEnvelope, {"event": obj})
     e = env.event
+    check_patient_id(e.patient_id)
     check_not_future(e.administered_at if isinstance(e, DoseEvent) else e.at, received_at, limits, "treatment time")
     return e
 

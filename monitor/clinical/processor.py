@@ -33,7 +33,7 @@ from schemas.alert import Alert, AlertAction
 from schemas.errors import Reason, Rejected
 from schemas.events import Observation
 from schemas.findings import Finding
-from schemas.ingest import Limits, decode
+from schemas.ingest import Limits, check_patient_id, decode
 
 from ..actions_auth import ActionAuthority
 from ..dlq import dead_letter_headers
@@ -116,8 +116,14 @@ def routed_headers(kind: bytes, topic: str, partition: int | None, offset: int |
 
 
 def _headers(rec: Any) -> dict[str, bytes]:
+    """A record's headers by name; a header without a value (Kafka allows it) is empty."""
     h = getattr(rec, "headers", None)
-    return {k: v for k, v in h} if h else {}
+    return {k: b"" if v is None else v for k, v in h} if h else {}
+
+
+def _coordinate(value: bytes | None) -> int | None:
+    """A partition or offset header as ``routed_headers`` writes it; anything else is none."""
+    return int(value) if value and value.isdigit() and len(value) <= 19 else None
 
 
 class ClinicalProcessor:
@@ -126,8 +132,12 @@ class ClinicalProcessor:
     def __init__(self, engine: Engine, lifecycle: LifecycleConfig, store: PatientStore, *, findings_topic: str,
                  alerts_topic: str, dead_letter_topic: str, limits: Limits | None = None,
                  clock_settle_seconds: float = 2.0, monotonic=time.monotonic,
-                 authority: ActionAuthority | None = None, handoff: DecodedObservations | None = None) -> None:
+                 authority: ActionAuthority | None = None, handoff: DecodedObservations | None = None,
+                 routed_from: Iterable[str] = ("treatments", "alert-actions")) -> None:
         self.engine = engine
+        #: the topics ingest routes records from (``src.topic``): a dead letter points back at
+        #: one of these, never at a topic a record's header names otherwise (``_dead``)
+        self.routed_from = frozenset(routed_from)
         #: observations this worker's ingest wrote, already decoded (taken only if the bytes match)
         self.handoff = handoff
         #: resolves an action's role from who sent it (review H4); None: every action is refused
@@ -229,6 +239,7 @@ class ClinicalProcessor:
         handoff = self.handoff
         obs = (Observation.model_validate_json(rec.value) if handoff is None
                else handoff.decode(rec.value))
+        check_patient_id(obs.patient_id)  # ingest's rule: the stream may hold records it did not write
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         self._touched = obs.patient_id
@@ -250,14 +261,17 @@ class ClinicalProcessor:
 
     def _action(self, rec: Any, now: datetime, out: list[Output]) -> tuple[str, bool]:
         action = AlertAction.model_validate_json(rec.value)
-        patient_id = action.patient_id or (rec.key.decode() if rec.key else None)
+        patient_id = action.patient_id or (rec.key.decode(errors="replace") if rec.key else None)
         if not patient_id:
             raise Rejected(Reason.ACTION_INVALID, "action names no patient (set patient_id or the message key)")
+        check_patient_id(patient_id)
         try:
             if self.authority is None:
                 raise Rejected(Reason.ACTION_UNKNOWN_USER, "no user directory configured (INBOX_USERS_FILE): "
                                                            "actions cannot be authorised")
             role = self.authority.role_of(action)  # never the message's own role field
+            if self.store.partition_of(patient_id) is None:  # no patient is added for a refused action
+                raise Rejected(Reason.ACTION_UNKNOWN_ALERT, f"no alert {action.alert_id} for this patient")
             _state, book = self.store.load(patient_id, rec.partition)
             self._touched = patient_id
             try:
@@ -343,12 +357,15 @@ class ClinicalProcessor:
     def _dead(self, rec: Any, headers: dict[str, bytes], reason: Reason, message: str, now: datetime,
               out: list[Output]) -> None:
         """The original bytes to the dead-letter topic, pointing at where they came from
-        (for a routed treatment or action: its source topic, not the patient stream)."""
+        (for a routed treatment or action: its source topic, not the patient stream). A
+        source header that names no topic ingest routes from is not believed: the dead
+        letter points at the patient stream, so that neither ``monitor dlq replay`` (which
+        publishes to the source topic) nor a metric label takes a topic from a record."""
         topic, partition, offset = rec.topic, rec.partition, rec.offset
-        if SRC_TOPIC in headers:
-            topic = headers[SRC_TOPIC].decode(errors="replace")
-            partition = int(headers[SRC_PARTITION]) if headers.get(SRC_PARTITION) else None
-            offset = int(headers[SRC_OFFSET]) if headers.get(SRC_OFFSET) else None
+        source = headers.get(SRC_TOPIC, b"").decode(errors="replace")
+        if source in self.routed_from:
+            topic = source
+            partition, offset = _coordinate(headers.get(SRC_PARTITION)), _coordinate(headers.get(SRC_OFFSET))
         kind = "treatments" if headers.get(KIND_HEADER) == KIND_TREATMENT else topic
         self._m.get(EVENTS_CONSUMED, kind, "invalid").inc()
         self._m.get(DEAD_LETTERS, topic, reason.value).inc()

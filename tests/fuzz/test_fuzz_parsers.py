@@ -10,56 +10,32 @@ non-empty message; what is accepted is well-formed (observations validate again,
 the size limit); size and depth limits are enforced. On MLLP every message gets an ACK
 and every reject is written to dead-letter with a ``dlq.reason`` header.
 
-Budget: ``FUZZ_EXAMPLES`` (total over the targets; default ~2,400 in CI, i.e. ~300 each).
-``FUZZ_STATS`` names a JSON file the per-target counts are written to (run_long.py).
+Budget, counts and mutations: ``tests/fuzz/fuzzing.py`` (``FUZZ_EXAMPLES`` in total over
+the targets of this folder, ~300 each in CI).
 """
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
-import os
 import random
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.database import DirectoryBasedExampleDatabase
 
 from schemas.errors import Reason, Rejected
 from schemas.events import DoseEvent, Observation, SteroidEvent
 from schemas.fhir import observations_from_fhir
 from schemas.hl7v2 import observations_from_hl7
 from schemas.ingest import INPUT_KINDS, Limits, decode
+from tests.fuzz.fuzzing import COUNTS, FUZZ, REASONS, mutate_bytes, mutate_json
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = 8
-TOTAL = int(os.environ.get("FUZZ_EXAMPLES", str(300 * TARGETS)))
-PER_TARGET = max(10, TOTAL // TARGETS)
-# FUZZ_DATABASE (set by run_long.py): a directory where hypothesis keeps every failing
-# example, so a failure deep in a long run can be replayed by running the test again
-_DB = os.environ.get("FUZZ_DATABASE")
-FUZZ = settings(max_examples=PER_TARGET, deadline=None, derandomize=False,
-                database=DirectoryBasedExampleDatabase(_DB) if _DB else None,
-                suppress_health_check=list(HealthCheck))
 RECEIVED = datetime.now(timezone.utc)
 # small limits so the fuzzer reaches them; the defaults are checked separately below
 LIMITS = Limits(max_bytes=4096, max_depth=10, max_future=timedelta(hours=24))
-COUNTS: Counter = Counter()
-REASONS: Counter = Counter()
-
-
-def _write_stats() -> None:
-    path = os.environ.get("FUZZ_STATS")
-    if path:
-        Path(path).write_text(json.dumps({"inputs": dict(COUNTS), "total": sum(COUNTS.values()),
-                                          "reasons": dict(REASONS)}))
-
-
-atexit.register(_write_stats)
 
 
 # ---------------------------------------------------------------- seeds
@@ -118,71 +94,14 @@ def check_decode(kind: str, raw: bytes, limits: Limits = LIMITS, target: str = "
 
 # ---------------------------------------------------------------- strategies
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30),
-                      st.sampled_from(["", " ", "1742-6", "U/L", "mg/dL", "10*9/L", "2025-01-01T00:00:00",
-                                       "2025-01-01T00:00:00+00:00", "9999-12-31T23:59:59Z", "final", "amended",
-                                       "entered-in-error", "http://loinc.org", "Patient/x", "-1e309", "NaN"]))
-json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=4),
-                                                          st.dictionaries(st.text(max_size=12), c, max_size=4)),
-                          max_leaves=12)
-
-
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
-
-
 @st.composite
 def mutated_json(draw, pool: str):
-    raw = draw(st.sampled_from(SEEDS[pool]))
-    obj = json.loads(raw)
-    for _ in range(draw(st.integers(1, 4))):
-        paths = [p for p in _paths(obj) if p]
-        if not paths:
-            break
-        path = draw(st.sampled_from(paths))
-        parent = obj
-        for k in path[:-1]:
-            parent = parent[k]
-        op = draw(st.sampled_from(["replace", "delete", "dup", "insert"]))
-        last = path[-1]
-        if op == "replace":
-            parent[last] = draw(json_value)
-        elif op == "delete":
-            del parent[last]
-        elif op == "dup" and isinstance(parent, list):
-            parent.append(parent[last])
-        elif op == "insert" and isinstance(parent, dict):
-            parent[draw(st.text(max_size=10))] = draw(json_value)
-    return json.dumps(obj).encode()
+    return mutate_json(draw, draw(st.sampled_from(SEEDS[pool])))
 
 
 @st.composite
 def byte_mutated(draw, pool: str):
-    raw = bytearray(draw(st.sampled_from(SEEDS[pool])))
-    for _ in range(draw(st.integers(1, 6))):
-        if not raw:
-            break
-        i = draw(st.integers(0, len(raw) - 1))
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "dup"]))
-        if op == "flip":
-            raw[i] = draw(st.integers(0, 255))
-        elif op == "insert":
-            raw[i:i] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del raw[i:i + draw(st.integers(1, 16))]
-        elif op == "truncate":
-            del raw[i:]
-        else:
-            j = draw(st.integers(i, min(len(raw), i + 64)))
-            raw[j:j] = raw[i:j]
-    return bytes(raw)
+    return mutate_bytes(draw, draw(st.sampled_from(SEEDS[pool])))
 
 
 HL7_ATOMS = ["|", "^", "~", "\\", "&", "\r", "\n", "\x0b", "\x1c", "MSH", "OBX", "OBR", "PID", "NM", "SN", "ST",

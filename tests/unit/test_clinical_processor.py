@@ -333,3 +333,61 @@ def test_without_a_user_directory_every_action_is_refused(engine, lifecycle):
     out = p.process([s.action("p8", {"action": "acknowledge", "alert_id": alert["alert_id"], "by": "n1",
                                      "role": "admin", "at": now.isoformat()})], now)
     assert by_topic(out, "alerts") == [] and _reasons(out) == ["action_unknown_user"]
+
+
+def _dead_letter(out):
+    (d,) = out
+    assert d.topic == "dead-letter"
+    return {k: v.decode() for k, v in d.headers}
+
+
+def test_a_records_source_headers_are_believed_only_for_the_topics_ingest_routes_from(engine, lifecycle):
+    """A routed record's dead letter points at its source topic, which ``monitor dlq replay``
+    publishes to. A header naming another topic (a writer that is not ingest) is not believed,
+    and source coordinates that are not numbers, or headers without values, never raise."""
+    p = processor(engine, lifecycle)
+    s = Stream(partition=4)
+    now = at(8)
+    forged = [("kind", b"treatment"), ("src.topic", b"alerts"), ("src.partition", b"0"), ("src.offset", b"9")]
+    h = _dead_letter(p.process([s._rec("p3", b"{}", forged)], now))
+    assert (h["dlq.source.topic"], h["dlq.source.partition"], h["dlq.source.offset"]) == (STREAM, "4", "0")
+    garbled = [("kind", b"treatment"), ("src.topic", b"treatments"), ("src.partition", b"abc"), ("src.offset", b"\xff")]
+    h = _dead_letter(p.process([s._rec("p3", b"{}", garbled)], now))
+    assert (h["dlq.source.topic"], h["dlq.source.partition"], h["dlq.source.offset"]) == ("treatments", "", "")
+    for headers in ([("kind", b"treatment"), ("src.topic", None)], [("kind", None)]):
+        h = _dead_letter(p.process([s._rec("p3", b"{}", headers)], now))
+        assert h["dlq.reason"] == "schema_invalid" and h["dlq.source.topic"] == STREAM
+    # the topics a deployment names are the ones believed
+    q = processor(engine, lifecycle, routed_from=("site-treatments",))
+    routed = [("kind", b"treatment"), ("src.topic", b"site-treatments"), ("src.partition", b"1"), ("src.offset", b"2")]
+    h = _dead_letter(q.process([s._rec("p3", b"{}", routed)], now))
+    assert (h["dlq.source.topic"], h["dlq.source.offset"]) == ("site-treatments", "2")
+
+
+def test_a_record_on_the_stream_with_a_patient_id_ingest_refuses_is_a_dead_letter(engine, lifecycle):
+    """The patient stream may hold records ingest did not write: an empty patient id used to
+    be judged, and its state written to the changelog under an empty key, which a restore
+    skips (the state was lost at the next start)."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    now = at(8)
+    for pid, reason in (("", "empty_id"), ("  ", "empty_id"), ("P\x00", "schema_invalid"), ("P" * 129, "schema_invalid")):
+        value = obs("alt", 250, 7, high=40, patient="p1").model_copy(update={"patient_id": pid}).model_dump_json()
+        assert _dead_letter(p.process([s._rec("k", value.encode())], now))["dlq.reason"] == reason
+        action = {"action": "acknowledge", "alert_id": "a1", "patient_id": pid, "by": "n1", "at": now.isoformat()}
+        if pid.strip():
+            assert _dead_letter(p.process([s.action("k", action)], now))["dlq.reason"] == reason
+    assert len(store) == 0 and store.changed_count() == 0
+
+
+def test_an_action_for_a_patient_not_held_adds_no_patient(engine, lifecycle):
+    """An action naming a patient the store does not hold is refused without creating that
+    patient: before, an empty patient stayed in memory, counted as monitored and ticked."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    now = at(8)
+    action = {"action": "acknowledge", "alert_id": "a1", "by": "n1", "at": now.isoformat(), "action_id": "x"}
+    h = _dead_letter(p.process([Stream().action("nobody", action)], now))
+    assert h["dlq.reason"] == "action_unknown_alert" and "no alert a1" in h["dlq.message"]
+    assert len(store) == 0 and store.patient_ids(range(8)) == []

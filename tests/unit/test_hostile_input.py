@@ -10,6 +10,7 @@ time: the reason code says which limit stopped it, and the memory the parser all
 """
 from __future__ import annotations
 
+import json
 import tracemalloc
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,3 +151,16 @@ def test_hl7_patient_id_is_bounded_and_printable():
         with pytest.raises(Rejected) as ei:
             observations_from_hl7(good.format(pid=pid), received_at=NOW)
         assert ei.value.reason is Reason.SCHEMA_INVALID
+
+
+def test_a_treatments_patient_id_is_printable_as_a_results_is():
+    """A dose or steroid event with a control character in its patient id was accepted and
+    routed to the patient stream, where a lab result with the same id would be refused."""
+    dose = {"type": "dose", "event_id": "d1", "patient_id": "{pid}", "product": "onasemnogene-abeparvovec-iv",
+            "administered_at": "2024-05-01T08:00:00Z", "birth_date": "2023-01-01", "weight_kg": 8.0}
+    ok = decode("treatments", json.dumps({**dose, "patient_id": "MRN-1"}).encode(), received_at=NOW)
+    assert ok.patient_id == "MRN-1"
+    for pid in ("MRN\x00-1", "MRN\x1f1", "MRN\u2028"):
+        with pytest.raises(Rejected) as ei:
+            decode("treatments", json.dumps({**dose, "patient_id": pid}).encode(), received_at=NOW)
+        assert ei.value.reason is Reason.SCHEMA_INVALID and "control characters" in ei.value.message

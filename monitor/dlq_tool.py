@@ -20,7 +20,9 @@ one: the service is idempotent per event id downstream.
 
 Dead letters of the MLLP listener have the pseudo source ``mllp`` (the bytes came
 over TCP, not from a topic); they are replayed to the lab-results topic, whose
-ingest decodes HL7 v2 like the listener does.
+ingest decodes HL7 v2 like the listener does. A dead letter whose source is not one of
+the service's input topics (``replay_topics``) is never replayed: it is counted as
+``not_an_input_topic``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Any, Iterable, Iterator
 
 from schemas.replay import ReplayLedgerEntry
 
-from .settings import Settings
+from .settings import INPUT_TOPICS, Settings
 from .topics_admin import TOPIC_METADATA_WAIT_SECONDS, KafkaUnreachable, topic_partitions
 
 #: header names written by monitor/dlq.py (kept in one place here for readers)
@@ -358,14 +360,24 @@ def ensure_ledger_topic(s: Settings, timeout: float = 15.0) -> None:
         admin.close()
 
 
+def replay_topics(s: Settings) -> frozenset[str]:
+    """The topics a dead letter may go back to: the service's inputs, the actions topic and
+    the patient stream (the clinical stage's dead letters of records ingest wrote there)."""
+    return frozenset(getattr(s, field) for field in INPUT_TOPICS.values()) | {s.topic_alert_actions,
+                                                                             s.topic_observations}
+
+
 def replay_target(d: DeadLetter, s: Settings) -> str | None:
-    """The topic a dead letter goes back to (None when it has no source to go back to)."""
+    """The topic a dead letter goes back to (None when it has no source to go back to, or
+    names a topic that is not an input: a dead letter's source comes from the record that
+    failed, and a replay must never write the service's own outputs, such as ``alerts`` or
+    the delivery ledger)."""
     src = d.source_topic
     if not src:
         return None
     if src == MLLP_SOURCE:
         return s.topic_lab_results
-    return src
+    return src if src in replay_topics(s) else None
 
 
 def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 15.0,
@@ -380,7 +392,7 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
         ensure_ledger_topic(s, timeout)
     records = read_dead_letters(s, flt, timeout=timeout, ledger_must_exist=not dry_run)
     counts: dict[str, Any] = {"matched": len(records), "replayed": 0, "already_replayed": 0,
-                              "no_source_topic": 0, "dry_run": dry_run, "to": {}}
+                              "no_source_topic": 0, "not_an_input_topic": 0, "dry_run": dry_run, "to": {}}
     todo = []
     for d in records:
         if d.replayed is not None:
@@ -388,7 +400,7 @@ def replay(s: Settings, flt: Filter, *, dry_run: bool = False, timeout: float = 
             continue
         target = replay_target(d, s)
         if target is None:
-            counts["no_source_topic"] += 1
+            counts["not_an_input_topic" if d.source_topic else "no_source_topic"] += 1
             continue
         todo.append((d, target))
     if dry_run or not todo:

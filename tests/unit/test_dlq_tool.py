@@ -83,6 +83,15 @@ def test_replay_targets_and_ledger_name():
     assert replay_target(dl(), s) == "lab-results"
     assert replay_target(dl(source="mllp"), s) == s.topic_lab_results
     assert replay_target(dl(source=""), s) is None
+    # only inputs: a dead letter's source comes from the record that failed (a header on the
+    # patient stream), and a replay must never write the service's outputs
+    for src in ("treatments", "alert-actions", "observations", "vital-signs"):
+        assert replay_target(dl(source=src), s) == src
+    for src in ("alerts", "alert-deliveries", "open-alerts", "findings", "dead-letter", "patients-load", "x"):
+        assert replay_target(dl(source=src), s) is None, src
+    named = Settings.model_construct(topic_treatments="site-treatments")
+    assert replay_target(dl(source="site-treatments"), named) == "site-treatments"
+    assert replay_target(dl(source="treatments"), named) is None
     assert replay_ledger_topic(s) == "dead-letter-replays"
     assert replay_ledger_topic(Settings.model_construct(topic_dead_letter_replays="x")) == "x"
 

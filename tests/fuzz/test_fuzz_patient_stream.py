@@ -141,7 +141,8 @@ def stream_record(draw, offset: int):
         value = None
     else:
         value = seed.value
-    key = draw(st.one_of(st.just(seed.key), st.just(seed.key), st.none(), st.binary(max_size=12), st.sampled_from(KEYS)))
+    key = draw(st.one_of(st.just(seed.key), st.just(seed.key), st.none(), st.binary(max_size=12),
+                         st.sampled_from(KEYS)))
     partition = draw(st.one_of(st.just(seed.partition), st.integers(0, PARTITIONS - 1)))
     return Rec(STREAM, partition, offset, key, value, draw(headers(seed.headers)))
 

@@ -49,3 +49,49 @@ def test_a_dose_without_key_reaches_the_patients_partition(kafka_bootstrap, topi
     assert {s[0] for s in mine} and len({s[0] for s in mine}) == 1, mine
     kinds = [s[2] for s in sorted(mine, key=lambda s: s[1])]
     assert kinds[0] == b"treatment" and kinds.count(None) == 2, kinds
+
+
+def test_a_garbled_record_on_the_patient_stream_is_a_dead_letter_not_a_stalled_stage(kafka_bootstrap, topic_factory,
+                                                                                     worker_factory):
+    """Records on the patient stream that ingest did not write (found by the patient stream's
+    fuzz target): routed headers whose coordinates are not numbers used to raise out of the
+    clinical processor, so the clinical loop stopped, restarted from its commit, met the same
+    record and stopped again, and no patient of its partitions was judged; and a source header
+    naming another topic was believed, so its dead letter pointed ``monitor dlq replay`` at it."""
+    prefix = f"psg{uuid.uuid4().hex[:8]}"
+    topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
+    worker = worker_factory(service_env(topics, app_id=prefix), name="w1")
+    now = datetime.now(timezone.utc)
+    pid = "ps-garbled"
+    p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    # straight onto the patient stream, on the patient's partition, ahead of its inputs
+    garbled = [("kind", b"treatment"), ("src.topic", topics["treatments"].encode()), ("src.partition", b"abc"),
+               ("src.offset", b"-")]
+    forged = [("kind", b"action"), ("src.topic", topics["alerts"].encode()), ("src.partition", b"0"),
+              ("src.offset", b"1")]
+    p.send(topics["observations"], key=pid.encode(), value=b"{}", headers=garbled).get(30)
+    p.send(topics["observations"], key=pid.encode(), value=b'{"action": "acknowledge"}', headers=forged).get(30)
+    p.send(topics["treatments"], key=pid.encode(), value=json.dumps(dose(pid, now - timedelta(days=5))).encode())
+    for eid, value, day in (("g-plt0", 320, 6), ("g-plt", 40, 1)):
+        p.send(topics["lab-results"], key=pid.encode(),
+               value=json.dumps(result(pid, eid, "platelets", value, now - timedelta(days=day), 150, 450)).encode())
+    p.flush()
+    p.close()
+    alerts = Reader(kafka_bootstrap, topics["alerts"])
+    try:  # the patient is judged: the stage went past the garbled records
+        alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "heme.platelets_decreased"
+                        and x["status"] == "firing")
+    finally:
+        alerts.close()
+    from kafka_broker import read_topic
+
+    dead = [{k: v.decode() for k, v in m.headers}
+            for m in read_topic(kafka_bootstrap, topics["dead-letter"], expected=2) if m.key == pid.encode()]
+    by_source = {d["dlq.source.topic"]: d for d in dead}
+    assert len(dead) == 2 and set(by_source) == {topics["treatments"], topics["observations"]}, dead
+    # a routed treatment points at its source, without the coordinates that are not numbers
+    routed = by_source[topics["treatments"]]
+    assert (routed["dlq.source.partition"], routed["dlq.source.offset"]) == ("", "")
+    # the forged source is not believed: the record's own place on the patient stream
+    assert by_source[topics["observations"]]["dlq.source.offset"] == "1"
+    assert worker.metric("monitor_loop_restarts_total", loop="clinical") == 0

@@ -372,7 +372,8 @@ def test_a_record_on_the_stream_with_a_patient_id_ingest_refuses_is_a_dead_lette
     p = processor(engine, lifecycle, store)
     s = Stream()
     now = at(8)
-    for pid, reason in (("", "empty_id"), ("  ", "empty_id"), ("P\x00", "schema_invalid"), ("P" * 129, "schema_invalid")):
+    for pid, reason in (("", "empty_id"), ("  ", "empty_id"), ("P\x00", "schema_invalid"),
+                        ("P" * 129, "schema_invalid")):
         value = obs("alt", 250, 7, high=40, patient="p1").model_copy(update={"patient_id": pid}).model_dump_json()
         assert _dead_letter(p.process([s._rec("k", value.encode())], now))["dlq.reason"] == reason
         action = {"action": "acknowledge", "alert_id": "a1", "patient_id": pid, "by": "n1", "at": now.isoformat()}

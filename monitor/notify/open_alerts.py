@@ -211,7 +211,7 @@ class OpenAlerts:
                     entries.pop(r.key, None)
                 else:
                     entries[r.key] = r.value
-        return {k.decode(): v for k, v in entries.items()}, valid_from
+        return {k.decode(errors="replace"): v for k, v in entries.items()}, valid_from
 
     async def _read_history(self, tp: TopicPartition, consumer, delivered: Callable[[Alert], bool]) -> None:
         async for r in _read_to_end(tp, consumer):

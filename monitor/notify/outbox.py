@@ -71,7 +71,9 @@ class KafkaLedger:
         self._producer, self._topic = producer, topic
 
     def add_raw(self, key: bytes) -> None:
-        self._keys.add(key.decode())
+        """A key read from the ledger topic (one that is not UTF-8 is kept as text it cannot
+        be confused with: a delivery loop that raised here restarted on the same record)."""
+        self._keys.add(key.decode(errors="replace"))
 
     def __len__(self) -> int:
         return len(self._keys)

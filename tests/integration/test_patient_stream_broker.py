@@ -17,6 +17,27 @@ from workers import service_env, wait_ingested
 pytestmark = pytest.mark.integration
 
 
+def send_dose_then_low_platelets(p: KafkaProducer, topics: dict, pid: str, now: datetime, dose_key: bytes | None):
+    """A dose 5 days ago (sent first and acknowledged), then platelets of 320 six days ago (the
+    baseline) and 40 a day ago (grade 3); the producer is closed after."""
+    p.send(topics["treatments"], key=dose_key, value=json.dumps(dose(pid, now - timedelta(days=5))).encode()).get(30)
+    for eid, value, day in ((f"{pid}-plt0", 320, 6), (f"{pid}-plt", 40, 1)):
+        p.send(topics["lab-results"], key=pid.encode(),
+               value=json.dumps(result(pid, eid, "platelets", value, now - timedelta(days=day), 150, 450)).encode())
+    p.flush()
+    p.close()
+
+
+def platelets_alert(bootstrap: str, topics: dict, pid: str) -> dict:
+    """The patient's first firing platelets-decreased alert version."""
+    alerts = Reader(bootstrap, topics["alerts"])
+    try:
+        return alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "heme.platelets_decreased"
+                               and x["status"] == "firing")[0]
+    finally:
+        alerts.close()
+
+
 def test_a_dose_without_key_reaches_the_patients_partition(kafka_bootstrap, topic_factory, worker_factory):
     prefix = f"pst{uuid.uuid4().hex[:8]}"
     topics = topic_factory(*INPUTS, *OUTPUTS, prefix=prefix)
@@ -25,19 +46,9 @@ def test_a_dose_without_key_reaches_the_patients_partition(kafka_bootstrap, topi
     pid = "ps-nokey"
     p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     # the dose first, with no key at all: the client spreads it over partitions
-    p.send(topics["treatments"], key=None, value=json.dumps(dose(pid, now - timedelta(days=5))).encode()).get(30)
-    for eid, value, day in (("nk-plt0", 320, 6), ("nk-plt", 40, 1)):
-        p.send(topics["lab-results"], key=pid.encode(),
-               value=json.dumps(result(pid, eid, "platelets", value, now - timedelta(days=day), 150, 450)).encode())
-    p.flush()
-    p.close()
-    alerts = Reader(kafka_bootstrap, topics["alerts"])
-    try:
-        (a,) = alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "heme.platelets_decreased"
-                               and x["status"] == "firing")[:1]
-        assert a["grade"] == 3 and "nk-plt" in {e["observation_id"] for e in a["evidence"]}
-    finally:
-        alerts.close()
+    send_dose_then_low_platelets(p, topics, pid, now, dose_key=None)
+    a = platelets_alert(kafka_bootstrap, topics, pid)
+    assert a["grade"] == 3 and f"{pid}-plt" in {e["observation_id"] for e in a["evidence"]}
     # on the patient stream the routed dose sits on the same partition as the labs, before them
     # (ingest committed every input: the stream holds all it will get from them)
     from kafka_broker import read_topic
@@ -71,18 +82,8 @@ def test_a_garbled_record_on_the_patient_stream_is_a_dead_letter_not_a_stalled_s
               ("src.offset", b"1")]
     p.send(topics["observations"], key=pid.encode(), value=b"{}", headers=garbled).get(30)
     p.send(topics["observations"], key=pid.encode(), value=b'{"action": "acknowledge"}', headers=forged).get(30)
-    p.send(topics["treatments"], key=pid.encode(), value=json.dumps(dose(pid, now - timedelta(days=5))).encode())
-    for eid, value, day in (("g-plt0", 320, 6), ("g-plt", 40, 1)):
-        p.send(topics["lab-results"], key=pid.encode(),
-               value=json.dumps(result(pid, eid, "platelets", value, now - timedelta(days=day), 150, 450)).encode())
-    p.flush()
-    p.close()
-    alerts = Reader(kafka_bootstrap, topics["alerts"])
-    try:  # the patient is judged: the stage went past the garbled records
-        alerts.wait_for(lambda x: x["patient_id"] == pid and x["rule_id"] == "heme.platelets_decreased"
-                        and x["status"] == "firing")
-    finally:
-        alerts.close()
+    send_dose_then_low_platelets(p, topics, pid, now, dose_key=pid.encode())
+    platelets_alert(kafka_bootstrap, topics, pid)  # the patient is judged: the stage went past the garbled records
     from kafka_broker import read_topic
 
     dead = [{k: v.decode() for k, v in m.headers}

@@ -18,6 +18,7 @@ An evaluation returns ``None`` (condition absent) or a ``Hit``:
 """
 from __future__ import annotations
 
+import math
 import operator
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -160,8 +161,23 @@ def reference(ranges: Ranges, st: PatientState, analyte: str, e: Entry, basis: s
         return uln(ranges, st, analyte, e)
     if basis == B_LLN:
         return lln(ranges, st, analyte, e)
-    b = st.base.get(analyte)
+    b = usable_baseline(st, analyte)
     return None if b is None else b[1]
+
+
+def usable_baseline(st: PatientState, analyte: str) -> Entry | None:
+    """The baseline a multiple can be taken of: a pre-dose result above 0. A result of 0 (a
+    lab's "not detected" sent as a number, a transcription error) makes every later result
+    "1.5 x baseline" and no ratio exists: the analyte is judged as without a baseline, by
+    the conditions on its reference range (``only_without_baseline``)."""
+    b = st.base.get(analyte)
+    return b if b is not None and b[1] > 0 else None
+
+
+def _multiple(v: float, ref: float) -> float:
+    """``v`` as a multiple of ``ref`` to rank results by (a reference of 0, as a result's own
+    range can send, ranks by the sign of ``v``)."""
+    return v / ref if ref else math.copysign(math.inf, v) if v else 0.0
 
 
 def baseline_abnormal(ranges: Ranges, st: PatientState, analyte: str) -> bool:
@@ -384,7 +400,7 @@ class CCond:
 
     def holds(self, st: PatientState, cp: "CompiledProtocol", e: Entry):
         """True / False for one result; None when it cannot be judged."""
-        if self.no_base and self.analyte in st.base:
+        if self.no_base and usable_baseline(st, self.analyte) is not None:
             return False
         lr = self.limit(st, cp, e)
         if lr is None:
@@ -460,7 +476,7 @@ def eval_expr(expr, st: PatientState, cp: "CompiledProtocol", since: float | Non
         e = h[-1]
         if since is not None and e[0] < since:
             return None
-        if c.no_base and c.analyte in st.base:
+        if c.no_base and usable_baseline(st, c.analyte) is not None:
             return False
         lr = c.limit(st, cp, e)
         if lr is None:
@@ -506,7 +522,7 @@ def eval_window(expr, st: PatientState, cp: "CompiledProtocol", lo: float, hi: f
             es = cache[c.analyte] = held(st, c.analyte, lo, hi)
         if not es:
             return None
-        if c.no_base and c.analyte in st.base:
+        if c.no_base and usable_baseline(st, c.analyte) is not None:
             return False
         if newest or c.newest:
             es = es[-1:]
@@ -525,7 +541,8 @@ def eval_window(expr, st: PatientState, cp: "CompiledProtocol", lo: float, hi: f
                     note = f"{c.min_count} results within the window meet it"
                     ev.extend(_ev(c, e, lr, note) for e, lr in hits[-c.min_count:])
                 else:
-                    key = (lambda x: x[0][1] / x[1][1]) if c.direction > 0 else (lambda x: -x[0][1] / x[1][1])
+                    key = ((lambda x: _multiple(x[0][1], x[1][1])) if c.direction > 0
+                           else (lambda x: -_multiple(x[0][1], x[1][1])))
                     e, lr = max(hits, key=lambda x: (key(x), x[0][0]))
                     ev.append(_ev(c, e, lr, "peak within the window" if len(hits) > 1 and c.direction > 0 else
                                   ("nadir within the window" if len(hits) > 1 else None)))
@@ -557,7 +574,7 @@ def _simplify_possible(expr, st: PatientState, cp: "CompiledProtocol", dose: flo
     function, not a closure calling itself: such a closure is a reference cycle, garbage
     only the cyclic collector frees (one per evaluation, with the patient state it holds)."""
     if isinstance(expr, CCond):
-        if expr.no_base and expr.analyte in st.base:
+        if expr.no_base and usable_baseline(st, expr.analyte) is not None:
             return None
         es = held_by.get(expr.analyte)
         if es is None:
@@ -1360,7 +1377,7 @@ class CompiledProtocol:
         if got is None:
             return False
         for c in got[1]:
-            if c.no_base and analyte in st.base:
+            if c.no_base and usable_baseline(st, analyte) is not None:
                 continue
             lr = c.limit(st, self, e)
             if lr is None:

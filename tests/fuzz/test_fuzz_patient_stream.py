@@ -23,7 +23,8 @@ numbers that are not); keys kept, missing or arbitrary; partitions moved. Invari
   reads back, and encodes again to the same bytes;
 - the same batch processed again on that restored state (a crash between the changelog and
   the commit) adds no finding and no alert version, except for actions without an
-  ``action_id`` (nothing marks those as applied).
+  ``action_id`` (nothing marks those as applied);
+- the clock then runs over every patient held, up to two weeks later, and fails for none.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from monitor.actions_auth import ActionAuthority
 from monitor.clinical.processor import KIND_ACTION, ClinicalProcessor, routed_headers
 from monitor.clinical.store import InMemoryPatientStore, UnreadablePatientState
 from monitor.inbox.auth import User, UserDirectory
+from monitor.metrics import REGISTRY
 from monitor.ingest import Ingest
 from monitor.settings import Settings
 from monitor.worker import lifecycle_config
@@ -170,12 +172,20 @@ def _check(rec: Rec, out: list) -> bool:
         return True
     REASONS["processed"] += 1
     for o in out:
-        if o.topic == "findings":
-            Finding.model_validate_json(o.value)
-        else:
-            assert o.topic == "alerts", o.topic
-            Alert.model_validate_json(o.value)
+        _valid(o)
     return False
+
+
+def _valid(o) -> None:
+    if o.topic == "findings":
+        Finding.model_validate_json(o.value)
+    else:
+        assert o.topic == "alerts", o.topic
+        Alert.model_validate_json(o.value)
+
+
+def _clock_failures() -> float:
+    return REGISTRY.get_sample_value("monitor_clinical_clock_failures_total", {"scope": "patient"}) or 0.0
 
 
 @FUZZ
@@ -215,6 +225,12 @@ def test_patient_stream_records(data):
         if not _action_without_id(rec):
             replayed.extend(o for o in out if o.topic != "dead-letter")
     assert not replayed, [(o.topic, json.loads(o.value).get("rule_id")) for o in replayed]
+    # then the clock over every patient held, up to two weeks later: no patient's judgement fails
+    failures = _clock_failures()
+    later = now + timedelta(hours=data.draw(st.integers(0, 24 * 14)))
+    for o in q.tick(fresh.patient_ids(range(PARTITIONS)), later):
+        _valid(o)
+    assert _clock_failures() == failures
 
 
 def _action_without_id(rec: Rec) -> bool:

@@ -325,3 +325,16 @@ def test_anaemia_grade_2_is_marked_noisy_for_infants():
         assert g2.value == 100 and g2.basis == "absolute" and g2.unconfirmed and "infant" in g2.note
         (g1,) = [b for b in bands if b.grade == 1]
         assert g1.basis == "lln" and not g1.unconfirmed
+
+
+def test_a_reference_of_zero_never_raises():
+    """A result's own range with a ULN of 0 (found by the patient stream's fuzz target): the
+    TMA screen ranked its results by their multiple of the ULN and divided by 0, so each
+    result in the screen's window was dead-lettered unjudged. The ULN the lab sent is used as
+    sent (every LDH is above 1 x 0); no result raises."""
+    sim = Sim()
+    sim.feed([D(), obs("platelets", 40, 7, low=150, high=450), obs("ldh", 500, 7, high=0),
+              obs("ldh", 650, 8, high=0)])
+    tma = sim.present()["heme.tma_screen"]
+    assert tma.severity.value == "critical"
+    assert {e.analyte for e in tma.evidence} >= {"platelets", "ldh"}

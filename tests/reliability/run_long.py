@@ -53,6 +53,8 @@ def main(argv=None) -> int:
            "FUZZ_DATABASE": os.environ.get("FUZZ_DATABASE", str(ROOT / ".hypothesis" / "fuzz-long"))}
     if args.seed is not None:
         env["RELIABILITY_SEED"] = str(args.seed)
+    # the crash run's worker logs and timings, to explain a failure after pytest's tmp dirs rotate
+    env.setdefault("RELIABILITY_KEEP_DIR", str(tmp / "crash"))
     rc = 0
     durations = {}
     for name in chosen:
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
         "fuzz_by_target": fuzz.get("inputs"),
         "pytest_exit": rc,
     }
+    report["kept"] = str(tmp)
     print(json.dumps(report, indent=1, default=str))
     return rc or (1 if lost or dup else 0)
 

@@ -12,6 +12,7 @@ payloads (webhook and Alertmanager) are scanned for patient ids and secrets.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -138,7 +139,9 @@ def repeat_report(v, first_at, second_at, kill_times, ledger_at_kill) -> list[di
         f = first_at.get(k)
         i = None if f is None else counting_kill(f, second_at.get(k, float("-inf")), kill_times)
         out.append({"key": k, "kill": i, "seconds_to_kill": None if i is None else round(kill_times[i] - f, 2),
-                    "on_ledger_at_kill": None if i is None else ledger_key(k) in ledger_at_kill[i]})
+                    "on_ledger_at_kill": None if i is None else ledger_key(k) in ledger_at_kill[i],
+                    # which worker sent each copy (w0 before the first SIGKILL, wN after the Nth)
+                    "senders": [f"w{bisect.bisect(kill_times, t)}" for t in (f, second_at.get(k)) if t is not None]})
     return out
 
 
@@ -180,7 +183,8 @@ def test_no_version_paged_twice_and_none_missing(crash_run):
     assert not unexplained, (
         f"{v.explain()}\nrepeats not explained by a SIGKILL (no SIGKILL between their copies, or their ledger "
         f"record was on the broker when the worker that sent the second copy started): {unexplained}; "
-        f"per repeat: {crash_run['repeats']}")
+        f"per repeat: {crash_run['repeats']}; failed attempts that were retried (a receiver's late answer): "
+        f"{crash_run['logs'].count('delivery to webhook failed')}")
     per_kill = Counter(r["kill"] for r in crash_run["repeats"] if r["key"] in in_flight)
     assert all(n <= DEFAULT_CONCURRENCY for n in per_kill.values()), (
         f"more repeats at one SIGKILL than deliveries that can await their ledger record: {per_kill}")

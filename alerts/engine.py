@@ -394,7 +394,9 @@ class Engine:
         """PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
         default (a range in another unit, an adult range for an infant) would silently move
         ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
-        ``range_check`` finding. Returns the entry to store."""
+        ``range_check`` finding. An upper limit of 0 or below is implausible too: no multiple of
+        it exists (every positive result would be "infinitely" above it, grade 4), so the
+        result is graded against the age default's ULN. Returns the entry to store."""
         rule = cp.range_check
         a = obs.analyte
         ranges = cp.ranges
@@ -404,7 +406,13 @@ class Engine:
         m = rule.max_ratio
         d_high = d_low = None
         bad = []
-        if high is not None and high > 0:
+        no_uln = False
+        if high is not None and high <= 0:
+            d_high = ranges.get(a, state, t, 3)
+            no_uln = bool(d_high)
+            if no_uln:
+                bad.append(("ULN", high, d_high))
+        elif high is not None:
             d_high = ranges.get(a, state, t, 3)
             span = ranges.plausible_high(a, state, t) if a in ranges.plausible else None
             if span is not None:  # an age band's own plausible ULNs
@@ -418,15 +426,16 @@ class Engine:
                 bad.append(("LLN", low, d_low))
         if not bad:
             return entry
-        new_high = high if high is None or d_high is None else min(high, d_high)
+        new_high = d_high if no_uln else high if high is None or d_high is None else min(high, d_high)
         new_low = low if low is None or d_low is None else max(low, d_low)
         unit = cp.units.get(a, "")
         said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() for n, v, d in bad)
         used = f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}"
         hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
                                        f"result's reference range is implausible: {said}; {used}")], t,
-                  extra=f"{a}@{t}", summary=f"{a}: the result's reference range differs from the protocol's "
-                                            f"age default by more than {m:g}x ({said}); {used}")
+                  extra=f"{a}@{t}", summary=f"{a}: the result's upper reference limit is not above 0 ({said}); {used}"
+                  if no_uln else f"{a}: the result's reference range differs from the protocol's "
+                                 f"age default by more than {m:g}x ({said}); {used}")
         self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
         return (t, entry[1], entry[2], new_low, new_high)
 

@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 from pydantic import ValidationError
 
 from schemas.alert import OPEN_STATUSES, Alert, AlertAction, HistoryEntry
+from schemas.errors import Rejected
 from schemas.events import DoseEvent, Observation, RETRACTING_STATUSES, SteroidEvent
+from schemas.ingest import check_patient_id
 from schemas.patients import PatientRecord
 
 log = logging.getLogger(__name__)
@@ -136,12 +138,19 @@ class InboxStore:
         return pv
 
     def _decoded(self, model: Any, raw: bytes | None) -> Any:
-        """``raw`` as a ``model``, or None (counted as invalid: the store skips it)."""
+        """``raw`` as a ``model``, or None (counted as invalid: the store skips it). A patient id
+        must meet ingest's rule (not empty, bounded, printable), as the clinical stage checks it
+        again: a record written past ingest must not show as a patient with no id."""
         try:
-            return model.model_validate_json(raw or b"")
-        except (ValidationError, ValueError):
+            return self._checked(model.model_validate_json(raw or b""))
+        except (ValidationError, ValueError, Rejected):
             self.counts["invalid"] += 1
             return None
+
+    @staticmethod
+    def _checked(obj: Any) -> Any:
+        check_patient_id(obj.patient_id)
+        return obj
 
     def apply_alert_bytes(self, raw: bytes | None) -> Alert | None:
         alert = self._decoded(Alert, raw)
@@ -226,8 +235,8 @@ class InboxStore:
             if isinstance(obj, dict) and "event" in obj and "type" not in obj:
                 obj = obj["event"]
             kind = obj.get("type") if isinstance(obj, dict) else None
-            ev = DoseEvent.model_validate(obj) if kind == "dose" else SteroidEvent.model_validate(obj)
-        except (ValidationError, ValueError, AttributeError):
+            ev = self._checked(DoseEvent.model_validate(obj) if kind == "dose" else SteroidEvent.model_validate(obj))
+        except (ValidationError, ValueError, AttributeError, Rejected):
             self.counts["invalid"] += 1
             return None
         self.apply_treatment(ev)

@@ -4,6 +4,7 @@ assumed one, said so), corrections and withdrawals applied, the newest kept unde
 only the points the timeline draws held per observation."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 from monitor.inbox.store import DEFAULT_ULN, InboxStore, TimelinePoint
@@ -58,3 +59,20 @@ def test_the_newest_observations_are_kept_under_the_cap_as_timeline_points():
     kept = list(store.patient(PID).observations.values())
     assert all(type(p) is TimelinePoint for p in kept)  # not the whole record (about 3 KB each)
     assert kept[0].analyte is kept[1].analyte  # one string shared by every point of an analyte
+
+
+def test_a_record_whose_patient_id_breaks_ingests_rule_is_counted_invalid_and_shows_no_patient():
+    # a record written to a topic past ingest: the inbox applies ingest's rule, as the clinical stage does
+    store = store_with()
+    held = set(store.patients)
+    for bad in ("", "   ", "P\x00nul", "P" * 129):
+        raw = obs(9, "alt", 120.0, 7).model_copy(update={"patient_id": bad}).model_dump_json().encode()
+        assert store.apply_observation_bytes(raw) is None
+        treatment = {"type": "steroid", "event_id": "s1", "patient_id": bad, "drug": "prednisolone",
+                     "dose_mg_per_kg_day": 1.0, "phase": "full", "at": DOSE.isoformat()}
+        assert store.apply_treatment_bytes(json.dumps(treatment).encode()) is None
+    assert store.counts["invalid"] == 8 and store.counts["observations"] == 0
+    assert set(store.patients) == held == {PID}
+    good = {"type": "steroid", "event_id": "s1", "patient_id": PID, "drug": "prednisolone",
+            "dose_mg_per_kg_day": 1.0, "phase": "full", "at": DOSE.isoformat()}
+    assert store.apply_treatment_bytes(json.dumps(good).encode()) is not None  # the same record with a good id

@@ -36,6 +36,11 @@ class Analyte:
     units: dict[str, UnitConversion] = field(hash=False, compare=False)
     monitored: bool = True
     unconfirmed: bool = False
+    #: the values the quantity can take, in the canonical unit (``valid`` in the catalogue;
+    #: default: not below 0, no upper bound). A value outside is dead-lettered as
+    #: ``implausible_value``, never judged: platelets of -40 are not a grade 4 count
+    valid_min: float | None = 0.0
+    valid_max: float | None = None
 
 
 def round_sig(value: float, digits: int = SIGNIFICANT_DIGITS, _isfinite=math.isfinite, _floor=math.floor,
@@ -92,6 +97,8 @@ class AnalyteCatalogue:
                 units=units,
                 monitored=spec.get("monitored", True),
                 unconfirmed=spec.get("unconfirmed", False),
+                valid_min=(spec.get("valid") or [0.0, None])[0],
+                valid_max=(spec.get("valid") or [0.0, None])[1],
             )
             if analyte.canonical_unit not in units:
                 raise ValueError(f"analyte {key}: canonical unit not among its units")

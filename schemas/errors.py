@@ -46,6 +46,9 @@ class Reason(StrEnum):
     HL7_PROCESSING_ID = "hl7_processing_id"
     UNKNOWN_LOCAL_CODE = "unknown_local_code"
     UNKNOWN_FIELD = "unknown_field"
+    #: a value outside what its quantity can take (below 0, SpO2 over 100 %, ACVPU over 4):
+    #: ``valid`` in ``schemas/data/analytes.yaml``
+    IMPLAUSIBLE_VALUE = "implausible_value"
 
 
 class Rejected(Exception):

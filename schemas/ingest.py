@@ -269,6 +269,13 @@ def _observation(observation_id, event_id, patient_id, loinc, value, unit, refer
         original_value = float(value)
         conv = cat.conversion(analyte, unit)
         canonical_value = _canonical(analyte, "value", original_value, unit, conv)
+        lo, hi = analyte.valid_min, analyte.valid_max
+        if ((lo is not None and canonical_value < lo) or (hi is not None and canonical_value > hi)) \
+                and status not in RETRACTING_STATUSES:  # (a withdrawal's value is not judged)
+            raise Rejected(Reason.IMPLAUSIBLE_VALUE,
+                           f"{analyte.key} {original_value:g}{' ' + unit if unit else ''} is outside what the "
+                           f"quantity can take ({'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}"
+                           f" {analyte.canonical_unit})")
     rr = None
     if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
         low, high = reference_range.low, reference_range.high

@@ -311,3 +311,10 @@ def test_local_code_observation_maps_through_the_source_map(tmp_path):
     with pytest.raises(Rejected) as ei:
         observations_from_fhir(other, received_at=NOW, limits=limits)
     assert ei.value.reason is Reason.UNKNOWN_LOCAL_CODE and "'ALAT'" in ei.value.message
+
+
+def test_a_haemoglobin_below_zero_is_implausible():
+    obs = hb()
+    obs["valueQuantity"]["value"] = -7.2
+    err = rejected(obs)
+    assert err.reason == Reason.IMPLAUSIBLE_VALUE and "hemoglobin -7.2" in err.message

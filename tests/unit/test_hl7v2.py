@@ -164,7 +164,7 @@ def test_bad_status(code):
 
 
 @pytest.mark.parametrize("vtype, value, expected", [
-    ("NM", "55", 55.0), ("NM", " 55.5 ", 55.5), ("NM", "-1", -1.0), ("SN", "^182", 182.0), ("SN", "=^7", 7.0),
+    ("NM", "55", 55.0), ("NM", " 55.5 ", 55.5), ("NM", "+1", 1.0), ("NM", "-0", 0.0), ("SN", "^182", 182.0), ("SN", "=^7", 7.0),
 ])
 def test_values(vtype, value, expected):
     assert parse(msg(vtype=vtype, value=value))[0].value == expected
@@ -456,3 +456,8 @@ def test_maps_check_command_exit_codes(tmp_path, capsys):
     assert "ok" in capsys.readouterr().out
     assert main(["maps", "check", str(good), str(bad)]) == 1
     assert "9999-9" in capsys.readouterr().out
+
+
+def test_a_negative_alt_is_implausible_and_answered_as_a_data_type_error():
+    err = rejected(msg(value="-55"))
+    assert err.reason == Reason.IMPLAUSIBLE_VALUE and "alt -55 U/L" in err.message

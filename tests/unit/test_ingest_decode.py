@@ -195,3 +195,25 @@ def test_a_finite_value_without_a_finite_canonical_value_is_rejected_as_non_fini
 def test_the_largest_values_that_convert_are_kept():
     [obs] = decode("lab-results", lab(value=1.7e308, reference_range={"low": 0, "high": 1e300}), received_at=NOW)
     assert obs.value == 1.7e308 and obs.reference_range.high == 1e300
+
+
+@pytest.mark.parametrize("kind,raw,said", [
+    ("lab-results", lab(value=-5), "alt -5 U/L is outside what the quantity can take (0.. U/L)"),
+    ("lab-results", lab(loinc="777-3", value=-40, unit="10*9/L", reference_range=None), "platelets -40"),
+    ("vital-signs", json.dumps({"event_id": "v1", "patient_id": "p1", "loinc": "59408-5", "value": 101,
+                                "unit": "%", "effective_at": T, "source": "monitor"}).encode(), "spo2 101 %"),
+    ("vital-signs", json.dumps({"event_id": "v1", "patient_id": "p1", "loinc": "67775-7", "value": 5,
+                                "unit": "{ACVPU}", "effective_at": T, "source": "monitor"}).encode(), "(0..4 {ACVPU})"),
+])
+def test_a_value_its_quantity_cannot_take_is_implausible_not_judged(kind, raw, said):
+    # platelets of -40 were judged as a grade 4 count, an ACVPU of 5 or SpO2 of 101 % scored
+    with pytest.raises(Rejected) as ei:
+        decode(kind, raw, received_at=NOW)
+    assert ei.value.reason == Reason.IMPLAUSIBLE_VALUE and said in ei.value.message
+
+
+@pytest.mark.parametrize("kw", [dict(value=0), dict(value=0.0, unit="ukat/L"),
+                                dict(value=-5, status="entered-in-error")])
+def test_the_bounds_themselves_and_a_withdrawals_value_pass(kw):
+    [obs] = decode("lab-results", lab(**kw), received_at=NOW)
+    assert obs.value == kw["value"]

@@ -224,6 +224,29 @@ def _canonical(analyte, what: str, x: float, unit: str | None, conv) -> float:
     return out
 
 
+def _check_bounds(analyte, canonical_value: float, original_value: float | None, unit: str | None,
+                  status) -> None:
+    """A value outside what its quantity can take (``valid`` in the catalogue) is rejected as
+    ``implausible_value``; a withdrawal's value is not judged, so it passes."""
+    lo, hi = analyte.valid_min, analyte.valid_max
+    if ((lo is not None and canonical_value < lo) or (hi is not None and canonical_value > hi)) \
+            and status not in RETRACTING_STATUSES:
+        shown = canonical_value if original_value is None else original_value
+        raise Rejected(Reason.IMPLAUSIBLE_VALUE,
+                       f"{analyte.key} {shown:g}{' ' + unit if unit else ''} is outside what the "
+                       f"quantity can take ({'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}"
+                       f" {analyte.canonical_unit})")
+
+
+def check_value(obs: Observation) -> None:
+    """Ingest's value bounds (``_check_bounds``), which the clinical stage applies again to the
+    observations it reads: the stream may hold records ingest did not write."""
+    if obs.value is not None:
+        analyte = catalogue().by_key.get(obs.analyte)
+        if analyte is not None:
+            _check_bounds(analyte, obs.value, None, obs.unit, obs.status)  # the value judged, as judged
+
+
 def check_patient_id(patient_id: str) -> None:
     """A patient id is not empty, and bounded and printable whatever the wire format (review
     L5: an HL7 PID-3 of 100 KB with NUL and unit separators used to be accepted). Ingest's
@@ -270,12 +293,8 @@ def _observation(observation_id, event_id, patient_id, loinc, value, unit, refer
         conv = cat.conversion(analyte, unit)
         canonical_value = _canonical(analyte, "value", original_value, unit, conv)
         lo, hi = analyte.valid_min, analyte.valid_max
-        if ((lo is not None and canonical_value < lo) or (hi is not None and canonical_value > hi)) \
-                and status not in RETRACTING_STATUSES:  # (a withdrawal's value is not judged)
-            raise Rejected(Reason.IMPLAUSIBLE_VALUE,
-                           f"{analyte.key} {original_value:g}{' ' + unit if unit else ''} is outside what the "
-                           f"quantity can take ({'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}"
-                           f" {analyte.canonical_unit})")
+        if (lo is not None and canonical_value < lo) or (hi is not None and canonical_value > hi):
+            _check_bounds(analyte, canonical_value, original_value, unit, status)
     rr = None
     if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
         low, high = reference_range.low, reference_range.high

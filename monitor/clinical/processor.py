@@ -33,7 +33,7 @@ from schemas.alert import Alert, AlertAction
 from schemas.errors import Reason, Rejected
 from schemas.events import Observation
 from schemas.findings import Finding
-from schemas.ingest import Limits, check_patient_id, decode
+from schemas.ingest import Limits, check_patient_id, check_value, decode
 
 from ..actions_auth import ActionAuthority
 from ..dlq import dead_letter_headers
@@ -239,7 +239,8 @@ class ClinicalProcessor:
         handoff = self.handoff
         obs = (Observation.model_validate_json(rec.value) if handoff is None
                else handoff.decode(rec.value))
-        check_patient_id(obs.patient_id)  # ingest's rule: the stream may hold records it did not write
+        check_patient_id(obs.patient_id)  # ingest's rules: the stream may hold records it did not write
+        check_value(obs)
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
         self._touched = obs.patient_id

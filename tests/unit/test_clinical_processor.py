@@ -382,6 +382,23 @@ def test_a_record_on_the_stream_with_a_patient_id_ingest_refuses_is_a_dead_lette
     assert len(store) == 0 and store.changed_count() == 0
 
 
+def test_a_value_on_the_stream_its_quantity_cannot_take_is_a_dead_letter(engine, lifecycle):
+    """Ingest's value bounds hold for records on the stream that ingest did not write: a
+    platelet count of -40 used to be judged (grade 4, critical)."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream()
+    now = at(8)
+    for analyte, value in (("platelets", -40.0), ("alt", -5.0)):
+        bad = obs(analyte, 100, 7, patient="p1").model_copy(update={"value": value}).model_dump_json()
+        h = _dead_letter(p.process([s._rec("p1", bad.encode())], now))
+        assert h["dlq.reason"] == "implausible_value" and f"{analyte} {value:g}" in h["dlq.message"]
+    assert len(store) == 0 and store.changed_count() == 0
+    good = obs("platelets", 40, 7, patient="p1").model_dump_json()
+    assert not any(o.topic == "dead-letter" for o in p.process([s._rec("p1", good.encode())], now))
+    assert len(store) == 1
+
+
 def test_an_action_for_a_patient_not_held_adds_no_patient(engine, lifecycle):
     """An action naming a patient the store does not hold is refused without creating that
     patient: before, an empty patient stayed in memory, counted as monitored and ticked."""

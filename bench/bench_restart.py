@@ -50,6 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--labs", type=int, default=6)
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
+    ap.add_argument("--probe-seconds", type=float, default=0.0,
+                    help="after the first new alert, publish a new patient's dose and an alerting lab result "
+                         "every --probe-every seconds for this long, through the worker's first clock passes "
+                         "(TICK_INTERVAL_SECONDS=30) and the checkpoints after them, and report publish -> alert "
+                         "of each (to the alert record's create time; the stalls a restart leaves behind readiness)")
+    ap.add_argument("--probe-every", type=float, default=0.25)
     a = ap.parse_args(argv)
     prefix = f"bench-restart-{uuid.uuid4().hex[:6]}"
     topics = {short: f"{prefix}.{short}" for short in SERVICE_TOPICS.values()}
@@ -132,6 +138,8 @@ def main(argv=None) -> int:
               f"ready after {ready_s:.2f}s, first new alert after {alert_s:.2f}s; peak RSS {w2.peak_rss_mb():.0f} MiB")
         for ln in restore:
             print("  worker log:", ln.split("monitor.clinical.runner", 1)[-1].strip())
+        if a.probe_seconds > 0:
+            probe_latencies(a, topics, reader, d0, now, t_start, w2)
         return 0
     finally:
         for c in children:
@@ -142,6 +150,53 @@ def main(argv=None) -> int:
         except Exception as exc:
             print(f"cleanup: {exc}", file=sys.stderr)
         kafka.close()
+
+
+def probe_latencies(a, topics: dict, reader, d0: datetime, now: datetime, t_start: float, worker) -> None:
+    """Publish -> alert of a new patient's alerting result, one every ``--probe-every`` s."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=a.bootstrap, acks="all", linger_ms=0)
+    sent: dict[str, float] = {}  # monotonic, for the pacing and the report
+    published: dict[str, float] = {}  # wall clock, against the alert record's create time
+    got: dict[str, float] = {}
+    try:
+        t_end = time.monotonic() + a.probe_seconds
+        k = 0
+        while time.monotonic() < t_end or (len(got) < len(sent) and time.monotonic() < t_end + 30):
+            if time.monotonic() < t_end and (
+                    not sent or time.monotonic() - max(sent.values()) >= a.probe_every):
+                pid = f"RB-P{k:05d}"
+                k += 1
+                published[pid] = time.time()
+                producer.send(topics["treatments"], key=pid.encode(), value=json.dumps(dose(pid, d0)).encode())
+                producer.send(topics["lab-results"], key=pid.encode(),
+                              value=json.dumps(lab(pid, f"{pid}-l", 400, now - timedelta(hours=1))).encode())
+                producer.flush()
+                sent[pid] = time.monotonic()
+            for batch in reader.poll(timeout_ms=20).values():
+                for m in batch:
+                    pid = m.key.decode() if m.key else None  # alerts are keyed by patient id
+                    if pid in sent and pid not in got:
+                        # the alert record's create time (set by the worker's producer): the
+                        # reader's own lag behind a flood of alerts is not counted
+                        got[pid] = sent[pid] + (m.timestamp / 1000 - published[pid])
+            if not worker.alive():
+                raise SystemExit(f"second worker exited\n{worker.tail()}")
+    finally:
+        producer.close()
+    lat = sorted((got[p] - sent[p]) * 1000 for p in got)
+    slow = sorted(((sent[p] - t_start, (got[p] - sent[p]) * 1000) for p in got if got[p] - sent[p] > 0.5))
+    missing = len(sent) - len(got)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
+    print(f"probe: {len(sent)} results over {a.probe_seconds:.0f}s after the first new alert, {missing} without an "
+          f"alert; publish -> alert p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms, max {lat[-1] if lat else 0:.0f} ms",
+          flush=True)
+    for at, ms in slow:
+        print(f"  over 500 ms: published {at:.1f}s after the start, {ms:.0f} ms")
 
 
 if __name__ == "__main__":

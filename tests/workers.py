@@ -106,6 +106,22 @@ async def until(task, condition, what: str, seconds: float = 60, poll: float = 0
         await asyncio.sleep(poll)
 
 
+def durable_to(runner, store, tp, n: int) -> bool:
+    """A runner test's end: the stream committed to offset ``n`` with nothing pending, marked,
+    being encoded or being written."""
+    return (runner.positions.committed.get(tp) == n and not runner.pending and runner._collecting is None
+            and not store.changed_count() and runner._persist_task is None)
+
+
+async def stop_runner(runner, task) -> None:
+    """Stop a runner test's runner and its ``run()`` task."""
+    import asyncio
+
+    await runner.stop()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def service_env(topics: dict[str, str], app_id: str, **extra: str) -> dict[str, str]:
     """Environment naming the test's topics (``topics`` maps short name -> real name) and
     the secrets the worker needs (``PSEUDONYM_SECRET``; override through ``extra``)."""

@@ -20,7 +20,7 @@ from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
 from monitor.worker import lifecycle_config
-from workers import runner_settings, until as wait_until
+from workers import durable_to, runner_settings, stop_runner, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,13 +80,9 @@ def test_an_idle_checkpoint_encodes_a_slice_per_poll_and_writes_every_patient_on
                     "platelets", 40, 5, low=150, high=450, patient=pid, oid=f"{pid}-r").model_dump_json().encode())
                 n += 2
             producer.flush()
-            await wait_until(task, lambda: runner.positions.committed.get(tp) == n and not runner.pending
-                             and runner._collecting is None and not store.changed_count()
-                             and runner._persist_task is None, "the stream committed to its end")
+            await wait_until(task, lambda: durable_to(runner, store, tp, n), "the stream committed to its end")
         finally:
-            await runner.stop()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await stop_runner(runner, task)
             producer.close()
 
     asyncio.run(run())

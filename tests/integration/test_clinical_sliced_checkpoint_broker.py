@@ -18,7 +18,7 @@ from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
 from monitor.worker import lifecycle_config
-from workers import runner_settings, until as wait_until
+from workers import durable_to, runner_settings, stop_runner, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,13 +85,9 @@ def test_a_due_checkpoint_is_encoded_in_slices_and_commits_only_what_its_values_
                     producer.flush()
                     n = sent["n"]
                     await until(lambda: runner.processed >= n, "a result processed")
-            await until(lambda: runner.positions.committed.get(tp) == sent["n"] and not runner.pending
-                        and runner._collecting is None and not store.changed_count()
-                        and runner._persist_task is None, "the stream committed to its end")
+            await until(lambda: durable_to(runner, store, tp, sent["n"]), "the stream committed to its end")
         finally:
-            await runner.stop()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await stop_runner(runner, task)
             producer.close()
 
     asyncio.run(run())

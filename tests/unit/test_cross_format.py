@@ -10,10 +10,11 @@ import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from schemas.analytes import catalogue
+from schemas.errors import Reason, Rejected
 from schemas.ingest import decode
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -122,9 +123,26 @@ def canonical(raw: bytes, topic: str = "lab-results"):
     return o
 
 
+def reason_of(raw: bytes):
+    """The reason ``raw`` is refused for, or None."""
+    try:
+        canonical(raw)
+    except Rejected as rej:
+        return rej.reason
+    return None
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lab_values())
+@example({"loinc": "2708-6", "unit": "%", "value": Decimal("100.001"), "low": None, "high": None,
+          "when": datetime(2020, 1, 1, tzinfo=timezone.utc), "status": "amended", "flag": None,
+          "patient": "0", "order": "0", "fid": "0"})
 def test_json_fhir_hl7_agree(v):
+    refused = {reason_of(raw) for raw in (as_fhir(v), as_json(v, v["fid"]), as_hl7(v))}
+    if refused != {None}:
+        # a value its quantity cannot take (SpO2 over 100 %) is refused alike in every format
+        assert refused == {Reason.IMPLAUSIBLE_VALUE}, (refused, v)
+        return
     fhir_obs = canonical(as_fhir(v))
     json_for_fhir = canonical(as_json(v, v["fid"]))
     assert fhir_obs.format == "fhir" and json_for_fhir.format == "json"

@@ -689,18 +689,23 @@ class ClinicalRunner(ConsumerRebalanceListener):
                     or self.store.changed_count())
 
     async def _flush(self, wait: bool = True) -> set[int]:
-        """Checkpoint now and wait for its changelog (under the lock; ``wait=False``: start it
-        and return, its result is taken later); the partitions to restore, if any: on a
-        failure, every partition with work that is not durable (its pending offsets are
-        dropped). A batch interrupted before its outputs were acknowledged (cancelled) is
-        never checkpointed: its partitions and the pending ones are given up instead."""
+        """Checkpoint now and wait for its changelog (under the lock; ``wait=False``: encode
+        the next ``ENCODE_SLICE`` of its patients, starting it if none is being encoded, and
+        return: the write starts once all are, its result is taken later); the partitions to
+        restore, if any: on a failure, every partition with work that is not durable (its
+        pending offsets are dropped). A batch interrupted before its outputs were acknowledged
+        (cancelled) is never checkpointed: its partitions and the pending ones are given up
+        instead."""
         failed = await self._settle()
         if self._unacknowledged:
             return failed | self._discard_pending()
         if not failed and self._undurable():
-            self._checkpoint()
             if not wait:
+                if self._collecting is None:
+                    self._begin_checkpoint()
+                self._encode_slice()
                 return set()
+            self._checkpoint()
             failed = await self._settle()
         if failed:
             failed |= self._discard_pending()
@@ -720,15 +725,7 @@ class ClinicalRunner(ConsumerRebalanceListener):
         async with self._lock:
             if self._persist_task is not None and not self._persist_task.done():
                 return
-            failed = await self._settle()
-            if self._unacknowledged:  # (never at an idle poll: as ``_flush``)
-                failed |= self._discard_pending()
-            elif not failed and self._undurable():
-                if self._collecting is None:
-                    self._begin_checkpoint()
-                self._encode_slice()
-            elif failed:
-                failed |= self._discard_pending()
+            failed = await self._flush(wait=False)
             if failed:
                 await self._roll_back(failed, CHANGELOG_REFUSED)
 

@@ -406,14 +406,12 @@ class Engine:
         m = rule.max_ratio
         d_high = d_low = None
         bad = []
-        no_uln = False
-        if high is not None and high <= 0:
+        if high is not None:
             d_high = ranges.get(a, state, t, 3)
-            no_uln = bool(d_high)
-            if no_uln:
-                bad.append(("ULN", high, d_high))
-        elif high is not None:
-            d_high = ranges.get(a, state, t, 3)
+        no_uln = high is not None and high <= 0 and bool(d_high)
+        if no_uln:
+            bad.append(("ULN", high, d_high))
+        elif high is not None and high > 0:
             span = ranges.plausible_high(a, state, t) if a in ranges.plausible else None
             if span is not None:  # an age band's own plausible ULNs
                 if not (span[0] <= high <= span[1]):

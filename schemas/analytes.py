@@ -88,6 +88,7 @@ class AnalyteCatalogue:
                 u: UnitConversion(float(c["factor"]), float(c.get("offset", 0.0)))
                 for u, c in spec["units"].items()
             }
+            valid_min, valid_max = spec.get("valid") or [0.0, None]
             analyte = Analyte(
                 key=key,
                 name=spec["name"],
@@ -97,8 +98,8 @@ class AnalyteCatalogue:
                 units=units,
                 monitored=spec.get("monitored", True),
                 unconfirmed=spec.get("unconfirmed", False),
-                valid_min=(spec.get("valid") or [0.0, None])[0],
-                valid_max=(spec.get("valid") or [0.0, None])[1],
+                valid_min=valid_min,
+                valid_max=valid_max,
             )
             if analyte.canonical_unit not in units:
                 raise ValueError(f"analyte {key}: canonical unit not among its units")

@@ -292,9 +292,7 @@ def _observation(observation_id, event_id, patient_id, loinc, value, unit, refer
         original_value = float(value)
         conv = cat.conversion(analyte, unit)
         canonical_value = _canonical(analyte, "value", original_value, unit, conv)
-        lo, hi = analyte.valid_min, analyte.valid_max
-        if (lo is not None and canonical_value < lo) or (hi is not None and canonical_value > hi):
-            _check_bounds(analyte, canonical_value, original_value, unit, status)
+        _check_bounds(analyte, canonical_value, original_value, unit, status)
     rr = None
     if reference_range is not None and (reference_range.low is not None or reference_range.high is not None):
         low, high = reference_range.low, reference_range.high

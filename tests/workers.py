@@ -106,6 +106,20 @@ async def until(task, condition, what: str, seconds: float = 60, poll: float = 0
         await asyncio.sleep(poll)
 
 
+def runner_processor(s, store, clock_settle_seconds: float = 3600):
+    """A runner test's clinical processor: the shipped protocols, ``s``'s lifecycle settings and
+    output topics, and ``store``."""
+    from alerts.engine import Engine
+    from alerts.protocol import default_protocols
+    from monitor.clinical.processor import ClinicalProcessor
+    from monitor.worker import lifecycle_config
+
+    protocols = default_protocols()
+    return ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
+                             findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
+                             dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=clock_settle_seconds)
+
+
 def durable_to(runner, store, tp, n: int) -> bool:
     """A runner test's end: the stream committed to offset ``n`` with nothing pending, marked,
     being encoded or being written."""

@@ -17,14 +17,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from kafka import KafkaProducer
 
-from alerts.engine import Engine
-from alerts.protocol import default_protocols
 from alerts.testkit import T0, dose, obs
-from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
+from monitor.clinical.processor import KIND_TREATMENT, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
-from monitor.worker import lifecycle_config
-from workers import runner_settings, until as wait_until
+from workers import runner_processor, runner_settings, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +37,8 @@ def test_a_clock_alert_does_not_wait_for_the_changelog_and_is_written_once_the_i
 
     prefix = f"clk{uuid.uuid4().hex[:8]}"
     s, topics = runner_settings(kafka_bootstrap, prefix, topic_factory)
-    protocols = default_protocols()
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
-                                  findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
-                                  dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=0)
+    processor = runner_processor(s, store, clock_settle_seconds=0)
     now = datetime.now(timezone.utc)
     d0 = now - timedelta(days=20)
     # weekly liver tests, the last 8 days ago: due again 7 days + 24 h grace after it, i.e. an

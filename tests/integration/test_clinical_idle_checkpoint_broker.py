@@ -13,14 +13,11 @@ import uuid
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from alerts.engine import Engine
-from alerts.protocol import default_protocols
 from alerts.testkit import dose, obs
-from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
+from monitor.clinical.processor import KIND_TREATMENT, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
-from monitor.worker import lifecycle_config
-from workers import durable_to, runner_settings, stop_runner, until as wait_until
+from workers import durable_to, runner_processor, runner_settings, stop_runner, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +32,8 @@ def test_an_idle_checkpoint_encodes_a_slice_per_poll_and_writes_every_patient_on
     s, topics = runner_settings(kafka_bootstrap, prefix, topic_factory, partitions=1)
     # never due by time or size while batches come: the checkpoint is the idle poll's
     s = s.model_copy(update={"clinical_checkpoint_interval_seconds": 3600.0})
-    protocols = default_protocols()
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
-                                  findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
-                                  dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=3600)
+    processor = runner_processor(s, store)
     stream = topics["observations"]
     tp = TopicPartition(stream, 0)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")

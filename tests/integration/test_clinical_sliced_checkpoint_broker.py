@@ -11,14 +11,11 @@ import uuid
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from alerts.engine import Engine
-from alerts.protocol import default_protocols
 from alerts.testkit import dose, obs
-from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
+from monitor.clinical.processor import KIND_TREATMENT, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore, decode
-from monitor.worker import lifecycle_config
-from workers import durable_to, runner_settings, stop_runner, until as wait_until
+from workers import durable_to, runner_processor, runner_settings, stop_runner, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +30,8 @@ def test_a_due_checkpoint_is_encoded_in_slices_and_commits_only_what_its_values_
     prefix = f"slc{uuid.uuid4().hex[:8]}"
     s, topics = runner_settings(kafka_bootstrap, prefix, topic_factory, partitions=1)
     s = s.model_copy(update={"clinical_checkpoint_interval_seconds": 0.0})  # due after every batch
-    protocols = default_protocols()
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
-                                  findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
-                                  dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=3600)
+    processor = runner_processor(s, store)
     stream = topics["observations"]
     tp = TopicPartition(stream, 0)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")

@@ -14,17 +14,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
-from alerts.engine import Engine
-from alerts.protocol import default_protocols
 from alerts.testkit import obs
 from monitor.clinical.own_writes import OwnWrites, StreamRecord
-from monitor.clinical.processor import ClinicalProcessor
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import InMemoryPatientStore
 from monitor.ingest import IngestService
 from monitor.settings import Settings
-from monitor.worker import lifecycle_config
-from workers import raw_alt, raw_dose, until as wait_until
+from workers import raw_alt, raw_dose, runner_processor, until as wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +41,8 @@ def test_own_writes_and_another_writers_records_are_each_processed_once_in_offse
                  topic_dead_letter=topics["dead-letter"], topic_patient_changelog=topics["patients-changelog"],
                  clinical_checkpoint_interval_seconds=0.2)
     stream = topics["observations"]
-    protocols = default_protocols()
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
-                                  findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
-                                  dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=3600)
+    processor = runner_processor(s, store)
     seen: dict[int, list[tuple[int, str]]] = {0: [], 1: []}  # partition -> (offset, how it came)
     values: dict[tuple[int, int], bytes] = {}  # (partition, offset) -> the value processed
     process = processor.process

@@ -17,17 +17,14 @@ import uuid
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
-from alerts.engine import Engine
 from alerts.lifecycle import AlertBook
-from alerts.protocol import default_protocols
 from alerts.state import PatientState
 from alerts.testkit import dose, obs
-from monitor.clinical.processor import KIND_TREATMENT, ClinicalProcessor, routed_headers
+from monitor.clinical.processor import KIND_TREATMENT, routed_headers
 from monitor.clinical.runner import ClinicalRunner
 from monitor.clinical.store import FORMAT_VERSION, InMemoryPatientStore, encode
 from monitor.metrics import REGISTRY
-from monitor.worker import lifecycle_config
-from workers import runner_settings, until
+from workers import runner_processor, runner_settings, until
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +55,8 @@ def test_an_unreadable_patient_is_dead_lettered_and_counted_the_others_judged(ka
     producer.flush()
     producer.close()
 
-    protocols = default_protocols()
     store = InMemoryPatientStore()
-    processor = ClinicalProcessor(Engine(protocols), lifecycle_config(protocols, s), store,
-                                  findings_topic=s.topic_findings, alerts_topic=s.topic_alerts,
-                                  dead_letter_topic=s.topic_dead_letter, clock_settle_seconds=0.0)
+    processor = runner_processor(s, store, clock_settle_seconds=0.0)
 
     async def run() -> float:
         runner = ClinicalRunner(s, processor, store)

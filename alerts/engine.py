@@ -396,21 +396,23 @@ class Engine:
         ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
         ``range_check`` finding. An upper limit of 0 or below is implausible too: no multiple of
         it exists (every positive result would be "infinitely" above it, grade 4), so the
-        result is graded against the age default's ULN. Returns the entry to store."""
+        result is graded against the age default's ULN, or, where the protocol has none for
+        the patient's age, against no ULN at all (its ULN-based grades are not given, and the
+        finding says so). Returns the entry to store."""
         rule = cp.range_check
         a = obs.analyte
         ranges = cp.ranges
-        if a not in ranges.by_analyte:
-            return entry  # no age default to compare with
         t, _, _, low, high = entry
+        no_uln = high is not None and high <= 0 and (a in ranges.by_analyte or a in cp.by_analyte)
+        if a not in ranges.by_analyte and not no_uln:
+            return entry  # no age default to compare with
         m = rule.max_ratio
         d_high = d_low = None
         bad = []
         if high is not None:
             d_high = ranges.get(a, state, t, 3)
-        no_uln = high is not None and high <= 0 and bool(d_high)
         if no_uln:
-            bad.append(("ULN", high, d_high))
+            bad.append(("ULN", high, d_high or None))
         elif high is not None and high > 0:
             span = ranges.plausible_high(a, state, t) if a in ranges.plausible else None
             if span is not None:  # an age band's own plausible ULNs
@@ -424,11 +426,14 @@ class Engine:
                 bad.append(("LLN", low, d_low))
         if not bad:
             return entry
-        new_high = d_high if no_uln else high if high is None or d_high is None else min(high, d_high)
+        new_high = (d_high or None) if no_uln else high if high is None or d_high is None else min(high, d_high)
         new_low = low if low is None or d_low is None else max(low, d_low)
         unit = cp.units.get(a, "")
-        said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() for n, v, d in bad)
-        used = f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}"
+        said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() if d is not None
+                         else f"{n} {_fmt(v)} {unit}".rstrip() + ", no default for this age" for n, v, d in bad)
+        used = (f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}" if new_high is not None or not no_uln
+                else "not graded against a ULN (the protocol has no default ULN for this patient's age): "
+                     "send the lab's range")
         hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
                                        f"result's reference range is implausible: {said}; {used}")], t,
                   extra=f"{a}@{t}", summary=f"{a}: the result's upper reference limit is not above 0 ({said}); {used}"

@@ -734,18 +734,3 @@ def summarise(p: Protocol) -> str:
     if missing:
         lines.append("missing stable rule ids: " + ", ".join(missing))
     return "\n".join(lines)
-
-
-def check_protocol_file(path: str | Path) -> tuple[bool, str]:
-    """Validate ``path``; return (ok, summary or the error list). For ``monitor protocol check``."""
-    try:
-        p = load_protocol(path)
-    except ProtocolError as exc:
-        return False, f"{path}: invalid protocol\n" + "\n".join(f"  {m}" for m in exc.messages)
-    try:
-        from .rules import compile_protocol
-
-        compile_protocol(p)
-    except Exception as exc:  # a compile failure is a protocol defect, report it
-        return False, f"{path}: protocol does not compile: {exc}"
-    return True, summarise(p)

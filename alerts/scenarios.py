@@ -5,7 +5,7 @@ A scenario (one YAML file, format in the README "Protocol tests" section and in
 alerts expected at given times. :func:`run_scenario` feeds it, in arrival order, through
 exactly what the worker runs, without Kafka:
 
-- typed ``lab:`` / ``vital:`` events are built with ``schemas.ingest.build_observation``
+- typed ``lab:`` / ``vital:`` events are built with ``schemas.canonical.build_observation``
   (the real unit and range conversion); raw ``json:`` / ``fhir:`` / ``hl7:`` events go
   through ``schemas.ingest.decode`` exactly as from an input topic (a rejection is a dead
   letter, checkable with ``dead_letters:``). Every observation is round-tripped through its

@@ -1,6 +1,6 @@
 """Builders for clinical scenarios (tests, benchmarks, demos). Pure, no Kafka.
 
-Observations are made with ``schemas.ingest.build_observation`` so units and reference
+Observations are made with ``schemas.canonical.build_observation`` so units and reference
 ranges go through the real conversion, exactly as from a lab feed.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ wall time) for the processor and the changelog encoding, and the sizes of the al
 versions and changelog values it produced.
 
 The process runs with the worker's garbage-collector settings
-(``monitor.cli.tune_garbage_collector``), as ``monitor worker`` does: with CPython's
+(``monitor.gc_tuning.tune_garbage_collector``), as ``monitor worker`` does: with CPython's
 defaults, decoding 10,000 restored patients took 4.7 s instead of 2.5 s (the collector
 walks the growing set of decoded patients again and again) and the alert-churn record 6 %
 more. ``--python-gc-defaults`` measures with CPython's defaults instead.
@@ -47,7 +47,7 @@ from alerts.protocol import default_protocols  # noqa: E402
 from monitor import simulate as sim  # noqa: E402
 from monitor.clinical.processor import ClinicalProcessor  # noqa: E402
 from monitor.clinical.store import InMemoryPatientStore  # noqa: E402
-from monitor.cli import tune_garbage_collector  # noqa: E402
+from monitor.gc_tuning import tune_garbage_collector  # noqa: E402
 from monitor.ingest import Ingest  # noqa: E402
 from monitor.settings import Settings  # noqa: E402
 from monitor.worker import lifecycle_config  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                     help="batches per changelog encoding (the runner encodes after every batch and writes once per "
                          "CLINICAL_CHECKPOINT_INTERVAL_SECONDS; K > 1 measures deferring the encoding too)")
     ap.add_argument("--python-gc-defaults", action="store_true",
-                    help="CPython's garbage-collector settings, not the worker's (monitor.cli.tune_garbage_collector)")
+                    help="CPython's garbage-collector settings, not the worker's (monitor.gc_tuning.tune_garbage_collector)")
     a = ap.parse_args(argv)
     if not a.python_gc_defaults:
         tune_garbage_collector()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from outbox_samples import alert_version, commit_without_index, paged_alert  # noqa: E402
 from common import Kafka  # noqa: E402
 
-from monitor.cli import tune_garbage_collector  # noqa: E402
+from monitor.gc_tuning import tune_garbage_collector  # noqa: E402
 from monitor.notify import open_alerts  # noqa: E402
 from monitor.notify.outbox import DeliveryService  # noqa: E402
 from monitor.settings import Settings  # noqa: E402

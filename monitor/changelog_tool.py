@@ -82,9 +82,9 @@ def format_report(report: Report) -> str:
 
 
 def cmd_check(args) -> int:
-    from .cli import _settings
+    from .settings import get_settings
 
-    report = check(_settings(), timeout=args.timeout)
+    report = check(get_settings(), timeout=args.timeout)
     if args.json:
         print(json.dumps({"topic": report.topic, "records": report.records, "patients": report.patients,
                           "unreadable": [asdict(u) for u in report.unreadable]}))

@@ -126,7 +126,7 @@ class IngestProcess:
 
 # ---------------------------------------------------------------------- the process itself
 async def _serve(relay) -> int:
-    from .cli import tune_garbage_collector
+    from .gc_tuning import tune_garbage_collector
     from .ingest import COUNTERS, IngestService
     from .settings import get_settings
 

@@ -3,7 +3,7 @@
 Parsed with the ``fhir.resources.R4B`` models (R4B is wire-compatible with R4 for
 Observation and Bundle). fhir.resources does not enforce required bindings, so this
 module checks what it lets through: the status, the LOINC coding and the UCUM unit.
-Every observation is built with :func:`schemas.ingest.build_observation`, so a value
+Every observation is built with :func:`schemas.canonical.build_observation`, so a value
 sent as FHIR becomes exactly the observation the same value sent as JSON or HL7 v2
 becomes (apart from ``format`` and ``received_at``).
 
@@ -71,6 +71,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .analytes import catalogue
+from .canonical import DEFAULT_LIMITS, build_observation, panel_observation_id
 from .errors import Reason, Rejected
 from .events import Observation, ReferenceRange, ResultStatus
 
@@ -126,7 +127,6 @@ def observations_from_fhir(
 
 def parse_fhir(obj: Any, *, received_at: datetime, limits=None, source: str | None = None) -> FhirResult:
     """Like :func:`observations_from_fhir` but also reports skipped results."""
-    from .ingest import DEFAULT_LIMITS
 
     limits = limits or DEFAULT_LIMITS
     try:
@@ -247,7 +247,6 @@ def _observation(
     *,
     in_bundle: bool,
 ) -> None:
-    from .ingest import build_observation
 
     status = _status(res.status, oid)
     patient_id = _patient_id(res, patients, oid)
@@ -320,7 +319,6 @@ def _observation(
             raise Rejected(Reason.FHIR_INVALID, f"Observation {oid} lists component {analyte.key} twice")
         seen.add(analyte.key)
         value, unit = _quantity(comp.valueQuantity, c_value, f"{oid} component[{i}]", cmap)
-        from .ingest import panel_observation_id
 
         out.observations.append(
             build_observation(

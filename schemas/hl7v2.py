@@ -3,7 +3,7 @@
 Parsed with the ``hl7`` package after normalising the text: MLLP framing bytes are
 stripped and ``\\r\\n`` / ``\\n`` segment separators become ``\\r`` (``hl7`` silently
 reads a ``\\n``-separated message as ONE segment). Every observation is built with
-:func:`schemas.ingest.build_observation`.
+:func:`schemas.canonical.build_observation`.
 
 Decisions:
 
@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 
 from .analytes import catalogue
+from .canonical import DEFAULT_HL7_LIMITS, DEFAULT_LIMITS, Hl7Limits, build_observation  # noqa: F401
 from .errors import Reason, Rejected
 from .events import Observation, ReferenceRange, ResultStatus
 
@@ -151,19 +152,6 @@ def normalise(text: str) -> str:
 # bounded ``maxsplit``. Unread segments (NTE, Z-segments...) are never split.
 
 
-@dataclass(frozen=True)
-class Hl7Limits:
-    """Structural bounds for one HL7 v2 message (generous for a real ORU^R01)."""
-
-    max_chars: int = 262_144          # 256 KiB: a large ORU is a few KiB; embedded PDFs are not read here
-    max_segments: int = 2_000
-    max_fields: int = 256             # per segment
-    max_repetitions: int = 64         # per segment (all its fields together)
-    max_components: int = 512         # per segment
-    max_subcomponents: int = 256      # per segment
-
-
-DEFAULT_HL7_LIMITS = Hl7Limits()
 _DEFAULT_SEPS = ("|", "^", "~", "&")
 
 
@@ -465,7 +453,6 @@ def parse_oru(
     source: str | None = None,
 ) -> Hl7Result:
     """Like :func:`observations_from_hl7` but also reports skipped OBX segments."""
-    from .ingest import DEFAULT_LIMITS
 
     limits = limits or DEFAULT_LIMITS
     try:
@@ -477,7 +464,6 @@ def parse_oru(
 
 
 def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, source: str | None) -> Hl7Result:
-    from .ingest import build_observation
 
     if not isinstance(text, str):
         raise Rejected(Reason.HL7_INVALID, "HL7 v2 message must be text")
@@ -561,7 +547,6 @@ def _obx(seg: Segment, n_obx: int, where: str, set_id: str, patient_id: str, ord
          default_tz: tzinfo | None) -> None:
     """One OBX -> an observation appended to ``out`` (or a skip). Raises ``Rejected``
     with ``location`` = ``OBX^<n>^<field>`` of the failing field."""
-    from .ingest import build_observation
 
     fno = 3
     try:

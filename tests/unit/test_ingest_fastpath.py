@@ -1,6 +1,6 @@
 """The observation ``build_observation`` makes without running the model's validator is the
 one the validator makes (fields, fields set, JSON), and every value the shortcut does not
-cover still goes through the validator with its error (schemas/ingest.py, ``_made``)."""
+cover still goes through the validator with its error (schemas/canonical.py, ``_made``)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-import schemas.ingest as si
+import schemas.canonical as si
 from monitor.ingest import _OBS_JSON
 from schemas.analytes import catalogue
 from schemas.errors import Reason, Rejected

@@ -182,3 +182,93 @@ def test_the_import_check_sees_what_a_package_loads():
     """The check above can fail: importing ``monitor`` loads faust and aiokafka."""
     _walked, loaded = import_every_module(("monitor",), ("faust", "aiokafka"))
     assert "faust" in loaded and "aiokafka" in loaded
+
+
+def import_graph(modules: dict[str, ast.AST]) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, at its top or inside a function (an import
+    deferred into a function is still a dependency; deferring it only hides a cycle).
+    ``modules``: dotted name -> parsed source."""
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        package = name if name in PACKAGE_NAMES else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for n in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(n, ast.Import):
+                targets = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                base = n.module or ""
+                if n.level:
+                    parts = package.split(".")
+                    parts = parts[:len(parts) - n.level + 1]
+                    base = ".".join(parts + ([n.module] if n.module else []))
+                targets = [base] + [f"{base}.{a.name}" for a in n.names]
+            deps.update(t for t in targets if t in modules and t != name)
+        graph[name] = deps
+    return graph
+
+
+#: packages (``__init__``) among our modules: a relative import inside one is relative to itself
+PACKAGE_NAMES = {str(p.parent.relative_to(ROOT)).replace("/", ".")
+                 for pkg in OUR_PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected sets of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def our_modules_by_name() -> dict[str, ast.AST]:
+    out = {}
+    for path, tree in our_modules().items():
+        name = path[:-3].replace("/", ".")
+        out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = tree
+    return out
+
+
+def test_no_two_modules_of_ours_import_each_other():
+    """The architecture review's import circles (``schemas.ingest`` with the FHIR and HL7
+    adapters, ``alerts.protocol`` with ``alerts.rules``, ``monitor.cli`` with the modules it
+    starts) were hidden by imports deferred into functions; none is left, deferred or not."""
+    graph = import_graph(our_modules_by_name())
+    assert {"schemas.canonical", "alerts.rules"} <= graph["schemas.ingest"] | graph["alerts.engine"]
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_deferred_import():
+    """The check above can fail: a function-level import back into a module's importer."""
+    ours = our_modules_by_name()
+    ours["schemas.canonical"] = ast.parse(ast.unparse(ours["schemas.canonical"])
+                                          + "\ndef late():\n    from .ingest import decode\n    return decode\n")
+    cycles = import_cycles(import_graph(ours))
+    assert len(cycles) == 1 and {"schemas.canonical", "schemas.ingest"} <= set(cycles[0]), cycles

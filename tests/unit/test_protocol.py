@@ -12,12 +12,12 @@ from alerts.protocol import (
     Route,
     RouteTier,
     Sourced,
-    check_protocol_file,
     default_protocol,
     load_protocol,
     protocol_for_product,
     summarise,
 )
+from alerts.protocol_check import check_protocol_file
 
 PROTOCOLS = Path(__file__).resolve().parents[2] / "alerts" / "protocols"
 IV, IT = "onasemnogene-abeparvovec-iv", "onasemnogene-abeparvovec-it"

@@ -539,20 +539,7 @@ class MllpServer:
         return build_ack(raw, "AR", f"{rej.reason.value}: {rej.message}", reason=rej.reason, location=rej.location)
 
     def _decode(self, raw: bytes, received_at: datetime):
-        if self.default_tz is None:
-            decoded = decode(LAB_RESULTS, raw, received_at=received_at, limits=self.limits)
-        else:
-            from schemas.hl7v2 import observations_from_hl7
-
-            if len(raw) > self.limits.max_bytes:
-                raise Rejected(Reason.PAYLOAD_TOO_LARGE, f"payload of {len(raw)} bytes exceeds {self.limits.max_bytes}")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-            decoded = observations_from_hl7(
-                text, received_at=received_at, limits=self.limits, default_tz=self.default_tz
-            )
+        decoded = decode(LAB_RESULTS, raw, received_at=received_at, limits=self.limits, default_tz=self.default_tz)
         if not isinstance(decoded, list):
             raise Rejected(Reason.UNKNOWN_FORMAT, "not a lab result")
         return decoded

@@ -6,7 +6,7 @@ No Kafka here. Every failure raises ``Rejected`` with a reason code; the stream 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Iterable, Union
 
 from pydantic import ValidationError
@@ -150,8 +150,12 @@ def detect_format(raw: bytes) -> str:
     return "json"
 
 
-def decode(topic_kind: str, raw: bytes | None, *, received_at: datetime, limits: Limits = DEFAULT_LIMITS) -> Decoded:
-    """Decode one message from input topic ``topic_kind``. Raises ``Rejected``."""
+def decode(topic_kind: str, raw: bytes | None, *, received_at: datetime, limits: Limits = DEFAULT_LIMITS,
+           default_tz: tzinfo | None = None) -> Decoded:
+    """Decode one message from input topic ``topic_kind``. Raises ``Rejected``.
+
+    ``default_tz``: the zone of HL7 v2 timestamps sent without an offset (``monitor mllp
+    --default-tz``); None refuses them. JSON and FHIR timestamps always need an offset."""
     if topic_kind not in _CANONICAL:
         raise Rejected(Reason.UNKNOWN_FORMAT, f"unknown input topic kind {topic_kind!r}")
     if not raw:
@@ -167,7 +171,7 @@ def decode(topic_kind: str, raw: bytes | None, *, received_at: datetime, limits:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
-        return observations_from_hl7(text, received_at=received_at, limits=limits)
+        return observations_from_hl7(text, received_at=received_at, limits=limits, default_tz=default_tz)
     obj = parse_json(raw, limits)
     if isinstance(obj, dict) and "resourceType" in obj:
         if topic_kind == TREATMENTS:

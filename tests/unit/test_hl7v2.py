@@ -230,6 +230,18 @@ def test_default_tz_reads_naive_local_time():
     assert o.effective_at.astimezone(timezone.utc) == datetime(2024, 5, 2, 6, tzinfo=timezone.utc)
 
 
+def test_decode_takes_the_default_zone_the_mllp_listener_was_given():
+    """``decode`` (the listener's one path for every message) reads a naive HL7 time in the
+    zone given, and without one refuses it as the topics' ingest does."""
+    raw = msg(time="202405020800").encode()
+    now = datetime(2024, 5, 3, tzinfo=timezone.utc)
+    (o,) = decode("lab-results", raw, received_at=now, default_tz=ZoneInfo("Europe/Berlin"))
+    assert o.effective_at.astimezone(timezone.utc) == datetime(2024, 5, 2, 6, tzinfo=timezone.utc)
+    with pytest.raises(Rejected) as naive:
+        decode("lab-results", raw, received_at=now)
+    assert naive.value.reason is rejected(msg(time="202405020800")).reason
+
+
 def test_obr7_fallback_and_no_time():
     assert parse(msg(time=""))[0].effective_at == datetime(2024, 5, 2, 8, tzinfo=timezone(timedelta(hours=2)))
     no_time = msg(time="").replace("|||20240502080000+0200\r", "\r", 1)

@@ -398,13 +398,16 @@ class Engine:
         it exists (every positive result would be "infinitely" above it, grade 4), so the
         result is graded against the age default's ULN, or, where the protocol has none for
         the patient's age, against no ULN at all (its ULN-based grades are not given, and the
-        finding says so). Returns the entry to store."""
+        finding says so). So is a lower limit of 0 or below for an analyte a rule grades
+        against its LLN (platelets, haemoglobin): no value is below it, so "below the LLN"
+        could never be met; the age default's LLN is used instead. Returns the entry to store."""
         rule = cp.range_check
         a = obs.analyte
         ranges = cp.ranges
         t, _, _, low, high = entry
         no_uln = high is not None and high <= 0 and (a in ranges.by_analyte or a in cp.by_analyte)
-        if a not in ranges.by_analyte and not no_uln:
+        no_lln = low is not None and low <= 0 and a in cp.lln_graded
+        if a not in ranges.by_analyte and not no_uln and not no_lln:
             return entry  # no age default to compare with
         m = rule.max_ratio
         d_high = d_low = None
@@ -420,25 +423,30 @@ class Engine:
                     bad.append(("ULN", high, d_high))
             elif d_high and (high > d_high * m or high * m < d_high):
                 bad.append(("ULN", high, d_high))
-        if low is not None and low > 0:
+        if no_lln:  # no value of the analyte is below it: its LLN-based grades could never be given
+            d_low = ranges.get(a, state, t, 2)
+            bad.append(("LLN", low, d_low or None))
+        elif low is not None and low > 0:
             d_low = ranges.get(a, state, t, 2)
             if d_low and (low > d_low * m or low * m < d_low):
                 bad.append(("LLN", low, d_low))
         if not bad:
             return entry
         new_high = (d_high or None) if no_uln else high if high is None or d_high is None else min(high, d_high)
-        new_low = low if low is None or d_low is None else max(low, d_low)
+        new_low = (d_low or None) if no_lln else low if low is None or d_low is None else max(low, d_low)
         unit = cp.units.get(a, "")
         said = ", ".join(f"{n} {_fmt(v)} vs default {_fmt(d)} {unit}".rstrip() if d is not None
                          else f"{n} {_fmt(v)} {unit}".rstrip() + ", no default for this age" for n, v, d in bad)
-        used = (f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}" if new_high is not None or not no_uln
-                else "not graded against a ULN (the protocol has no default ULN for this patient's age): "
-                     "send the lab's range")
+        ungraded = [n for n, flag, v in (("a ULN", no_uln, new_high), ("an LLN", no_lln, new_low)) if flag and v is None]
+        used = (f"graded against LLN {_fmt(new_low)} / ULN {_fmt(new_high)}" if not ungraded
+                else f"not graded against {' or '.join(ungraded)} (the protocol has no default for this patient's "
+                     f"age): send the lab's range")
+        zero = " and ".join(w for w, f in (("upper", no_uln), ("lower", no_lln)) if f)
         hit = Hit(rule.rank, None, [Ev(a, entry, None, None, None, None,
                                        f"result's reference range is implausible: {said}; {used}")], t,
-                  extra=f"{a}@{t}", summary=f"{a}: the result's upper reference limit is not above 0 ({said}); {used}"
-                  if no_uln else f"{a}: the result's reference range differs from the protocol's "
-                                 f"age default by more than {m:g}x ({said}); {used}")
+                  extra=f"{a}@{t}", summary=f"{a}: the result's {zero} reference limit is not above 0 ({said}); {used}"
+                  if zero else f"{a}: the result's reference range differs from the protocol's "
+                               f"age default by more than {m:g}x ({said}); {used}")
         self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
         return (t, entry[1], entry[2], new_low, new_high)
 

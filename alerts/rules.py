@@ -425,6 +425,25 @@ def _expr_analytes(e, out: set) -> set:
     return out
 
 
+def _basis_analytes(node, basis: str, analytes: tuple = (), out: set | None = None) -> set:
+    """The analytes a protocol's rules (their JSON) read against ``basis`` anywhere: a band's or
+    condition's own ``analyte``/``analytes``, else the rule's."""
+    if out is None:
+        out = set()
+    if isinstance(node, dict):
+        own = node.get("analytes") or ([node["analyte"]] if node.get("analyte") else None)
+        if own:
+            analytes = tuple(own)
+        if node.get("basis") == basis:
+            out.update(analytes)
+        for v in node.values():
+            _basis_analytes(v, basis, analytes, out)
+    elif isinstance(node, list):
+        for v in node:
+            _basis_analytes(v, basis, analytes, out)
+    return out
+
+
 def _expr_conds(e, out: list) -> list:
     if isinstance(e, CCond):
         out.append(e)
@@ -1267,6 +1286,9 @@ class CompiledProtocol:
         self.protocol = protocol
         self.ref = ProtocolRef(id=protocol.id, version=protocol.version)
         self.ranges = Ranges(protocol)
+        #: analytes some rule reads against a lower reference limit (``basis: lln``): a result's own
+        #: LLN of 0 or below cannot be met by any value of theirs (the engine's range check)
+        self.lln_graded = frozenset(_basis_analytes([r.model_dump(mode="json") for r in protocol.rules], "lln"))
         self.lab_limit = protocol.history.lab
         self.vital_limit = protocol.history.vital
         ew = protocol.early_warning

@@ -1,4 +1,4 @@
-"""A result's upper reference limit of 0 where the protocol has no default ULN to fall back on.
+"""A result's reference limit of 0 where the protocol has no default limit to fall back on.
 
 A site's protocol may leave an analyte's age default out (the shipped ones give one for every
 analyte graded against a ULN). A lab system that sends ALT 100 U/L with the range "0-0" was
@@ -17,9 +17,9 @@ from alerts.scenarios import format_results, run_scenario
 IV = Path(__file__).resolve().parents[2] / "alerts" / "protocols" / "onasemnogene-abeparvovec-iv.yaml"
 
 
-def _site_protocol_without_alt_default(tmp_path: Path) -> Path:
+def _site_protocol_without_alt_default(tmp_path: Path, analyte: str = "alt") -> Path:
     doc = yaml.safe_load(IV.read_text())
-    del doc["reference_ranges"]["alt"]
+    del doc["reference_ranges"][analyte]
     path = tmp_path / "site-iv.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -47,6 +47,33 @@ def test_an_upper_limit_of_0_without_a_default_is_not_graded_and_says_so(tmp_pat
             {"at": 16.1,
              "alerts": [{"rule": "data_quality.implausible_range", "dedupe": "alt", "status": "resolved"},
                         {"rule": "liver.alt_increased", "grade": 1, "status": "open"}]},
+        ],
+    }
+    result = run_scenario(scenario)
+    assert result.ok, format_results([result])
+
+
+def test_a_lower_limit_of_0_without_a_default_is_not_graded_against_an_lln_and_says_so(tmp_path: Path):
+    """Platelets 120 with the range "0-450" where the site's protocol has no platelet default:
+    "below the LLN" (grade 1) cannot be judged, and the finding says so; the absolute grades
+    (below 75) still are."""
+    scenario = {
+        "name": "LLN 0 and no age default: not graded against an LLN, flagged",
+        "protocol": str(_site_protocol_without_alt_default(tmp_path, "platelets")),
+        "patient": {"birth_date": "2024-09-01"},
+        "dose": {"day": 0},
+        "events": [
+            {"day": 25, "lab": {"analyte": "platelets", "value": 120, "low": 0, "high": 450}},
+            {"day": 26, "lab": {"analyte": "platelets", "value": 60, "low": 0, "high": 450}},
+        ],
+        "expect": [
+            {"at": 25.1,
+             "alerts": [{"rule": "data_quality.implausible_range", "dedupe": "platelets", "status": "open",
+                         "text_contains": "LLN 0 10*9/L, no default for this age"},
+                        {"rule": "data_quality.implausible_range", "dedupe": "platelets",
+                         "text_contains": "not graded against an LLN"}],
+             "absent": ["heme.platelets_decreased"]},
+            {"at": 26.1, "alerts": [{"rule": "heme.platelets_decreased", "grade": 2, "status": "open"}]},
         ],
     }
     result = run_scenario(scenario)

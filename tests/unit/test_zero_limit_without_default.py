@@ -80,29 +80,36 @@ def test_a_lower_limit_of_0_without_a_default_is_not_graded_against_an_lln_and_s
     assert result.ok, format_results([result])
 
 
-def _uln_analytes(node, analytes: list[str], out: set[str]) -> None:
-    """Every analyte a rule reads against a ULN (``basis: uln`` anywhere in it)."""
+def _basis_analytes(node, basis: str, analytes: list[str], out: set[str]) -> None:
+    """Every analyte a rule reads against ``basis`` (``basis: uln`` anywhere in it)."""
     if isinstance(node, dict):
         analytes = node.get("analytes") or ([node["analyte"]] if node.get("analyte") else analytes)
-        if node.get("basis") == "uln":
+        if node.get("basis") == basis:
             out.update(analytes)
         for v in node.values():
-            _uln_analytes(v, analytes, out)
+            _basis_analytes(v, basis, analytes, out)
     elif isinstance(node, list):
         for v in node:
-            _uln_analytes(v, analytes, out)
+            _basis_analytes(v, basis, analytes, out)
 
 
-def test_the_shipped_protocols_give_a_default_uln_wherever_a_rule_grades_against_one():
-    """The case above needs a site protocol: each shipped protocol has an age default for
-    every analyte its rules read against a ULN, so a ULN of 0 always has a fallback there."""
+def test_the_shipped_protocols_give_a_default_limit_wherever_a_rule_grades_against_one():
+    """The cases above need a site protocol: each shipped protocol has an age default for every
+    analyte its rules read against a ULN (or an LLN), for every age, so a limit of 0 always has
+    a fallback there, and the engine's list of LLN-graded analytes is the protocol's."""
+    from alerts.rules import compile_protocol
+
     for p in default_protocols():
-        graded: set[str] = set()
-        _uln_analytes([r.model_dump(mode="json") for r in p.rules], [], graded)
-        assert {"alt", "ast", "bilirubin_total", "pt"} <= graded, graded  # the walk finds them
-        missing = sorted(a for a in graded if a not in p.reference_ranges)
-        assert not missing, f"{p.id}: no reference range default for {missing}"
-        for a in graded:  # and the bands leave no age without a ULN
-            bands = sorted((b.min_months, b.max_months, b.high) for b in p.reference_ranges[a])
-            assert bands[0][0] == 0 and bands[-1][1] >= 1e6 and all(b[2] for b in bands), (p.id, a, bands)
-            assert all(x[1] == y[0] for x, y in zip(bands, bands[1:])), (p.id, a, bands)
+        for basis, idx, must in (("uln", 2, {"alt", "ast", "bilirubin_total", "pt"}),
+                                 ("lln", 3, {"platelets", "hemoglobin"})):
+            graded: set[str] = set()
+            _basis_analytes([r.model_dump(mode="json") for r in p.rules], basis, [], graded)
+            assert must <= graded, graded  # the walk finds them
+            if basis == "lln":
+                assert compile_protocol(p).lln_graded == graded
+            missing = sorted(a for a in graded if a not in p.reference_ranges)
+            assert not missing, f"{p.id}: no reference range default for {missing}"
+            for a in graded:  # and the bands leave no age without the limit
+                bands = sorted((b.min_months, b.max_months, b.high, b.low) for b in p.reference_ranges[a])
+                assert bands[0][0] == 0 and bands[-1][1] >= 1e6 and all(b[idx] for b in bands), (p.id, a, bands)
+                assert all(x[1] == y[0] for x, y in zip(bands, bands[1:])), (p.id, a, bands)

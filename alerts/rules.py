@@ -425,7 +425,7 @@ def _expr_analytes(e, out: set) -> set:
     return out
 
 
-def _basis_analytes(node, basis: str, analytes: tuple = (), out: set | None = None) -> set:
+def basis_analytes(node, basis: str, analytes: tuple = (), out: set | None = None) -> set:
     """The analytes a protocol's rules (their JSON) read against ``basis`` anywhere: a band's or
     condition's own ``analyte``/``analytes``, else the rule's."""
     if out is None:
@@ -437,10 +437,10 @@ def _basis_analytes(node, basis: str, analytes: tuple = (), out: set | None = No
         if node.get("basis") == basis:
             out.update(analytes)
         for v in node.values():
-            _basis_analytes(v, basis, analytes, out)
+            basis_analytes(v, basis, analytes, out)
     elif isinstance(node, list):
         for v in node:
-            _basis_analytes(v, basis, analytes, out)
+            basis_analytes(v, basis, analytes, out)
     return out
 
 
@@ -1288,7 +1288,7 @@ class CompiledProtocol:
         self.ranges = Ranges(protocol)
         #: analytes some rule reads against a lower reference limit (``basis: lln``): a result's own
         #: LLN of 0 or below cannot be met by any value of theirs (the engine's range check)
-        self.lln_graded = frozenset(_basis_analytes([r.model_dump(mode="json") for r in protocol.rules], "lln"))
+        self.lln_graded = frozenset(basis_analytes([r.model_dump(mode="json") for r in protocol.rules], "lln"))
         self.lab_limit = protocol.history.lab
         self.vital_limit = protocol.history.vital
         ew = protocol.early_warning

@@ -80,30 +80,16 @@ def test_a_lower_limit_of_0_without_a_default_is_not_graded_against_an_lln_and_s
     assert result.ok, format_results([result])
 
 
-def _basis_analytes(node, basis: str, analytes: list[str], out: set[str]) -> None:
-    """Every analyte a rule reads against ``basis`` (``basis: uln`` anywhere in it)."""
-    if isinstance(node, dict):
-        analytes = node.get("analytes") or ([node["analyte"]] if node.get("analyte") else analytes)
-        if node.get("basis") == basis:
-            out.update(analytes)
-        for v in node.values():
-            _basis_analytes(v, basis, analytes, out)
-    elif isinstance(node, list):
-        for v in node:
-            _basis_analytes(v, basis, analytes, out)
-
-
 def test_the_shipped_protocols_give_a_default_limit_wherever_a_rule_grades_against_one():
     """The cases above need a site protocol: each shipped protocol has an age default for every
     analyte its rules read against a ULN (or an LLN), for every age, so a limit of 0 always has
     a fallback there, and the engine's list of LLN-graded analytes is the protocol's."""
-    from alerts.rules import compile_protocol
+    from alerts.rules import basis_analytes, compile_protocol
 
     for p in default_protocols():
         for basis, idx, must in (("uln", 2, {"alt", "ast", "bilirubin_total", "pt"}),
                                  ("lln", 3, {"platelets", "hemoglobin"})):
-            graded: set[str] = set()
-            _basis_analytes([r.model_dump(mode="json") for r in p.rules], basis, [], graded)
+            graded = basis_analytes([r.model_dump(mode="json") for r in p.rules], basis)
             assert must <= graded, graded  # the walk finds them
             if basis == "lln":
                 assert compile_protocol(p).lln_graded == graded

@@ -122,6 +122,7 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
                             "in_flight_repeats": len(in_flight),
                             "duplicates_first_delivered_n_before_a_kill": dup_window,
                             "seconds_first_copy_to_kill": [r["seconds_to_kill"] for r in repeats],
+                            "seconds_first_copy_to_senders_kill": [r["seconds_to_senders_kill"] for r in repeats],
                             "seconds": round(elapsed, 1), **v.summary()})
     print(f"crash run: {survived} kills survived in {elapsed:.0f}s; {v.summary()}")
     return {"verdict": v, "scenario": sc, "logs": logs, "metrics": metrics_text, "hook_raw": hook_raw,
@@ -133,12 +134,18 @@ def crash_run(kafka_bootstrap, tmp_path_factory):
 def repeat_report(v, first_at, second_at, kill_times, ledger_at_kill) -> list[dict]:
     """Per repeated version: the SIGKILL that can explain it (``counting_kill``, the one
     ``split_repeats`` judges by; None: no SIGKILL between its copies), the seconds from its
-    first copy to that SIGKILL, and whether its ledger record was on the broker then."""
+    first copy to that SIGKILL and to the SIGKILL of the worker that sent it (the same one
+    unless the next worker was killed before it came to the version), and whether its ledger
+    record was on the broker at the counting SIGKILL."""
     out = []
     for k in v.duplicate_deliveries:
         f = first_at.get(k)
         i = None if f is None else counting_kill(f, second_at.get(k, float("-inf")), kill_times)
+        # the SIGKILL of the worker that sent the first copy: the in-flight window itself (the
+        # counting kill can be later, when the worker after that one did not reach the version)
+        j = None if f is None else next((n for n, t in enumerate(kill_times) if t >= f), None)
         out.append({"key": k, "kill": i, "seconds_to_kill": None if i is None else round(kill_times[i] - f, 2),
+                    "seconds_to_senders_kill": None if j is None else round(kill_times[j] - f, 3),
                     "on_ledger_at_kill": None if i is None else ledger_key(k) in ledger_at_kill[i],
                     # which worker sent each copy (w0 before the first SIGKILL, wN after the Nth)
                     "senders": [f"w{bisect.bisect(kill_times, t)}" for t in (f, second_at.get(k)) if t is not None]})

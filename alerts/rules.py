@@ -146,11 +146,19 @@ class Ranges:
 
 
 def uln(ranges: Ranges, st: PatientState, analyte: str, e: Entry) -> float | None:
-    return e[4] if e[4] is not None else ranges.get(analyte, st, e[0], 3)
+    """The result's own ULN, else the age default's. A ULN of 0 or below is no limit: no
+    multiple of it exists, so the default stands in (after the dose the engine's range check
+    has already replaced it and said so; a result held from before the dose, whose range was
+    not checked, would otherwise make every baseline "abnormal")."""
+    hi = e[4]
+    return hi if hi is not None and hi > 0 else ranges.get(analyte, st, e[0], 3)
 
 
 def lln(ranges: Ranges, st: PatientState, analyte: str, e: Entry) -> float | None:
-    return e[3] if e[3] is not None else ranges.get(analyte, st, e[0], 2)
+    """The result's own LLN, else the age default's; an LLN of 0 or below, which no value can
+    be below, is no limit either (only LLN-graded analytes ask for one)."""
+    lo = e[3]
+    return lo if lo is not None and lo > 0 else ranges.get(analyte, st, e[0], 2)
 
 
 def reference(ranges: Ranges, st: PatientState, analyte: str, e: Entry, basis: str) -> float | None:
@@ -278,7 +286,7 @@ class GradedRuleC(CRule):
             if basis == B_ABS:
                 ref = 1.0
             elif basis == B_ULN:
-                ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)
+                ref = e[4] if e[4] is not None and e[4] > 0 else ranges.get(a, st, e[0], 3)  # uln()
             else:
                 ref = reference(ranges, st, a, e, basis)
             if ref is None:
@@ -387,7 +395,7 @@ class CCond:
         ranges, a, op, mult = cp.ranges, self.analyte, self.op, self.value
         out = []
         for e in es:
-            ref = e[4] if e[4] is not None else ranges.get(a, st, e[0], 3)  # uln()
+            ref = e[4] if e[4] is not None and e[4] > 0 else ranges.get(a, st, e[0], 3)  # uln()
             if ref is None:
                 continue
             v = e[1]

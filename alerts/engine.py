@@ -141,6 +141,7 @@ class Engine:
         analyte = obs.analyte
         analytes = [analyte]
         dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
+        range_flagged = False  # this result's own range is implausible
         if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
             replaced = None
         else:
@@ -172,7 +173,8 @@ class Engine:
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
                 if cp is not None and cp.range_check is not None:
-                    entry = self._check_range(state, cp, obs, entry, now, retract_ids, dq_out)
+                    entry, range_flagged = self._check_range(state, cp, obs.analyte, entry, now, retract_ids,
+                                                             dq_out)
             if obs.comparator is not None:
                 unusable = self._censored(state, obs, entry, now, retract_ids)
                 if unusable is not None:
@@ -208,7 +210,7 @@ class Engine:
                 state.o2 = [t, bool(on_oxygen)]
         out: list[Finding] = dq_out
         if state.active and any(k in state.active for a in analytes for k in self._dq_keys(a)):
-            out = out + self._settle_censored(state, obs, analytes, retract_ids, now)
+            out = out + self._settle_censored(state, obs, analytes, retract_ids, now, range_flagged)
         if cp is None or state.dose_at is None:
             return out
         if len(analytes) == 1:
@@ -281,6 +283,8 @@ class Engine:
             when = event.administered_at
             note = "Re-evaluated when the dose record arrived (after this result)."
             if cp is not None:
+                if cp.range_check is not None:
+                    self._check_held_ranges(state, cp, now or when, out)
                 for a, hot in cp.sustain.items():
                     if a in state.hist:
                         state.rebuild_run(a, hot)
@@ -389,9 +393,50 @@ class Engine:
         self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
         return out
 
-    def _check_range(self, state: PatientState, cp: CompiledProtocol, obs: Observation, entry: tuple,
-                     now: datetime, retract_ids: frozenset, out: list) -> tuple:
-        """PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
+    def _check_range(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple,
+                     now: datetime, retract_ids: frozenset, out: list) -> tuple[tuple, bool]:
+        """``_range_verdict`` on one result of analyte ``a`` as it arrives: (the entry to store,
+        whether its range is implausible). The ``range_check`` finding is raised for it only when
+        no newer result of the analyte is held (by effective time, then id): a newer one has
+        already answered the question (a plausible range closed it, an implausible one holds it
+        open), so the finding is the same whatever order the results arrived in."""
+        new_entry, hit = self._range_verdict(state, cp, a, entry)
+        if hit is None:
+            return entry, False
+        if not _newer_held(state, a, entry):
+            rule = cp.range_check
+            self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        return new_entry, True
+
+    def _check_held_ranges(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list) -> None:
+        """(When the dose record arrives.) The results held from before it, whose ranges could
+        not be checked (no protocol, no age), are checked now as if they had arrived after it:
+        their limits replaced where implausible, and the ``range_check`` finding raised for the
+        newest result of each analyte if its range is implausible. A result checked before
+        keeps its (already replaced) limits, which pass."""
+        for a, h in state.hist.items():
+            newest = None
+            for i, e in enumerate(h):
+                if e[3] is None and e[4] is None:
+                    continue
+                new_entry, hit = self._range_verdict(state, cp, a, e)
+                if hit is None:
+                    continue
+                h[i] = new_entry
+                b = state.base.get(a)
+                if b is not None and b[2] == e[2]:
+                    state.base[a] = new_entry
+                if i == len(h) - 1:
+                    newest = hit
+            if newest is not None:
+                rule = cp.range_check
+                self._diff(state, cp, rule, f"{rule.id}|{a}", newest, now, _EMPTY, out, dedupe=a)
+
+    def _range_verdict(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple) -> tuple:
+        """(The entry with the limits to grade against, the ``range_check`` hit or None when the
+        result's range is plausible.)
+
+        PS-10: a result's own range more than ``max_ratio`` away from the protocol's age
         default (a range in another unit, an adult range for an infant) would silently move
         ULN/LLN. Grade against the more alerting limits (lower ULN, higher LLN) and raise the
         ``range_check`` finding. An upper limit of 0 or below is implausible too: no multiple of
@@ -400,15 +445,14 @@ class Engine:
         the patient's age, against no ULN at all (its ULN-based grades are not given, and the
         finding says so). So is a lower limit of 0 or below for an analyte a rule grades
         against its LLN (platelets, haemoglobin): no value is below it, so "below the LLN"
-        could never be met; the age default's LLN is used instead. Returns the entry to store."""
+        could never be met; the age default's LLN is used instead."""
         rule = cp.range_check
-        a = obs.analyte
         ranges = cp.ranges
         t, _, _, low, high = entry
         no_uln = high is not None and high <= 0 and (a in ranges.by_analyte or a in cp.by_analyte)
         no_lln = low is not None and low <= 0 and a in cp.lln_graded
         if a not in ranges.by_analyte and not no_uln and not no_lln:
-            return entry  # no age default to compare with
+            return entry, None  # no age default to compare with
         m = rule.max_ratio
         d_high = d_low = None
         bad = []
@@ -431,7 +475,7 @@ class Engine:
             if d_low and (low > d_low * m or low * m < d_low):
                 bad.append(("LLN", low, d_low))
         if not bad:
-            return entry
+            return entry, None
         new_high = (d_high or None) if no_uln else high if high is None or d_high is None else min(high, d_high)
         new_low = (d_low or None) if no_lln else low if low is None or d_low is None else max(low, d_low)
         unit = cp.units.get(a, "")
@@ -447,11 +491,10 @@ class Engine:
                   extra=f"{a}@{t}", summary=f"{a}: the result's {zero} reference limit is not above 0 ({said}); {used}"
                   if zero else f"{a}: the result's reference range differs from the protocol's "
                                f"age default by more than {m:g}x ({said}); {used}")
-        self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
-        return (t, entry[1], entry[2], new_low, new_high)
+        return (t, entry[1], entry[2], new_low, new_high), hit
 
     def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
-                         now: datetime) -> list[Finding]:
+                         now: datetime, range_flagged: bool = False) -> list[Finding]:
         """Close a data-quality finding (``censored``, ``range_check``) when its result is
         withdrawn or corrected (retracted) or a newer usable result of the analyte arrives
         (cleared)."""
@@ -463,11 +506,14 @@ class Engine:
             self._settle_dq(state, dq_cp, rule, obs, analytes, retract_ids, now, out)
         cp = self.protocol_for(state)
         if cp is not None and cp.range_check is not None:
-            self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out)
+            # a result whose own range is implausible answers nothing (only its withdrawal does)
+            self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out,
+                            only_retractions=range_flagged)
         return out
 
     def _settle_dq(self, state: PatientState, dq_cp: CompiledProtocol, rule: CRule, obs: Observation,
-                   analytes: list, retract_ids: frozenset, now: datetime, out: list) -> None:
+                   analytes: list, retract_ids: frozenset, now: datetime, out: list,
+                   only_retractions: bool = False) -> None:
         for a in analytes:
             key = f"{rule.id}|{a}"
             prev = state.active.get(key)
@@ -477,7 +523,7 @@ class Engine:
             if retract_ids and any(i in retract_ids for i in ids):
                 self._diff(state, dq_cp, rule, key, None, now, retract_ids, out, dedupe=a)
                 continue
-            if obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
+            if only_retractions or obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
                 continue
             if obs.observation_id in ids:
                 continue  # the result that raised it (just re-raised, or replayed)
@@ -703,6 +749,18 @@ class Engine:
             care_team=state.care_team,
             days_since_dose=None if state.dose_at is None else round((t - state.dose_at) / 86400.0, 2),
         )
+
+
+def _newer_held(state: PatientState, analyte: str, entry: tuple) -> bool:
+    """Another result of ``analyte`` at least as new as ``entry`` (effective time) is held: the
+    one a data-quality question about ``entry`` would already have been settled by (the
+    settling rule closes on a usable result at the same time or later)."""
+    h = state.hist.get(analyte)
+    if h:
+        for e in reversed(h):
+            if e[2] != entry[2]:
+                return e[0] >= entry[0]
+    return False
 
 
 def _holds(state: PatientState, analyte: str, e: tuple) -> bool:

@@ -66,18 +66,22 @@ ANALYTES = {"alt": (10, 1000, 40), "ast": (10, 1000, 60), "bilirubin_total": (0.
             "creatinine": (0.1, 1.5, 0.4), "temperature": (36.0, 41.0, None)}
 
 
+def _draw_results(draw, analytes: list[str], most: int, last_day: int, offsets: list[float]) -> list[tuple]:
+    """(analyte, day, value, observation id) for up to ``most`` of ``analytes``, each at up to
+    five distinct days."""
+    out = []
+    for analyte in draw(st.lists(st.sampled_from(sorted(analytes)), min_size=1, max_size=most, unique=True)):
+        lo, hi, _uln = ANALYTES[analyte]
+        for d in draw(st.lists(st.integers(-5, last_day), min_size=1, max_size=5, unique=True)):
+            v = round(draw(st.floats(lo, hi)), 2)
+            out.append((analyte, d + draw(st.sampled_from(offsets)), v, f"r{len(out) + 1}"))
+    return out
+
+
 @st.composite
 def results(draw):
-    out = []
-    n = 0
-    for analyte in draw(st.lists(st.sampled_from(sorted(ANALYTES)), min_size=1, max_size=6, unique=True)):
-        lo, hi, uln = ANALYTES[analyte]
-        days = draw(st.lists(st.integers(-5, 60), min_size=1, max_size=5, unique=True))
-        for d in days:
-            n += 1
-            v = round(draw(st.floats(lo, hi)), 2)
-            out.append((analyte, d + draw(st.sampled_from([0.0, 0.25, 0.5])), v, uln, f"r{n}"))
-    return out
+    return [(a, day, v, ANALYTES[a][2], oid)
+            for a, day, v, oid in _draw_results(draw, list(ANALYTES), 6, 60, [0.0, 0.25, 0.5])]
 
 
 def _obs(r):
@@ -128,15 +132,9 @@ RANGES = {"alt": ("high", 40.0), "ast": ("high", 60.0), "bilirubin_total": ("hig
 @st.composite
 def results_with_ranges(draw):
     out = []
-    n = 0
-    for analyte in draw(st.lists(st.sampled_from(sorted(RANGES)), min_size=1, max_size=4, unique=True)):
-        lo, hi, _ = ANALYTES[analyte]
-        which, limit = RANGES[analyte]
-        for d in draw(st.lists(st.integers(-5, 40), min_size=1, max_size=4, unique=True)):
-            n += 1
-            sent = draw(st.sampled_from([limit, limit, 0.0, limit / 10, limit * 10]))
-            out.append((analyte, d + draw(st.sampled_from([0.0, 0.25])), round(draw(st.floats(lo, hi)), 2),
-                        which, sent, f"r{n}"))
+    for a, day, v, oid in _draw_results(draw, list(RANGES), 4, 40, [0.0, 0.25]):
+        which, limit = RANGES[a]
+        out.append((a, day, v, which, draw(st.sampled_from([limit, limit, 0.0, limit / 10, limit * 10])), oid))
     return out
 
 

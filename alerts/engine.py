@@ -373,7 +373,9 @@ class Engine:
     def _censored(self, state: PatientState, obs: Observation, entry: tuple, now: datetime,
                   retract_ids: frozenset) -> list[Finding] | None:
         """A censored result some condition cannot decide at its bound: not used; raise the
-        ``censored`` finding instead. ``None``: the bound is usable (the caller stores it)."""
+        ``censored`` finding instead, unless a result of the analyte at least as new is held
+        (in time order that one would have closed it: the finding must not depend on the
+        order results arrive in). ``None``: the bound is usable (the caller stores it)."""
         cp = self.protocol_for(state)
         compiled = [cp] if cp is not None else list({id(c): c for c in self.compiled.values()}.values())
         found = conflicts(compiled, state, obs.analyte, entry, obs.comparator)
@@ -390,7 +392,8 @@ class Engine:
                   extra=f"{a}@{entry[0]}",
                   summary=f"{a} reported as {shown}; cannot be graded safely against " + "; ".join(found))
         out: list[Finding] = []
-        self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        if not _newer_held(state, a, entry):  # else a newer result has already settled the question
+            self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
         return out
 
     def _check_range(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple,

@@ -400,7 +400,7 @@ class Engine:
                      now: datetime, retract_ids: frozenset, out: list) -> tuple[tuple, bool]:
         """``_range_verdict`` on one result of analyte ``a`` as it arrives: (the entry to store,
         whether its range is implausible). The ``range_check`` finding is raised for it only when
-        no newer result of the analyte is held (by effective time, then id): a newer one has
+        no other result of the analyte at least as new is held (``_newer_held``): that one has
         already answered the question (a plausible range closed it, an implausible one holds it
         open), so the finding is the same whatever order the results arrived in."""
         new_entry, hit = self._range_verdict(state, cp, a, entry)
@@ -415,8 +415,9 @@ class Engine:
         """(When the dose record arrives.) The results held from before it, whose ranges could
         not be checked (no protocol, no age), are checked now as if they had arrived after it:
         their limits replaced where implausible, and the ``range_check`` finding raised for the
-        newest result of each analyte if its range is implausible. A result checked before
-        keeps its (already replaced) limits, which pass."""
+        newest result of each analyte if its range is implausible. A result checked before (a
+        dose record sent again) gets the same verdict again: its replaced limits pass, or, for a
+        limit kept as the more cautious one, the same hit, which changes no finding."""
         for a, h in state.hist.items():
             newest = None
             for i, e in enumerate(h):

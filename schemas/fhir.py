@@ -127,7 +127,6 @@ def observations_from_fhir(
 
 def parse_fhir(obj: Any, *, received_at: datetime, limits=None, source: str | None = None) -> FhirResult:
     """Like :func:`observations_from_fhir` but also reports skipped results."""
-
     limits = limits or DEFAULT_LIMITS
     try:
         return _parse(obj, received_at, limits, source)
@@ -247,7 +246,6 @@ def _observation(
     *,
     in_bundle: bool,
 ) -> None:
-
     status = _status(res.status, oid)
     patient_id = _patient_id(res, patients, oid)
     effective_at = _effective(res, oid)

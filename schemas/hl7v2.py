@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 
 from .analytes import catalogue
-from .canonical import DEFAULT_HL7_LIMITS, DEFAULT_LIMITS, Hl7Limits, build_observation  # noqa: F401
+from .canonical import DEFAULT_HL7_LIMITS, DEFAULT_LIMITS, Hl7Limits, build_observation
 from .errors import Reason, Rejected
 from .events import Observation, ReferenceRange, ResultStatus
 
@@ -453,7 +453,6 @@ def parse_oru(
     source: str | None = None,
 ) -> Hl7Result:
     """Like :func:`observations_from_hl7` but also reports skipped OBX segments."""
-
     limits = limits or DEFAULT_LIMITS
     try:
         return _oru(text, received_at, limits, default_tz, source)
@@ -464,7 +463,6 @@ def parse_oru(
 
 
 def _oru(text: str, received_at: datetime, limits, default_tz: tzinfo | None, source: str | None) -> Hl7Result:
-
     if not isinstance(text, str):
         raise Rejected(Reason.HL7_INVALID, "HL7 v2 message must be text")
     msg = parse_message(text, getattr(limits, "hl7", DEFAULT_HL7_LIMITS))
@@ -547,7 +545,6 @@ def _obx(seg: Segment, n_obx: int, where: str, set_id: str, patient_id: str, ord
          default_tz: tzinfo | None) -> None:
     """One OBX -> an observation appended to ``out`` (or a skip). Raises ``Rejected``
     with ``location`` = ``OBX^<n>^<field>`` of the failing field."""
-
     fno = 3
     try:
         vtype = _part(seg, 2).upper()

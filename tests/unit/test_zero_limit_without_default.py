@@ -17,7 +17,7 @@ from alerts.scenarios import format_results, run_scenario
 IV = Path(__file__).resolve().parents[2] / "alerts" / "protocols" / "onasemnogene-abeparvovec-iv.yaml"
 
 
-def _site_protocol_without_alt_default(tmp_path: Path, analyte: str = "alt") -> Path:
+def _site_protocol_without_default(tmp_path: Path, analyte: str = "alt") -> Path:
     doc = yaml.safe_load(IV.read_text())
     del doc["reference_ranges"][analyte]
     path = tmp_path / "site-iv.yaml"
@@ -28,7 +28,7 @@ def _site_protocol_without_alt_default(tmp_path: Path, analyte: str = "alt") -> 
 def test_an_upper_limit_of_0_without_a_default_is_not_graded_and_says_so(tmp_path: Path):
     scenario = {
         "name": "ULN 0 and no age default: not graded, flagged",
-        "protocol": str(_site_protocol_without_alt_default(tmp_path)),
+        "protocol": str(_site_protocol_without_default(tmp_path)),
         "patient": {"birth_date": "2024-09-01"},
         "dose": {"day": 0},
         "events": [
@@ -59,7 +59,7 @@ def test_a_lower_limit_of_0_without_a_default_is_not_graded_against_an_lln_and_s
     (below 75) still are."""
     scenario = {
         "name": "LLN 0 and no age default: not graded against an LLN, flagged",
-        "protocol": str(_site_protocol_without_alt_default(tmp_path, "platelets")),
+        "protocol": str(_site_protocol_without_default(tmp_path, "platelets")),
         "patient": {"birth_date": "2024-09-01"},
         "dose": {"day": 0},
         "events": [

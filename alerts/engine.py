@@ -392,8 +392,11 @@ class Engine:
                   extra=f"{a}@{entry[0]}",
                   summary=f"{a} reported as {shown}; cannot be graded safely against " + "; ".join(found))
         out: list[Finding] = []
-        if not _newer_held(state, a, entry):  # else a newer result has already settled the question
-            self._diff(state, dq_cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        key = f"{rule.id}|{a}"
+        # a newer usable result has already settled the question, and a newer censored one (by
+        # time, then id) is the one the finding shows: in time order it would have come last
+        if not _newer_held(state, a, entry) and not _shows_newer(state.active.get(key), a, entry):
+            self._diff(state, dq_cp, rule, key, hit, now, retract_ids, out, dedupe=a)
         return out
 
     def _check_range(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple,
@@ -402,29 +405,37 @@ class Engine:
         whether its range is implausible). The ``range_check`` finding is raised for it only when
         no other result of the analyte at least as new is held (``_newer_held``): that one has
         already answered the question (a plausible range closed it, an implausible one holds it
-        open), so the finding is the same whatever order the results arrived in."""
+        open), so the finding is the same whatever order the results arrived in. Of two
+        implausible results of the same time, the finding shows the one with the larger id (the
+        order ``hist`` keeps them in), whichever came first."""
         new_entry, hit = self._range_verdict(state, cp, a, entry)
         if hit is None:
             return entry, False
-        if not _newer_held(state, a, entry):
-            rule = cp.range_check
-            self._diff(state, cp, rule, f"{rule.id}|{a}", hit, now, retract_ids, out, dedupe=a)
+        rule = cp.range_check
+        key = f"{rule.id}|{a}"
+        if not _newer_held(state, a, entry) or _shows_earlier_twin(state.active.get(key), a, entry):
+            self._diff(state, cp, rule, key, hit, now, retract_ids, out, dedupe=a)
         return new_entry, True
 
     def _check_held_ranges(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list) -> None:
         """(When the dose record arrives.) The results held from before it, whose ranges could
         not be checked (no protocol, no age), are checked now as if they had arrived after it:
         their limits replaced where implausible, and the ``range_check`` finding raised for the
-        newest result of each analyte if its range is implausible. A result checked before (a
+        newest result of each analyte (by time, then id) if its range is implausible and no
+        result of the same time has a plausible one (as on arrival). A result checked before (a
         dose record sent again) gets the same verdict again: its replaced limits pass, or, for a
         limit kept as the more cautious one, the same hit, which changes no finding."""
         for a, h in state.hist.items():
-            newest = None
+            if not h:
+                continue
+            newest, last_t, settled = None, h[-1][0], False
             for i, e in enumerate(h):
-                if e[3] is None and e[4] is None:
-                    continue
-                new_entry, hit = self._range_verdict(state, cp, a, e)
+                hit = None
+                if e[3] is not None or e[4] is not None:
+                    new_entry, hit = self._range_verdict(state, cp, a, e)
                 if hit is None:
+                    # a usable result at the newest time answers the question, whatever its id
+                    settled = settled or e[0] == last_t
                     continue
                 h[i] = new_entry
                 b = state.base.get(a)
@@ -432,7 +443,7 @@ class Engine:
                     state.base[a] = new_entry
                 if i == len(h) - 1:
                     newest = hit
-            if newest is not None:
+            if newest is not None and not settled:
                 rule = cp.range_check
                 self._diff(state, cp, rule, f"{rule.id}|{a}", newest, now, _EMPTY, out, dedupe=a)
 
@@ -765,6 +776,39 @@ def _newer_held(state: PatientState, analyte: str, entry: tuple) -> bool:
             if e[2] != entry[2]:
                 return e[0] >= entry[0]
     return False
+
+
+def _shown(active: list | None, analyte: str) -> tuple | None:
+    """``(t, observation id)`` of the result a present data-quality finding about ``analyte``
+    rests on (its ``state.active`` value; its evidence ids are that result's id and
+    ``analyte@t``), or None."""
+    if active is None or not active[2]:
+        return None
+    t, oid = None, None
+    for i in active[2].split(" "):
+        if i.startswith(analyte + "@"):
+            try:
+                t = int(i[len(analyte) + 1:])
+                continue
+            except ValueError:
+                pass
+        oid = i
+    return None if t is None or oid is None else (t, oid)
+
+
+def _shows_newer(active: list | None, analyte: str, entry: tuple) -> bool:
+    """The present data-quality finding about ``analyte`` rests on another result newer than
+    ``entry`` by effective time, then observation id: in time order that one came last."""
+    shown = _shown(active, analyte)
+    return shown is not None and shown[1] != entry[2] and shown > (entry[0], entry[2])
+
+
+def _shows_earlier_twin(active: list | None, analyte: str, entry: tuple) -> bool:
+    """The present data-quality finding about ``analyte`` rests on another result of the same
+    effective time as ``entry`` with a smaller observation id: in time order (then id) ``entry``
+    comes after it, so the finding moves to ``entry``."""
+    shown = _shown(active, analyte)
+    return shown is not None and shown[0] == entry[0] and shown[1] < entry[2]
 
 
 def _holds(state: PatientState, analyte: str, e: tuple) -> bool:

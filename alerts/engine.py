@@ -142,6 +142,7 @@ class Engine:
         analytes = [analyte]
         dq_out: list[Finding] = []  # data-quality findings (implausible range) of this result
         range_flagged = False  # this result's own range is implausible
+        range_raised = False  # ... and the range_check finding now rests on it
         if (status is ResultStatus.FINAL or status is ResultStatus.PRELIMINARY) and obs.corrects is None:
             replaced = None
         else:
@@ -173,8 +174,8 @@ class Engine:
             else:
                 entry = (t, value, obs.observation_id, rr.low, rr.high)
                 if cp is not None and cp.range_check is not None:
-                    entry, range_flagged = self._check_range(state, cp, obs.analyte, entry, now, retract_ids,
-                                                             dq_out)
+                    entry, range_flagged, range_raised = self._check_range(state, cp, obs.analyte, entry, now,
+                                                                           retract_ids, dq_out)
             if obs.comparator is not None:
                 unusable = self._censored(state, obs, entry, now, retract_ids)
                 if unusable is not None:
@@ -210,7 +211,7 @@ class Engine:
                 state.o2 = [t, bool(on_oxygen)]
         out: list[Finding] = dq_out
         if state.active and any(k in state.active for a in analytes for k in self._dq_keys(a)):
-            out = out + self._settle_censored(state, obs, analytes, retract_ids, now, range_flagged)
+            out = out + self._settle_censored(state, obs, analytes, retract_ids, now, range_flagged, range_raised)
         if cp is None or state.dose_at is None:
             return out
         if len(analytes) == 1:
@@ -400,9 +401,9 @@ class Engine:
         return out
 
     def _check_range(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple,
-                     now: datetime, retract_ids: frozenset, out: list) -> tuple[tuple, bool]:
+                     now: datetime, retract_ids: frozenset, out: list) -> tuple[tuple, bool, bool]:
         """``_range_verdict`` on one result of analyte ``a`` as it arrives: (the entry to store,
-        whether its range is implausible). The ``range_check`` finding is raised for it only when
+        whether its range is implausible, whether the finding now rests on it). The ``range_check`` finding is raised for it only when
         no other result of the analyte at least as new is held (``_newer_held``): that one has
         already answered the question (a plausible range closed it, an implausible one holds it
         open), so the finding is the same whatever order the results arrived in. Of two
@@ -410,12 +411,13 @@ class Engine:
         order ``hist`` keeps them in), whichever came first."""
         new_entry, hit = self._range_verdict(state, cp, a, entry)
         if hit is None:
-            return entry, False
+            return entry, False, False
         rule = cp.range_check
         key = f"{rule.id}|{a}"
         if not _newer_held(state, a, entry) or _shows_earlier_twin(state.active.get(key), a, entry):
             self._diff(state, cp, rule, key, hit, now, retract_ids, out, dedupe=a)
-        return new_entry, True
+            return new_entry, True, True
+        return new_entry, True, False
 
     def _check_held_ranges(self, state: PatientState, cp: CompiledProtocol, now: datetime, out: list) -> None:
         """(When the dose record arrives.) The results held from before it, whose ranges could
@@ -509,7 +511,7 @@ class Engine:
         return (t, entry[1], entry[2], new_low, new_high), hit
 
     def _settle_censored(self, state: PatientState, obs: Observation, analytes: list, retract_ids: frozenset,
-                         now: datetime, range_flagged: bool = False) -> list[Finding]:
+                         now: datetime, range_flagged: bool = False, range_raised: bool = False) -> list[Finding]:
         """Close a data-quality finding (``censored``, ``range_check``) when its result is
         withdrawn or corrected (retracted) or a newer usable result of the analyte arrives
         (cleared)."""
@@ -523,12 +525,15 @@ class Engine:
         if cp is not None and cp.range_check is not None:
             # a result whose own range is implausible answers nothing (only its withdrawal does)
             self._settle_dq(state, cp, cp.range_check, obs, analytes, retract_ids, now, out,
-                            only_retractions=range_flagged)
+                            only_retractions=range_flagged, raised_now=range_raised)
         return out
 
     def _settle_dq(self, state: PatientState, dq_cp: CompiledProtocol, rule: CRule, obs: Observation,
                    analytes: list, retract_ids: frozenset, now: datetime, out: list,
-                   only_retractions: bool = False) -> None:
+                   only_retractions: bool = False, raised_now: bool = False) -> None:
+        """``raised_now``: the result being processed has just raised or kept the finding (a
+        correction under the same id whose range is still implausible): the retraction of the
+        version it replaces does not close it."""
         for a in analytes:
             key = f"{rule.id}|{a}"
             prev = state.active.get(key)
@@ -536,6 +541,8 @@ class Engine:
                 continue
             ids = prev[2].split(" ") if prev[2] else []
             if retract_ids and any(i in retract_ids for i in ids):
+                if raised_now and obs.observation_id in ids:
+                    continue
                 self._diff(state, dq_cp, rule, key, None, now, retract_ids, out, dedupe=a)
                 continue
             if only_retractions or obs.status in RETRACTING_STATUSES or obs.value is None or obs.analyte != a:
@@ -804,11 +811,12 @@ def _shows_newer(active: list | None, analyte: str, entry: tuple) -> bool:
 
 
 def _shows_earlier_twin(active: list | None, analyte: str, entry: tuple) -> bool:
-    """The present data-quality finding about ``analyte`` rests on another result of the same
-    effective time as ``entry`` with a smaller observation id: in time order (then id) ``entry``
-    comes after it, so the finding moves to ``entry``."""
+    """The present data-quality finding about ``analyte`` rests on a result of the same effective
+    time as ``entry`` with a smaller observation id (in time order, then id, ``entry`` comes
+    after it), or on the version ``entry`` corrects under the same id: the finding moves to
+    ``entry``."""
     shown = _shown(active, analyte)
-    return shown is not None and shown[0] == entry[0] and shown[1] < entry[2]
+    return shown is not None and shown[0] == entry[0] and shown[1] <= entry[2]
 
 
 def _holds(state: PatientState, analyte: str, e: tuple) -> bool:

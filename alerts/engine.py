@@ -403,12 +403,13 @@ class Engine:
     def _check_range(self, state: PatientState, cp: CompiledProtocol, a: str, entry: tuple,
                      now: datetime, retract_ids: frozenset, out: list) -> tuple[tuple, bool, bool]:
         """``_range_verdict`` on one result of analyte ``a`` as it arrives: (the entry to store,
-        whether its range is implausible, whether the finding now rests on it). The ``range_check`` finding is raised for it only when
-        no other result of the analyte at least as new is held (``_newer_held``): that one has
-        already answered the question (a plausible range closed it, an implausible one holds it
-        open), so the finding is the same whatever order the results arrived in. Of two
-        implausible results of the same time, the finding shows the one with the larger id (the
-        order ``hist`` keeps them in), whichever came first."""
+        whether its range is implausible, whether the finding now rests on it). The
+        ``range_check`` finding is raised for it only when no other result of the analyte at
+        least as new is held (``_newer_held``): that one has already answered the question (a
+        plausible range closed it, an implausible one holds it open), so the finding is the same
+        whatever order the results arrived in. Of two implausible results of the same time, the
+        finding shows the one with the larger id (the order ``hist`` keeps them in), whichever
+        came first; a correction under the id the finding shows takes it over."""
         new_entry, hit = self._range_verdict(state, cp, a, entry)
         if hit is None:
             return entry, False, False

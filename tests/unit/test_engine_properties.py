@@ -154,18 +154,25 @@ def test_arrival_order_invariance_with_implausible_ranges_and_a_late_dose_record
     """The range check's findings and the limits results are graded against do not depend on the
     order results arrive in, nor on whether the dose record came before them (the README's
     promise): ``dose_at`` is where the dose record falls among the shuffled results."""
-    ordered = [dose()] + [_ranged(r) for r in sorted(rs, key=lambda r: r[1])]
+    a, b = _ranged_in_order_and_shuffled(rs, seed, dose_at)
+    pa, pb = a.present(), b.present()
+    assert {k: (f.severity, f.grade, sorted(e.observation_id for e in f.evidence)) for k, f in pa.items()} == {
+        k: (f.severity, f.grade, sorted(e.observation_id for e in f.evidence)) for k, f in pb.items()}
+    assert {k: f.finding_id for k, f in pa.items()} == {k: f.finding_id for k, f in pb.items()}
+
+
+def _ranged_in_order_and_shuffled(rs, seed, dose_at):
+    """Results with ranges fed after the dose record in time order (then id), and shuffled with
+    the dose record at ``dose_at`` among them; the limits held and the baselines must be the same."""
+    ordered = [dose()] + [_ranged(r) for r in sorted(rs, key=lambda r: (r[1], r[5]))]
     shuffled = [_ranged(r) for r in rs]
     seed.shuffle(shuffled)
     shuffled.insert(min(dose_at, len(shuffled)), dose())
     a, b = Sim(ENGINE), Sim(ENGINE)
     a.feed(ordered, now=T0)
     b.feed(shuffled, now=T0)
-    pa, pb = a.present(), b.present()
-    assert {k: (f.severity, f.grade, sorted(e.observation_id for e in f.evidence)) for k, f in pa.items()} == {
-        k: (f.severity, f.grade, sorted(e.observation_id for e in f.evidence)) for k, f in pb.items()}
-    assert {k: f.finding_id for k, f in pa.items()} == {k: f.finding_id for k, f in pb.items()}
     assert a.state.hist == b.state.hist and a.state.base == b.state.base
+    return a, b
 
 
 def _present(sim):
@@ -197,15 +204,8 @@ def same_time_results_with_ranges(draw):
 def test_range_check_of_results_at_the_same_time_does_not_depend_on_arrival_order(rs, seed, dose_at):
     """Two results of the same effective second: a plausible one answers the question; of two
     implausible ones the finding shows the larger id, whichever came first."""
-    ordered = [dose()] + [_ranged(r) for r in sorted(rs, key=lambda r: (r[1], r[5]))]
-    shuffled = [_ranged(r) for r in rs]
-    seed.shuffle(shuffled)
-    shuffled.insert(min(dose_at, len(shuffled)), dose())
-    a, b = Sim(ENGINE), Sim(ENGINE)
-    a.feed(ordered, now=T0)
-    b.feed(shuffled, now=T0)
+    a, b = _ranged_in_order_and_shuffled(rs, seed, dose_at)
     assert _present(a) == _present(b)
-    assert a.state.hist == b.state.hist and a.state.base == b.state.base
 
 
 #: analytes whose censored results are decidable from the result alone once the dose is known and
@@ -430,19 +430,25 @@ def _final_alerts(sim):
             for k, f in sim.present().items()}
 
 
-@SETTINGS
-@given(course=courses(), seed=st.randoms(use_true_random=False))
-def test_shuffled_courses_with_late_dose_and_corrections_end_with_the_same_alerts(course, seed):
+def _course_in_order_and_shuffled(course, seed):
+    """The course fed in event order and in an arrival order ``seed`` draws, each followed by
+    a clock tick once the steroid taper gate has settled (settle_hours after the records
+    arrived), so its judgement is compared too; the final alerts must be the same."""
     in_order = Sim(ENGINE)
     in_order.feed([e for _, _, e in course], now=T0)
     shuffled = Sim(ENGINE)
     arrival = _arrival(course, seed)
     shuffled.feed(arrival, now=T0)
-    # a clock tick once the steroid taper gate has settled (settle_hours after the records
-    # arrived), so its judgement is compared too
     for sim in (in_order, shuffled):
         sim.findings += sim.engine.check_schedule(sim.state, T0 + timedelta(hours=2))
     assert _final_alerts(shuffled) == _final_alerts(in_order), [_brief(e) for e in arrival]
+    return in_order, shuffled
+
+
+@SETTINGS
+@given(course=courses(), seed=st.randoms(use_true_random=False))
+def test_shuffled_courses_with_late_dose_and_corrections_end_with_the_same_alerts(course, seed):
+    in_order, shuffled = _course_in_order_and_shuffled(course, seed)
     if not any(getattr(e, "status", None) is not None and e.status.value in ("amended", "entered-in-error")
                for _, _, e in course):
         # without removals the held state itself is order independent too (a withdrawn
@@ -461,14 +467,7 @@ def test_shuffled_courses_with_late_dose_and_corrections_end_with_the_same_alert
                  (0.01, "c5", obs("bilirubin_total", 1.0, 0, high=0.0, oid="c5", status="corrected"))],
          seed=random.Random(1))
 def test_shuffled_courses_with_implausible_ranges_and_same_time_results_end_with_the_same_alerts(course, seed):
-    in_order = Sim(ENGINE)
-    in_order.feed([e for _, _, e in course], now=T0)
-    shuffled = Sim(ENGINE)
-    arrival = _arrival(course, seed)
-    shuffled.feed(arrival, now=T0)
-    for sim in (in_order, shuffled):
-        sim.findings += sim.engine.check_schedule(sim.state, T0 + timedelta(hours=2))
-    assert _final_alerts(shuffled) == _final_alerts(in_order), [_brief(e) for e in arrival]
+    _course_in_order_and_shuffled(course, seed)
 
 
 def test_a_correction_keeps_the_range_question_of_a_result_whose_twin_is_held():

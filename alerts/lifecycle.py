@@ -16,9 +16,12 @@ changed alert, newest version, already copied):
 Semantics
 ---------
 * Dedupe key: patient + rule + ``dedupe_key``. A repeat ``present`` finding updates the open
-  alert (evidence, grade, text, event time). A replayed finding (same ``finding_id``) and a
-  finding older (by ``effective_at``) than what the key already reflects are ignored: an
-  older result never resolves, downgrades or reopens a newer alert.
+  alert (evidence, grade, text, event time). The finding the key's alert shows now, again
+  (a replay: the same ``finding_id`` as its last applied) is ignored; every other finding is
+  applied in the order the engine emits it. The engine judges by event time and emits a
+  finding only when its verdict changes, so an older result never resolves, downgrades or
+  reopens a newer alert there; a finding it emits that rests on older results is its verdict
+  after a withdrawal, and stands.
 * Severity: missing -> critical. A rise re-notifies (``notify`` True); on an acknowledged
   alert a rise returns it to ``firing`` (the acknowledgement covered a lesser problem) and
   restarts the current tier's timer. A fall only updates (``notify`` False) and never
@@ -27,7 +30,7 @@ Semantics
 * Acknowledged: escalation stops; the alert stays open until a ``cleared`` finding, which
   resolves it. A ``present`` finding after resolution opens a new episode (new alert_id).
 * ``retracted`` finding (evidence corrected away / entered in error): the open alert is
-  retracted, whatever its state; the key's event-time watermark is reset.
+  retracted, whatever its state.
 * Escalation: an unacknowledged, un-inhibited, un-silenced, non-info firing alert moves to
   the next tier when the current tier's per-severity timeout passes, and after the last
   tier to the route's mandatory failsafe (which does not escalate further). Missed
@@ -155,7 +158,8 @@ class KeyState(BaseModel):
     episode: int = 0
     open_alert_id: str | None = None
     last_alert_id: str | None = None
-    #: newest effective_at applied for this key (reset by a retraction)
+    #: effective_at of the last finding applied for this key (reset by a retraction); it no
+    #: longer gates findings (see ``apply_finding``), kept in the book's format
     last_effective_at: AwareDatetime | None = None
     #: evidence observation ids of the present findings applied to the open episode (newest
     #: last, bounded): a retraction of the newest evidence resolves, rather than retracts, an
@@ -472,10 +476,19 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
     open_alert = book.alerts.get(ks.open_alert_id) if ks.open_alert_id else None
     last_alert = book.alerts.get(ks.last_alert_id) if ks.last_alert_id else None
 
-    # replayed finding: already applied
-    for a in (open_alert, last_alert):
-        if a is not None and finding.finding_id in a.finding_ids:
-            return []
+    # the finding the alert shows now, again (a replayed record): nothing to do. The engine
+    # emits a finding only when its verdict on the rule changes, in the order it reached them,
+    # so any other finding is its verdict now and is applied, also one applied before and
+    # superseded since, or one older than what the alert showed: after a withdrawn result the
+    # verdict rests on older results again, and after a late worse result was shown the
+    # newest result's verdict follows. Dropping those (as replays, or as late findings) left
+    # the alert on a withdrawn or superseded result, or resolved while the engine's verdict
+    # was present (tests/unit/test_processor_order.py; protocol tests
+    # liver-withdrawn-normal-result-reopens-iv, heme-withdrawn-milder-result-iv,
+    # late-worse-result-then-newest-iv).
+    shown = open_alert if open_alert is not None else last_alert
+    if shown is not None and shown.finding_ids and shown.finding_ids[-1] == finding.finding_id:
+        return []
 
     txn = _Txn(book, now, config)
     note = f"finding {finding.finding_id}"
@@ -503,10 +516,6 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
         txn.record(open_alert, action, from_status=before, note=why)
         _reconcile_inhibition(book, txn, config, now)
         return txn.finish()
-
-    # event time: an older finding never overrides a newer one
-    if ks.last_effective_at is not None and finding.effective_at < ks.last_effective_at:
-        return []
 
     if finding.state == "cleared":
         ks.last_effective_at = finding.effective_at

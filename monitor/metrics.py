@@ -96,6 +96,13 @@ CLINICAL_RECORDS = Counter(
     "monitor_clinical_records_total", "Records of the patient stream the clinical stage processed, by how they "
     "reached it: own_writes (its own ingest's acknowledged writes, not read back) or fetched (from the broker)",
     ["path"], registry=REGISTRY)
+CLINICAL_REPLAYED = Counter(
+    "monitor_clinical_replayed_records_total", "Records of the patient stream skipped because the patient's state "
+    "already holds them (their offset is at or below the last one applied to it): replays after a crash between a "
+    "checkpoint and its commit, or after a rollback; by kind (observation, treatment, action). A count that grows "
+    "without crashes or rollbacks means the stream was recreated under a state that outlived it "
+    "(README, \"Replays and the patient stream's offsets\")",
+    ["kind"], registry=REGISTRY)
 CLINICAL_PROCESSOR_CPU = Counter(
     "monitor_clinical_processor_cpu_seconds", "CPU time the clinical processor (engine and lifecycle) took over "
     "the batches of the patient stream, on the worker's event-loop thread; divided by "

@@ -44,6 +44,7 @@ from ..metrics import (
     ALERT_TRANSITIONS,
     ALERTS_OPENED,
     CLINICAL_CLOCK_FAILURES,
+    CLINICAL_REPLAYED,
     DEAD_LETTERS,
     EFFECTIVE_TO_ALERT,
     EVENTS_CONSUMED,
@@ -67,6 +68,10 @@ KIND_TREATMENT = b"treatment"
 KIND_ACTION = b"action"
 #: where a routed record came from (its dead letter points back there)
 SRC_TOPIC, SRC_PARTITION, SRC_OFFSET = "src.topic", "src.partition", "src.offset"
+
+
+class _AlreadyApplied(Exception):
+    """The record is one the patient's state already holds (``_skip_if_applied``)."""
 
 
 class PatientStateLost(RuntimeError):
@@ -199,19 +204,34 @@ class ClinicalProcessor:
         """One record of the patient stream applied; the patient marked changed with the
         record as its replay item (``_recover``). Returns the stage name for the metrics."""
         kind = headers.get(KIND_HEADER)
-        if kind is None:
-            pid, book = self._observation(rec, now, out)
-            stage = "evaluate"
-        elif kind == KIND_TREATMENT:
-            pid, book = self._treatment(rec, now, out)
-            stage = "treatment"
-        elif kind == KIND_ACTION:
-            pid, book = self._action(rec, now, out)
-            stage = "action"
-        else:
-            raise Rejected(Reason.SCHEMA_INVALID, f"unknown record kind {kind[:40]!r} on the patient stream")
-        self.store.mark_changed(pid, book=book, replay=(rec, now))
+        try:
+            if kind is None:
+                pid, book = self._observation(rec, now, out)
+                stage = "evaluate"
+            elif kind == KIND_TREATMENT:
+                pid, book = self._treatment(rec, now, out)
+                stage = "treatment"
+            elif kind == KIND_ACTION:
+                pid, book = self._action(rec, now, out)
+                stage = "action"
+            else:
+                raise Rejected(Reason.SCHEMA_INVALID, f"unknown record kind {kind[:40]!r} on the patient stream")
+        except _AlreadyApplied:
+            self._m.get(CLINICAL_REPLAYED, kind.decode(errors="replace") if kind else "observation").inc()
+            return "replayed"
+        self.store.mark_changed(pid, book=book, replay=(rec, now), offset=rec.offset)
         return stage
+
+    def _skip_if_applied(self, patient_id: str, rec: Any) -> None:
+        """(After ``load``.) Raise :class:`_AlreadyApplied` when the patient's state already
+        holds ``rec``: its offset is at or below the last record applied to that state, on the
+        same partition (a replay after a crash between a checkpoint and its commit, or after
+        a rollback). The engine drops a replayed result by its id, but not a result's first
+        version replayed after its correction or withdrawal: that would undo them for a
+        moment, and the alerts would follow (a repeated page, or an alert reopened)."""
+        applied = self.store.offset(patient_id)
+        if applied is not None and rec.offset <= applied and self.store.partition_of(patient_id) == rec.partition:
+            raise _AlreadyApplied()
 
     def _recover(self, patient_id: str, partition: int) -> None:
         """After an unexpected error part-way through a record: the patient back to its last
@@ -243,6 +263,7 @@ class ClinicalProcessor:
         check_value(obs)
         self._last_input[obs.patient_id] = self._monotonic()
         state, book = self.store.load(obs.patient_id, rec.partition)
+        self._skip_if_applied(obs.patient_id, rec)
         self._touched = obs.patient_id
         findings = self.engine.evaluate_observation(state, obs, now)
         if findings:
@@ -254,6 +275,7 @@ class ClinicalProcessor:
         event = decode("treatments", rec.value, received_at=now, limits=self.limits)
         self._last_input[event.patient_id] = self._monotonic()
         state, book = self.store.load(event.patient_id, rec.partition)
+        self._skip_if_applied(event.patient_id, rec)
         self._touched = event.patient_id
         findings = self.engine.apply_treatment(state, event, now)
         if findings:
@@ -274,6 +296,7 @@ class ClinicalProcessor:
             if self.store.partition_of(patient_id) is None:  # no patient is added for a refused action
                 raise Rejected(Reason.ACTION_UNKNOWN_ALERT, f"no alert {action.alert_id} for this patient")
             _state, book = self.store.load(patient_id, rec.partition)
+            self._skip_if_applied(patient_id, rec)
             self._touched = patient_id
             try:
                 alerts = apply_action(book, action, now, self.lifecycle, role=role)

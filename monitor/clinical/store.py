@@ -2,8 +2,11 @@
 in-memory implementation, rebuilt from a compacted changelog topic.
 
 A patient's durable form is one changelog record: key = patient id, value =
-``{"v": 1, "state": PatientState.to_dict(), "alerts": AlertBook.to_dict()}`` (JSON), on
-the changelog partition equal to the patient's partition of the clinical input stream.
+``{"v": 1, "state": PatientState.to_dict(), "alerts": AlertBook.to_dict(), "offset": N}``
+(JSON), on the changelog partition equal to the patient's partition of the clinical input
+stream. ``offset`` is the offset of the last record of the stream applied to this state (a
+value written before it existed has none): a record at or below it is one the state
+already holds, replayed after a crash or a rollback, and the processor skips it.
 Restoring a partition is "read the changelog partition from the start to its end and keep
 the last value per key" (compaction keeps that last value).
 
@@ -146,11 +149,13 @@ def alert_fingerprint(alert: Alert) -> list:
     return fp
 
 
-def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None) -> bytes:
-    """``{"v": 1, "state": ..., "alerts": ...}``; ``book_json``: the book's JSON, if known."""
+def encode(state: PatientState, book: AlertBook, book_json: bytes | None = None, offset: int | None = None) -> bytes:
+    """``{"v": 1, "state": ..., "alerts": ..., "offset": ...}``; ``book_json``: the book's JSON,
+    if known; ``offset``: the last stream record applied (None: not known, left out)."""
     # pydantic-core's JSON writer: the same JSON as json.dumps, several times faster
     return b"".join((b'{"v":%d,"state":' % FORMAT_VERSION, to_json(state.to_dict()), b',"alerts":',
-                     encode_book(book) if book_json is None else book_json, b"}"))
+                     encode_book(book) if book_json is None else book_json,
+                     b"}" if offset is None else b',"offset":%d}' % offset))
 
 
 def key_patient_id(key: bytes) -> str:
@@ -183,13 +188,23 @@ def _check_version(d: Any) -> None:
 def decode(raw: bytes) -> tuple[PatientState, AlertBook]:
     """A changelog value of this format version, or the faust Table's (no version), or
     :class:`UnreadablePatientState`: never a value of another version read as this one."""
+    state, book, _offset = decode_with_offset(raw)
+    return state, book
+
+
+def decode_with_offset(raw: bytes) -> tuple[PatientState, AlertBook, int | None]:
+    """:func:`decode`, and the offset of the last stream record the state holds (None: the
+    value does not say, as one written before it did)."""
     try:
         d = from_json(raw)
     except ValueError:
         raise UnreadablePatientState("not JSON") from None
     _check_version(d)
     try:
-        return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"])
+        offset = d.get("offset")
+        if offset is not None and (type(offset) is not int or offset < 0):
+            raise ValueError("offset")
+        return PatientState.from_dict(d["state"]), AlertBook.from_dict(d["alerts"]), offset
     except Exception as exc:
         raise UnreadablePatientState(f"{type(exc).__name__} reading the state or the alert book") from None
 
@@ -200,12 +215,17 @@ class PatientStore(Protocol):
     def load(self, patient_id: str, partition: int) -> tuple[PatientState, AlertBook]:
         """The patient's state and alert book (new and empty for an unknown patient)."""
 
-    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None) -> None:
+    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None, offset: int | None = None) -> None:
         """The patient must be written to the changelog at the end of the batch.
         ``book=False``: only the state changed, the alert book is as last written.
         ``replay``: what applies this change again on the last written version (a record
         and its processing time, kept until ``take_changed``; see ``discard``); None: a
-        change that cannot be applied again (the clock)."""
+        change that cannot be applied again (the clock). ``offset``: the stream record
+        applied (its offset is kept with the state, see :meth:`offset`)."""
+
+    def offset(self, patient_id: str) -> int | None:
+        """The offset of the last stream record applied to the loaded patient's state (None:
+        not known). Call after ``load``."""
 
     def is_changed(self, patient_id: str) -> bool: ...
 
@@ -253,7 +273,7 @@ class PatientStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("partition", "raw", "state", "book", "book_json", "alert_json", "journal")
+    __slots__ = ("partition", "raw", "state", "book", "book_json", "alert_json", "journal", "offset")
 
     def __init__(self, partition: int, raw: bytes | None) -> None:
         self.partition = partition
@@ -266,6 +286,8 @@ class _Entry:
         self.alert_json: dict[str, tuple[list, bytes]] = {}
         #: the ``replay`` items of the changes since ``raw`` (None: one cannot be replayed)
         self.journal: list | None = []
+        #: the offset of the last stream record applied to ``state`` (None: not known)
+        self.offset: int | None = None
 
 
 class InMemoryPatientStore:
@@ -290,22 +312,28 @@ class InMemoryPatientStore:
             e.alert_json = {}
             if e.raw is not None:
                 try:
-                    e.state, e.book = decode(e.raw)
+                    e.state, e.book, e.offset = decode_with_offset(e.raw)
                 except UnreadablePatientState:
                     self._unreadable.add(patient_id)
                     raise
             else:
-                e.state, e.book = PatientState(patient_id), AlertBook(patient_id=patient_id)
+                e.state, e.book, e.offset = PatientState(patient_id), AlertBook(patient_id=patient_id), None
         return e.state, e.book
 
-    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None) -> None:
+    def mark_changed(self, patient_id: str, book: bool = True, replay: Any = None, offset: int | None = None) -> None:
         self._changed[patient_id] = book or self._changed.get(patient_id, False)
         e = self._entries.get(patient_id)
+        if e is not None and offset is not None:
+            e.offset = offset
         if e is not None and e.journal is not None:
             if replay is None:
                 e.journal = None
             else:
                 e.journal.append(replay)
+
+    def offset(self, patient_id: str) -> int | None:
+        e = self._entries.get(patient_id)
+        return None if e is None else e.offset
 
     def is_changed(self, patient_id: str) -> bool:
         return patient_id in self._changed
@@ -345,7 +373,7 @@ class InMemoryPatientStore:
             assert e.state is not None and e.book is not None
             if book_changed or e.book_json is None:
                 e.book_json = encode_book(e.book, e.alert_json)
-            e.raw = encode(e.state, e.book, e.book_json)
+            e.raw = encode(e.state, e.book, e.book_json, e.offset)
             e.journal = []
             out.append((pid, e.partition, e.raw))
         if every:

@@ -151,6 +151,71 @@ def test_changelog_bytes_restore_the_same_state_and_a_replay_emits_nothing(engin
     assert other.find_alert("missing") is None
 
 
+def _replay_after_restore(engine, lifecycle, recs, now):
+    """``recs`` processed, the patient restored from its changelog value in a fresh store, then
+    every record read again from each possible committed offset: the alert versions each replay
+    emits."""
+    store = InMemoryPatientStore()
+    first = by_topic(processor(engine, lifecycle, store).process(recs, now), "alerts")
+    values = store.take_changed()
+    replays = []
+    for start in range(len(recs)):
+        fresh = InMemoryPatientStore()
+        for pid, part, value in values:
+            fresh.restore_record(part, pid.encode(), value)
+        replays.append(by_topic(processor(engine, lifecycle, fresh).process(recs[start:], now), "alerts"))
+    return first, replays
+
+
+@pytest.mark.parametrize("fix", ["withdrawn", "corrected"])
+def test_a_replay_after_a_crash_never_undoes_a_withdrawal_or_a_correction(engine, lifecycle, fix):
+    """After a crash between a checkpoint and its commit, the records since the commit are read
+    again on a state that already holds them. The engine drops a replayed result by its id, but
+    a result's first version read again after its withdrawal (or correction under the same id)
+    is taken in again: the grade-3 alert that the withdrawal of a normal result had reopened was
+    resolved and reopened once more (a new page), the corrected value lowered and raised. The
+    state now keeps the offset of the last record applied, and a record at or below it is
+    skipped (``monitor_clinical_replayed_records_total``)."""
+    from monitor.metrics import REGISTRY
+
+    s = Stream(partition=1)
+    grade3 = obs("alt", 250, 3, high=40, patient="p4", oid="alt-d3")
+    if fix == "withdrawn":
+        later = [obs("alt", 30, 5, high=40, patient="p4", oid="alt-d5"),
+                 obs("alt", None, 5, patient="p4", oid="alt-d5", status="entered-in-error")]
+    else:
+        later = [obs("alt", 100, 5, high=40, patient="p4", oid="alt-d5"),
+                 obs("alt", 300, 5, high=40, patient="p4", oid="alt-d5", status="corrected")]
+    recs = [s.treatment(dose(patient="p4")), s.observation(grade3), *[s.observation(o) for o in later]]
+    before = REGISTRY.get_sample_value("monitor_clinical_replayed_records_total", {"kind": "observation"}) or 0
+    first, replays = _replay_after_restore(engine, lifecycle, recs, at(6))
+    assert first, "the course raises alerts"
+    assert replays == [[]] * len(recs)
+    after = REGISTRY.get_sample_value("monitor_clinical_replayed_records_total", {"kind": "observation"})
+    assert after == before + sum(1 for i in range(len(recs)) for r in recs[i:] if r.headers is None)
+
+
+def test_a_value_without_an_offset_is_read_and_records_are_processed(engine, lifecycle):
+    """A changelog value written before the offset was kept (no ``offset``) restores; nothing
+    is skipped for it (the engine's own replay check applies), and the next value keeps one."""
+    store = InMemoryPatientStore()
+    p = processor(engine, lifecycle, store)
+    s = Stream(partition=0)
+    p.process([s.treatment(dose(patient="p6")), s.observation(obs("alt", 30, -1, high=40, patient="p6"))], at(2))
+    (pid, part, value), = store.take_changed()
+    assert json.loads(value)["offset"] == 1
+    old = json.loads(value)
+    del old["offset"]
+    fresh = InMemoryPatientStore()
+    fresh.restore_record(part, pid.encode(), json.dumps(old).encode())
+    q = processor(engine, lifecycle, fresh)
+    assert fresh.load(pid, part) and fresh.offset(pid) is None
+    out = q.process([s.observation(obs("alt", 250, 1, high=40, patient="p6"))], at(2))
+    assert [a["grade"] for a in by_topic(out, "alerts") if a["rule_id"] == "liver.alt_increased"] == [3]
+    (_, _, value), = fresh.take_changed()
+    assert json.loads(value)["offset"] == 2
+
+
 def test_every_changelog_value_is_the_full_encoding_of_the_patient(engine, lifecycle):
     """The alert book's JSON is reused when a batch changed only the state (no finding): the
     value written must still be exactly the encoding of the state and book held, batch
@@ -170,7 +235,7 @@ def test_every_changelog_value_is_the_full_encoding_of_the_patient(engine, lifec
         alert_id = alert_id or next((a["alert_id"] for a in by_topic(out, "alerts")), None)
         (pid, _part, value), = store.take_changed()
         state, book = store.load(pid, 1)
-        assert value == encode(state, book)  # the book encoded afresh
+        assert value == encode(state, book, offset=store.offset(pid))  # the book encoded afresh
         assert decode(value)[1].to_dict() == book.to_dict()
     assert alert_id is not None
     p.process([s.action("p9", {"action": "acknowledge", "alert_id": alert_id, "by": "n1", "role": "nurse",
@@ -178,12 +243,13 @@ def test_every_changelog_value_is_the_full_encoding_of_the_patient(engine, lifec
     p.process([s.observation(obs("alt", 240, 5, high=40, patient="p9"))], now)
     (_, _, value), = store.take_changed()
     state, book = store.load("p9", 1)
-    assert value == encode(state, book) and decode(value)[1].alerts[alert_id].status.value == "acknowledged"
+    assert value == encode(state, book, offset=store.offset("p9"))
+    assert decode(value)[1].alerts[alert_id].status.value == "acknowledged"
     # rolled back to the durable bytes, then a quiet result: still the full encoding
     store.discard("p9")
     p.process([s.observation(obs("platelets", 310, 6, low=150, high=450, patient="p9"))], now)
     (_, _, value), = store.take_changed()
-    assert value == encode(*store.load("p9", 1))
+    assert value == encode(*store.load("p9", 1), offset=store.offset("p9"))
 
 
 def test_a_changelog_written_by_the_faust_table_restores(engine, lifecycle):

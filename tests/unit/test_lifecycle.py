@@ -144,14 +144,34 @@ def test_replayed_finding_is_a_no_op():
     assert b.get(open_alert_v.alert_id).version == 1
 
 
-def test_older_finding_never_overrides_newer_one():
+def test_a_superseded_finding_emitted_again_is_the_verdict_again():
+    """The engine emits a finding only when its verdict changes. One it emits again after
+    another (a late worse result was shown, then the newest result's verdict follows; or the
+    result that replaced it was withdrawn) is its verdict now: applied, not taken for a
+    replay. It used to be dropped, leaving the alert on the superseded result."""
     b = book()
-    a = open_alert(b, now=T0 + timedelta(hours=1))
-    # a late, older normal result does not resolve the alert
-    assert apply_finding(b, finding(state="cleared", at=T0), T0 + timedelta(hours=2), CONFIG) == []
-    # a late, older abnormal result does not downgrade it
-    assert apply_finding(b, finding(severity="warning", at=T0), T0 + timedelta(hours=2), CONFIG) == []
-    assert b.get(a.alert_id).status == AlertStatus.FIRING and b.get(a.alert_id).severity == Severity.HIGH
+    current = finding(severity="warning", grade=2, value=130.0, at=T0 + timedelta(days=2))
+    a = only(apply_finding(b, current, T0 + timedelta(days=2), CONFIG))
+    late_worse = finding(severity="high", grade=3, value=250.0, at=T0 + timedelta(days=2))
+    assert only(apply_finding(b, late_worse, T0 + timedelta(days=3), CONFIG)).severity == Severity.HIGH
+    again = only(apply_finding(b, current, T0 + timedelta(days=3), CONFIG))
+    assert again.alert_id == a.alert_id and again.severity == Severity.WARNING and again.grade == 2
+    assert again.evidence[0].value == 130.0 and again.changes == ["severity_lowered"]
+
+
+def test_an_older_finding_after_a_withdrawal_reopens_the_alert():
+    """A normal result resolved the alert; it is then withdrawn, and the engine's verdict rests
+    on the older abnormal result again (an older effective_at than the withdrawn result's). The
+    alert opens again (a new episode): it used to stay resolved, as if the older finding were a
+    late one - silence while the valid newest result is grade 3."""
+    b = book()
+    grade3 = finding(value=250.0, at=T0)
+    a = only(apply_finding(b, grade3, T0, CONFIG))
+    later = T0 + timedelta(days=3)
+    assert only(apply_finding(b, finding(state="cleared", at=later), later, CONFIG)).status == AlertStatus.RESOLVED
+    reopened = only(apply_finding(b, grade3, later + timedelta(hours=1), CONFIG))
+    assert reopened.status == AlertStatus.FIRING and reopened.episode == 2 and reopened.alert_id != a.alert_id
+    assert reopened.severity == Severity.HIGH and reopened.evidence[0].value == 250.0 and reopened.notify is True
 
 
 def test_finding_for_other_patient_rejected():

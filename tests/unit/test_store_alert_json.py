@@ -47,7 +47,8 @@ class Spy(InMemoryPatientStore):
         out = super().take_changed(limit)
         for pid, _partition, value in out:
             e = self._entries[pid]
-            assert value == encode(e.state, e.book), f"changelog value of {pid} differs from the book's own JSON"
+            assert value == encode(e.state, e.book, offset=e.offset), \
+                f"changelog value of {pid} differs from the book's own JSON"
             assert json.loads(value)["alerts"] == e.book.to_dict()
             self.checked += 1
         return out

@@ -47,7 +47,7 @@ Entry = tuple  # (t:int, value:float, observation_id:str, ref_low:float|None, re
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 MAX_STEROID_CHANGES = 8
 MAX_SUSTAINED = 64
-#: newest episode results held per analyte (plus the peak since dosing)
+#: newest episode results held per analyte (plus the extremes since dosing: ``_trim_episode``)
 EV_KEEP = 5
 #: results held per analyte while no dose record is known: a dose record that arrives late
 #: still finds the pre-dose baseline and every post-dose result it now governs (32: about five
@@ -382,17 +382,42 @@ class PatientState:
 
 
 def _trim_episode(lst: list, direction: int) -> list:
-    """The newest ``EV_KEEP`` entries (sorted by time) plus the most extreme one."""
+    """The newest ``EV_KEEP`` entries (sorted by time) plus the most extreme ones (at most
+    three, in time order before them): by value; by value over the result's own limit in that
+    direction (ULN for a peak, LLN for a nadir) among the results that carry one; and by value
+    among those that carry none (graded against the protocol's default, the same for all). A
+    condition is a multiple of each result's own limit, so when ranges differ between results
+    the highest value need not be the result that meets it: ALT 81 with a ULN of 4 (20x, kept
+    as the more cautious limit) is a peak that ALT 120 with a ULN of 40 (3x) is not. Kept by
+    value only, it was dropped once five newer results were held, and the acute liver failure
+    signature it raised depended on the order the results arrived in."""
     if len(lst) <= EV_KEEP:
         return lst
-    if direction < 0:
-        peak = min(lst, key=lambda e: (e[1], -e[0], e[2]))
-    else:
-        peak = max(lst, key=lambda e: (e[1], e[0], e[2]))
     keep = lst[-EV_KEEP:]
-    if peak in keep:
+    extra = [e for e in _extremes(lst, direction) if e not in keep]
+    if not extra:
         return keep
-    return [peak] + keep
+    return sorted(set(extra), key=_entry_key) + keep
+
+
+def _extremes(lst: list, direction: int) -> list:
+    """The entries :func:`_trim_episode` keeps however old: see there."""
+    limit = 3 if direction < 0 else 4
+    limited = [e for e in lst if e[limit] is not None and e[limit] > 0]
+    bare = [e for e in lst if e[limit] is None or e[limit] <= 0]
+    if direction < 0:
+        out = [min(lst, key=lambda e: (e[1], -e[0], e[2]))]
+        if limited:
+            out.append(min(limited, key=lambda e: (e[1] / e[limit], -e[0], e[2])))
+        if bare:
+            out.append(min(bare, key=lambda e: (e[1], -e[0], e[2])))
+    else:
+        out = [max(lst, key=lambda e: (e[1], e[0], e[2]))]
+        if limited:
+            out.append(max(limited, key=lambda e: (e[1] / e[limit], e[0], e[2])))
+        if bare:
+            out.append(max(bare, key=lambda e: (e[1], e[0], e[2])))
+    return out
 
 
 def _num(v: float | None):

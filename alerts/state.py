@@ -383,9 +383,13 @@ class PatientState:
 
 def _trim_episode(lst: list, direction: int) -> list:
     """The newest ``EV_KEEP`` entries (sorted by time) plus the most extreme ones (at most
-    three, in time order before them): by value; by value over the result's own limit in that
-    direction (ULN for a peak, LLN for a nadir) among the results that carry one; and by value
-    among those that carry none (graded against the protocol's default, the same for all). A
+    four, in time order before them): by value, the newest and the oldest of equal values; by
+    value over the result's own limit in that direction (ULN for a peak, LLN for a nadir) among
+    the results that carry one; and by value among those that carry none (graded against the
+    protocol's default, the same for all). The oldest of equal extremes pairs with results of
+    other analytes that only it is near in time: haemoglobin 60 on the day of a platelet count
+    of 10 (the TMA screen), then 60 again on days 14-16 with a twin of the first; with the dose
+    record arriving after them, only the newest 60s were kept and the screen was not raised. A
     condition is a multiple of each result's own limit, so when ranges differ between results
     the highest value need not be the result that meets it: ALT 81 with a ULN of 4 (20x, kept
     as the more cautious limit) is a peak that ALT 120 with a ULN of 40 (3x) is not. Kept by
@@ -406,13 +410,13 @@ def _extremes(lst: list, direction: int) -> list:
     limited = [e for e in lst if e[limit] is not None and e[limit] > 0]
     bare = [e for e in lst if e[limit] is None or e[limit] <= 0]
     if direction < 0:
-        out = [min(lst, key=lambda e: (e[1], -e[0], e[2]))]
+        out = [min(lst, key=lambda e: (e[1], -e[0], e[2])), min(lst, key=lambda e: (e[1], e[0], e[2]))]
         if limited:
             out.append(min(limited, key=lambda e: (e[1] / e[limit], -e[0], e[2])))
         if bare:
             out.append(min(bare, key=lambda e: (e[1], -e[0], e[2])))
     else:
-        out = [max(lst, key=lambda e: (e[1], e[0], e[2]))]
+        out = [max(lst, key=lambda e: (e[1], e[0], e[2])), max(lst, key=lambda e: (e[1], -e[0], e[2]))]
         if limited:
             out.append(max(limited, key=lambda e: (e[1] / e[limit], e[0], e[2])))
         if bare:

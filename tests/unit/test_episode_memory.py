@@ -47,3 +47,15 @@ def test_the_nadir_under_its_own_lln_and_the_lowest_value_without_a_limit_are_ke
 def test_nothing_extra_is_kept_when_the_extremes_are_among_the_newest():
     entries = [(i, 100.0 + i, f"r{i}", None, 40.0) for i in range(EV_KEEP + 3)]
     assert _ids(_held(entries, +1)) == [e[2] for e in entries[-EV_KEEP:]]
+
+
+def test_the_oldest_of_equal_extremes_is_kept_with_the_newest():
+    """Haemoglobin 60 on the day of a platelet count of 10 pairs with it in the TMA screen; four
+    more 60s two weeks later and a twin of 100 at the first time push it out of the newest five.
+    Of equal extremes the newest was kept alone, so a dose record arriving after them all found
+    no haemoglobin near the count."""
+    first = (0, 60.0, "c1", 100.0, None)
+    twin = (0, 100.0, "c2", 100.0, None)
+    later = [(14 * 86400 + i, 60.0, f"c{3 + i}", 100.0, None) for i in range(4)]
+    held = _held([first, twin, *later], -1)
+    assert "c1" in _ids(held) and _ids(held)[-EV_KEEP:] == ["c2", *[e[2] for e in later]]

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Mapping
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 from alerts import policy
@@ -158,9 +158,6 @@ class KeyState(BaseModel):
     episode: int = 0
     open_alert_id: str | None = None
     last_alert_id: str | None = None
-    #: effective_at of the last finding applied for this key (reset by a retraction); it no
-    #: longer gates findings (see ``apply_finding``), kept in the book's format
-    last_effective_at: AwareDatetime | None = None
     #: evidence observation ids of the present findings applied to the open episode (newest
     #: last, bounded): a retraction of the newest evidence resolves, rather than retracts, an
     #: alert that had also stood on other valid results
@@ -511,14 +508,12 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
             action = "retracted"
         _remember(open_alert.finding_ids, finding.finding_id, config.max_remembered_ids)
         ks.open_alert_id = None
-        ks.last_effective_at = None
         ks.episode_evidence = []
         txn.record(open_alert, action, from_status=before, note=why)
         _reconcile_inhibition(book, txn, config, now)
         return txn.finish()
 
     if finding.state == "cleared":
-        ks.last_effective_at = finding.effective_at
         if open_alert is None:
             return []
         before = _close(open_alert, AlertStatus.RESOLVED, now)
@@ -532,7 +527,6 @@ def apply_finding(book: AlertBook, finding: Finding, now: datetime,
         return txn.finish()
 
     # present
-    ks.last_effective_at = finding.effective_at
     severity = effective_severity(finding.severity)
     if open_alert is None:
         ks.episode_evidence = []

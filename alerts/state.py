@@ -407,20 +407,15 @@ def _trim_episode(lst: list, direction: int) -> list:
 def _extremes(lst: list, direction: int) -> list:
     """The entries :func:`_trim_episode` keeps however old: see there."""
     limit = 3 if direction < 0 else 4
+    pick = min if direction < 0 else max
+    s = -1 if direction < 0 else 1  # of equal values, the newest (then the id) wins
     limited = [e for e in lst if e[limit] is not None and e[limit] > 0]
     bare = [e for e in lst if e[limit] is None or e[limit] <= 0]
-    if direction < 0:
-        out = [min(lst, key=lambda e: (e[1], -e[0], e[2])), min(lst, key=lambda e: (e[1], e[0], e[2]))]
-        if limited:
-            out.append(min(limited, key=lambda e: (e[1] / e[limit], -e[0], e[2])))
-        if bare:
-            out.append(min(bare, key=lambda e: (e[1], -e[0], e[2])))
-    else:
-        out = [max(lst, key=lambda e: (e[1], e[0], e[2])), max(lst, key=lambda e: (e[1], -e[0], e[2]))]
-        if limited:
-            out.append(max(limited, key=lambda e: (e[1] / e[limit], e[0], e[2])))
-        if bare:
-            out.append(max(bare, key=lambda e: (e[1], e[0], e[2])))
+    out = [pick(lst, key=lambda e: (e[1], s * e[0], e[2])), pick(lst, key=lambda e: (e[1], -s * e[0], e[2]))]
+    if limited:
+        out.append(pick(limited, key=lambda e: (e[1] / e[limit], s * e[0], e[2])))
+    if bare:
+        out.append(pick(bare, key=lambda e: (e[1], s * e[0], e[2])))
     return out
 
 
